@@ -1,0 +1,207 @@
+//! Command-line definitions. Each `run` flag overrides the config key named in its help text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Fine-tune Llama / Qwen2 / Qwen3 models with pluggable token-level loss reweighting (NLIRG, CE, ...).
+#[derive(Debug, Parser)]
+#[command(name = "ytrainer", version, about, long_about = None)]
+pub struct Cli {
+    /// Log progress details to stderr (or set YTRAINER_LOG=info|debug).
+    #[arg(long, short, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train: SFT or continued pretraining with a loss plugin.
+    Run(Box<RunArgs>),
+    /// Inspect the loss plugins discovered at startup.
+    Plugins(PluginsArgs),
+    /// Measure training throughput and peak memory on fixed model shapes.
+    Bench(BenchArgs),
+    /// Create a self-made model directory (random init from a seed, tokenizer trained on your data).
+    Init(InitArgs),
+}
+
+/// `ytrainer run`
+#[derive(Debug, Args, Default)]
+pub struct RunArgs {
+    /// TOML run config (optional: `--model` and `--data` alone are enough).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Hugging Face model directory [model.path].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Self-made model preset instead of --model, e.g. `tiny` [model.preset].
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Training data file: json, jsonl, csv or txt [data.train].
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Evaluation data file [data.eval].
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Loss plugin name, see `ytrainer plugins list` [loss.name].
+    #[arg(long)]
+    pub loss: Option<String>,
+    /// Loss plugin parameter, repeatable: `--loss-param x0=1.0` [loss.params.NAME].
+    #[arg(long = "loss-param", value_name = "NAME=VALUE")]
+    pub loss_params: Vec<String>,
+    /// Loss normalisation: nonzero, tokens or weights [loss.normalize].
+    #[arg(long)]
+    pub normalize: Option<String>,
+    /// Run directory for metrics, checkpoints and the exported model [output.dir].
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// Stop after N optimizer steps [train.max_steps].
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Passes over the data [train.epochs].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Peak learning rate [train.learning_rate].
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// `cpu`, `cuda` or `cuda:N` [train.device].
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Seed for shuffling and initialisation [train.seed].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Supervised tokens per optimizer step [train.tokens_per_step].
+    #[arg(long)]
+    pub tokens_per_step: Option<usize>,
+    /// `one-pass` or `windowed` [train.mode].
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// Window size for `--mode windowed` [train.token_batch].
+    #[arg(long)]
+    pub token_batch: Option<usize>,
+    /// `lora` (default) or `full` fine-tuning [adapter.type].
+    #[arg(long)]
+    pub adapter: Option<String>,
+    /// LoRA rank [adapter.r].
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// LoRA alpha [adapter.alpha].
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Longest sample in tokens [data.max_seq_len].
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// `all_assistant`, `last_assistant` or `everything` [data.train_on].
+    #[arg(long)]
+    pub train_on: Option<String>,
+    /// Evaluate every N steps [eval.every_steps].
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Checkpoint every N steps [output.save_every_steps].
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Resume from a checkpoint directory, or from the latest checkpoint of a run directory.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Any other config key, repeatable: `--set train.weight_decay=0.01` (value parsed as TOML).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Print the resolved configuration and exit without training.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `ytrainer plugins`
+#[derive(Debug, Args)]
+pub struct PluginsArgs {
+    #[command(subcommand)]
+    pub command: PluginsCommand,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Default)]
+pub enum Format {
+    /// Human-readable table.
+    #[default]
+    Text,
+    /// Machine-readable JSON.
+    Json,
+}
+
+/// `ytrainer plugins ...`
+#[derive(Debug, Subcommand)]
+pub enum PluginsCommand {
+    /// List plugins with their kind, description and parameters.
+    List {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+/// Model shapes of the benchmark.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum BenchShape {
+    /// Qwen2-shaped: vocab 8192, hidden 256, inter 704, 4 layers, 4/2 heads, tied.
+    Tiny,
+    /// Qwen2-shaped: vocab 16384, hidden 512, inter 1408, 8 layers, 8/4 heads, tied.
+    Small,
+}
+
+/// Fine-tuning modes of the benchmark.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum BenchMode {
+    /// Every weight trainable.
+    Full,
+    /// LoRA r=8 on all 7 projections.
+    Lora,
+}
+
+/// `ytrainer bench`
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model shape.
+    #[arg(long, value_enum, default_value_t = BenchShape::Tiny)]
+    pub shape: BenchShape,
+    /// Full or LoRA.
+    #[arg(long, value_enum, default_value_t = BenchMode::Lora)]
+    pub mode: BenchMode,
+    /// Timed optimizer steps (after 2 warm-up steps).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Loss plugin.
+    #[arg(long, default_value = "ce")]
+    pub loss: String,
+    /// Rows per step.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    /// `cpu` or `cuda[:N]`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+/// `ytrainer init`
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Preset name (`tiny`).
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Text the tokenizer is trained on (any data file ytrainer reads).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Initialisation seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Directory to write (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
+    #[arg(long)]
+    pub out: PathBuf,
+}

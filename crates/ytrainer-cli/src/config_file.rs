@@ -1,0 +1,429 @@
+//! Reading the TOML run config and applying command-line overrides.
+//!
+//! Overrides are applied to the TOML document *before* it is deserialised, so a flag and the config key it
+//! overrides go through exactly the same validation (unknown keys, types).
+
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+use toml::{Table, Value};
+use ytrainer_core::config::RunConfig;
+use ytrainer_core::loss::nearest;
+
+use crate::cli::RunArgs;
+
+/// Every valid key per section, for suggestions (kept in step with `ytrainer_core::config`; a test checks it).
+pub const KEYS: &[(&str, &[&str])] = &[
+    ("model", &["path", "preset", "seed"]),
+    (
+        "adapter",
+        &["type", "r", "alpha", "dropout", "target_modules", "use_rslora", "init_from"],
+    ),
+    (
+        "data",
+        &[
+            "train",
+            "eval",
+            "eval_fraction",
+            "training_type",
+            "max_seq_len",
+            "overlong",
+            "train_on",
+            "template_vars",
+        ],
+    ),
+    ("loss", &["name", "normalize", "params", "zone_borders"]),
+    (
+        "train",
+        &[
+            "mode",
+            "token_batch",
+            "epochs",
+            "max_steps",
+            "learning_rate",
+            "lr_scheduler",
+            "warmup_steps",
+            "warmup_ratio",
+            "min_lr_ratio",
+            "weight_decay",
+            "adam_beta1",
+            "adam_beta2",
+            "adam_epsilon",
+            "max_grad_norm",
+            "tokens_per_step",
+            "micro_batch_tokens",
+            "max_micro_batch_size",
+            "seed",
+            "shuffle",
+            "device",
+        ],
+    ),
+    ("eval", &["every_steps", "max_samples"]),
+    ("output", &["dir", "save_every_steps", "save_total_limit"]),
+];
+
+/// Checks every key of the document against [`KEYS`], naming the file, line and nearest valid key.
+fn check_keys(doc: &Table, file: &str, text: &str) -> Result<()> {
+    let sections: Vec<&str> = KEYS.iter().map(|(s, _)| *s).collect();
+    for (section, value) in doc {
+        let Some((_, keys)) = KEYS.iter().find(|(s, _)| s == section) else {
+            let hint = nearest(section, &sections)
+                .map(|s| format!("; did you mean `[{s}]`?"))
+                .unwrap_or_default();
+            bail!(
+                "{file}:{}: unknown section `{section}`{hint} Valid sections: {}",
+                line_of(text, section),
+                sections.join(", ")
+            );
+        };
+        let Value::Table(t) = value else {
+            bail!(
+                "{file}:{}: `{section}` must be a table (`[{section}]`), not a value",
+                line_of(text, section)
+            );
+        };
+        for key in t.keys() {
+            if !keys.contains(&key.as_str()) {
+                let hint = nearest(key, keys)
+                    .map(|k| format!("; did you mean `{k}`?"))
+                    .unwrap_or_default();
+                bail!(
+                    "{file}:{}: unknown key `{section}.{key}`{hint} Valid keys in [{section}]: {}",
+                    line_of(text, key),
+                    keys.join(", ")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// 1-based line of the first line that defines `key` (best effort, for error messages).
+fn line_of(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.starts_with(key) && l[key.len()..].trim_start().starts_with('=')
+                || l.trim() == format!("[{key}]")
+        })
+        .map(|i| i + 1)
+        .unwrap_or(1)
+}
+
+fn set_path(doc: &mut Table, path: &str, value: Value) -> Result<()> {
+    let parts: Vec<&str> = path.split('.').collect();
+    if parts.len() < 2 {
+        bail!("`--set {path}=...`: expected SECTION.KEY, e.g. `train.weight_decay`");
+    }
+    let mut table = doc;
+    for p in &parts[..parts.len() - 1] {
+        let entry = table
+            .entry(p.to_string())
+            .or_insert_with(|| Value::Table(Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| anyhow!("`{path}`: `{p}` is not a table"))?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+/// Parses `VALUE` as a TOML value, falling back to a string (so `--set data.train_on=everything` works).
+fn parse_value(raw: &str) -> Value {
+    let doc = format!("v = {raw}");
+    match doc.parse::<Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or(Value::String(raw.to_string())),
+        Err(_) => Value::String(raw.to_string()),
+    }
+}
+
+fn path_value(p: &Path) -> Value {
+    Value::String(p.to_string_lossy().to_string())
+}
+
+/// Loads the config file (if any), applies the flags, validates, and returns the resolved config.
+pub fn resolve(args: &RunArgs) -> Result<RunConfig> {
+    let (mut doc, file, text) = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config file {}", p.display()))?;
+            let doc: Table = text.parse().map_err(|e: toml::de::Error| {
+                let line = e
+                    .span()
+                    .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
+                    .unwrap_or(1);
+                anyhow!("{}:{line}: invalid TOML: {}", p.display(), e.message())
+            })?;
+            // Relative paths in a config file are relative to the file, so configs can be run from anywhere.
+            let base = p.parent().map(Path::to_path_buf).unwrap_or_default();
+            let mut doc = doc;
+            rebase_paths(&mut doc, &base);
+            (doc, p.display().to_string(), text)
+        }
+        None => (Table::new(), "<command line>".to_string(), String::new()),
+    };
+    check_keys(&doc, &file, &text)?;
+
+    let mut set = |path: &str, v: Value| set_path(&mut doc, path, v);
+    if let Some(v) = &args.model {
+        set("model.path", path_value(v))?;
+    }
+    if let Some(v) = &args.preset {
+        set("model.preset", Value::String(v.clone()))?;
+    }
+    if let Some(v) = &args.data {
+        set("data.train", path_value(v))?;
+    }
+    if let Some(v) = &args.eval_data {
+        set("data.eval", path_value(v))?;
+    }
+    if let Some(v) = &args.loss {
+        set("loss.name", Value::String(v.clone()))?;
+    }
+    for kv in &args.loss_params {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow!("`--loss-param {kv}`: expected NAME=VALUE, e.g. `x0=1.0`"))?;
+        let x: f64 = v.trim().parse().map_err(|_| {
+            anyhow!("`--loss-param {kv}`: `{v}` is not a number; loss parameters are numeric")
+        })?;
+        set(&format!("loss.params.{}", k.trim()), Value::Float(x))?;
+    }
+    if let Some(v) = &args.normalize {
+        set("loss.normalize", Value::String(v.clone()))?;
+    }
+    if let Some(v) = &args.output_dir {
+        set("output.dir", path_value(v))?;
+    }
+    if let Some(v) = args.max_steps {
+        set("train.max_steps", Value::Integer(v as i64))?;
+    }
+    if let Some(v) = args.epochs {
+        set("train.epochs", Value::Integer(v as i64))?;
+    }
+    if let Some(v) = args.learning_rate {
+        set("train.learning_rate", Value::Float(v))?;
+    }
+    if let Some(v) = &args.device {
+        set("train.device", Value::String(v.clone()))?;
+    }
+    if let Some(v) = args.seed {
+        set("train.seed", Value::Integer(v as i64))?;
+    }
+    if let Some(v) = args.tokens_per_step {
+        set("train.tokens_per_step", Value::Integer(v as i64))?;
+    }
+    if let Some(v) = &args.mode {
+        set("train.mode", Value::String(v.clone()))?;
+    }
+    if let Some(v) = args.token_batch {
+        set("train.token_batch", Value::Integer(v as i64))?;
+    }
+    if let Some(v) = &args.adapter {
+        set("adapter.type", Value::String(v.clone()))?;
+    }
+    if let Some(v) = args.lora_r {
+        set("adapter.r", Value::Integer(v as i64))?;
+    }
+    if let Some(v) = args.lora_alpha {
+        set("adapter.alpha", Value::Float(v))?;
+    }
+    if let Some(v) = args.max_seq_len {
+        set("data.max_seq_len", Value::Integer(v as i64))?;
+    }
+    if let Some(v) = &args.train_on {
+        set("data.train_on", Value::String(v.clone()))?;
+    }
+    if let Some(v) = args.eval_every {
+        set("eval.every_steps", Value::Integer(v as i64))?;
+    }
+    if let Some(v) = args.save_every {
+        set("output.save_every_steps", Value::Integer(v as i64))?;
+    }
+    for kv in &args.set {
+        let (k, v) = kv.split_once('=').ok_or_else(|| {
+            anyhow!("`--set {kv}`: expected SECTION.KEY=VALUE, e.g. `train.weight_decay=0.01`")
+        })?;
+        set(k.trim(), parse_value(v.trim()))?;
+    }
+    check_keys(&doc, "--set", "")?;
+    let cfg: RunConfig = Value::Table(doc).try_into().map_err(|e: toml::de::Error| {
+        anyhow!(
+            "{file}: {}",
+            e.message().replace("\n", " ").trim_end().trim_end_matches('.')
+        )
+    })?;
+    validate(&cfg)?;
+    Ok(cfg)
+}
+
+fn rebase_paths(doc: &mut Table, base: &Path) {
+    let fix = |v: &mut Value| {
+        if let Value::String(s) = v {
+            let p = Path::new(s.as_str());
+            if p.is_relative() {
+                *s = base.join(p).to_string_lossy().to_string();
+            }
+        }
+    };
+    for (section, key) in [
+        ("model", "path"),
+        ("data", "train"),
+        ("data", "eval"),
+        ("adapter", "init_from"),
+        ("output", "dir"),
+    ] {
+        if let Some(v) = doc
+            .get_mut(section)
+            .and_then(Value::as_table_mut)
+            .and_then(|t| t.get_mut(key))
+        {
+            fix(v);
+        }
+    }
+}
+
+fn validate(cfg: &RunConfig) -> Result<()> {
+    if cfg.model.path.is_none() && cfg.model.preset.is_none() {
+        bail!(
+            "no model given: pass `--model DIR` (a Hugging Face model directory) or `--preset tiny`, \
+             or set `[model] path` / `preset` in the config"
+        );
+    }
+    if let Some(p) = &cfg.model.preset
+        && cfg.model.path.is_none()
+        && p != "tiny"
+    {
+        bail!("[model] preset = \"{p}\": unknown preset; the only preset is `tiny`");
+    }
+    if cfg.data.train.is_none() {
+        bail!("no training data given: pass `--data FILE` or set `[data] train` in the config");
+    }
+    let t = &cfg.train;
+    if t.learning_rate <= 0.0 || !t.learning_rate.is_finite() {
+        bail!("[train] learning_rate = {}: must be > 0", t.learning_rate);
+    }
+    if t.mode == ytrainer_core::config::TrainMode::Windowed && t.token_batch == 0 {
+        bail!("[train] token_batch = 0: windowed mode needs a window of at least 1 target token");
+    }
+    if t.tokens_per_step == 0 || t.micro_batch_tokens == 0 || t.max_micro_batch_size == 0 {
+        bail!("[train] tokens_per_step, micro_batch_tokens and max_micro_batch_size must be >= 1");
+    }
+    if cfg.adapter.kind == ytrainer_core::config::AdapterKind::Lora && cfg.adapter.r == 0 {
+        bail!("[adapter] r = 0: the LoRA rank must be >= 1 (or use `type = \"full\"`)");
+    }
+    if cfg.data.max_seq_len < 2 {
+        bail!("[data] max_seq_len = {}: must be >= 2", cfg.data.max_seq_len);
+    }
+    if !(0.0..1.0).contains(&cfg.data.eval_fraction) {
+        bail!("[data] eval_fraction = {}: must be in [0, 1)", cfg.data.eval_fraction);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args_with_config(text: &str) -> (tempdir::Dir, RunArgs) {
+        let d = tempdir::Dir::new();
+        let p = d.0.join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        (
+            d,
+            RunArgs {
+                config: Some(p),
+                ..Default::default()
+            },
+        )
+    }
+
+    mod tempdir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                use std::sync::atomic::{AtomicUsize, Ordering};
+                static N: AtomicUsize = AtomicUsize::new(0);
+                let p = std::env::temp_dir().join(format!(
+                    "ytrainer-cfg-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::SeqCst)
+                ));
+                std::fs::create_dir_all(&p).unwrap();
+                Dir(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_key_suggests_nearest() {
+        let (_d, a) = args_with_config(
+            "[model]\npreset = \"tiny\"\n[data]\ntrain = \"x.jsonl\"\n[train]\nlerning_rate = 1e-3\n",
+        );
+        let e = resolve(&a).unwrap_err().to_string();
+        assert!(e.ends_with(":6: unknown key `train.lerning_rate`; did you mean `learning_rate`? Valid keys in [train]: mode, token_batch, epochs, max_steps, learning_rate, lr_scheduler, warmup_steps, warmup_ratio, min_lr_ratio, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm, tokens_per_step, micro_batch_tokens, max_micro_batch_size, seed, shuffle, device"), "{e}");
+    }
+
+    #[test]
+    fn unknown_section_suggests_nearest() {
+        let (_d, a) = args_with_config("[trian]\nepochs = 1\n");
+        let e = resolve(&a).unwrap_err().to_string();
+        assert!(e.contains(":1: unknown section `trian`; did you mean `[train]`?"), "{e}");
+    }
+
+    #[test]
+    fn flags_override_config() {
+        let (_d, mut a) = args_with_config(
+            "[model]\npreset = \"tiny\"\n[data]\ntrain = \"x.jsonl\"\n[train]\nlearning_rate = 1e-3\nmax_steps = 5\n",
+        );
+        a.learning_rate = Some(5e-4);
+        a.loss = Some("ce".into());
+        a.set = vec!["train.weight_decay=0.1".into(), "data.train_on=everything".into()];
+        let c = resolve(&a).unwrap();
+        assert_eq!(c.train.learning_rate, 5e-4);
+        assert_eq!(c.train.max_steps, 5);
+        assert_eq!(c.train.weight_decay, 0.1);
+        assert_eq!(c.loss.name, "ce");
+        assert_eq!(c.data.train_on, ytrainer_core::config::TrainOn::Everything);
+        // relative paths are relative to the config file
+        assert!(c.data.train.unwrap().starts_with(a.config.unwrap().parent().unwrap()));
+    }
+
+    #[test]
+    fn set_with_unknown_key_is_rejected() {
+        let a = RunArgs {
+            model: Some("m".into()),
+            data: Some("d".into()),
+            set: vec!["train.wieght_decay=0.1".into()],
+            ..Default::default()
+        };
+        let e = resolve(&a).unwrap_err().to_string();
+        assert!(e.contains("unknown key `train.wieght_decay`; did you mean `weight_decay`?"), "{e}");
+    }
+
+    #[test]
+    fn keys_table_matches_config_structs() {
+        // Serialising the default config lists every field; KEYS must list the same ones.
+        let v = toml::Value::try_from(RunConfig::default()).unwrap();
+        for (section, keys) in KEYS {
+            let t = v.get(section).and_then(|t| t.as_table()).unwrap();
+            for k in t.keys() {
+                assert!(keys.contains(&k.as_str()), "KEYS lacks {section}.{k}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_value_type_is_reported() {
+        let (_d, a) = args_with_config(
+            "[model]\npreset = \"tiny\"\n[data]\ntrain = \"x\"\n[train]\nepochs = \"two\"\n",
+        );
+        let e = resolve(&a).unwrap_err().to_string();
+        assert!(e.contains("invalid type: string \"two\", expected usize"), "{e}");
+    }
+}

@@ -1,0 +1,67 @@
+//! Progress bars and notices for `ytrainer run` (the trainer reports through [`Observer`]).
+
+use indicatif::{ProgressBar, ProgressStyle};
+use ytrainer_core::trainer::{EvalMetrics, Observer, StepMetrics};
+
+/// Draws one bar over optimizer steps; shows loss, CE and tokens/s in the message.
+pub struct Bar {
+    bar: Option<ProgressBar>,
+}
+
+impl Bar {
+    /// A bar drawn on stderr (hidden when stderr is not a terminal, e.g. under CI).
+    pub fn new() -> Self {
+        Bar { bar: None }
+    }
+}
+
+impl Observer for Bar {
+    fn start(&mut self, total: usize, first: usize) {
+        let bar = ProgressBar::new(total as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps (eta {eta}) {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_position(first as u64);
+        self.bar = Some(bar);
+    }
+
+    fn step(&mut self, m: &StepMetrics) {
+        if let Some(b) = &self.bar {
+            b.set_position(m.step as u64);
+            b.set_message(format!(
+                "loss {:.4} ce {:.4} w {:.3} {:.0} tok/s",
+                m.loss, m.ce, m.mean_weight, m.tokens_per_s
+            ));
+        }
+        tracing::info!(step = m.step, loss = m.loss, ce = m.ce, lr = m.lr, "step");
+    }
+
+    fn eval(&mut self, m: &EvalMetrics) {
+        let line = format!(
+            "eval @ step {}: loss {:.4} (ppl {:.2}), token accuracy {:.3} over {} tokens",
+            m.step, m.eval_loss, m.eval_perplexity, m.eval_token_accuracy, m.eval_tokens
+        );
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn notice(&mut self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.println(msg),
+            None => eprintln!("{msg}"),
+        }
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

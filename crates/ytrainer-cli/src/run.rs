@@ -1,0 +1,389 @@
+//! `ytrainer run` and `ytrainer init`: resolve the config, load model, tokenizer, template and data, build the
+//! loss plugin, hand everything to the trainer, export, and print a summary.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use ytrainer_core::config::{AdapterKind, Overlong, RunConfig, TrainMode, TrainOn, TrainingType};
+use ytrainer_core::loss::{LossFn, Registry};
+use ytrainer_core::model::CausalLm;
+use ytrainer_core::trainer::{self, TrainSetup};
+use ytrainer_data::{
+    BatchOptions, ChatTemplate, DataOptions, Example, Mode, Record, TokenizerWrapper, load_records,
+    prepare,
+};
+use ytrainer_models::{AdapterSpec, HfConfig, LoraConfig, init_random, load_peft_adapter, load_pretrained};
+
+use crate::cli::{InitArgs, RunArgs};
+use crate::config_file;
+use crate::progress::Bar;
+
+/// Vocabulary of the self-made tokenizer of the `tiny` preset.
+const TINY_VOCAB: usize = 2048;
+
+/// The `tiny` preset: a Qwen2-shaped decoder small enough to train in a minute on two cores.
+fn tiny_config(vocab_size: usize, eos: u32, pad: u32) -> Result<HfConfig> {
+    let json = serde_json::json!({
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": vocab_size,
+        "hidden_size": 128,
+        "intermediate_size": 352,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": true,
+        "initializer_range": 0.02,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "torch_dtype": "float32",
+    });
+    HfConfig::from_json_str(&json.to_string()).map_err(|e| anyhow!("tiny preset config: {e}"))
+}
+
+/// Creates a self-made model directory: a byte-level BPE trained on `data`, our ChatML template, and a
+/// randomly initialised decoder; deterministic in `seed` and the data.
+pub fn create_preset(preset: &str, data: &Path, seed: u64, out: &Path) -> Result<()> {
+    if preset != "tiny" {
+        bail!("unknown preset `{preset}`; the only preset is `tiny`");
+    }
+    let loaded = load_records(data)?;
+    let texts: Vec<String> = loaded.records.iter().map(record_text).collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let specials = ytrainer_data::CHATML_SPECIAL_TOKENS;
+    let tokenizer_json = ytrainer_data::train_byte_level_bpe(&refs, TINY_VOCAB, specials)?;
+    fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    fs::write(out.join("tokenizer.json"), &tokenizer_json)
+        .with_context(|| format!("cannot write {}", out.join("tokenizer.json").display()))?;
+    let tok = TokenizerWrapper::from_file(&out.join("tokenizer.json"))?;
+    let id = |t: &str| {
+        tok.token_to_id(t)
+            .ok_or_else(|| anyhow!("self-made tokenizer lacks `{t}`"))
+    };
+    let (eos, pad) = (id("<|im_end|>")?, id("<|endoftext|>")?);
+    let tc = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "model_max_length": 1024,
+        "chat_template": ytrainer_data::CHATML_TEMPLATE,
+    });
+    fs::write(
+        out.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tc)?,
+    )?;
+    let config = tiny_config(tok.vocab_size(), eos, pad)?;
+    let device = ytrainer_core::device::select("cpu", seed).map_err(|e| anyhow!(e))?;
+    let model = init_random(&config, seed, &AdapterSpec::Full, &device)?;
+    ytrainer_models::save_hf_checkpoint(&model, out)?;
+    Ok(())
+}
+
+fn record_text(r: &Record) -> String {
+    match &r.kind {
+        ytrainer_data::RecordKind::Text { text } => text.clone(),
+        ytrainer_data::RecordKind::Chat { messages } => messages
+            .iter()
+            .map(|m| m.content.as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    }
+}
+
+/// `ytrainer init`
+pub fn init_preset(a: InitArgs) -> Result<()> {
+    create_preset(&a.preset, &a.data, a.seed, &a.out)?;
+    println!("wrote {} model to {}", a.preset, a.out.display());
+    Ok(())
+}
+
+fn data_options(cfg: &RunConfig) -> DataOptions {
+    DataOptions {
+        max_seq_len: cfg.data.max_seq_len,
+        overlong: match cfg.data.overlong {
+            Overlong::Truncate => ytrainer_data::Overlong::Truncate,
+            Overlong::Skip => ytrainer_data::Overlong::Skip,
+        },
+        train_on: match cfg.data.train_on {
+            TrainOn::AllAssistant => ytrainer_data::TrainOn::AllAssistant,
+            TrainOn::LastAssistant => ytrainer_data::TrainOn::LastAssistant,
+            TrainOn::Everything => ytrainer_data::TrainOn::Everything,
+        },
+        cpt: cfg.data.training_type == TrainingType::Cpt,
+        template_vars: cfg
+            .data
+            .template_vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
+}
+
+/// Fingerprint of everything that determines the training trajectory (resume must match it).
+fn fingerprint(cfg: &RunConfig) -> String {
+    let v = serde_json::json!({
+        "model": cfg.model, "adapter": cfg.adapter, "data": cfg.data, "loss": cfg.loss, "train": cfg.train,
+    });
+    // FNV-1a: stable across Rust versions, unlike `DefaultHasher`.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in v.to_string().bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Splits off a deterministic eval fraction: every k-th record, so the split does not depend on file order
+/// runs (shuffled data stays shuffled, sorted data is sampled evenly).
+fn split_eval(records: Vec<Record>, fraction: f64) -> (Vec<Record>, Vec<Record>) {
+    if fraction <= 0.0 || records.len() < 2 {
+        return (records, Vec::new());
+    }
+    let k = (1.0 / fraction).round().max(2.0) as usize;
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    for (i, r) in records.into_iter().enumerate() {
+        if i % k == k - 1 {
+            eval.push(r);
+        } else {
+            train.push(r);
+        }
+    }
+    (train, eval)
+}
+
+/// `ytrainer run`
+pub fn run(args: RunArgs) -> Result<()> {
+    let cfg = config_file::resolve(&args)?;
+    if args.dry_run {
+        println!("{}", toml::to_string_pretty(&cfg)?);
+        return Ok(());
+    }
+    let out = cfg.output.dir.clone();
+    fs::create_dir_all(&out).with_context(|| format!("cannot create output directory {}", out.display()))?;
+    let train_file = cfg.data.train.clone().ok_or_else(|| anyhow!("no training data"))?;
+
+    // Model directory: given, or self-made from the preset (reused when it already exists, e.g. on resume).
+    let model_dir = match (&cfg.model.path, &cfg.model.preset) {
+        (Some(p), _) => p.clone(),
+        (None, Some(preset)) => {
+            let d = out.join("base-model");
+            if !d.join("model.safetensors").exists() {
+                eprintln!("creating the `{preset}` model in {} (tokenizer trained on {})", d.display(), train_file.display());
+                create_preset(preset, &train_file, cfg.model.seed, &d)?;
+            }
+            d
+        }
+        (None, None) => bail!("no model given"),
+    };
+    if !model_dir.join("config.json").exists() {
+        bail!(
+            "{}: not a Hugging Face model directory (no config.json); pass the directory that holds config.json, \
+             model.safetensors and tokenizer.json",
+            model_dir.display()
+        );
+    }
+
+    // Data.
+    let tok_path = model_dir.join("tokenizer.json");
+    let mut tok = TokenizerWrapper::from_file(&tok_path)?;
+    let template = match ChatTemplate::from_model_dir(&model_dir) {
+        Ok(t) => Some(t),
+        Err(e) if cfg.data.training_type == TrainingType::Cpt => {
+            tracing::info!("no chat template ({e}); fine for continued pretraining");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(eos) = template.as_ref().and_then(|t| t.eos_token()) {
+        let eos = eos.to_string();
+        tok.set_eos_token(&eos)?;
+    }
+    let loaded = load_records(&train_file)?;
+    let mut warnings: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
+    let (train_records, mut eval_records) = split_eval(loaded.records, cfg.data.eval_fraction);
+    if let Some(e) = &cfg.data.eval {
+        let l = load_records(e)?;
+        warnings.extend(l.warnings.iter().map(|w| w.to_string()));
+        eval_records = l.records;
+    }
+    let dopts = data_options(&cfg);
+    let prepared = prepare(&train_records, &tok, template.as_ref(), &dopts)?;
+    let mut eval_prepared = prepare(&eval_records, &tok, template.as_ref(), &dopts).ok();
+    if let Some(p) = &mut eval_prepared
+        && cfg.eval.max_samples > 0
+    {
+        p.examples.truncate(cfg.eval.max_samples);
+    }
+    let eval_examples: Vec<Example> = match eval_prepared {
+        Some(p) if !p.examples.is_empty() => p.examples,
+        // Without eval data, "loss before/after" is measured on (up to 64) training examples.
+        _ => prepared.examples.iter().take(64).cloned().collect(),
+    };
+
+    // Loss plugin.
+    let registry = Registry::discover();
+    let (loss_fn, params) = registry.build(&cfg.loss.name, &cfg.loss.params)?;
+    let plugin = match loss_fn {
+        LossFn::Token(p) => p,
+        LossFn::Pairwise(_) => bail!(
+            "loss `{}` is a pairwise (preference) objective; `ytrainer run` with SFT/CPT data needs a token \
+             plugin such as `nlirg` or `ce` (see `ytrainer plugins list`)",
+            cfg.loss.name
+        ),
+    };
+    let normalize = cfg.loss.normalize.unwrap_or_else(|| plugin.default_normalize());
+
+    // Model.
+    let device = ytrainer_core::device::select(&cfg.train.device, cfg.train.seed).map_err(|e| anyhow!(e))?;
+    let adapter = match cfg.adapter.kind {
+        AdapterKind::Full => AdapterSpec::Full,
+        AdapterKind::Lora => AdapterSpec::Lora(LoraConfig {
+            r: cfg.adapter.r,
+            alpha: cfg.adapter.alpha,
+            dropout: cfg.adapter.dropout,
+            target_modules: cfg.adapter.target_modules.clone(),
+            use_rslora: cfg.adapter.use_rslora,
+            init_seed: cfg.train.seed,
+        }),
+    };
+    let (mut model, _hf) = load_pretrained(&model_dir, &adapter, &device)?;
+    if let Some(init) = &cfg.adapter.init_from {
+        model = load_peft_adapter(model, init)?;
+    }
+    if model.vocab_size() < tok.vocab_size() {
+        bail!(
+            "the tokenizer ({}) has {} tokens but the model's vocabulary has only {}; use the tokenizer that \
+             belongs to this model",
+            tok_path.display(),
+            tok.vocab_size(),
+            model.vocab_size()
+        );
+    }
+
+    // Resolved config beside the metrics.
+    fs::write(out.join("config.resolved.toml"), toml::to_string_pretty(&cfg)?)
+        .with_context(|| format!("cannot write {}", out.join("config.resolved.toml").display()))?;
+
+    let pad_id = tok
+        .token_to_id("<|endoftext|>")
+        .or_else(|| tok.eos_id())
+        .unwrap_or(0);
+    let batch = BatchOptions {
+        seed: cfg.train.seed,
+        shuffle: cfg.train.shuffle,
+        micro_batch_tokens: cfg.train.micro_batch_tokens,
+        max_micro_batch_size: cfg.train.max_micro_batch_size,
+        tokens_per_step: cfg.train.tokens_per_step,
+        mode: match cfg.train.mode {
+            TrainMode::OnePass => Mode::OnePass,
+            TrainMode::Windowed => Mode::Windowed {
+                token_batch: cfg.train.token_batch,
+            },
+        },
+        pad_id,
+    };
+    let resume = match &args.resume {
+        Some(p) => Some(ytrainer_core::checkpoint::resolve_resume(p)?),
+        None => None,
+    };
+    let fp = fingerprint(&cfg);
+    let setup = TrainSetup {
+        train: &cfg.train,
+        batch,
+        train_examples: &prepared.examples,
+        eval_examples: &eval_examples,
+        eval_every: cfg.eval.every_steps,
+        plugin: plugin.as_ref(),
+        normalize,
+        zone_borders: cfg.loss.zone_borders,
+        output_dir: &out,
+        save_every: cfg.output.save_every_steps,
+        save_total_limit: cfg.output.save_total_limit,
+        resume,
+        fingerprint: fp,
+        device: &device,
+    };
+    let s = &prepared.stats;
+    eprintln!(
+        "training {} with loss `{}` ({}; normalize = {}) on {} examples ({} supervised tokens) from {}",
+        model_dir.display(),
+        cfg.loss.name,
+        params
+            .values()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        normalize.as_str(),
+        s.examples,
+        s.supervised_tokens,
+        train_file.display()
+    );
+    let mut bar = Bar::new();
+    let (model, summary) = trainer::train(model, &setup, &mut bar)?;
+    drop(bar);
+
+    // Final export: what the user takes to the rest of the ecosystem.
+    let final_dir = out.join("final");
+    let files = model.export(&final_dir).map_err(|e| anyhow!("exporting the trained model: {e}"))?;
+    copy_tokenizer_files(&model_dir, &final_dir, cfg.adapter.kind == AdapterKind::Full)?;
+    let summary_json = serde_json::json!({
+        "summary": summary,
+        "data": {
+            "examples": s.examples, "supervised_tokens": s.supervised_tokens, "truncated": s.truncated,
+            "skipped_overlong": s.skipped_overlong, "skipped_no_targets": s.skipped_no_targets,
+            "warnings": warnings,
+        },
+        "exported": files,
+    });
+    fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary_json)?)?;
+
+    println!("done: {} optimizer steps, {} supervised tokens trained in {:.1}s", summary.steps, summary.tokens_trained, summary.seconds);
+    if summary.skipped_steps > 0 {
+        println!("  skipped updates (non-finite loss/gradient): {}", summary.skipped_steps);
+    }
+    match (&summary.eval_before, &summary.eval_after) {
+        (Some(b), Some(a)) => println!(
+            "  eval loss: {:.4} -> {:.4} (token accuracy {:.3} -> {:.3})",
+            b.eval_loss, a.eval_loss, b.eval_token_accuracy, a.eval_token_accuracy
+        ),
+        (None, Some(a)) => println!("  eval loss after: {:.4}", a.eval_loss),
+        _ => {}
+    }
+    println!(
+        "  data: {} examples; truncated {}, skipped (overlong) {}, skipped (no targets) {}, warnings {}",
+        s.examples,
+        s.truncated,
+        s.skipped_overlong,
+        s.skipped_no_targets,
+        warnings.len()
+    );
+    for w in warnings.iter().take(5) {
+        println!("    warning: {w}");
+    }
+    println!("  metrics: {}", out.join("metrics.jsonl").display());
+    if let Some(c) = &summary.last_checkpoint {
+        println!("  checkpoint (resumable): {}", c.display());
+    }
+    println!("  exported model: {}", final_dir.display());
+    Ok(())
+}
+
+fn copy_tokenizer_files(from: &Path, to: &Path, full: bool) -> Result<()> {
+    let names: &[&str] = if full {
+        &["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json", "special_tokens_map.json"]
+    } else {
+        &["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"]
+    };
+    for n in names {
+        let src: PathBuf = from.join(n);
+        if src.exists() {
+            fs::copy(&src, to.join(n)).with_context(|| format!("cannot copy {}", src.display()))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,370 @@
+//! Resumable checkpoints: trainable parameters and AdamW moments keyed by module path, plus the trainer's
+//! position, written to a temporary directory and renamed into place so a crash never leaves a half-written
+//! checkpoint that `--resume` would trust.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::prelude::*;
+use safetensors::tensor::{Dtype, TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::optim::AdamWState;
+
+/// Checkpoint I/O errors.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// Filesystem problem.
+    #[error("{path}: {source}")]
+    Io {
+        /// File or directory.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Corrupt or foreign file.
+    #[error("{path}: {message}")]
+    Format {
+        /// File.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// Refusing to persist non-finite weights.
+    #[error(
+        "refusing to write checkpoint {path}: parameter `{param}` contains NaN or infinite values"
+    )]
+    NonFinite {
+        /// Checkpoint directory.
+        path: PathBuf,
+        /// Offending parameter.
+        param: String,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where training stood when the checkpoint was written.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps completed (the next step to run).
+    pub step: usize,
+    /// Total planned steps.
+    pub total_steps: usize,
+    /// Steps skipped for non-finite values so far.
+    pub skipped_steps: usize,
+    /// Supervised tokens trained so far.
+    pub tokens_trained: u64,
+    /// Seed the data plan was built from (must match on resume).
+    pub seed: u64,
+    /// Fingerprint of the resolved config's training-relevant part (must match on resume).
+    pub config_fingerprint: String,
+}
+
+/// Trainable parameter values by module path.
+pub fn trainable_params<M: Module>(model: &M) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    struct V {
+        path: Vec<String>,
+        out: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    }
+    impl ModuleVisitor for V {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if !param.is_require_grad() {
+                return;
+            }
+            let t = param.val();
+            let dims = t.dims().to_vec();
+            let data = t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
+            self.out.insert(self.path.join("."), (dims, data));
+        }
+    }
+    let mut v = V {
+        path: Vec::new(),
+        out: BTreeMap::new(),
+    };
+    model.visit(&mut v);
+    v.out
+}
+
+/// Replaces trainable parameters by the values in `values` (by path). Every trainable parameter must be present
+/// with the same shape: a checkpoint from another model or adapter layout is an error, not a partial load.
+pub fn load_trainable<M: Module>(
+    model: M,
+    values: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    file: &Path,
+) -> Result<M, CheckpointError> {
+    struct L<'a> {
+        path: Vec<String>,
+        values: &'a BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+        error: Option<String>,
+        used: usize,
+    }
+    impl ModuleMapper for L<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if !param.is_require_grad() || self.error.is_some() {
+                return param;
+            }
+            let path = self.path.join(".");
+            let Some((dims, data)) = self.values.get(&path) else {
+                self.error = Some(format!("parameter `{path}` is missing"));
+                return param;
+            };
+            let (id, tensor, mapper) = param.consume();
+            if dims.as_slice() != tensor.dims().as_slice() {
+                self.error = Some(format!(
+                    "parameter `{path}` has shape {dims:?} in the checkpoint but {:?} in the model",
+                    tensor.dims()
+                ));
+                return Param::from_mapped_value(id, tensor, mapper);
+            }
+            self.used += 1;
+            let device = tensor.device();
+            let shape: [usize; D] = tensor.dims();
+            let t: Tensor<D> = Tensor::from_data(TensorData::new(data.clone(), shape), &device);
+            Param::from_mapped_value(id, t.require_grad(), mapper)
+        }
+    }
+    let mut l = L {
+        path: Vec::new(),
+        values,
+        error: None,
+        used: 0,
+    };
+    let model = model.map(&mut l);
+    if let Some(e) = l.error {
+        return Err(CheckpointError::Format {
+            path: file.to_path_buf(),
+            message: format!(
+                "{e}; the checkpoint was written for a different model or adapter configuration"
+            ),
+        });
+    }
+    if l.used != values.len() {
+        return Err(CheckpointError::Format {
+            path: file.to_path_buf(),
+            message: format!(
+                "checkpoint holds {} tensors but the model has {} trainable parameters; \
+                 resume with the same model and adapter configuration",
+                values.len(),
+                l.used
+            ),
+        });
+    }
+    Ok(model)
+}
+
+fn write_safetensors(
+    path: &Path,
+    tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+) -> Result<(), CheckpointError> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(k, (dims, data))| {
+            let b: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (k.clone(), dims.clone(), b)
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = bytes
+        .iter()
+        .map(|(k, dims, b)| {
+            let v = TensorView::new(Dtype::F32, dims.clone(), b).map_err(|e| {
+                CheckpointError::Format {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                }
+            })?;
+            Ok((k.clone(), v))
+        })
+        .collect::<Result<_, CheckpointError>>()?;
+    safetensors::serialize_to_file(views, None, path).map_err(|e| CheckpointError::Format {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Reads an f32 safetensors file written by [`write_safetensors`].
+pub fn read_safetensors(
+    path: &Path,
+) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>, CheckpointError> {
+    let buf = fs::read(path).map_err(io(path))?;
+    let st = safetensors::SafeTensors::deserialize(&buf).map_err(|e| CheckpointError::Format {
+        path: path.to_path_buf(),
+        message: format!("not a valid safetensors file ({e})"),
+    })?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(CheckpointError::Format {
+                path: path.to_path_buf(),
+                message: format!("tensor `{name}` is {:?}, expected F32", view.dtype()),
+            });
+        }
+        let data: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.insert(name, (view.shape().to_vec(), data));
+    }
+    Ok(out)
+}
+
+fn vec_of(t: &Tensor<1>) -> Vec<f32> {
+    t.clone()
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap_or_default()
+}
+
+/// Writes `dir` atomically: parameters, optimizer moments, trainer state, and any extra files produced by
+/// `extra` (called with the temporary directory, e.g. to export a PEFT adapter next to the state).
+pub fn save<M: Module>(
+    dir: &Path,
+    model: &M,
+    optim: &AdamWState,
+    state: &TrainerState,
+    extra: impl FnOnce(&Path) -> Result<(), String>,
+) -> Result<(), CheckpointError> {
+    let params = trainable_params(model);
+    for (name, (_, data)) in &params {
+        if data.iter().any(|x| !x.is_finite()) {
+            return Err(CheckpointError::NonFinite {
+                path: dir.to_path_buf(),
+                param: name.clone(),
+            });
+        }
+    }
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(io(parent))?;
+    let name = dir
+        .file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "checkpoint".into());
+    let tmp = parent.join(format!(".{name}.tmp"));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    write_safetensors(&tmp.join("trainable.safetensors"), &params)?;
+    let mut moments = BTreeMap::new();
+    for (k, (m, v)) in &optim.moments {
+        let n = m.dims()[0];
+        moments.insert(format!("{k}.exp_avg"), (vec![n], vec_of(m)));
+        moments.insert(format!("{k}.exp_avg_sq"), (vec![n], vec_of(v)));
+    }
+    write_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
+    let state_json = serde_json::json!({ "trainer": state, "optimizer_step": optim.step });
+    let p = tmp.join("trainer_state.json");
+    fs::write(&p, serde_json::to_string_pretty(&state_json).unwrap_or_default()).map_err(io(&p))?;
+    extra(&tmp).map_err(|message| CheckpointError::Format {
+        path: tmp.clone(),
+        message,
+    })?;
+    if dir.exists() {
+        fs::remove_dir_all(dir).map_err(io(dir))?;
+    }
+    fs::rename(&tmp, dir).map_err(io(dir))?;
+    Ok(())
+}
+
+/// A loaded checkpoint.
+pub struct Loaded {
+    /// Trainable parameters by path.
+    pub params: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    /// Optimizer moments.
+    pub optim: AdamWState,
+    /// Trainer position.
+    pub state: TrainerState,
+}
+
+/// Reads a checkpoint directory written by [`save`].
+pub fn load(dir: &Path, device: &Device) -> Result<Loaded, CheckpointError> {
+    let sp = dir.join("trainer_state.json");
+    let text = fs::read_to_string(&sp).map_err(io(&sp))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| CheckpointError::Format {
+        path: sp.clone(),
+        message: format!("invalid JSON ({e})"),
+    })?;
+    let state: TrainerState =
+        serde_json::from_value(v["trainer"].clone()).map_err(|e| CheckpointError::Format {
+            path: sp.clone(),
+            message: format!("field `trainer`: {e}"),
+        })?;
+    let optimizer_step = v["optimizer_step"].as_u64().unwrap_or(0);
+    let params = read_safetensors(&dir.join("trainable.safetensors"))?;
+    let mp = dir.join("optimizer.safetensors");
+    let raw = read_safetensors(&mp)?;
+    let mut moments = BTreeMap::new();
+    for (k, (_, m)) in &raw {
+        if let Some(base) = k.strip_suffix(".exp_avg") {
+            let Some((_, v)) = raw.get(&format!("{base}.exp_avg_sq")) else {
+                return Err(CheckpointError::Format {
+                    path: mp.clone(),
+                    message: format!("`{base}.exp_avg_sq` missing"),
+                });
+            };
+            let t = |d: &Vec<f32>| Tensor::<1>::from_data(TensorData::new(d.clone(), [d.len()]), device);
+            moments.insert(base.to_string(), (t(m), t(v)));
+        }
+    }
+    Ok(Loaded {
+        params,
+        optim: AdamWState {
+            step: optimizer_step,
+            moments,
+        },
+        state,
+    })
+}
+
+/// Checkpoint directories under `run_dir`, oldest first.
+pub fn list(run_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut out: Vec<(usize, PathBuf)> = fs::read_dir(run_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path().join("trainer_state.json").exists().then(|| (step, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Resolves `--resume DIR`: a checkpoint directory itself, or a run directory (its latest checkpoint).
+pub fn resolve_resume(path: &Path) -> Result<PathBuf, CheckpointError> {
+    if path.join("trainer_state.json").exists() {
+        return Ok(path.to_path_buf());
+    }
+    list(path)
+        .pop()
+        .map(|(_, p)| p)
+        .ok_or_else(|| CheckpointError::Format {
+            path: path.to_path_buf(),
+            message: "no checkpoint here: expected a `checkpoint-N` directory (with trainer_state.json) \
+                      or a run directory containing one"
+                .to_string(),
+        })
+}

@@ -1,0 +1,328 @@
+//! The run configuration: one TOML file whose sections follow the path data takes. Every struct denies unknown
+//! keys (a typo must not silently fall back to a default); the CLI adds the nearest valid key to the message.
+//! Defaults here are the documented defaults (`docs/config.md`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::loss::Normalize;
+use crate::optim::Schedule;
+
+/// The whole run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Base model.
+    pub model: ModelSection,
+    /// LoRA or full fine-tuning.
+    pub adapter: AdapterSection,
+    /// Training / eval data and how it becomes tokens.
+    pub data: DataSection,
+    /// The loss plugin.
+    pub loss: LossSection,
+    /// Optimisation.
+    pub train: TrainSection,
+    /// Periodic evaluation.
+    pub eval: EvalSection,
+    /// Where results go.
+    pub output: OutputSection,
+}
+
+/// `[model]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// A Hugging Face model directory (`config.json`, safetensors, `tokenizer.json`, chat template).
+    pub path: Option<PathBuf>,
+    /// A self-made model instead of `path`: `tiny` (created deterministically from `seed`, with a tokenizer
+    /// trained on the training data). Ignored when `path` is set.
+    pub preset: Option<String>,
+    /// Seed of the preset's initialisation.
+    pub seed: u64,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            path: None,
+            preset: None,
+            seed: 0,
+        }
+    }
+}
+
+/// `[adapter]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdapterSection {
+    /// `lora` or `full`.
+    #[serde(rename = "type")]
+    pub kind: AdapterKind,
+    /// LoRA rank.
+    pub r: usize,
+    /// LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with `use_rslora`).
+    pub alpha: f64,
+    /// Dropout on the LoRA input.
+    pub dropout: f64,
+    /// Projections that get adapters.
+    pub target_modules: Vec<String>,
+    /// Rank-stabilised scaling.
+    pub use_rslora: bool,
+    /// Continue training an existing PEFT adapter directory.
+    pub init_from: Option<PathBuf>,
+}
+
+/// Adapter kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterKind {
+    /// Low-rank adapters on frozen base weights.
+    Lora,
+    /// Every weight trainable.
+    Full,
+}
+
+/// The seven projections of a Llama-style block: the default LoRA targets.
+pub const ALL_PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+impl Default for AdapterSection {
+    fn default() -> Self {
+        AdapterSection {
+            kind: AdapterKind::Lora,
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            target_modules: ALL_PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+            use_rslora: false,
+            init_from: None,
+        }
+    }
+}
+
+/// `[data]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Training file (json array, jsonl, csv or txt; format auto-detected).
+    pub train: Option<PathBuf>,
+    /// Evaluation file.
+    pub eval: Option<PathBuf>,
+    /// Fraction of the training records held out for evaluation when `eval` is not set (0 = none).
+    pub eval_fraction: f64,
+    /// `sft` (chat / instruction data, prompts masked) or `cpt` (raw text, every token supervised, packed).
+    pub training_type: TrainingType,
+    /// Longest tokenized sample.
+    pub max_seq_len: usize,
+    /// What to do with longer samples: `truncate` or `skip` (counted either way).
+    pub overlong: Overlong,
+    /// Which tokens are supervised: `all_assistant`, `last_assistant` or `everything`.
+    pub train_on: TrainOn,
+    /// Extra chat-template variables (e.g. `enable_thinking = false`).
+    pub template_vars: BTreeMap<String, serde_json::Value>,
+}
+
+/// SFT or continued pretraining.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainingType {
+    /// Supervised fine-tuning on conversations.
+    Sft,
+    /// Continued pretraining on raw text.
+    Cpt,
+}
+
+/// Overlong-sample policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overlong {
+    /// Cut at `max_seq_len`.
+    Truncate,
+    /// Drop the sample.
+    Skip,
+}
+
+/// Supervision policy for conversations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainOn {
+    /// Every assistant turn.
+    AllAssistant,
+    /// Only the final assistant turn.
+    LastAssistant,
+    /// Every token.
+    Everything,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            train: None,
+            eval: None,
+            eval_fraction: 0.0,
+            training_type: TrainingType::Sft,
+            max_seq_len: 1024,
+            overlong: Overlong::Truncate,
+            train_on: TrainOn::AllAssistant,
+            template_vars: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[loss]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossSection {
+    /// Plugin name (`ytrainer plugins list`).
+    pub name: String,
+    /// Override of the plugin's default normalisation.
+    pub normalize: Option<Normalize>,
+    /// Plugin parameters.
+    pub params: BTreeMap<String, f64>,
+    /// Borders of the telemetry zones `learned | learning | hard | noise` (losses in nats).
+    pub zone_borders: [f64; 3],
+}
+
+impl Default for LossSection {
+    fn default() -> Self {
+        LossSection {
+            name: "nlirg".to_string(),
+            normalize: None,
+            params: BTreeMap::new(),
+            zone_borders: [1.45, 6.6, 15.0],
+        }
+    }
+}
+
+/// `[train]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// `one-pass` (every supervised token in one forward/backward) or `windowed` (the seed's `token_batch`).
+    pub mode: TrainMode,
+    /// Window size in target tokens for `windowed` mode.
+    pub token_batch: usize,
+    /// Passes over the training data.
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (0 = no limit).
+    pub max_steps: usize,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Schedule after warmup.
+    pub lr_scheduler: Schedule,
+    /// Warmup steps (takes precedence over `warmup_ratio` when > 0).
+    pub warmup_steps: usize,
+    /// Warmup as a fraction of all steps.
+    pub warmup_ratio: f64,
+    /// Final learning rate as a fraction of the peak.
+    pub min_lr_ratio: f64,
+    /// Decoupled weight decay (not applied to norms and biases).
+    pub weight_decay: f64,
+    /// Adam beta1.
+    pub adam_beta1: f64,
+    /// Adam beta2.
+    pub adam_beta2: f64,
+    /// Adam epsilon.
+    pub adam_epsilon: f64,
+    /// Global-norm gradient clipping (0 = off).
+    pub max_grad_norm: f64,
+    /// Supervised-token budget of one optimizer step (gradient accumulation by tokens).
+    pub tokens_per_step: usize,
+    /// Padded tokens per micro-batch (memory bound).
+    pub micro_batch_tokens: usize,
+    /// Rows per micro-batch at most.
+    pub max_micro_batch_size: usize,
+    /// Seed for shuffling and adapter initialisation.
+    pub seed: u64,
+    /// Shuffle each epoch.
+    pub shuffle: bool,
+    /// `cpu` or `cuda[:N]`.
+    pub device: String,
+}
+
+/// Step modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrainMode {
+    /// Default.
+    OnePass,
+    /// Windows of `token_batch` targets, one optimizer step each.
+    Windowed,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            mode: TrainMode::OnePass,
+            token_batch: 10,
+            epochs: 1,
+            max_steps: 0,
+            learning_rate: 2e-4,
+            lr_scheduler: Schedule::Cosine,
+            warmup_steps: 0,
+            warmup_ratio: 0.03,
+            min_lr_ratio: 0.0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            tokens_per_step: 4096,
+            micro_batch_tokens: 4096,
+            max_micro_batch_size: 16,
+            seed: 42,
+            shuffle: true,
+            device: "cpu".to_string(),
+        }
+    }
+}
+
+/// `[eval]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Evaluate every N optimizer steps (0 = only before and after training).
+    pub every_steps: usize,
+    /// Cap on evaluation samples (0 = all).
+    pub max_samples: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection {
+            every_steps: 0,
+            max_samples: 256,
+        }
+    }
+}
+
+/// `[output]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputSection {
+    /// Run directory.
+    pub dir: PathBuf,
+    /// Write a resumable checkpoint every N optimizer steps (0 = only at the end).
+    pub save_every_steps: usize,
+    /// Keep at most this many checkpoints (0 = all).
+    pub save_total_limit: usize,
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        OutputSection {
+            dir: PathBuf::from("runs/latest"),
+            save_every_steps: 0,
+            save_total_limit: 2,
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! Device selection: the only place that knows which backends this binary was built with.
+
+use burn::prelude::*;
+
+/// Parses `cpu`, `cuda` or `cuda:N` into a Burn device with autodiff enabled and the seed applied.
+pub fn select(spec: &str, seed: u64) -> Result<Device, String> {
+    let spec = spec.trim();
+    let device = if spec == "cpu" {
+        Device::flex()
+    } else if spec == "cuda" || spec.starts_with("cuda:") {
+        let index: usize = match spec.strip_prefix("cuda:") {
+            None => 0,
+            Some(n) => n.parse().map_err(|_| {
+                format!("invalid device `{spec}`: expected `cuda:N` with N a GPU index, e.g. `cuda:0`")
+            })?,
+        };
+        cuda(index)?
+    } else {
+        return Err(format!(
+            "invalid device `{spec}`: expected `cpu`, `cuda` or `cuda:N`"
+        ));
+    };
+    device.seed(seed);
+    Ok(device.autodiff())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(index: usize) -> Result<Device, String> {
+    Ok(Device::cuda(index))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_index: usize) -> Result<Device, String> {
+    Err("this ytrainer binary was built without CUDA support; rebuild it with \
+         `cargo build --release -p ytrainer-cli --features cuda` (see docs/cuda.md) or use `--device cpu`"
+        .to_string())
+}

@@ -1,0 +1,12 @@
+//! ytrainer's engine: the model and loss-plugin interfaces, the plugin registry, the training step and loop,
+//! the optimizer and checkpoints.
+pub use burn;
+
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod loss;
+pub mod model;
+pub mod optim;
+pub mod step;
+pub mod trainer;

@@ -1,0 +1,37 @@
+//! The model interface the trainer drives. Architectures live in `ytrainer-models`; the trainer only needs
+//! hidden states, an LM head it can apply to the few rows that carry targets, and a way to export results.
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+
+/// One micro-batch as the model sees it. Rows are right-padded to a common length `T`.
+///
+/// Packed rows (continued pretraining) hold several documents: `position_ids` restart at 0 for each document
+/// and `segment_ids` give each document its own id, so that attention never crosses a document border.
+#[derive(Debug, Clone)]
+pub struct ModelInput {
+    /// Token ids, `[B, T]`.
+    pub input_ids: Tensor<2, Int>,
+    /// Rotary positions, `[B, T]`.
+    pub position_ids: Tensor<2, Int>,
+    /// Document id per token, `[B, T]`; a query attends to keys `k <= q` with the same id. `0` marks padding.
+    pub segment_ids: Tensor<2, Int>,
+}
+
+/// A decoder-only language model the trainer can fine-tune.
+pub trait CausalLm: Module {
+    /// Final hidden states after the last norm, `[B, T, hidden]`.
+    fn hidden_states(&self, input: &ModelInput) -> Tensor<3>;
+
+    /// Applies the LM head to rows of hidden states: `[N, hidden] -> [N, vocab]`.
+    /// Split from [`CausalLm::hidden_states`] so the trainer computes logits only where there are targets.
+    fn lm_head(&self, hidden: Tensor<2>) -> Tensor<2>;
+
+    /// Vocabulary size (columns of the LM head).
+    fn vocab_size(&self) -> usize;
+
+    /// Writes what a user takes back to the ecosystem: a PEFT adapter directory for LoRA, or a Hugging Face
+    /// checkpoint (`config.json` + safetensors) for full fine-tuning. Returns the files written.
+    fn export(&self, dir: &Path) -> Result<Vec<PathBuf>, String>;
+}

@@ -1,0 +1,281 @@
+//! AdamW with decoupled weight decay, gradient accumulation across micro-batches, global-norm clipping and
+//! learning-rate schedules.
+//!
+//! Written here rather than taken from `burn-optim` because the trainer needs three things Burn's optimizer does
+//! not give: clipping by the global norm over all parameters (Burn's `Norm` clipping is per tensor), no weight
+//! decay on norms and biases, and optimizer state keyed by parameter *path* so a checkpoint can be restored into
+//! a freshly loaded model (whose `ParamId`s are new) and continue bit-for-bit.
+
+use std::collections::{BTreeMap, HashMap};
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::prelude::*;
+use burn::tensor::Gradients;
+use serde::{Deserialize, Serialize};
+
+/// AdamW hyper-parameters (PyTorch semantics).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Added to the denominator.
+    pub eps: f64,
+    /// Decoupled weight decay, applied as `p *= 1 - lr * wd` (skipped for norms and biases).
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// Norm weights and biases are not decayed: shrinking a norm's gain towards 0 changes what the layer computes
+/// rather than regularising it (the HF / TRL default).
+pub fn decays(path: &str) -> bool {
+    let last = path.rsplit('.').next().unwrap_or(path);
+    !(path.contains("norm") || last == "bias" || last.ends_with("_bias"))
+}
+
+/// Gradients summed over the micro-batches of one optimizer step, keyed by parameter.
+#[derive(Default)]
+pub struct GradAccumulator {
+    grads: HashMap<ParamId, Tensor<1>>,
+}
+
+impl GradAccumulator {
+    /// Adds the gradients of one backward pass for every trainable parameter of `model`.
+    pub fn accumulate<M: Module>(&mut self, model: &M, grads: &mut Gradients) {
+        struct Collect<'a> {
+            grads: &'a mut Gradients,
+            acc: &'a mut HashMap<ParamId, Tensor<1>>,
+        }
+        impl ModuleVisitor for Collect<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                if !param.is_require_grad() {
+                    return;
+                }
+                let Some(g) = param.val().grad_remove(self.grads) else {
+                    return;
+                };
+                let n = g.shape().num_elements();
+                let g = g.reshape([n]);
+                let sum = match self.acc.remove(&param.id) {
+                    Some(prev) => prev.add(g),
+                    None => g,
+                };
+                self.acc.insert(param.id, sum);
+            }
+        }
+        model.visit(&mut Collect {
+            grads,
+            acc: &mut self.grads,
+        });
+    }
+
+    /// Global L2 norm of the accumulated gradients after multiplying them by `scale`.
+    pub fn global_norm(&self, scale: f64) -> f64 {
+        let mut sq = 0.0f64;
+        for g in self.grads.values() {
+            let s: f32 = g.clone().powi_scalar(2).sum().into_scalar::<f32>();
+            sq += s as f64;
+        }
+        sq.sqrt() * scale.abs()
+    }
+
+    /// Whether nothing was accumulated.
+    pub fn is_empty(&self) -> bool {
+        self.grads.is_empty()
+    }
+
+    /// Drops everything (after a step, or when a step is skipped).
+    pub fn clear(&mut self) {
+        self.grads.clear();
+    }
+}
+
+/// Per-parameter Adam moments, keyed by module path (stable across model reloads).
+#[derive(Debug, Clone, Default)]
+pub struct AdamWState {
+    /// Number of optimizer steps taken.
+    pub step: u64,
+    /// `(m, v)` flattened, by parameter path.
+    pub moments: BTreeMap<String, (Tensor<1>, Tensor<1>)>,
+}
+
+/// The optimizer.
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    /// Hyper-parameters.
+    pub config: AdamWConfig,
+    /// Moments and step counter.
+    pub state: AdamWState,
+}
+
+impl AdamW {
+    /// A fresh optimizer.
+    pub fn new(config: AdamWConfig) -> Self {
+        AdamW {
+            config,
+            state: AdamWState::default(),
+        }
+    }
+
+    /// Applies one update: every accumulated gradient is multiplied by `grad_scale` (normalisation and
+    /// clipping folded together) before the Adam moments see it. Returns the updated model.
+    pub fn step<M: Module>(
+        &mut self,
+        model: M,
+        acc: &mut GradAccumulator,
+        lr: f64,
+        grad_scale: f64,
+    ) -> M {
+        self.state.step += 1;
+        let t = self.state.step as i32;
+        let c = self.config;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2 = 1.0 - c.beta2.powi(t);
+        let mut mapper = Update {
+            path: Vec::new(),
+            grads: &mut acc.grads,
+            moments: &mut self.state.moments,
+            config: c,
+            lr,
+            grad_scale,
+            bc1,
+            bc2,
+        };
+        let model = model.map(&mut mapper);
+        acc.clear();
+        model
+    }
+}
+
+struct Update<'a> {
+    path: Vec<String>,
+    grads: &'a mut HashMap<ParamId, Tensor<1>>,
+    moments: &'a mut BTreeMap<String, (Tensor<1>, Tensor<1>)>,
+    config: AdamWConfig,
+    lr: f64,
+    grad_scale: f64,
+    bc1: f64,
+    bc2: f64,
+}
+
+impl ModuleMapper for Update<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let Some(g) = self.grads.remove(&param.id) else {
+            return param;
+        };
+        let path = self.path.join(".");
+        let (id, tensor, mapper) = param.consume();
+        let require_grad = tensor.is_require_grad();
+        let shape = tensor.shape();
+        let n = shape.num_elements();
+        let p = tensor.inner().reshape([n]);
+        let g = g.mul_scalar(self.grad_scale);
+        let c = self.config;
+        let (m, v) = match self.moments.remove(&path) {
+            Some((m, v)) => (
+                m.mul_scalar(c.beta1).add(g.clone().mul_scalar(1.0 - c.beta1)),
+                v.mul_scalar(c.beta2)
+                    .add(g.clone().powi_scalar(2).mul_scalar(1.0 - c.beta2)),
+            ),
+            None => (
+                g.clone().mul_scalar(1.0 - c.beta1),
+                g.powi_scalar(2).mul_scalar(1.0 - c.beta2),
+            ),
+        };
+        let p = if c.weight_decay != 0.0 && decays(&path) {
+            p.mul_scalar(1.0 - self.lr * c.weight_decay)
+        } else {
+            p
+        };
+        let denom = v.clone().div_scalar(self.bc2).sqrt().add_scalar(c.eps);
+        let update = m.clone().div_scalar(self.bc1).div(denom).mul_scalar(self.lr);
+        let p = p.sub(update).reshape(shape);
+        self.moments.insert(path, (m, v));
+        let mut p = Tensor::from_inner(p);
+        if require_grad {
+            p = p.require_grad();
+        }
+        Param::from_mapped_value(id, p, mapper)
+    }
+}
+
+/// Learning-rate schedule kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Half-cosine from the peak down to `min_lr_ratio * peak`.
+    Cosine,
+    /// Linear decay from the peak down to `min_lr_ratio * peak`.
+    Linear,
+    /// The peak throughout (after warmup).
+    Constant,
+}
+
+/// Learning rate at optimizer step `step` (0-based) of `total`: linear warmup over `warmup` steps, then the
+/// schedule. Pure function of its inputs, so a resumed run continues the same curve.
+pub fn lr_at(
+    schedule: Schedule,
+    peak: f64,
+    step: usize,
+    total: usize,
+    warmup: usize,
+    min_lr_ratio: f64,
+) -> f64 {
+    if warmup > 0 && step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let decay_steps = total.saturating_sub(warmup).max(1);
+    let progress = ((step - warmup.min(step)) as f64 / decay_steps as f64).clamp(0.0, 1.0);
+    let floor = peak * min_lr_ratio;
+    match schedule {
+        Schedule::Constant => peak,
+        Schedule::Linear => floor + (peak - floor) * (1.0 - progress),
+        Schedule::Cosine => {
+            floor + (peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decay_excludes_norms_and_biases() {
+        assert!(decays("layers.0.attn.q_proj.weight"));
+        assert!(decays("layers.0.attn.q_proj.lora_a"));
+        assert!(!decays("layers.0.input_layernorm.weight"));
+        assert!(!decays("norm.gamma"));
+        assert!(!decays("layers.0.attn.q_proj.bias"));
+    }
+
+    #[test]
+    fn schedules() {
+        // warmup 2 of 10, peak 1.0
+        assert_eq!(lr_at(Schedule::Constant, 1.0, 0, 10, 2, 0.0), 0.5);
+        assert_eq!(lr_at(Schedule::Constant, 1.0, 1, 10, 2, 0.0), 1.0);
+        assert_eq!(lr_at(Schedule::Cosine, 1.0, 2, 10, 2, 0.0), 1.0);
+        assert!((lr_at(Schedule::Cosine, 1.0, 6, 10, 2, 0.0) - 0.5).abs() < 1e-12);
+        assert!((lr_at(Schedule::Linear, 1.0, 6, 10, 2, 0.1) - 0.55).abs() < 1e-12);
+        assert!(lr_at(Schedule::Cosine, 1.0, 10, 10, 2, 0.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,276 @@
+//! The training step: one micro-batch in, per-token statistics and accumulated gradients out.
+//!
+//! Logits are computed only at positions that carry a target (the hidden state at `t - 1` predicts token `t`),
+//! the plugin weights the detached per-token losses, and the micro-batch contributes `sum(w * ce)` to the
+//! step's gradient. Normalisation happens once per optimizer step (in the trainer), over the whole accumulated
+//! step, by scaling the summed gradients.
+
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+use ytrainer_data::MicroBatch;
+
+use crate::loss::{TokenReweighter, TokenStats, tensor_to_vec};
+use crate::model::{CausalLm, ModelInput};
+use crate::optim::GradAccumulator;
+
+/// Counters of one micro-batch (or a whole step, once merged).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepCounters {
+    /// Supervised tokens.
+    pub tokens: usize,
+    /// Tokens with `w * l != 0`.
+    pub nonzero: f64,
+    /// Sum of weights.
+    pub weight_sum: f64,
+    /// Sum of raw cross-entropy.
+    pub ce_sum: f64,
+    /// Sum of `w * ce`.
+    pub weighted_sum: f64,
+    /// Argmax predictions equal to the target.
+    pub correct: usize,
+    /// Tokens per zone `learned | learning | hard | noise`.
+    pub zones: [usize; 4],
+    /// Sum of predictive entropy (when computed).
+    pub entropy_sum: Option<f64>,
+    /// Tokens whose loss was NaN or infinite.
+    pub nonfinite: usize,
+}
+
+impl StepCounters {
+    /// Adds another micro-batch's counters.
+    pub fn merge(&mut self, o: &StepCounters) {
+        self.tokens += o.tokens;
+        self.nonzero += o.nonzero;
+        self.weight_sum += o.weight_sum;
+        self.ce_sum += o.ce_sum;
+        self.weighted_sum += o.weighted_sum;
+        self.correct += o.correct;
+        for (a, b) in self.zones.iter_mut().zip(o.zones) {
+            *a += b;
+        }
+        self.entropy_sum = match (self.entropy_sum, o.entropy_sum) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        self.nonfinite += o.nonfinite;
+    }
+
+    /// Mean raw cross-entropy.
+    pub fn mean_ce(&self) -> f64 {
+        self.ce_sum / self.tokens.max(1) as f64
+    }
+}
+
+/// Zone of a loss value given the three borders (spec §1, telemetry).
+pub fn zone(l: f32, borders: &[f64; 3]) -> usize {
+    let l = l as f64;
+    if !l.is_finite() || l >= borders[2] {
+        3
+    } else if l <= borders[0] {
+        0
+    } else if l <= borders[1] {
+        1
+    } else {
+        2
+    }
+}
+
+/// Host-side batch converted to device tensors, plus the flat indices of the rows that predict targets.
+pub struct DeviceBatch {
+    /// Model input.
+    pub input: ModelInput,
+    /// Flat `[B*T]` index of the hidden state that predicts each target, in target order.
+    pub rows: Tensor<1, Int>,
+    /// Target ids, in the same order.
+    pub targets: Tensor<1, Int>,
+    /// Number of targets.
+    pub n: usize,
+}
+
+/// Moves a micro-batch to `device`, listing target positions in row-major order.
+pub fn to_device(mb: &MicroBatch, device: &Device) -> DeviceBatch {
+    let (b, t) = (mb.batch, mb.seq);
+    let int2 = |v: &[u32]| -> Tensor<2, Int> {
+        let data: Vec<i64> = v.iter().map(|&x| x as i64).collect();
+        Tensor::from_data(TensorData::new(data, [b, t]), device)
+    };
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for (p, &is_target) in mb.target_mask.iter().enumerate() {
+        if is_target && p % t != 0 {
+            rows.push((p - 1) as i64);
+            targets.push(mb.input_ids[p] as i64);
+        }
+    }
+    let n = rows.len();
+    DeviceBatch {
+        input: ModelInput {
+            input_ids: int2(&mb.input_ids),
+            position_ids: int2(&mb.position_ids),
+            segment_ids: int2(&mb.segment_ids),
+        },
+        rows: Tensor::from_data(TensorData::new(rows, [n]), device),
+        targets: Tensor::from_data(TensorData::new(targets, [n]), device),
+        n,
+    }
+}
+
+/// Per-target log-probabilities `[N, V]` of a batch (with gradient when the model has it).
+pub fn target_log_probs<M: CausalLm>(model: &M, batch: &DeviceBatch) -> Tensor<2> {
+    let hidden = model.hidden_states(&batch.input);
+    let [b, t, h] = hidden.dims();
+    let rows = hidden.reshape([b * t, h]).select(0, batch.rows.clone());
+    log_softmax(model.lm_head(rows), 1)
+}
+
+/// Per-token cross-entropy `[N]` from log-probabilities.
+pub fn token_ce(log_probs: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
+    let n = targets.dims()[0];
+    log_probs
+        .gather(1, targets.reshape([n, 1]))
+        .reshape([n])
+        .neg()
+}
+
+/// What a step needs to know besides the batch.
+#[derive(Debug, Clone, Copy)]
+pub struct StepContext {
+    /// Optimizer step (0-based).
+    pub step: usize,
+    /// Progress in `[0, 1]`.
+    pub progress: f64,
+    /// Zone borders for telemetry.
+    pub zone_borders: [f64; 3],
+}
+
+/// Why a micro-batch could not contribute.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StepError {
+    /// The plugin returned something unusable.
+    #[error("loss plugin returned {what} for token {index}: weights must be finite and >= 0")]
+    BadWeight {
+        /// `NaN`, `a negative weight`, ...
+        what: String,
+        /// Position among the micro-batch's targets.
+        index: usize,
+    },
+}
+
+/// Forward + weighted loss + backward for one micro-batch; gradients of `sum(w * ce)` go into `acc`.
+/// Returns the counters. A micro-batch with a non-finite loss contributes no gradient (the caller skips the
+/// whole step: NaN must never reach the optimizer).
+pub fn train_micro_batch<M: CausalLm>(
+    model: &M,
+    mb: &MicroBatch,
+    plugin: &dyn TokenReweighter,
+    ctx: StepContext,
+    acc: &mut GradAccumulator,
+    device: &Device,
+) -> Result<StepCounters, StepError> {
+    let batch = to_device(mb, device);
+    if batch.n == 0 {
+        return Ok(StepCounters::default());
+    }
+    let log_probs = target_log_probs(model, &batch);
+    let ce = token_ce(log_probs.clone(), batch.targets.clone());
+    let ce_host = tensor_to_vec(ce.clone().detach().inner());
+    let needs = plugin.needs();
+    let detached_lp = log_probs.detach().inner();
+    let entropy = needs.entropy.then(|| entropy(detached_lp.clone()));
+    let pred = detached_lp.argmax(1).reshape([batch.n]);
+    let correct = count_true(pred.equal(batch.targets.clone().inner()));
+
+    let mut counters = StepCounters {
+        tokens: batch.n,
+        correct,
+        entropy_sum: entropy.clone().map(|e| tensor_to_vec(e).iter().map(|&x| x as f64).sum()),
+        ..Default::default()
+    };
+    for &l in &ce_host {
+        counters.zones[zone(l, &ctx.zone_borders)] += 1;
+        if !l.is_finite() {
+            counters.nonfinite += 1;
+        }
+    }
+    if counters.nonfinite > 0 {
+        counters.ce_sum = f64::NAN;
+        return Ok(counters);
+    }
+    counters.ce_sum = ce_host.iter().map(|&x| x as f64).sum();
+
+    let stats = TokenStats {
+        loss: Tensor::from_data(TensorData::new(ce_host.clone(), [batch.n]), device),
+        entropy,
+        step: ctx.step,
+        progress: ctx.progress,
+    };
+    let w = plugin.weights(&stats);
+    let w_host = tensor_to_vec(w.clone());
+    if w_host.len() != batch.n {
+        return Err(StepError::BadWeight {
+            what: format!("{} weights for {} tokens", w_host.len(), batch.n),
+            index: 0,
+        });
+    }
+    for (i, (&wi, &li)) in w_host.iter().zip(&ce_host).enumerate() {
+        if !wi.is_finite() || wi < 0.0 {
+            let what = if wi.is_nan() {
+                "NaN".to_string()
+            } else {
+                format!("weight {wi}")
+            };
+            return Err(StepError::BadWeight { what, index: i });
+        }
+        counters.weight_sum += wi as f64;
+        counters.weighted_sum += (wi * li) as f64;
+        if wi * li != 0.0 {
+            counters.nonzero += 1.0;
+        }
+    }
+    let loss = ce.mul(Tensor::from_inner(w.detach().inner())).sum();
+    let mut grads = loss.backward();
+    acc.accumulate(model, &mut grads);
+    Ok(counters)
+}
+
+/// Forward only: counters of one micro-batch under plain CE (evaluation).
+pub fn eval_micro_batch<M: CausalLm>(
+    model: &M,
+    mb: &MicroBatch,
+    zone_borders: [f64; 3],
+    device: &Device,
+) -> StepCounters {
+    let batch = to_device(mb, device);
+    if batch.n == 0 {
+        return StepCounters::default();
+    }
+    let lp = target_log_probs(model, &batch).detach().inner();
+    let ce = tensor_to_vec(token_ce(lp.clone(), batch.targets.clone().inner()));
+    let pred = lp.argmax(1).reshape([batch.n]);
+    let mut c = StepCounters {
+        tokens: batch.n,
+        correct: count_true(pred.equal(batch.targets.inner())),
+        ce_sum: ce.iter().map(|&x| x as f64).sum(),
+        weighted_sum: 0.0,
+        ..Default::default()
+    };
+    for &l in &ce {
+        c.zones[zone(l, &zone_borders)] += 1;
+        if !l.is_finite() {
+            c.nonfinite += 1;
+        }
+    }
+    c
+}
+
+/// Predictive entropy `H = -sum_v p_v log p_v` per row of log-probabilities.
+pub fn entropy(log_probs: Tensor<2>) -> Tensor<1> {
+    let n = log_probs.dims()[0];
+    let p = log_probs.clone().exp();
+    p.mul(log_probs).sum_dim(1).reshape([n]).neg()
+}
+
+fn count_true(t: Tensor<1, Bool>) -> usize {
+    let v: i64 = t.int().sum().into_scalar::<i64>();
+    v as usize
+}

@@ -1,0 +1,28 @@
+//! Data for ytrainer: record formats, chat templates, tokenization with exact supervision masks,
+//! batching (length-bucketed, token-budget accumulation, windowed updates) and a tiny BPE trainer.
+//!
+//! The path: [`formats::load_records`] -> [`batch::prepare`] (uses [`template::ChatTemplate`] and
+//! [`tokenize::TokenizerWrapper`]) -> [`batch::plan_epoch`].
+
+pub mod batch;
+pub mod bpe;
+pub mod error;
+pub mod formats;
+pub mod template;
+pub mod tokenize;
+
+pub use batch::{
+    BatchOptions, DataOptions, DataStats, MicroBatch, Mode, Overlong, Prepared, Step,
+    pack_documents, plan_epoch, prepare,
+};
+pub use bpe::{CHATML_SPECIAL_TOKENS, CHATML_TEMPLATE, train_byte_level_bpe};
+pub use error::DataError;
+pub use formats::{
+    Container, DataWarning, Format, LoadedRecords, Message, Origin, Record, RecordKind,
+    load_records, parse_records,
+};
+pub use template::ChatTemplate;
+pub use tokenize::{
+    Example, RenderedChat, TokenizerWrapper, TrainOn, render_chat_spans, tokenize_chat,
+    tokenize_text,
+};

@@ -1,0 +1,85 @@
+//! Llama / Mistral / Qwen2 / Qwen3 decoders for ytrainer, with a LoRA linear, Hugging Face checkpoint loading
+//! and saving, and the PEFT adapter format.
+//!
+//! - [`load_pretrained`] / [`init_random`] build a [`Decoder`] (the [`ytrainer_core::model::CausalLm`] the trainer
+//!   drives), set up for full fine-tuning or LoRA by an [`AdapterSpec`].
+//! - [`save_hf_checkpoint`] / [`save_peft_adapter`] / [`load_peft_adapter`] move results in and out of the
+//!   Python ecosystem.
+//!
+//! One file per concern: `config.rs` (config.json), `decoder.rs` (the shared network), `llama.rs` / `qwen2.rs` /
+//! `qwen3.rs` (how each architecture differs), `lora.rs`, `load.rs`, `save.rs`, `st.rs` (streaming safetensors).
+
+pub mod config;
+pub mod decoder;
+mod error;
+pub mod llama;
+pub mod load;
+pub mod lora;
+pub mod qwen2;
+pub mod qwen3;
+mod rng;
+pub mod save;
+pub mod st;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::prelude::*;
+
+pub use config::{HfConfig, RopeParameters, TokenIds};
+pub use decoder::{ArchSpec, Architecture, Decoder};
+pub use error::ModelError;
+pub use load::{init_random, load_pretrained};
+pub use lora::{AdapterSpec, DEFAULT_LORA_TARGETS, LoraConfig, LoraLinear};
+pub use save::{load_peft_adapter, save_hf_checkpoint, save_peft_adapter};
+
+/// The `model_type` values of `config.json` this crate implements.
+pub const SUPPORTED_MODEL_TYPES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
+
+/// Number of scalars in all float parameters (a tied embedding counted once).
+pub fn total_param_count<M: Module>(model: &M) -> usize {
+    model.num_params()
+}
+
+/// Number of scalars in parameters that require gradients (what the optimizer updates).
+pub fn trainable_param_count<M: Module>(model: &M) -> usize {
+    struct Count(usize);
+    impl ModuleVisitor for Count {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if param.val().is_require_grad() {
+                self.0 += param.lazy_shape().num_elements();
+            }
+        }
+    }
+    let mut count = Count(0);
+    model.visit(&mut count);
+    count.0
+}
+
+/// `(module path, shape, requires grad)` of every float parameter, in visiting order; paths look like
+/// `layers.0.self_attn.q_proj.lora_a` (the HF name without `model.` for base weights).
+pub fn named_params<M: Module>(model: &M) -> Vec<(String, Vec<usize>, bool)> {
+    struct Names {
+        path: Vec<String>,
+        out: Vec<(String, Vec<usize>, bool)>,
+    }
+    impl ModuleVisitor for Names {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.out.push((
+                self.path.join("."),
+                param.lazy_shape().to_vec(),
+                param.val().is_require_grad(),
+            ));
+        }
+    }
+    let mut names = Names {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    model.visit(&mut names);
+    names.out
+}

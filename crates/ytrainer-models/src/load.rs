@@ -1,0 +1,270 @@
+//! Building a [`Decoder`] from a Hugging Face checkpoint directory or from a seeded random init.
+//!
+//! Both paths go through one builder that asks a [`WeightSource`] for each tensor by its HF name and shape
+//! (PyTorch layout `[out, in]`) and transposes linear weights to Burn's `[in, out]` on the host, one tensor at a
+//! time, so a load never holds more than the model plus one tensor.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::prelude::*;
+
+use crate::decoder::{
+    ArchSpec, Attention, Decoder, DecoderLayer, Embedding, LmHead, Mlp, RmsNorm,
+};
+use crate::lora::{AdapterSpec, LoraLinear};
+use crate::rng::InitRng;
+use crate::st::SafetensorsReader;
+use crate::{HfConfig, ModelError};
+
+/// Where the builder gets tensors from. Values are in HF layout (`[out, in]` for linear weights).
+pub(crate) trait WeightSource {
+    fn contains(&self, name: &str) -> bool;
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError>;
+}
+
+/// Loads `config.json` and `model.safetensors` (or the shards listed in `model.safetensors.index.json`) from
+/// `dir`, converting F16/BF16 to f32, and prepares it for training as `adapter` says.
+///
+/// When `lm_head.weight` is absent the head is tied to the embeddings (what every such real checkpoint means),
+/// and the returned config says `tie_word_embeddings: true`.
+pub fn load_pretrained(
+    dir: &Path,
+    adapter: &AdapterSpec,
+    device: &Device,
+) -> Result<(Decoder, HfConfig), ModelError> {
+    let mut config = HfConfig::from_file(&dir.join("config.json"))?;
+    let mut spec = ArchSpec::from_config(&config)?;
+    let mut source = CheckpointSource::open(dir)?;
+    if !spec.tie_word_embeddings && !source.contains("lm_head.weight") {
+        spec.tie_word_embeddings = true;
+        config.tie_word_embeddings = Some(true);
+    }
+    let mut model = build(spec, config.clone(), &mut source, device)?;
+    model.base_model_name_or_path = dir.display().to_string();
+    let model = model.with_adapter(adapter)?;
+    Ok((model, config))
+}
+
+/// A randomly initialised model (normal(0, `initializer_range` = 0.02 by default) for linears and embeddings,
+/// ones for norms, zeros for biases), deterministic in `seed` on every backend. Used for self-made presets.
+pub fn init_random(
+    config: &HfConfig,
+    seed: u64,
+    adapter: &AdapterSpec,
+    device: &Device,
+) -> Result<Decoder, ModelError> {
+    let spec = ArchSpec::from_config(config)?;
+    let mut source = RandomSource {
+        seed,
+        std: config.initializer_range.unwrap_or(0.02),
+    };
+    build(spec, config.clone(), &mut source, device)?.with_adapter(adapter)
+}
+
+/// The tensors of a checkpoint directory: one file, or shards through the index.
+pub(crate) struct CheckpointSource {
+    /// Tensor name -> file, for error messages and shard lookup.
+    location: HashMap<String, PathBuf>,
+    readers: BTreeMap<PathBuf, SafetensorsReader>,
+    /// What a missing tensor's error names: the single file or the index.
+    described_as: PathBuf,
+}
+
+impl CheckpointSource {
+    pub(crate) fn open(dir: &Path) -> Result<Self, ModelError> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        if single.is_file() {
+            let reader = SafetensorsReader::open(&single)?;
+            let location = reader.names().map(|n| (n.to_string(), single.clone())).collect();
+            let readers = BTreeMap::from([(single.clone(), reader)]);
+            return Ok(Self {
+                location,
+                readers,
+                described_as: single,
+            });
+        }
+        if !index.is_file() {
+            return Err(ModelError::NoWeights {
+                dir: dir.to_path_buf(),
+            });
+        }
+        #[derive(serde::Deserialize)]
+        struct Index {
+            weight_map: BTreeMap<String, String>,
+        }
+        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+        let parsed: Index = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: index.clone(),
+            what: "safetensors index (needs a `weight_map` object)",
+            source,
+        })?;
+        let location = parsed
+            .weight_map
+            .into_iter()
+            .map(|(name, file)| (name, dir.join(file)))
+            .collect();
+        Ok(Self {
+            location,
+            readers: BTreeMap::new(),
+            described_as: index,
+        })
+    }
+}
+
+impl WeightSource for CheckpointSource {
+    fn contains(&self, name: &str) -> bool {
+        self.location.contains_key(name)
+    }
+
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let file = self
+            .location
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                file: self.described_as.clone(),
+            })?;
+        if !self.readers.contains_key(file) {
+            let reader = SafetensorsReader::open(file)?;
+            self.readers.insert(file.clone(), reader);
+        }
+        self.readers
+            .get_mut(file)
+            .expect("reader was just opened")
+            .read_f32(name, shape)
+    }
+}
+
+struct RandomSource {
+    seed: u64,
+    std: f64,
+}
+
+impl WeightSource for RandomSource {
+    fn contains(&self, _name: &str) -> bool {
+        true
+    }
+
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let n = shape.iter().product();
+        Ok(if name.ends_with("norm.weight") {
+            vec![1.0; n]
+        } else if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else {
+            InitRng::for_tensor(self.seed, name).normal(n, 0.0, self.std)
+        })
+    }
+}
+
+/// `[rows, cols]` row-major -> `[cols, rows]` row-major.
+pub(crate) fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}
+
+struct Builder<'a> {
+    source: &'a mut dyn WeightSource,
+    device: &'a Device,
+}
+
+impl Builder<'_> {
+    fn vector(&mut self, name: &str, len: usize) -> Result<Tensor<1>, ModelError> {
+        let values = self.source.get(name, &[len])?;
+        Ok(Tensor::from_data(TensorData::new(values, [len]), self.device))
+    }
+
+    /// A matrix kept in HF layout (the embedding table).
+    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<Tensor<2>, ModelError> {
+        let values = self.source.get(name, &[rows, cols])?;
+        Ok(Tensor::from_data(TensorData::new(values, [rows, cols]), self.device))
+    }
+
+    /// A linear weight stored `[out, in]`, returned in Burn layout `[in, out]`.
+    fn linear_weight(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<Tensor<2>, ModelError> {
+        let values = self.source.get(name, &[d_out, d_in])?;
+        let values = transpose(&values, d_out, d_in);
+        Ok(Tensor::from_data(TensorData::new(values, [d_in, d_out]), self.device))
+    }
+
+    fn linear(&mut self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<LoraLinear, ModelError> {
+        let weight = self.linear_weight(&format!("{prefix}.weight"), d_in, d_out)?;
+        let bias = match bias {
+            true => Some(self.vector(&format!("{prefix}.bias"), d_out)?),
+            false => None,
+        };
+        Ok(LoraLinear::new(weight, bias))
+    }
+
+    fn norm(&mut self, prefix: &str, len: usize, eps: f64) -> Result<RmsNorm, ModelError> {
+        Ok(RmsNorm {
+            weight: Param::from_tensor(self.vector(&format!("{prefix}.weight"), len)?),
+            eps,
+        })
+    }
+}
+
+pub(crate) fn build(
+    spec: ArchSpec,
+    config: HfConfig,
+    source: &mut dyn WeightSource,
+    device: &Device,
+) -> Result<Decoder, ModelError> {
+    let mut b = Builder { source, device };
+    let (h, hd, eps) = (spec.hidden_size, spec.head_dim, spec.rms_norm_eps);
+    let (q_dim, kv_dim) = (spec.num_heads * hd, spec.num_kv_heads * hd);
+    let embed_tokens = Embedding {
+        weight: Param::from_tensor(b.matrix("model.embed_tokens.weight", spec.vocab_size, h)?),
+    };
+    let mut layers = Vec::with_capacity(spec.num_layers);
+    for i in 0..spec.num_layers {
+        let p = format!("model.layers.{i}");
+        let (q_norm, k_norm) = if spec.qk_norm {
+            (
+                Some(b.norm(&format!("{p}.self_attn.q_norm"), hd, eps)?),
+                Some(b.norm(&format!("{p}.self_attn.k_norm"), hd, eps)?),
+            )
+        } else {
+            (None, None)
+        };
+        let self_attn = Attention {
+            q_proj: b.linear(&format!("{p}.self_attn.q_proj"), h, q_dim, spec.qkv_bias)?,
+            k_proj: b.linear(&format!("{p}.self_attn.k_proj"), h, kv_dim, spec.qkv_bias)?,
+            v_proj: b.linear(&format!("{p}.self_attn.v_proj"), h, kv_dim, spec.qkv_bias)?,
+            o_proj: b.linear(&format!("{p}.self_attn.o_proj"), q_dim, h, spec.o_bias)?,
+            q_norm,
+            k_norm,
+            num_heads: spec.num_heads,
+            num_kv_heads: spec.num_kv_heads,
+            head_dim: hd,
+        };
+        let i_dim = spec.intermediate_size;
+        let mlp = Mlp {
+            gate_proj: b.linear(&format!("{p}.mlp.gate_proj"), h, i_dim, spec.mlp_bias)?,
+            up_proj: b.linear(&format!("{p}.mlp.up_proj"), h, i_dim, spec.mlp_bias)?,
+            down_proj: b.linear(&format!("{p}.mlp.down_proj"), i_dim, h, spec.mlp_bias)?,
+        };
+        layers.push(DecoderLayer {
+            self_attn,
+            mlp,
+            input_layernorm: b.norm(&format!("{p}.input_layernorm"), h, eps)?,
+            post_attention_layernorm: b.norm(&format!("{p}.post_attention_layernorm"), h, eps)?,
+        });
+    }
+    let norm = b.norm("model.norm", h, eps)?;
+    let lm_head = match spec.tie_word_embeddings {
+        true => None,
+        false => Some(LmHead {
+            weight: Param::from_tensor(b.linear_weight("lm_head.weight", h, spec.vocab_size)?),
+        }),
+    };
+    Ok(Decoder::from_parts(embed_tokens, layers, norm, lm_head, spec, config))
+}

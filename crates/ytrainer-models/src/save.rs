@@ -1,0 +1,333 @@
+//! Taking a model back to the ecosystem: a Hugging Face checkpoint (LoRA merged into the base weights) or a PEFT
+//! adapter directory, and loading a PEFT adapter back to continue training.
+//!
+//! Formats are those of transformers 5 / peft 0.21 (see shared/assets/oracles/peft_adapter_format.md): weights
+//! in PyTorch layout `[out, in]`, F32, `{"format": "pt"}` metadata; adapter keys
+//! `base_model.model.<module>.lora_A.weight` `[r, in]` and `...lora_B.weight` `[out, r]`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use serde_json::{Value, json};
+
+use crate::decoder::{Decoder, RmsNorm};
+use crate::load::transpose;
+use crate::lora::{AdapterSpec, LoraConfig};
+use crate::st::{PendingTensor, SafetensorsReader, write_f32};
+use crate::{HfConfig, ModelError};
+
+/// File names PEFT reads.
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// PEFT's prefix in front of the base model's own parameter path.
+const PEFT_PREFIX: &str = "base_model.model.";
+
+fn host(t: Tensor<2>) -> Vec<f32> {
+    t.into_data()
+        .try_into_vec_as::<f32>()
+        .expect("float tensors convert to f32")
+}
+
+fn host1(t: Tensor<1>) -> Vec<f32> {
+    t.into_data()
+        .try_into_vec_as::<f32>()
+        .expect("float tensors convert to f32")
+}
+
+/// A Burn `[in, out]` tensor as PyTorch `[out, in]` values.
+fn to_torch_layout(t: Tensor<2>) -> Vec<f32> {
+    let [d_in, d_out] = t.dims();
+    transpose(&host(t), d_in, d_out)
+}
+
+fn write_text(path: &Path, text: &str) -> Result<(), ModelError> {
+    std::fs::write(path, text).map_err(|e| ModelError::io(path, e))
+}
+
+/// Writes `config.json` and `model.safetensors` in Hugging Face names and layout, with every LoRA branch merged
+/// into its base weight (`W + s·A·B`). Tied models omit `lm_head.weight`, as transformers does.
+pub fn save_hf_checkpoint(model: &Decoder, config: &HfConfig, dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let mut config = config.clone();
+    config.tie_word_embeddings = Some(model.lm_head.is_none());
+    // The file holds f32 whatever the source dtype was.
+    if config.torch_dtype.is_some() {
+        config.torch_dtype = Some("float32".into());
+    }
+    if config.dtype.is_some() || config.torch_dtype.is_none() {
+        config.dtype = Some("float32".into());
+    }
+    let config_path = dir.join("config.json");
+    write_text(&config_path, &(config.to_json_string() + "\n"))?;
+
+    let spec = &model.spec;
+    let mut tensors = Vec::new();
+    let embed = model.embed_tokens.weight.val();
+    tensors.push(PendingTensor::new(
+        "model.embed_tokens.weight",
+        vec![spec.vocab_size, spec.hidden_size],
+        move || host(embed.detach()),
+    ));
+    let norm = |tensors: &mut Vec<PendingTensor>, name: String, n: &RmsNorm| {
+        let w = n.weight.val();
+        tensors.push(PendingTensor::new(name, w.dims().to_vec(), move || host1(w.detach())));
+    };
+    for (name, linear) in model.named_linears() {
+        let shape = vec![linear.d_out(), linear.d_in()];
+        tensors.push(PendingTensor::new(format!("{name}.weight"), shape, move || {
+            to_torch_layout(linear.merged_weight())
+        }));
+        if let Some(bias) = &linear.bias {
+            let b = bias.val();
+            tensors.push(PendingTensor::new(format!("{name}.bias"), b.dims().to_vec(), move || {
+                host1(b.detach())
+            }));
+        }
+    }
+    for (i, layer) in model.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        norm(&mut tensors, format!("{p}.input_layernorm.weight"), &layer.input_layernorm);
+        norm(&mut tensors, format!("{p}.post_attention_layernorm.weight"), &layer.post_attention_layernorm);
+        if let Some(n) = &layer.self_attn.q_norm {
+            norm(&mut tensors, format!("{p}.self_attn.q_norm.weight"), n);
+        }
+        if let Some(n) = &layer.self_attn.k_norm {
+            norm(&mut tensors, format!("{p}.self_attn.k_norm.weight"), n);
+        }
+    }
+    norm(&mut tensors, "model.norm.weight".into(), &model.norm);
+    if let Some(head) = &model.lm_head {
+        let w = head.weight.val();
+        tensors.push(PendingTensor::new(
+            "lm_head.weight",
+            vec![spec.vocab_size, spec.hidden_size],
+            move || to_torch_layout(w.detach()),
+        ));
+    }
+    let weights_path = dir.join("model.safetensors");
+    write_f32(&weights_path, tensors)?;
+    Ok(vec![config_path, weights_path])
+}
+
+/// `alpha` as PEFT writes it: an integer when it is one.
+fn json_number(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        json!(x as i64)
+    } else {
+        json!(x)
+    }
+}
+
+/// The `adapter_config.json` PEFT 0.21.2 writes (all 41 fields, alphabetical, 2-space indent).
+pub fn adapter_config_json(cfg: &LoraConfig, base_model_name_or_path: &str) -> String {
+    let fields: BTreeMap<&str, Value> = BTreeMap::from([
+        ("alora_invocation_tokens", Value::Null),
+        ("alpha_pattern", json!({})),
+        ("arrow_config", Value::Null),
+        ("auto_mapping", Value::Null),
+        ("base_model_name_or_path", json!(base_model_name_or_path)),
+        ("bias", json!("none")),
+        ("corda_config", Value::Null),
+        ("ensure_weight_tying", json!(false)),
+        ("eva_config", Value::Null),
+        ("exclude_modules", Value::Null),
+        ("fan_in_fan_out", json!(false)),
+        ("inference_mode", json!(true)),
+        ("init_lora_weights", json!(true)),
+        ("kasa_config", Value::Null),
+        ("layer_replication", Value::Null),
+        ("layers_pattern", Value::Null),
+        ("layers_to_transform", Value::Null),
+        ("loftq_config", json!({})),
+        ("lora_alpha", json_number(cfg.alpha)),
+        ("lora_bias", json!(false)),
+        ("lora_dropout", json!(cfg.dropout)),
+        ("lora_ga_config", Value::Null),
+        ("megatron_config", Value::Null),
+        ("megatron_core", json!("megatron.core")),
+        ("modules_to_save", Value::Null),
+        ("monteclora_config", Value::Null),
+        ("peft_type", json!("LORA")),
+        ("peft_version", json!("0.21.2")),
+        ("qalora_group_size", json!(16)),
+        ("r", json!(cfg.r)),
+        ("rank_pattern", json!({})),
+        ("revision", Value::Null),
+        ("target_modules", json!(cfg.target_modules)),
+        ("target_parameters", Value::Null),
+        ("task_type", json!("CAUSAL_LM")),
+        ("trainable_token_indices", Value::Null),
+        ("use_bdlora", Value::Null),
+        ("use_dora", json!(false)),
+        ("use_qalora", json!(false)),
+        ("use_rslora", json!(cfg.use_rslora)),
+        ("velora_config", Value::Null),
+    ]);
+    serde_json::to_string_pretty(&fields).expect("adapter config serializes")
+}
+
+/// Writes a PEFT LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`, `README.md`) that
+/// `PeftModel.from_pretrained(base, dir)` loads.
+pub fn save_peft_adapter(
+    model: &Decoder,
+    lora: &LoraConfig,
+    base_model_name_or_path: &str,
+    dir: &Path,
+) -> Result<Vec<PathBuf>, ModelError> {
+    let mut tensors = Vec::new();
+    for (name, linear) in model.named_linears() {
+        let (Some(a), Some(b)) = (&linear.lora_a, &linear.lora_b) else {
+            continue;
+        };
+        let (a, b) = (a.val(), b.val());
+        let (d_in, d_out, r) = (linear.d_in(), linear.d_out(), a.dims()[1]);
+        tensors.push(PendingTensor::new(
+            format!("{PEFT_PREFIX}{name}.lora_A.weight"),
+            vec![r, d_in],
+            move || to_torch_layout(a.detach()),
+        ));
+        tensors.push(PendingTensor::new(
+            format!("{PEFT_PREFIX}{name}.lora_B.weight"),
+            vec![d_out, r],
+            move || to_torch_layout(b.detach()),
+        ));
+    }
+    if tensors.is_empty() {
+        return Err(ModelError::Invalid(
+            "the model has no LoRA adapter to save; use save_hf_checkpoint for a fully fine-tuned model".into(),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let config_path = dir.join(ADAPTER_CONFIG_FILE);
+    write_text(&config_path, &adapter_config_json(lora, base_model_name_or_path))?;
+    let weights_path = dir.join(ADAPTER_WEIGHTS_FILE);
+    write_f32(&weights_path, tensors)?;
+    let readme_path = dir.join("README.md");
+    write_text(
+        &readme_path,
+        &format!(
+            "---\nbase_model: {base_model_name_or_path}\nlibrary_name: peft\npipeline_tag: text-generation\n\
+             tags:\n- lora\n- ytrainer\n---\n\n# LoRA adapter\n\nr = {}, lora_alpha = {}, target modules: {}.\n",
+            lora.r,
+            lora.alpha,
+            lora.target_modules.join(", ")
+        ),
+    )?;
+    Ok(vec![config_path, weights_path, readme_path])
+}
+
+/// Reads a PEFT `adapter_config.json`, accepting PEFT's minimal form, rejecting the variants we do not implement.
+pub fn read_adapter_config(path: &Path) -> Result<LoraConfig, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    let v: serde_json::Map<String, Value> = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        path: path.to_path_buf(),
+        what: "PEFT adapter_config.json",
+        source,
+    })?;
+    let bad = |message: String| ModelError::Adapter {
+        path: path.to_path_buf(),
+        message,
+    };
+    let get = |k: &str| v.get(k).filter(|x| !x.is_null());
+    if let Some(t) = get("peft_type")
+        && t != "LORA"
+    {
+        return Err(bad(format!("field `peft_type`: {t} is not supported; only \"LORA\" is")));
+    }
+    let unsupported_true = ["use_dora", "fan_in_fan_out", "use_qalora"];
+    for k in unsupported_true {
+        if get(k) == Some(&Value::Bool(true)) {
+            return Err(bad(format!("field `{k}`: true is not supported")));
+        }
+    }
+    for k in ["rank_pattern", "alpha_pattern"] {
+        if let Some(p) = get(k)
+            && p.as_object().is_some_and(|m| !m.is_empty())
+        {
+            return Err(bad(format!("field `{k}`: per-module overrides are not supported")));
+        }
+    }
+    if let Some(b) = get("bias")
+        && b != "none"
+    {
+        return Err(bad(format!("field `bias`: {b} is not supported; only \"none\" is")));
+    }
+    let r = get("r")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| bad("field `r`: missing or not a positive integer".into()))? as usize;
+    let alpha = get("lora_alpha")
+        .and_then(Value::as_f64)
+        .ok_or_else(|| bad("field `lora_alpha`: missing or not a number".into()))?;
+    let target_modules = match get("target_modules") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|x| x.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("field `target_modules`: entries must be strings".into()))?,
+        Some(Value::String(s)) => {
+            return Err(bad(format!(
+                "field `target_modules`: the regex form \"{s}\" is not supported; use a list of module names"
+            )));
+        }
+        _ => return Err(bad("field `target_modules`: missing".into())),
+    };
+    Ok(LoraConfig {
+        r,
+        alpha,
+        dropout: get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
+        target_modules,
+        use_rslora: get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+        init_seed: LoraConfig::default().init_seed,
+    })
+}
+
+/// Loads a PEFT LoRA adapter onto `model` (replacing any LoRA it has) to continue training: base weights are
+/// frozen, the adapter's A/B become the trainable parameters. Keys may be in saved form or still carry
+/// `.default.`. Every adapter tensor must be used: an unknown key (for example a LoRA on `lm_head`) is an error.
+pub fn load_peft_adapter(model: Decoder, dir: &Path) -> Result<Decoder, ModelError> {
+    let lora = read_adapter_config(&dir.join(ADAPTER_CONFIG_FILE))?;
+    crate::decoder::check_lora_config(&lora)?;
+    let weights_path = dir.join(ADAPTER_WEIGHTS_FILE);
+    let mut reader = SafetensorsReader::open(&weights_path)?;
+    let device = model.embed_tokens.weight.lazy_device();
+    let mut unused: BTreeSet<String> = reader.names().map(str::to_string).collect();
+    let scaling = lora.scaling();
+    let r = lora.r;
+    let mut model = model.set_require_grad(false).try_map_linears(|name, linear| {
+        if !lora.targets(name) {
+            return Ok(linear);
+        }
+        let (d_in, d_out) = (linear.d_in(), linear.d_out());
+        let mut read = |part: &str, rows: usize, cols: usize| -> Result<Tensor<2>, ModelError> {
+            let saved = format!("{PEFT_PREFIX}{name}.{part}.weight");
+            let in_memory = format!("{PEFT_PREFIX}{name}.{part}.default.weight");
+            let key = if reader.contains(&saved) || !reader.contains(&in_memory) {
+                saved
+            } else {
+                in_memory
+            };
+            let values = reader.read_f32(&key, &[rows, cols])?;
+            unused.remove(&key);
+            Ok(Tensor::from_data(
+                TensorData::new(transpose(&values, rows, cols), [cols, rows]),
+                &device,
+            ))
+        };
+        let a = read("lora_A", r, d_in)?;
+        let b = read("lora_B", d_out, r)?;
+        Ok::<_, ModelError>(linear.with_lora(a, b, scaling, lora.dropout))
+    })?;
+    if !unused.is_empty() {
+        return Err(ModelError::Adapter {
+            path: weights_path,
+            message: format!(
+                "tensors not matching any adapted projection of this model: {}",
+                unused.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+        });
+    }
+    model.adapter = AdapterSpec::Lora(lora);
+    Ok(model)
+}
