@@ -68,10 +68,10 @@ fn check_keys(doc: &Table, file: &str, text: &str) -> Result<()> {
     for (section, value) in doc {
         let Some((_, keys)) = KEYS.iter().find(|(s, _)| s == section) else {
             let hint = nearest(section, &sections)
-                .map(|s| format!("; did you mean `[{s}]`?"))
+                .map(|s| format!(" (did you mean `[{s}]`?)"))
                 .unwrap_or_default();
             bail!(
-                "{file}:{}: unknown section `{section}`{hint} Valid sections: {}",
+                "{file}:{}: unknown section `[{section}]`{hint}; valid sections: {}",
                 line_of(text, section),
                 sections.join(", ")
             );
@@ -85,10 +85,10 @@ fn check_keys(doc: &Table, file: &str, text: &str) -> Result<()> {
         for key in t.keys() {
             if !keys.contains(&key.as_str()) {
                 let hint = nearest(key, keys)
-                    .map(|k| format!("; did you mean `{k}`?"))
+                    .map(|k| format!(" (did you mean `{k}`?)"))
                     .unwrap_or_default();
                 bail!(
-                    "{file}:{}: unknown key `{section}.{key}`{hint} Valid keys in [{section}]: {}",
+                    "{file}:{}: unknown key `{key}` in [{section}]{hint}; valid keys in [{section}]: {}",
                     line_of(text, key),
                     keys.join(", ")
                 );
@@ -262,7 +262,7 @@ fn rebase_paths(doc: &mut Table, base: &Path) {
         if let Value::String(s) = v {
             let p = Path::new(s.as_str());
             if p.is_relative() {
-                *s = base.join(p).to_string_lossy().to_string();
+                *s = normalize(&base.join(p)).to_string_lossy().to_string();
             }
         }
     };
@@ -281,6 +281,25 @@ fn rebase_paths(doc: &mut Table, base: &Path) {
             fix(v);
         }
     }
+}
+
+/// Lexically removes `.` and `dir/..` so paths in messages read naturally (`runs/x`, not `examples/q/../../runs/x`).
+fn normalize(p: &Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component> = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.last(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    if out.is_empty() {
+        return std::path::PathBuf::from(".");
+    }
+    out.iter().collect()
 }
 
 fn validate(cfg: &RunConfig) -> Result<()> {
@@ -366,14 +385,14 @@ mod tests {
             "[model]\npreset = \"tiny\"\n[data]\ntrain = \"x.jsonl\"\n[train]\nlerning_rate = 1e-3\n",
         );
         let e = resolve(&a).unwrap_err().to_string();
-        assert!(e.ends_with(":6: unknown key `train.lerning_rate`; did you mean `learning_rate`? Valid keys in [train]: mode, token_batch, epochs, max_steps, learning_rate, lr_scheduler, warmup_steps, warmup_ratio, min_lr_ratio, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm, tokens_per_step, micro_batch_tokens, max_micro_batch_size, seed, shuffle, device"), "{e}");
+        assert!(e.ends_with(":6: unknown key `lerning_rate` in [train] (did you mean `learning_rate`?); valid keys in [train]: mode, token_batch, epochs, max_steps, learning_rate, lr_scheduler, warmup_steps, warmup_ratio, min_lr_ratio, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm, tokens_per_step, micro_batch_tokens, max_micro_batch_size, seed, shuffle, device"), "{e}");
     }
 
     #[test]
     fn unknown_section_suggests_nearest() {
         let (_d, a) = args_with_config("[trian]\nepochs = 1\n");
         let e = resolve(&a).unwrap_err().to_string();
-        assert!(e.contains(":1: unknown section `trian`; did you mean `[train]`?"), "{e}");
+        assert!(e.contains(":1: unknown section `[trian]` (did you mean `[train]`?)"), "{e}");
     }
 
     #[test]
@@ -403,7 +422,7 @@ mod tests {
             ..Default::default()
         };
         let e = resolve(&a).unwrap_err().to_string();
-        assert!(e.contains("unknown key `train.wieght_decay`; did you mean `weight_decay`?"), "{e}");
+        assert!(e.contains("unknown key `wieght_decay` in [train] (did you mean `weight_decay`?)"), "{e}");
     }
 
     #[test]

@@ -44,16 +44,14 @@ impl Observer for Bar {
             "eval @ step {}: loss {:.4} (ppl {:.2}), token accuracy {:.3} over {} tokens",
             m.step, m.eval_loss, m.eval_perplexity, m.eval_token_accuracy, m.eval_tokens
         );
-        match &self.bar {
-            Some(b) => b.println(line),
-            None => eprintln!("{line}"),
-        }
+        self.notice(&line);
     }
 
     fn notice(&mut self, msg: &str) {
+        // A hidden bar (stderr not a terminal, e.g. CI or a pipe) swallows println: print directly then.
         match &self.bar {
-            Some(b) => b.println(msg),
-            None => eprintln!("{msg}"),
+            Some(b) if !b.is_hidden() => b.println(msg),
+            _ => eprintln!("{msg}"),
         }
     }
 }

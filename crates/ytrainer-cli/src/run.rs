@@ -55,7 +55,7 @@ pub fn create_preset(preset: &str, data: &Path, seed: u64, out: &Path) -> Result
     let texts: Vec<String> = loaded.records.iter().map(record_text).collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let specials = ytrainer_data::CHATML_SPECIAL_TOKENS;
-    let tokenizer_json = ytrainer_data::train_byte_level_bpe(&refs, TINY_VOCAB, specials)?;
+    let tokenizer_json = ytrainer_data::train_byte_level_bpe(&refs, TINY_VOCAB, &specials)?;
     fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     fs::write(out.join("tokenizer.json"), &tokenizer_json)
         .with_context(|| format!("cannot write {}", out.join("tokenizer.json").display()))?;
@@ -79,7 +79,7 @@ pub fn create_preset(preset: &str, data: &Path, seed: u64, out: &Path) -> Result
     let config = tiny_config(tok.vocab_size(), eos, pad)?;
     let device = ytrainer_core::device::select("cpu", seed).map_err(|e| anyhow!(e))?;
     let model = init_random(&config, seed, &AdapterSpec::Full, &device)?;
-    ytrainer_models::save_hf_checkpoint(&model, out)?;
+    ytrainer_models::save_hf_checkpoint(&model, &config, out)?;
     Ok(())
 }
 

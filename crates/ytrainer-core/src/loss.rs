@@ -321,21 +321,22 @@ pub fn resolve_params(
     Ok(Params(map))
 }
 
-/// `; did you mean `x`?` for the closest candidate within a small edit distance, else empty.
+/// ` (did you mean `x`?)` for the closest candidate, else empty.
 pub fn did_you_mean(given: &str, candidates: &[&str]) -> String {
     nearest(given, candidates)
-        .map(|c| format!("; did you mean `{c}`?"))
+        .map(|c| format!(" (did you mean `{c}`?)"))
         .unwrap_or_default()
 }
 
-/// The closest candidate by Jaro-Winkler similarity, if it is reasonably close.
+/// The closest candidate: smallest edit distance, accepted when it is at most a third of the name's length
+/// (at least 1), or when the names are very similar by Jaro-Winkler (long names with a few typos).
 pub fn nearest<'a>(given: &str, candidates: &[&'a str]) -> Option<&'a str> {
     candidates
         .iter()
-        .map(|c| (strsim::jaro_winkler(given, c), *c))
-        .filter(|(s, _)| *s >= 0.75)
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, c)| c)
+        .map(|c| (strsim::levenshtein(given, c), strsim::jaro_winkler(given, c), *c))
+        .filter(|(d, jw, c)| *d <= (c.len().max(given.len()) / 3).max(1) || *jw >= 0.9)
+        .min_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)))
+        .map(|(_, _, c)| c)
 }
 
 /// Builds a `[N]` tensor from host values on `device` (for tests, `ytrainer curve` and external plugins).

@@ -25,6 +25,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
 
 pub use config::{HfConfig, RopeParameters, TokenIds};
+pub use ytrainer_core::model::{CausalLm, ModelInput};
 pub use decoder::{ArchSpec, Architecture, Decoder};
 pub use error::ModelError;
 pub use load::{init_random, load_pretrained};

@@ -4,8 +4,8 @@
 //! falls (very hard tokens are attenuated to protect general ability) and drops to zero at `cutoff`
 //! (near-certain noise). It is deliberately discontinuous at `split`, exactly as the reference.
 
-use burn::prelude::*;
-use burn::tensor::activation::sigmoid;
+use ytrainer_core::burn::prelude::*;
+use ytrainer_core::burn::tensor::activation::sigmoid;
 
 /// f32 machine epsilon, added so that no supervised token below the cutoff gets an exactly-zero weight.
 pub const EPS: f64 = 1.192_092_9e-7;
