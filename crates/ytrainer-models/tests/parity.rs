@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+
 use burn::prelude::*;
 use common::*;
 use ytrainer_models::{AdapterSpec, CausalLm, LoraConfig, load_pretrained};
@@ -72,34 +74,69 @@ fn logits_losses_and_gradients_match_transformers() {
     }
 }
 
-/// PyTorch AdamW, first step, on host values. Kept in the test so that the check does not depend on the
-/// trainer's optimizer; TODO: switch to `ytrainer_core::optim` once it exists and is tested itself.
-fn adamw_first_step(p: &[f32], g: &[f32], lr: f64, wd: f64, betas: (f64, f64), eps: f64) -> Vec<f32> {
-    p.iter()
-        .zip(g)
-        .map(|(&p, &g)| {
-            let (p, g) = (p as f64, g as f64);
-            let p = p * (1.0 - lr * wd);
-            let m = (1.0 - betas.0) * g;
-            let v = (1.0 - betas.1) * g * g;
-            let m_hat = m / (1.0 - betas.0);
-            let v_hat = v / (1.0 - betas.1);
-            (p - lr * m_hat / (v_hat.sqrt() + eps)) as f32
-        })
-        .collect()
+/// PyTorch's AdamW on host values. Kept in the test so that the check does not depend on the trainer's
+/// optimizer; TODO: switch to `ytrainer_core::optim` once it exists and is tested itself.
+#[derive(Clone, Copy)]
+struct AdamW {
+    lr: f64,
+    weight_decay: f64,
+    betas: (f64, f64),
+    eps: f64,
 }
 
+#[derive(Clone, Default)]
+struct Moments {
+    m: Vec<f64>,
+    v: Vec<f64>,
+    step: i32,
+}
+
+impl AdamW {
+    fn step(&self, p: &mut [f32], g: &[f32], state: &mut Moments) {
+        if state.m.is_empty() {
+            state.m = vec![0.0; p.len()];
+            state.v = vec![0.0; p.len()];
+        }
+        state.step += 1;
+        let (b1, b2) = self.betas;
+        let bc1 = 1.0 - b1.powi(state.step);
+        let bc2 = 1.0 - b2.powi(state.step);
+        for i in 0..p.len() {
+            let g = g[i] as f64;
+            state.m[i] = b1 * state.m[i] + (1.0 - b1) * g;
+            state.v[i] = b2 * state.v[i] + (1.0 - b2) * g * g;
+            let decayed = p[i] as f64 * (1.0 - self.lr * self.weight_decay);
+            let update = self.lr * (state.m[i] / bc1) / ((state.v[i] / bc2).sqrt() + self.eps);
+            p[i] = (decayed - update) as f32;
+        }
+    }
+}
+
+/// LoRA values per projection, Burn layout: name -> (A [in, r], B [r, out]).
+type LoraValues = BTreeMap<String, (Vec<f32>, Vec<f32>)>;
+
+/// The LoRA reference (reference.json `lora`): r=8, alpha=16 on all 7 projections, B initialised to
+/// `linspace(-0.02, 0.02)`, A from torch's RNG (seed 42), AdamW lr 2e-4.
+///
+/// `lora_after_1_step.npz` turns out to hold the adapter after TWO AdamW steps (every entry of B moved by about
+/// 2·lr from its known init, and the loss at that state is ~8.822, not `loss_after_1_step` = 8.87046), the second
+/// with the gradient at the state after the first step. So A's init is recovered by a fixed point over two
+/// simulated steps, and the test checks: the loss before (8.92226), the loss after one step (8.87046), and B
+/// after two steps against the npz (B's init is known exactly, so this checks the AdamW math, including the
+/// second step's moment updates).
 #[test]
-fn lora_one_adamw_step_matches_peft() {
+fn lora_adamw_steps_match_peft() {
     let device = Device::flex().autodiff();
     let reference = reference_json();
     let lora_ref = &reference["lora"];
     let (r, alpha) = (lora_ref["r"].as_u64().unwrap() as usize, lora_ref["alpha"].as_f64().unwrap());
-    let adamw = &lora_ref["adamw"];
-    let lr = adamw["lr"].as_f64().unwrap() * std::env::var("LR_MULT").map(|s| s.parse::<f64>().unwrap()).unwrap_or(1.0);
-    let wd = adamw["weight_decay"].as_f64().unwrap();
-    let eps = adamw["eps"].as_f64().unwrap();
-    let betas = (adamw["betas"][0].as_f64().unwrap(), adamw["betas"][1].as_f64().unwrap());
+    let h = &lora_ref["adamw"];
+    let adamw = AdamW {
+        lr: h["lr"].as_f64().unwrap(),
+        weight_decay: h["weight_decay"].as_f64().unwrap(),
+        betas: (h["betas"][0].as_f64().unwrap(), h["betas"][1].as_f64().unwrap()),
+        eps: h["eps"].as_f64().unwrap(),
+    };
     let cfg = LoraConfig {
         r,
         alpha,
@@ -110,110 +147,114 @@ fn lora_one_adamw_step_matches_peft() {
     let per_layer = r * ((256 + 256) + 2 * (256 + 128) + (256 + 256) + 2 * (256 + 704) + (704 + 256));
     assert_eq!(ytrainer_models::trainable_param_count(&base), 4 * per_layer);
 
-    let after = read_npz(&tiny_qwen2().join("lora_after_1_step.npz"));
+    let npz = read_npz(&tiny_qwen2().join("lora_after_1_step.npz"));
     let ids = read_npz(&tiny_qwen2().join("reference.npz"))["input_ids"].i64.clone();
     let input = plain_input(&ids, 2, 16, &device);
-    let key = |name: &str, part: &str| format!("base_model.model.{name}.{part}.default.weight");
-
+    let dims: Vec<(String, usize, usize)> = base
+        .named_linears()
+        .iter()
+        .map(|(name, lin)| (name.clone(), lin.d_in(), lin.d_out()))
+        .collect();
+    let npz_value = |name: &str, part: &str, rows: usize, cols: usize| {
+        let key = format!("base_model.model.{name}.{part}.default.weight");
+        transpose(&npz[&key].f32, rows, cols)
+    };
+    // The npz state, Burn layout.
+    let stored: LoraValues = dims
+        .iter()
+        .map(|(n, d_in, d_out)| (n.clone(), (npz_value(n, "lora_A", r, *d_in), npz_value(n, "lora_B", *d_out, r))))
+        .collect();
     // B's init is known exactly: torch.linspace(-0.02, 0.02, out*r).view(out, r); Burn holds its transpose.
     let b_init = |d_out: usize| -> Vec<f32> {
         let n = d_out * r;
-        let torch: Vec<f32> = (0..n)
-            .map(|i| (-0.02 + 0.04 * i as f64 / (n - 1) as f64) as f32)
-            .collect();
+        let torch: Vec<f32> = (0..n).map(|i| (-0.02 + 0.04 * i as f64 / (n - 1) as f64) as f32).collect();
         transpose(&torch, d_out, r)
     };
-    // Start the A_init fixed point at A_after (Burn layout [in, r]).
-    let mut a_init: Vec<(String, Vec<f32>)> = base
-        .named_linears()
-        .iter()
-        .map(|(name, lin)| (name.clone(), transpose(&after[&key(name, "lora_A")].f32, r, lin.d_in())))
-        .collect();
 
-    let with_values = |a: &[(String, Vec<f32>)], b: &dyn Fn(&str, usize) -> Vec<f32>| {
-        let mut i = 0;
-        base.clone()
+    // Loss and LoRA gradients at given LoRA values.
+    let evaluate = |values: &LoraValues| -> (f64, LoraValues) {
+        let model = base
+            .clone()
             .try_map_linears(|name, lin| {
-                let (d_in, d_out) = (lin.d_in(), lin.d_out());
-                assert_eq!(a[i].0, name);
-                let at = Tensor::from_data(TensorData::new(a[i].1.clone(), [d_in, r]), &device);
-                let bt = Tensor::from_data(TensorData::new(b(name, d_out), [r, d_out]), &device);
-                i += 1;
-                Ok::<_, ()>(lin.with_lora(at, bt, cfg.scaling(), 0.0))
+                let (a, b) = &values[name];
+                let a = Tensor::from_data(TensorData::new(a.clone(), [lin.d_in(), r]), &device);
+                let b = Tensor::from_data(TensorData::new(b.clone(), [r, lin.d_out()]), &device);
+                Ok::<_, ()>(lin.with_lora(a, b, cfg.scaling(), 0.0))
             })
-            .unwrap()
-    };
-    let loss_and_grads = |model: &ytrainer_models::Decoder| {
+            .unwrap();
         let loss = per_token_ce(model.forward(&input), &input.input_ids).mean();
         let value = to_vec(loss.clone())[0] as f64;
-        let grads = loss.backward();
-        (value, grads_by_path(model, &grads))
+        let grads = grads_by_path(&model, &loss.backward());
+        let g = values
+            .keys()
+            .map(|name| {
+                let path = name.strip_prefix("model.").unwrap();
+                let ga = grads[&format!("{path}.lora_a")].1.clone();
+                let gb = grads[&format!("{path}.lora_b")].1.clone();
+                (name.clone(), (ga, gb))
+            })
+            .collect();
+        (value, g)
     };
-    let lin_path = |name: &str| name.strip_prefix("model.").unwrap().to_string();
-
-    {
-        let a_after: Vec<(String, Vec<f32>)> = a_init.clone();
-        let model = with_values(&a_after, &|name, d_out| transpose(&after[&key(name, "lora_B")].f32, d_out, r));
-        let (l, _) = loss_and_grads(&model);
-        println!("loss at the npz state (A_after, B_after): {l}");
-    }
-    // A after one step = A_init (1 - lr wd) - lr g / (|g| + eps) with g taken at A_init: iterate to a fixed point.
-    let mut loss_before = 0.0;
-    let mut grads = Default::default();
-    let iterations: usize = std::env::var("FP_ITERS").map(|s| s.parse().unwrap()).unwrap_or(4);
-    for iteration in 0..iterations {
-        let model = with_values(&a_init, &|_, d_out| b_init(d_out));
-        (loss_before, grads) = loss_and_grads(&model);
-        let mut change = 0.0f32;
-        let mut flips = 0usize;
-        for (name, a) in a_init.iter_mut() {
-            let (shape, g) = &grads[&format!("{}.lora_a", lin_path(name))];
-            let a_after = transpose(&after[&key(name, "lora_A")].f32, shape[1], shape[0]);
-            let next: Vec<f32> = a_after
-                .iter()
-                .zip(g)
-                .map(|(&p, &g)| ((p as f64 + lr * g as f64 / (g.abs() as f64 + eps)) / (1.0 - lr * wd)) as f32)
-                .collect();
-            change = change.max(max_abs_diff(&next, a));
-            flips += next.iter().zip(a.iter()).filter(|(x, y)| (*x - *y).abs() > (lr as f32)).count();
-            *a = next;
+    // Two AdamW steps from an init; returns (loss before, loss after step 1, values after step 2).
+    let simulate = |init: &LoraValues| -> (f64, f64, LoraValues) {
+        let mut values = init.clone();
+        let mut state: BTreeMap<String, (Moments, Moments)> = BTreeMap::new();
+        let mut losses = Vec::new();
+        for _ in 0..2 {
+            let (loss, grads) = evaluate(&values);
+            losses.push(loss);
+            for (name, (a, b)) in values.iter_mut() {
+                let (sa, sb) = state.entry(name.clone()).or_default();
+                adamw.step(a, &grads[name].0, sa);
+                adamw.step(b, &grads[name].1, sb);
+            }
         }
-        println!("fixed point iteration {iteration}: loss {loss_before}, max change {change:e}, flips {flips}");
+        (losses[0], losses[1], values)
+    };
+
+    // Fixed point on A_init: shift it by the difference between the simulated and the stored A after two steps.
+    let mut init: LoraValues = stored
+        .iter()
+        .map(|(n, (a, _))| (n.clone(), (a.clone(), b_init(dims.iter().find(|d| &d.0 == n).unwrap().2))))
+        .collect();
+    let shrink = (1.0 - adamw.lr * adamw.weight_decay).powi(2) as f32;
+    let (mut loss_before, mut loss_after) = (0.0, 0.0);
+    let mut b_diff = f32::INFINITY;
+    let mut b_close_fraction = 0.0;
+    for iteration in 0..8 {
+        let (l0, l1, simulated) = simulate(&init);
+        (loss_before, loss_after) = (l0, l1);
+        let mut a_diff = 0.0f32;
+        b_diff = 0.0;
+        let (mut b_close, mut b_total) = (0usize, 0usize);
+        for (name, (a, _)) in init.iter_mut() {
+            let (sim_a, sim_b) = &simulated[name];
+            let (ref_a, ref_b) = &stored[name];
+            a_diff = a_diff.max(max_abs_diff(sim_a, ref_a));
+            b_diff = b_diff.max(max_abs_diff(sim_b, ref_b));
+            b_total += ref_b.len();
+            b_close += sim_b.iter().zip(ref_b).filter(|(x, y)| (*x - *y).abs() <= 1e-6).count();
+            for i in 0..a.len() {
+                a[i] += (ref_a[i] - sim_a[i]) / shrink;
+            }
+        }
+        b_close_fraction = b_close as f64 / b_total as f64;
+        println!(
+            "iteration {iteration}: loss before {l0:.6}, after 1 step {l1:.6}; after 2 steps max |dA| {a_diff:e}, max |dB| {b_diff:e}, B within 1e-6: {b_close}/{b_total}"
+        );
     }
     let expected_before = lora_ref["loss_before_step"].as_f64().unwrap();
-    println!("loss before step: {loss_before} vs {expected_before}");
-    let soft = std::env::var("SOFT").is_ok();
-    assert!(soft || (loss_before - expected_before).abs() <= 1e-4);
-
-    // One AdamW step on A and B with the gradients at the reconstructed init.
-    let mut new_a = Vec::new();
-    let mut new_b = std::collections::HashMap::new();
-    let mut b_diff = 0.0f32;
-    let model = with_values(&a_init, &|_, d_out| b_init(d_out));
-    let (_, grads_at_init) = loss_and_grads(&model);
-    let _ = grads;
-    for (name, a) in &a_init {
-        let p = lin_path(name);
-        let (_, ga) = &grads_at_init[&format!("{p}.lora_a")];
-        let (bshape, gb) = &grads_at_init[&format!("{p}.lora_b")];
-        new_a.push((name.clone(), adamw_first_step(a, ga, lr, wd, betas, eps)));
-        let b = adamw_first_step(&b_init(bshape[1]), gb, lr, wd, betas, eps);
-        let b_ref = transpose(&after[&key(name, "lora_B")].f32, bshape[1], r);
-        let bi = b_init(bshape[1]);
-        let mism = b.iter().zip(&b_ref).filter(|(x, y)| (*x - *y).abs() > 1e-5).count();
-        let small = gb.iter().filter(|g| g.abs() < 1e-7).count();
-        let flip_pattern = b_ref.iter().zip(&bi).zip(gb).filter(|((a, i), g)| ((*a - *i) * g.signum()) > 0.0).count();
-        println!("{name}: B mismatches {mism}/{} small-g {small} moved-along-gradient {flip_pattern}", b.len());
-        b_diff = b_diff.max(max_abs_diff(&b, &b_ref));
-        new_b.insert(name.clone(), b);
-    }
-    println!("B after step: max abs diff {b_diff:e}");
-    assert!(soft || b_diff <= 1e-6, "B after one AdamW step differs by {b_diff}");
-    let stepped = with_values(&new_a, &|name, _| new_b[name].clone());
-    let loss_after = to_vec(per_token_ce(stepped.forward(&input), &input.input_ids).mean())[0] as f64;
     let expected_after = lora_ref["loss_after_1_step"].as_f64().unwrap();
-    println!("loss after step: {loss_after} vs {expected_after}");
+    println!("loss before: {loss_before} vs {expected_before}; after one step: {loss_after} vs {expected_after}");
+    assert!((loss_before - expected_before).abs() <= 1e-4);
     assert!((loss_after - expected_after).abs() <= 1e-4);
+    // Adam's first step moves each entry by lr·sign(g): an entry whose gradient is within float noise of 0 can
+    // take the other sign than in PyTorch (~0.1% of B here), which shows as a 2·lr difference; any error in the
+    // AdamW math would move most entries.
+    println!("B after two steps: {:.3}% within 1e-6, max diff {b_diff:e}", 100.0 * b_close_fraction);
+    assert!(b_close_fraction >= 0.998, "only {b_close_fraction} of B within 1e-6 of the npz");
+    assert!(b_diff <= 2.0 * adamw.lr as f32 + 1e-6, "B after two AdamW steps differs from the npz by {b_diff}");
 }
 
 #[test]
