@@ -199,9 +199,14 @@ impl HfConfig {
             .or(self.rope_theta)
             .unwrap_or(10_000.0);
         if !(theta.is_finite() && theta > 0.0) {
-            return Err(self.field_error("rope_theta", format!("must be a positive number, got {theta}")));
+            return Err(self.field_error(
+                "rope_theta",
+                format!("must be a positive number, got {theta}"),
+            ));
         }
-        let rope_type = params.and_then(|p| p.rope_type.as_deref()).unwrap_or("default");
+        let rope_type = params
+            .and_then(|p| p.rope_type.as_deref())
+            .unwrap_or("default");
         let llama3 = match rope_type {
             "default" => None,
             "llama3" => {
@@ -218,18 +223,22 @@ impl HfConfig {
                     factor: need(p.factor, "factor")?,
                     low_freq_factor: need(p.low_freq_factor, "low_freq_factor")?,
                     high_freq_factor: need(p.high_freq_factor, "high_freq_factor")?,
-                    original_max_position_embeddings: p.original_max_position_embeddings.ok_or_else(|| {
-                        self.field_error(
-                            &format!("{field}.original_max_position_embeddings"),
-                            "required when rope_type is \"llama3\"",
-                        )
-                    })?,
+                    original_max_position_embeddings: p
+                        .original_max_position_embeddings
+                        .ok_or_else(|| {
+                            self.field_error(
+                                &format!("{field}.original_max_position_embeddings"),
+                                "required when rope_type is \"llama3\"",
+                            )
+                        })?,
                 })
             }
             other => {
                 return Err(self.field_error(
                     &format!("{field}.rope_type"),
-                    format!("RoPE type \"{other}\" is not supported; supported: \"default\", \"llama3\""),
+                    format!(
+                        "RoPE type \"{other}\" is not supported; supported: \"default\", \"llama3\""
+                    ),
                 ));
             }
         };
@@ -251,7 +260,7 @@ impl HfConfig {
                 return Err(self.field_error(field, "must be greater than 0"));
             }
         }
-        if self.num_attention_heads % self.num_kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             return Err(self.field_error(
                 "num_key_value_heads",
                 format!(
@@ -261,8 +270,11 @@ impl HfConfig {
                 ),
             ));
         }
-        if head_dim % 2 != 0 {
-            return Err(self.field_error("head_dim", format!("RoPE needs an even head_dim, got {head_dim}")));
+        if !head_dim.is_multiple_of(2) {
+            return Err(self.field_error(
+                "head_dim",
+                format!("RoPE needs an even head_dim, got {head_dim}"),
+            ));
         }
         if let Some(act) = self.hidden_act.as_deref()
             && act != "silu"

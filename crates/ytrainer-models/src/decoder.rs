@@ -123,7 +123,8 @@ impl ArchSpec {
                 } else if wavelen < high_wavelen {
                     f
                 } else {
-                    let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                    let smooth = (old / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
                     (1.0 - smooth) * f / s.factor + smooth * f
                 };
                 scaled as f32
@@ -136,13 +137,19 @@ impl ArchSpec {
         let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
         let q = self.num_heads * hd;
         let kv = self.num_kv_heads * hd;
-        let attn = h * q + 2 * h * kv + q * h
+        let attn = h * q
+            + 2 * h * kv
+            + q * h
             + if self.qkv_bias { q + 2 * kv } else { 0 }
             + if self.o_bias { h } else { 0 }
             + if self.qk_norm { 2 * hd } else { 0 };
         let mlp = 3 * h * i + if self.mlp_bias { 2 * i + h } else { 0 };
         let layer = attn + mlp + 2 * h;
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
         self.vocab_size * h + self.num_layers * layer + h + head
     }
 }
@@ -173,7 +180,12 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let rms = x.clone().square().mean_dim(D - 1).add_scalar(self.eps).sqrt();
+        let rms = x
+            .clone()
+            .square()
+            .mean_dim(D - 1)
+            .add_scalar(self.eps)
+            .sqrt();
         x.div(rms) * self.weight.val().unsqueeze::<D>()
     }
 }
@@ -274,7 +286,8 @@ impl Attention {
             .mul_scalar(1.0 / (d as f64).sqrt())
             + bias.clone();
         let out = softmax(scores, 3).matmul(v); // [B, H, T, D]
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
     }
 }
 
@@ -474,7 +487,9 @@ impl Decoder {
         let layers = layers
             .into_iter()
             .enumerate()
-            .map(|(i, layer)| layer.try_map_linears(|name, lin| f(&format!("model.layers.{i}.{name}"), lin)))
+            .map(|(i, layer)| {
+                layer.try_map_linears(|name, lin| f(&format!("model.layers.{i}.{name}"), lin))
+            })
             .collect::<Result<Vec<_>, E>>()?;
         Ok(Self {
             embed_tokens,
@@ -523,7 +538,9 @@ impl Decoder {
 
 pub(crate) fn check_lora_config(cfg: &crate::LoraConfig) -> Result<(), ModelError> {
     if cfg.r == 0 {
-        return Err(ModelError::Invalid("LoRA rank `r` must be at least 1".into()));
+        return Err(ModelError::Invalid(
+            "LoRA rank `r` must be at least 1".into(),
+        ));
     }
     if !(0.0..1.0).contains(&cfg.dropout) {
         return Err(ModelError::Invalid(format!(

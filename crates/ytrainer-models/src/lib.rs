@@ -25,12 +25,12 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
 
 pub use config::{HfConfig, RopeParameters, TokenIds};
-pub use ytrainer_core::model::{CausalLm, ModelInput};
 pub use decoder::{ArchSpec, Architecture, Decoder};
 pub use error::ModelError;
 pub use load::{init_random, load_pretrained};
 pub use lora::{AdapterSpec, DEFAULT_LORA_TARGETS, LoraConfig, LoraLinear};
 pub use save::{load_peft_adapter, save_hf_checkpoint, save_peft_adapter};
+pub use ytrainer_core::model::{CausalLm, ModelInput};
 
 /// The `model_type` values of `config.json` this crate implements.
 pub const SUPPORTED_MODEL_TYPES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];

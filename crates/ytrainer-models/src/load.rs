@@ -10,9 +10,7 @@ use std::path::{Path, PathBuf};
 use burn::module::Param;
 use burn::prelude::*;
 
-use crate::decoder::{
-    ArchSpec, Attention, Decoder, DecoderLayer, Embedding, LmHead, Mlp, RmsNorm,
-};
+use crate::decoder::{ArchSpec, Attention, Decoder, DecoderLayer, Embedding, LmHead, Mlp, RmsNorm};
 use crate::lora::{AdapterSpec, LoraLinear};
 use crate::rng::InitRng;
 use crate::st::SafetensorsReader;
@@ -78,7 +76,10 @@ impl CheckpointSource {
         let index = dir.join("model.safetensors.index.json");
         if single.is_file() {
             let reader = SafetensorsReader::open(&single)?;
-            let location = reader.names().map(|n| (n.to_string(), single.clone())).collect();
+            let location = reader
+                .names()
+                .map(|n| (n.to_string(), single.clone()))
+                .collect();
             let readers = BTreeMap::from([(single.clone(), reader)]);
             return Ok(Self {
                 location,
@@ -179,23 +180,43 @@ struct Builder<'a> {
 impl Builder<'_> {
     fn vector(&mut self, name: &str, len: usize) -> Result<Tensor<1>, ModelError> {
         let values = self.source.get(name, &[len])?;
-        Ok(Tensor::from_data(TensorData::new(values, [len]), self.device))
+        Ok(Tensor::from_data(
+            TensorData::new(values, [len]),
+            self.device,
+        ))
     }
 
     /// A matrix kept in HF layout (the embedding table).
     fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<Tensor<2>, ModelError> {
         let values = self.source.get(name, &[rows, cols])?;
-        Ok(Tensor::from_data(TensorData::new(values, [rows, cols]), self.device))
+        Ok(Tensor::from_data(
+            TensorData::new(values, [rows, cols]),
+            self.device,
+        ))
     }
 
     /// A linear weight stored `[out, in]`, returned in Burn layout `[in, out]`.
-    fn linear_weight(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<Tensor<2>, ModelError> {
+    fn linear_weight(
+        &mut self,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<Tensor<2>, ModelError> {
         let values = self.source.get(name, &[d_out, d_in])?;
         let values = transpose(&values, d_out, d_in);
-        Ok(Tensor::from_data(TensorData::new(values, [d_in, d_out]), self.device))
+        Ok(Tensor::from_data(
+            TensorData::new(values, [d_in, d_out]),
+            self.device,
+        ))
     }
 
-    fn linear(&mut self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<LoraLinear, ModelError> {
+    fn linear(
+        &mut self,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+    ) -> Result<LoraLinear, ModelError> {
         let weight = self.linear_weight(&format!("{prefix}.weight"), d_in, d_out)?;
         let bias = match bias {
             true => Some(self.vector(&format!("{prefix}.bias"), d_out)?),
@@ -266,5 +287,12 @@ pub(crate) fn build(
             weight: Param::from_tensor(b.linear_weight("lm_head.weight", h, spec.vocab_size)?),
         }),
     };
-    Ok(Decoder::from_parts(embed_tokens, layers, norm, lm_head, spec, config))
+    Ok(Decoder::from_parts(
+        embed_tokens,
+        layers,
+        norm,
+        lm_head,
+        spec,
+        config,
+    ))
 }

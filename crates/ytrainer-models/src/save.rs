@@ -48,7 +48,11 @@ fn write_text(path: &Path, text: &str) -> Result<(), ModelError> {
 
 /// Writes `config.json` and `model.safetensors` in Hugging Face names and layout, with every LoRA branch merged
 /// into its base weight (`W + s·A·B`). Tied models omit `lm_head.weight`, as transformers does.
-pub fn save_hf_checkpoint(model: &Decoder, config: &HfConfig, dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+pub fn save_hf_checkpoint(
+    model: &Decoder,
+    config: &HfConfig,
+    dir: &Path,
+) -> Result<Vec<PathBuf>, ModelError> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let mut config = config.clone();
     config.tie_word_embeddings = Some(model.lm_head.is_none());
@@ -72,24 +76,38 @@ pub fn save_hf_checkpoint(model: &Decoder, config: &HfConfig, dir: &Path) -> Res
     ));
     let norm = |tensors: &mut Vec<PendingTensor>, name: String, n: &RmsNorm| {
         let w = n.weight.val();
-        tensors.push(PendingTensor::new(name, w.dims().to_vec(), move || host1(w.detach())));
+        tensors.push(PendingTensor::new(name, w.dims().to_vec(), move || {
+            host1(w.detach())
+        }));
     };
     for (name, linear) in model.named_linears() {
         let shape = vec![linear.d_out(), linear.d_in()];
-        tensors.push(PendingTensor::new(format!("{name}.weight"), shape, move || {
-            to_torch_layout(linear.merged_weight())
-        }));
+        tensors.push(PendingTensor::new(
+            format!("{name}.weight"),
+            shape,
+            move || to_torch_layout(linear.merged_weight()),
+        ));
         if let Some(bias) = &linear.bias {
             let b = bias.val();
-            tensors.push(PendingTensor::new(format!("{name}.bias"), b.dims().to_vec(), move || {
-                host1(b.detach())
-            }));
+            tensors.push(PendingTensor::new(
+                format!("{name}.bias"),
+                b.dims().to_vec(),
+                move || host1(b.detach()),
+            ));
         }
     }
     for (i, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        norm(&mut tensors, format!("{p}.input_layernorm.weight"), &layer.input_layernorm);
-        norm(&mut tensors, format!("{p}.post_attention_layernorm.weight"), &layer.post_attention_layernorm);
+        norm(
+            &mut tensors,
+            format!("{p}.input_layernorm.weight"),
+            &layer.input_layernorm,
+        );
+        norm(
+            &mut tensors,
+            format!("{p}.post_attention_layernorm.weight"),
+            &layer.post_attention_layernorm,
+        );
         if let Some(n) = &layer.self_attn.q_norm {
             norm(&mut tensors, format!("{p}.self_attn.q_norm.weight"), n);
         }
@@ -201,7 +219,10 @@ pub fn save_peft_adapter(
     }
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let config_path = dir.join(ADAPTER_CONFIG_FILE);
-    write_text(&config_path, &adapter_config_json(lora, base_model_name_or_path))?;
+    write_text(
+        &config_path,
+        &adapter_config_json(lora, base_model_name_or_path),
+    )?;
     let weights_path = dir.join(ADAPTER_WEIGHTS_FILE);
     write_f32(&weights_path, tensors)?;
     let readme_path = dir.join("README.md");
@@ -221,11 +242,12 @@ pub fn save_peft_adapter(
 /// Reads a PEFT `adapter_config.json`, accepting PEFT's minimal form, rejecting the variants we do not implement.
 pub fn read_adapter_config(path: &Path) -> Result<LoraConfig, ModelError> {
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-    let v: serde_json::Map<String, Value> = serde_json::from_str(&text).map_err(|source| ModelError::Json {
-        path: path.to_path_buf(),
-        what: "PEFT adapter_config.json",
-        source,
-    })?;
+    let v: serde_json::Map<String, Value> =
+        serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: path.to_path_buf(),
+            what: "PEFT adapter_config.json",
+            source,
+        })?;
     let bad = |message: String| ModelError::Adapter {
         path: path.to_path_buf(),
         message,
@@ -234,7 +256,9 @@ pub fn read_adapter_config(path: &Path) -> Result<LoraConfig, ModelError> {
     if let Some(t) = get("peft_type")
         && t != "LORA"
     {
-        return Err(bad(format!("field `peft_type`: {t} is not supported; only \"LORA\" is")));
+        return Err(bad(format!(
+            "field `peft_type`: {t} is not supported; only \"LORA\" is"
+        )));
     }
     let unsupported_true = ["use_dora", "fan_in_fan_out", "use_qalora"];
     for k in unsupported_true {
@@ -246,17 +270,22 @@ pub fn read_adapter_config(path: &Path) -> Result<LoraConfig, ModelError> {
         if let Some(p) = get(k)
             && p.as_object().is_some_and(|m| !m.is_empty())
         {
-            return Err(bad(format!("field `{k}`: per-module overrides are not supported")));
+            return Err(bad(format!(
+                "field `{k}`: per-module overrides are not supported"
+            )));
         }
     }
     if let Some(b) = get("bias")
         && b != "none"
     {
-        return Err(bad(format!("field `bias`: {b} is not supported; only \"none\" is")));
+        return Err(bad(format!(
+            "field `bias`: {b} is not supported; only \"none\" is"
+        )));
     }
     let r = get("r")
         .and_then(Value::as_u64)
-        .ok_or_else(|| bad("field `r`: missing or not a positive integer".into()))? as usize;
+        .ok_or_else(|| bad("field `r`: missing or not a positive integer".into()))?
+        as usize;
     let alpha = get("lora_alpha")
         .and_then(Value::as_f64)
         .ok_or_else(|| bad("field `lora_alpha`: missing or not a number".into()))?;
@@ -295,30 +324,33 @@ pub fn load_peft_adapter(model: Decoder, dir: &Path) -> Result<Decoder, ModelErr
     let mut unused: BTreeSet<String> = reader.names().map(str::to_string).collect();
     let scaling = lora.scaling();
     let r = lora.r;
-    let mut model = model.set_require_grad(false).try_map_linears(|name, linear| {
-        if !lora.targets(name) {
-            return Ok(linear);
-        }
-        let (d_in, d_out) = (linear.d_in(), linear.d_out());
-        let mut read = |part: &str, rows: usize, cols: usize| -> Result<Tensor<2>, ModelError> {
-            let saved = format!("{PEFT_PREFIX}{name}.{part}.weight");
-            let in_memory = format!("{PEFT_PREFIX}{name}.{part}.default.weight");
-            let key = if reader.contains(&saved) || !reader.contains(&in_memory) {
-                saved
-            } else {
-                in_memory
-            };
-            let values = reader.read_f32(&key, &[rows, cols])?;
-            unused.remove(&key);
-            Ok(Tensor::from_data(
-                TensorData::new(transpose(&values, rows, cols), [cols, rows]),
-                &device,
-            ))
-        };
-        let a = read("lora_A", r, d_in)?;
-        let b = read("lora_B", d_out, r)?;
-        Ok::<_, ModelError>(linear.with_lora(a, b, scaling, lora.dropout))
-    })?;
+    let mut model = model
+        .set_require_grad(false)
+        .try_map_linears(|name, linear| {
+            if !lora.targets(name) {
+                return Ok(linear);
+            }
+            let (d_in, d_out) = (linear.d_in(), linear.d_out());
+            let mut read =
+                |part: &str, rows: usize, cols: usize| -> Result<Tensor<2>, ModelError> {
+                    let saved = format!("{PEFT_PREFIX}{name}.{part}.weight");
+                    let in_memory = format!("{PEFT_PREFIX}{name}.{part}.default.weight");
+                    let key = if reader.contains(&saved) || !reader.contains(&in_memory) {
+                        saved
+                    } else {
+                        in_memory
+                    };
+                    let values = reader.read_f32(&key, &[rows, cols])?;
+                    unused.remove(&key);
+                    Ok(Tensor::from_data(
+                        TensorData::new(transpose(&values, rows, cols), [cols, rows]),
+                        &device,
+                    ))
+                };
+            let a = read("lora_A", r, d_in)?;
+            let b = read("lora_B", d_out, r)?;
+            Ok::<_, ModelError>(linear.with_lora(a, b, scaling, lora.dropout))
+        })?;
     if !unused.is_empty() {
         return Err(ModelError::Adapter {
             path: weights_path,

@@ -34,12 +34,15 @@ impl SafetensorsReader {
             .map_err(|_| bad("file is shorter than the 8-byte header length".into()))?;
         let n = u64::from_le_bytes(n);
         if n > 100_000_000 || 8 + n > file_len {
-            return Err(bad(format!("header length {n} does not fit the file ({file_len} bytes)")));
+            return Err(bad(format!(
+                "header length {n} does not fit the file ({file_len} bytes)"
+            )));
         }
         let mut header = vec![0u8; n as usize];
-        file.read_exact(&mut header).map_err(|e| ModelError::io(path, e))?;
-        let header: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&header).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+        file.read_exact(&mut header)
+            .map_err(|e| ModelError::io(path, e))?;
+        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+            .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
         let data_len = file_len - 8 - n;
         let mut tensors = BTreeMap::new();
         for (name, value) in header {
@@ -50,7 +53,9 @@ impl SafetensorsReader {
                 .map_err(|e| bad(format!("header entry `{name}`: {e}")))?;
             let (start, end) = info.data_offsets;
             if start > end || end as u64 > data_len {
-                return Err(bad(format!("tensor `{name}`: data offsets {start}..{end} outside the data")));
+                return Err(bad(format!(
+                    "tensor `{name}`: data offsets {start}..{end} outside the data"
+                )));
             }
             tensors.insert(name, info);
         }
@@ -79,11 +84,18 @@ impl SafetensorsReader {
     }
 
     /// Reads one tensor as f32 (F32, F16 and BF16 are converted), checking its shape.
-    pub fn read_f32(&mut self, name: &str, expected_shape: &[usize]) -> Result<Vec<f32>, ModelError> {
-        let info = self.tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
-            name: name.to_string(),
-            file: self.path.clone(),
-        })?;
+    pub fn read_f32(
+        &mut self,
+        name: &str,
+        expected_shape: &[usize],
+    ) -> Result<Vec<f32>, ModelError> {
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                file: self.path.clone(),
+            })?;
         if info.shape != expected_shape {
             return Err(ModelError::ShapeMismatch {
                 name: name.to_string(),
@@ -108,7 +120,10 @@ impl SafetensorsReader {
         if end - start != count * width {
             return Err(ModelError::Safetensors {
                 path: self.path.clone(),
-                message: format!("tensor `{name}`: {} bytes for {count} {dtype:?} values", end - start),
+                message: format!(
+                    "tensor `{name}`: {} bytes for {count} {dtype:?} values",
+                    end - start
+                ),
             });
         }
         let mut bytes = vec![0u8; end - start];
@@ -141,7 +156,11 @@ pub struct PendingTensor<'a> {
 }
 
 impl<'a> PendingTensor<'a> {
-    pub fn new(name: impl Into<String>, shape: Vec<usize>, values: impl FnOnce() -> Vec<f32> + 'a) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        shape: Vec<usize>,
+        values: impl FnOnce() -> Vec<f32> + 'a,
+    ) -> Self {
         Self {
             name: name.into(),
             shape,
@@ -164,23 +183,32 @@ pub fn write_f32(path: &Path, mut tensors: Vec<PendingTensor<'_>>) -> Result<(),
             shape: t.shape.clone(),
             data_offsets: (offset, offset + len),
         };
-        header.insert(t.name.clone(), serde_json::to_value(info).expect("TensorInfo serializes"));
+        header.insert(
+            t.name.clone(),
+            serde_json::to_value(info).expect("TensorInfo serializes"),
+        );
         offset += len;
     }
     let mut header = serde_json::to_vec(&header).expect("header serializes");
     // The data section starts 8-byte aligned, as the reference implementation pads it.
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     let tmp = path.with_extension("safetensors.tmp");
     let io = |e| ModelError::io(&tmp, e);
     let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(io)?);
-    out.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+    out.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
     out.write_all(&header).map_err(io)?;
     for t in tensors {
         let expected = t.shape.iter().product::<usize>();
         let values = (t.values)();
-        assert_eq!(values.len(), expected, "tensor `{}` produced the wrong number of values", t.name);
+        assert_eq!(
+            values.len(),
+            expected,
+            "tensor `{}` produced the wrong number of values",
+            t.name
+        );
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         out.write_all(&bytes).map_err(io)?;
     }

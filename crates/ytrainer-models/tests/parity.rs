@@ -48,11 +48,17 @@ fn logits_losses_and_gradients_match_transformers() {
     let grads = loss.backward();
     let ours = grads_by_path(&model, &grads);
     let norms = reference["grad_norms"].as_object().unwrap();
-    assert_eq!(ours.len(), norms.len(), "one gradient per HF parameter (tied head has none of its own)");
+    assert_eq!(
+        ours.len(),
+        norms.len(),
+        "one gradient per HF parameter (tied head has none of its own)"
+    );
     let mut worst = 0.0f64;
     for (name, expected) in norms {
         let path = name.strip_prefix("model.").unwrap();
-        let (_, g) = ours.get(path).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let (_, g) = ours
+            .get(path)
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
         let expected = expected.as_f64().unwrap();
         let rel = (l2(g) - expected).abs() / expected;
         worst = worst.max(rel);
@@ -66,11 +72,18 @@ fn logits_losses_and_gradients_match_transformers() {
         let path = name.strip_prefix("model.").unwrap();
         let (shape, g) = &ours[path];
         let is_linear = name.ends_with("proj.weight");
-        let g = if is_linear { transpose(g, shape[0], shape[1]) } else { g.clone() };
+        let g = if is_linear {
+            transpose(g, shape[0], shape[1])
+        } else {
+            g.clone()
+        };
         let scale = npy.f32.iter().fold(0.0f32, |m, x| m.max(x.abs()));
         let diff = max_abs_diff(&g, &npy.f32);
         println!("grad {name}: max abs diff {diff:e} (max |g| {scale:e})");
-        assert!(diff <= 1e-3 * scale.max(1e-3), "{name}: gradient differs by {diff}");
+        assert!(
+            diff <= 1e-3 * scale.max(1e-3),
+            "{name}: gradient differs by {diff}"
+        );
     }
 }
 
@@ -129,12 +142,18 @@ fn lora_adamw_steps_match_peft() {
     let device = Device::flex().autodiff();
     let reference = reference_json();
     let lora_ref = &reference["lora"];
-    let (r, alpha) = (lora_ref["r"].as_u64().unwrap() as usize, lora_ref["alpha"].as_f64().unwrap());
+    let (r, alpha) = (
+        lora_ref["r"].as_u64().unwrap() as usize,
+        lora_ref["alpha"].as_f64().unwrap(),
+    );
     let h = &lora_ref["adamw"];
     let adamw = AdamW {
         lr: h["lr"].as_f64().unwrap(),
         weight_decay: h["weight_decay"].as_f64().unwrap(),
-        betas: (h["betas"][0].as_f64().unwrap(), h["betas"][1].as_f64().unwrap()),
+        betas: (
+            h["betas"][0].as_f64().unwrap(),
+            h["betas"][1].as_f64().unwrap(),
+        ),
         eps: h["eps"].as_f64().unwrap(),
     };
     let cfg = LoraConfig {
@@ -142,13 +161,17 @@ fn lora_adamw_steps_match_peft() {
         alpha,
         ..LoraConfig::default()
     };
-    let (base, _) = load_pretrained(&tiny_qwen2(), &AdapterSpec::Lora(cfg.clone()), &device).unwrap();
+    let (base, _) =
+        load_pretrained(&tiny_qwen2(), &AdapterSpec::Lora(cfg.clone()), &device).unwrap();
     // LoRA freezes everything but A and B: 4 layers x 7 projections x r x (in + out).
-    let per_layer = r * ((256 + 256) + 2 * (256 + 128) + (256 + 256) + 2 * (256 + 704) + (704 + 256));
+    let per_layer =
+        r * ((256 + 256) + 2 * (256 + 128) + (256 + 256) + 2 * (256 + 704) + (704 + 256));
     assert_eq!(ytrainer_models::trainable_param_count(&base), 4 * per_layer);
 
     let npz = read_npz(&tiny_qwen2().join("lora_after_1_step.npz"));
-    let ids = read_npz(&tiny_qwen2().join("reference.npz"))["input_ids"].i64.clone();
+    let ids = read_npz(&tiny_qwen2().join("reference.npz"))["input_ids"]
+        .i64
+        .clone();
     let input = plain_input(&ids, 2, 16, &device);
     let dims: Vec<(String, usize, usize)> = base
         .named_linears()
@@ -162,12 +185,22 @@ fn lora_adamw_steps_match_peft() {
     // The npz state, Burn layout.
     let stored: LoraValues = dims
         .iter()
-        .map(|(n, d_in, d_out)| (n.clone(), (npz_value(n, "lora_A", r, *d_in), npz_value(n, "lora_B", *d_out, r))))
+        .map(|(n, d_in, d_out)| {
+            (
+                n.clone(),
+                (
+                    npz_value(n, "lora_A", r, *d_in),
+                    npz_value(n, "lora_B", *d_out, r),
+                ),
+            )
+        })
         .collect();
     // B's init is known exactly: torch.linspace(-0.02, 0.02, out*r).view(out, r); Burn holds its transpose.
     let b_init = |d_out: usize| -> Vec<f32> {
         let n = d_out * r;
-        let torch: Vec<f32> = (0..n).map(|i| (-0.02 + 0.04 * i as f64 / (n - 1) as f64) as f32).collect();
+        let torch: Vec<f32> = (0..n)
+            .map(|i| (-0.02 + 0.04 * i as f64 / (n - 1) as f64) as f32)
+            .collect();
         transpose(&torch, d_out, r)
     };
 
@@ -216,7 +249,15 @@ fn lora_adamw_steps_match_peft() {
     // Fixed point on A_init: shift it by the difference between the simulated and the stored A after two steps.
     let mut init: LoraValues = stored
         .iter()
-        .map(|(n, (a, _))| (n.clone(), (a.clone(), b_init(dims.iter().find(|d| &d.0 == n).unwrap().2))))
+        .map(|(n, (a, _))| {
+            (
+                n.clone(),
+                (
+                    a.clone(),
+                    b_init(dims.iter().find(|d| &d.0 == n).unwrap().2),
+                ),
+            )
+        })
         .collect();
     let shrink = (1.0 - adamw.lr * adamw.weight_decay).powi(2) as f32;
     let (mut loss_before, mut loss_after) = (0.0, 0.0);
@@ -234,7 +275,11 @@ fn lora_adamw_steps_match_peft() {
             a_diff = a_diff.max(max_abs_diff(sim_a, ref_a));
             b_diff = b_diff.max(max_abs_diff(sim_b, ref_b));
             b_total += ref_b.len();
-            b_close += sim_b.iter().zip(ref_b).filter(|(x, y)| (*x - *y).abs() <= 1e-6).count();
+            b_close += sim_b
+                .iter()
+                .zip(ref_b)
+                .filter(|(x, y)| (*x - *y).abs() <= 1e-6)
+                .count();
             for i in 0..a.len() {
                 a[i] += (ref_a[i] - sim_a[i]) / shrink;
             }
@@ -246,15 +291,26 @@ fn lora_adamw_steps_match_peft() {
     }
     let expected_before = lora_ref["loss_before_step"].as_f64().unwrap();
     let expected_after = lora_ref["loss_after_1_step"].as_f64().unwrap();
-    println!("loss before: {loss_before} vs {expected_before}; after one step: {loss_after} vs {expected_after}");
+    println!(
+        "loss before: {loss_before} vs {expected_before}; after one step: {loss_after} vs {expected_after}"
+    );
     assert!((loss_before - expected_before).abs() <= 1e-4);
     assert!((loss_after - expected_after).abs() <= 1e-4);
     // Adam's first step moves each entry by lr·sign(g): an entry whose gradient is within float noise of 0 can
     // take the other sign than in PyTorch (~0.1% of B here), which shows as a 2·lr difference; any error in the
     // AdamW math would move most entries.
-    println!("B after two steps: {:.3}% within 1e-6, max diff {b_diff:e}", 100.0 * b_close_fraction);
-    assert!(b_close_fraction >= 0.998, "only {b_close_fraction} of B within 1e-6 of the npz");
-    assert!(b_diff <= 2.0 * adamw.lr as f32 + 1e-6, "B after two AdamW steps differs from the npz by {b_diff}");
+    println!(
+        "B after two steps: {:.3}% within 1e-6, max diff {b_diff:e}",
+        100.0 * b_close_fraction
+    );
+    assert!(
+        b_close_fraction >= 0.998,
+        "only {b_close_fraction} of B within 1e-6 of the npz"
+    );
+    assert!(
+        b_diff <= 2.0 * adamw.lr as f32 + 1e-6,
+        "B after two AdamW steps differs from the npz by {b_diff}"
+    );
 }
 
 #[test]
@@ -263,16 +319,29 @@ fn packed_segments_and_padding_match_separate_rows() {
     let (model, _) = load_pretrained(&tiny_qwen2(), &AdapterSpec::Full, &device).unwrap();
     let ids: Vec<i64> = (0..16).map(|i| (i * 397 + 11) % 8192).collect();
     // Row 0: two documents of 8 tokens packed; row 1: the first document then 8 padding tokens.
-    let packed_ids: Vec<i64> = ids.iter().copied().chain(ids[..8].iter().copied()).chain([0; 8]).collect();
+    let packed_ids: Vec<i64> = ids
+        .iter()
+        .copied()
+        .chain(ids[..8].iter().copied())
+        .chain([0; 8])
+        .collect();
     let positions: Vec<i64> = (0..8).chain(0..8).chain(0..8).chain(0..8).collect();
-    let segments: Vec<i64> = [1; 8].into_iter().chain([2; 8]).chain([1; 8]).chain([0; 8]).collect();
+    let segments: Vec<i64> = [1; 8]
+        .into_iter()
+        .chain([2; 8])
+        .chain([1; 8])
+        .chain([0; 8])
+        .collect();
     let input = ytrainer_core::model::ModelInput {
         input_ids: Tensor::from_data(TensorData::new(packed_ids, [2, 16]), &device),
         position_ids: Tensor::from_data(TensorData::new(positions, [2, 16]), &device),
         segment_ids: Tensor::from_data(TensorData::new(segments, [2, 16]), &device),
     };
     let packed = to_vec(model.forward(&input));
-    assert!(packed.iter().all(|x| x.is_finite()), "padding must not produce NaN/inf");
+    assert!(
+        packed.iter().all(|x| x.is_finite()),
+        "padding must not produce NaN/inf"
+    );
     let v = 8192;
     let doc1 = to_vec(model.forward(&plain_input(&ids[..8], 1, 8, &device)));
     let doc2 = to_vec(model.forward(&plain_input(&ids[8..], 1, 8, &device)));
@@ -283,5 +352,10 @@ fn packed_segments_and_padding_match_separate_rows() {
     assert!(d1.max(d2).max(d3) <= 1e-5);
     // The head is also usable on a few rows only.
     let hidden = model.hidden_states(&input);
-    assert_eq!(model.lm_head(hidden.reshape([32, 256]).narrow(0, 3, 2)).dims(), [2, v]);
+    assert_eq!(
+        model
+            .lm_head(hidden.reshape([32, 256]).narrow(0, 3, 2))
+            .dims(),
+        [2, v]
+    );
 }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::Gradients;
+use burn::tensor::activation::log_softmax;
 use ytrainer_core::model::ModelInput;
 
 pub const ASSETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/assets");
@@ -23,7 +23,10 @@ pub fn reference_json() -> serde_json::Value {
 
 /// A fresh empty directory under the system temp dir.
 pub fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ytrainer-models-test-{}-{name}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "ytrainer-models-test-{}-{name}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -57,10 +60,22 @@ pub fn read_npz(path: &Path) -> HashMap<String, Npy> {
     let mut at = u32_at(&bytes, eocd + 16);
     let mut out = HashMap::new();
     for _ in 0..entries {
-        assert_eq!(bytes[at..at + 4], [0x50, 0x4b, 0x01, 0x02], "central directory entry");
-        assert_eq!(u16_at(&bytes, at + 10), 0, "only stored (uncompressed) npz entries are supported");
+        assert_eq!(
+            bytes[at..at + 4],
+            [0x50, 0x4b, 0x01, 0x02],
+            "central directory entry"
+        );
+        assert_eq!(
+            u16_at(&bytes, at + 10),
+            0,
+            "only stored (uncompressed) npz entries are supported"
+        );
         let size = u32_at(&bytes, at + 20);
-        let (n, e, c) = (u16_at(&bytes, at + 28), u16_at(&bytes, at + 30), u16_at(&bytes, at + 32));
+        let (n, e, c) = (
+            u16_at(&bytes, at + 28),
+            u16_at(&bytes, at + 30),
+            u16_at(&bytes, at + 32),
+        );
         let local = u32_at(&bytes, at + 42);
         let name = String::from_utf8(bytes[at + 46..at + 46 + n].to_vec()).unwrap();
         at += 46 + n + e + c;
@@ -73,11 +88,27 @@ pub fn read_npz(path: &Path) -> HashMap<String, Npy> {
 
 fn parse_npy(b: &[u8]) -> Npy {
     assert_eq!(&b[..6], b"\x93NUMPY");
-    let (header_len, start) = if b[6] == 1 { (u16_at(b, 8), 10) } else { (u32_at(b, 8), 12) };
+    let (header_len, start) = if b[6] == 1 {
+        (u16_at(b, 8), 10)
+    } else {
+        (u32_at(b, 8), 12)
+    };
     let header = std::str::from_utf8(&b[start..start + header_len]).unwrap();
     assert!(header.contains("'fortran_order': False"), "{header}");
-    let descr = header.split("'descr': '").nth(1).unwrap().split('\'').next().unwrap();
-    let shape_text = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
+    let descr = header
+        .split("'descr': '")
+        .nth(1)
+        .unwrap()
+        .split('\'')
+        .next()
+        .unwrap();
+    let shape_text = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
     let shape: Vec<usize> = shape_text
         .split(',')
         .map(str::trim)
@@ -92,8 +123,20 @@ fn parse_npy(b: &[u8]) -> Npy {
         i64: Vec::new(),
     };
     match descr {
-        "<f4" => npy.f32 = data.chunks_exact(4).take(count).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-        "<i8" => npy.i64 = data.chunks_exact(8).take(count).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
+        "<f4" => {
+            npy.f32 = data
+                .chunks_exact(4)
+                .take(count)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        }
+        "<i8" => {
+            npy.i64 = data
+                .chunks_exact(8)
+                .take(count)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        }
         other => panic!("unsupported npy dtype {other}"),
     }
     npy
@@ -124,7 +167,10 @@ pub fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// `[rows, cols]` -> `[cols, rows]`.
@@ -139,7 +185,10 @@ pub fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// Gradient of every parameter that has one, by module path: `(shape, values)`.
-pub fn grads_by_path<M: Module>(model: &M, grads: &Gradients) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+pub fn grads_by_path<M: Module>(
+    model: &M,
+    grads: &Gradients,
+) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     struct V<'a> {
         path: Vec<String>,
         grads: &'a Gradients,
@@ -169,5 +218,8 @@ pub fn grads_by_path<M: Module>(model: &M, grads: &Gradients) -> BTreeMap<String
 }
 
 pub fn l2(v: &[f32]) -> f64 {
-    v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt()
+    v.iter()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum::<f64>()
+        .sqrt()
 }
