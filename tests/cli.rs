@@ -9,7 +9,12 @@ fn plugins_list_json_shows_builtins_with_parameters() {
     let o = ytrainer(&["plugins", "list", "--format", "json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    let names: Vec<&str> = v.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["ce", "nlirg"]);
     let nlirg = &v[1];
     assert_eq!(nlirg["kind"], "token");
@@ -22,10 +27,23 @@ fn plugins_list_json_shows_builtins_with_parameters() {
         .collect();
     assert_eq!(
         params,
-        [("a", 1.0), ("x0", 1.2), ("k", 1.7), ("split", 3.0), ("center", 6.2), ("slope", 1.0), ("cutoff", 15.0), ("floor", 5e-8)]
+        [
+            ("a", 1.0),
+            ("x0", 1.2),
+            ("k", 1.7),
+            ("split", 3.0),
+            ("center", 6.2),
+            ("slope", 1.0),
+            ("cutoff", 15.0),
+            ("floor", 5e-8)
+        ]
     );
     let text = ytrainer(&["plugins", "list"]);
-    assert!(stdout(&text).contains("nlirg      token     built-in"), "{}", stdout(&text));
+    assert!(
+        stdout(&text).contains("nlirg      token     built-in"),
+        "{}",
+        stdout(&text)
+    );
 }
 
 #[test]
@@ -34,29 +52,52 @@ fn run_help_documents_the_flags_scripts_rely_on() {
     assert!(o.status.success());
     let h = stdout(&o);
     for flag in [
-        "--config", "--model", "--data", "--eval-data", "--loss", "--output-dir", "--max-steps", "--device", "--seed",
-        "--resume", "--adapter", "--set",
+        "--config",
+        "--model",
+        "--data",
+        "--eval-data",
+        "--loss",
+        "--output-dir",
+        "--max-steps",
+        "--device",
+        "--seed",
+        "--resume",
+        "--adapter",
+        "--set",
     ] {
         assert!(h.contains(flag), "run --help lacks {flag}:\n{h}");
     }
-    assert!(h.contains("[train.max_steps]"), "flags name the config key they override");
+    assert!(
+        h.contains("[train.max_steps]"),
+        "flags name the config key they override"
+    );
 }
 
 #[test]
 fn missing_config_file() {
     let o = ytrainer(&["run", "--config", "does/not/exist.toml"]);
-    assert_user_error(&o, "error: cannot read config file does/not/exist.toml: No such file or directory");
+    assert_user_error(
+        &o,
+        "error: cannot read config file does/not/exist.toml: No such file or directory",
+    );
 }
 
 #[test]
 fn unknown_config_key_suggests_the_nearest() {
     let d = TempDir::new("cfg");
     let cfg = d.path().join("c.toml");
-    std::fs::write(&cfg, "[model]\npreset = \"tiny\"\n\n[train]\nlearning_rate = 1e-3\nwarmup_step = 3\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "[model]\npreset = \"tiny\"\n\n[train]\nlearning_rate = 1e-3\nwarmup_step = 3\n",
+    )
+    .unwrap();
     let o = ytrainer(&["run", "--config", &s(&cfg)]);
     assert_user_error(
         &o,
-        &format!("{}:6: unknown key `warmup_step` in [train] (did you mean `warmup_steps`?)", cfg.display()),
+        &format!(
+            "{}:6: unknown key `warmup_step` in [train] (did you mean `warmup_steps`?)",
+            cfg.display()
+        ),
     );
 }
 
@@ -81,27 +122,52 @@ fn no_model_and_no_data() {
 fn unknown_loss_plugin() {
     let d = TempDir::new("loss");
     let o = ytrainer(&[
-        "run", "--preset", "tiny", "--data", "examples/quickstart/train.jsonl", "--loss", "nlrig", "--output-dir",
+        "run",
+        "--preset",
+        "tiny",
+        "--data",
+        "examples/quickstart/train.jsonl",
+        "--loss",
+        "nlrig",
+        "--output-dir",
         &s(d.path()),
     ]);
-    assert_user_error(&o, "unknown loss plugin `nlrig` (did you mean `nlirg`?); available: ce, nlirg");
+    assert_user_error(
+        &o,
+        "unknown loss plugin `nlrig` (did you mean `nlirg`?); available: ce, nlirg",
+    );
 }
 
 #[test]
 fn bad_loss_parameter() {
     let d = TempDir::new("lossp");
     let o = ytrainer(&[
-        "run", "--preset", "tiny", "--data", "examples/quickstart/train.jsonl", "--loss-param", "cutof=3",
-        "--output-dir", &s(d.path()),
+        "run",
+        "--preset",
+        "tiny",
+        "--data",
+        "examples/quickstart/train.jsonl",
+        "--loss-param",
+        "cutof=3",
+        "--output-dir",
+        &s(d.path()),
     ]);
-    assert_user_error(&o, "loss plugin `nlirg` has no parameter `cutof` (did you mean `cutoff`?)");
+    assert_user_error(
+        &o,
+        "loss plugin `nlirg` has no parameter `cutof` (did you mean `cutoff`?)",
+    );
 }
 
 #[test]
 fn model_directory_without_config_json() {
     let d = TempDir::new("nomodel");
     let o = ytrainer(&[
-        "run", "--model", &s(d.path()), "--data", "examples/quickstart/train.jsonl", "--output-dir",
+        "run",
+        "--model",
+        &s(d.path()),
+        "--data",
+        "examples/quickstart/train.jsonl",
+        "--output-dir",
         &s(&d.path().join("out")),
     ]);
     assert_user_error(&o, "not a Hugging Face model directory (no config.json)");
@@ -111,7 +177,14 @@ fn model_directory_without_config_json() {
 fn cuda_device_without_cuda_build() {
     let d = TempDir::new("cuda");
     let o = ytrainer(&[
-        "run", "--preset", "tiny", "--data", "examples/quickstart/train.jsonl", "--device", "cuda:0", "--output-dir",
+        "run",
+        "--preset",
+        "tiny",
+        "--data",
+        "examples/quickstart/train.jsonl",
+        "--device",
+        "cuda:0",
+        "--output-dir",
         &s(d.path()),
     ]);
     if cfg!(feature = "cuda") {
@@ -119,10 +192,20 @@ fn cuda_device_without_cuda_build() {
     }
     assert_user_error(&o, "this ytrainer binary was built without CUDA support");
     let o = ytrainer(&[
-        "run", "--preset", "tiny", "--data", "examples/quickstart/train.jsonl", "--device", "tpu", "--output-dir",
+        "run",
+        "--preset",
+        "tiny",
+        "--data",
+        "examples/quickstart/train.jsonl",
+        "--device",
+        "tpu",
+        "--output-dir",
         &s(d.path()),
     ]);
-    assert_user_error(&o, "invalid device `tpu`: expected `cpu`, `cuda` or `cuda:N`");
+    assert_user_error(
+        &o,
+        "invalid device `tpu`: expected `cpu`, `cuda` or `cuda:N`",
+    );
 }
 
 /// Runs the tiny preset on a data file written by the test and returns the output.
@@ -132,10 +215,24 @@ fn run_on_data(name: &str, content: &[u8]) -> (TempDir, std::process::Output, st
     std::fs::write(&f, content).unwrap();
     // the tokenizer of the tiny preset is trained on the data itself, so use a fixed good base model
     let base = d.path().join("base");
-    let o = ytrainer(&["init", "--data", "examples/quickstart/train.jsonl", "--out", &s(&base)]);
+    let o = ytrainer(&[
+        "init",
+        "--data",
+        "examples/quickstart/train.jsonl",
+        "--out",
+        &s(&base),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let o = ytrainer(&[
-        "run", "--model", &s(&base), "--data", &s(&f), "--max-steps", "1", "--output-dir", &s(&d.path().join("out")),
+        "run",
+        "--model",
+        &s(&base),
+        "--data",
+        &s(&f),
+        "--max-steps",
+        "1",
+        "--output-dir",
+        &s(&d.path().join("out")),
     ]);
     (d, o, f)
 }
@@ -157,7 +254,10 @@ fn malformed_json_line() {
 
 #[test]
 fn missing_field() {
-    let (_d, o, f) = run_on_data("bad.json", b"[{\"instruction\": \"a\", \"output\": \"b\"}, {\"instruction\": \"c\"}]");
+    let (_d, o, f) = run_on_data(
+        "bad.json",
+        b"[{\"instruction\": \"a\", \"output\": \"b\"}, {\"instruction\": \"c\"}]",
+    );
     assert_user_error(
         &o,
         &format!(
@@ -195,14 +295,17 @@ fn empty_dataset() {
 fn empty_answers_are_counted_warnings_not_silent() {
     let mut data = String::new();
     for i in 0..5 {
-        data.push_str(&format!("{{\"instruction\": \"say {i}\", \"output\": \"{i} {i} {i}\"}}\n"));
+        data.push_str(&format!(
+            "{{\"instruction\": \"say {i}\", \"output\": \"{i} {i} {i}\"}}\n"
+        ));
     }
     data.push_str("{\"instruction\": \"say nothing\", \"output\": \"\"}\n");
     let (d, o, _f) = run_on_data("warn.jsonl", data.as_bytes());
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("warnings 1"), "{}", stdout(&o));
     let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.path().join("out/summary.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("out/summary.json")).unwrap())
+            .unwrap();
     let w = summary["data"]["warnings"][0].as_str().unwrap();
     assert!(w.contains("warn.jsonl:6"), "{w}");
 }
@@ -217,25 +320,71 @@ fn overlong_samples_are_truncated_or_skipped_and_counted() {
     let f = d.path().join("d.jsonl");
     std::fs::write(&f, &data).unwrap();
     let base = d.path().join("base");
-    assert!(ytrainer(&["init", "--data", "examples/quickstart/train.jsonl", "--out", &s(&base)]).status.success());
+    assert!(
+        ytrainer(&[
+            "init",
+            "--data",
+            "examples/quickstart/train.jsonl",
+            "--out",
+            &s(&base)
+        ])
+        .status
+        .success()
+    );
     let o = ytrainer(&[
-        "run", "--model", &s(&base), "--data", &s(&f), "--max-steps", "1", "--max-seq-len", "64", "--output-dir",
+        "run",
+        "--model",
+        &s(&base),
+        "--data",
+        &s(&f),
+        "--max-steps",
+        "1",
+        "--max-seq-len",
+        "64",
+        "--output-dir",
         &s(&d.path().join("a")),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("truncated 1, skipped (overlong) 0"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("truncated 1, skipped (overlong) 0"),
+        "{}",
+        stdout(&o)
+    );
     let o = ytrainer(&[
-        "run", "--model", &s(&base), "--data", &s(&f), "--max-steps", "1", "--max-seq-len", "64", "--set",
-        "data.overlong=\"skip\"", "--output-dir", &s(&d.path().join("b")),
+        "run",
+        "--model",
+        &s(&base),
+        "--data",
+        &s(&f),
+        "--max-steps",
+        "1",
+        "--max-seq-len",
+        "64",
+        "--set",
+        "data.overlong=\"skip\"",
+        "--output-dir",
+        &s(&d.path().join("b")),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("truncated 0, skipped (overlong) 1"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("truncated 0, skipped (overlong) 1"),
+        "{}",
+        stdout(&o)
+    );
 }
 
 #[test]
 fn dry_run_prints_resolved_config_with_overrides() {
     let o = ytrainer(&[
-        "run", "--config", "examples/quickstart/sft-nlirg.toml", "--loss", "ce", "--max-steps", "7", "--seed", "3",
+        "run",
+        "--config",
+        "examples/quickstart/sft-nlirg.toml",
+        "--loss",
+        "ce",
+        "--max-steps",
+        "7",
+        "--seed",
+        "3",
         "--dry-run",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -243,6 +392,10 @@ fn dry_run_prints_resolved_config_with_overrides() {
     assert_eq!(cfg["loss"]["name"].as_str(), Some("ce"));
     assert_eq!(cfg["train"]["max_steps"].as_integer(), Some(7));
     assert_eq!(cfg["train"]["seed"].as_integer(), Some(3));
-    assert_eq!(cfg["train"]["epochs"].as_integer(), Some(4), "untouched keys keep the file's value");
+    assert_eq!(
+        cfg["train"]["epochs"].as_integer(),
+        Some(4),
+        "untouched keys keep the file's value"
+    );
     assert_eq!(cfg["adapter"]["type"].as_str(), Some("full"));
 }

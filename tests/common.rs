@@ -6,7 +6,10 @@ use std::process::{Command, Output};
 
 /// Repository root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// `../shared/assets` next to the repository (present on the project's machines and CI).
@@ -71,10 +74,18 @@ pub fn stderr(o: &Output) -> String {
 /// Asserts a failed run with a one-paragraph error that contains `needle`, and no panic or backtrace.
 pub fn assert_user_error(o: &Output, needle: &str) {
     let err = stderr(o);
-    assert!(!o.status.success(), "expected failure, got success; stderr:\n{err}");
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr:\n{err}"
+    );
     assert_eq!(o.status.code(), Some(1), "stderr:\n{err}");
     assert!(err.contains(needle), "stderr lacks {needle:?}:\n{err}");
-    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE") && !err.contains("internal error"), "{err}");
+    assert!(
+        !err.contains("panicked")
+            && !err.contains("RUST_BACKTRACE")
+            && !err.contains("internal error"),
+        "{err}"
+    );
     let last = err.lines().filter(|l| l.starts_with("error:")).count();
     assert_eq!(last, 1, "expected exactly one error paragraph:\n{err}");
 }

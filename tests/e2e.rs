@@ -14,7 +14,13 @@ fn summary(dir: &std::path::Path) -> serde_json::Value {
 #[test]
 fn quickstart_lowers_eval_loss_and_exports_a_hf_checkpoint() {
     let d = TempDir::new("quick");
-    let o = ytrainer(&["run", "--config", "examples/quickstart/sft-nlirg.toml", "--output-dir", &s(d.path())]);
+    let o = ytrainer(&[
+        "run",
+        "--config",
+        "examples/quickstart/sft-nlirg.toml",
+        "--output-dir",
+        &s(d.path()),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(out.contains("eval loss:"), "{out}");
@@ -23,15 +29,29 @@ fn quickstart_lowers_eval_loss_and_exports_a_hf_checkpoint() {
     let after = sm["summary"]["eval_after"]["eval_loss"].as_f64().unwrap();
     assert!(after < 0.5 * before, "eval loss {before} -> {after}");
     assert_eq!(sm["summary"]["skipped_steps"], 0);
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         assert!(d.path().join("final").join(f).exists(), "final/{f} missing");
     }
     // metrics.jsonl carries the documented fields on every step
     let m = jsonl(&d.path().join("metrics.jsonl"));
     assert_eq!(m.len() as u64, sm["summary"]["steps"].as_u64().unwrap());
     for key in [
-        "loss", "ce", "mean_weight", "zone_learned", "zone_learning", "zone_hard", "zone_noise", "token_accuracy", "lr",
-        "grad_norm", "tokens_per_s",
+        "loss",
+        "ce",
+        "mean_weight",
+        "zone_learned",
+        "zone_learning",
+        "zone_hard",
+        "zone_noise",
+        "token_accuracy",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
     ] {
         assert!(m[0][key].is_number(), "metrics lack {key}: {}", m[0]);
     }
@@ -42,13 +62,27 @@ fn quickstart_lowers_eval_loss_and_exports_a_hf_checkpoint() {
     assert!((zones - 1.0).abs() < 1e-9);
     // the exported full checkpoint loads back as a model and trains on
     let o = ytrainer(&[
-        "run", "--model", &s(&d.path().join("final")), "--data", "examples/quickstart/eval.jsonl", "--max-steps", "1",
-        "--adapter", "full", "--output-dir", &s(&d.path().join("again")),
+        "run",
+        "--model",
+        &s(&d.path().join("final")),
+        "--data",
+        "examples/quickstart/eval.jsonl",
+        "--max-steps",
+        "1",
+        "--adapter",
+        "full",
+        "--output-dir",
+        &s(&d.path().join("again")),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let again = summary(&d.path().join("again"));
-    let b2 = again["summary"]["eval_before"]["eval_loss"].as_f64().unwrap();
-    assert!((b2 - after).abs() < 0.3, "reloaded model's loss {b2} far from trained {after}");
+    let b2 = again["summary"]["eval_before"]["eval_loss"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (b2 - after).abs() < 0.3,
+        "reloaded model's loss {b2} far from trained {after}"
+    );
 }
 
 fn last_metrics(dir: &std::path::Path) -> serde_json::Value {
@@ -60,8 +94,16 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
     let d = TempDir::new("resume");
     let common = |out: &std::path::Path| -> Vec<String> {
         [
-            "run", "--config", "examples/quickstart/sft-nlirg.toml", "--max-steps", "12", "--save-every", "4",
-            "--eval-every", "0", "--output-dir",
+            "run",
+            "--config",
+            "examples/quickstart/sft-nlirg.toml",
+            "--max-steps",
+            "12",
+            "--save-every",
+            "4",
+            "--eval-every",
+            "0",
+            "--output-dir",
         ]
         .iter()
         .map(|x| x.to_string())
@@ -70,7 +112,11 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
     };
     let a = d.path().join("a");
     let args: Vec<String> = common(&a);
-    let o = Command::new(bin()).args(&args).current_dir(root()).output().unwrap();
+    let o = Command::new(bin())
+        .args(&args)
+        .current_dir(root())
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
 
     // B: same run, killed (SIGKILL) once its first checkpoint exists.
@@ -83,16 +129,25 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
         .spawn()
         .unwrap();
     let t0 = Instant::now();
-    while !b.join("checkpoint-4/trainer_state.json").exists() && t0.elapsed() < Duration::from_secs(120) {
+    while !b.join("checkpoint-4/trainer_state.json").exists()
+        && t0.elapsed() < Duration::from_secs(120)
+    {
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
     let _ = child.wait();
-    assert!(b.join("checkpoint-4").exists(), "no checkpoint written before the kill");
+    assert!(
+        b.join("checkpoint-4").exists(),
+        "no checkpoint written before the kill"
+    );
     // Resume from the step-4 checkpoint explicitly: steps 5..12 are recomputed whatever the kill interrupted.
     let mut resume_args = common(&b);
     resume_args.extend(["--resume".to_string(), s(&b.join("checkpoint-4"))]);
-    let o = Command::new(bin()).args(&resume_args).current_dir(root()).output().unwrap();
+    let o = Command::new(bin())
+        .args(&resume_args)
+        .current_dir(root())
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("resumed from"), "{}", stderr(&o));
     let (ma, mb) = (last_metrics(&a), last_metrics(&b));
@@ -100,19 +155,34 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
     assert_eq!(mb["step"], 12);
     for key in ["loss", "ce", "grad_norm", "mean_weight"] {
         let (x, y) = (ma[key].as_f64().unwrap(), mb[key].as_f64().unwrap());
-        assert!((x - y).abs() <= 1e-6, "{key}: uninterrupted {x} vs resumed {y}");
+        assert!(
+            (x - y).abs() <= 1e-6,
+            "{key}: uninterrupted {x} vs resumed {y}"
+        );
     }
     let (ea, eb) = (summary(&a), summary(&b));
     let (x, y) = (
         ea["summary"]["eval_after"]["eval_loss"].as_f64().unwrap(),
         eb["summary"]["eval_after"]["eval_loss"].as_f64().unwrap(),
     );
-    assert!((x - y).abs() <= 1e-6, "final eval loss: uninterrupted {x} vs resumed {y}");
+    assert!(
+        (x - y).abs() <= 1e-6,
+        "final eval loss: uninterrupted {x} vs resumed {y}"
+    );
 
     // Resuming with a different training config is refused.
     let mut bad = common(&d.path().join("c"));
-    bad.extend(["--resume".into(), s(&b), "--learning-rate".into(), "0.1".into()]);
-    let o = Command::new(bin()).args(&bad).current_dir(root()).output().unwrap();
+    bad.extend([
+        "--resume".into(),
+        s(&b),
+        "--learning-rate".into(),
+        "0.1".into(),
+    ]);
+    let o = Command::new(bin())
+        .args(&bad)
+        .current_dir(root())
+        .output()
+        .unwrap();
     assert_user_error(&o, "cannot resume from");
 }
 
@@ -120,19 +190,41 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
 fn windowed_mode_trains_every_supervised_token_exactly_once() {
     let d = TempDir::new("windowed");
     let o = ytrainer(&[
-        "run", "--config", "examples/quickstart/sft-nlirg.toml", "--data", "examples/quickstart/eval.jsonl",
-        "--eval-data", "examples/quickstart/eval.jsonl", "--epochs", "1", "--mode", "windowed", "--token-batch", "10",
-        "--eval-every", "0", "--save-every", "0", "--output-dir", &s(d.path()),
+        "run",
+        "--config",
+        "examples/quickstart/sft-nlirg.toml",
+        "--data",
+        "examples/quickstart/eval.jsonl",
+        "--eval-data",
+        "examples/quickstart/eval.jsonl",
+        "--epochs",
+        "1",
+        "--mode",
+        "windowed",
+        "--token-batch",
+        "10",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "0",
+        "--output-dir",
+        &s(d.path()),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let sm = summary(d.path());
     let supervised = sm["data"]["supervised_tokens"].as_u64().unwrap();
-    assert_eq!(sm["summary"]["tokens_trained"].as_u64().unwrap(), supervised);
+    assert_eq!(
+        sm["summary"]["tokens_trained"].as_u64().unwrap(),
+        supervised
+    );
     let m = jsonl(&d.path().join("metrics.jsonl"));
     assert!(m.iter().all(|l| l["tokens"].as_u64().unwrap() <= 10));
     // windows per example = ceil(targets / 10): more steps than one-pass, tail windows kept
     let full = m.iter().filter(|l| l["tokens"] == 10).count();
-    assert!(full > 0 && full < m.len(), "expected full windows and tail windows");
+    assert!(
+        full > 0 && full < m.len(),
+        "expected full windows and tail windows"
+    );
 }
 
 #[test]
@@ -143,29 +235,82 @@ fn lora_on_real_hf_checkpoint_exports_peft_adapter_and_continues_from_it() {
     for loss in ["ce", "nlirg"] {
         let out = d.path().join(loss);
         let o = ytrainer(&[
-            "run", "--model", &s(&tiny), "--data", &s(&data), "--loss", loss, "--max-steps", "2", "--max-seq-len", "128",
-            "--tokens-per-step", "256", "--set", "eval.max_samples=8", "--output-dir", &s(&out),
+            "run",
+            "--model",
+            &s(&tiny),
+            "--data",
+            &s(&data),
+            "--loss",
+            loss,
+            "--max-steps",
+            "2",
+            "--max-seq-len",
+            "128",
+            "--tokens-per-step",
+            "256",
+            "--set",
+            "eval.max_samples=8",
+            "--output-dir",
+            &s(&out),
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
-        let cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("final/adapter_config.json")).unwrap()).unwrap();
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("final/adapter_config.json")).unwrap(),
+        )
+        .unwrap();
         assert_eq!(cfg["peft_type"], "LORA");
         assert_eq!(cfg["r"], 16, "default adapter is LoRA r=16");
-        let mut targets: Vec<&str> = cfg["target_modules"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let mut targets: Vec<&str> = cfg["target_modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
         targets.sort();
-        assert_eq!(targets, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]);
+        assert_eq!(
+            targets,
+            [
+                "down_proj",
+                "gate_proj",
+                "k_proj",
+                "o_proj",
+                "q_proj",
+                "up_proj",
+                "v_proj"
+            ]
+        );
         assert!(out.join("final/adapter_model.safetensors").exists());
     }
     // continue training from the exported adapter
     let out = d.path().join("continued");
     let o = ytrainer(&[
-        "run", "--model", &s(&tiny), "--data", &s(&data), "--max-steps", "1", "--max-seq-len", "128",
-        "--tokens-per-step", "256", "--set", "eval.max_samples=8",
-        "--set", &format!("adapter.init_from=\"{}\"", s(&d.path().join("nlirg/final"))),
-        "--output-dir", &s(&out),
+        "run",
+        "--model",
+        &s(&tiny),
+        "--data",
+        &s(&data),
+        "--max-steps",
+        "1",
+        "--max-seq-len",
+        "128",
+        "--tokens-per-step",
+        "256",
+        "--set",
+        "eval.max_samples=8",
+        "--set",
+        &format!("adapter.init_from=\"{}\"", s(&d.path().join("nlirg/final"))),
+        "--output-dir",
+        &s(&out),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let first = summary(&d.path().join("nlirg"))["summary"]["eval_after"]["eval_loss"].as_f64().unwrap();
-    let cont = summary(&out)["summary"]["eval_before"]["eval_loss"].as_f64().unwrap();
-    assert!((first - cont).abs() < 1e-4, "loaded adapter reproduces the trained model: {first} vs {cont}");
+    let first = summary(&d.path().join("nlirg"))["summary"]["eval_after"]["eval_loss"]
+        .as_f64()
+        .unwrap();
+    let cont = summary(&out)["summary"]["eval_before"]["eval_loss"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (first - cont).abs() < 1e-4,
+        "loaded adapter reproduces the trained model: {first} vs {cont}"
+    );
 }

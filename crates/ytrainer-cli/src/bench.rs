@@ -72,7 +72,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let registry = Registry::discover();
     let (loss, _) = registry.build(&a.loss, &Default::default())?;
     let LossFn::Token(plugin) = loss else {
-        return Err(anyhow!("bench needs a token plugin, `{}` is pairwise", a.loss));
+        return Err(anyhow!(
+            "bench needs a token plugin, `{}` is pairwise",
+            a.loss
+        ));
     };
     let mut optim = AdamW::new(AdamWConfig::default());
     let mut acc = GradAccumulator::default();
@@ -124,7 +127,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             tps,
             median,
             a.steps,
-            rss.map(|r| format!("{r:.0}")).unwrap_or_else(|| "n/a".into()),
+            rss.map(|r| format!("{r:.0}"))
+                .unwrap_or_else(|| "n/a".into()),
             last.mean_ce()
         ),
     }

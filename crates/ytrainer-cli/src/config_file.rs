@@ -17,7 +17,15 @@ pub const KEYS: &[(&str, &[&str])] = &[
     ("model", &["path", "preset", "seed"]),
     (
         "adapter",
-        &["type", "r", "alpha", "dropout", "target_modules", "use_rslora", "init_from"],
+        &[
+            "type",
+            "r",
+            "alpha",
+            "dropout",
+            "target_modules",
+            "use_rslora",
+            "init_from",
+        ],
     ),
     (
         "data",
@@ -65,21 +73,29 @@ pub const KEYS: &[(&str, &[&str])] = &[
 /// Checks every key of the document against [`KEYS`], naming the file, line and nearest valid key.
 fn check_keys(doc: &Table, file: &str, text: &str) -> Result<()> {
     let sections: Vec<&str> = KEYS.iter().map(|(s, _)| *s).collect();
+    // Keys from `--set` have no line to point at.
+    let at = |key: &str| {
+        if text.is_empty() {
+            file.to_string()
+        } else {
+            format!("{file}:{}", line_of(text, key))
+        }
+    };
     for (section, value) in doc {
         let Some((_, keys)) = KEYS.iter().find(|(s, _)| s == section) else {
             let hint = nearest(section, &sections)
                 .map(|s| format!(" (did you mean `[{s}]`?)"))
                 .unwrap_or_default();
             bail!(
-                "{file}:{}: unknown section `[{section}]`{hint}; valid sections: {}",
-                line_of(text, section),
+                "{}: unknown section `[{section}]`{hint}; valid sections: {}",
+                at(section),
                 sections.join(", ")
             );
         };
         let Value::Table(t) = value else {
             bail!(
-                "{file}:{}: `{section}` must be a table (`[{section}]`), not a value",
-                line_of(text, section)
+                "{}: `{section}` must be a table (`[{section}]`), not a value",
+                at(section)
             );
         };
         for key in t.keys() {
@@ -88,8 +104,8 @@ fn check_keys(doc: &Table, file: &str, text: &str) -> Result<()> {
                     .map(|k| format!(" (did you mean `{k}`?)"))
                     .unwrap_or_default();
                 bail!(
-                    "{file}:{}: unknown key `{key}` in [{section}]{hint}; valid keys in [{section}]: {}",
-                    line_of(text, key),
+                    "{}: unknown key `{key}` in [{section}]{hint}; valid keys in [{section}]: {}",
+                    at(key),
                     keys.join(", ")
                 );
             }
@@ -250,7 +266,10 @@ pub fn resolve(args: &RunArgs) -> Result<RunConfig> {
     let cfg: RunConfig = Value::Table(doc).try_into().map_err(|e: toml::de::Error| {
         anyhow!(
             "{file}: {}",
-            e.message().replace("\n", " ").trim_end().trim_end_matches('.')
+            e.message()
+                .replace("\n", " ")
+                .trim_end()
+                .trim_end_matches('.')
         )
     })?;
     validate(&cfg)?;
@@ -332,10 +351,16 @@ fn validate(cfg: &RunConfig) -> Result<()> {
         bail!("[adapter] r = 0: the LoRA rank must be >= 1 (or use `type = \"full\"`)");
     }
     if cfg.data.max_seq_len < 2 {
-        bail!("[data] max_seq_len = {}: must be >= 2", cfg.data.max_seq_len);
+        bail!(
+            "[data] max_seq_len = {}: must be >= 2",
+            cfg.data.max_seq_len
+        );
     }
     if !(0.0..1.0).contains(&cfg.data.eval_fraction) {
-        bail!("[data] eval_fraction = {}: must be in [0, 1)", cfg.data.eval_fraction);
+        bail!(
+            "[data] eval_fraction = {}: must be in [0, 1)",
+            cfg.data.eval_fraction
+        );
     }
     Ok(())
 }
@@ -392,7 +417,10 @@ mod tests {
     fn unknown_section_suggests_nearest() {
         let (_d, a) = args_with_config("[trian]\nepochs = 1\n");
         let e = resolve(&a).unwrap_err().to_string();
-        assert!(e.contains(":1: unknown section `[trian]` (did you mean `[train]`?)"), "{e}");
+        assert!(
+            e.contains(":1: unknown section `[trian]` (did you mean `[train]`?)"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -402,7 +430,10 @@ mod tests {
         );
         a.learning_rate = Some(5e-4);
         a.loss = Some("ce".into());
-        a.set = vec!["train.weight_decay=0.1".into(), "data.train_on=everything".into()];
+        a.set = vec![
+            "train.weight_decay=0.1".into(),
+            "data.train_on=everything".into(),
+        ];
         let c = resolve(&a).unwrap();
         assert_eq!(c.train.learning_rate, 5e-4);
         assert_eq!(c.train.max_steps, 5);
@@ -410,7 +441,12 @@ mod tests {
         assert_eq!(c.loss.name, "ce");
         assert_eq!(c.data.train_on, ytrainer_core::config::TrainOn::Everything);
         // relative paths are relative to the config file
-        assert!(c.data.train.unwrap().starts_with(a.config.unwrap().parent().unwrap()));
+        assert!(
+            c.data
+                .train
+                .unwrap()
+                .starts_with(a.config.unwrap().parent().unwrap())
+        );
     }
 
     #[test]
@@ -422,7 +458,10 @@ mod tests {
             ..Default::default()
         };
         let e = resolve(&a).unwrap_err().to_string();
-        assert!(e.contains("unknown key `wieght_decay` in [train] (did you mean `weight_decay`?)"), "{e}");
+        assert!(
+            e.contains("unknown key `wieght_decay` in [train] (did you mean `weight_decay`?)"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -443,6 +482,9 @@ mod tests {
             "[model]\npreset = \"tiny\"\n[data]\ntrain = \"x\"\n[train]\nepochs = \"two\"\n",
         );
         let e = resolve(&a).unwrap_err().to_string();
-        assert!(e.contains("invalid type: string \"two\", expected usize"), "{e}");
+        assert!(
+            e.contains("invalid type: string \"two\", expected usize"),
+            "{e}"
+        );
     }
 }

@@ -35,8 +35,9 @@ fn main() -> ExitCode {
         );
     }));
     let args = cli::Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("YTRAINER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if args.verbose { "info" } else { "warn" }));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("YTRAINER_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if args.verbose { "info" } else { "warn" })
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

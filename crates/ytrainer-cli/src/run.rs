@@ -13,7 +13,9 @@ use ytrainer_data::{
     BatchOptions, ChatTemplate, DataOptions, Example, Mode, Record, TokenizerWrapper, load_records,
     prepare,
 };
-use ytrainer_models::{AdapterSpec, HfConfig, LoraConfig, init_random, load_peft_adapter, load_pretrained};
+use ytrainer_models::{
+    AdapterSpec, HfConfig, LoraConfig, init_random, load_peft_adapter, load_pretrained,
+};
 
 use crate::cli::{InitArgs, RunArgs};
 use crate::config_file;
@@ -123,18 +125,18 @@ fn data_options(cfg: &RunConfig) -> DataOptions {
     }
 }
 
-/// Fingerprint of everything that determines the training trajectory (resume must match it).
+/// Everything that determines the training trajectory, as canonical JSON: resume must match it, and on a
+/// mismatch the trainer names the keys that differ. The device is left out on purpose (a run may continue on
+/// other hardware), as are eval and output settings.
 fn fingerprint(cfg: &RunConfig) -> String {
-    let v = serde_json::json!({
-        "model": cfg.model, "adapter": cfg.adapter, "data": cfg.data, "loss": cfg.loss, "train": cfg.train,
-    });
-    // FNV-1a: stable across Rust versions, unlike `DefaultHasher`.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in v.to_string().bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
+    let mut train = serde_json::to_value(&cfg.train).unwrap_or_default();
+    if let Some(t) = train.as_object_mut() {
+        t.remove("device");
     }
-    format!("{h:016x}")
+    serde_json::json!({
+        "model": cfg.model, "adapter": cfg.adapter, "data": cfg.data, "loss": cfg.loss, "train": train,
+    })
+    .to_string()
 }
 
 /// Splits off a deterministic eval fraction: every k-th record, so the split does not depend on file order
@@ -157,14 +159,35 @@ fn split_eval(records: Vec<Record>, fraction: f64) -> (Vec<Record>, Vec<Record>)
 
 /// `ytrainer run`
 pub fn run(args: RunArgs) -> Result<()> {
-    let cfg = config_file::resolve(&args)?;
+    let mut cfg = config_file::resolve(&args)?;
+    // The loss plugin is checked first: a typo in its name or parameters must not cost a model load.
+    let registry = Registry::discover();
+    let (loss_fn, params) = registry.build(&cfg.loss.name, &cfg.loss.params)?;
+    let plugin = match loss_fn {
+        LossFn::Token(p) => p,
+        LossFn::Pairwise(_) => bail!(
+            "loss `{}` is a pairwise (preference) objective; `ytrainer run` with SFT/CPT data needs a token \
+             plugin such as `nlirg` or `ce` (see `ytrainer plugins list`)",
+            cfg.loss.name
+        ),
+    };
+    let normalize = cfg
+        .loss
+        .normalize
+        .unwrap_or_else(|| plugin.default_normalize());
+    cfg.loss.normalize = Some(normalize);
     if args.dry_run {
         println!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
     let out = cfg.output.dir.clone();
-    fs::create_dir_all(&out).with_context(|| format!("cannot create output directory {}", out.display()))?;
-    let train_file = cfg.data.train.clone().ok_or_else(|| anyhow!("no training data"))?;
+    fs::create_dir_all(&out)
+        .with_context(|| format!("cannot create output directory {}", out.display()))?;
+    let train_file = cfg
+        .data
+        .train
+        .clone()
+        .ok_or_else(|| anyhow!("no training data"))?;
 
     // Model directory: given, or self-made from the preset (reused when it already exists, e.g. on resume).
     let model_dir = match (&cfg.model.path, &cfg.model.preset) {
@@ -172,7 +195,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         (None, Some(preset)) => {
             let d = out.join("base-model");
             if !d.join("model.safetensors").exists() {
-                eprintln!("creating the `{preset}` model in {} (tokenizer trained on {})", d.display(), train_file.display());
+                eprintln!(
+                    "creating the `{preset}` model in {} (tokenizer trained on {})",
+                    d.display(),
+                    train_file.display()
+                );
                 create_preset(preset, &train_file, cfg.model.seed, &d)?;
             }
             d
@@ -204,6 +231,11 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let loaded = load_records(&train_file)?;
     let mut warnings: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
+    if cfg.data.eval.is_some() && cfg.data.eval_fraction > 0.0 {
+        bail!(
+            "[data] sets both `eval` and `eval_fraction`; choose one (an eval file, or a held-out fraction of the training data)"
+        );
+    }
     let (train_records, mut eval_records) = split_eval(loaded.records, cfg.data.eval_fraction);
     if let Some(e) = &cfg.data.eval {
         let l = load_records(e)?;
@@ -212,33 +244,22 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let dopts = data_options(&cfg);
     let prepared = prepare(&train_records, &tok, template.as_ref(), &dopts)?;
-    let mut eval_prepared = prepare(&eval_records, &tok, template.as_ref(), &dopts).ok();
-    if let Some(p) = &mut eval_prepared
-        && cfg.eval.max_samples > 0
-    {
-        p.examples.truncate(cfg.eval.max_samples);
-    }
-    let eval_examples: Vec<Example> = match eval_prepared {
-        Some(p) if !p.examples.is_empty() => p.examples,
+    let mut eval_examples: Vec<Example> = if eval_records.is_empty() {
         // Without eval data, "loss before/after" is measured on (up to 64) training examples.
-        _ => prepared.examples.iter().take(64).cloned().collect(),
+        eprintln!(
+            "no eval data ([data] eval or eval_fraction): eval loss is measured on the first training examples"
+        );
+        prepared.examples.iter().take(64).cloned().collect()
+    } else {
+        prepare(&eval_records, &tok, template.as_ref(), &dopts)?.examples
     };
-
-    // Loss plugin.
-    let registry = Registry::discover();
-    let (loss_fn, params) = registry.build(&cfg.loss.name, &cfg.loss.params)?;
-    let plugin = match loss_fn {
-        LossFn::Token(p) => p,
-        LossFn::Pairwise(_) => bail!(
-            "loss `{}` is a pairwise (preference) objective; `ytrainer run` with SFT/CPT data needs a token \
-             plugin such as `nlirg` or `ce` (see `ytrainer plugins list`)",
-            cfg.loss.name
-        ),
-    };
-    let normalize = cfg.loss.normalize.unwrap_or_else(|| plugin.default_normalize());
+    if cfg.eval.max_samples > 0 {
+        eval_examples.truncate(cfg.eval.max_samples);
+    }
 
     // Model.
-    let device = ytrainer_core::device::select(&cfg.train.device, cfg.train.seed).map_err(|e| anyhow!(e))?;
+    let device =
+        ytrainer_core::device::select(&cfg.train.device, cfg.train.seed).map_err(|e| anyhow!(e))?;
     let adapter = match cfg.adapter.kind {
         AdapterKind::Full => AdapterSpec::Full,
         AdapterKind::Lora => AdapterSpec::Lora(LoraConfig {
@@ -265,8 +286,16 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
 
     // Resolved config beside the metrics.
-    fs::write(out.join("config.resolved.toml"), toml::to_string_pretty(&cfg)?)
-        .with_context(|| format!("cannot write {}", out.join("config.resolved.toml").display()))?;
+    fs::write(
+        out.join("config.resolved.toml"),
+        toml::to_string_pretty(&cfg)?,
+    )
+    .with_context(|| {
+        format!(
+            "cannot write {}",
+            out.join("config.resolved.toml").display()
+        )
+    })?;
 
     let pad_id = tok
         .token_to_id("<|endoftext|>")
@@ -308,17 +337,17 @@ pub fn run(args: RunArgs) -> Result<()> {
         device: &device,
     };
     let s = &prepared.stats;
+    let mut loss_desc: Vec<String> = params
+        .values()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    loss_desc.push(format!("normalize={}", normalize.as_str()));
     eprintln!(
-        "training {} with loss `{}` ({}; normalize = {}) on {} examples ({} supervised tokens) from {}",
+        "training {} with loss `{}` ({}) on {} examples ({} supervised tokens) from {}",
         model_dir.display(),
         cfg.loss.name,
-        params
-            .values()
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        normalize.as_str(),
+        loss_desc.join(", "),
         s.examples,
         s.supervised_tokens,
         train_file.display()
@@ -329,8 +358,14 @@ pub fn run(args: RunArgs) -> Result<()> {
 
     // Final export: what the user takes to the rest of the ecosystem.
     let final_dir = out.join("final");
-    let files = model.export(&final_dir).map_err(|e| anyhow!("exporting the trained model: {e}"))?;
-    copy_tokenizer_files(&model_dir, &final_dir, cfg.adapter.kind == AdapterKind::Full)?;
+    let files = model
+        .export(&final_dir)
+        .map_err(|e| anyhow!("exporting the trained model: {e}"))?;
+    copy_tokenizer_files(
+        &model_dir,
+        &final_dir,
+        cfg.adapter.kind == AdapterKind::Full,
+    )?;
     let summary_json = serde_json::json!({
         "summary": summary,
         "data": {
@@ -340,11 +375,20 @@ pub fn run(args: RunArgs) -> Result<()> {
         },
         "exported": files,
     });
-    fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary_json)?)?;
+    fs::write(
+        out.join("summary.json"),
+        serde_json::to_string_pretty(&summary_json)?,
+    )?;
 
-    println!("done: {} optimizer steps, {} supervised tokens trained in {:.1}s", summary.steps, summary.tokens_trained, summary.seconds);
+    println!(
+        "done: {} optimizer steps, {} supervised tokens trained in {:.1}s",
+        summary.steps, summary.tokens_trained, summary.seconds
+    );
     if summary.skipped_steps > 0 {
-        println!("  skipped updates (non-finite loss/gradient): {}", summary.skipped_steps);
+        println!(
+            "  skipped updates (non-finite loss/gradient): {}",
+            summary.skipped_steps
+        );
     }
     match (&summary.eval_before, &summary.eval_after) {
         (Some(b), Some(a)) => println!(
@@ -375,9 +419,20 @@ pub fn run(args: RunArgs) -> Result<()> {
 
 fn copy_tokenizer_files(from: &Path, to: &Path, full: bool) -> Result<()> {
     let names: &[&str] = if full {
-        &["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json", "special_tokens_map.json"]
+        &[
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "generation_config.json",
+            "special_tokens_map.json",
+        ]
     } else {
-        &["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"]
+        &[
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "special_tokens_map.json",
+        ]
     };
     for n in names {
         let src: PathBuf = from.join(n);

@@ -64,15 +64,18 @@ pub struct TrainerState {
     pub tokens_trained: u64,
     /// Seed the data plan was built from (must match on resume).
     pub seed: u64,
-    /// Fingerprint of the resolved config's training-relevant part (must match on resume).
+    /// The resolved config's training-relevant part as canonical JSON (must match on resume).
     pub config_fingerprint: String,
 }
 
+/// Tensors by name: shape and f32 values.
+pub type TensorMap = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Trainable parameter values by module path.
-pub fn trainable_params<M: Module>(model: &M) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+pub fn trainable_params<M: Module>(model: &M) -> TensorMap {
     struct V {
         path: Vec<String>,
-        out: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+        out: TensorMap,
     }
     impl ModuleVisitor for V {
         fn enter_module(&mut self, name: &str, _: &str) {
@@ -87,7 +90,11 @@ pub fn trainable_params<M: Module>(model: &M) -> BTreeMap<String, (Vec<usize>, V
             }
             let t = param.val();
             let dims = t.dims().to_vec();
-            let data = t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
+            let data = t
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .unwrap_or_default();
             self.out.insert(self.path.join("."), (dims, data));
         }
     }
@@ -103,12 +110,12 @@ pub fn trainable_params<M: Module>(model: &M) -> BTreeMap<String, (Vec<usize>, V
 /// with the same shape: a checkpoint from another model or adapter layout is an error, not a partial load.
 pub fn load_trainable<M: Module>(
     model: M,
-    values: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    values: &TensorMap,
     file: &Path,
 ) -> Result<M, CheckpointError> {
     struct L<'a> {
         path: Vec<String>,
-        values: &'a BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+        values: &'a TensorMap,
         error: Option<String>,
         used: usize,
     }
@@ -172,10 +179,7 @@ pub fn load_trainable<M: Module>(
     Ok(model)
 }
 
-fn write_safetensors(
-    path: &Path,
-    tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-) -> Result<(), CheckpointError> {
+fn write_safetensors(path: &Path, tensors: &TensorMap) -> Result<(), CheckpointError> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(k, (dims, data))| {
@@ -202,9 +206,7 @@ fn write_safetensors(
 }
 
 /// Reads an f32 safetensors file written by [`write_safetensors`].
-pub fn read_safetensors(
-    path: &Path,
-) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>, CheckpointError> {
+pub fn read_safetensors(path: &Path) -> Result<TensorMap, CheckpointError> {
     let buf = fs::read(path).map_err(io(path))?;
     let st = safetensors::SafeTensors::deserialize(&buf).map_err(|e| CheckpointError::Format {
         path: path.to_path_buf(),
@@ -275,7 +277,11 @@ pub fn save<M: Module>(
     write_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
     let state_json = serde_json::json!({ "trainer": state, "optimizer_step": optim.step });
     let p = tmp.join("trainer_state.json");
-    fs::write(&p, serde_json::to_string_pretty(&state_json).unwrap_or_default()).map_err(io(&p))?;
+    fs::write(
+        &p,
+        serde_json::to_string_pretty(&state_json).unwrap_or_default(),
+    )
+    .map_err(io(&p))?;
     extra(&tmp).map_err(|message| CheckpointError::Format {
         path: tmp.clone(),
         message,
@@ -290,7 +296,7 @@ pub fn save<M: Module>(
 /// A loaded checkpoint.
 pub struct Loaded {
     /// Trainable parameters by path.
-    pub params: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    pub params: TensorMap,
     /// Optimizer moments.
     pub optim: AdamWState,
     /// Trainer position.
@@ -301,10 +307,11 @@ pub struct Loaded {
 pub fn load(dir: &Path, device: &Device) -> Result<Loaded, CheckpointError> {
     let sp = dir.join("trainer_state.json");
     let text = fs::read_to_string(&sp).map_err(io(&sp))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| CheckpointError::Format {
-        path: sp.clone(),
-        message: format!("invalid JSON ({e})"),
-    })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| CheckpointError::Format {
+            path: sp.clone(),
+            message: format!("invalid JSON ({e})"),
+        })?;
     let state: TrainerState =
         serde_json::from_value(v["trainer"].clone()).map_err(|e| CheckpointError::Format {
             path: sp.clone(),
@@ -323,7 +330,9 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded, CheckpointError> {
                     message: format!("`{base}.exp_avg_sq` missing"),
                 });
             };
-            let t = |d: &Vec<f32>| Tensor::<1>::from_data(TensorData::new(d.clone(), [d.len()]), device);
+            let t = |d: &Vec<f32>| {
+                Tensor::<1>::from_data(TensorData::new(d.clone(), [d.len()]), device)
+            };
             moments.insert(base.to_string(), (t(m), t(v)));
         }
     }
@@ -346,7 +355,10 @@ pub fn list(run_dir: &Path) -> Vec<(usize, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
             let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path().join("trainer_state.json").exists().then(|| (step, e.path()))
+            e.path()
+                .join("trainer_state.json")
+                .exists()
+                .then(|| (step, e.path()))
         })
         .collect();
     out.sort();
@@ -363,8 +375,9 @@ pub fn resolve_resume(path: &Path) -> Result<PathBuf, CheckpointError> {
         .map(|(_, p)| p)
         .ok_or_else(|| CheckpointError::Format {
             path: path.to_path_buf(),
-            message: "no checkpoint here: expected a `checkpoint-N` directory (with trainer_state.json) \
+            message:
+                "no checkpoint here: expected a `checkpoint-N` directory (with trainer_state.json) \
                       or a run directory containing one"
-                .to_string(),
+                    .to_string(),
         })
 }

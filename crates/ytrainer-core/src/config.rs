@@ -31,7 +31,7 @@ pub struct RunConfig {
 }
 
 /// `[model]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
     /// A Hugging Face model directory (`config.json`, safetensors, `tokenizer.json`, chat template).
@@ -41,16 +41,6 @@ pub struct ModelSection {
     pub preset: Option<String>,
     /// Seed of the preset's initialisation.
     pub seed: u64,
-}
-
-impl Default for ModelSection {
-    fn default() -> Self {
-        ModelSection {
-            path: None,
-            preset: None,
-            seed: 0,
-        }
-    }
 }
 
 /// `[adapter]`

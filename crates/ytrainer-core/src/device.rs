@@ -11,7 +11,9 @@ pub fn select(spec: &str, seed: u64) -> Result<Device, String> {
         let index: usize = match spec.strip_prefix("cuda:") {
             None => 0,
             Some(n) => n.parse().map_err(|_| {
-                format!("invalid device `{spec}`: expected `cuda:N` with N a GPU index, e.g. `cuda:0`")
+                format!(
+                    "invalid device `{spec}`: expected `cuda:N` with N a GPU index, e.g. `cuda:0`"
+                )
             })?,
         };
         cuda(index)?
@@ -31,7 +33,9 @@ fn cuda(index: usize) -> Result<Device, String> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda(_index: usize) -> Result<Device, String> {
-    Err("this ytrainer binary was built without CUDA support; rebuild it with \
-         `cargo build --release -p ytrainer-cli --features cuda` (see docs/cuda.md) or use `--device cpu`"
-        .to_string())
+    Err(
+        "this ytrainer binary was built without CUDA support; rebuild it with \
+         `cargo build --release -p ytrainer-cli --features cuda` or use `--device cpu`"
+            .to_string(),
+    )
 }

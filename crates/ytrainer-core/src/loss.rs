@@ -333,7 +333,13 @@ pub fn did_you_mean(given: &str, candidates: &[&str]) -> String {
 pub fn nearest<'a>(given: &str, candidates: &[&'a str]) -> Option<&'a str> {
     candidates
         .iter()
-        .map(|c| (strsim::levenshtein(given, c), strsim::jaro_winkler(given, c), *c))
+        .map(|c| {
+            (
+                strsim::levenshtein(given, c),
+                strsim::jaro_winkler(given, c),
+                *c,
+            )
+        })
         .filter(|(d, jw, c)| *d <= (c.len().max(given.len()) / 3).max(1) || *jw >= 0.9)
         .min_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)))
         .map(|(_, _, c)| c)

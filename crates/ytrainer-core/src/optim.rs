@@ -192,7 +192,8 @@ impl ModuleMapper for Update<'_> {
         let c = self.config;
         let (m, v) = match self.moments.remove(&path) {
             Some((m, v)) => (
-                m.mul_scalar(c.beta1).add(g.clone().mul_scalar(1.0 - c.beta1)),
+                m.mul_scalar(c.beta1)
+                    .add(g.clone().mul_scalar(1.0 - c.beta1)),
                 v.mul_scalar(c.beta2)
                     .add(g.clone().powi_scalar(2).mul_scalar(1.0 - c.beta2)),
             ),
@@ -207,7 +208,11 @@ impl ModuleMapper for Update<'_> {
             p
         };
         let denom = v.clone().div_scalar(self.bc2).sqrt().add_scalar(c.eps);
-        let update = m.clone().div_scalar(self.bc1).div(denom).mul_scalar(self.lr);
+        let update = m
+            .clone()
+            .div_scalar(self.bc1)
+            .div(denom)
+            .mul_scalar(self.lr);
         let p = p.sub(update).reshape(shape);
         self.moments.insert(path, (m, v));
         let mut p = Tensor::from_inner(p);
@@ -258,6 +263,110 @@ pub fn lr_at(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::module::Param;
+
+    #[derive(Module, Debug)]
+    struct Toy {
+        proj: Param<Tensor<2>>,
+        norm: Param<Tensor<1>>,
+    }
+
+    /// PyTorch's AdamW on host values (torch.optim.AdamW, amsgrad=False), for one tensor.
+    fn torch_adamw(
+        p: &mut [f64],
+        g: &[f64],
+        m: &mut [f64],
+        v: &mut [f64],
+        t: i32,
+        lr: f64,
+        wd: f64,
+    ) {
+        let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
+        for i in 0..p.len() {
+            p[i] *= 1.0 - lr * wd;
+            m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+            v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+            let mh = m[i] / (1.0 - b1.powi(t));
+            let vh = v[i] / (1.0 - b2.powi(t));
+            p[i] -= lr * mh / (vh.sqrt() + eps);
+        }
+    }
+
+    /// Three steps of our AdamW on `loss = sum(c * p)` (gradient = c, scaled) against PyTorch's formula, with
+    /// decay on the projection and none on the norm.
+    #[test]
+    fn adamw_matches_pytorch_and_skips_decay_on_norms() {
+        let device = Device::flex().autodiff();
+        let p0 = [0.5f32, -0.25, 1.0, 2.0];
+        let n0 = [1.0f32, 0.5];
+        let mut toy = Toy {
+            proj: Param::from_tensor(
+                Tensor::from_data(TensorData::new(p0.to_vec(), [2, 2]), &device).require_grad(),
+            ),
+            norm: Param::from_tensor(
+                Tensor::from_data(TensorData::new(n0.to_vec(), [2]), &device).require_grad(),
+            ),
+        };
+        let mut opt = AdamW::new(AdamWConfig {
+            weight_decay: 0.1,
+            ..AdamWConfig::default()
+        });
+        let (lr, scale) = (0.01, 0.5);
+        let cp = [0.3f64, -1.2, 0.0005, 2.0];
+        let cn = [-0.7f64, 0.1];
+        let (mut hp, mut hn): (Vec<f64>, Vec<f64>) = (
+            p0.iter().map(|&x| x as f64).collect(),
+            n0.iter().map(|&x| x as f64).collect(),
+        );
+        let (mut mp, mut vp, mut mn, mut vn) =
+            (vec![0.0; 4], vec![0.0; 4], vec![0.0; 2], vec![0.0; 2]);
+        for t in 1..=3 {
+            let c1: Tensor<2> = Tensor::from_data(
+                TensorData::new(cp.iter().map(|&x| x as f32).collect::<Vec<_>>(), [2, 2]),
+                &device,
+            );
+            let c2: Tensor<1> = Tensor::from_data(
+                TensorData::new(cn.iter().map(|&x| x as f32).collect::<Vec<_>>(), [2]),
+                &device,
+            );
+            let loss = toy
+                .proj
+                .val()
+                .mul(c1)
+                .sum()
+                .add(toy.norm.val().mul(c2).sum());
+            let mut grads = loss.backward();
+            let mut acc = GradAccumulator::default();
+            acc.accumulate(&toy, &mut grads);
+            toy = opt.step(toy, &mut acc, lr, scale);
+            let gp: Vec<f64> = cp.iter().map(|x| x * scale).collect();
+            let gn: Vec<f64> = cn.iter().map(|x| x * scale).collect();
+            torch_adamw(&mut hp, &gp, &mut mp, &mut vp, t, lr, 0.1);
+            torch_adamw(&mut hn, &gn, &mut mn, &mut vn, t, lr, 0.0);
+        }
+        let got_p: Vec<f32> = toy
+            .proj
+            .val()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec()
+            .unwrap();
+        let got_n: Vec<f32> = toy
+            .norm
+            .val()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec()
+            .unwrap();
+        for (g, w) in got_p.iter().zip(&hp).chain(got_n.iter().zip(&hn)) {
+            assert!(
+                (*g as f64 - w).abs() < 1e-6,
+                "{got_p:?} {hp:?} / {got_n:?} {hn:?}"
+            );
+        }
+        assert_eq!(opt.state.step, 3);
+        assert!(opt.state.moments.contains_key("proj") && opt.state.moments.contains_key("norm"));
+    }
 
     #[test]
     fn decay_excludes_norms_and_biases() {

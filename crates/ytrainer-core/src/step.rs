@@ -183,7 +183,9 @@ pub fn train_micro_batch<M: CausalLm>(
     let mut counters = StepCounters {
         tokens: batch.n,
         correct,
-        entropy_sum: entropy.clone().map(|e| tensor_to_vec(e).iter().map(|&x| x as f64).sum()),
+        entropy_sum: entropy
+            .clone()
+            .map(|e| tensor_to_vec(e).iter().map(|&x| x as f64).sum()),
         ..Default::default()
     };
     for &l in &ce_host {

@@ -295,17 +295,25 @@ pub fn train<M: CausalLm>(
     if let Some(dir) = &setup.resume {
         let loaded = checkpoint::load(dir, setup.device)?;
         if loaded.state.config_fingerprint != setup.fingerprint {
+            let differing = config_diff(&loaded.state.config_fingerprint, &setup.fingerprint);
             return Err(TrainError::Resume {
                 path: dir.clone(),
-                message: "the training configuration (data, model, adapter, loss or optimisation settings) \
-                          differs from the one the checkpoint was written with; resume with the same config"
-                    .to_string(),
+                message: format!(
+                    "the run's settings differ from the ones the checkpoint was written with ({}); resume with \
+                     the same config and flags (see config.resolved.toml in the run directory)",
+                    differing.join(", ")
+                ),
             });
         }
-        model = checkpoint::load_trainable(model, &loaded.params, &dir.join("trainable.safetensors"))?;
+        model =
+            checkpoint::load_trainable(model, &loaded.params, &dir.join("trainable.safetensors"))?;
         optim.state = loaded.optim;
         state = loaded.state;
-        observer.notice(&format!("resumed from {} at step {}", dir.display(), state.step));
+        observer.notice(&format!(
+            "resumed from {} at step {}",
+            dir.display(),
+            state.step
+        ));
     }
     fs::create_dir_all(setup.output_dir).map_err(|e| TrainError::Output {
         path: setup.output_dir.to_path_buf(),
@@ -318,7 +326,14 @@ pub fn train<M: CausalLm>(
     let eval_before = if resumed {
         None
     } else {
-        let e = evaluate(&model, setup.eval_examples, &setup.batch, setup.zone_borders, setup.device, 0);
+        let e = evaluate(
+            &model,
+            setup.eval_examples,
+            &setup.batch,
+            setup.zone_borders,
+            setup.device,
+            0,
+        );
         if let Some(e) = &e {
             eval_log.write(e)?;
             observer.eval(e);
@@ -340,18 +355,32 @@ pub fn train<M: CausalLm>(
         let mut c = StepCounters::default();
         for mb in &step.micro_batches {
             let mc = train_micro_batch(&model, mb, setup.plugin, ctx, &mut acc, setup.device)
-                .map_err(|source| TrainError::Plugin { step: index, source })?;
+                .map_err(|source| TrainError::Plugin {
+                    step: index,
+                    source,
+                })?;
             c.merge(&mc);
             if mc.nonfinite > 0 {
                 break;
             }
         }
-        let lr = lr_at(tr.lr_scheduler, tr.learning_rate, index, total, warmup, tr.min_lr_ratio);
+        let lr = lr_at(
+            tr.lr_scheduler,
+            tr.learning_rate,
+            index,
+            total,
+            warmup,
+            tr.min_lr_ratio,
+        );
         let denom = setup
             .normalize
             .denominator(c.tokens as f64, c.nonzero, c.weight_sum);
         let scale = 1.0 / denom;
-        let grad_norm = if acc.is_empty() { 0.0 } else { acc.global_norm(scale) };
+        let grad_norm = if acc.is_empty() {
+            0.0
+        } else {
+            acc.global_norm(scale)
+        };
         let skipped = c.nonfinite > 0 || !grad_norm.is_finite() || !c.ce_sum.is_finite();
         if skipped {
             acc.clear();
@@ -397,11 +426,20 @@ pub fn train<M: CausalLm>(
         observer.step(&m);
 
         let done = index + 1 == total;
-        if setup.eval_every > 0 && (index + 1) % setup.eval_every == 0 && !done {
-            if let Some(e) = evaluate(&model, setup.eval_examples, &setup.batch, setup.zone_borders, setup.device, index + 1) {
-                eval_log.write(&e)?;
-                observer.eval(&e);
-            }
+        if setup.eval_every > 0
+            && (index + 1) % setup.eval_every == 0
+            && !done
+            && let Some(e) = evaluate(
+                &model,
+                setup.eval_examples,
+                &setup.batch,
+                setup.zone_borders,
+                setup.device,
+                index + 1,
+            )
+        {
+            eval_log.write(&e)?;
+            observer.eval(&e);
         }
         if (setup.save_every > 0 && (index + 1) % setup.save_every == 0) || done {
             let dir = setup.output_dir.join(format!("checkpoint-{}", index + 1));
@@ -413,7 +451,14 @@ pub fn train<M: CausalLm>(
             prune(setup.output_dir, setup.save_total_limit);
         }
     }
-    let eval_after = evaluate(&model, setup.eval_examples, &setup.batch, setup.zone_borders, setup.device, state.step);
+    let eval_after = evaluate(
+        &model,
+        setup.eval_examples,
+        &setup.batch,
+        setup.zone_borders,
+        setup.device,
+        state.step,
+    );
     if let Some(e) = &eval_after {
         eval_log.write(e)?;
         observer.eval(e);
@@ -431,6 +476,44 @@ pub fn train<M: CausalLm>(
             seconds: t0.elapsed().as_secs_f64(),
         },
     ))
+}
+
+/// Keys whose values differ between two canonical-JSON configs, as `section.key: old -> new`.
+fn config_diff(old: &str, new: &str) -> Vec<String> {
+    fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                for k in keys {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    let null = serde_json::Value::Null;
+                    walk(
+                        &p,
+                        x.get(k).unwrap_or(&null),
+                        y.get(k).unwrap_or(&null),
+                        out,
+                    );
+                }
+            }
+            _ if a != b => out.push(format!("{prefix}: {a} -> {b}")),
+            _ => {}
+        }
+    }
+    let (Ok(a), Ok(b)) = (
+        serde_json::from_str::<serde_json::Value>(old),
+        serde_json::from_str::<serde_json::Value>(new),
+    ) else {
+        return vec!["configuration".to_string()];
+    };
+    let mut out = Vec::new();
+    walk("", &a, &b, &mut out);
+    out
 }
 
 fn prune(run_dir: &Path, keep: usize) {

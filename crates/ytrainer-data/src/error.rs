@@ -58,7 +58,7 @@ pub enum DataError {
     /// Rendering a conversation's prefix did not give a prefix of the whole rendering, so the
     /// prompt/answer border cannot be located exactly.
     #[error(
-        "{origin}: the chat template renders turn {turn} differently once later turns follow (rendered prompt is not a prefix of the rendered conversation); this template rewrites earlier turns (e.g. it drops reasoning) — use train_on = \"last-assistant\" or a training variant of the template"
+        "{origin}: the chat template renders turn {turn} differently once later turns follow (rendered prompt is not a prefix of the rendered conversation); this template rewrites earlier turns (e.g. it drops reasoning) — use train_on = \"last_assistant\" or a training variant of the template"
     )]
     PrefixMismatch { origin: String, turn: usize },
     /// A configuration value is out of range.

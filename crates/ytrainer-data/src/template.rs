@@ -114,7 +114,7 @@ impl ChatTemplate {
                 let p = dir.join("chat_template.jinja");
                 std::fs::read_to_string(&p).map_err(|_| {
                     DataError::Template(format!(
-                        "{}: no chat template found (neither \"chat_template\" in tokenizer_config.json nor chat_template.jinja); give one explicitly or train in text (cpt) mode",
+                        "{}: no chat template found (neither \"chat_template\" in tokenizer_config.json nor chat_template.jinja); add a chat_template.jinja to the model directory or train on raw text (`training_type = \"cpt\"`)",
                         dir.display()
                     ))
                 })?

@@ -82,7 +82,7 @@ fn tokenizer_config_chat_template_string_list_and_added_token_objects() {
     assert_eq!(
         err,
         format!(
-            "chat template: {}: no chat template found (neither \"chat_template\" in tokenizer_config.json nor chat_template.jinja); give one explicitly or train in text (cpt) mode",
+            "chat template: {}: no chat template found (neither \"chat_template\" in tokenizer_config.json nor chat_template.jinja); add a chat_template.jinja to the model directory or train on raw text (`training_type = \"cpt\"`)",
             empty.display()
         )
     );

@@ -268,7 +268,7 @@ fn template_rewriting_history_is_a_clear_error() {
     let err = tokenize_chat(&tok, &t, &msgs, TrainOn::AllAssistant, &Map::new()).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "conversation: the chat template renders turn 1 differently once later turns follow (rendered prompt is not a prefix of the rendered conversation); this template rewrites earlier turns (e.g. it drops reasoning) — use train_on = \"last-assistant\" or a training variant of the template"
+        "conversation: the chat template renders turn 1 differently once later turns follow (rendered prompt is not a prefix of the rendered conversation); this template rewrites earlier turns (e.g. it drops reasoning) — use train_on = \"last_assistant\" or a training variant of the template"
     );
     let ex = tokenize_chat(&tok, &t, &msgs, TrainOn::LastAssistant, &Map::new()).unwrap();
     assert_eq!(

@@ -40,7 +40,8 @@ pub fn total_param_count<M: Module>(model: &M) -> usize {
     model.num_params()
 }
 
-/// Number of scalars in parameters that require gradients (what the optimizer updates).
+/// Number of scalars in parameters that require gradients (what the optimizer updates). Meaningful on an
+/// autodiff device only: on a plain device no tensor requires gradients and this returns 0.
 pub fn trainable_param_count<M: Module>(model: &M) -> usize {
     struct Count(usize);
     impl ModuleVisitor for Count {

@@ -70,9 +70,14 @@ impl Curve {
         // Replace NaN by a value past the cutoff so every comparison below is well defined; +inf already is.
         let l = loss.mask_fill(nan, self.cutoff + 1.0);
         // Clamping keeps exp finite in f32 (|z| <= 80 => exp(z) < 5.6e34) without changing any weight at f32 precision.
-        let rising = sigmoid(l.clone().sub_scalar(self.x0).mul_scalar(self.k).clamp(-80.0, 80.0))
-            .mul_scalar(self.a)
-            .add_scalar(EPS);
+        let rising = sigmoid(
+            l.clone()
+                .sub_scalar(self.x0)
+                .mul_scalar(self.k)
+                .clamp(-80.0, 80.0),
+        )
+        .mul_scalar(self.a)
+        .add_scalar(EPS);
         let falling = sigmoid(
             l.clone()
                 .neg()

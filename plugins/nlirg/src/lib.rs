@@ -3,11 +3,11 @@
 
 pub mod curve;
 
+use ytrainer_core::burn::prelude::*;
 use ytrainer_core::loss::{
     LossFn, LossPluginInfo, Normalize, ParamSpec, Params, PluginError, PluginKind, TokenReweighter,
     TokenStats,
 };
-use ytrainer_core::burn::prelude::*;
 
 pub use curve::Curve;
 
@@ -15,14 +15,46 @@ pub use curve::Curve;
 pub const NAME: &str = "nlirg";
 
 const PARAMS: &[ParamSpec] = &[
-    ParamSpec { name: "a", default: 1.0, help: "height of the curve (maximum weight)" },
-    ParamSpec { name: "x0", default: 1.2, help: "loss where the rising branch is at a/2" },
-    ParamSpec { name: "k", default: 1.7, help: "steepness of the rising branch" },
-    ParamSpec { name: "split", default: 3.0, help: "loss where the rising branch hands over to the falling one" },
-    ParamSpec { name: "center", default: 6.2, help: "loss where the falling branch is at a/2" },
-    ParamSpec { name: "slope", default: 1.0, help: "steepness of the falling branch" },
-    ParamSpec { name: "cutoff", default: 15.0, help: "losses at or above this are noise: weight 0" },
-    ParamSpec { name: "floor", default: 5e-8, help: "constant added on the falling branch" },
+    ParamSpec {
+        name: "a",
+        default: 1.0,
+        help: "height of the curve (maximum weight)",
+    },
+    ParamSpec {
+        name: "x0",
+        default: 1.2,
+        help: "loss where the rising branch is at a/2",
+    },
+    ParamSpec {
+        name: "k",
+        default: 1.7,
+        help: "steepness of the rising branch",
+    },
+    ParamSpec {
+        name: "split",
+        default: 3.0,
+        help: "loss where the rising branch hands over to the falling one",
+    },
+    ParamSpec {
+        name: "center",
+        default: 6.2,
+        help: "loss where the falling branch is at a/2",
+    },
+    ParamSpec {
+        name: "slope",
+        default: 1.0,
+        help: "steepness of the falling branch",
+    },
+    ParamSpec {
+        name: "cutoff",
+        default: 15.0,
+        help: "losses at or above this are noise: weight 0",
+    },
+    ParamSpec {
+        name: "floor",
+        default: 5e-8,
+        help: "constant added on the falling branch",
+    },
 ];
 
 struct Nlirg {
@@ -62,10 +94,18 @@ pub fn curve_from_params(p: &Params) -> Result<Curve, PluginError> {
         return Err(bad("a", c.a, "must be > 0 (it is the maximum weight)"));
     }
     if c.floor < 0.0 {
-        return Err(bad("floor", c.floor, "must be >= 0 (weights must not be negative)"));
+        return Err(bad(
+            "floor",
+            c.floor,
+            "must be >= 0 (weights must not be negative)",
+        ));
     }
     if c.cutoff <= 0.0 {
-        return Err(bad("cutoff", c.cutoff, "must be > 0 (losses are non-negative)"));
+        return Err(bad(
+            "cutoff",
+            c.cutoff,
+            "must be > 0 (losses are non-negative)",
+        ));
     }
     if c.split > c.cutoff {
         return Err(bad("split", c.split, "must not exceed `cutoff`"));
@@ -74,7 +114,9 @@ pub fn curve_from_params(p: &Params) -> Result<Curve, PluginError> {
 }
 
 fn build(p: &Params) -> Result<LossFn, PluginError> {
-    Ok(LossFn::Token(Box::new(Nlirg { curve: curve_from_params(p)? })))
+    Ok(LossFn::Token(Box::new(Nlirg {
+        curve: curve_from_params(p)?,
+    })))
 }
 
 inventory::submit! {

@@ -74,7 +74,16 @@ fn discontinuity_at_split_and_bound() {
 fn non_finite_and_extreme_losses_never_give_nan() {
     let device = Device::flex();
     let c = Curve::default();
-    let ls = [f32::NAN, f32::INFINITY, -0.0, 1e30, 14.999, 15.0, 88.0, 1e-30];
+    let ls = [
+        f32::NAN,
+        f32::INFINITY,
+        -0.0,
+        1e30,
+        14.999,
+        15.0,
+        88.0,
+        1e-30,
+    ];
     let w = tensor_to_vec(c.weights(tensor_from_slice(&ls, &device)));
     assert_eq!(w[0], 0.0);
     assert_eq!(w[1], 0.0);
@@ -82,7 +91,11 @@ fn non_finite_and_extreme_losses_never_give_nan() {
     assert_eq!(w[5], 0.0);
     assert!(w[4] > 0.0);
     // extreme steepness must not overflow either
-    let steep = Curve { k: 1e6, slope: 1e6, ..Curve::default() };
+    let steep = Curve {
+        k: 1e6,
+        slope: 1e6,
+        ..Curve::default()
+    };
     let w = tensor_to_vec(steep.weights(tensor_from_slice(&[0.0, 1.2, 3.0, 10.0], &device)));
     assert!(w.iter().all(|x| x.is_finite()), "{w:?}");
     assert_eq!(c.weight(f64::NAN), 0.0);
@@ -93,10 +106,17 @@ fn registered_with_defaults_and_validation() {
     let r = Registry::discover();
     let info = r.get("nlirg").unwrap();
     let names: Vec<&str> = info.params.iter().map(|p| p.name).collect();
-    assert_eq!(names, ["a", "x0", "k", "split", "center", "slope", "cutoff", "floor"]);
+    assert_eq!(
+        names,
+        [
+            "a", "x0", "k", "split", "center", "slope", "cutoff", "floor"
+        ]
+    );
     let (f, params) = r.build("nlirg", &BTreeMap::new()).unwrap();
     assert_eq!(params.get("center"), 6.2);
-    let LossFn::Token(p) = f else { panic!("nlirg is a token plugin") };
+    let LossFn::Token(p) = f else {
+        panic!("nlirg is a token plugin")
+    };
     assert_eq!(p.default_normalize(), Normalize::Nonzero);
     let device = Device::flex();
     let stats = TokenStats {
@@ -106,7 +126,11 @@ fn registered_with_defaults_and_validation() {
         progress: 0.0,
     };
     let w = tensor_to_vec(p.weights(&stats));
-    assert!((w[0] as f64 - 0.795760).abs() < 1e-5 && (w[1] as f64 - 0.141851).abs() < 1e-5 && w[2] == 0.0);
+    assert!(
+        (w[0] as f64 - 0.795760).abs() < 1e-5
+            && (w[1] as f64 - 0.141851).abs() < 1e-5
+            && w[2] == 0.0
+    );
 
     let mut bad = BTreeMap::new();
     bad.insert("xo".to_string(), 1.0);

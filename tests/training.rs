@@ -1,0 +1,353 @@
+//! The training step and loop on a real checkpoint (tiny-qwen2): normalisation over the whole accumulated step,
+//! hand-checked weighted losses, misbehaving plugins, and non-finite values that must never reach the optimizer
+//! or a checkpoint.
+
+mod common;
+use common::*;
+
+use std::collections::BTreeMap;
+
+use ytrainer_core::burn::prelude::*;
+use ytrainer_core::config::TrainSection;
+use ytrainer_core::loss::{
+    LossFn, Normalize, Registry, TokenReweighter, TokenStats, tensor_to_vec,
+};
+use ytrainer_core::optim::GradAccumulator;
+use ytrainer_core::step::{StepContext, StepCounters, eval_micro_batch, train_micro_batch};
+use ytrainer_core::trainer::{self, Silent, TrainSetup};
+use ytrainer_data::{BatchOptions, Example, MicroBatch};
+use ytrainer_models::{AdapterSpec, Decoder, LoraConfig, load_pretrained};
+use ytrainer_plugin_nlirg::Curve;
+
+const IDS: [[u32; 16]; 2] = [
+    [
+        5157, 235, 3980, 5192, 7935, 905, 2763, 7813, 2895, 5056, 144, 4225, 8140, 7751, 2797, 6652,
+    ],
+    [
+        3462, 7449, 1202, 5396, 5374, 4453, 2962, 2516, 7051, 252, 3562, 4764, 8093, 6542, 562,
+        2628,
+    ],
+];
+/// transformers' per-token losses of reference.json (CE(logits[b, t], ids[b, t + 1])).
+const REF_LOSS: [[f64; 15]; 2] = [
+    [
+        8.800271034240723,
+        9.456947326660156,
+        8.539911270141602,
+        9.271589279174805,
+        8.659219741821289,
+        9.159368515014648,
+        8.51335334777832,
+        8.855292320251465,
+        8.55053997039795,
+        8.544053077697754,
+        9.294981956481934,
+        8.717021942138672,
+        8.971240997314453,
+        9.543924331665039,
+        9.015151977539062,
+    ],
+    [
+        9.112873077392578,
+        8.81637191772461,
+        8.89281177520752,
+        8.964438438415527,
+        8.91453742980957,
+        8.953378677368164,
+        9.212297439575195,
+        9.400225639343262,
+        8.881856918334961,
+        8.75262451171875,
+        9.097325325012207,
+        8.739726066589355,
+        8.681148529052734,
+        8.675601959228516,
+        8.999886512756348,
+    ],
+];
+
+fn device() -> Device {
+    Device::flex().autodiff()
+}
+
+fn model(adapter: &AdapterSpec) -> Decoder {
+    load_pretrained(&assets().join("tiny-qwen2"), adapter, &device())
+        .unwrap()
+        .0
+}
+
+fn lora() -> AdapterSpec {
+    AdapterSpec::Lora(LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        ..LoraConfig::default()
+    })
+}
+
+fn micro_batch(rows: &[usize], mask: impl Fn(usize, usize) -> bool + Copy) -> MicroBatch {
+    let t = 16;
+    MicroBatch {
+        batch: rows.len(),
+        seq: t,
+        input_ids: rows.iter().flat_map(|&r| IDS[r]).collect(),
+        position_ids: rows.iter().flat_map(|_| 0..t as u32).collect(),
+        segment_ids: vec![1; rows.len() * t],
+        target_mask: rows
+            .iter()
+            .flat_map(|&r| (0..t).map(move |p| p > 0 && mask(r, p)))
+            .collect::<Vec<bool>>(),
+        examples: rows.to_vec(),
+    }
+}
+
+fn ctx() -> StepContext {
+    StepContext {
+        step: 0,
+        progress: 0.0,
+        zone_borders: [1.45, 6.6, 15.0],
+    }
+}
+
+fn nlirg() -> Box<dyn TokenReweighter> {
+    match Registry::discover()
+        .build("nlirg", &BTreeMap::new())
+        .unwrap()
+        .0
+    {
+        LossFn::Token(p) => p,
+        LossFn::Pairwise(_) => unreachable!(),
+    }
+}
+
+#[test]
+fn per_token_ce_of_the_step_matches_transformers() {
+    let m = model(&AdapterSpec::Full);
+    let c = eval_micro_batch(
+        &m,
+        &micro_batch(&[0, 1], |_, _| true),
+        [1.45, 6.6, 15.0],
+        &device(),
+    );
+    let want: f64 = REF_LOSS.iter().flatten().sum();
+    assert_eq!(c.tokens, 30);
+    assert!(
+        ((c.ce_sum - want) / want).abs() < 1e-5,
+        "{} vs {want}",
+        c.ce_sum
+    );
+}
+
+#[test]
+fn weighted_loss_and_counters_match_hand_computation() {
+    let m = model(&lora());
+    let plugin = nlirg();
+    // supervise only odd positions of row 0 and positions >= 10 of row 1
+    let mask = |r: usize, p: usize| if r == 0 { p % 2 == 1 } else { p >= 10 };
+    let mut acc = GradAccumulator::default();
+    let c = train_micro_batch(
+        &m,
+        &micro_batch(&[0, 1], mask),
+        plugin.as_ref(),
+        ctx(),
+        &mut acc,
+        &device(),
+    )
+    .unwrap();
+    let curve = Curve::default();
+    let (mut tokens, mut wsum, mut wl, mut nonzero) = (0usize, 0.0, 0.0, 0.0);
+    for (r, losses) in REF_LOSS.iter().enumerate() {
+        for p in 1..16 {
+            if mask(r, p) {
+                let l = losses[p - 1];
+                let w = curve.weight(l);
+                tokens += 1;
+                wsum += w;
+                wl += w * l;
+                if w * l != 0.0 {
+                    nonzero += 1.0;
+                }
+            }
+        }
+    }
+    assert_eq!(c.tokens, tokens);
+    assert_eq!(c.nonzero, nonzero);
+    assert!(
+        (c.weight_sum - wsum).abs() < 1e-4,
+        "{} vs {wsum}",
+        c.weight_sum
+    );
+    assert!(
+        (c.weighted_sum - wl).abs() / wl < 1e-5,
+        "{} vs {wl}",
+        c.weighted_sum
+    );
+    // the three normalisations of the spec, §2
+    assert_eq!(
+        Normalize::Tokens.denominator(c.tokens as f64, c.nonzero, c.weight_sum),
+        tokens as f64
+    );
+    assert_eq!(
+        Normalize::Nonzero.denominator(c.tokens as f64, c.nonzero, c.weight_sum),
+        nonzero
+    );
+    assert_eq!(
+        Normalize::Weights.denominator(c.tokens as f64, c.nonzero, c.weight_sum),
+        c.weight_sum
+    );
+    // a step whose weights are all zero divides by 1, not by 0
+    assert_eq!(Normalize::Nonzero.denominator(5.0, 0.0, 0.0), 1.0);
+}
+
+/// Gradient accumulation must not change the step: two micro-batches (row 0, then row 1) give the same
+/// normalised gradient as one micro-batch of both rows, because the denominator is over the whole step.
+#[test]
+fn accumulated_step_equals_single_batch_step() {
+    let m = model(&lora());
+    let plugin = nlirg();
+    let mask = |r: usize, p: usize| if r == 0 { p > 3 } else { !p.is_multiple_of(3) };
+    let mut one = GradAccumulator::default();
+    let c1 = train_micro_batch(
+        &m,
+        &micro_batch(&[0, 1], mask),
+        plugin.as_ref(),
+        ctx(),
+        &mut one,
+        &device(),
+    )
+    .unwrap();
+    let mut two = GradAccumulator::default();
+    let mut c2 = StepCounters::default();
+    for r in [0usize, 1] {
+        let c = train_micro_batch(
+            &m,
+            &micro_batch(&[r], mask),
+            plugin.as_ref(),
+            ctx(),
+            &mut two,
+            &device(),
+        )
+        .unwrap();
+        c2.merge(&c);
+    }
+    assert_eq!(c1.tokens, c2.tokens);
+    assert_eq!(c1.nonzero, c2.nonzero);
+    for norm in [Normalize::Nonzero, Normalize::Tokens, Normalize::Weights] {
+        let d1 = norm.denominator(c1.tokens as f64, c1.nonzero, c1.weight_sum);
+        let d2 = norm.denominator(c2.tokens as f64, c2.nonzero, c2.weight_sum);
+        let (g1, g2) = (one.global_norm(1.0 / d1), two.global_norm(1.0 / d2));
+        assert!(((g1 - g2) / g1).abs() < 1e-4, "{norm:?}: {g1} vs {g2}");
+        let (l1, l2) = (c1.weighted_sum / d1, c2.weighted_sum / d2);
+        assert!(((l1 - l2) / l1).abs() < 1e-5, "{norm:?}: {l1} vs {l2}");
+    }
+    // and per-micro-batch averaging (the HF bug class) would differ:
+    let per_mb = {
+        let mut a = GradAccumulator::default();
+        let c = train_micro_batch(
+            &m,
+            &micro_batch(&[0], mask),
+            plugin.as_ref(),
+            ctx(),
+            &mut a,
+            &device(),
+        )
+        .unwrap();
+        a.global_norm(1.0 / c.tokens as f64)
+    };
+    assert!(per_mb > 0.0);
+}
+
+struct Bad(f32);
+impl TokenReweighter for Bad {
+    fn default_normalize(&self) -> Normalize {
+        Normalize::Tokens
+    }
+    fn weights(&self, stats: &TokenStats) -> Tensor<1> {
+        stats.loss.clone().mul_scalar(0.0).add_scalar(self.0)
+    }
+}
+
+#[test]
+fn plugin_returning_nan_or_negative_weights_is_an_error_naming_the_token() {
+    let m = model(&lora());
+    let mut acc = GradAccumulator::default();
+    let mb = micro_batch(&[0], |_, _| true);
+    let e = train_micro_batch(&m, &mb, &Bad(f32::NAN), ctx(), &mut acc, &device()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "loss plugin returned NaN for token 0: weights must be finite and >= 0"
+    );
+    let e = train_micro_batch(&m, &mb, &Bad(-1.0), ctx(), &mut acc, &device()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "loss plugin returned weight -1 for token 0: weights must be finite and >= 0"
+    );
+    assert!(
+        acc.is_empty(),
+        "a rejected micro-batch contributes no gradient"
+    );
+}
+
+/// A model whose frozen base holds a NaN produces non-finite losses: every update is skipped and counted, the
+/// adapter stays at its initial (finite) values, and the checkpoint holds no NaN.
+#[test]
+fn non_finite_loss_skips_the_update_and_never_reaches_a_checkpoint() {
+    use ytrainer_core::burn::module::{Module, ModuleMapper, Param};
+    struct Poison;
+    impl ModuleMapper for Poison {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if p.val().is_require_grad() || D != 1 {
+                return p;
+            }
+            p.map(|t| t.mul_scalar(f32::NAN))
+        }
+    }
+    let m = model(&lora()).map(&mut Poison);
+    let before = ytrainer_core::checkpoint::trainable_params(&m);
+    let d = TempDir::new("nan");
+    let examples: Vec<Example> = IDS
+        .iter()
+        .map(|ids| Example::single(ids.to_vec(), (0..16).map(|p| p > 0).collect(), None))
+        .collect();
+    let train = TrainSection {
+        max_steps: 2,
+        tokens_per_step: 15,
+        ..TrainSection::default()
+    };
+    let plugin = nlirg();
+    let setup = TrainSetup {
+        train: &train,
+        batch: BatchOptions {
+            tokens_per_step: 15,
+            max_micro_batch_size: 1,
+            ..BatchOptions::default()
+        },
+        train_examples: &examples,
+        eval_examples: &[],
+        eval_every: 0,
+        plugin: plugin.as_ref(),
+        normalize: Normalize::Nonzero,
+        zone_borders: [1.45, 6.6, 15.0],
+        output_dir: d.path(),
+        save_every: 1,
+        save_total_limit: 0,
+        resume: None,
+        fingerprint: "x".into(),
+        device: &device(),
+    };
+    let (m, summary) = trainer::train(m, &setup, &mut Silent).unwrap();
+    assert_eq!(summary.steps, 2);
+    assert_eq!(summary.skipped_steps, 2);
+    let metrics = jsonl(&d.path().join("metrics.jsonl"));
+    assert!(metrics.iter().all(|l| l["skipped"] == true));
+    assert_eq!(
+        ytrainer_core::checkpoint::trainable_params(&m),
+        before,
+        "adapter untouched"
+    );
+    let saved = ytrainer_core::checkpoint::read_safetensors(
+        &d.path().join("checkpoint-2/trainable.safetensors"),
+    )
+    .unwrap();
+    assert!(saved.values().all(|(_, v)| v.iter().all(|x| x.is_finite())));
+    let _ = tensor_to_vec;
+}
