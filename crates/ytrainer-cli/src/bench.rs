@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use anyhow::{Result, anyhow};
-use ytrainer_core::loss::{LossFn, Registry};
+use ytrainer_core::loss::LossFn;
 use ytrainer_core::optim::{AdamW, AdamWConfig, GradAccumulator};
 use ytrainer_core::step::{StepContext, StepCounters, train_micro_batch};
 use ytrainer_data::MicroBatch;
@@ -69,7 +69,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         }),
     };
     let mut model = init_random(&config, 0, &adapter, &device)?;
-    let registry = Registry::discover();
+    let registry = crate::plugins_cmd::registry(&[])?;
     let (loss, _) = registry.build(&a.loss, &Default::default())?;
     let LossFn::Token(plugin) = loss else {
         return Err(anyhow!(
@@ -102,6 +102,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         }
         last = c;
     }
+    let plugin_us = plugin_call_us(plugin.as_ref(), a.batch * a.seq, &device)?;
     let total: f64 = step_times.iter().sum();
     let mut sorted = step_times.clone();
     sorted.sort_by(f64::total_cmp);
@@ -117,6 +118,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 "shape": shape, "mode": mode, "loss": a.loss, "batch": a.batch, "seq": a.seq,
                 "steps": a.steps, "tokens_per_s": tps, "median_step_s": median,
                 "peak_rss_mb": rss, "final_ce": last.mean_ce(), "device": a.device,
+                "plugin_weights_us": plugin_us,
             })
         ),
         Format::Text => println!(
@@ -132,5 +134,44 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             last.mean_ce()
         ),
     }
+    if a.format == Format::Text {
+        println!(
+            "  plugin `{}`: {:.1} us per weights call on {} tokens (median of 50, detached losses already on the device)",
+            a.loss,
+            plugin_us,
+            a.batch * a.seq
+        );
+    }
     Ok(())
+}
+
+/// Median wall time of one `try_weights` call on `n` tokens, in microseconds: the plugin's own share of a
+/// step (for external plugins: device->host copy, the library call, checks and host->device copy).
+fn plugin_call_us(
+    plugin: &dyn ytrainer_core::loss::TokenReweighter,
+    n: usize,
+    device: &ytrainer_core::burn::prelude::Device,
+) -> Result<f64> {
+    use ytrainer_core::loss::{TokenStats, tensor_from_slice, tensor_to_vec};
+    let losses: Vec<f32> = (0..n).map(|i| (i % 200) as f32 * 0.1).collect();
+    let needs = plugin.needs();
+    let mut stats = TokenStats::from_loss(tensor_from_slice(&losses, device));
+    let half = vec![0.5f32; n];
+    stats.entropy = needs.entropy.then(|| tensor_from_slice(&half, device));
+    stats.top_k_entropy = (needs.top_k_entropy > 0).then(|| tensor_from_slice(&half, device));
+    stats.reference_loss = needs
+        .reference_loss
+        .then(|| tensor_from_slice(&half, device));
+    stats.position = needs.position.then(|| (0..n as u32).collect());
+    stats.sample = needs.sample.then(|| vec![0; n]);
+    let mut times = Vec::new();
+    for _ in 0..50 {
+        let t0 = Instant::now();
+        let w = plugin.try_weights(&stats).map_err(|e| anyhow!(e))?;
+        // Reading the result back forces lazy backends to finish the work.
+        let _ = tensor_to_vec(w);
+        times.push(t0.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }

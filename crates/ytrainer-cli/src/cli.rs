@@ -11,6 +11,10 @@ pub struct Cli {
     /// Log progress details to stderr (or set YTRAINER_LOG=info|debug).
     #[arg(long, short, global = true)]
     pub verbose: bool,
+    /// Load external loss plugins from this directory (or shared-library file); repeatable. Also read:
+    /// YTRAINER_PLUGIN_PATH (paths separated by `:`) and `[loss] plugins` of a run config.
+    #[arg(long = "plugin-dir", value_name = "DIR", global = true)]
+    pub plugin_dirs: Vec<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -24,8 +28,28 @@ pub enum Command {
     Plugins(PluginsArgs),
     /// Measure training throughput and peak memory on fixed model shapes.
     Bench(BenchArgs),
+    /// Print (and draw) a loss plugin's weight as a function of the token loss.
+    Curve(CurveArgs),
     /// Create a self-made model directory (random init from a seed, tokenizer trained on your data).
     Init(InitArgs),
+    /// Import a llama.cpp GGUF file as a Hugging Face checkpoint directory.
+    Convert(crate::convert::ConvertArgs),
+    /// Per-token loss, entropy, rank and probability of a model (plus adapter) on data or raw token ids.
+    Score(Box<crate::score::ScoreArgs>),
+    /// Show what training sees for a record, or the raw rendering of a chat template.
+    Render(Box<crate::render::RenderArgs>),
+    /// Generate text (KV cache; greedy, temperature, top-k, top-p, repetition penalty), streaming.
+    Generate(Box<crate::generate::GenerateArgs>),
+    /// Interactive chat using the model's chat template.
+    Chat(Box<crate::generate::ChatArgs>),
+    /// Merge a LoRA adapter into its base and write a full Hugging Face checkpoint (f32 / bf16 / f16).
+    Merge(crate::merge::MergeArgs),
+    /// Score models on data sets: mean token loss, perplexity, token accuracy, supervised-only loss.
+    Eval(EvalArgs),
+    /// Run a sweep file: one training run per trial, evaluated before/after, tables and plots.
+    Sweep(SweepArgs),
+    /// Draw a run directory's curves (metrics.jsonl, eval.jsonl) to PNG and SVG in RUN_DIR/plots.
+    Plot(PlotArgs),
 }
 
 /// `ytrainer run`
@@ -140,6 +164,77 @@ pub enum PluginsCommand {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// Show one plugin: source, formula, parameters with defaults, and the statistics it needs.
+    Describe {
+        /// Plugin name.
+        name: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+/// Output formats of `ytrainer curve`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum CurveFormat {
+    /// Aligned columns.
+    Table,
+    /// `loss,weight` rows (one weight column per plugin with --compare).
+    Csv,
+    /// A list of `{"loss": l, "weight": w}` (an object of such lists per plugin with --compare).
+    Json,
+}
+
+/// `ytrainer curve`
+#[derive(Debug, Args)]
+pub struct CurveArgs {
+    /// Plugin name (built-in or external); omit with --compare.
+    pub name: Option<String>,
+    /// Plugin parameter, repeatable: `--param cutoff=10`.
+    #[arg(long = "param", value_name = "NAME=VALUE")]
+    pub params: Vec<String>,
+    /// Overlay several plugins (default parameters): `--compare nlirg,dft,focal`.
+    #[arg(long, value_delimiter = ',')]
+    pub compare: Vec<String>,
+    /// Smallest loss of the grid.
+    #[arg(long, default_value_t = 0.0)]
+    pub from: f64,
+    /// Largest loss of the grid.
+    #[arg(long, default_value_t = 20.0)]
+    pub to: f64,
+    /// Number of grid points between --from and --to.
+    #[arg(long, default_value_t = 41)]
+    pub points: usize,
+    /// Exact losses instead of a grid: `--at 0.5,1.45,6.6`.
+    #[arg(long, value_delimiter = ',')]
+    pub at: Vec<f64>,
+    /// What the x axis is: the token loss, or (for entropy-based plugins) the normalised entropy in [0, 1].
+    #[arg(long, value_enum, default_value_t = CurveAxis::Loss)]
+    pub vs: CurveAxis,
+    /// Entropy (normalised, [0, 1]) given to the plugin while the loss varies.
+    #[arg(long, default_value_t = 1.0)]
+    pub entropy: f64,
+    /// Loss given to the plugin while the entropy varies (`--vs entropy`).
+    #[arg(long, default_value_t = 2.0)]
+    pub loss: f64,
+    /// Reference-model loss given to reference-based plugins (rho1).
+    #[arg(long, default_value_t = 0.0)]
+    pub reference_loss: f64,
+    /// Output format on stdout.
+    #[arg(long, value_enum, default_value_t = CurveFormat::Table)]
+    pub format: CurveFormat,
+    /// Also draw the curve to this file: `.svg` or `.png`.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// The varying input of `ytrainer curve`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum CurveAxis {
+    /// Token cross-entropy in nats.
+    Loss,
+    /// Normalised predictive entropy in [0, 1] (entropy and top-K entropy).
+    Entropy,
 }
 
 /// Model shapes of the benchmark.
@@ -204,4 +299,53 @@ pub struct InitArgs {
     /// Directory to write (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// `ytrainer eval`
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT LoRA adapter directory applied on top of --model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Data file, repeatable: instruction data (chat records) or raw text (cut into windows).
+    #[arg(long, required = true)]
+    pub data: Vec<PathBuf>,
+    /// Window length in tokens for raw text; longer instruction samples are truncated to it.
+    #[arg(long, default_value_t = 256)]
+    pub window: usize,
+    /// At most N windows / samples per data set (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub max_samples: usize,
+    /// `cpu` or `cuda[:N]`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Output format on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+/// `ytrainer sweep`
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    /// Sweep file (TOML: a base run config plus axes; see docs/sweeps.md).
+    pub file: PathBuf,
+    /// Sweep directory (overrides `output` of the sweep file).
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// List the trials and exit.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `ytrainer plot`
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    /// Run directory (holds metrics.jsonl).
+    pub run_dir: PathBuf,
 }

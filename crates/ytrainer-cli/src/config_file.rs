@@ -40,7 +40,10 @@ pub const KEYS: &[(&str, &[&str])] = &[
             "template_vars",
         ],
     ),
-    ("loss", &["name", "normalize", "params", "zone_borders"]),
+    (
+        "loss",
+        &["name", "normalize", "params", "zone_borders", "plugins"],
+    ),
     (
         "train",
         &[
@@ -68,6 +71,17 @@ pub const KEYS: &[(&str, &[&str])] = &[
     ),
     ("eval", &["every_steps", "max_samples"]),
     ("output", &["dir", "save_every_steps", "save_total_limit"]),
+    (
+        "preference",
+        &[
+            "reference",
+            "precompute_reference",
+            "sft_weight",
+            "average_log_prob",
+            "pairs_per_step",
+            "micro_pairs",
+        ],
+    ),
 ];
 
 /// Checks every key of the document against [`KEYS`], naming the file, line and nearest valid key.
@@ -277,6 +291,22 @@ pub fn resolve(args: &RunArgs) -> Result<RunConfig> {
 }
 
 fn rebase_paths(doc: &mut Table, base: &Path) {
+    // `[loss] plugins` is a list of paths.
+    if let Some(Value::Array(list)) = doc
+        .get_mut("loss")
+        .and_then(Value::as_table_mut)
+        .and_then(|t| t.get_mut("plugins"))
+    {
+        for v in list {
+            if let Value::String(s) = v
+                && Path::new(s.as_str()).is_relative()
+            {
+                *s = normalize(&base.join(s.as_str()))
+                    .to_string_lossy()
+                    .to_string();
+            }
+        }
+    }
     let fix = |v: &mut Value| {
         if let Value::String(s) = v {
             let p = Path::new(s.as_str());
@@ -290,6 +320,7 @@ fn rebase_paths(doc: &mut Table, base: &Path) {
         ("data", "train"),
         ("data", "eval"),
         ("adapter", "init_from"),
+        ("preference", "reference"),
         ("output", "dir"),
     ] {
         if let Some(v) = doc

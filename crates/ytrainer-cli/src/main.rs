@@ -4,9 +4,19 @@
 mod bench;
 mod cli;
 mod config_file;
+mod convert;
+mod curve_cmd;
+mod eval_cmd;
+mod generate;
+mod interop;
+mod merge;
 mod plugins_cmd;
+mod preference;
 mod progress;
+mod render;
 mod run;
+mod score;
+mod sweep_cmd;
 
 use std::process::ExitCode;
 
@@ -15,7 +25,13 @@ use clap::Parser;
 // Keep the built-in plugins linked: a crate nothing references is dropped together with its `inventory`
 // registrations.
 use ytrainer_plugin_ce as _;
+use ytrainer_plugin_dft as _;
+use ytrainer_plugin_dpo as _;
+use ytrainer_plugin_eaft as _;
+use ytrainer_plugin_focal as _;
 use ytrainer_plugin_nlirg as _;
+use ytrainer_plugin_rho1 as _;
+use ytrainer_plugin_truncation as _;
 
 // Burn allocates and frees large buffers every step; glibc's malloc hands them back to the OS each time
 // (hundreds of thousands of page faults per run). mimalloc keeps them, which was measured at +34% tokens/s.
@@ -43,13 +59,25 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .without_time()
         .init();
+    plugins_cmd::set_cli_plugin_dirs(args.plugin_dirs.clone());
     let result = match args.command {
         cli::Command::Run(a) => run::run(*a),
         cli::Command::Plugins(p) => match p.command {
             cli::PluginsCommand::List { format } => plugins_cmd::list(format),
+            cli::PluginsCommand::Describe { name, format } => plugins_cmd::describe(&name, format),
         },
         cli::Command::Bench(b) => bench::bench(b),
+        cli::Command::Curve(c) => curve_cmd::curve(c),
         cli::Command::Init(i) => run::init_preset(i),
+        cli::Command::Convert(a) => convert::convert(a),
+        cli::Command::Score(a) => score::score(*a),
+        cli::Command::Render(a) => render::render(*a),
+        cli::Command::Generate(a) => generate::generate(*a),
+        cli::Command::Chat(a) => generate::chat(*a),
+        cli::Command::Merge(a) => merge::merge(a),
+        cli::Command::Eval(a) => eval_cmd::eval(a),
+        cli::Command::Sweep(a) => sweep_cmd::sweep(a),
+        cli::Command::Plot(a) => sweep_cmd::plot(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

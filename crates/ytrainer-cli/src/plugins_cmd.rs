@@ -1,13 +1,58 @@
-//! `ytrainer plugins list`
+//! `ytrainer plugins list | describe`, and the one place the plugin registry of a command is built: built-ins
+//! plus external libraries from `--plugin-dir`, `YTRAINER_PLUGIN_PATH` and `[loss] plugins`.
 
-use anyhow::Result;
-use ytrainer_core::loss::Registry;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result};
+use ytrainer_core::loss::{LossFn, PluginKind, PluginSource, Registry};
 
 use crate::cli::Format;
 
+/// Environment variable with extra plugin paths (separated like `PATH`).
+pub const PLUGIN_PATH_ENV: &str = "YTRAINER_PLUGIN_PATH";
+
+static CLI_DIRS: OnceLock<Vec<PathBuf>> = OnceLock::new();
+
+/// Records the global `--plugin-dir` flags (called once by `main`).
+pub fn set_cli_plugin_dirs(dirs: Vec<PathBuf>) {
+    let _ = CLI_DIRS.set(dirs);
+}
+
+/// Every external plugin path in force: `--plugin-dir` flags, then `YTRAINER_PLUGIN_PATH`, then `config`.
+pub fn plugin_paths(config: &[PathBuf]) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = CLI_DIRS.get().cloned().unwrap_or_default();
+    if let Some(env) = std::env::var_os(PLUGIN_PATH_ENV) {
+        v.extend(std::env::split_paths(&env).filter(|p| !p.as_os_str().is_empty()));
+    }
+    v.extend(config.iter().cloned());
+    v
+}
+
+/// The registry of a command: built-ins plus external plugins from every plugin path.
+pub fn registry(config: &[PathBuf]) -> Result<Registry> {
+    let paths = plugin_paths(config);
+    Registry::discover_with(&paths).context("loading external loss plugins")
+}
+
+fn kind_str(k: PluginKind) -> &'static str {
+    match k {
+        PluginKind::Token => "token",
+        PluginKind::Pairwise => "pairwise",
+    }
+}
+
+fn source_str(s: &PluginSource) -> String {
+    match s {
+        PluginSource::Builtin => "built-in".to_string(),
+        PluginSource::External(p) => format!("external {}", p.display()),
+    }
+}
+
 /// Prints every discovered plugin with its kind, source, description and parameters.
 pub fn list(format: Format) -> Result<()> {
-    let registry = Registry::discover();
+    let registry = registry(&[])?;
     match format {
         Format::Json => {
             let v: Vec<serde_json::Value> = registry
@@ -18,6 +63,7 @@ pub fn list(format: Format) -> Result<()> {
                         "kind": p.kind,
                         "source": source,
                         "description": p.description,
+                        "formula": p.formula,
                         "params": p.params.iter().map(|s| serde_json::json!({
                             "name": s.name, "default": s.default, "help": s.help
                         })).collect::<Vec<_>>(),
@@ -28,16 +74,71 @@ pub fn list(format: Format) -> Result<()> {
         }
         Format::Text => {
             for (p, source) in registry.plugins() {
-                let kind = match p.kind {
-                    ytrainer_core::loss::PluginKind::Token => "token",
-                    ytrainer_core::loss::PluginKind::Pairwise => "pairwise",
-                };
+                let kind = kind_str(p.kind);
                 let src = match source {
-                    ytrainer_core::loss::PluginSource::Builtin => "built-in".to_string(),
+                    PluginSource::Builtin => "built-in",
+                    PluginSource::External(_) => "external",
                 };
                 println!("{:<10} {kind:<9} {src:<9} {}", p.name, p.description);
+                if let PluginSource::External(path) = source {
+                    println!("    (from {})", path.display());
+                }
                 for s in p.params {
                     println!("    {:<8} = {:<8} {}", s.name, s.default, s.help);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prints one plugin in full: source, formula, parameters, what it needs and its default normalisation.
+pub fn describe(name: &str, format: Format) -> Result<()> {
+    let registry = registry(&[])?;
+    let info = *registry.get(name)?;
+    let source = registry.source(name)?.clone();
+    // Needs and normalisation belong to an instance: build one with the defaults.
+    let (needs, normalize) = match registry.build(name, &BTreeMap::new()) {
+        Ok((LossFn::Token(p), _)) => (
+            Some(p.needs().describe()),
+            Some(p.default_normalize().as_str()),
+        ),
+        _ => (None, None),
+    };
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "name": info.name, "kind": info.kind, "source": source, "description": info.description,
+                "formula": info.formula, "needs": needs, "default_normalize": normalize,
+                "params": info.params.iter().map(|s| serde_json::json!({
+                    "name": s.name, "default": s.default, "help": s.help
+                })).collect::<Vec<_>>(),
+            }))?
+        ),
+        Format::Text => {
+            println!(
+                "{} ({} plugin, {})",
+                info.name,
+                kind_str(info.kind),
+                source_str(&source)
+            );
+            println!("  {}", info.description);
+            if !info.formula.is_empty() {
+                println!("formula:    {}", info.formula);
+            }
+            if let Some(n) = needs {
+                println!("needs:      {n}");
+            }
+            if let Some(n) = normalize {
+                println!("normalize:  {n} (default; override with --normalize)");
+            }
+            if info.params.is_empty() {
+                println!("parameters: none");
+            } else {
+                println!("parameters (--loss-param NAME=VALUE, [loss.params]):");
+                for s in info.params {
+                    println!("  {:<10} = {:<8} {}", s.name, s.default, s.help);
                 }
             }
         }

@@ -1,7 +1,17 @@
 //! Progress bars and notices for `ytrainer run` (the trainer reports through [`Observer`]).
 
-use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::OnceLock;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use ytrainer_core::trainer::{EvalMetrics, Observer, StepMetrics};
+
+static MULTI: OnceLock<MultiProgress> = OnceLock::new();
+
+/// Bars drawn together (`ytrainer sweep`: the overall bar above the current trial's). Once called, every
+/// training [`Bar`] joins it.
+pub fn multi() -> &'static MultiProgress {
+    MULTI.get_or_init(MultiProgress::new)
+}
 
 /// Draws one bar over optimizer steps; shows loss, CE and tokens/s in the message.
 pub struct Bar {
@@ -17,7 +27,10 @@ impl Bar {
 
 impl Observer for Bar {
     fn start(&mut self, total: usize, first: usize) {
-        let bar = ProgressBar::new(total as u64);
+        let bar = match MULTI.get() {
+            Some(m) => m.add(ProgressBar::new(total as u64)),
+            None => ProgressBar::new(total as u64),
+        };
         bar.set_style(
             ProgressStyle::with_template(
                 "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps (eta {eta}) {msg}",

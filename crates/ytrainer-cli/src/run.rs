@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use ytrainer_core::config::{AdapterKind, Overlong, RunConfig, TrainMode, TrainOn, TrainingType};
-use ytrainer_core::loss::{LossFn, Registry};
+use ytrainer_core::loss::LossFn;
 use ytrainer_core::model::CausalLm;
 use ytrainer_core::trainer::{self, TrainSetup};
 use ytrainer_data::{
@@ -128,7 +128,7 @@ fn data_options(cfg: &RunConfig) -> DataOptions {
 /// Everything that determines the training trajectory, as canonical JSON: resume must match it, and on a
 /// mismatch the trainer names the keys that differ. The device is left out on purpose (a run may continue on
 /// other hardware), as are eval and output settings.
-fn fingerprint(cfg: &RunConfig) -> String {
+pub(crate) fn fingerprint(cfg: &RunConfig) -> String {
     let mut train = serde_json::to_value(&cfg.train).unwrap_or_default();
     if let Some(t) = train.as_object_mut() {
         t.remove("device");
@@ -157,19 +157,83 @@ fn split_eval(records: Vec<Record>, fraction: f64) -> (Vec<Record>, Vec<Record>)
     (train, eval)
 }
 
+/// The model directory: given, or self-made from the preset (reused when it already exists, e.g. on resume).
+pub(crate) fn resolve_model_dir(cfg: &RunConfig, out: &Path, train_file: &Path) -> Result<PathBuf> {
+    let model_dir = match (&cfg.model.path, &cfg.model.preset) {
+        (Some(p), _) => p.clone(),
+        (None, Some(preset)) => {
+            let d = out.join("base-model");
+            if !d.join("model.safetensors").exists() {
+                eprintln!(
+                    "creating the `{preset}` model in {} (tokenizer trained on {})",
+                    d.display(),
+                    train_file.display()
+                );
+                create_preset(preset, train_file, cfg.model.seed, &d)?;
+            }
+            d
+        }
+        (None, None) => bail!("no model given"),
+    };
+    // A llama.cpp GGUF file is converted once into the run directory.
+    let model_dir = crate::interop::model_dir_for_run(model_dir, &out)?;
+    if !model_dir.join("config.json").exists() {
+        bail!(
+            "{}: not a Hugging Face model directory (no config.json); pass the directory that holds config.json, \
+             model.safetensors and tokenizer.json",
+            model_dir.display()
+        );
+    }
+    Ok(model_dir)
+}
+
+/// The model's tokenizer (with the template's end-of-turn token as EOS) and chat template (optional for CPT).
+pub(crate) fn tokenizer_and_template(
+    cfg: &RunConfig,
+    model_dir: &Path,
+) -> Result<(TokenizerWrapper, Option<ChatTemplate>)> {
+    let mut tok = TokenizerWrapper::from_file(&model_dir.join("tokenizer.json"))?;
+    let template = match ChatTemplate::from_model_dir(model_dir) {
+        Ok(t) => Some(t),
+        Err(e) if cfg.data.training_type == TrainingType::Cpt => {
+            tracing::info!("no chat template ({e}); fine for continued pretraining");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(eos) = template.as_ref().and_then(|t| t.eos_token()) {
+        let eos = eos.to_string();
+        tok.set_eos_token(&eos)?;
+    }
+    Ok((tok, template))
+}
+
+/// The adapter the config asks for.
+pub(crate) fn adapter_spec(cfg: &RunConfig) -> AdapterSpec {
+    match cfg.adapter.kind {
+        AdapterKind::Full => AdapterSpec::Full,
+        AdapterKind::Lora => AdapterSpec::Lora(LoraConfig {
+            r: cfg.adapter.r,
+            alpha: cfg.adapter.alpha,
+            dropout: cfg.adapter.dropout,
+            target_modules: cfg.adapter.target_modules.clone(),
+            use_rslora: cfg.adapter.use_rslora,
+            init_seed: cfg.train.seed,
+        }),
+    }
+}
+
 /// `ytrainer run`
 pub fn run(args: RunArgs) -> Result<()> {
     let mut cfg = config_file::resolve(&args)?;
     // The loss plugin is checked first: a typo in its name or parameters must not cost a model load.
-    let registry = Registry::discover();
+    let registry = crate::plugins_cmd::registry(&cfg.loss.plugins)?;
     let (loss_fn, params) = registry.build(&cfg.loss.name, &cfg.loss.params)?;
     let plugin = match loss_fn {
         LossFn::Token(p) => p,
-        LossFn::Pairwise(_) => bail!(
-            "loss `{}` is a pairwise (preference) objective; `ytrainer run` with SFT/CPT data needs a token \
-             plugin such as `nlirg` or `ce` (see `ytrainer plugins list`)",
-            cfg.loss.name
-        ),
+        LossFn::Pairwise(objective) => {
+            return crate::preference::run(cfg, objective, &params, &args);
+        }
     };
     let normalize = cfg
         .loss
@@ -189,46 +253,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         .clone()
         .ok_or_else(|| anyhow!("no training data"))?;
 
-    // Model directory: given, or self-made from the preset (reused when it already exists, e.g. on resume).
-    let model_dir = match (&cfg.model.path, &cfg.model.preset) {
-        (Some(p), _) => p.clone(),
-        (None, Some(preset)) => {
-            let d = out.join("base-model");
-            if !d.join("model.safetensors").exists() {
-                eprintln!(
-                    "creating the `{preset}` model in {} (tokenizer trained on {})",
-                    d.display(),
-                    train_file.display()
-                );
-                create_preset(preset, &train_file, cfg.model.seed, &d)?;
-            }
-            d
-        }
-        (None, None) => bail!("no model given"),
-    };
-    if !model_dir.join("config.json").exists() {
-        bail!(
-            "{}: not a Hugging Face model directory (no config.json); pass the directory that holds config.json, \
-             model.safetensors and tokenizer.json",
-            model_dir.display()
-        );
-    }
+    let model_dir = resolve_model_dir(&cfg, &out, &train_file)?;
 
     // Data.
     let tok_path = model_dir.join("tokenizer.json");
-    let mut tok = TokenizerWrapper::from_file(&tok_path)?;
-    let template = match ChatTemplate::from_model_dir(&model_dir) {
-        Ok(t) => Some(t),
-        Err(e) if cfg.data.training_type == TrainingType::Cpt => {
-            tracing::info!("no chat template ({e}); fine for continued pretraining");
-            None
-        }
-        Err(e) => return Err(e.into()),
-    };
-    if let Some(eos) = template.as_ref().and_then(|t| t.eos_token()) {
-        let eos = eos.to_string();
-        tok.set_eos_token(&eos)?;
-    }
+    let (tok, template) = tokenizer_and_template(&cfg, &model_dir)?;
     let loaded = load_records(&train_file)?;
     let mut warnings: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
     if cfg.data.eval.is_some() && cfg.data.eval_fraction > 0.0 {
@@ -260,17 +289,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     // Model.
     let device =
         ytrainer_core::device::select(&cfg.train.device, cfg.train.seed).map_err(|e| anyhow!(e))?;
-    let adapter = match cfg.adapter.kind {
-        AdapterKind::Full => AdapterSpec::Full,
-        AdapterKind::Lora => AdapterSpec::Lora(LoraConfig {
-            r: cfg.adapter.r,
-            alpha: cfg.adapter.alpha,
-            dropout: cfg.adapter.dropout,
-            target_modules: cfg.adapter.target_modules.clone(),
-            use_rslora: cfg.adapter.use_rslora,
-            init_seed: cfg.train.seed,
-        }),
-    };
+    let adapter = adapter_spec(&cfg);
     let (mut model, _hf) = load_pretrained(&model_dir, &adapter, &device)?;
     if let Some(init) = &cfg.adapter.init_from {
         model = load_peft_adapter(model, init)?;
@@ -417,7 +436,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn copy_tokenizer_files(from: &Path, to: &Path, full: bool) -> Result<()> {
+pub(crate) fn copy_tokenizer_files(from: &Path, to: &Path, full: bool) -> Result<()> {
     let names: &[&str] = if full {
         &[
             "tokenizer.json",

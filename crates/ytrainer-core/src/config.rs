@@ -28,6 +28,41 @@ pub struct RunConfig {
     pub eval: EvalSection,
     /// Where results go.
     pub output: OutputSection,
+    /// Preference training (used with pairwise losses such as `dpo`).
+    pub preference: PreferenceSection,
+}
+
+/// `[preference]`: settings of DPO-family training (`--loss dpo|cdpo|ipo|hinge|simpo|dpo-nlirg`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreferenceSection {
+    /// A separate reference model directory. Default: the policy's own base (LoRA adapters disabled), or the
+    /// initial weights for full fine-tuning.
+    pub reference: Option<PathBuf>,
+    /// Compute reference log-probs once before training and cache them in the run directory (reused on resume).
+    /// Always on for full fine-tuning and for a separate `reference` model.
+    pub precompute_reference: bool,
+    /// Weight of an SFT (NLL) term on the chosen completions.
+    pub sft_weight: f64,
+    /// Use length-averaged sequence log-probs instead of sums.
+    pub average_log_prob: bool,
+    /// Pairs per optimizer step.
+    pub pairs_per_step: usize,
+    /// Pairs per micro-batch (each pair is two rows).
+    pub micro_pairs: usize,
+}
+
+impl Default for PreferenceSection {
+    fn default() -> Self {
+        PreferenceSection {
+            reference: None,
+            precompute_reference: false,
+            sft_weight: 0.0,
+            average_log_prob: false,
+            pairs_per_step: 8,
+            micro_pairs: 4,
+        }
+    }
 }
 
 /// `[model]`
@@ -180,6 +215,10 @@ pub struct LossSection {
     pub params: BTreeMap<String, f64>,
     /// Borders of the telemetry zones `learned | learning | hard | noise` (losses in nats).
     pub zone_borders: [f64; 3],
+    /// External plugin libraries or directories of them, loaded besides `--plugin-dir` and
+    /// `YTRAINER_PLUGIN_PATH` (relative paths are relative to the config file).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<std::path::PathBuf>,
 }
 
 impl Default for LossSection {
@@ -189,6 +228,7 @@ impl Default for LossSection {
             normalize: None,
             params: BTreeMap::new(),
             zone_borders: [1.45, 6.6, 15.0],
+            plugins: Vec::new(),
         }
     }
 }

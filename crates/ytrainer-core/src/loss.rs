@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -69,11 +71,44 @@ pub struct ParamSpec {
 }
 
 /// Statistics a token plugin may ask the trainer for; the trainer computes only what some plugin needs,
-/// because entropy costs a full pass over the vocabulary.
+/// because entropy costs a full pass over the vocabulary and reference losses a second forward pass.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Needs {
     /// Predictive entropy of the distribution that predicts each target.
     pub entropy: bool,
+    /// Entropy of the renormalised top-K distribution divided by `ln K` (in [0, 1]); `0` = not needed.
+    pub top_k_entropy: usize,
+    /// Cross-entropy of each target under the reference model (LoRA: the base model with adapters disabled).
+    pub reference_loss: bool,
+    /// Position id of each target in its row.
+    pub position: bool,
+    /// Index of the example each target belongs to.
+    pub sample: bool,
+}
+
+impl Needs {
+    /// Human-readable list for `ytrainer plugins describe` (`loss` is always provided).
+    pub fn describe(&self) -> String {
+        let mut v = vec!["loss".to_string()];
+        if self.entropy {
+            v.push("entropy".into());
+        }
+        if self.top_k_entropy > 0 {
+            v.push(format!("top-{} entropy", self.top_k_entropy));
+        }
+        if self.reference_loss {
+            v.push("reference-model loss".into());
+        }
+        if self.position {
+            v.push("position".into());
+        }
+        if self.sample {
+            v.push("sample id".into());
+        }
+        v.push("step".into());
+        v.push("progress".into());
+        v.join(", ")
+    }
 }
 
 /// Detached per-token statistics of the supervised tokens of one micro-batch, in target order.
@@ -83,10 +118,34 @@ pub struct TokenStats {
     pub loss: Tensor<1>,
     /// Predictive entropy, `[N]`, present when the plugin declared [`Needs::entropy`].
     pub entropy: Option<Tensor<1>>,
+    /// Normalised top-K entropy in [0, 1], `[N]`, present when [`Needs::top_k_entropy`] > 0.
+    pub top_k_entropy: Option<Tensor<1>>,
+    /// Reference-model cross-entropy, `[N]`, present when [`Needs::reference_loss`].
+    pub reference_loss: Option<Tensor<1>>,
+    /// Position id of each target, present when [`Needs::position`].
+    pub position: Option<Vec<u32>>,
+    /// Example index of each target, present when [`Needs::sample`].
+    pub sample: Option<Vec<u32>>,
     /// Optimizer step being computed (0-based).
     pub step: usize,
     /// Training progress in `[0, 1]`.
     pub progress: f64,
+}
+
+impl TokenStats {
+    /// Statistics with only the loss (step 0, progress 0): for tests and `ytrainer curve`.
+    pub fn from_loss(loss: Tensor<1>) -> Self {
+        TokenStats {
+            loss,
+            entropy: None,
+            top_k_entropy: None,
+            reference_loss: None,
+            position: None,
+            sample: None,
+            step: 0,
+            progress: 0.0,
+        }
+    }
 }
 
 /// A token-level reweighting strategy.
@@ -99,6 +158,11 @@ pub trait TokenReweighter: Send + Sync {
     fn default_normalize(&self) -> Normalize;
     /// Per-token weights `[N]`, computed without gradient. Must be finite and non-negative.
     fn weights(&self, stats: &TokenStats) -> Tensor<1>;
+    /// [`TokenReweighter::weights`] for plugins that can fail (external plugins: a panic or an error in the
+    /// shared library). The message names the plugin. Built-ins need not override it.
+    fn try_weights(&self, stats: &TokenStats) -> Result<Tensor<1>, String> {
+        Ok(self.weights(stats))
+    }
 }
 
 /// Sequence-level statistics of a batch of preference pairs (sums of target log-probabilities).
@@ -202,6 +266,34 @@ pub enum PluginError {
         /// Why it is rejected and what is allowed.
         reason: String,
     },
+    /// A plugin's constructor rejected its parameters (external plugins report free text).
+    #[error("loss plugin `{plugin}` rejected its parameters: {reason}")]
+    Rejected {
+        /// Plugin name.
+        plugin: String,
+        /// The plugin's message.
+        reason: String,
+    },
+    /// An external plugin library could not be loaded.
+    #[error("loss plugin library {path}: {reason}")]
+    Load {
+        /// The file.
+        path: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// Two plugins with one name.
+    #[error(
+        "two loss plugins are named `{name}`: {first} and {second}; plugin names must be unique (rename one, or remove the library from --plugin-dir / YTRAINER_PLUGIN_PATH / [loss] plugins)"
+    )]
+    Clash {
+        /// The name.
+        name: String,
+        /// Where the first came from.
+        first: String,
+        /// Where the second came from.
+        second: String,
+    },
 }
 
 /// A plugin as the registry knows it: metadata plus a constructor.
@@ -215,6 +307,8 @@ pub struct LossPluginInfo {
     pub kind: PluginKind,
     /// Declared parameters with defaults.
     pub params: &'static [ParamSpec],
+    /// The weighting formula for `ytrainer plugins describe` (may be empty).
+    pub formula: &'static str,
     /// Builds an instance from validated parameters; may reject values with [`PluginError::InvalidParam`].
     pub build: fn(&Params) -> Result<LossFn, PluginError>,
 }
@@ -227,12 +321,38 @@ inventory::collect!(LossPluginInfo);
 pub enum PluginSource {
     /// Compiled into the binary and registered through `inventory`.
     Builtin,
+    /// Loaded from a shared library (the path it was loaded from).
+    External(PathBuf),
 }
 
-/// The plugins discovered at startup.
-#[derive(Debug, Clone)]
+impl fmt::Display for PluginSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PluginSource::Builtin => f.write_str("built-in"),
+            PluginSource::External(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Entry {
+    info: LossPluginInfo,
+    source: PluginSource,
+    external: Option<Arc<crate::external::ExternalLib>>,
+}
+
+/// The plugins discovered at startup: built-ins and external libraries in one namespace.
+#[derive(Clone)]
 pub struct Registry {
-    plugins: Vec<(LossPluginInfo, PluginSource)>,
+    plugins: Vec<Entry>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.plugins.iter().map(|e| (e.info.name, &e.source)))
+            .finish()
+    }
 }
 
 impl Registry {
@@ -240,25 +360,56 @@ impl Registry {
     pub fn discover() -> Self {
         let mut plugins: Vec<_> = inventory::iter::<LossPluginInfo>
             .into_iter()
-            .map(|p| (*p, PluginSource::Builtin))
+            .map(|p| Entry {
+                info: *p,
+                source: PluginSource::Builtin,
+                external: None,
+            })
             .collect();
-        plugins.sort_by_key(|(p, _)| p.name);
+        plugins.sort_by_key(|e| e.info.name);
         Registry { plugins }
+    }
+
+    /// The built-ins plus external plugins from `paths`: each a shared library, or a directory whose
+    /// `*.so` / `*.dylib` / `*.dll` files are all loaded (in name order). A path given twice is loaded once;
+    /// a name defined twice is a [`PluginError::Clash`] naming both sources.
+    pub fn discover_with(paths: &[PathBuf]) -> Result<Self, PluginError> {
+        let mut r = Registry::discover();
+        for file in crate::external::library_files(paths)? {
+            let (info, lib) = crate::external::load(&file)?;
+            r.add(Entry {
+                info,
+                source: PluginSource::External(file),
+                external: Some(lib),
+            })?;
+        }
+        Ok(r)
+    }
+
+    fn add(&mut self, e: Entry) -> Result<(), PluginError> {
+        if let Some(old) = self.plugins.iter().find(|o| o.info.name == e.info.name) {
+            return Err(PluginError::Clash {
+                name: e.info.name.to_string(),
+                first: old.source.to_string(),
+                second: e.source.to_string(),
+            });
+        }
+        self.plugins.push(e);
+        self.plugins.sort_by_key(|e| e.info.name);
+        Ok(())
     }
 
     /// All plugins, sorted by name.
     pub fn plugins(&self) -> impl Iterator<Item = (&LossPluginInfo, &PluginSource)> {
-        self.plugins.iter().map(|(p, s)| (p, s))
+        self.plugins.iter().map(|e| (&e.info, &e.source))
     }
 
-    /// Looks a plugin up by name.
-    pub fn get(&self, name: &str) -> Result<&LossPluginInfo, PluginError> {
+    fn entry(&self, name: &str) -> Result<&Entry, PluginError> {
         self.plugins
             .iter()
-            .map(|(p, _)| p)
-            .find(|p| p.name == name)
+            .find(|e| e.info.name == name)
             .ok_or_else(|| {
-                let names: Vec<&str> = self.plugins.iter().map(|(p, _)| p.name).collect();
+                let names: Vec<&str> = self.plugins.iter().map(|e| e.info.name).collect();
                 PluginError::Unknown {
                     name: name.to_string(),
                     hint: did_you_mean(name, &names),
@@ -267,15 +418,28 @@ impl Registry {
             })
     }
 
+    /// Looks a plugin up by name.
+    pub fn get(&self, name: &str) -> Result<&LossPluginInfo, PluginError> {
+        self.entry(name).map(|e| &e.info)
+    }
+
+    /// Where a plugin came from.
+    pub fn source(&self, name: &str) -> Result<&PluginSource, PluginError> {
+        self.entry(name).map(|e| &e.source)
+    }
+
     /// Validates `given` against the plugin's declared parameters (filling defaults) and builds it.
     pub fn build(
         &self,
         name: &str,
         given: &BTreeMap<String, f64>,
     ) -> Result<(LossFn, Params), PluginError> {
-        let info = self.get(name)?;
-        let params = resolve_params(info, given)?;
-        let f = (info.build)(&params)?;
+        let e = self.entry(name)?;
+        let params = resolve_params(&e.info, given)?;
+        let f = match &e.external {
+            Some(lib) => crate::external::instantiate(lib, &params)?,
+            None => (e.info.build)(&params)?,
+        };
         Ok((f, params))
     }
 }

@@ -31,6 +31,16 @@ pub trait CausalLm: Module {
     /// Vocabulary size (columns of the LM head).
     fn vocab_size(&self) -> usize;
 
+    /// Runs `f` on this model with every adapter (LoRA branch) switched off, i.e. on the frozen base model: the
+    /// reference model of reference-based losses (`rho1`). `None` when the model has no adapters to switch off.
+    fn adapters_disabled<R>(&self, f: impl FnOnce(&Self) -> R) -> Option<R>
+    where
+        Self: Sized,
+    {
+        let _ = f;
+        None
+    }
+
     /// Writes what a user takes back to the ecosystem: a PEFT adapter directory for LoRA, or a Hugging Face
     /// checkpoint (`config.json` + safetensors) for full fine-tuning. Returns the files written.
     fn export(&self, dir: &Path) -> Result<Vec<PathBuf>, String>;

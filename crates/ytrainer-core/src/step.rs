@@ -85,6 +85,10 @@ pub struct DeviceBatch {
     pub targets: Tensor<1, Int>,
     /// Number of targets.
     pub n: usize,
+    /// Position id of each target (host), in target order.
+    pub positions: Vec<u32>,
+    /// Example index of each target (host), in target order.
+    pub samples: Vec<u32>,
 }
 
 /// Moves a micro-batch to `device`, listing target positions in row-major order.
@@ -96,10 +100,14 @@ pub fn to_device(mb: &MicroBatch, device: &Device) -> DeviceBatch {
     };
     let mut rows = Vec::new();
     let mut targets = Vec::new();
+    let mut positions = Vec::new();
+    let mut samples = Vec::new();
     for (p, &is_target) in mb.target_mask.iter().enumerate() {
         if is_target && p % t != 0 {
             rows.push((p - 1) as i64);
             targets.push(mb.input_ids[p] as i64);
+            positions.push(mb.position_ids.get(p).copied().unwrap_or(0));
+            samples.push(mb.examples.get(p / t).copied().unwrap_or(0) as u32);
         }
     }
     let n = rows.len();
@@ -112,6 +120,8 @@ pub fn to_device(mb: &MicroBatch, device: &Device) -> DeviceBatch {
         rows: Tensor::from_data(TensorData::new(rows, [n]), device),
         targets: Tensor::from_data(TensorData::new(targets, [n]), device),
         n,
+        positions,
+        samples,
     }
 }
 
@@ -154,6 +164,15 @@ pub enum StepError {
         /// Position among the micro-batch's targets.
         index: usize,
     },
+    /// The plugin failed (an external plugin's error or panic; the message names the plugin).
+    #[error("{0}")]
+    Plugin(String),
+    /// The plugin needs reference-model losses and the model cannot provide them.
+    #[error(
+        "the loss plugin needs reference-model losses, which come from the base model with its adapters disabled; \
+         this model has no adapters: train with LoRA (`--adapter lora`) or choose another loss"
+    )]
+    NoReference,
 }
 
 /// Forward + weighted loss + backward for one micro-batch; gradients of `sum(w * ce)` go into `acc`.
@@ -177,6 +196,19 @@ pub fn train_micro_batch<M: CausalLm>(
     let needs = plugin.needs();
     let detached_lp = log_probs.detach().inner();
     let entropy = needs.entropy.then(|| entropy(detached_lp.clone()));
+    let top_k_entropy =
+        (needs.top_k_entropy > 0).then(|| top_k_entropy(detached_lp.clone(), needs.top_k_entropy));
+    let reference_loss = if needs.reference_loss {
+        let r = model
+            .adapters_disabled(|m| {
+                let lp = target_log_probs(m, &batch).detach().inner();
+                token_ce(lp, batch.targets.clone().inner())
+            })
+            .ok_or(StepError::NoReference)?;
+        Some(r)
+    } else {
+        None
+    };
     let pred = detached_lp.argmax(1).reshape([batch.n]);
     let correct = count_true(pred.equal(batch.targets.clone().inner()));
 
@@ -203,10 +235,14 @@ pub fn train_micro_batch<M: CausalLm>(
     let stats = TokenStats {
         loss: Tensor::from_data(TensorData::new(ce_host.clone(), [batch.n]), device),
         entropy,
+        top_k_entropy,
+        reference_loss,
+        position: needs.position.then(|| batch.positions.clone()),
+        sample: needs.sample.then(|| batch.samples.clone()),
         step: ctx.step,
         progress: ctx.progress,
     };
-    let w = plugin.weights(&stats);
+    let w = plugin.try_weights(&stats).map_err(StepError::Plugin)?;
     let w_host = tensor_to_vec(w.clone());
     if w_host.len() != batch.n {
         return Err(StepError::BadWeight {
@@ -270,6 +306,22 @@ pub fn entropy(log_probs: Tensor<2>) -> Tensor<1> {
     let n = log_probs.dims()[0];
     let p = log_probs.clone().exp();
     p.mul(log_probs).sum_dim(1).reshape([n]).neg()
+}
+
+/// Entropy of the top-`k` distribution of each row, renormalised over those `k` tokens and divided by `ln k`,
+/// so it lies in [0, 1]: 0 = all mass on one token, 1 = the top `k` equally likely. `k` is capped at the
+/// vocabulary size; `k <= 1` gives zeros.
+pub fn top_k_entropy(log_probs: Tensor<2>, k: usize) -> Tensor<1> {
+    let [n, v] = log_probs.dims();
+    let k = k.min(v);
+    if k <= 1 {
+        return Tensor::zeros([n], &log_probs.device());
+    }
+    let top = log_probs.topk(k, 1);
+    // Renormalise in log space: log q = lp - logsumexp(lp).
+    let lq = log_softmax(top, 1);
+    let h = lq.clone().exp().mul(lq).sum_dim(1).reshape([n]).neg();
+    h.div_scalar((k as f64).ln()).clamp(0.0, 1.0)
 }
 
 fn count_true(t: Tensor<1, Bool>) -> usize {

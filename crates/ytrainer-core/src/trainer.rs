@@ -260,6 +260,28 @@ impl Jsonl {
     }
 }
 
+/// The TensorBoard sink beside the JSONL files: the same records, as scalars under the same names.
+struct Tensorboard(crate::tensorboard::EventWriter);
+
+impl Tensorboard {
+    fn create(dir: &Path) -> Result<Self, TrainError> {
+        crate::tensorboard::EventWriter::create(dir)
+            .map(Tensorboard)
+            .map_err(|e| TrainError::Output {
+                path: dir.to_path_buf(),
+                message: format!("cannot create the TensorBoard event file: {e}"),
+            })
+    }
+    fn write(&mut self, step: usize, v: &impl Serialize) -> Result<(), TrainError> {
+        self.0
+            .record_fields(step, v)
+            .map_err(|e| TrainError::Output {
+                path: self.0.path().to_path_buf(),
+                message: e.to_string(),
+            })
+    }
+}
+
 /// Trains `model` and returns it with the summary. Checkpoints go to `output_dir/checkpoint-N`.
 pub fn train<M: CausalLm>(
     mut model: M,
@@ -322,6 +344,7 @@ pub fn train<M: CausalLm>(
     let resumed = setup.resume.is_some();
     let mut metrics = Jsonl::open(setup.output_dir.join("metrics.jsonl"), resumed)?;
     let mut eval_log = Jsonl::open(setup.output_dir.join("eval.jsonl"), resumed)?;
+    let mut tb = Tensorboard::create(setup.output_dir)?;
 
     let eval_before = if resumed {
         None
@@ -336,6 +359,7 @@ pub fn train<M: CausalLm>(
         );
         if let Some(e) = &e {
             eval_log.write(e)?;
+            tb.write(e.step, e)?;
             observer.eval(e);
         }
         e
@@ -347,6 +371,14 @@ pub fn train<M: CausalLm>(
     let mut last_checkpoint = None;
     for (index, (epoch, step)) in steps.iter().enumerate().skip(state.step) {
         let ts = Instant::now();
+        // Reseeding per step makes any randomness inside the step (LoRA dropout) a function of (seed, step), so a
+        // resumed run draws exactly what the uninterrupted run drew.
+        setup.device.seed(
+            setup
+                .batch
+                .seed
+                .wrapping_add((index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+        );
         let ctx = StepContext {
             step: index,
             progress: index as f64 / total as f64,
@@ -423,6 +455,7 @@ pub fn train<M: CausalLm>(
             last_ce = Some(m.ce);
         }
         metrics.write(&m)?;
+        tb.write(m.step, &m)?;
         observer.step(&m);
 
         let done = index + 1 == total;
@@ -439,6 +472,7 @@ pub fn train<M: CausalLm>(
             )
         {
             eval_log.write(&e)?;
+            tb.write(e.step, &e)?;
             observer.eval(&e);
         }
         if (setup.save_every > 0 && (index + 1) % setup.save_every == 0) || done {
@@ -461,6 +495,7 @@ pub fn train<M: CausalLm>(
     );
     if let Some(e) = &eval_after {
         eval_log.write(e)?;
+        tb.write(e.step, e)?;
         observer.eval(e);
     }
     Ok((

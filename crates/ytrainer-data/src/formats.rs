@@ -125,6 +125,64 @@ pub struct LoadedRecords {
     pub warnings: Vec<DataWarning>,
 }
 
+/// Reads a JSON / JSON Lines / CSV file into raw objects with their start lines (shared with the preference-pair
+/// loader, which has its own record layouts).
+pub(crate) fn load_objects(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>, DataError> {
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        let offset = e.valid_up_to();
+        DataError::NotUtf8 {
+            file: path.to_path_buf(),
+            line: 1 + bytes[..offset].iter().filter(|&&b| b == b'\n').count(),
+            offset,
+        }
+    })?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let is_csv = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    if is_csv {
+        split_csv(path, text)
+    } else if text.trim_start().starts_with('[') {
+        split_json_array(path, text)
+    } else {
+        split_json_lines(path, text)
+    }
+}
+
+/// Converts one messages/conversations object (for the preference loader's `*_messages` layouts).
+pub(crate) fn messages_of(
+    origin: &Origin,
+    obj: &Map<String, Value>,
+) -> Result<Result<Vec<Message>, String>, DataError> {
+    Ok(convert_messages(origin, obj)?.map(|k| match k {
+        RecordKind::Chat { messages } => messages,
+        RecordKind::Text { text } => vec![Message::new("user", &text)],
+    }))
+}
+
+/// Normalises a role name (`human` -> `user`, `gpt` -> `assistant`, ...).
+pub(crate) fn role_of(role: &str) -> Option<&'static str> {
+    normalise_role(role)
+}
+
+/// Reads a content value: a string or a list of typed text parts.
+pub(crate) fn content_of(
+    origin: &Origin,
+    key: &str,
+    v: &Value,
+) -> Result<Option<String>, DataError> {
+    Ok(match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(parts) => Some(content_parts(origin, key, 0, parts)?),
+        _ => None,
+    })
+}
+
 /// Reads and parses one data file.
 pub fn load_records(path: &Path) -> Result<LoadedRecords, DataError> {
     let bytes = std::fs::read(path).map_err(|source| DataError::Io {

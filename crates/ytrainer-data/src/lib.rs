@@ -8,6 +8,7 @@ pub mod batch;
 pub mod bpe;
 pub mod error;
 pub mod formats;
+pub mod pairs;
 pub mod template;
 pub mod tokenize;
 
@@ -21,6 +22,7 @@ pub use formats::{
     Container, DataWarning, Format, LoadedRecords, Message, Origin, Record, RecordKind,
     load_records, parse_records,
 };
+pub use pairs::{LoadedPairs, PairExample, PairRecord, load_pairs, tokenize_pair};
 pub use template::ChatTemplate;
 pub use tokenize::{
     Example, RenderedChat, TokenizerWrapper, TrainOn, render_chat_spans, tokenize_chat,

@@ -131,6 +131,15 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// Makes `strftime_now` return this instant (Unix seconds, UTC) instead of the current time, so a rendering
+    /// that mentions today's date is reproducible (`ytrainer render --date`).
+    pub fn set_fixed_time(&mut self, unix_secs: i64) {
+        self.env
+            .add_function("strftime_now", move |fmt: String| -> String {
+                strftime(&fmt, unix_secs)
+            });
+    }
+
     pub fn bos_token(&self) -> Option<&str> {
         self.bos.as_deref()
     }

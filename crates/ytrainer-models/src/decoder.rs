@@ -570,6 +570,11 @@ impl CausalLm for Decoder {
         self.spec.vocab_size
     }
 
+    fn adapters_disabled<R>(&self, f: impl FnOnce(&Self) -> R) -> Option<R> {
+        matches!(self.adapter, AdapterSpec::Lora(_))
+            .then(|| crate::lora::without_adapters(|| f(self)))
+    }
+
     fn export(&self, dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>, String> {
         match &self.adapter {
             AdapterSpec::Lora(cfg) => {

@@ -72,6 +72,11 @@ pub enum ModelError {
     #[error("{}: invalid safetensors file: {message}", path.display())]
     Safetensors { path: PathBuf, message: String },
 
+    /// A GGUF file is malformed, truncated, or uses something we do not implement (the message names the tensor,
+    /// type or metadata key).
+    #[error("{}: {message}", path.display())]
+    Gguf { path: PathBuf, message: String },
+
     /// A PEFT adapter cannot be used with this model.
     #[error("{}: {message}", path.display())]
     Adapter { path: PathBuf, message: String },

@@ -12,6 +12,9 @@
 pub mod config;
 pub mod decoder;
 mod error;
+pub mod export;
+pub mod generate;
+pub mod gguf;
 pub mod llama;
 pub mod load;
 pub mod lora;
@@ -27,6 +30,8 @@ use burn::prelude::*;
 pub use config::{HfConfig, RopeParameters, TokenIds};
 pub use decoder::{ArchSpec, Architecture, Decoder};
 pub use error::ModelError;
+pub use export::{ExportDtype, save_hf_checkpoint_as};
+pub use gguf::{convert_gguf, is_gguf, load_gguf};
 pub use load::{init_random, load_pretrained};
 pub use lora::{AdapterSpec, DEFAULT_LORA_TARGETS, LoraConfig, LoraLinear};
 pub use save::{load_peft_adapter, save_hf_checkpoint, save_peft_adapter};

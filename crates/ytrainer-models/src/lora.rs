@@ -15,6 +15,24 @@ use serde::{Deserialize, Serialize};
 
 use crate::rng::InitRng;
 
+std::thread_local! {
+    static ADAPTERS_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every LoRA branch switched off on this thread: forward passes inside compute the frozen base
+/// model (the reference model of `rho1`). Burn builds the graph on the calling thread, so a thread-local flag
+/// read in [`LoraLinear::forward`] is enough; the flag is restored even if `f` panics.
+pub fn without_adapters<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ADAPTERS_OFF.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(ADAPTERS_OFF.with(|c| c.replace(true)));
+    f()
+}
+
 /// The projections LoRA adapts by default: all seven linear layers of a decoder block, as most recipes do.
 pub const DEFAULT_LORA_TARGETS: [&str; 7] = [
     "q_proj",
@@ -156,7 +174,7 @@ impl LoraLinear {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let base = |x: Tensor<D>| linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()));
         match (&self.lora_a, &self.lora_b) {
-            (Some(a), Some(b)) => {
+            (Some(a), Some(b)) if !ADAPTERS_OFF.with(|c| c.get()) => {
                 let h = match &self.lora_dropout {
                     Some(dropout) => dropout.forward(x.clone()),
                     None => x.clone(),

@@ -65,7 +65,13 @@ pub fn save_hf_checkpoint(
     }
     let config_path = dir.join("config.json");
     write_text(&config_path, &(config.to_json_string() + "\n"))?;
+    let weights_path = dir.join("model.safetensors");
+    write_f32(&weights_path, hf_tensors(model))?;
+    Ok(vec![config_path, weights_path])
+}
 
+/// Every tensor of the HF checkpoint of `model` (LoRA merged), produced lazily, in HF names and layout.
+pub(crate) fn hf_tensors(model: &Decoder) -> Vec<PendingTensor<'_>> {
     let spec = &model.spec;
     let mut tensors = Vec::new();
     let embed = model.embed_tokens.weight.val();
@@ -124,9 +130,7 @@ pub fn save_hf_checkpoint(
             move || to_torch_layout(w.detach()),
         ));
     }
-    let weights_path = dir.join("model.safetensors");
-    write_f32(&weights_path, tensors)?;
-    Ok(vec![config_path, weights_path])
+    tensors
 }
 
 /// `alpha` as PEFT writes it: an integer when it is one.

@@ -31,6 +31,7 @@ inventory::submit! {
         description: "plain token cross-entropy (every supervised token weighted 1)",
         kind: PluginKind::Token,
         params: &[],
+        formula: "w = 1",
         build,
     }
 }

@@ -125,6 +125,7 @@ inventory::submit! {
         description: "NLIRG: weight each token by a rise-then-fall curve of its own loss; drop noise (loss >= cutoff)",
         kind: PluginKind::Token,
         params: PARAMS,
+        formula: "ce <= split: w = a*sigmoid(k*(ce - x0)) + eps;  split < ce < cutoff: w = a*sigmoid(slope*(center - ce)) + eps + floor;  ce >= cutoff: w = 0",
         build,
     }
 }

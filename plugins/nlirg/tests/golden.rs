@@ -119,12 +119,7 @@ fn registered_with_defaults_and_validation() {
     };
     assert_eq!(p.default_normalize(), Normalize::Nonzero);
     let device = Device::flex();
-    let stats = TokenStats {
-        loss: tensor_from_slice(&[2.0, 8.0, 16.0], &device),
-        entropy: None,
-        step: 0,
-        progress: 0.0,
-    };
+    let stats = TokenStats::from_loss(tensor_from_slice(&[2.0, 8.0, 16.0], &device));
     let w = tensor_to_vec(p.weights(&stats));
     assert!(
         (w[0] as f64 - 0.795760).abs() < 1e-5
@@ -164,12 +159,10 @@ fn custom_parameters_change_the_curve() {
     let (f, _) = r.build("nlirg", &p).unwrap();
     let LossFn::Token(f) = f else { unreachable!() };
     let device = Device::flex();
-    let w = tensor_to_vec(f.weights(&TokenStats {
-        loss: tensor_from_slice(&[1.2, 6.0], &device),
-        entropy: None,
-        step: 0,
-        progress: 0.0,
-    }));
+    let w = tensor_to_vec(f.weights(&TokenStats::from_loss(tensor_from_slice(
+        &[1.2, 6.0],
+        &device,
+    ))));
     assert!((w[0] - 1.0).abs() < 1e-6);
     assert_eq!(w[1], 0.0);
 }

@@ -1,0 +1,103 @@
+//! `ytrainer merge`: a base model plus a PEFT LoRA adapter as one full Hugging Face checkpoint (f32, bf16 or
+//! f16; sharded with an index above `--max-shard-size`), with the tokenizer files copied alongside.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use ytrainer_models::{ExportDtype, is_gguf, save_hf_checkpoint_as};
+
+use crate::interop::{inference_device, load_for_inference};
+
+/// `ytrainer merge`
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Base model: Hugging Face directory or `.gguf` file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT LoRA adapter directory (omit to re-export the base, e.g. to change dtype or convert a GGUF).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Storage dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Largest shard, e.g. `5GB`, `500MB` (decimal units, as transformers); larger checkpoints are sharded.
+    #[arg(long, default_value = "5GB")]
+    pub max_shard_size: String,
+}
+
+/// `5GB`, `500MB`, `2GiB`, `1000000` -> bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let t = s.trim().to_ascii_uppercase();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    let v = n * mult;
+    (v >= 1.0).then_some(v as u64)
+}
+
+/// `ytrainer merge`
+pub fn merge(a: MergeArgs) -> Result<()> {
+    let dtype = ExportDtype::parse(&a.dtype)
+        .ok_or_else(|| anyhow!("--dtype `{}`: expected f32, bf16 or f16", a.dtype))?;
+    let max = parse_size(&a.max_shard_size).ok_or_else(|| {
+        anyhow!(
+            "--max-shard-size `{}`: expected a size such as 5GB or 500MB",
+            a.max_shard_size
+        )
+    })?;
+    if a.out.exists() && a.out.canonicalize().ok() == a.model.canonicalize().ok() {
+        bail!("--out must differ from --model (refusing to overwrite the base model)");
+    }
+    let device = inference_device("cpu")?;
+    let l = load_for_inference(&a.model, a.adapter.as_deref(), &device)?;
+    let files = save_hf_checkpoint_as(&l.model, &l.config, &a.out, dtype, max)?;
+    // Tokenizer files: copied from the model directory, or rebuilt from the GGUF metadata.
+    if is_gguf(&a.model) {
+        let gguf = ytrainer_models::gguf::GgufFile::open(&a.model)?;
+        match ytrainer_models::gguf::gguf_tokenizer(&gguf) {
+            Ok(t) => {
+                std::fs::write(a.out.join("tokenizer.json"), &t.tokenizer_json)?;
+                std::fs::write(
+                    a.out.join("tokenizer_config.json"),
+                    t.tokenizer_config_json(),
+                )?;
+            }
+            Err(e) => eprintln!("warning: no tokenizer written: {e}"),
+        }
+    } else {
+        for n in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "generation_config.json",
+            "special_tokens_map.json",
+        ] {
+            let src = a.model.join(n);
+            if src.is_file() {
+                std::fs::copy(&src, a.out.join(n))
+                    .with_context(|| format!("cannot copy {}", src.display()))?;
+            }
+        }
+    }
+    println!("wrote {} ({}):", a.out.display(), dtype.torch_name());
+    for f in files {
+        println!("  {}", f.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! `ytrainer score`: per-token loss, entropy, rank and probability of every supervised token, through the
+//! trainer's own code path (`ytrainer_core::step::{to_device, target_log_probs, token_ce, entropy}`).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::json;
+use ytrainer_core::burn::prelude::*;
+use ytrainer_core::loss::tensor_to_vec;
+use ytrainer_core::step::{entropy, target_log_probs, to_device, token_ce};
+use ytrainer_data::{DataOptions, Example, MicroBatch, Overlong, TrainOn, load_records, prepare};
+
+use crate::interop::{Loaded, inference_device, load_for_inference, parse_vars};
+
+/// `ytrainer score`
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// Hugging Face model directory or `.gguf` file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT LoRA adapter directory applied on top of the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Data file (json, jsonl, csv, txt), prepared exactly as `run` prepares it.
+    #[arg(
+        long,
+        conflicts_with = "ids_json",
+        required_unless_present = "ids_json"
+    )]
+    pub data: Option<PathBuf>,
+    /// JSON list of token-id lists; every position after the first of each list is a target.
+    #[arg(long)]
+    pub ids_json: Option<PathBuf>,
+    /// Output file, one JSON object per sample (`-` for stdout).
+    #[arg(long, default_value = "-")]
+    pub out: PathBuf,
+    /// What is supervised in chat data: all_assistant, last_assistant, everything.
+    #[arg(long, default_value = "all_assistant")]
+    pub train_on: String,
+    /// Longest sample in tokens (longer ones are truncated).
+    #[arg(long, default_value_t = 4096)]
+    pub max_seq_len: usize,
+    /// Also list the K most likely tokens at each position (`top`: [[id, logprob], ...]).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Template variable, repeatable: `--var enable_thinking=false`.
+    #[arg(long = "var", value_name = "NAME=VALUE")]
+    pub vars: Vec<String>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+fn micro_batch(ex: &Example, index: usize) -> MicroBatch {
+    let n = ex.input_ids.len();
+    MicroBatch {
+        batch: 1,
+        seq: n,
+        input_ids: ex.input_ids.clone(),
+        position_ids: ex.position_ids.clone(),
+        segment_ids: ex.segment_ids.clone(),
+        target_mask: ex.targets.clone(),
+        examples: vec![index],
+    }
+}
+
+/// Scores one example; `None` when it has no targets.
+fn score_example(
+    l: &Loaded,
+    ex: &Example,
+    index: usize,
+    top_k: usize,
+    device: &Device,
+) -> Result<serde_json::Value> {
+    let mb = micro_batch(ex, index);
+    let batch = to_device(&mb, device);
+    if batch.n == 0 {
+        return Ok(
+            json!({"index": index, "mean_loss": null, "perplexity": null, "n_tokens": 0, "tokens": []}),
+        );
+    }
+    let n = batch.n;
+    let lp = target_log_probs(&l.model, &batch);
+    let ce = tensor_to_vec(token_ce(lp.clone(), batch.targets.clone()));
+    let ent = tensor_to_vec(entropy(lp.clone()));
+    let v = lp.dims()[1];
+    let target_lp = lp
+        .clone()
+        .gather(1, batch.targets.clone().reshape([n, 1]))
+        .expand([n, v]);
+    let rank: Vec<i64> = lp
+        .clone()
+        .greater(target_lp)
+        .int()
+        .sum_dim(1)
+        .reshape([n])
+        .into_data()
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .unwrap_or_default();
+    let host_lp = (top_k > 0).then(|| {
+        lp.into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap_or_default()
+    });
+    let targets: Vec<u32> = mb
+        .target_mask
+        .iter()
+        .enumerate()
+        .filter(|&(p, &t)| t && p > 0)
+        .map(|(p, _)| mb.input_ids[p])
+        .collect();
+    let mut tokens = Vec::with_capacity(n);
+    let mut sum = 0f64;
+    for i in 0..n {
+        let id = targets[i];
+        let mut t = json!({
+            "id": id,
+            "piece": l.tok.decode(&[id], false).unwrap_or_default(),
+            "loss": ce[i],
+            "entropy": ent[i],
+            "rank": rank[i] + 1,
+            "prob": (-ce[i]).exp(),
+        });
+        if let Some(all) = &host_lp {
+            let row = &all[i * v..(i + 1) * v];
+            let mut order: Vec<usize> = (0..v).collect();
+            let k = top_k.min(v);
+            order.select_nth_unstable_by(k - 1, |&a, &b| row[b].total_cmp(&row[a]));
+            order.truncate(k);
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            t["top"] = json!(
+                order
+                    .iter()
+                    .map(|&j| json!([j, row[j]]))
+                    .collect::<Vec<_>>()
+            );
+        }
+        sum += ce[i] as f64;
+        tokens.push(t);
+    }
+    let mean = sum / n as f64;
+    let mut out = json!({
+        "index": index,
+        "mean_loss": mean,
+        "perplexity": mean.exp(),
+        "n_tokens": n,
+        "tokens": tokens,
+    });
+    if let Some(o) = &ex.origin {
+        out["origin"] = json!(o.to_string());
+    }
+    Ok(out)
+}
+
+/// `ytrainer score`
+pub fn score(a: ScoreArgs) -> Result<()> {
+    let device = inference_device(&a.device)?;
+    let examples: Vec<Example> = if let Some(p) = &a.ids_json {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+        let lists: Vec<Vec<u32>> = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{}: expected a JSON list of token-id lists, e.g. [[1, 2, 3], [4, 5]]",
+                p.display()
+            )
+        })?;
+        lists
+            .into_iter()
+            .map(|ids| {
+                let targets = vec![true; ids.len()];
+                Example::single(ids, targets, None)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let l = load_for_inference(&a.model, a.adapter.as_deref(), &device)?;
+    let vocab = l.model.spec.vocab_size;
+    let examples = if a.ids_json.is_some() {
+        for (i, ex) in examples.iter().enumerate() {
+            if let Some(bad) = ex.input_ids.iter().find(|&&id| id as usize >= vocab) {
+                bail!(
+                    "--ids-json list {i}: token id {bad} is outside the model's vocabulary (size {vocab})"
+                );
+            }
+        }
+        examples
+    } else {
+        let data = a.data.as_ref().expect("clap requires --data or --ids-json");
+        let loaded = load_records(data)?;
+        let train_on = match a.train_on.as_str() {
+            "all_assistant" => TrainOn::AllAssistant,
+            "last_assistant" => TrainOn::LastAssistant,
+            "everything" => TrainOn::Everything,
+            other => {
+                bail!("--train-on `{other}`: expected all_assistant, last_assistant or everything")
+            }
+        };
+        let opts = DataOptions {
+            max_seq_len: a.max_seq_len,
+            overlong: Overlong::Truncate,
+            train_on,
+            cpt: false,
+            template_vars: parse_vars(&a.vars)?,
+        };
+        prepare(&loaded.records, &l.tok, l.template.as_ref(), &opts)?.examples
+    };
+    let mut out: Box<dyn Write> = if a.out.as_os_str() == "-" {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(std::io::BufWriter::new(
+            std::fs::File::create(&a.out)
+                .with_context(|| format!("cannot create {}", a.out.display()))?,
+        ))
+    };
+    let (mut total, mut count) = (0f64, 0usize);
+    for (i, ex) in examples.iter().enumerate() {
+        let line = score_example(&l, ex, i, a.top_k, &device)?;
+        if let (Some(m), Some(n)) = (line["mean_loss"].as_f64(), line["n_tokens"].as_u64()) {
+            total += m * n as f64;
+            count += n as usize;
+        }
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    if count > 0 {
+        eprintln!(
+            "scored {} samples, {count} tokens: mean loss {:.5}, perplexity {:.3}",
+            examples.len(),
+            total / count as f64,
+            (total / count as f64).exp()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,252 @@
+//! `ytrainer sweep` and `ytrainer plot`: the sweep logic lives in `ytrainer-sweep`; this module supplies the
+//! trial runner (a normal `ytrainer run` per trial, then `ytrainer eval`'s code on the learn / retain sets
+//! before and after) and the progress bars.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use ytrainer_core::config::AdapterKind;
+use ytrainer_core::loss::Registry;
+use ytrainer_sweep::{DatasetEval, Sweep, SweepProgress, Trial, TrialEvals, TrialRunner};
+
+use crate::cli::{PlotArgs, RunArgs, SweepArgs};
+use crate::config_file;
+use crate::eval_cmd::{EvalSettings, Evaluator};
+
+fn run_args(config: &Path) -> RunArgs {
+    RunArgs {
+        config: Some(config.to_path_buf()),
+        ..Default::default()
+    }
+}
+
+struct CliRunner {
+    learn: Vec<PathBuf>,
+    retain: Vec<PathBuf>,
+    window: usize,
+    max_samples: usize,
+    /// Before-training evals by base model directory (a LoRA or full run starts from the base itself).
+    before: HashMap<PathBuf, (Vec<DatasetEval>, Vec<DatasetEval>)>,
+}
+
+impl CliRunner {
+    fn eval(
+        &self,
+        model: &Path,
+        adapter: Option<&Path>,
+        device: &str,
+    ) -> Result<(Vec<DatasetEval>, Vec<DatasetEval>)> {
+        if self.learn.is_empty() && self.retain.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let ev = Evaluator::load(
+            model,
+            adapter,
+            EvalSettings {
+                window: self.window,
+                max_samples: self.max_samples,
+                device: device.to_string(),
+            },
+        )?;
+        Ok((
+            ev.evaluate_files(&self.learn)?,
+            ev.evaluate_files(&self.retain)?,
+        ))
+    }
+}
+
+impl TrialRunner for CliRunner {
+    fn run(&mut self, _trial: &Trial, config: &toml::Table, dir: &Path) -> Result<TrialEvals> {
+        let t0 = Instant::now();
+        let path = dir.join("config.toml");
+        fs::write(&path, toml::to_string_pretty(config)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        crate::run::run(run_args(&path))?;
+        let cfg = config_file::resolve(&run_args(&path))?;
+        let base = cfg
+            .model
+            .path
+            .clone()
+            .unwrap_or_else(|| dir.join("base-model"));
+        let device = cfg.train.device.clone();
+        let before = match self.before.get(&base) {
+            Some(b) => b.clone(),
+            None => {
+                let b = self.eval(&base, None, &device)?;
+                // Self-made presets live inside the trial folder: nothing to share with other trials.
+                if cfg.model.path.is_some() {
+                    self.before.insert(base.clone(), b.clone());
+                }
+                b
+            }
+        };
+        let final_dir = dir.join("final");
+        let after = match cfg.adapter.kind {
+            AdapterKind::Lora => self.eval(&base, Some(&final_dir), &device)?,
+            AdapterKind::Full => self.eval(&final_dir, None, &device)?,
+        };
+        let steps = fs::read_to_string(dir.join("summary.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| v["summary"]["steps"].as_u64())
+            .unwrap_or(0) as usize;
+        Ok(TrialEvals {
+            learn_before: before.0,
+            retain_before: before.1,
+            learn_after: after.0,
+            retain_after: after.1,
+            steps,
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+struct Bars {
+    overall: Option<ProgressBar>,
+}
+
+impl SweepProgress for Bars {
+    fn start(&mut self, total: usize, done: usize) {
+        let bar = crate::progress::multi().add(ProgressBar::new(total as u64));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "sweep [{elapsed_precise}] {bar:30} {pos}/{len} trials {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_position(done as u64);
+        if done > 0 {
+            eprintln!("sweep: {done} of {total} trials already finished; continuing");
+        }
+        self.overall = Some(bar);
+    }
+    fn trial_start(&mut self, index: usize, trial: &Trial) {
+        let total = self.overall.as_ref().and_then(|b| b.length()).unwrap_or(0);
+        let seed = trial
+            .seed
+            .map(|s| format!(", seed {s}"))
+            .unwrap_or_default();
+        eprintln!(
+            "sweep: trial {}/{total}: {}{seed} ({})",
+            index + 1,
+            trial.strategy,
+            trial.id
+        );
+        if let Some(b) = &self.overall {
+            b.set_message(format!("{}{seed}", trial.strategy));
+        }
+    }
+    fn trial_done(&mut self, _index: usize, _trial: &Trial, skipped: bool) {
+        if let (Some(b), false) = (&self.overall, skipped) {
+            b.inc(1);
+        }
+    }
+}
+
+impl Drop for Bars {
+    fn drop(&mut self) {
+        if let Some(b) = &self.overall {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// `ytrainer sweep`
+pub fn sweep(a: SweepArgs) -> Result<()> {
+    let mut sw = Sweep::load(&a.file)?;
+    if let Some(o) = &a.output_dir {
+        sw.output = std::env::current_dir().unwrap_or_default().join(o);
+    }
+    let trials = sw.trials();
+    if a.dry_run {
+        println!(
+            "sweep `{}`: {} trials -> {}",
+            sw.name,
+            trials.len(),
+            sw.output.display()
+        );
+        for t in &trials {
+            let ov: Vec<String> = t
+                .overrides
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            println!(
+                "  {:<40} seed {:<6} {}",
+                t.id,
+                t.seed.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+                ov.join(" ")
+            );
+        }
+        return Ok(());
+    }
+    for p in sw.learn.iter().chain(&sw.retain) {
+        if !p.exists() {
+            bail!(
+                "{}: eval set named in the sweep file does not exist",
+                p.display()
+            );
+        }
+    }
+    // Every trial's config is checked before the first one trains: a typo must not surface hours in.
+    let configs = sw.output.join("configs");
+    fs::create_dir_all(&configs).with_context(|| format!("cannot create {}", configs.display()))?;
+    let registry = Registry::discover();
+    for t in &trials {
+        let dir = ytrainer_sweep::results::trial_dir(&sw.output, t);
+        let path = configs.join(format!("{}.toml", t.id));
+        fs::write(&path, toml::to_string_pretty(&sw.trial_config(t, &dir)?)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        let cfg =
+            config_file::resolve(&run_args(&path)).with_context(|| format!("trial `{}`", t.id))?;
+        registry
+            .build(&cfg.loss.name, &cfg.loss.params)
+            .map_err(|e| anyhow!("trial `{}`: {e}", t.id))?;
+    }
+    let mut runner = CliRunner {
+        learn: sw.learn.clone(),
+        retain: sw.retain.clone(),
+        window: sw.eval.window,
+        max_samples: sw.eval.max_samples,
+        before: HashMap::new(),
+    };
+    let results = {
+        let mut bars = Bars { overall: None };
+        ytrainer_sweep::run_all(&sw, &trials, &mut runner, &mut bars)?
+    };
+    let (files, plot_err) = ytrainer_sweep::write_reports(&sw, &results)?;
+    if let Some(e) = plot_err {
+        eprintln!("warning: plots not drawn: {e:#}");
+    }
+    println!("sweep `{}`: {} trials done", sw.name, results.len());
+    println!(
+        "{}",
+        ytrainer_sweep::results_md(
+            &sw.name,
+            &ytrainer_sweep::aggregate(&results),
+            &sw.learn,
+            &sw.retain
+        )
+        .lines()
+        .filter(|l| l.starts_with('|'))
+        .collect::<Vec<_>>()
+        .join("\n")
+    );
+    for f in files {
+        println!("  {}", f.display());
+    }
+    Ok(())
+}
+
+/// `ytrainer plot`
+pub fn plot(a: PlotArgs) -> Result<()> {
+    let files = ytrainer_sweep::plot::run_plots(&a.run_dir)?;
+    for f in files {
+        println!("{}", f.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,384 @@
+//! External loss plugins: shared libraries built with the `ytrainer-plugin` SDK, loaded through `libloading`.
+//!
+//! Loading checks, in order: the file is a loadable shared library, it exports `ytrainer_plugin_entry`, the
+//! entry returns a vtable whose ABI version equals ours, and its strings and parameter table are well formed.
+//! Each failure is a [`PluginError::Load`] naming the file and what to do. Libraries stay loaded for the life
+//! of the process (instances keep them alive), so the `'static` metadata taken from them stays valid.
+//!
+//! External plugins run on the host: the trainer copies the per-token statistics of each micro-batch to host
+//! memory, calls the library, checks the weights and copies them back (see docs/performance.md for the cost).
+
+use std::ffi::c_void;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::prelude::*;
+use ytrainer_plugin::{
+    ABI_VERSION, ENTRY_SYMBOL, EntryFn, RawBatch, RawError, RawStr, RawVTable, status,
+};
+
+use crate::loss::{
+    LossFn, LossPluginInfo, Needs, Normalize, ParamSpec, Params, PluginError, PluginKind,
+    TokenReweighter, TokenStats, tensor_from_slice, tensor_to_vec,
+};
+
+/// A loaded plugin library.
+pub struct ExternalLib {
+    vtable: *const RawVTable,
+    path: PathBuf,
+    name: &'static str,
+    // Declared last: dropped after everything that points into it.
+    _lib: libloading::Library,
+}
+
+// SAFETY: the vtable is immutable static data of the library, and the SDK's functions are thread-safe
+// (`Plugin: Send + Sync`).
+unsafe impl Send for ExternalLib {}
+// SAFETY: as above.
+unsafe impl Sync for ExternalLib {}
+
+impl ExternalLib {
+    fn vt(&self) -> &RawVTable {
+        // SAFETY: checked non-null and version-matched at load; valid while `_lib` is loaded.
+        unsafe { &*self.vtable }
+    }
+}
+
+/// File extensions of shared libraries picked up from a plugin directory.
+pub const LIBRARY_EXTENSIONS: &[&str] = &["so", "dylib", "dll"];
+
+/// Expands plugin paths: directories to their shared libraries (sorted), files as given; duplicates (after
+/// canonicalisation) removed. A path that does not exist is an error.
+pub fn library_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, PluginError> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    let mut push = |p: PathBuf| {
+        let c = p.canonicalize().unwrap_or(p);
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    };
+    for p in paths {
+        if p.is_dir() {
+            let rd = std::fs::read_dir(p).map_err(|e| PluginError::Load {
+                path: p.display().to_string(),
+                reason: format!("cannot read the plugin directory: {e}"),
+            })?;
+            let mut files: Vec<PathBuf> = rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| {
+                    f.is_file()
+                        && f.extension()
+                            .and_then(|e| e.to_str())
+                            .is_some_and(|e| LIBRARY_EXTENSIONS.contains(&e))
+                })
+                .collect();
+            files.sort();
+            files.into_iter().for_each(&mut push);
+        } else if p.is_file() {
+            push(p.clone());
+        } else {
+            return Err(PluginError::Load {
+                path: p.display().to_string(),
+                reason: "no such file or directory (plugin paths come from --plugin-dir, YTRAINER_PLUGIN_PATH and [loss] plugins)".into(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn leak(s: &str) -> &'static str {
+    Box::leak(s.to_string().into_boxed_str())
+}
+
+/// Loads one library and reads its metadata.
+pub fn load(path: &Path) -> Result<(LossPluginInfo, Arc<ExternalLib>), PluginError> {
+    let err = |reason: String| PluginError::Load {
+        path: path.display().to_string(),
+        reason,
+    };
+    // SAFETY: loading a library runs its initialisers; the user asked for this file to be loaded as a plugin.
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
+        err(format!(
+            "not a loadable shared library ({e}); a plugin is a `cdylib` built with the ytrainer-plugin SDK \
+             (see docs/writing-a-plugin.md)"
+        ))
+    })?;
+    // SAFETY: the symbol's type is fixed by the SDK's ABI; it is checked by the version field below.
+    let entry: EntryFn = unsafe {
+        *lib.get::<EntryFn>(ENTRY_SYMBOL.as_bytes()).map_err(|_| {
+            err(format!(
+                "is a shared library but exports no `{ENTRY_SYMBOL}` symbol; build the plugin with \
+                     `ytrainer_plugin::export_plugin!(YourType);` (see docs/writing-a-plugin.md)"
+            ))
+        })?
+    };
+    // SAFETY: calling the SDK-generated entry function; it only builds a static vtable.
+    let vt_ptr = unsafe { entry() };
+    if vt_ptr.is_null() {
+        return Err(err(format!("`{ENTRY_SYMBOL}` returned a null vtable")));
+    }
+    // SAFETY: every ABI version starts with the `u32` version field, so reading it is valid for any version.
+    let version = unsafe { std::ptr::read(vt_ptr as *const u32) };
+    if version != ABI_VERSION {
+        return Err(err(format!(
+            "plugin ABI version {version}, but this ytrainer speaks version {ABI_VERSION}; rebuild the plugin \
+             against the ytrainer-plugin crate of this ytrainer ({})",
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+    // SAFETY: version matches, so the layout is ours.
+    let vt = unsafe { &*vt_ptr };
+    // SAFETY: the strings point into the library, which stays loaded.
+    let text = |s: RawStr, what: &str| {
+        unsafe { s.as_str() }
+            .map(leak)
+            .ok_or_else(|| err(format!("the plugin's {what} is not valid UTF-8")))
+    };
+    let name = text(vt.name, "name")?;
+    if name.is_empty() || name.chars().any(|c| c.is_whitespace()) {
+        return Err(err(format!(
+            "invalid plugin name `{name}`: must be non-empty without spaces"
+        )));
+    }
+    let description = text(vt.description, "description")?;
+    let formula = text(vt.formula, "formula")?;
+    let raw_params = if vt.n_params == 0 {
+        &[][..]
+    } else if vt.params.is_null() {
+        return Err(err("declares parameters but the table is null".into()));
+    } else {
+        // SAFETY: the SDK guarantees `n_params` entries.
+        unsafe { std::slice::from_raw_parts(vt.params, vt.n_params) }
+    };
+    let mut params = Vec::new();
+    for p in raw_params {
+        let pname = text(p.name, "parameter name")?;
+        if !p.default.is_finite() {
+            return Err(err(format!("parameter `{pname}` has a non-finite default")));
+        }
+        params.push(ParamSpec {
+            name: pname,
+            default: p.default,
+            help: text(p.help, "parameter help")?,
+        });
+    }
+    let info = LossPluginInfo {
+        name,
+        description,
+        kind: PluginKind::Token,
+        params: Box::leak(params.into_boxed_slice()),
+        formula,
+        build: |_| unreachable_build(),
+    };
+    let ext = ExternalLib {
+        vtable: vt_ptr,
+        path: path.to_path_buf(),
+        name,
+        _lib: lib,
+    };
+    Ok((info, Arc::new(ext)))
+}
+
+// External entries are built through `instantiate`; the registry never calls their `build`.
+fn unreachable_build() -> Result<LossFn, PluginError> {
+    Err(PluginError::Rejected {
+        plugin: "external".into(),
+        reason: "external plugins are built through the registry".into(),
+    })
+}
+
+const ERR_CAP: usize = 4096;
+
+fn call_with_err(f: impl FnOnce(*mut RawError) -> i32) -> (i32, String) {
+    let mut buf = vec![0u8; ERR_CAP];
+    let mut e = RawError {
+        buf: buf.as_mut_ptr(),
+        cap: ERR_CAP,
+        len: 0,
+    };
+    let code = f(&mut e);
+    let msg = String::from_utf8_lossy(&buf[..e.len.min(ERR_CAP)]).into_owned();
+    (code, msg)
+}
+
+/// Builds an instance of an external plugin from validated parameters.
+pub fn instantiate(lib: &Arc<ExternalLib>, params: &Params) -> Result<LossFn, PluginError> {
+    let json = serde_json::to_string(params.values()).unwrap_or_else(|_| "{}".into());
+    let mut inst: *mut c_void = std::ptr::null_mut();
+    let vt = lib.vt();
+    // SAFETY: SDK-generated constructor with a valid string, out pointer and error buffer.
+    let (code, msg) =
+        call_with_err(|e| unsafe { (vt.create)(RawStr::from_str(&json), &mut inst, e) });
+    match code {
+        status::OK if !inst.is_null() => {}
+        status::PANIC => {
+            return Err(PluginError::Rejected {
+                plugin: lib.name.to_string(),
+                reason: format!(
+                    "its constructor panicked: {msg} (in {})",
+                    lib.path.display()
+                ),
+            });
+        }
+        _ => {
+            return Err(PluginError::Rejected {
+                plugin: lib.name.to_string(),
+                reason: if msg.is_empty() {
+                    format!("error code {code}")
+                } else {
+                    msg
+                },
+            });
+        }
+    }
+    let n = Needs {
+        entropy: vt.needs & ytrainer_plugin::needs_bits::ENTROPY != 0,
+        position: vt.needs & ytrainer_plugin::needs_bits::POSITION != 0,
+        sample: vt.needs & ytrainer_plugin::needs_bits::SAMPLE != 0,
+        reference_loss: vt.needs & ytrainer_plugin::needs_bits::REFERENCE_LOSS != 0,
+        top_k_entropy: 0,
+    };
+    let normalize = match vt.normalize {
+        0 => Normalize::Nonzero,
+        2 => Normalize::Weights,
+        _ => Normalize::Tokens,
+    };
+    Ok(LossFn::Token(Box::new(ExternalReweighter {
+        lib: lib.clone(),
+        instance: inst,
+        needs: n,
+        normalize,
+    })))
+}
+
+/// An instance of an external plugin, as a [`TokenReweighter`].
+pub struct ExternalReweighter {
+    lib: Arc<ExternalLib>,
+    instance: *mut c_void,
+    needs: Needs,
+    normalize: Normalize,
+}
+
+// SAFETY: the SDK requires `Plugin: Send + Sync`, and the instance is only read through `weights`.
+unsafe impl Send for ExternalReweighter {}
+// SAFETY: as above.
+unsafe impl Sync for ExternalReweighter {}
+
+impl Drop for ExternalReweighter {
+    fn drop(&mut self) {
+        // SAFETY: made by this library's `create`, destroyed once.
+        unsafe { (self.lib.vt().destroy)(self.instance) };
+    }
+}
+
+impl ExternalReweighter {
+    /// Calls the library on host slices; checks the result. Public for benchmarks and tests.
+    pub fn weights_host(
+        &self,
+        loss: &[f32],
+        extra: HostExtras<'_>,
+        step: u64,
+        progress: f64,
+    ) -> Result<Vec<f32>, String> {
+        let n = loss.len();
+        let ptr_f = |v: Option<&[f32]>| {
+            v.filter(|v| v.len() == n)
+                .map_or(std::ptr::null(), |v| v.as_ptr())
+        };
+        let ptr_u = |v: Option<&[u32]>| {
+            v.filter(|v| v.len() == n)
+                .map_or(std::ptr::null(), |v| v.as_ptr())
+        };
+        let batch = RawBatch {
+            n,
+            loss: loss.as_ptr(),
+            entropy: ptr_f(extra.entropy),
+            reference_loss: ptr_f(extra.reference_loss),
+            position: ptr_u(extra.position),
+            sample: ptr_u(extra.sample),
+            step,
+            progress,
+        };
+        let mut out = vec![0f32; n];
+        let vt = self.lib.vt();
+        // SAFETY: arrays hold `n` values (or are null), `out` has room for `n`, the instance is ours.
+        let (code, msg) =
+            call_with_err(|e| unsafe { (vt.weights)(self.instance, &batch, out.as_mut_ptr(), e) });
+        let who = format!(
+            "external loss plugin `{}` ({})",
+            self.lib.name,
+            self.lib.path.display()
+        );
+        match code {
+            status::OK => {}
+            status::PANIC => return Err(format!("{who} panicked: {msg}")),
+            _ => return Err(format!("{who} failed: {msg}")),
+        }
+        check_weights(&out, loss).map_err(|e| format!("{who} {e}"))?;
+        Ok(out)
+    }
+}
+
+/// Optional per-token arrays handed to an external plugin.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostExtras<'a> {
+    /// Predictive entropy.
+    pub entropy: Option<&'a [f32]>,
+    /// Reference-model loss.
+    pub reference_loss: Option<&'a [f32]>,
+    /// Position ids.
+    pub position: Option<&'a [u32]>,
+    /// Example indices.
+    pub sample: Option<&'a [u32]>,
+}
+
+/// `Err("returned NaN for token 3 (loss 1.2)...")` on the first weight that is not finite and >= 0.
+pub fn check_weights(w: &[f32], loss: &[f32]) -> Result<(), String> {
+    for (i, &x) in w.iter().enumerate() {
+        if !x.is_finite() || x < 0.0 {
+            let what = if x.is_nan() {
+                "NaN".to_string()
+            } else {
+                format!("weight {x}")
+            };
+            let l = loss.get(i).copied().unwrap_or(f32::NAN);
+            return Err(format!(
+                "returned {what} for token {i} (loss {l}); weights must be finite and >= 0 — fix the plugin's \
+                 weight function"
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl TokenReweighter for ExternalReweighter {
+    fn needs(&self) -> Needs {
+        self.needs
+    }
+
+    fn default_normalize(&self) -> Normalize {
+        self.normalize
+    }
+
+    fn weights(&self, stats: &TokenStats) -> Tensor<1> {
+        // `try_weights` is what the trainer calls; here a failure becomes NaN, which the trainer rejects.
+        self.try_weights(stats).unwrap_or_else(|_| {
+            let n = stats.loss.dims()[0];
+            tensor_from_slice(&vec![f32::NAN; n], &stats.loss.device())
+        })
+    }
+
+    fn try_weights(&self, stats: &TokenStats) -> Result<Tensor<1>, String> {
+        let loss = tensor_to_vec(stats.loss.clone());
+        let entropy = stats.entropy.clone().map(tensor_to_vec);
+        let reference = stats.reference_loss.clone().map(tensor_to_vec);
+        let extra = HostExtras {
+            entropy: entropy.as_deref(),
+            reference_loss: reference.as_deref(),
+            position: stats.position.as_deref(),
+            sample: stats.sample.as_deref(),
+        };
+        let w = self.weights_host(&loss, extra, stats.step as u64, stats.progress)?;
+        Ok(tensor_from_slice(&w, &stats.loss.device()))
+    }
+}

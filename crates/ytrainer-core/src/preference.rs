@@ -1,0 +1,676 @@
+//! Preference training (the DPO family): sequence log-probabilities of both sides of each pair from one forward
+//! pass, the reference model's from the same base with adapters disabled (or precomputed), a pairwise plugin
+//! turning them into per-pair losses, and the same optimizer, checkpoints and metrics channel as SFT.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::prelude::*;
+use serde::Serialize;
+use ytrainer_data::{Example, MicroBatch, PairExample};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::config::TrainSection;
+use crate::loss::{PairStats, PairwiseObjective, tensor_to_vec};
+use crate::model::CausalLm;
+use crate::optim::{AdamW, AdamWConfig, GradAccumulator, lr_at};
+use crate::step::{target_log_probs, to_device, token_ce};
+use crate::trainer::{Observer, TrainError};
+
+/// Where reference log-probabilities come from.
+#[derive(Debug, Clone)]
+pub enum Reference {
+    /// The policy itself with every LoRA `B` zeroed, i.e. the base model (no second copy of the weights).
+    AdaptersDisabled,
+    /// Computed once before training (`(chosen, rejected)` per pair, in pair order).
+    Precomputed(Vec<(f32, f32)>),
+    /// The objective needs no reference.
+    None,
+}
+
+/// Everything the preference loop needs besides the model.
+pub struct PrefSetup<'a> {
+    /// Optimisation settings (learning rate, schedule, AdamW, clipping, epochs, max_steps, seed, shuffle).
+    pub train: &'a TrainSection,
+    /// Training pairs.
+    pub pairs: &'a [PairExample],
+    /// Evaluation pairs (may be empty).
+    pub eval_pairs: &'a [PairExample],
+    /// Reference log-probs of `eval_pairs` when `reference` is precomputed.
+    pub eval_reference: Option<Vec<(f32, f32)>>,
+    /// The objective.
+    pub objective: &'a dyn PairwiseObjective,
+    /// Beta used for the reported implicit rewards.
+    pub beta: f64,
+    /// Reference source.
+    pub reference: Reference,
+    /// Pairs per optimizer step.
+    pub pairs_per_step: usize,
+    /// Pairs per micro-batch (memory bound; each pair is two rows).
+    pub micro_pairs: usize,
+    /// Weight of the SFT (NLL) term on the chosen completions.
+    pub sft_weight: f64,
+    /// Use length-averaged log-probs instead of sums.
+    pub average_log_prob: bool,
+    /// Pad token.
+    pub pad_id: u32,
+    /// Run directory.
+    pub output_dir: &'a Path,
+    /// Checkpoint every N steps (0 = only at the end).
+    pub save_every: usize,
+    /// Evaluate every N steps (0 = before and after only).
+    pub eval_every: usize,
+    /// Resume from this checkpoint.
+    pub resume: Option<PathBuf>,
+    /// Canonical JSON of the training-relevant config.
+    pub fingerprint: String,
+    /// Device.
+    pub device: &'a Device,
+}
+
+/// One line of `metrics.jsonl` for preference training (TRL's metric names).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PrefMetrics {
+    /// Optimizer step (1-based).
+    pub step: usize,
+    /// Epoch (0-based).
+    pub epoch: usize,
+    /// Weighted mean pair loss (+ SFT term).
+    pub loss: f64,
+    /// Mean `beta * (pc - rc)`.
+    #[serde(rename = "rewards/chosen")]
+    pub rewards_chosen: f64,
+    /// Mean `beta * (pr - rr)`.
+    #[serde(rename = "rewards/rejected")]
+    pub rewards_rejected: f64,
+    /// Fraction of pairs with chosen reward > rejected reward.
+    #[serde(rename = "rewards/accuracy")]
+    pub rewards_accuracy: f64,
+    /// Mean reward margin.
+    #[serde(rename = "rewards/margin")]
+    pub rewards_margin: f64,
+    /// Mean policy log-prob of the chosen completions.
+    #[serde(rename = "logps/chosen")]
+    pub logps_chosen: f64,
+    /// Mean policy log-prob of the rejected completions.
+    #[serde(rename = "logps/rejected")]
+    pub logps_rejected: f64,
+    /// Mean pair weight (data weight x plugin weight).
+    pub pair_weight: f64,
+    /// Learning rate.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Pairs in the step.
+    pub pairs: usize,
+    /// Completion tokens per second.
+    pub tokens_per_s: f64,
+    /// Whether the update was skipped (non-finite values).
+    pub skipped: bool,
+}
+
+/// Preference evaluation.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct PrefEval {
+    /// Step.
+    pub step: usize,
+    /// Mean pair loss.
+    pub eval_loss: f64,
+    /// Reward accuracy.
+    #[serde(rename = "eval_rewards/accuracy")]
+    pub accuracy: f64,
+    /// Mean reward margin.
+    #[serde(rename = "eval_rewards/margin")]
+    pub margin: f64,
+    /// Pairs evaluated.
+    pub eval_pairs: usize,
+}
+
+/// Summary of a preference run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrefSummary {
+    /// Steps done.
+    pub steps: usize,
+    /// Steps skipped.
+    pub skipped_steps: usize,
+    /// Eval before (absent on resume).
+    pub eval_before: Option<PrefEval>,
+    /// Eval after.
+    pub eval_after: Option<PrefEval>,
+    /// Last checkpoint.
+    pub last_checkpoint: Option<PathBuf>,
+    /// Seconds.
+    pub seconds: f64,
+}
+
+/// A copy of `model` whose LoRA `B` matrices are zero: the base model's function, sharing the base weights.
+pub fn adapters_disabled<M: Module>(model: &M) -> M {
+    struct ZeroB {
+        path: Vec<String>,
+    }
+    impl ModuleMapper for ZeroB {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if self.path.last().is_some_and(|n| n == "lora_b") {
+                p.map(|t| t.zeros_like())
+            } else {
+                p
+            }
+        }
+    }
+    model.clone().map(&mut ZeroB { path: Vec::new() })
+}
+
+/// Rows `[chosen_0..chosen_P, rejected_0..rejected_P]`, right-padded.
+pub fn pair_batch(pairs: &[&PairExample], pad_id: u32) -> MicroBatch {
+    let rows: Vec<&Example> = pairs
+        .iter()
+        .map(|p| &p.chosen)
+        .chain(pairs.iter().map(|p| &p.rejected))
+        .collect();
+    let seq = rows
+        .iter()
+        .map(|e| e.input_ids.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let b = rows.len();
+    let mut mb = MicroBatch {
+        batch: b,
+        seq,
+        input_ids: vec![pad_id; b * seq],
+        position_ids: vec![0; b * seq],
+        segment_ids: vec![0; b * seq],
+        target_mask: vec![false; b * seq],
+        examples: (0..b).collect(),
+    };
+    for (r, e) in rows.iter().enumerate() {
+        let o = r * seq;
+        let n = e.input_ids.len();
+        mb.input_ids[o..o + n].copy_from_slice(&e.input_ids);
+        mb.position_ids[o..o + n].copy_from_slice(&e.position_ids);
+        mb.segment_ids[o..o + n].copy_from_slice(&e.segment_ids);
+        mb.target_mask[o..o + n].copy_from_slice(&e.targets);
+    }
+    mb
+}
+
+/// Per-row sums of target log-probabilities `[rows]` (with gradient when the model has it), the per-row target
+/// counts, and the per-target log-probs `[N]`.
+pub fn sequence_log_probs<M: CausalLm>(
+    model: &M,
+    mb: &MicroBatch,
+    device: &Device,
+) -> (Tensor<1>, Vec<usize>, Tensor<1>) {
+    let batch = to_device(mb, device);
+    let mut counts = vec![0usize; mb.batch];
+    let mut onehot = vec![0f32; mb.batch * batch.n];
+    let mut j = 0;
+    for (p, &t) in mb.target_mask.iter().enumerate() {
+        if t && p % mb.seq != 0 {
+            let row = p / mb.seq;
+            counts[row] += 1;
+            onehot[row * batch.n + j] = 1.0;
+            j += 1;
+        }
+    }
+    let lp = token_ce(target_log_probs(model, &batch), batch.targets.clone()).neg();
+    let sel: Tensor<2> = Tensor::from_data(TensorData::new(onehot, [mb.batch, batch.n]), device);
+    let sums = sel
+        .matmul(lp.clone().reshape([batch.n, 1]))
+        .reshape([mb.batch]);
+    (sums, counts, lp)
+}
+
+/// Reference log-probs of every pair, computed once (no gradient).
+pub fn precompute_reference<M: CausalLm>(
+    model: &M,
+    pairs: &[PairExample],
+    micro_pairs: usize,
+    pad_id: u32,
+    device: &Device,
+) -> Vec<(f32, f32)> {
+    let mut out = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(micro_pairs.max(1)) {
+        let refs: Vec<&PairExample> = chunk.iter().collect();
+        let mb = pair_batch(&refs, pad_id);
+        let (sums, _, _) = sequence_log_probs(model, &mb, device);
+        let v = tensor_to_vec(sums.detach().inner());
+        let p = chunk.len();
+        for i in 0..p {
+            out.push((v[i], v[p + i]));
+        }
+    }
+    out
+}
+
+fn shuffled(n: usize, seed: u64, epoch: usize, shuffle: bool) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    if !shuffle {
+        return idx;
+    }
+    // SplitMix64 Fisher-Yates: a fixed algorithm, so a plan never changes with a dependency's RNG.
+    let mut x = seed ^ (epoch as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut next = || {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    for i in (1..n).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        idx.swap(i, j);
+    }
+    idx
+}
+
+/// The step plan: `(epoch, pair indices)` per optimizer step.
+pub fn plan(n_pairs: usize, setup: &PrefSetup<'_>) -> Vec<(usize, Vec<usize>)> {
+    let t = setup.train;
+    let mut steps = Vec::new();
+    for epoch in 0..t.epochs.max(1) {
+        let order = shuffled(n_pairs, t.seed, epoch, t.shuffle);
+        for chunk in order.chunks(setup.pairs_per_step.max(1)) {
+            steps.push((epoch, chunk.to_vec()));
+            if t.max_steps > 0 && steps.len() >= t.max_steps {
+                return steps;
+            }
+        }
+    }
+    steps
+}
+
+#[derive(Default)]
+struct Acc {
+    pairs: usize,
+    loss: f64,
+    rc: f64,
+    rr: f64,
+    correct: usize,
+    margin: f64,
+    lpc: f64,
+    lpr: f64,
+    weight: f64,
+    tokens: usize,
+    nonfinite: bool,
+}
+
+/// Forward (and, when `train`, backward) of one micro-batch of pairs. Returns the statistics; gradients of
+/// `sum(weight * loss) / step_pairs + sft_weight * chosen_nll / step_chosen_tokens` go into `grads`.
+#[allow(clippy::too_many_arguments)]
+fn pair_micro_batch<M: CausalLm>(
+    model: &M,
+    setup: &PrefSetup<'_>,
+    idx: &[usize],
+    pairs: &[PairExample],
+    reference: Option<&[(f32, f32)]>,
+    step_pairs: usize,
+    step_chosen_tokens: usize,
+    grads: Option<&mut GradAccumulator>,
+    acc: &mut Acc,
+) {
+    let device = setup.device;
+    let chunk: Vec<&PairExample> = idx.iter().map(|&i| &pairs[i]).collect();
+    let p = chunk.len();
+    let mb = pair_batch(&chunk, setup.pad_id);
+    let (sums, counts, token_lp) = sequence_log_probs(model, &mb, device);
+    let lens: Vec<f32> = counts.iter().map(|&c| c.max(1) as f32).collect();
+    let len_t = |r: std::ops::Range<usize>| -> Tensor<1> {
+        Tensor::from_data(TensorData::new(lens[r.clone()].to_vec(), [r.len()]), device)
+    };
+    let (mut pc, mut pr) = (sums.clone().slice([0..p]), sums.clone().slice([p..2 * p]));
+    let (ref_c, ref_r): (Option<Tensor<1>>, Option<Tensor<1>>) = match (&setup.reference, reference)
+    {
+        (Reference::None, _) => (None, None),
+        (_, Some(pre)) => {
+            let c: Vec<f32> = idx.iter().map(|&i| pre[i].0).collect();
+            let r: Vec<f32> = idx.iter().map(|&i| pre[i].1).collect();
+            (
+                Some(Tensor::from_data(TensorData::new(c, [p]), device)),
+                Some(Tensor::from_data(TensorData::new(r, [p]), device)),
+            )
+        }
+        (_, None) => {
+            let base = adapters_disabled(model);
+            let (s, _, _) = sequence_log_probs(&base, &mb, device);
+            let s = Tensor::from_inner(s.detach().inner());
+            (Some(s.clone().slice([0..p])), Some(s.slice([p..2 * p])))
+        }
+    };
+    let (mut rc, mut rr) = (ref_c, ref_r);
+    if setup.average_log_prob {
+        pc = pc.div(len_t(0..p));
+        pr = pr.div(len_t(p..2 * p));
+        rc = rc.map(|t| t.div(len_t(0..p)));
+        rr = rr.map(|t| t.div(len_t(p..2 * p)));
+    }
+    let stats = PairStats {
+        policy_chosen: pc.clone(),
+        policy_rejected: pr.clone(),
+        reference_chosen: rc.clone(),
+        reference_rejected: rr.clone(),
+        chosen_len: len_t(0..p),
+        rejected_len: len_t(p..2 * p),
+    };
+    let (loss, plugin_w) = setup.objective.loss(&stats);
+    let data_w: Vec<f32> = chunk.iter().map(|e| e.weight as f32).collect();
+    let mut w = tensor_to_vec(
+        plugin_w
+            .map(|t| t.detach().inner())
+            .unwrap_or_else(|| Tensor::<1>::ones([p], &device.clone().inner())),
+    );
+    for (a, b) in w.iter_mut().zip(&data_w) {
+        *a *= b;
+    }
+    let loss_v = tensor_to_vec(loss.clone().detach().inner());
+    let host = |t: &Tensor<1>| tensor_to_vec(t.clone().detach().inner());
+    let (pcv, prv) = (host(&pc), host(&pr));
+    let zero = vec![0f32; p];
+    let (rcv, rrv) = (
+        rc.as_ref().map(host).unwrap_or_else(|| zero.clone()),
+        rr.as_ref().map(host).unwrap_or(zero),
+    );
+    for i in 0..p {
+        let (cr, rj) = (
+            setup.beta * (pcv[i] - rcv[i]) as f64,
+            setup.beta * (prv[i] - rrv[i]) as f64,
+        );
+        acc.rc += cr;
+        acc.rr += rj;
+        acc.margin += cr - rj;
+        if cr > rj {
+            acc.correct += 1;
+        }
+        acc.lpc += pcv[i] as f64;
+        acc.lpr += prv[i] as f64;
+        acc.loss += (w[i] * loss_v[i]) as f64;
+        acc.weight += w[i] as f64;
+        if !loss_v[i].is_finite() || !w[i].is_finite() || w[i] < 0.0 {
+            acc.nonfinite = true;
+        }
+    }
+    acc.pairs += p;
+    acc.tokens += counts.iter().sum::<usize>();
+    let Some(grads) = grads else { return };
+    if acc.nonfinite {
+        return;
+    }
+    let wt: Tensor<1> = Tensor::from_data(TensorData::new(w, [p]), device);
+    let mut objective = loss.mul(wt).sum().div_scalar(step_pairs.max(1) as f64);
+    if setup.sft_weight > 0.0 {
+        // NLL of the chosen completions: the targets of the first p rows come first in `token_lp`.
+        let n_chosen: usize = counts[..p].iter().sum();
+        let nll = token_lp.slice([0..n_chosen]).sum().neg();
+        objective =
+            objective.add(nll.mul_scalar(setup.sft_weight / step_chosen_tokens.max(1) as f64));
+    }
+    let mut g = objective.backward();
+    grads.accumulate(model, &mut g);
+}
+
+/// Evaluates the objective on pairs (no update).
+pub fn evaluate<M: CausalLm>(
+    model: &M,
+    setup: &PrefSetup<'_>,
+    pairs: &[PairExample],
+    reference: Option<&[(f32, f32)]>,
+    step: usize,
+) -> Option<PrefEval> {
+    if pairs.is_empty() {
+        return None;
+    }
+    let mut acc = Acc::default();
+    let all: Vec<usize> = (0..pairs.len()).collect();
+    for chunk in all.chunks(setup.micro_pairs.max(1)) {
+        pair_micro_batch(model, setup, chunk, pairs, reference, 1, 1, None, &mut acc);
+    }
+    let n = acc.pairs.max(1) as f64;
+    Some(PrefEval {
+        step,
+        eval_loss: acc.loss / acc.weight.max(1e-12),
+        accuracy: acc.correct as f64 / n,
+        margin: acc.margin / n,
+        eval_pairs: acc.pairs,
+    })
+}
+
+fn open_log(path: &Path, append: bool) -> Result<fs::File, TrainError> {
+    fs::OpenOptions::new()
+        .create(true)
+        .append(append)
+        .write(true)
+        .truncate(!append)
+        .open(path)
+        .map_err(|e| TrainError::Output {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+}
+
+fn write_line(f: &mut fs::File, path: &Path, v: &impl Serialize) -> Result<(), TrainError> {
+    writeln!(f, "{}", serde_json::to_string(v).unwrap_or_default()).map_err(|e| {
+        TrainError::Output {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
+    })
+}
+
+/// Trains on preference pairs.
+pub fn train_pairs<M: CausalLm>(
+    mut model: M,
+    setup: &PrefSetup<'_>,
+    observer: &mut dyn Observer,
+) -> Result<(M, PrefSummary), TrainError> {
+    let t0 = Instant::now();
+    let steps = plan(setup.pairs.len(), setup);
+    if steps.is_empty() {
+        return Err(TrainError::NoSteps);
+    }
+    let total = steps.len();
+    let tr = setup.train;
+    let warmup = if tr.warmup_steps > 0 {
+        tr.warmup_steps
+    } else {
+        (tr.warmup_ratio * total as f64).ceil() as usize
+    };
+    let mut optim = AdamW::new(AdamWConfig {
+        beta1: tr.adam_beta1,
+        beta2: tr.adam_beta2,
+        eps: tr.adam_epsilon,
+        weight_decay: tr.weight_decay,
+    });
+    let mut state = TrainerState {
+        step: 0,
+        total_steps: total,
+        skipped_steps: 0,
+        tokens_trained: 0,
+        seed: tr.seed,
+        config_fingerprint: setup.fingerprint.clone(),
+    };
+    if let Some(dir) = &setup.resume {
+        let loaded = checkpoint::load(dir, setup.device)?;
+        if loaded.state.config_fingerprint != setup.fingerprint {
+            return Err(TrainError::Resume {
+                path: dir.clone(),
+                message: "the run's settings differ from the ones the checkpoint was written with; resume with \
+                          the same config and flags"
+                    .to_string(),
+            });
+        }
+        model =
+            checkpoint::load_trainable(model, &loaded.params, &dir.join("trainable.safetensors"))?;
+        optim.state = loaded.optim;
+        state = loaded.state;
+        observer.notice(&format!(
+            "resumed from {} at step {}",
+            dir.display(),
+            state.step
+        ));
+    }
+    fs::create_dir_all(setup.output_dir).map_err(|e| TrainError::Output {
+        path: setup.output_dir.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let resumed = setup.resume.is_some();
+    let mpath = setup.output_dir.join("metrics.jsonl");
+    let epath = setup.output_dir.join("eval.jsonl");
+    let mut metrics = open_log(&mpath, resumed)?;
+    let mut evals = open_log(&epath, resumed)?;
+    let train_ref = match &setup.reference {
+        Reference::Precomputed(v) => Some(v.as_slice()),
+        _ => None,
+    };
+    let eval_ref = setup.eval_reference.as_deref();
+    let eval_before = if resumed {
+        None
+    } else {
+        let e = evaluate(&model, setup, setup.eval_pairs, eval_ref, 0);
+        if let Some(e) = &e {
+            write_line(&mut evals, &epath, e)?;
+            observer.notice(&format!(
+                "eval @ step 0: loss {:.4}, reward accuracy {:.3}, margin {:.4} over {} pairs",
+                e.eval_loss, e.accuracy, e.margin, e.eval_pairs
+            ));
+        }
+        e
+    };
+    observer.start(total, state.step);
+    let mut grads = GradAccumulator::default();
+    let mut last_checkpoint = None;
+    for (index, (epoch, idx)) in steps.iter().enumerate().skip(state.step) {
+        let ts = Instant::now();
+        setup.device.seed(
+            tr.seed
+                .wrapping_add((index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+        );
+        let chosen_tokens: usize = idx
+            .iter()
+            .map(|&i| setup.pairs[i].chosen.num_targets())
+            .sum();
+        let mut acc = Acc::default();
+        for chunk in idx.chunks(setup.micro_pairs.max(1)) {
+            pair_micro_batch(
+                &model,
+                setup,
+                chunk,
+                setup.pairs,
+                train_ref,
+                idx.len(),
+                chosen_tokens,
+                Some(&mut grads),
+                &mut acc,
+            );
+            if acc.nonfinite {
+                break;
+            }
+        }
+        let lr = lr_at(
+            tr.lr_scheduler,
+            tr.learning_rate,
+            index,
+            total,
+            warmup,
+            tr.min_lr_ratio,
+        );
+        let grad_norm = if grads.is_empty() {
+            0.0
+        } else {
+            grads.global_norm(1.0)
+        };
+        let skipped = acc.nonfinite || !grad_norm.is_finite();
+        if skipped {
+            grads.clear();
+            state.skipped_steps += 1;
+            observer.notice(&format!(
+                "step {}: non-finite loss or gradient, update skipped",
+                index + 1
+            ));
+        } else if !grads.is_empty() {
+            let clip = if tr.max_grad_norm > 0.0 && grad_norm > tr.max_grad_norm {
+                tr.max_grad_norm / grad_norm
+            } else {
+                1.0
+            };
+            model = optim.step(model, &mut grads, lr, clip);
+        }
+        state.step = index + 1;
+        state.tokens_trained += acc.tokens as u64;
+        let n = acc.pairs.max(1) as f64;
+        let m = PrefMetrics {
+            step: index + 1,
+            epoch: *epoch,
+            loss: acc.loss / n,
+            rewards_chosen: acc.rc / n,
+            rewards_rejected: acc.rr / n,
+            rewards_accuracy: acc.correct as f64 / n,
+            rewards_margin: acc.margin / n,
+            logps_chosen: acc.lpc / n,
+            logps_rejected: acc.lpr / n,
+            pair_weight: acc.weight / n,
+            lr,
+            grad_norm,
+            pairs: acc.pairs,
+            tokens_per_s: acc.tokens as f64 / ts.elapsed().as_secs_f64().max(1e-9),
+            skipped,
+        };
+        write_line(&mut metrics, &mpath, &m)?;
+        observer.step(&crate::trainer::StepMetrics {
+            step: m.step,
+            epoch: m.epoch,
+            loss: m.loss,
+            ce: -m.logps_chosen,
+            mean_weight: m.pair_weight,
+            zone_learned: 0.0,
+            zone_learning: 0.0,
+            zone_hard: 0.0,
+            zone_noise: 0.0,
+            entropy: None,
+            token_accuracy: m.rewards_accuracy,
+            lr,
+            grad_norm,
+            tokens: acc.tokens,
+            tokens_per_s: m.tokens_per_s,
+            skipped,
+        });
+        let done = index + 1 == total;
+        if setup.eval_every > 0
+            && (index + 1) % setup.eval_every == 0
+            && !done
+            && let Some(e) = evaluate(&model, setup, setup.eval_pairs, eval_ref, index + 1)
+        {
+            write_line(&mut evals, &epath, &e)?;
+        }
+        if (setup.save_every > 0 && (index + 1) % setup.save_every == 0) || done {
+            let dir = setup.output_dir.join(format!("checkpoint-{}", index + 1));
+            checkpoint::save(&dir, &model, &optim.state, &state, |tmp| {
+                model.export(&tmp.join("export")).map(|_| ())
+            })?;
+            last_checkpoint = Some(dir);
+        }
+    }
+    let eval_after = evaluate(&model, setup, setup.eval_pairs, eval_ref, state.step);
+    if let Some(e) = &eval_after {
+        write_line(&mut evals, &epath, e)?;
+    }
+    Ok((
+        model,
+        PrefSummary {
+            steps: state.step,
+            skipped_steps: state.skipped_steps,
+            eval_before,
+            eval_after,
+            last_checkpoint,
+            seconds: t0.elapsed().as_secs_f64(),
+        },
+    ))
+}

@@ -1,0 +1,179 @@
+//! External plugins through the C ABI: loading, every failure case, and what the host passes to the plugin.
+//! The fixture libraries are built here (cargo for the SDK-based one, plain rustc for the malformed ones).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use ytrainer_core::burn::prelude::*;
+use ytrainer_core::loss::{
+    LossFn, PluginError, Registry, TokenStats, tensor_from_slice, tensor_to_vec,
+};
+
+fn target_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("plugin-fixtures")
+}
+
+fn dylib(stem: &str) -> String {
+    format!(
+        "{}{stem}{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    )
+}
+
+/// The `misbehave` fixture plugin (built once per test binary).
+fn misbehave() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let manifest =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/misbehave/Cargo.toml");
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "--release", "--quiet", "--manifest-path"])
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(target_dir())
+            .status()
+            .expect("run cargo");
+        assert!(st.success(), "building the fixture plugin failed");
+        target_dir().join("release").join(dylib("misbehave"))
+    })
+}
+
+/// A single-file cdylib compiled with rustc.
+fn rustc_lib(src: &str) -> PathBuf {
+    let dir = target_dir().join("rustc");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(dylib(src));
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let st = Command::new(rustc)
+        .args(["--crate-type", "cdylib", "--edition", "2024", "-o"])
+        .arg(&out)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{src}.rs")))
+        .status()
+        .expect("run rustc");
+    assert!(st.success());
+    out
+}
+
+fn load_err(path: &Path) -> String {
+    match Registry::discover_with(&[path.to_path_buf()]) {
+        Err(e) => e.to_string(),
+        Ok(r) => panic!("loaded {}: {r:?}", path.display()),
+    }
+}
+
+fn build(mode: f64, panic_new: f64) -> Result<LossFn, PluginError> {
+    let r = Registry::discover_with(&[misbehave().to_path_buf()]).unwrap();
+    let mut p = BTreeMap::new();
+    p.insert("mode".to_string(), mode);
+    p.insert("panic_new".to_string(), panic_new);
+    r.build("misbehave", &p).map(|(f, _)| f)
+}
+
+fn stats(device: &Device) -> TokenStats {
+    let mut s = TokenStats::from_loss(tensor_from_slice(&[0.5, 1.5, 2.5], device));
+    s.position = Some(vec![3, 4, 7]);
+    s.sample = Some(vec![0, 0, 2]);
+    s.step = 5;
+    s
+}
+
+#[test]
+fn loads_and_passes_statistics() {
+    let r = Registry::discover_with(&[misbehave().parent().unwrap().to_path_buf()]).unwrap();
+    let src = r.source("misbehave").unwrap().to_string();
+    assert!(src.ends_with(&dylib("misbehave")), "{src}");
+    let LossFn::Token(p) = build(0.0, 0.0).unwrap() else {
+        panic!()
+    };
+    let n = p.needs();
+    assert!(n.position && n.sample && !n.entropy && !n.reference_loss);
+    let d = Device::flex();
+    let w = tensor_to_vec(p.try_weights(&stats(&d)).unwrap());
+    assert_eq!(w, vec![5e6 + 3.0, 5e6 + 4.0, 5e6 + 2007.0]);
+}
+
+#[test]
+fn weight_function_failures_name_the_plugin() {
+    let d = Device::flex();
+    for (mode, want) in [
+        (1.0, "returned NaN for token 1"),
+        (2.0, "returned weight -1 for token 0"),
+        (3.0, "panicked: weight function exploded"),
+    ] {
+        let LossFn::Token(p) = build(mode, 0.0).unwrap() else {
+            panic!()
+        };
+        let e = p.try_weights(&stats(&d)).unwrap_err();
+        assert!(
+            e.contains("external loss plugin `misbehave`") && e.contains(want),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn constructor_rejects_or_panics() {
+    let e = build(7.0, 0.0).unwrap_err().to_string();
+    assert!(
+        e.contains("`misbehave` rejected its parameters") && e.contains("`mode` = 7"),
+        "{e}"
+    );
+    let e = build(0.0, 1.0).unwrap_err().to_string();
+    assert!(
+        e.contains("constructor panicked: constructor exploded"),
+        "{e}"
+    );
+    // Host-side validation applies to external plugins too.
+    let r = Registry::discover_with(&[misbehave().to_path_buf()]).unwrap();
+    let mut p = BTreeMap::new();
+    p.insert("mdoe".to_string(), 1.0);
+    let e = r.build("misbehave", &p).unwrap_err().to_string();
+    assert!(e.contains("did you mean `mode`"), "{e}");
+}
+
+#[test]
+fn malformed_libraries() {
+    let dir = target_dir().join("bogus");
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = dir.join(dylib("text"));
+    std::fs::write(&text, "not a library").unwrap();
+    let e = load_err(&text);
+    assert!(
+        e.contains("not a loadable shared library") && e.contains(&dylib("text")),
+        "{e}"
+    );
+
+    let e = load_err(&rustc_lib("no_entry"));
+    assert!(
+        e.contains("exports no `ytrainer_plugin_entry` symbol"),
+        "{e}"
+    );
+
+    let e = load_err(&rustc_lib("abi_mismatch"));
+    assert!(
+        e.contains("plugin ABI version 999") && e.contains("speaks version 1"),
+        "{e}"
+    );
+
+    let e = load_err(&dir.join("missing-dir"));
+    assert!(e.contains("no such file or directory"), "{e}");
+}
+
+#[test]
+fn name_clash_names_both_sources() {
+    let dir = target_dir().join("clash");
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join(dylib("misbehave_copy"));
+    std::fs::copy(misbehave(), &copy).unwrap();
+    let e = Registry::discover_with(&[misbehave().to_path_buf(), copy.clone()]).unwrap_err();
+    let e = e.to_string();
+    assert!(
+        e.contains("two loss plugins are named `misbehave`") && e.contains("misbehave_copy"),
+        "{e}"
+    );
+    // The same file twice is loaded once.
+    Registry::discover_with(&[misbehave().to_path_buf(), misbehave().to_path_buf()]).unwrap();
+}

@@ -1,0 +1,641 @@
+//! SDK for **external** ytrainer loss plugins: shared libraries (`cdylib`) that `ytrainer` loads at startup.
+//!
+//! A plugin author depends on this crate only (no Burn, no engine), implements [`Plugin`] for a struct and
+//! calls [`export_plugin!`]:
+//!
+//! ```
+//! use ytrainer_plugin::{Batch, Param, Params, Plugin, export_plugin};
+//!
+//! struct Halve { factor: f32 }
+//!
+//! impl Plugin for Halve {
+//!     const NAME: &'static str = "halve";
+//!     const DESCRIPTION: &'static str = "every token weighted `factor`";
+//!     const PARAMS: &'static [Param] = &[Param::new("factor", 0.5, "the weight")];
+//!     fn new(p: &Params) -> Result<Self, String> {
+//!         Ok(Halve { factor: p.get("factor") as f32 })
+//!     }
+//!     fn weights(&self, batch: &Batch<'_>, out: &mut [f32]) {
+//!         out.fill(self.factor);
+//!     }
+//! }
+//!
+//! export_plugin!(Halve);
+//! ```
+//!
+//! # The ABI (version [`ABI_VERSION`])
+//!
+//! The library exports one symbol, [`ENTRY_SYMBOL`] (`ytrainer_plugin_entry`), an
+//! `extern "C" fn() -> *const RawVTable`. The vtable's **first field is the ABI version**, so a host can read it
+//! before trusting any other field; a host refuses a library whose version differs from its own. Everything
+//! crossing the boundary is `#[repr(C)]`: strings are (pointer, length) UTF-8, arrays are (pointer, length),
+//! parameters reach the constructor as a flat JSON object of numbers (`{"a":1.0,"b":2.5}`), and the weight
+//! function reads host slices and fills a host slice. Errors come back as a status code plus a message written
+//! into a host buffer. A panic inside the plugin is caught at the boundary (in the code this SDK generates) and
+//! reported as an error with its message, so it never unwinds into the host. Build plugins with the default
+//! `panic = "unwind"`; with `panic = "abort"` a panic ends the process.
+//!
+//! The vtable and its strings must stay valid while the library is loaded (they are `'static` here).
+
+use std::cell::RefCell;
+use std::ffi::c_void;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+/// Version of the binary interface described by [`RawVTable`] and [`RawBatch`]. Bumped on any layout change.
+pub const ABI_VERSION: u32 = 1;
+
+/// Name of the exported entry function.
+pub const ENTRY_SYMBOL: &str = "ytrainer_plugin_entry";
+
+/// Signature of the exported entry function.
+pub type EntryFn = unsafe extern "C" fn() -> *const RawVTable;
+
+/// Status codes of [`RawVTable::create`] and [`RawVTable::weights`].
+pub mod status {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// The plugin reported an error (message in the error buffer).
+    pub const ERROR: i32 = 1;
+    /// The plugin panicked (message in the error buffer).
+    pub const PANIC: i32 = 2;
+}
+
+/// Bits of [`RawVTable::needs`]: which optional per-token statistics the weight function reads.
+pub mod needs_bits {
+    /// Predictive entropy of the distribution that predicts each target (nats).
+    pub const ENTROPY: u32 = 1;
+    /// Position of each target in its row (the model's position id).
+    pub const POSITION: u32 = 2;
+    /// Index of the training example each target belongs to.
+    pub const SAMPLE: u32 = 4;
+    /// Cross-entropy of each target under the reference model (LoRA runs: the base with adapters off).
+    pub const REFERENCE_LOSS: u32 = 8;
+}
+
+/// A borrowed UTF-8 string across the boundary.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct RawStr {
+    /// First byte.
+    pub ptr: *const u8,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+impl RawStr {
+    /// Borrows a `'static` string.
+    pub const fn from_static(s: &'static str) -> Self {
+        RawStr {
+            ptr: s.as_ptr(),
+            len: s.len(),
+        }
+    }
+
+    /// Borrows any string (valid as long as `s`).
+    pub fn from_str(s: &str) -> Self {
+        RawStr {
+            ptr: s.as_ptr(),
+            len: s.len(),
+        }
+    }
+
+    /// Reads the string back; `None` for a null pointer or invalid UTF-8.
+    ///
+    /// # Safety
+    /// `ptr` must be null or point to `len` readable bytes that outlive `'a`.
+    pub unsafe fn as_str<'a>(&self) -> Option<&'a str> {
+        if self.ptr.is_null() {
+            return if self.len == 0 { Some("") } else { None };
+        }
+        // SAFETY: the caller guarantees `len` readable bytes at `ptr`.
+        let bytes = unsafe { std::slice::from_raw_parts(self.ptr, self.len) };
+        std::str::from_utf8(bytes).ok()
+    }
+}
+
+/// One declared parameter.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct RawParam {
+    /// Config key under `[loss.params]`.
+    pub name: RawStr,
+    /// Default value.
+    pub default: f64,
+    /// One line of help.
+    pub help: RawStr,
+}
+
+/// Host-owned buffer the plugin writes an error message into (truncated to `cap` bytes).
+#[repr(C)]
+#[derive(Debug)]
+pub struct RawError {
+    /// Buffer start.
+    pub buf: *mut u8,
+    /// Capacity in bytes.
+    pub cap: usize,
+    /// Bytes written.
+    pub len: usize,
+}
+
+impl RawError {
+    /// Writes `msg`, truncated at a character boundary to the capacity.
+    ///
+    /// # Safety
+    /// `buf` must be valid for `cap` writable bytes.
+    pub unsafe fn write(&mut self, msg: &str) {
+        if self.buf.is_null() {
+            return;
+        }
+        let mut n = msg.len().min(self.cap);
+        while n > 0 && !msg.is_char_boundary(n) {
+            n -= 1;
+        }
+        // SAFETY: `n <= cap` and the caller guarantees the buffer.
+        unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), self.buf, n) };
+        self.len = n;
+    }
+}
+
+/// The per-token statistics of one micro-batch, `n` supervised tokens in target order. Optional arrays are null
+/// unless the plugin declared the matching [`needs_bits`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct RawBatch {
+    /// Number of tokens.
+    pub n: usize,
+    /// Cross-entropy of each token (nats), `n` values, never null.
+    pub loss: *const f32,
+    /// Predictive entropy, or null.
+    pub entropy: *const f32,
+    /// Reference-model cross-entropy, or null.
+    pub reference_loss: *const f32,
+    /// Position id of each target, or null.
+    pub position: *const u32,
+    /// Example index of each target, or null.
+    pub sample: *const u32,
+    /// Optimizer step (0-based).
+    pub step: u64,
+    /// Training progress in `[0, 1]`.
+    pub progress: f64,
+}
+
+/// What the entry function returns. Field order is part of the ABI; `abi_version` comes first.
+#[repr(C)]
+#[derive(Debug)]
+pub struct RawVTable {
+    /// Must equal the host's [`ABI_VERSION`].
+    pub abi_version: u32,
+    /// [`needs_bits`] of the weight function.
+    pub needs: u32,
+    /// Default normalisation: 0 = nonzero, 1 = tokens, 2 = weights.
+    pub normalize: u32,
+    /// Plugin name (`--loss NAME`).
+    pub name: RawStr,
+    /// One line for `ytrainer plugins list`.
+    pub description: RawStr,
+    /// The formula, for `ytrainer plugins describe` (may be empty).
+    pub formula: RawStr,
+    /// Declared parameters.
+    pub params: *const RawParam,
+    /// Number of declared parameters.
+    pub n_params: usize,
+    /// Builds an instance from a flat JSON object holding every declared parameter; writes the instance
+    /// pointer to `out`.
+    pub create:
+        unsafe extern "C" fn(params_json: RawStr, out: *mut *mut c_void, err: *mut RawError) -> i32,
+    /// Fills `out[0..n]` with the weights of `batch`.
+    pub weights: unsafe extern "C" fn(
+        instance: *mut c_void,
+        batch: *const RawBatch,
+        out: *mut f32,
+        err: *mut RawError,
+    ) -> i32,
+    /// Frees an instance made by `create`.
+    pub destroy: unsafe extern "C" fn(instance: *mut c_void),
+}
+
+/// A parameter declaration.
+#[derive(Debug, Clone, Copy)]
+pub struct Param {
+    /// Config key.
+    pub name: &'static str,
+    /// Default value.
+    pub default: f64,
+    /// One line of help.
+    pub help: &'static str,
+}
+
+impl Param {
+    /// Declares a parameter.
+    pub const fn new(name: &'static str, default: f64, help: &'static str) -> Self {
+        Param {
+            name,
+            default,
+            help,
+        }
+    }
+}
+
+/// How the host normalises the weighted loss of a step when the user does not choose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Normalize {
+    /// Tokens with a non-zero weighted loss.
+    Nonzero,
+    /// All supervised tokens.
+    Tokens,
+    /// The sum of the weights.
+    Weights,
+}
+
+/// Optional statistics a plugin reads (each costs the host some work, so ask only for what you use).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// [`Batch::entropy`].
+    pub entropy: bool,
+    /// [`Batch::position`].
+    pub position: bool,
+    /// [`Batch::sample`].
+    pub sample: bool,
+    /// [`Batch::reference_loss`].
+    pub reference_loss: bool,
+}
+
+impl Needs {
+    /// Nothing beyond the loss, step and progress.
+    pub const NONE: Needs = Needs {
+        entropy: false,
+        position: false,
+        sample: false,
+        reference_loss: false,
+    };
+
+    /// As [`needs_bits`].
+    pub const fn bits(self) -> u32 {
+        (self.entropy as u32) * needs_bits::ENTROPY
+            | (self.position as u32) * needs_bits::POSITION
+            | (self.sample as u32) * needs_bits::SAMPLE
+            | (self.reference_loss as u32) * needs_bits::REFERENCE_LOSS
+    }
+
+    /// From [`needs_bits`].
+    pub const fn from_bits(b: u32) -> Needs {
+        Needs {
+            entropy: b & needs_bits::ENTROPY != 0,
+            position: b & needs_bits::POSITION != 0,
+            sample: b & needs_bits::SAMPLE != 0,
+            reference_loss: b & needs_bits::REFERENCE_LOSS != 0,
+        }
+    }
+}
+
+/// Parameter values as the constructor receives them: every declared parameter, defaults filled in by the host.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Params(Vec<(String, f64)>);
+
+impl Params {
+    /// The value of a declared parameter.
+    ///
+    /// # Panics
+    /// On a name the plugin did not declare (a programming error; caught at the boundary and reported).
+    pub fn get(&self, name: &str) -> f64 {
+        self.try_get(name)
+            .unwrap_or_else(|| panic!("plugin asked for undeclared parameter `{name}`"))
+    }
+
+    /// The value, if present.
+    pub fn try_get(&self, name: &str) -> Option<f64> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
+    }
+
+    /// All values in the order received.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, f64)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+
+    /// Parses the flat JSON object of numbers the host sends (`{"a":1.0,"b":-2e-3}`).
+    pub fn from_json(s: &str) -> Result<Params, String> {
+        let bad = || format!("parameters are not a flat JSON object of numbers: {s}");
+        let inner = s
+            .trim()
+            .strip_prefix('{')
+            .and_then(|r| r.strip_suffix('}'))
+            .ok_or_else(bad)?
+            .trim();
+        let mut out = Vec::new();
+        if inner.is_empty() {
+            return Ok(Params(out));
+        }
+        for item in inner.split(',') {
+            let (k, v) = item.split_once(':').ok_or_else(bad)?;
+            let k = k
+                .trim()
+                .strip_prefix('"')
+                .and_then(|k| k.strip_suffix('"'))
+                .ok_or_else(bad)?;
+            let v: f64 = v.trim().parse().map_err(|_| bad())?;
+            out.push((k.to_string(), v));
+        }
+        Ok(Params(out))
+    }
+
+    /// Builds parameters from pairs (tests).
+    pub fn from_pairs(pairs: &[(&str, f64)]) -> Params {
+        Params(pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect())
+    }
+
+    /// The JSON form [`Params::from_json`] reads.
+    pub fn to_json(&self) -> String {
+        let items: Vec<String> = self
+            .0
+            .iter()
+            .map(|(k, v)| format!("\"{k}\":{}", fmt_f64(*v)))
+            .collect();
+        format!("{{{}}}", items.join(","))
+    }
+}
+
+/// Formats a finite f64 so that it parses back exactly (Rust's shortest round-trip form).
+fn fmt_f64(v: f64) -> String {
+    format!("{v:?}")
+}
+
+/// One micro-batch's statistics as safe slices; all slices have [`Batch::len`] elements.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    /// Cross-entropy of each supervised token (nats).
+    pub loss: &'a [f32],
+    /// Predictive entropy, when declared in [`Plugin::NEEDS`].
+    pub entropy: Option<&'a [f32]>,
+    /// Reference-model cross-entropy, when declared.
+    pub reference_loss: Option<&'a [f32]>,
+    /// Position id of each target, when declared.
+    pub position: Option<&'a [u32]>,
+    /// Example index of each target, when declared.
+    pub sample: Option<&'a [u32]>,
+    /// Optimizer step (0-based).
+    pub step: u64,
+    /// Training progress in `[0, 1]`.
+    pub progress: f64,
+}
+
+impl Batch<'_> {
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.loss.len()
+    }
+
+    /// Whether the batch has no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.loss.is_empty()
+    }
+}
+
+/// A token reweighting strategy. Implement it for a struct and call [`export_plugin!`].
+pub trait Plugin: Sized + Send + Sync + 'static {
+    /// Unique name (`--loss NAME`); must not clash with a built-in or another loaded plugin.
+    const NAME: &'static str;
+    /// One line for `ytrainer plugins list`.
+    const DESCRIPTION: &'static str;
+    /// The formula, shown by `ytrainer plugins describe`.
+    const FORMULA: &'static str = "";
+    /// Declared parameters with defaults; the host rejects any other key.
+    const PARAMS: &'static [Param] = &[];
+    /// Optional statistics the weight function reads.
+    const NEEDS: Needs = Needs::NONE;
+    /// Normalisation used unless the user chooses one.
+    const NORMALIZE: Normalize = Normalize::Tokens;
+
+    /// Builds the plugin from its parameters (every declared one present); `Err` explains what to change.
+    fn new(params: &Params) -> Result<Self, String>;
+
+    /// Writes one weight per token into `out` (same length as `batch.loss`, pre-filled with 1). Weights must be
+    /// finite and >= 0; the host checks and stops the run with an error naming this plugin otherwise.
+    fn weights(&self, batch: &Batch<'_>, out: &mut [f32]);
+}
+
+/// Exports `$t` (a type implementing [`Plugin`]) as the library's plugin. Use once per `cdylib`.
+#[macro_export]
+macro_rules! export_plugin {
+    ($t:ty) => {
+        /// The ytrainer plugin entry point (generated by `ytrainer_plugin::export_plugin!`).
+        #[unsafe(no_mangle)]
+        pub extern "C" fn ytrainer_plugin_entry() -> *const $crate::RawVTable {
+            static VTABLE: ::std::sync::OnceLock<$crate::__private::VTable> =
+                ::std::sync::OnceLock::new();
+            VTABLE.get_or_init($crate::__private::vtable::<$t>).as_ptr()
+        }
+    };
+}
+
+/// Implementation details of [`export_plugin!`]; not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    use super::*;
+
+    /// A vtable with its parameter array, safe to keep in a `static`.
+    pub struct VTable {
+        raw: RawVTable,
+        _params: Vec<RawParam>,
+    }
+
+    // SAFETY: every pointer in it refers to `'static` data or to `_params`, which is never mutated.
+    unsafe impl Send for VTable {}
+    // SAFETY: as above; the vtable is read-only after construction.
+    unsafe impl Sync for VTable {}
+
+    impl VTable {
+        /// Pointer handed to the host.
+        pub fn as_ptr(&self) -> *const RawVTable {
+            &self.raw
+        }
+    }
+
+    /// Builds the vtable of `P` and installs the panic hook that records panic messages.
+    pub fn vtable<P: Plugin>() -> VTable {
+        install_panic_hook();
+        let params: Vec<RawParam> = P::PARAMS
+            .iter()
+            .map(|p| RawParam {
+                name: RawStr::from_static(p.name),
+                default: p.default,
+                help: RawStr::from_static(p.help),
+            })
+            .collect();
+        VTable {
+            raw: RawVTable {
+                abi_version: ABI_VERSION,
+                needs: P::NEEDS.bits(),
+                normalize: match P::NORMALIZE {
+                    Normalize::Nonzero => 0,
+                    Normalize::Tokens => 1,
+                    Normalize::Weights => 2,
+                },
+                name: RawStr::from_static(P::NAME),
+                description: RawStr::from_static(P::DESCRIPTION),
+                formula: RawStr::from_static(P::FORMULA),
+                params: params.as_ptr(),
+                n_params: params.len(),
+                create: create::<P>,
+                weights: weights::<P>,
+                destroy: destroy::<P>,
+            },
+            _params: params,
+        }
+    }
+
+    thread_local! {
+        static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+    }
+
+    /// Records panic messages (with location) instead of printing them: the host reports them with the
+    /// plugin's name. This library has its own copy of std, so the hook does not affect the host.
+    fn install_panic_hook() {
+        std::panic::set_hook(Box::new(|info| {
+            let msg = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            let at = info
+                .location()
+                .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            LAST_PANIC.with(|p| *p.borrow_mut() = Some(format!("{msg}{at}")));
+        }));
+    }
+
+    fn panic_message() -> String {
+        LAST_PANIC
+            .with(|p| p.borrow_mut().take())
+            .unwrap_or_else(|| "unknown panic".to_string())
+    }
+
+    unsafe fn report(err: *mut RawError, msg: &str) {
+        if let Some(e) = unsafe { err.as_mut() } {
+            // SAFETY: the host passes a valid buffer.
+            unsafe { e.write(msg) };
+        }
+    }
+
+    /// # Safety
+    /// Called by the host with a valid string, output pointer and error buffer.
+    pub unsafe extern "C" fn create<P: Plugin>(
+        params_json: RawStr,
+        out: *mut *mut c_void,
+        err: *mut RawError,
+    ) -> i32 {
+        // SAFETY: the host passes a valid string.
+        let Some(json) = (unsafe { params_json.as_str() }) else {
+            unsafe { report(err, "parameters are not valid UTF-8") };
+            return status::ERROR;
+        };
+        let r = catch_unwind(|| Params::from_json(json).and_then(|p| P::new(&p)));
+        match r {
+            Ok(Ok(p)) => {
+                // SAFETY: the host passes a valid out pointer.
+                unsafe { *out = Box::into_raw(Box::new(p)).cast() };
+                status::OK
+            }
+            Ok(Err(e)) => {
+                unsafe { report(err, &e) };
+                status::ERROR
+            }
+            Err(_) => {
+                unsafe { report(err, &panic_message()) };
+                status::PANIC
+            }
+        }
+    }
+
+    /// # Safety
+    /// `instance` comes from `create::<P>`; `batch` and its arrays hold `n` values; `out` has room for `n`.
+    pub unsafe extern "C" fn weights<P: Plugin>(
+        instance: *mut c_void,
+        batch: *const RawBatch,
+        out: *mut f32,
+        err: *mut RawError,
+    ) -> i32 {
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            // SAFETY: guaranteed by the host (see above).
+            let (p, b) = unsafe { (&*(instance as *const P), &*batch) };
+            let n = b.n;
+            let slice_f = |ptr: *const f32| {
+                // SAFETY: non-null arrays hold `n` values.
+                (!ptr.is_null()).then(|| unsafe { std::slice::from_raw_parts(ptr, n) })
+            };
+            let slice_u = |ptr: *const u32| {
+                // SAFETY: as above.
+                (!ptr.is_null()).then(|| unsafe { std::slice::from_raw_parts(ptr, n) })
+            };
+            let batch = Batch {
+                loss: slice_f(b.loss).unwrap_or(&[]),
+                entropy: slice_f(b.entropy),
+                reference_loss: slice_f(b.reference_loss),
+                position: slice_u(b.position),
+                sample: slice_u(b.sample),
+                step: b.step,
+                progress: b.progress,
+            };
+            // SAFETY: `out` has room for `n` values.
+            let out = unsafe { std::slice::from_raw_parts_mut(out, n) };
+            out.fill(1.0);
+            p.weights(&batch, out);
+        }));
+        match r {
+            Ok(()) => status::OK,
+            Err(_) => {
+                unsafe { report(err, &panic_message()) };
+                status::PANIC
+            }
+        }
+    }
+
+    /// # Safety
+    /// `instance` comes from `create::<P>` and is not used afterwards.
+    pub unsafe extern "C" fn destroy<P: Plugin>(instance: *mut c_void) {
+        if !instance.is_null() {
+            // SAFETY: made by `Box::into_raw` in `create::<P>`.
+            let _ = catch_unwind(|| drop(unsafe { Box::from_raw(instance as *mut P) }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_json_round_trip() {
+        let p = Params::from_pairs(&[("a", 1.0), ("b", -2.5e-8), ("c", 3.0)]);
+        let j = p.to_json();
+        assert_eq!(Params::from_json(&j).unwrap(), p);
+        assert_eq!(Params::from_json("{}").unwrap(), Params::default());
+        assert_eq!(Params::from_json(" { \"x\" : 2 } ").unwrap().get("x"), 2.0);
+        assert!(Params::from_json("[1]").is_err());
+        assert!(Params::from_json("{\"x\":\"y\"}").is_err());
+    }
+
+    #[test]
+    fn needs_bits_round_trip() {
+        let n = Needs {
+            entropy: true,
+            position: false,
+            sample: true,
+            reference_loss: true,
+        };
+        assert_eq!(Needs::from_bits(n.bits()), n);
+    }
+
+    #[test]
+    fn error_buffer_truncates_on_char_boundary() {
+        let mut buf = [0u8; 4];
+        let mut e = RawError {
+            buf: buf.as_mut_ptr(),
+            cap: 4,
+            len: 0,
+        };
+        unsafe { e.write("abcé") }; // 'é' is 2 bytes: only "abc" fits
+        assert_eq!(&buf[..e.len], b"abc");
+    }
+}

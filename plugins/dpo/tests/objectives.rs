@@ -1,0 +1,118 @@
+//! Each objective against hand-computed values for fixed log-probabilities (formulas written next to the values).
+
+use std::collections::BTreeMap;
+
+use ytrainer_core::burn::prelude::*;
+use ytrainer_core::loss::{LossFn, PairStats, Registry, tensor_from_slice, tensor_to_vec};
+use ytrainer_plugin_dpo as _;
+
+fn stats(d: &Device) -> PairStats {
+    // Two pairs. Pair 0: pc=-10, pr=-12, rc=-11, rr=-11  => margin m = (1) - (-1) = 2
+    //            Pair 1: pc=-20, pr=-15, rc=-18, rr=-16  => margin m = (-2) - (1) = -3
+    PairStats {
+        policy_chosen: tensor_from_slice(&[-10.0, -20.0], d),
+        policy_rejected: tensor_from_slice(&[-12.0, -15.0], d),
+        reference_chosen: Some(tensor_from_slice(&[-11.0, -18.0], d)),
+        reference_rejected: Some(tensor_from_slice(&[-11.0, -16.0], d)),
+        chosen_len: tensor_from_slice(&[4.0, 5.0], d),
+        rejected_len: tensor_from_slice(&[2.0, 5.0], d),
+    }
+}
+
+fn run(name: &str, params: &[(&str, f64)]) -> (Vec<f32>, Option<Vec<f32>>) {
+    let d = Device::flex();
+    let p: BTreeMap<String, f64> = params.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    let (f, _) = Registry::discover().build(name, &p).unwrap();
+    let LossFn::Pairwise(o) = f else {
+        panic!("{name} is pairwise")
+    };
+    let (l, w) = o.loss(&stats(&d));
+    (tensor_to_vec(l), w.map(tensor_to_vec))
+}
+
+fn softplus(x: f64) -> f64 {
+    // -log sigmoid(-x)
+    (1.0 + x.exp()).ln()
+}
+
+fn close(got: &[f32], want: &[f64]) {
+    for (g, w) in got.iter().zip(want) {
+        assert!((*g as f64 - w).abs() < 1e-5, "{got:?} vs {want:?}");
+    }
+}
+
+#[test]
+fn dpo_sigmoid() {
+    // loss = -log s(beta m) = softplus(-beta m); beta = 0.1: m=2 -> softplus(-0.2), m=-3 -> softplus(0.3)
+    close(&run("dpo", &[]).0, &[softplus(-0.2), softplus(0.3)]);
+    close(
+        &run("dpo", &[("beta", 0.5)]).0,
+        &[softplus(-1.0), softplus(1.5)],
+    );
+}
+
+#[test]
+fn cdpo_label_smoothing() {
+    // loss = (1-e) softplus(-beta m) + e softplus(beta m), e = 0.1
+    let e = 0.1;
+    close(
+        &run("cdpo", &[]).0,
+        &[
+            (1.0 - e) * softplus(-0.2) + e * softplus(0.2),
+            (1.0 - e) * softplus(0.3) + e * softplus(-0.3),
+        ],
+    );
+}
+
+#[test]
+fn ipo_length_averaged() {
+    // m_avg = (pc-rc)/|c| - (pr-rr)/|r|: pair 0: 1/4 - (-1)/2 = 0.75; pair 1: -2/5 - 1/5 = -0.6
+    // loss = (m_avg - 1/(2 beta))^2, beta 0.1 -> target 5
+    close(
+        &run("ipo", &[]).0,
+        &[(0.75f64 - 5.0).powi(2), (-0.6f64 - 5.0).powi(2)],
+    );
+}
+
+#[test]
+fn hinge() {
+    // relu(1 - beta m): beta=0.1 -> 1-0.2 = 0.8, 1+0.3 = 1.3; beta=1 -> relu(-1) = 0, 4
+    close(&run("hinge", &[]).0, &[0.8, 1.3]);
+    close(&run("hinge", &[("beta", 1.0)]).0, &[0.0, 4.0]);
+}
+
+#[test]
+fn simpo_no_reference() {
+    // z = beta (pc/|c| - pr/|r|) - gamma; pair 0: 2*(-2.5 + 6) - 1 = 6; pair 1: 2*(-4 + 3) - 1 = -3
+    close(&run("simpo", &[]).0, &[softplus(-6.0), softplus(3.0)]);
+}
+
+#[test]
+fn dpo_nlirg_weights_pairs_by_their_loss() {
+    let (l, w) = run("dpo-nlirg", &[]);
+    close(&l, &[softplus(-0.2), softplus(0.3)]);
+    let c = ytrainer_plugin_nlirg::Curve::default();
+    close(
+        &w.unwrap(),
+        &[c.weight(softplus(-0.2)), c.weight(softplus(0.3))],
+    );
+}
+
+#[test]
+fn bad_parameters() {
+    let r = Registry::discover();
+    let mut p = BTreeMap::new();
+    p.insert("beta".to_string(), 0.0);
+    assert_eq!(
+        r.build("dpo", &p).unwrap_err().to_string(),
+        "loss plugin `dpo`: parameter `beta` = 0: must be > 0"
+    );
+    let mut p = BTreeMap::new();
+    p.insert("label_smoothing".to_string(), 0.7);
+    assert!(
+        r.build("cdpo", &p)
+            .unwrap_err()
+            .to_string()
+            .contains("must be in [0, 0.5)")
+    );
+}

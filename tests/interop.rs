@@ -1,0 +1,551 @@
+//! Interop end to end through the binary: GGUF convert (tokenizer identical to transformers'), score parity
+//! with transformers, greedy generation, render, merge (f32 / bf16, sharded), and bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use serde_json::{Value, json};
+use ytrainer_data::TokenizerWrapper;
+
+fn smollm() -> PathBuf {
+    assets().join("smollm2-135m-instruct")
+}
+
+fn gguf() -> PathBuf {
+    smollm().join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn reference() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(smollm().join("reference.json")).unwrap())
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> std::process::Output {
+    let o = ytrainer(args);
+    assert!(
+        o.status.success(),
+        "ytrainer {args:?} failed:\n{}",
+        stderr(&o)
+    );
+    o
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Convert the GGUF, check the files, and that its tokenizer equals the shipped transformers one on the corpora.
+#[test]
+fn gguf_convert_writes_hf_dir_and_identical_tokenizer() {
+    let tmp = TempDir::new("convert");
+    let out = tmp.path().join("hf");
+    let o = ok(&["convert", "--from", &s(&gguf()), "--to", &s(&out)]);
+    assert!(stdout(&o).contains("converted"));
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let tc: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    let shipped_template = std::fs::read_to_string(smollm().join("chat_template.jinja")).unwrap();
+    assert_eq!(tc["chat_template"].as_str().unwrap(), shipped_template);
+    assert_eq!(tc["eos_token"], "<|im_end|>");
+
+    let ours = TokenizerWrapper::from_file(&out.join("tokenizer.json")).unwrap();
+    let theirs = TokenizerWrapper::from_file(&smollm().join("tokenizer.json")).unwrap();
+    let corpora = assets().join("corpora");
+    let mut checked = 0usize;
+    for entry in std::fs::read_dir(&corpora).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_none_or(|e| e != "txt") {
+            continue;
+        }
+        let text = std::fs::read(&p).unwrap();
+        // 64 KB from the start and the middle of each corpus (cut at a character boundary).
+        for start in [0, text.len() / 2] {
+            let chunk =
+                String::from_utf8_lossy(&text[start..(start + 65_536).min(text.len())]).to_string();
+            let a = ours.encode(&chunk).unwrap();
+            let b = theirs.encode(&chunk).unwrap();
+            if a != b {
+                let i = a
+                    .iter()
+                    .zip(&b)
+                    .position(|(x, y)| x != y)
+                    .unwrap_or(a.len().min(b.len()));
+                let lo = i.saturating_sub(5);
+                panic!(
+                    "tokenization differs on {} at token {i}: ours {:?} {:?}, shipped {:?} {:?}",
+                    p.display(),
+                    &a[lo..(i + 5).min(a.len())],
+                    ours.decode(&a[lo..(i + 5).min(a.len())], false).unwrap(),
+                    &b[lo..(i + 5).min(b.len())],
+                    theirs.decode(&b[lo..(i + 5).min(b.len())], false).unwrap()
+                );
+            }
+            assert_eq!(
+                ours.decode(&a, false).unwrap(),
+                theirs.decode(&b, false).unwrap()
+            );
+            checked += a.len();
+        }
+    }
+    let special = "<|im_start|>user\nHi 2024! ünïcödé 你好<|im_end|>\n";
+    assert_eq!(
+        ours.encode(special).unwrap(),
+        theirs.encode(special).unwrap()
+    );
+    assert!(checked > 100_000, "only {checked} tokens compared");
+
+    // GGUF -> HF -> reload: scoring the converted directory equals scoring the GGUF directly.
+    let idsf = tmp.path().join("ids.json");
+    std::fs::write(
+        &idsf,
+        json!([ids(&reference()["input_ids"][0])]).to_string(),
+    )
+    .unwrap();
+    let a = tmp.path().join("a.jsonl");
+    let b = tmp.path().join("b.jsonl");
+    ok(&[
+        "score",
+        "--model",
+        &s(&gguf()),
+        "--ids-json",
+        &s(&idsf),
+        "--out",
+        &s(&a),
+    ]);
+    ok(&[
+        "score",
+        "--model",
+        &s(&out),
+        "--ids-json",
+        &s(&idsf),
+        "--out",
+        &s(&b),
+    ]);
+    assert_eq!(jsonl(&a), jsonl(&b));
+}
+
+#[test]
+fn score_and_greedy_generation_match_transformers() {
+    let tmp = TempDir::new("score");
+    let r = reference();
+    let idsf = tmp.path().join("ids.json");
+    std::fs::write(&idsf, r["input_ids"].to_string()).unwrap();
+    let out = tmp.path().join("scores.jsonl");
+    ok(&[
+        "score",
+        "--model",
+        &s(&gguf()),
+        "--ids-json",
+        &s(&idsf),
+        "--out",
+        &s(&out),
+        "--top-k",
+        "5",
+    ]);
+    let lines = jsonl(&out);
+    assert_eq!(lines.len(), 2);
+    let (mut worst, mut sum, mut n) = (0f64, 0f64, 0usize);
+    for (b, line) in lines.iter().enumerate() {
+        assert_eq!(line["index"], b);
+        let toks = line["tokens"].as_array().unwrap();
+        assert_eq!(toks.len(), 14);
+        for (p, t) in toks.iter().enumerate() {
+            assert_eq!(t["id"], r["input_ids"][b][p + 1]);
+            let loss = t["loss"].as_f64().unwrap();
+            worst = worst.max((loss - r["loss_per_token"][b][p].as_f64().unwrap()).abs());
+            sum += loss;
+            n += 1;
+            let top: Vec<u32> = t["top"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x[0].as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(top, ids(&r["top5_ids"][b][p]), "top-5 at [{b}, {p}]");
+            let rank = t["rank"].as_u64().unwrap();
+            let in_top = top
+                .iter()
+                .position(|&i| i == t["id"].as_u64().unwrap() as u32);
+            if let Some(k) = in_top {
+                assert_eq!(rank, k as u64 + 1);
+            }
+            assert!(t["entropy"].as_f64().unwrap() >= 0.0 && t["prob"].as_f64().unwrap() <= 1.0);
+            assert!(t["piece"].is_string());
+        }
+        let ppl = line["perplexity"].as_f64().unwrap();
+        assert!((ppl - line["mean_loss"].as_f64().unwrap().exp()).abs() < 1e-9);
+    }
+    assert!(
+        worst <= 2e-3,
+        "per-token loss differs from transformers by {worst}"
+    );
+    assert!((sum / n as f64 - r["mean_loss"].as_f64().unwrap()).abs() <= 1e-3);
+
+    // Greedy generation from the recorded prompt ids, token for token.
+    let case = &r["greedy"]["The capital of France is"];
+    let prompt = ids(&case["prompt_ids"]);
+    let want = ids(&case["output_ids"]);
+    let prompt_arg = prompt
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let n_new = (want.len() - prompt.len()).to_string();
+    let o = ok(&[
+        "generate",
+        "--model",
+        &s(&gguf()),
+        "--prompt-ids",
+        &prompt_arg,
+        "--max-new-tokens",
+        &n_new,
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(stdout(&o).lines().next().unwrap()).unwrap();
+    assert_eq!(ids(&v["output_ids"]), want[prompt.len()..].to_vec());
+    assert!(v["tokens_per_second"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn render_shows_template_output_and_supervised_tokens() {
+    let tmp = TempDir::new("render");
+    let tpl = tmp.path().join("t.jinja");
+    std::fs::write(
+        &tpl,
+        "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}\
+         {% if add_generation_prompt %}[assistant]{% endif %} {{ strftime_now('%d %b %Y') }} {{ mode }} {{ n + 1 }}",
+    )
+    .unwrap();
+    let msgs = tmp.path().join("m.json");
+    std::fs::write(&msgs, r#"[{"role": "user", "content": "Hi"}]"#).unwrap();
+    let o = ok(&[
+        "render",
+        "--template",
+        &s(&tpl),
+        "--messages",
+        &s(&msgs),
+        "--add-generation-prompt",
+        "--bos-token",
+        "<s>",
+        "--date",
+        "2024-07-26",
+        "--var",
+        "mode=fast",
+        "--var",
+        "n=41",
+    ]);
+    assert_eq!(stdout(&o), "<s>[user] Hi\n[assistant] 26 Jul 2024 fast 42");
+
+    // What training sees for a record of SmolLM2 (tokenizer and template only; no weights are read).
+    let data = tmp.path().join("d.jsonl");
+    std::fs::write(
+        &data,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"Say hi\"}, {\"role\": \"assistant\", \"content\": \"Hi there\"}]}\n",
+    )
+    .unwrap();
+    let o = ok(&[
+        "render",
+        "--model",
+        &s(&smollm()),
+        "--data",
+        &s(&data),
+        "--record",
+        "0",
+        "--format",
+        "json",
+    ]);
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert!(
+        v["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("<|im_start|>system\nYou are a helpful AI assistant")
+    );
+    let sup: String = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["supervised"] == true)
+        .map(|t| t["piece"].as_str().unwrap())
+        .collect();
+    assert_eq!(sup, "Hi there<|im_end|>");
+    // Text form marks the supervised tokens; a missing record is a clear error.
+    let o = ok(&["render", "--model", &s(&smollm()), "--data", &s(&data)]);
+    assert!(
+        stdout(&o).contains("\u{ab}Hi there<|im_end|>\u{bb}"),
+        "{}",
+        stdout(&o)
+    );
+    assert_user_error(
+        &ytrainer(&[
+            "render",
+            "--model",
+            &s(&smollm()),
+            "--data",
+            &s(&data),
+            "--record",
+            "5",
+        ]),
+        "--record 5",
+    );
+}
+
+/// A PEFT adapter for tiny-qwen2 with random (non-zero) A and B on q_proj and v_proj.
+fn write_adapter(dir: &Path, d_out_v: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}).to_string(),
+    )
+    .unwrap();
+    let mut tensors = Vec::new();
+    let mut seed = 1u32;
+    let mut rnd = move |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 0.1
+            })
+            .collect()
+    };
+    for l in 0..4 {
+        for (m, d_out) in [("q_proj", 256), ("v_proj", d_out_v)] {
+            let p = format!("base_model.model.model.layers.{l}.self_attn.{m}");
+            let a = rnd(4 * 256);
+            let b = rnd(d_out * 4);
+            tensors.push(ytrainer_models::st::PendingTensor::new(
+                format!("{p}.lora_A.weight"),
+                vec![4, 256],
+                move || a,
+            ));
+            tensors.push(ytrainer_models::st::PendingTensor::new(
+                format!("{p}.lora_B.weight"),
+                vec![d_out, 4],
+                move || b,
+            ));
+        }
+    }
+    ytrainer_models::st::write_f32(&dir.join("adapter_model.safetensors"), tensors).unwrap();
+}
+
+fn losses(path: &Path) -> Vec<f64> {
+    jsonl(path)
+        .iter()
+        .flat_map(|l| {
+            l["tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["loss"].as_f64().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn merge_equals_base_plus_adapter_in_f32_and_shards_bf16() {
+    let tmp = TempDir::new("merge");
+    let base = assets().join("tiny-qwen2");
+    let adapter = tmp.path().join("adapter");
+    write_adapter(&adapter, 128);
+    let idsf = tmp.path().join("ids.json");
+    std::fs::write(&idsf, "[[1, 50, 300, 7000, 12, 99, 4000, 8191, 5, 6]]").unwrap();
+    let with_adapter = tmp.path().join("a.jsonl");
+    ok(&[
+        "score",
+        "--model",
+        &s(&base),
+        "--adapter",
+        &s(&adapter),
+        "--ids-json",
+        &s(&idsf),
+        "--out",
+        &s(&with_adapter),
+    ]);
+    let plain = tmp.path().join("p.jsonl");
+    ok(&[
+        "score",
+        "--model",
+        &s(&base),
+        "--ids-json",
+        &s(&idsf),
+        "--out",
+        &s(&plain),
+    ]);
+    assert_ne!(
+        losses(&with_adapter),
+        losses(&plain),
+        "the adapter must change the model"
+    );
+
+    let merged = tmp.path().join("merged");
+    ok(&[
+        "merge",
+        "--model",
+        &s(&base),
+        "--adapter",
+        &s(&adapter),
+        "--out",
+        &s(&merged),
+    ]);
+    assert!(merged.join("model.safetensors").is_file() && merged.join("tokenizer.json").is_file());
+    let m = tmp.path().join("m.jsonl");
+    ok(&[
+        "score",
+        "--model",
+        &s(&merged),
+        "--ids-json",
+        &s(&idsf),
+        "--out",
+        &s(&m),
+    ]);
+    for (x, y) in losses(&m).iter().zip(losses(&with_adapter)) {
+        assert!((x - y).abs() <= 1e-5, "merged {x} vs base+adapter {y}");
+    }
+
+    // bf16, sharded at 4 MB: index + shards, loadable, close to f32.
+    let half = tmp.path().join("merged-bf16");
+    ok(&[
+        "merge",
+        "--model",
+        &s(&base),
+        "--adapter",
+        &s(&adapter),
+        "--out",
+        &s(&half),
+        "--dtype",
+        "bf16",
+        "--max-shard-size",
+        "4MB",
+    ]);
+    let index: Value = serde_json::from_str(
+        &std::fs::read_to_string(half.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(index["metadata"]["total_size"], 5_050_624 * 2);
+    assert!(half.join("model-00001-of-00003.safetensors").is_file());
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(half.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["dtype"], "bfloat16");
+    let h = tmp.path().join("h.jsonl");
+    ok(&[
+        "score",
+        "--model",
+        &s(&half),
+        "--ids-json",
+        &s(&idsf),
+        "--out",
+        &s(&h),
+    ]);
+    for (x, y) in losses(&h).iter().zip(losses(&m)) {
+        assert!((x - y).abs() <= 0.05, "bf16 {x} vs f32 {y}");
+    }
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let tmp = TempDir::new("bad");
+    let bytes = std::fs::read(gguf()).unwrap();
+    let trunc = tmp.path().join("trunc.gguf");
+    std::fs::write(&trunc, &bytes[..bytes.len() / 2]).unwrap();
+    assert_user_error(
+        &ytrainer(&[
+            "convert",
+            "--from",
+            &s(&trunc),
+            "--to",
+            &s(&tmp.path().join("o")),
+        ]),
+        "truncated",
+    );
+    let magic = tmp.path().join("magic.gguf");
+    std::fs::write(&magic, b"not a gguf at all, just text").unwrap();
+    assert_user_error(
+        &ytrainer(&[
+            "convert",
+            "--from",
+            &s(&magic),
+            "--to",
+            &s(&tmp.path().join("o")),
+        ]),
+        "not a GGUF file",
+    );
+    assert_user_error(
+        &ytrainer(&["score", "--model", &s(&trunc), "--ids-json", &s(&magic)]),
+        "",
+    );
+
+    // A model directory without tokenizer.json.
+    let notok = tmp.path().join("notok");
+    std::fs::create_dir_all(&notok).unwrap();
+    std::fs::copy(
+        assets().join("tiny-qwen2/config.json"),
+        notok.join("config.json"),
+    )
+    .unwrap();
+    let idsf = tmp.path().join("ids.json");
+    std::fs::write(&idsf, "[[1, 2, 3]]").unwrap();
+    assert_user_error(
+        &ytrainer(&["score", "--model", &s(&notok), "--ids-json", &s(&idsf)]),
+        "missing tokenizer.json",
+    );
+    assert_user_error(
+        &ytrainer(&["generate", "--model", &s(&notok), "--prompt", "hi"]),
+        "missing tokenizer.json",
+    );
+
+    // An adapter made for another base (v_proj out 256 instead of 128).
+    let adapter = tmp.path().join("adapter");
+    write_adapter(&adapter, 256);
+    let o = ytrainer(&[
+        "score",
+        "--model",
+        &s(&assets().join("tiny-qwen2")),
+        "--adapter",
+        &s(&adapter),
+        "--ids-json",
+        &s(&idsf),
+    ]);
+    assert_user_error(&o, "v_proj.lora_B.weight");
+    assert!(stderr(&o).contains("expected shape"), "{}", stderr(&o));
+    let o = ytrainer(&[
+        "merge",
+        "--model",
+        &s(&assets().join("tiny-qwen2")),
+        "--adapter",
+        &s(&adapter),
+        "--out",
+        &s(&tmp.path().join("m")),
+        "--dtype",
+        "f8",
+    ]);
+    assert_user_error(&o, "--dtype `f8`");
+
+    // Token ids outside the vocabulary.
+    std::fs::write(&idsf, "[[1, 2, 999999]]").unwrap();
+    assert_user_error(
+        &ytrainer(&[
+            "score",
+            "--model",
+            &s(&assets().join("tiny-qwen2")),
+            "--ids-json",
+            &s(&idsf),
+        ]),
+        "outside the model's vocabulary",
+    );
+}
