@@ -208,7 +208,7 @@ pub fn instantiate(lib: &Arc<ExternalLib>, params: &Params) -> Result<LossFn, Pl
     let vt = lib.vt();
     // SAFETY: SDK-generated constructor with a valid string, out pointer and error buffer.
     let (code, msg) =
-        call_with_err(|e| unsafe { (vt.create)(RawStr::from_str(&json), &mut inst, e) });
+        call_with_err(|e| unsafe { (vt.create)(RawStr::borrowed(&json), &mut inst, e) });
     match code {
         status::OK if !inst.is_null() => {}
         status::PANIC => {

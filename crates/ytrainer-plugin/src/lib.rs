@@ -92,7 +92,7 @@ impl RawStr {
     }
 
     /// Borrows any string (valid as long as `s`).
-    pub fn from_str(s: &str) -> Self {
+    pub fn borrowed(s: &str) -> Self {
         RawStr {
             ptr: s.as_ptr(),
             len: s.len(),
@@ -271,10 +271,10 @@ impl Needs {
 
     /// As [`needs_bits`].
     pub const fn bits(self) -> u32 {
-        (self.entropy as u32) * needs_bits::ENTROPY
-            | (self.position as u32) * needs_bits::POSITION
-            | (self.sample as u32) * needs_bits::SAMPLE
-            | (self.reference_loss as u32) * needs_bits::REFERENCE_LOSS
+        ((self.entropy as u32) * needs_bits::ENTROPY)
+            | ((self.position as u32) * needs_bits::POSITION)
+            | ((self.sample as u32) * needs_bits::SAMPLE)
+            | ((self.reference_loss as u32) * needs_bits::REFERENCE_LOSS)
     }
 
     /// From [`needs_bits`].

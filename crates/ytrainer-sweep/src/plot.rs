@@ -324,7 +324,8 @@ pub fn sweep_plots(out: &Path, results: &[TrialResult]) -> Result<Vec<PathBuf>> 
         }
     }
     let ci = |s: &str| strategies.iter().position(|x| *x == s).unwrap_or(0);
-    let metrics: Vec<(usize, Vec<Map<String, Value>>, Vec<Map<String, Value>>)> = results
+    type Rows = Vec<Map<String, Value>>;
+    let metrics: Vec<(usize, Rows, Rows)> = results
         .iter()
         .map(|r| {
             let d = out.join("trials").join(&r.id);
