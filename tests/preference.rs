@@ -13,9 +13,10 @@ use ytrainer_models::{AdapterSpec, LoraConfig, load_pretrained};
 
 /// The first `n` pairs of the demo file with short prompts, as a jsonl file for the CLI.
 fn small_pairs(dir: &std::path::Path, n: usize) -> std::path::PathBuf {
-    let all: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(assets().join("corpora/preference/dpo_en_demo.json")).unwrap())
-            .unwrap();
+    let all: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(assets().join("corpora/preference/dpo_en_demo.json")).unwrap(),
+    )
+    .unwrap();
     let short: Vec<String> = all
         .iter()
         .filter(|r| {
@@ -38,20 +39,50 @@ fn dpo_step_zero_is_ln2_and_a_short_run_learns_the_pairs() {
     let data = small_pairs(d.path(), 8);
     let out = d.path().join("run");
     let o = ytrainer(&[
-        "run", "--model", &s(&assets().join("tiny-qwen2")), "--data", &s(&data), "--eval-data", &s(&data), "--loss",
-        "dpo", "--max-steps", "12", "--epochs", "10", "--learning-rate", "0.005", "--set",
-        "preference.pairs_per_step=4", "--set", "train.warmup_steps=1", "--output-dir", &s(&out),
+        "run",
+        "--model",
+        &s(&assets().join("tiny-qwen2")),
+        "--data",
+        &s(&data),
+        "--eval-data",
+        &s(&data),
+        "--loss",
+        "dpo",
+        "--max-steps",
+        "12",
+        "--epochs",
+        "10",
+        "--learning-rate",
+        "0.005",
+        "--set",
+        "preference.pairs_per_step=4",
+        "--set",
+        "train.warmup_steps=1",
+        "--output-dir",
+        &s(&out),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let m = jsonl(&out.join("metrics.jsonl"));
     // fresh LoRA (B = 0): policy == reference, so every pair's sigmoid DPO loss is ln 2 and no pair is "won"
-    assert!((m[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6, "{}", m[0]);
+    assert!(
+        (m[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6,
+        "{}",
+        m[0]
+    );
     assert_eq!(m[0]["rewards/accuracy"], 0.0);
     assert_eq!(m[0]["rewards/margin"], 0.0);
-    for key in ["rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "pair_weight", "grad_norm"] {
+    for key in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "logps/chosen",
+        "logps/rejected",
+        "pair_weight",
+        "grad_norm",
+    ] {
         assert!(m[0][key].is_number(), "metrics lack {key}");
     }
-    let sm: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let sm: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     let (b, a) = (&sm["summary"]["eval_before"], &sm["summary"]["eval_after"]);
     assert_eq!(b["eval_rewards/accuracy"], 0.0);
     assert!(a["eval_rewards/accuracy"].as_f64().unwrap() >= 0.75, "{a}");
@@ -67,13 +98,29 @@ fn every_pairwise_objective_trains_a_step() {
     for loss in ["cdpo", "ipo", "hinge", "simpo", "dpo-nlirg"] {
         let out = d.path().join(loss);
         let o = ytrainer(&[
-            "run", "--model", &s(&assets().join("tiny-qwen2")), "--data", &s(&data), "--loss", loss, "--max-steps",
-            "1", "--set", "preference.pairs_per_step=4", "--set", "preference.sft_weight=0.1", "--output-dir",
+            "run",
+            "--model",
+            &s(&assets().join("tiny-qwen2")),
+            "--data",
+            &s(&data),
+            "--loss",
+            loss,
+            "--max-steps",
+            "1",
+            "--set",
+            "preference.pairs_per_step=4",
+            "--set",
+            "preference.sft_weight=0.1",
+            "--output-dir",
             &s(&out),
         ]);
         assert!(o.status.success(), "{loss}: {}", stderr(&o));
         let m = jsonl(&out.join("metrics.jsonl"));
-        assert!(m[0]["loss"].as_f64().unwrap().is_finite(), "{loss}: {}", m[0]);
+        assert!(
+            m[0]["loss"].as_f64().unwrap().is_finite(),
+            "{loss}: {}",
+            m[0]
+        );
     }
 }
 
@@ -83,13 +130,30 @@ fn full_fine_tuning_uses_precomputed_reference() {
     let data = small_pairs(d.path(), 4);
     let out = d.path().join("run");
     let o = ytrainer(&[
-        "run", "--model", &s(&assets().join("tiny-qwen2")), "--data", &s(&data), "--loss", "dpo", "--adapter",
-        "full", "--max-steps", "1", "--set", "preference.pairs_per_step=4", "--output-dir", &s(&out),
+        "run",
+        "--model",
+        &s(&assets().join("tiny-qwen2")),
+        "--data",
+        &s(&data),
+        "--loss",
+        "dpo",
+        "--adapter",
+        "full",
+        "--max-steps",
+        "1",
+        "--set",
+        "preference.pairs_per_step=4",
+        "--output-dir",
+        &s(&out),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(out.join("reference_logps.json").exists());
     let m = jsonl(&out.join("metrics.jsonl"));
-    assert!((m[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6, "{}", m[0]);
+    assert!(
+        (m[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6,
+        "{}",
+        m[0]
+    );
 }
 
 /// The DPO path's sequence log-prob of a completion equals the sum of the per-token log-probs the trainer's
@@ -98,9 +162,16 @@ fn full_fine_tuning_uses_precomputed_reference() {
 fn sequence_log_probs_equal_summed_token_log_probs() {
     let dir = assets().join("tiny-qwen2");
     let device = Device::flex().autodiff();
-    let (model, _) =
-        load_pretrained(&dir, &AdapterSpec::Lora(LoraConfig { r: 4, alpha: 8.0, ..LoraConfig::default() }), &device)
-            .unwrap();
+    let (model, _) = load_pretrained(
+        &dir,
+        &AdapterSpec::Lora(LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            ..LoraConfig::default()
+        }),
+        &device,
+    )
+    .unwrap();
     let tok = TokenizerWrapper::from_file(&dir.join("tokenizer.json")).unwrap();
     let t = ChatTemplate::from_model_dir(&dir).unwrap();
     let d = TempDir::new("seq");
@@ -115,8 +186,23 @@ fn sequence_log_probs_equal_summed_token_log_probs() {
     let mb = pair_batch(&refs, 8189);
     let (sums, counts, _) = sequence_log_probs(&model, &mb, &device);
     let sums = ytrainer_core::loss::tensor_to_vec(sums.inner());
-    for (row, ex) in [&pairs[0].chosen, &pairs[1].chosen, &pairs[0].rejected, &pairs[1].rejected].iter().enumerate() {
-        let single = pair_batch(&[&ytrainer_data::PairExample { chosen: (*ex).clone(), rejected: (*ex).clone(), weight: 1.0 }], 8189);
+    for (row, ex) in [
+        &pairs[0].chosen,
+        &pairs[1].chosen,
+        &pairs[0].rejected,
+        &pairs[1].rejected,
+    ]
+    .iter()
+    .enumerate()
+    {
+        let single = pair_batch(
+            &[&ytrainer_data::PairExample {
+                chosen: (*ex).clone(),
+                rejected: (*ex).clone(),
+                weight: 1.0,
+            }],
+            8189,
+        );
         let c = eval_micro_batch(&model, &single, [1.45, 6.6, 15.0], &device);
         let per_token_sum = -c.ce_sum / 2.0; // the single batch holds the example twice
         assert_eq!(counts[row] * 2, c.tokens);

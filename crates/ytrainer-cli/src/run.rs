@@ -176,7 +176,7 @@ pub(crate) fn resolve_model_dir(cfg: &RunConfig, out: &Path, train_file: &Path) 
         (None, None) => bail!("no model given"),
     };
     // A llama.cpp GGUF file is converted once into the run directory.
-    let model_dir = crate::interop::model_dir_for_run(model_dir, &out)?;
+    let model_dir = crate::interop::model_dir_for_run(model_dir, out)?;
     if !model_dir.join("config.json").exists() {
         bail!(
             "{}: not a Hugging Face model directory (no config.json); pass the directory that holds config.json, \

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod external;
+pub mod lm_loss;
 pub mod loss;
 pub mod model;
 pub mod optim;

@@ -447,7 +447,7 @@ impl GgufFile {
             ))
         })?;
         let n = t.num_elements() as usize;
-        if n % bs != 0 {
+        if !n.is_multiple_of(bs) {
             return Err(self.err(format!(
                 "tensor `{}` ({}): {n} values are not a whole number of {bs}-value blocks",
                 t.name,
