@@ -68,13 +68,13 @@ pub fn head_forward(
     let mut start = 0;
     while start < n {
         let end = (start + chunk.max(1)).min(n);
-        let z = logits(h.clone().slice([start..end]), w, layout);
+        let z = logits(h.clone().slice(start..end), w, layout);
         let m = end - start;
         let max = z.clone().max_dim(1);
         let shifted = z.sub(max);
         let lse = shifted.clone().exp().sum_dim(1).log();
         let logp = shifted.sub(lse);
-        let t = targets.clone().slice([start..end]).reshape([m, 1]);
+        let t = targets.clone().slice(start..end).reshape([m, 1]);
         out.ce
             .extend(host_f32(logp.clone().gather(1, t).reshape([m]).neg()));
         out.argmax
@@ -104,10 +104,10 @@ pub fn head_backward(
     while start < n {
         let end = (start + chunk.max(1)).min(n);
         let m = end - start;
-        let hc = h.clone().slice([start..end]);
+        let hc = h.clone().slice(start..end);
         let p = softmax(logits(hc.clone(), w, layout), 1);
-        let t = targets.clone().slice([start..end]).reshape([m, 1]);
-        let wc = weights.clone().slice([start..end]).reshape([m, 1]);
+        let t = targets.clone().slice(start..end).reshape([m, 1]);
+        let wc = weights.clone().slice(start..end).reshape([m, 1]);
         // (softmax - onehot) * w, with the onehot subtracted in place at the target columns.
         let g = p
             .mul(wc.clone())
@@ -140,7 +140,9 @@ mod tests {
         let mut x = seed;
         let v: Vec<f32> = (0..shape[0] * shape[1])
             .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
             })
             .collect();
@@ -155,13 +157,20 @@ mod tests {
         let (n, hdim, v) = (7, 5, 11);
         let h = rand([n, hdim], 1, &plain);
         let e = rand([v, hdim], 2, &plain).mul_scalar(3.0);
-        let targets: Tensor<1, Int> = Tensor::from_data(TensorData::new(vec![0i64, 3, 10, 4, 4, 7, 1], [n]), &plain);
-        let w: Tensor<1> = Tensor::from_data(TensorData::new(vec![1.0f32, 0.5, 0.0, 2.0, 0.1, 1.0, 0.7], [n]), &plain);
+        let targets: Tensor<1, Int> =
+            Tensor::from_data(TensorData::new(vec![0i64, 3, 10, 4, 4, 7, 1], [n]), &plain);
+        let w: Tensor<1> = Tensor::from_data(
+            TensorData::new(vec![1.0f32, 0.5, 0.0, 2.0, 0.1, 1.0, 0.7], [n]),
+            &plain,
+        );
 
         let ha = Tensor::<2>::from_inner(h.clone()).require_grad();
         let ea = Tensor::<2>::from_inner(e.clone()).require_grad();
         let lp = log_softmax(ha.clone().matmul(ea.clone().transpose()), 1);
-        let ce = lp.gather(1, Tensor::from_inner(targets.clone()).reshape([n, 1])).reshape([n]).neg();
+        let ce = lp
+            .gather(1, Tensor::from_inner(targets.clone()).reshape([n, 1]))
+            .reshape([n])
+            .neg();
         let loss = ce.clone().mul(Tensor::from_inner(w.clone())).sum();
         let grads = loss.backward();
         let (gh, ge) = (ha.grad(&grads).unwrap(), ea.grad(&grads).unwrap());
@@ -174,11 +183,19 @@ mod tests {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b}");
             }
             let (dh, de) = head_backward(&h, &e, HeadLayout::VocabMajor, &targets, &w, chunk);
-            let diff = |a: Tensor<2>, b: Tensor<2>| -> f32 { a.sub(b).abs().max().into_scalar::<f32>() };
+            let diff =
+                |a: Tensor<2>, b: Tensor<2>| -> f32 { a.sub(b).abs().max().into_scalar::<f32>() };
             assert!(diff(dh, gh.clone()) < 1e-5);
             assert!(diff(de, ge.clone()) < 1e-5);
             // the same head stored hidden-major
-            let (dh2, de2) = head_backward(&h, &e.clone().transpose(), HeadLayout::HiddenMajor, &targets, &w, chunk);
+            let (dh2, de2) = head_backward(
+                &h,
+                &e.clone().transpose(),
+                HeadLayout::HiddenMajor,
+                &targets,
+                &w,
+                chunk,
+            );
             assert!(diff(dh2, gh.clone()) < 1e-5);
             assert!(diff(de2.transpose(), ge.clone()) < 1e-5);
         }

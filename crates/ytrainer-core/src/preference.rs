@@ -327,7 +327,7 @@ fn pair_micro_batch<M: CausalLm>(
     let len_t = |r: std::ops::Range<usize>| -> Tensor<1> {
         Tensor::from_data(TensorData::new(lens[r.clone()].to_vec(), [r.len()]), device)
     };
-    let (mut pc, mut pr) = (sums.clone().slice([0..p]), sums.clone().slice([p..2 * p]));
+    let (mut pc, mut pr) = (sums.clone().slice(0..p), sums.clone().slice(p..2 * p));
     let (ref_c, ref_r): (Option<Tensor<1>>, Option<Tensor<1>>) = match (&setup.reference, reference)
     {
         (Reference::None, _) => (None, None),
@@ -343,7 +343,7 @@ fn pair_micro_batch<M: CausalLm>(
             let base = adapters_disabled(model);
             let (s, _, _) = sequence_log_probs(&base, &mb, device);
             let s = Tensor::from_inner(s.detach().inner());
-            (Some(s.clone().slice([0..p])), Some(s.slice([p..2 * p])))
+            (Some(s.clone().slice(0..p)), Some(s.slice(p..2 * p)))
         }
     };
     let (mut rc, mut rr) = (ref_c, ref_r);
@@ -409,7 +409,7 @@ fn pair_micro_batch<M: CausalLm>(
     if setup.sft_weight > 0.0 {
         // NLL of the chosen completions: the targets of the first p rows come first in `token_lp`.
         let n_chosen: usize = counts[..p].iter().sum();
-        let nll = token_lp.slice([0..n_chosen]).sum().neg();
+        let nll = token_lp.slice(0..n_chosen).sum().neg();
         objective =
             objective.add(nll.mul_scalar(setup.sft_weight / step_chosen_tokens.max(1) as f64));
     }

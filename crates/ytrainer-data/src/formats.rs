@@ -127,7 +127,7 @@ pub struct LoadedRecords {
 
 /// Reads a JSON / JSON Lines / CSV file into raw objects with their start lines (shared with the preference-pair
 /// loader, which has its own record layouts).
-pub(crate) fn load_objects(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>, DataError> {
+pub(crate) fn load_objects(path: &Path) -> Result<Vec<Raw>, DataError> {
     let bytes = std::fs::read(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
         source,
