@@ -17,6 +17,7 @@ use ytrainer_core::step::{StepContext, StepCounters, eval_micro_batch, train_mic
 use ytrainer_core::trainer::{self, Silent, TrainSetup};
 use ytrainer_data::{BatchOptions, Example, MicroBatch};
 use ytrainer_models::{AdapterSpec, Decoder, LoraConfig, load_pretrained};
+use ytrainer_plugin_ce as _;
 use ytrainer_plugin_nlirg::Curve;
 
 const IDS: [[u32; 16]; 2] = [
@@ -350,4 +351,85 @@ fn non_finite_loss_skips_the_update_and_never_reaches_a_checkpoint() {
     .unwrap();
     assert!(saved.values().all(|(_, v)| v.iter().all(|x| x.is_finite())));
     let _ = tensor_to_vec;
+}
+
+/// `(param id, module path)` of every float parameter.
+fn param_paths<M: ytrainer_core::burn::module::Module>(
+    m: &M,
+) -> Vec<(ytrainer_core::burn::module::ParamId, String)> {
+    use ytrainer_core::burn::module::{ModuleVisitor, Param};
+    struct V(
+        Vec<String>,
+        Vec<(ytrainer_core::burn::module::ParamId, String)>,
+    );
+    impl ModuleVisitor for V {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.0.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.0.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+            self.1.push((p.id, self.0.join(".")));
+        }
+    }
+    let mut v = V(Vec::new(), Vec::new());
+    m.visit(&mut v);
+    v.1
+}
+
+/// The trainer's step (closed-form LM head + CE, tied embeddings) reproduces transformers' gradient norms of
+/// every parameter for the mean CE of the reference batch.
+#[test]
+fn training_step_gradients_match_transformers() {
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(assets().join("tiny-qwen2/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let norms = reference["grad_norms"].as_object().unwrap();
+    let m = model(&AdapterSpec::Full);
+    assert!(
+        ytrainer_core::model::CausalLm::lm_head_weight(&m).is_some(),
+        "the fused head path is in use"
+    );
+    let ce = match Registry::discover()
+        .build("ce", &BTreeMap::new())
+        .unwrap()
+        .0
+    {
+        LossFn::Token(p) => p,
+        LossFn::Pairwise(_) => unreachable!(),
+    };
+    let mut acc = GradAccumulator::default();
+    let c = train_micro_batch(
+        &m,
+        &micro_batch(&[0, 1], |_, _| true),
+        ce.as_ref(),
+        ctx(),
+        &mut acc,
+        &device(),
+    )
+    .unwrap();
+    assert_eq!(c.tokens, 30);
+    let mut checked = 0;
+    for (id, path) in param_paths(&m) {
+        let hf = format!("model.{path}");
+        let Some(want) = norms.get(&hf).and_then(|v| v.as_f64()) else {
+            continue;
+        };
+        let g = acc
+            .get(&id)
+            .unwrap_or_else(|| panic!("no gradient for {path}"));
+        let got = g.clone().powi_scalar(2).sum().sqrt().into_scalar::<f32>() as f64 / 30.0;
+        assert!(
+            ((got - want) / want).abs() < 1e-3,
+            "{hf}: {got} vs transformers {want}"
+        );
+        checked += 1;
+    }
+    assert_eq!(
+        checked,
+        norms.len(),
+        "every parameter of grad_norms was checked"
+    );
 }

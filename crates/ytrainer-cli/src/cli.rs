@@ -36,6 +36,8 @@ pub enum Command {
     Convert(crate::convert::ConvertArgs),
     /// Per-token loss, entropy, rank and probability of a model (plus adapter) on data or raw token ids.
     Score(Box<crate::score::ScoreArgs>),
+    /// Rank a corpus by how the model reacts to each sample, to find label errors and noise before training.
+    Sort(Box<crate::sort::SortArgs>),
     /// Show what training sees for a record, or the raw rendering of a chat template.
     Render(Box<crate::render::RenderArgs>),
     /// Generate text (KV cache; greedy, temperature, top-k, top-p, repetition penalty), streaming.

@@ -16,6 +16,7 @@ mod progress;
 mod render;
 mod run;
 mod score;
+mod sort;
 mod sweep_cmd;
 
 use std::process::ExitCode;
@@ -71,6 +72,7 @@ fn main() -> ExitCode {
         cli::Command::Init(i) => run::init_preset(i),
         cli::Command::Convert(a) => convert::convert(a),
         cli::Command::Score(a) => score::score(*a),
+        cli::Command::Sort(a) => sort::sort(*a),
         cli::Command::Render(a) => render::render(*a),
         cli::Command::Generate(a) => generate::generate(*a),
         cli::Command::Chat(a) => generate::chat(*a),

@@ -10,7 +10,6 @@ use std::time::Instant;
 use anyhow::{Context, Result, anyhow, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use ytrainer_core::config::AdapterKind;
-use ytrainer_core::loss::Registry;
 use ytrainer_sweep::{DatasetEval, Sweep, SweepProgress, Trial, TrialEvals, TrialRunner};
 
 use crate::cli::{PlotArgs, RunArgs, SweepArgs};
@@ -195,7 +194,6 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
     // Every trial's config is checked before the first one trains: a typo must not surface hours in.
     let configs = sw.output.join("configs");
     fs::create_dir_all(&configs).with_context(|| format!("cannot create {}", configs.display()))?;
-    let registry = Registry::discover();
     for t in &trials {
         let dir = ytrainer_sweep::results::trial_dir(&sw.output, t);
         let path = configs.join(format!("{}.toml", t.id));
@@ -203,7 +201,7 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
         let cfg =
             config_file::resolve(&run_args(&path)).with_context(|| format!("trial `{}`", t.id))?;
-        registry
+        crate::plugins_cmd::registry(&cfg.loss.plugins)?
             .build(&cfg.loss.name, &cfg.loss.params)
             .map_err(|e| anyhow!("trial `{}`: {e}", t.id))?;
     }

@@ -30,7 +30,8 @@ pub enum HeadLayout {
     HiddenMajor,
 }
 
-fn logits(h: Tensor<2>, w: &Tensor<2>, layout: HeadLayout) -> Tensor<2> {
+/// `h W^T` (vocab-major) or `h W` (hidden-major): logits `[N, vocab]`.
+pub fn logits(h: Tensor<2>, w: &Tensor<2>, layout: HeadLayout) -> Tensor<2> {
     match layout {
         HeadLayout::VocabMajor => h.matmul(w.clone().transpose()),
         HeadLayout::HiddenMajor => h.matmul(w.clone()),
@@ -49,6 +50,37 @@ fn host_i64(t: Tensor<1, Int>) -> Vec<i64> {
         .convert::<i64>()
         .try_into_vec::<i64>()
         .unwrap_or_default()
+}
+
+/// Gradients of `sum_i weights_i * CE_i` from already computed log-probabilities `lp` `[N, vocab]` (plain
+/// tensors): `dh` `[N, hidden]`, and the head weight's gradient (in the weight's layout) when `head_grad`.
+/// `G = (softmax - onehot) * w`; `dh = G W` (vocab-major) and `dW = G^T h`.
+pub fn head_grads(
+    lp: Tensor<2>,
+    targets: Tensor<1, Int>,
+    weights: Tensor<1>,
+    h: Tensor<2>,
+    w: &Tensor<2>,
+    layout: HeadLayout,
+    head_grad: bool,
+) -> (Tensor<2>, Option<Tensor<2>>) {
+    let n = targets.dims()[0];
+    let wc = weights.reshape([n, 1]);
+    let g = lp.exp().mul(wc.clone()).scatter(
+        1,
+        targets.reshape([n, 1]),
+        wc.neg(),
+        IndexingUpdateOp::Add,
+    );
+    let dh = match layout {
+        HeadLayout::VocabMajor => g.clone().matmul(w.clone()),
+        HeadLayout::HiddenMajor => g.clone().matmul(w.clone().transpose()),
+    };
+    let dw = head_grad.then(|| match layout {
+        HeadLayout::VocabMajor => g.transpose().matmul(h),
+        HeadLayout::HiddenMajor => h.transpose().matmul(g),
+    });
+    (dh, dw)
 }
 
 /// Forward statistics: CE (and entropy) per target row of `h` (`[N, hidden]`, plain tensors).

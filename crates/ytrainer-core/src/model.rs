@@ -19,6 +19,19 @@ pub struct ModelInput {
     pub segment_ids: Tensor<2, Int>,
 }
 
+/// The LM head's weight as the trainer's fused head + cross-entropy path needs it.
+#[derive(Debug, Clone)]
+pub struct LmHeadWeight {
+    /// Parameter id (for adding the head's gradient; a tied head shares the embedding's id).
+    pub id: burn::module::ParamId,
+    /// The weight tensor.
+    pub weight: Tensor<2>,
+    /// Its layout.
+    pub layout: crate::lm_loss::HeadLayout,
+    /// Whether the optimizer updates it (false under LoRA: no head gradient is computed at all).
+    pub trainable: bool,
+}
+
 /// A decoder-only language model the trainer can fine-tune.
 pub trait CausalLm: Module {
     /// Final hidden states after the last norm, `[B, T, hidden]`.
@@ -30,6 +43,12 @@ pub trait CausalLm: Module {
 
     /// Vocabulary size (columns of the LM head).
     fn vocab_size(&self) -> usize;
+
+    /// The LM head as one weight matrix, for the trainer's closed-form head + cross-entropy path
+    /// ([`crate::lm_loss`]). `None` makes the trainer differentiate through [`CausalLm::lm_head`] instead.
+    fn lm_head_weight(&self) -> Option<LmHeadWeight> {
+        None
+    }
 
     /// Runs `f` on this model with every adapter (LoRA branch) switched off, i.e. on the frozen base model: the
     /// reference model of reference-based losses (`rho1`). `None` when the model has no adapters to switch off.

@@ -80,6 +80,17 @@ impl GradAccumulator {
         });
     }
 
+    /// Adds a gradient computed outside autodiff (the LM head's, see [`crate::lm_loss`]) to parameter `id`.
+    pub fn add<const D: usize>(&mut self, id: ParamId, grad: Tensor<D>) {
+        let n = grad.shape().num_elements();
+        let g = grad.reshape([n]);
+        let sum = match self.grads.remove(&id) {
+            Some(prev) => prev.add(g),
+            None => g,
+        };
+        self.grads.insert(id, sum);
+    }
+
     /// Global L2 norm of the accumulated gradients after multiplying them by `scale`.
     pub fn global_norm(&self, scale: f64) -> f64 {
         let mut sq = 0.0f64;
@@ -88,6 +99,11 @@ impl GradAccumulator {
             sq += s as f64;
         }
         sq.sqrt() * scale.abs()
+    }
+
+    /// The accumulated (unscaled) gradient of a parameter, flattened.
+    pub fn get(&self, id: &ParamId) -> Option<&Tensor<1>> {
+        self.grads.get(id)
     }
 
     /// Whether nothing was accumulated.

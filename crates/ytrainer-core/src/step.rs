@@ -190,11 +190,29 @@ pub fn train_micro_batch<M: CausalLm>(
     if batch.n == 0 {
         return Ok(StepCounters::default());
     }
-    let log_probs = target_log_probs(model, &batch);
-    let ce = token_ce(log_probs.clone(), batch.targets.clone());
-    let ce_host = tensor_to_vec(ce.clone().detach().inner());
+    // The LM head + CE run outside the autodiff graph when the model exposes its head weight (closed-form
+    // gradient, see `lm_loss`); otherwise autodiff differentiates through `log_softmax`.
+    let (graph, detached_lp) = match model.lm_head_weight() {
+        Some(head) => {
+            let hidden = model.hidden_states(&batch.input);
+            let [b, t, h] = hidden.dims();
+            let rows = hidden.reshape([b * t, h]).select(0, batch.rows.clone());
+            let w = head.weight.clone().detach().inner();
+            let lp = log_softmax(
+                crate::lm_loss::logits(rows.clone().detach().inner(), &w, head.layout),
+                1,
+            );
+            (Graph::Fused { rows, head, w }, lp)
+        }
+        None => {
+            let log_probs = target_log_probs(model, &batch);
+            let lp = log_probs.clone().detach().inner();
+            let ce = token_ce(log_probs, batch.targets.clone());
+            (Graph::Autodiff { ce }, lp)
+        }
+    };
+    let ce_host = tensor_to_vec(token_ce(detached_lp.clone(), batch.targets.clone().inner()));
     let needs = plugin.needs();
-    let detached_lp = log_probs.detach().inner();
     let entropy = needs.entropy.then(|| entropy(detached_lp.clone()));
     let top_k_entropy =
         (needs.top_k_entropy > 0).then(|| top_k_entropy(detached_lp.clone(), needs.top_k_entropy));
@@ -209,7 +227,7 @@ pub fn train_micro_batch<M: CausalLm>(
     } else {
         None
     };
-    let pred = detached_lp.argmax(1).reshape([batch.n]);
+    let pred = detached_lp.clone().argmax(1).reshape([batch.n]);
     let correct = count_true(pred.equal(batch.targets.clone().inner()));
 
     let mut counters = StepCounters {
@@ -265,10 +283,48 @@ pub fn train_micro_batch<M: CausalLm>(
             counters.nonzero += 1.0;
         }
     }
-    let loss = ce.mul(Tensor::from_inner(w.detach().inner())).sum();
-    let mut grads = loss.backward();
-    acc.accumulate(model, &mut grads);
+    let w = w.detach().inner();
+    match graph {
+        Graph::Autodiff { ce } => {
+            let loss = ce.mul(Tensor::from_inner(w)).sum();
+            let mut grads = loss.backward();
+            acc.accumulate(model, &mut grads);
+        }
+        Graph::Fused {
+            rows,
+            head,
+            w: head_w,
+        } => {
+            let (dh, dw) = crate::lm_loss::head_grads(
+                detached_lp,
+                batch.targets.clone().inner(),
+                w,
+                rows.clone().detach().inner(),
+                &head_w,
+                head.layout,
+                head.trainable,
+            );
+            // d(sum(rows * dh))/d(rows) = dh: injects the head's gradient into the body's graph.
+            let mut grads = rows.mul(Tensor::from_inner(dh)).sum().backward();
+            acc.accumulate(model, &mut grads);
+            if let Some(dw) = dw {
+                acc.add(head.id, dw);
+            }
+        }
+    }
     Ok(counters)
+}
+
+/// How the loss's gradient reaches the model.
+enum Graph {
+    /// Autodiff through the head and `log_softmax`: per-token CE with gradient.
+    Autodiff { ce: Tensor<1> },
+    /// Closed-form head gradient injected at the hidden rows.
+    Fused {
+        rows: Tensor<2>,
+        head: crate::model::LmHeadWeight,
+        w: Tensor<2>,
+    },
 }
 
 /// Forward only: counters of one micro-batch under plain CE (evaluation).

@@ -262,7 +262,7 @@ pub fn parse_records(path: &Path, text: &str) -> Result<LoadedRecords, DataError
     })
 }
 
-type Raw = (usize, Map<String, Value>);
+pub(crate) type Raw = (usize, Map<String, Value>);
 
 fn line_of(text: &str, offset: usize) -> usize {
     1 + text.as_bytes()[..offset]
@@ -468,7 +468,7 @@ fn split_txt(text: &str) -> Vec<Raw> {
     out
 }
 
-fn detect(path: &Path, (line, obj): &Raw) -> Result<Format, DataError> {
+pub(crate) fn detect(path: &Path, (line, obj): &Raw) -> Result<Format, DataError> {
     let has = |k: &str| obj.contains_key(k);
     let format = if has("messages") || has("conversations") {
         Format::Messages
@@ -497,7 +497,7 @@ fn detect(path: &Path, (line, obj): &Raw) -> Result<Format, DataError> {
 }
 
 /// Outer `Err`: hard error. Inner `Err`: the record is dropped with this warning message.
-type Converted = Result<Result<RecordKind, String>, DataError>;
+pub(crate) type Converted = Result<Result<RecordKind, String>, DataError>;
 
 fn record_err(origin: &Origin, message: String) -> DataError {
     DataError::Record {
@@ -551,7 +551,7 @@ fn empty_warning(key: &str, format: &str) -> String {
     )
 }
 
-fn convert(format: Format, origin: &Origin, obj: &Map<String, Value>) -> Converted {
+pub(crate) fn convert(format: Format, origin: &Origin, obj: &Map<String, Value>) -> Converted {
     match format {
         Format::Messages => convert_messages(origin, obj),
         Format::Alpaca => convert_alpaca(origin, obj),

@@ -9,6 +9,8 @@ pub mod bpe;
 pub mod error;
 pub mod formats;
 pub mod pairs;
+pub mod quality;
+pub mod stream;
 pub mod template;
 pub mod tokenize;
 

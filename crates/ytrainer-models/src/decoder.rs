@@ -570,6 +570,21 @@ impl CausalLm for Decoder {
         self.spec.vocab_size
     }
 
+    fn lm_head_weight(&self) -> Option<ytrainer_core::model::LmHeadWeight> {
+        use ytrainer_core::lm_loss::HeadLayout;
+        let (param, layout) = match &self.lm_head {
+            Some(head) => (&head.weight, HeadLayout::HiddenMajor),
+            None => (&self.embed_tokens.weight, HeadLayout::VocabMajor),
+        };
+        let weight = param.val();
+        Some(ytrainer_core::model::LmHeadWeight {
+            id: param.id,
+            trainable: weight.is_require_grad(),
+            weight,
+            layout,
+        })
+    }
+
     fn adapters_disabled<R>(&self, f: impl FnOnce(&Self) -> R) -> Option<R> {
         matches!(self.adapter, AdapterSpec::Lora(_))
             .then(|| crate::lora::without_adapters(|| f(self)))

@@ -1,0 +1,643 @@
+//! `ytrainer sort`: rank a corpus by how the model reacts to each sample (per-token loss and entropy), to find
+//! label errors and noise before training. The scores are `ytrainer_data::quality` (pure functions); this file
+//! streams records, batches them by length, runs one forward pass per batch and writes the ranked records.
+//!
+//! Memory stays bounded in the number of records: records are read a chunk at a time; each scored record goes to
+//! a temporary file next to `--out` and only `(score, offset, length)` stays in memory; the ranked output is then
+//! copied from that file in order.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Map, Value, json};
+use ytrainer_core::loss::tensor_to_vec;
+use ytrainer_core::step::{entropy, target_log_probs, to_device, token_ce};
+use ytrainer_data::quality::{Analysis, QualityMode, TokenClass, analyze};
+use ytrainer_data::stream::{RecordStream, StreamItem};
+use ytrainer_data::{
+    BatchOptions, DataError, DataOptions, Example, Mode, Overlong, RecordKind, TrainOn, plan_epoch,
+    prepare,
+};
+
+use crate::interop::{Loaded, inference_device, load_for_inference, parse_vars};
+
+/// `ytrainer sort`
+#[derive(Debug, Args)]
+pub struct SortArgs {
+    /// Hugging Face model directory or `.gguf` file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT LoRA adapter directory applied on top of the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// SFT data file (json, jsonl or csv; any record layout the trainer reads).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Ranked output: a JSON array when it ends in `.json`, JSON Lines otherwise.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// filtered (high-loss tokens, confident ones count double), similarity (-Pearson(entropy, loss)) or
+    /// divergence (z(loss) - z(entropy) anomalies and error spans).
+    #[arg(long, default_value = "divergence")]
+    pub mode: QualityMode,
+    /// Cleanest first instead of most suspicious first.
+    #[arg(long)]
+    pub ascending: bool,
+    /// Write only the first P percent of the ranked order (with --ascending: the cleanest P%).
+    #[arg(long, value_name = "P", group = "select")]
+    pub keep_top: Option<f64>,
+    /// Leave out the first P percent of the ranked order (by default: the P% most suspicious).
+    #[arg(long, value_name = "P", group = "select")]
+    pub drop_top: Option<f64>,
+    /// Leave out every record whose score is above X (more suspicious than X).
+    #[arg(long, value_name = "X", group = "select")]
+    pub threshold: Option<f64>,
+    /// Also write a report of the most suspicious records with their error spans marked (`.md` or `.html`).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// How many records the report lists.
+    #[arg(long, default_value_t = 20)]
+    pub report_top: usize,
+    /// What is supervised (scored) in chat data: all_assistant, last_assistant, everything.
+    #[arg(long, default_value = "all_assistant")]
+    pub train_on: String,
+    /// Longest sample in tokens (longer ones are truncated and marked `truncated`).
+    #[arg(long, default_value_t = 2048)]
+    pub max_seq_len: usize,
+    /// Most padded tokens in one forward pass.
+    #[arg(long, default_value_t = 2048)]
+    pub batch_tokens: usize,
+    /// Most samples in one forward pass.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Records read (and batched by length) at a time.
+    #[arg(long, default_value_t = 256)]
+    pub chunk: usize,
+    /// Template variable, repeatable: `--var enable_thinking=false`.
+    #[arg(long = "var", value_name = "NAME=VALUE")]
+    pub vars: Vec<String>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// Where a scored record sits in the temporary file.
+struct Entry {
+    score: f64,
+    index: usize,
+    offset: u64,
+    len: u32,
+}
+
+/// What the report shows of one record.
+struct ReportItem {
+    score: f64,
+    index: usize,
+    origin: String,
+    prompt: String,
+    /// Answer text pieces; `Some(class)` marks an error span.
+    answer: Vec<(String, Option<&'static str>)>,
+    summary: String,
+}
+
+/// Removes the temporary file on every exit path.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn train_on(s: &str) -> Result<TrainOn> {
+    Ok(match s {
+        "all_assistant" => TrainOn::AllAssistant,
+        "last_assistant" => TrainOn::LastAssistant,
+        "everything" => TrainOn::Everything,
+        other => {
+            bail!("--train-on `{other}`: expected all_assistant, last_assistant or everything")
+        }
+    })
+}
+
+fn check_percent(flag: &str, p: Option<f64>) -> Result<()> {
+    if let Some(p) = p
+        && !(0.0..=100.0).contains(&p)
+    {
+        bail!("{flag} {p}: expected a percentage between 0 and 100");
+    }
+    Ok(())
+}
+
+/// One record of a chunk, tokenized (or why not).
+struct Prepared {
+    item: StreamItem,
+    example: Option<Example>,
+    truncated: bool,
+    /// Why there is nothing to score.
+    skipped: Option<String>,
+}
+
+fn prepare_one(item: StreamItem, l: &Loaded, opts: &DataOptions) -> Result<Prepared> {
+    let record = match &item.record {
+        Ok(r) => r.clone(),
+        Err(reason) => {
+            let skipped = Some(format!("dropped by the loader: {reason}"));
+            return Ok(Prepared {
+                item,
+                example: None,
+                truncated: false,
+                skipped,
+            });
+        }
+    };
+    match prepare(&[record], &l.tok, l.template.as_ref(), opts) {
+        Ok(mut p) => Ok(Prepared {
+            item,
+            truncated: p.stats.truncated > 0,
+            example: p.examples.pop(),
+            skipped: None,
+        }),
+        Err(DataError::EmptyDataset { .. }) => Ok(Prepared {
+            item,
+            example: None,
+            truncated: false,
+            skipped: Some(
+                "no supervised token within --max-seq-len (answer empty or cut off)".into(),
+            ),
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Loss and entropy of every supervised token of every example, one forward pass per length-bucketed batch.
+fn score_chunk(
+    l: &Loaded,
+    examples: &[Example],
+    batch: &BatchOptions,
+    device: &ytrainer_core::burn::prelude::Device,
+) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+    let mut series = vec![(Vec::new(), Vec::new()); examples.len()];
+    // Sort by length so each batch pads little; `plan_epoch` without shuffling keeps this order.
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| (examples[i].len(), i));
+    let sorted: Vec<Example> = order.iter().map(|&i| examples[i].clone()).collect();
+    let steps = plan_epoch(&sorted, batch, 0)?;
+    for mb in steps.iter().flat_map(|s| &s.micro_batches) {
+        let b = to_device(mb, device);
+        if b.n == 0 {
+            continue;
+        }
+        let lp = target_log_probs(&l.model, &b);
+        let ce = tensor_to_vec(token_ce(lp.clone(), b.targets.clone()));
+        let ent = tensor_to_vec(entropy(lp));
+        if ce.len() != b.n || ent.len() != b.n {
+            bail!(
+                "internal: {} targets but {} losses / {} entropies",
+                b.n,
+                ce.len(),
+                ent.len()
+            );
+        }
+        // Targets come row-major, each row's in position order: `samples[k]` is the (sorted) example of target k.
+        for k in 0..b.n {
+            let s = &mut series[order[b.samples[k] as usize]];
+            s.0.push(ce[k]);
+            s.1.push(ent[k]);
+        }
+    }
+    for (ex, s) in examples.iter().zip(&series) {
+        if s.0.len() != ex.num_targets() {
+            bail!(
+                "internal: an example has {} supervised tokens but {} were scored",
+                ex.num_targets(),
+                s.0.len()
+            );
+        }
+    }
+    Ok(series)
+}
+
+fn answer_ids(ex: &Example) -> Vec<u32> {
+    ex.input_ids
+        .iter()
+        .zip(&ex.targets)
+        .skip(1)
+        .filter(|&(_, &t)| t)
+        .map(|(&id, _)| id)
+        .collect()
+}
+
+fn round(v: f64) -> f64 {
+    (v * 1e6).round() / 1e6
+}
+
+fn quality_json(a: &Analysis, mode: QualityMode, ids: &[u32], l: &Loaded, p: &Prepared) -> Value {
+    let mut classes = Map::new();
+    for c in TokenClass::ALL {
+        classes.insert(c.name().into(), json!(a.class_counts[c as usize]));
+    }
+    let spans: Vec<Value> = a
+        .spans
+        .iter()
+        .map(|s| {
+            json!({
+                "start": s.start,
+                "end": s.end,
+                "text": l.tok.decode(&ids[s.start.min(ids.len())..s.end.min(ids.len())], false).unwrap_or_default(),
+                "class": s.class.name(),
+                "max_abs_d": round(s.max_abs_d),
+                "mean_loss": round(s.mean_loss),
+            })
+        })
+        .collect();
+    let mut q = json!({
+        "mode": mode.name(),
+        "score": round(a.score(mode)),
+        "n_tokens": a.n,
+        "mean_loss": round(a.mean_loss),
+        "mean_entropy": round(a.mean_entropy),
+        "classes": classes,
+        "confident_wrong": a.confident_wrong,
+        "uncertain_wrong": a.uncertain_wrong,
+        "pearson": a.pearson.map(round),
+        "spans": spans,
+    });
+    let reason = p.skipped.clone().or_else(|| a.reason(mode));
+    if let Some(r) = reason {
+        q["reason"] = json!(r);
+    }
+    if p.truncated {
+        q["truncated"] = json!(true);
+    }
+    q
+}
+
+fn excerpt(s: &str, n: usize) -> String {
+    let s = s.trim();
+    match s.char_indices().nth(n) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+fn report_item(
+    a: &Analysis,
+    score: f64,
+    ids: &[u32],
+    l: &Loaded,
+    p: &Prepared,
+    reason: Option<String>,
+) -> ReportItem {
+    let prompt = match &p.item.record {
+        Ok(r) => match &r.kind {
+            RecordKind::Chat { messages } => messages
+                .iter()
+                .rev()
+                .find(|m| m.role == "user")
+                .map(|m| excerpt(&m.content, 400))
+                .unwrap_or_default(),
+            RecordKind::Text { .. } => String::new(),
+        },
+        Err(_) => String::new(),
+    };
+    let mut answer = Vec::new();
+    let mut at = 0;
+    let dec = |a: usize, b: usize| l.tok.decode(&ids[a..b], false).unwrap_or_default();
+    for s in &a.spans {
+        let (s0, s1) = (s.start.min(ids.len()), s.end.min(ids.len()));
+        if s0 > at {
+            answer.push((dec(at, s0), None));
+        }
+        answer.push((dec(s0, s1), Some(s.class.name())));
+        at = s1;
+    }
+    if at < ids.len() {
+        answer.push((dec(at, ids.len()), None));
+    }
+    let nonzero: Vec<String> = TokenClass::ALL
+        .into_iter()
+        .filter(|&c| c != TokenClass::Normal && a.class_counts[c as usize] > 0)
+        .map(|c| format!("{} {}", c.name(), a.class_counts[c as usize]))
+        .collect();
+    let mut summary = format!(
+        "{} answer tokens, mean loss {:.3}, mean entropy {:.3}",
+        a.n, a.mean_loss, a.mean_entropy
+    );
+    if !nonzero.is_empty() {
+        summary.push_str(&format!("; {}", nonzero.join(", ")));
+    }
+    if let Some(r) = reason {
+        summary.push_str(&format!("; {r}"));
+    }
+    ReportItem {
+        score,
+        index: p.item.origin.index,
+        origin: p.item.origin.to_string(),
+        prompt,
+        answer,
+        summary,
+    }
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+fn write_report(
+    path: &Path,
+    items: &[ReportItem],
+    mode: QualityMode,
+    data: &Path,
+    total: usize,
+) -> Result<()> {
+    let html = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("html") || e.eq_ignore_ascii_case("htm"));
+    let mut o = String::new();
+    let title = format!(
+        "ytrainer sort: the {} most suspicious of {total} records in {} (mode {mode})",
+        items.len(),
+        data.display()
+    );
+    let answer_html = |it: &ReportItem| -> String {
+        it.answer
+            .iter()
+            .map(|(t, c)| match c {
+                Some(c) => format!("<mark title=\"{c}\">{}</mark>", html_escape(t)),
+                None => html_escape(t),
+            })
+            .collect()
+    };
+    if html {
+        o.push_str(&format!(
+            "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{0}</title>\n<style>body{{font-family:sans-serif;max-width:60em;margin:auto}}pre{{white-space:pre-wrap;background:#f6f6f6;padding:.5em}}mark{{background:#ffb3b3}}</style></head><body>\n<h1>{0}</h1>\n<p>Error spans are <mark>marked</mark> (hover for their class).</p>\n",
+            html_escape(&title)
+        ));
+        for (r, it) in items.iter().enumerate() {
+            o.push_str(&format!(
+                "<h2>{}. score {:.4} &mdash; {} (record {})</h2>\n<p>{}</p>\n<p><b>Prompt</b></p><pre>{}</pre>\n<p><b>Answer</b></p><pre>{}</pre>\n",
+                r + 1,
+                it.score,
+                html_escape(&it.origin),
+                it.index,
+                html_escape(&it.summary),
+                html_escape(&it.prompt),
+                answer_html(it)
+            ));
+        }
+        o.push_str("</body></html>\n");
+    } else {
+        o.push_str(&format!(
+            "# {title}\n\nError spans are marked `<mark>` (their class in the title).\n\n"
+        ));
+        for (r, it) in items.iter().enumerate() {
+            let quote =
+                |s: &str| -> String { s.lines().map(|l| format!("> {l}\n")).collect::<String>() };
+            o.push_str(&format!(
+                "## {}. score {:.4} — {} (record {})\n\n{}\n\n**Prompt**\n\n{}\n**Answer**\n\n{}\n",
+                r + 1,
+                it.score,
+                it.origin,
+                it.index,
+                it.summary,
+                quote(&html_escape(&it.prompt)),
+                quote(&answer_html(it)),
+            ));
+        }
+    }
+    std::fs::write(path, o).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `ytrainer sort`
+pub fn sort(a: SortArgs) -> Result<()> {
+    check_percent("--keep-top", a.keep_top)?;
+    check_percent("--drop-top", a.drop_top)?;
+    if a.threshold.is_some_and(|x| !x.is_finite()) {
+        bail!("--threshold must be a finite number");
+    }
+    if a.chunk == 0 || a.batch_size == 0 || a.batch_tokens == 0 {
+        bail!("--chunk, --batch-size and --batch-tokens must be at least 1");
+    }
+    if let Some(r) = &a.report {
+        let ext = r
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if !matches!(ext.as_str(), "md" | "markdown" | "html" | "htm") {
+            bail!(
+                "--report {}: expected a .md or .html file name",
+                r.display()
+            );
+        }
+    }
+    let opts = DataOptions {
+        max_seq_len: a.max_seq_len,
+        overlong: Overlong::Truncate,
+        train_on: train_on(&a.train_on)?,
+        cpt: false,
+        template_vars: parse_vars(&a.vars)?,
+    };
+    let batch = BatchOptions {
+        seed: 0,
+        shuffle: false,
+        micro_batch_tokens: a.batch_tokens,
+        max_micro_batch_size: a.batch_size,
+        tokens_per_step: 1,
+        mode: Mode::OnePass,
+        pad_id: 0,
+    };
+    let stream = RecordStream::open(&a.data)?;
+    let device = inference_device(&a.device)?;
+    let l = load_for_inference(&a.model, a.adapter.as_deref(), &device)?;
+
+    let out_dir = a
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !out_dir.is_dir() {
+        bail!(
+            "--out {}: the directory {} does not exist",
+            a.out.display(),
+            out_dir.display()
+        );
+    }
+    let file_name = a
+        .out
+        .file_name()
+        .ok_or_else(|| anyhow!("--out {}: not a file name", a.out.display()))?
+        .to_string_lossy()
+        .to_string();
+    let tmp = TempFile(out_dir.join(format!(".{file_name}.scored-{}", std::process::id())));
+    let mut scored = BufWriter::new(
+        File::create(&tmp.0).with_context(|| format!("cannot create {}", tmp.0.display()))?,
+    );
+
+    let bar = ProgressBar::new(stream.total_bytes().max(1));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {percent}% (eta {eta}) {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let start = Instant::now();
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut report: Vec<ReportItem> = Vec::new();
+    let (mut offset, mut tokens, mut degenerate) = (0u64, 0usize, 0usize);
+    let mut stream = stream.peekable();
+    while stream.peek().is_some() {
+        let mut chunk = Vec::with_capacity(a.chunk);
+        for item in stream.by_ref().take(a.chunk) {
+            chunk.push(prepare_one(item?, &l, &opts)?);
+        }
+        let bytes = chunk.last().map(|p| p.item.bytes_read).unwrap_or(0);
+        let with_ex: Vec<usize> = (0..chunk.len())
+            .filter(|&i| chunk[i].example.is_some())
+            .collect();
+        let examples: Vec<Example> = with_ex
+            .iter()
+            .filter_map(|&i| chunk[i].example.clone())
+            .collect();
+        let series = score_chunk(&l, &examples, &batch, &device)?;
+        let mut series_of = vec![None; chunk.len()];
+        for (k, &i) in with_ex.iter().enumerate() {
+            series_of[i] = Some(k);
+        }
+        for (i, mut p) in chunk.into_iter().enumerate() {
+            let (ids, analysis) = match series_of[i] {
+                Some(k) => {
+                    let ex = &examples[k];
+                    (answer_ids(ex), analyze(&series[k].0, &series[k].1))
+                }
+                None => (Vec::new(), analyze(&[], &[])),
+            };
+            tokens += analysis.n;
+            let score = analysis.score(a.mode);
+            let q = quality_json(&analysis, a.mode, &ids, &l, &p);
+            if q.get("reason").is_some() {
+                degenerate += 1;
+            }
+            if a.report.is_some() {
+                let reason = q.get("reason").and_then(|r| r.as_str()).map(str::to_string);
+                report.push(report_item(&analysis, score, &ids, &l, &p, reason));
+                if report.len() > 2 * a.report_top.max(1) {
+                    report.sort_by(|x, y| y.score.total_cmp(&x.score).then(x.index.cmp(&y.index)));
+                    report.truncate(a.report_top);
+                }
+            }
+            p.item.object.insert("quality".into(), q);
+            let line = serde_json::to_string(&p.item.object)?;
+            scored.write_all(line.as_bytes())?;
+            scored.write_all(b"\n")?;
+            entries.push(Entry {
+                score,
+                index: p.item.origin.index,
+                offset,
+                len: line.len() as u32,
+            });
+            offset += line.len() as u64 + 1;
+        }
+        bar.set_position(bytes);
+        let secs = start.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!(
+            "{} records, {:.1} records/s",
+            entries.len(),
+            entries.len() as f64 / secs
+        ));
+    }
+    bar.finish_and_clear();
+    scored.flush()?;
+    drop(scored);
+    let secs = start.elapsed().as_secs_f64();
+
+    // Most suspicious first; ties keep the file order.
+    entries.sort_by(|x, y| y.score.total_cmp(&x.score).then(x.index.cmp(&y.index)));
+    let n = entries.len();
+    let mut order: Vec<(usize, &Entry)> = entries
+        .iter()
+        .enumerate()
+        .map(|(r, e)| (r + 1, e))
+        .collect();
+    if a.ascending {
+        order.reverse();
+    }
+    let count = |p: f64| ((p / 100.0) * n as f64).round() as usize;
+    let selected: Vec<(usize, &Entry)> = if let Some(p) = a.keep_top {
+        order.into_iter().take(count(p)).collect()
+    } else if let Some(p) = a.drop_top {
+        order.into_iter().skip(count(p)).collect()
+    } else if let Some(x) = a.threshold {
+        order.into_iter().filter(|(_, e)| e.score <= x).collect()
+    } else {
+        order
+    };
+
+    let json_array = a
+        .out
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    let part = out_dir.join(format!(".{file_name}.part-{}", std::process::id()));
+    let part_guard = TempFile(part.clone());
+    {
+        let mut src =
+            File::open(&tmp.0).with_context(|| format!("cannot read {}", tmp.0.display()))?;
+        let mut w = BufWriter::new(
+            File::create(&part).with_context(|| format!("cannot create {}", part.display()))?,
+        );
+        if json_array {
+            w.write_all(b"[\n")?;
+        }
+        let mut buf = Vec::new();
+        for (k, (rank, e)) in selected.iter().enumerate() {
+            buf.resize(e.len as usize, 0);
+            src.seek(SeekFrom::Start(e.offset))?;
+            src.read_exact(&mut buf)?;
+            let mut obj: Map<String, Value> = serde_json::from_slice(&buf)?;
+            if let Some(q) = obj.get_mut("quality").and_then(|q| q.as_object_mut()) {
+                q.insert("rank".into(), json!(rank));
+            }
+            if json_array && k > 0 {
+                w.write_all(b",\n")?;
+            }
+            serde_json::to_writer(&mut w, &obj)?;
+            if !json_array {
+                w.write_all(b"\n")?;
+            }
+        }
+        if json_array {
+            w.write_all(b"\n]\n")?;
+        }
+        w.flush()?;
+    }
+    std::fs::rename(&part, &a.out).with_context(|| format!("cannot write {}", a.out.display()))?;
+    drop(part_guard);
+
+    if let Some(r) = &a.report {
+        report.sort_by(|x, y| y.score.total_cmp(&x.score).then(x.index.cmp(&y.index)));
+        report.truncate(a.report_top);
+        write_report(r, &report, a.mode, &a.data, n)?;
+    }
+    eprintln!(
+        "scored {n} records ({tokens} answer tokens, {degenerate} with a reason) in {secs:.1}s: {:.2} records/s, {:.0} tokens/s; wrote {} records to {}{}",
+        n as f64 / secs.max(1e-9),
+        tokens as f64 / secs.max(1e-9),
+        selected.len(),
+        a.out.display(),
+        a.report
+            .as_ref()
+            .map(|r| format!(", report {}", r.display()))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
