@@ -84,7 +84,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let mut step_times = Vec::new();
     let mut tokens = 0usize;
     let mut last = StepCounters::default();
+    let mut optim_s = 0.0;
     for i in 0..warmup + a.steps {
+        if i == warmup {
+            ytrainer_core::step::profile_start();
+        }
         let mb = random_batch(a.batch, a.seq, vocab, i as u64);
         let t0 = Instant::now();
         let ctx = StepContext {
@@ -94,7 +98,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         };
         let c = train_micro_batch(&model, &mb, plugin.as_ref(), ctx, &mut acc, &device)?;
         let scale = 1.0 / c.tokens.max(1) as f64;
+        let to = Instant::now();
         model = optim.step(model, &mut acc, 1e-4, scale);
+        if i >= warmup {
+            optim_s += to.elapsed().as_secs_f64();
+        }
         let dt = t0.elapsed().as_secs_f64();
         if i >= warmup {
             step_times.push(dt);
@@ -111,6 +119,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let rss = peak_rss_mb();
     let shape = format!("{:?}", a.shape).to_lowercase();
     let mode = format!("{:?}", a.mode).to_lowercase();
+    let [fwd, head, back, micro] = ytrainer_core::step::profile_read();
+    let per = |x: f64| 1000.0 * x / a.steps.max(1) as f64;
     match a.format {
         Format::Json => println!(
             "{}",
@@ -119,6 +129,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 "steps": a.steps, "tokens_per_s": tps, "median_step_s": median,
                 "peak_rss_mb": rss, "final_ce": last.mean_ce(), "device": a.device,
                 "plugin_weights_us": plugin_us,
+                "phases_ms": {
+                    "body_forward": per(fwd), "head_ce_weights": per(head), "backward": per(back),
+                    "other": per(micro - fwd - head - back), "optimizer": per(optim_s),
+                },
             })
         ),
         Format::Text => println!(
@@ -135,6 +149,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         ),
     }
     if a.format == Format::Text {
+        println!(
+            "  per step: body forward {:.0} ms, LM head + CE + weights {:.0} ms, backward {:.0} ms, other {:.0} ms, optimizer {:.0} ms",
+            per(fwd),
+            per(head),
+            per(back),
+            per(micro - fwd - head - back),
+            per(optim_s)
+        );
         println!(
             "  plugin `{}`: {:.1} us per weights call on {} tokens (median of 50, detached losses already on the device)",
             a.loss,

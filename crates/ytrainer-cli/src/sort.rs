@@ -266,6 +266,11 @@ fn quality_json(a: &Analysis, mode: QualityMode, ids: &[u32], l: &Loaded, p: &Pr
         "confident_wrong": a.confident_wrong,
         "uncertain_wrong": a.uncertain_wrong,
         "pearson": a.pearson.map(round),
+        "scores": {
+            "filtered": round(a.score(QualityMode::Filtered)),
+            "similarity": round(a.score(QualityMode::Similarity)),
+            "divergence": round(a.score(QualityMode::Divergence)),
+        },
         "spans": spans,
     });
     let reason = p.skipped.clone().or_else(|| a.reason(mode));

@@ -192,9 +192,21 @@ pub fn train_micro_batch<M: CausalLm>(
     }
     // The LM head + CE run outside the autodiff graph when the model exposes its head weight (closed-form
     // gradient, see `lm_loss`); otherwise autodiff differentiates through `log_softmax`.
+    let t_start = std::time::Instant::now();
+    let mut t_head = t_start;
     let (graph, detached_lp) = match model.lm_head_weight() {
         Some(head) => {
             let hidden = model.hidden_states(&batch.input);
+            // Flex computes eagerly, so reading a scalar here is a real phase boundary for the profile.
+            if profiling() {
+                let _ = hidden
+                    .clone()
+                    .inner()
+                    .slice([0..1, 0..1, 0..1])
+                    .into_scalar::<f32>();
+                record(0, t_start);
+                t_head = std::time::Instant::now();
+            }
             let [b, t, h] = hidden.dims();
             let rows = hidden.reshape([b * t, h]).select(0, batch.rows.clone());
             let w = head.weight.clone().detach().inner();
@@ -202,7 +214,14 @@ pub fn train_micro_batch<M: CausalLm>(
                 crate::lm_loss::logits(rows.clone().detach().inner(), &w, head.layout),
                 1,
             );
-            (Graph::Fused { rows, head, w }, lp)
+            (
+                Graph::Fused {
+                    rows,
+                    head: Box::new(head),
+                    w,
+                },
+                lp,
+            )
         }
         None => {
             let log_probs = target_log_probs(model, &batch);
@@ -284,6 +303,10 @@ pub fn train_micro_batch<M: CausalLm>(
         }
     }
     let w = w.detach().inner();
+    if profiling() {
+        record(1, t_head);
+    }
+    let t_back = std::time::Instant::now();
     match graph {
         Graph::Autodiff { ce } => {
             let loss = ce.mul(Tensor::from_inner(w)).sum();
@@ -312,7 +335,37 @@ pub fn train_micro_batch<M: CausalLm>(
             }
         }
     }
+    if profiling() {
+        record(2, t_back);
+        record(3, t_start);
+    }
     Ok(counters)
+}
+
+std::thread_local! {
+    static PHASES: std::cell::RefCell<Option<[f64; 4]>> = const { std::cell::RefCell::new(None) };
+}
+
+fn profiling() -> bool {
+    PHASES.with(|p| p.borrow().is_some())
+}
+
+fn record(phase: usize, since: std::time::Instant) {
+    PHASES.with(|p| {
+        if let Some(t) = p.borrow_mut().as_mut() {
+            t[phase] += since.elapsed().as_secs_f64();
+        }
+    });
+}
+
+/// Starts (or resets) per-phase timing of [`train_micro_batch`] on this thread (`ytrainer bench --profile`).
+pub fn profile_start() {
+    PHASES.with(|p| *p.borrow_mut() = Some([0.0; 4]));
+}
+
+/// Seconds spent so far in `[body forward, LM head + CE + plugin, backward, whole micro-batch]`.
+pub fn profile_read() -> [f64; 4] {
+    PHASES.with(|p| p.borrow().unwrap_or([0.0; 4]))
 }
 
 /// How the loss's gradient reaches the model.
@@ -322,7 +375,7 @@ enum Graph {
     /// Closed-form head gradient injected at the hidden rows.
     Fused {
         rows: Tensor<2>,
-        head: crate::model::LmHeadWeight,
+        head: Box<crate::model::LmHeadWeight>,
         w: Tensor<2>,
     },
 }

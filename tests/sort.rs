@@ -1,0 +1,389 @@
+//! `ytrainer sort` end to end on the real SmolLM2 model: label-noise detection on a corrupted alpaca subset
+//! (precision@10 and ROC AUC per mode), records kept unchanged with their scores attached to the right record,
+//! batched scores equal to `ytrainer score`'s unbatched ones, ordering flags, filters, reports and bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use common::*;
+use serde_json::{Value, json};
+
+fn gguf() -> PathBuf {
+    assets().join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn alpaca() -> Vec<Value> {
+    let p = assets().join("corpora/instruct/alpaca_en_demo.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn ok(args: &[&str]) -> std::process::Output {
+    let o = ytrainer(args);
+    assert!(
+        o.status.success(),
+        "ytrainer {args:?} failed:\n{}",
+        stderr(&o)
+    );
+    o
+}
+
+/// The first `n` alpaca records, each tagged with `"id"`.
+fn records(n: usize) -> Vec<Value> {
+    alpaca()
+        .into_iter()
+        .take(n)
+        .enumerate()
+        .map(|(i, mut r)| {
+            r["id"] = json!(i);
+            r
+        })
+        .collect()
+}
+
+fn write_json(path: &Path, v: &[Value]) {
+    std::fs::write(path, serde_json::to_string_pretty(v).unwrap()).unwrap();
+}
+
+/// Area under the ROC curve of `scores` (higher = positive), ties counting half.
+fn auc(scores: &[(f64, bool)]) -> f64 {
+    let pos: Vec<f64> = scores.iter().filter(|s| s.1).map(|s| s.0).collect();
+    let neg: Vec<f64> = scores.iter().filter(|s| !s.1).map(|s| s.0).collect();
+    let mut c = 0.0;
+    for p in &pos {
+        for n in &neg {
+            c += if p > n {
+                1.0
+            } else if p == n {
+                0.5
+            } else {
+                0.0
+            };
+        }
+    }
+    c / (pos.len() * neg.len()) as f64
+}
+
+fn precision_at(scores: &[(f64, bool)], k: usize) -> f64 {
+    let mut s = scores.to_vec();
+    s.sort_by(|a, b| b.0.total_cmp(&a.0));
+    s.iter().take(k).filter(|x| x.1).count() as f64 / k as f64
+}
+
+/// 100 alpaca records, 10 corrupted (5 answers swapped in from unrelated records, 5 replaced by unrelated
+/// prose); one `sort` run gives every mode's score (`quality.scores`), so the model runs once.
+#[test]
+fn corrupted_answers_rank_high_on_smollm2() {
+    let tmp = TempDir::new("sort-noise");
+    let all = alpaca();
+    let prose: Vec<String> =
+        std::fs::read_to_string(assets().join("corpora/general_en_devils_dictionary.txt"))
+            .unwrap()
+            .split("\n\n")
+            .map(|p| p.trim().to_string())
+            .filter(|p| (200..600).contains(&p.chars().count()))
+            .collect();
+    let mut data = records(100);
+    let corrupt: Vec<usize> = (5..100).step_by(10).collect();
+    for (k, &i) in corrupt.iter().enumerate() {
+        data[i]["output"] = if k % 2 == 0 {
+            all[900 + k]["output"].clone()
+        } else {
+            json!(prose[50 + k * 7])
+        };
+    }
+    let input = tmp.path().join("noisy.json");
+    write_json(&input, &data);
+    let out = tmp.path().join("ranked.jsonl");
+    let t = Instant::now();
+    ok(&[
+        "sort",
+        "--model",
+        &s(&gguf()),
+        "--data",
+        &s(&input),
+        "--out",
+        &s(&out),
+        "--mode",
+        "divergence",
+        "--max-seq-len",
+        "128",
+    ]);
+    let secs = t.elapsed().as_secs_f64();
+    let ranked = jsonl(&out);
+    assert_eq!(ranked.len(), 100);
+    let mut report = format!("sort of 100 records (max-seq-len 128): {secs:.1}s\n");
+    for (mode, p10_floor, auc_floor) in [
+        // measured (2 cores, CPU): filtered p@10 0.60, AUC 0.764; similarity 0.10, 0.699; divergence 0.20, 0.688
+        ("filtered", 0.4, 0.68),
+        ("similarity", 0.0, 0.62),
+        ("divergence", 0.1, 0.6),
+    ] {
+        let scores: Vec<(f64, bool)> = ranked
+            .iter()
+            .map(|r| {
+                let id = r["id"].as_u64().unwrap() as usize;
+                (
+                    r["quality"]["scores"][mode].as_f64().unwrap(),
+                    corrupt.contains(&id),
+                )
+            })
+            .collect();
+        let (p, a) = (precision_at(&scores, 10), auc(&scores));
+        report.push_str(&format!("{mode}: precision@10 {p:.2}, AUC {a:.3}\n"));
+        assert!(
+            p >= p10_floor && a >= auc_floor,
+            "{mode}: p@10 {p} (floor {p10_floor}), AUC {a} (floor {auc_floor})\n{report}"
+        );
+    }
+    eprintln!("{report}");
+    // The divergence ranking is the output order.
+    let s: Vec<f64> = ranked
+        .iter()
+        .map(|r| r["quality"]["score"].as_f64().unwrap())
+        .collect();
+    assert!(s.windows(2).all(|w| w[0] >= w[1]));
+}
+
+/// Small subset: records unchanged plus `quality`, attached to the right record (batched = unbatched `score`),
+/// mode / order / filter flags, JSON-array output, reports, degenerate records.
+#[test]
+fn sort_keeps_records_and_attaches_the_right_scores() {
+    let tmp = TempDir::new("sort-small");
+    let mut data = records(12);
+    // Degenerate records: a two-token answer, and an empty one (dropped by the loader, still written out).
+    data[3]["output"] = json!("Yes");
+    data[7]["output"] = json!("");
+    let input = tmp.path().join("small.jsonl");
+    std::fs::write(
+        &input,
+        data.iter()
+            .map(|r| r.to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    let out = tmp.path().join("ranked.jsonl");
+    let report = tmp.path().join("report.md");
+    let common_args = |mode: &str, out: &Path| -> Vec<String> {
+        [
+            "sort",
+            "--model",
+            &s(&gguf()),
+            "--data",
+            &s(&input),
+            "--out",
+            &s(out),
+            "--mode",
+            mode,
+            "--max-seq-len",
+            "64",
+            "--batch-tokens",
+            "256",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let run = |extra: &[&str], mode: &str, out: &Path| -> Vec<Value> {
+        let mut a = common_args(mode, out);
+        a.extend(extra.iter().map(|x| x.to_string()));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        ok(&a);
+        if out.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
+        } else {
+            jsonl(out)
+        }
+    };
+    let ranked = run(&["--report", &s(&report)], "filtered", &out);
+    assert_eq!(ranked.len(), 12);
+    // Every record is unchanged apart from `quality`; ranks are 1..n in order; sorted by score descending.
+    for (k, r) in ranked.iter().enumerate() {
+        let id = r["id"].as_u64().unwrap() as usize;
+        let mut stripped = r.clone();
+        let q = stripped.as_object_mut().unwrap().remove("quality").unwrap();
+        assert_eq!(stripped, data[id]);
+        assert_eq!(q["rank"], json!(k + 1));
+        assert_eq!(q["mode"], "filtered");
+        assert_eq!(q["score"], q["scores"]["filtered"]);
+        assert!(q["score"].as_f64().unwrap().is_finite());
+        if k > 0 {
+            assert!(
+                ranked[k - 1]["quality"]["score"].as_f64() >= q["score"].as_f64(),
+                "not sorted"
+            );
+        }
+    }
+    let by_id = |v: &[Value], id: usize| -> Value {
+        v.iter().find(|r| r["id"] == json!(id)).unwrap()["quality"].clone()
+    };
+    let short = by_id(&ranked, 3);
+    assert!(
+        short["reason"].as_str().unwrap().contains("shorter than 3"),
+        "{short}"
+    );
+    assert_eq!(short["scores"]["similarity"], json!(0.0));
+    let empty = by_id(&ranked, 7);
+    assert!(
+        empty["reason"].as_str().unwrap().contains("dropped"),
+        "{empty}"
+    );
+    assert_eq!(empty["n_tokens"], json!(0));
+
+    // The same per-record loss and entropy as the unbatched `score` path (which is parity-tested against
+    // transformers): proves alignment and that each score sits on its own record.
+    let scores_out = tmp.path().join("scores.jsonl");
+    ok(&[
+        "score",
+        "--model",
+        &s(&gguf()),
+        "--data",
+        &s(&input),
+        "--out",
+        &s(&scores_out),
+        "--max-seq-len",
+        "64",
+    ]);
+    let per_sample = jsonl(&scores_out);
+    // `score` lists the 11 non-empty records in file order.
+    let ids: Vec<usize> = (0..12).filter(|&i| i != 7).collect();
+    assert_eq!(per_sample.len(), ids.len());
+    for (line, &id) in per_sample.iter().zip(&ids) {
+        let q = by_id(&ranked, id);
+        let toks = line["tokens"].as_array().unwrap();
+        let ent: f64 = toks
+            .iter()
+            .map(|t| t["entropy"].as_f64().unwrap())
+            .sum::<f64>()
+            / toks.len() as f64;
+        assert_eq!(q["n_tokens"].as_u64().unwrap() as usize, toks.len());
+        assert!(
+            (q["mean_loss"].as_f64().unwrap() - line["mean_loss"].as_f64().unwrap()).abs() < 2e-3,
+            "record {id}: {q} vs {}",
+            line["mean_loss"]
+        );
+        assert!(
+            (q["mean_entropy"].as_f64().unwrap() - ent).abs() < 2e-3,
+            "record {id}"
+        );
+    }
+
+    // The report lists the most suspicious records first.
+    let md = std::fs::read_to_string(&report).unwrap();
+    assert!(md.starts_with("# ytrainer sort"));
+    assert!(md.contains("## 1. score"));
+    assert!(md.contains(&format!(
+        "score {:.4}",
+        ranked[0]["quality"]["score"].as_f64().unwrap()
+    )));
+
+    // Other modes, --ascending, filters, JSON-array output: no model rerun needed to know the expected order.
+    for mode in ["similarity", "divergence"] {
+        let o = tmp.path().join(format!("{mode}.json"));
+        let html = tmp.path().join(format!("{mode}.html"));
+        let v = run(&["--ascending", "--report", &s(&html)], mode, &o);
+        // A `.json` output is one JSON array (parsed as such by `run`).
+        assert_eq!(v.len(), 12);
+        let sc: Vec<f64> = v
+            .iter()
+            .map(|r| r["quality"]["scores"][mode].as_f64().unwrap())
+            .collect();
+        assert!(
+            sc.windows(2).all(|w| w[0] <= w[1]),
+            "{mode} ascending: {sc:?}"
+        );
+        assert_eq!(v[0]["quality"]["rank"], json!(12));
+        for r in &v {
+            let id = r["id"].as_u64().unwrap() as usize;
+            let q = &r["quality"];
+            assert_eq!(q["mode"], mode);
+            // Same series, same scores whatever the mode.
+            assert_eq!(q["scores"], by_id(&ranked, id)["scores"]);
+        }
+        assert!(
+            std::fs::read_to_string(&html)
+                .unwrap()
+                .contains("<h2>1. score")
+        );
+    }
+    let kept = run(
+        &["--drop-top", "25"],
+        "filtered",
+        &tmp.path().join("d.jsonl"),
+    );
+    assert_eq!(kept.len(), 9);
+    assert_eq!(kept[0]["quality"]["rank"], json!(4));
+    let kept = run(
+        &["--keep-top", "25"],
+        "filtered",
+        &tmp.path().join("k.jsonl"),
+    );
+    assert_eq!(kept.len(), 3);
+    assert_eq!(kept[2]["quality"]["rank"], json!(3));
+    let x = ranked[5]["quality"]["score"].as_f64().unwrap();
+    let kept = run(
+        &["--threshold", &x.to_string()],
+        "filtered",
+        &tmp.path().join("t.jsonl"),
+    );
+    assert!(
+        kept.iter()
+            .all(|r| r["quality"]["score"].as_f64().unwrap() <= x)
+    );
+    assert_eq!(
+        kept.len(),
+        ranked
+            .iter()
+            .filter(|r| r["quality"]["score"].as_f64().unwrap() <= x)
+            .count()
+    );
+}
+
+#[test]
+fn sort_bad_input_is_a_user_error() {
+    let tmp = TempDir::new("sort-bad");
+    let input = tmp.path().join("d.jsonl");
+    std::fs::write(
+        &input,
+        "{\"prompt\": \"p\", \"completion\": \"c\"}\n{oops\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("o.jsonl");
+    let base = [
+        "sort",
+        "--model",
+        &s(&gguf()),
+        "--data",
+        &s(&input),
+        "--out",
+        &s(&out),
+    ];
+    let with = |extra: &[&str]| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        ytrainer(&a)
+    };
+    assert_user_error(&with(&[]), "d.jsonl:2");
+    assert!(!out.exists());
+    assert_user_error(&with(&["--keep-top", "150"]), "between 0 and 100");
+    assert_user_error(&with(&["--report", "r.pdf"]), ".md or .html");
+    let o = with(&["--mode", "bogus"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("filtered, similarity or divergence"));
+    let o = with(&["--keep-top", "5", "--drop-top", "5"]);
+    assert!(!o.status.success() && stderr(&o).contains("cannot be used with"));
+    let txt = tmp.path().join("t.txt");
+    std::fs::write(&txt, "hello\n").unwrap();
+    assert_user_error(
+        &ytrainer(&[
+            "sort",
+            "--model",
+            &s(&gguf()),
+            "--data",
+            &s(&txt),
+            "--out",
+            &s(&out),
+        ]),
+        "plain-text",
+    );
+}
