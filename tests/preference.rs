@@ -89,6 +89,25 @@ fn dpo_step_zero_is_ln2_and_a_short_run_learns_the_pairs() {
     assert!(a["eval_rewards/margin"].as_f64().unwrap() > 0.1, "{a}");
     assert!(a["eval_loss"].as_f64().unwrap() < 0.6, "{a}");
     assert!(out.join("final/adapter_config.json").exists());
+    // the same metrics reach TensorBoard under TRL's names
+    let ev = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents")
+        })
+        .expect("TensorBoard event file");
+    let file = ytrainer_core::tensorboard::read_scalars(&ev.path()).unwrap();
+    let acc: Vec<_> = file
+        .scalars
+        .iter()
+        .filter(|s| s.tag == "rewards/accuracy")
+        .collect();
+    assert_eq!(acc.len(), 12);
+    assert_eq!(acc[0].step, 1);
+    assert_eq!(acc[0].value, 0.0);
 }
 
 #[test]

@@ -526,6 +526,7 @@ pub fn train_pairs<M: CausalLm>(
     let epath = setup.output_dir.join("eval.jsonl");
     let mut metrics = open_log(&mpath, resumed)?;
     let mut evals = open_log(&epath, resumed)?;
+    let mut tb = crate::trainer::Tensorboard::create(setup.output_dir)?;
     let train_ref = match &setup.reference {
         Reference::Precomputed(v) => Some(v.as_slice()),
         _ => None,
@@ -537,6 +538,7 @@ pub fn train_pairs<M: CausalLm>(
         let e = evaluate(&model, setup, setup.eval_pairs, eval_ref, 0);
         if let Some(e) = &e {
             write_line(&mut evals, &epath, e)?;
+            tb.write(0, e)?;
             observer.notice(&format!(
                 "eval @ step 0: loss {:.4}, reward accuracy {:.3}, margin {:.4} over {} pairs",
                 e.eval_loss, e.accuracy, e.margin, e.eval_pairs
@@ -624,6 +626,7 @@ pub fn train_pairs<M: CausalLm>(
             skipped,
         };
         write_line(&mut metrics, &mpath, &m)?;
+        tb.write(m.step, &m)?;
         observer.step(&crate::trainer::StepMetrics {
             step: m.step,
             epoch: m.epoch,
@@ -649,6 +652,7 @@ pub fn train_pairs<M: CausalLm>(
             && let Some(e) = evaluate(&model, setup, setup.eval_pairs, eval_ref, index + 1)
         {
             write_line(&mut evals, &epath, &e)?;
+            tb.write(e.step, &e)?;
         }
         if (setup.save_every > 0 && (index + 1) % setup.save_every == 0) || done {
             let dir = setup.output_dir.join(format!("checkpoint-{}", index + 1));
@@ -661,6 +665,7 @@ pub fn train_pairs<M: CausalLm>(
     let eval_after = evaluate(&model, setup, setup.eval_pairs, eval_ref, state.step);
     if let Some(e) = &eval_after {
         write_line(&mut evals, &epath, e)?;
+        tb.write(e.step, e)?;
     }
     Ok((
         model,

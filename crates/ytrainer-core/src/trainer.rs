@@ -261,10 +261,10 @@ impl Jsonl {
 }
 
 /// The TensorBoard sink beside the JSONL files: the same records, as scalars under the same names.
-struct Tensorboard(crate::tensorboard::EventWriter);
+pub(crate) struct Tensorboard(crate::tensorboard::EventWriter);
 
 impl Tensorboard {
-    fn create(dir: &Path) -> Result<Self, TrainError> {
+    pub(crate) fn create(dir: &Path) -> Result<Self, TrainError> {
         crate::tensorboard::EventWriter::create(dir)
             .map(Tensorboard)
             .map_err(|e| TrainError::Output {
@@ -272,7 +272,7 @@ impl Tensorboard {
                 message: format!("cannot create the TensorBoard event file: {e}"),
             })
     }
-    fn write(&mut self, step: usize, v: &impl Serialize) -> Result<(), TrainError> {
+    pub(crate) fn write(&mut self, step: usize, v: &impl Serialize) -> Result<(), TrainError> {
         self.0
             .record_fields(step, v)
             .map_err(|e| TrainError::Output {
