@@ -79,6 +79,11 @@ impl ChatTemplate {
             strftime(&fmt, secs)
         });
         env.add_filter("tojson", tojson);
+        // Python's None is not iterable (minijinja iterates none as empty); templates test
+        // `tools is iterable and tools | length > 0` with tools=None, as transformers passes it.
+        env.add_test("iterable", |v: &JValue| {
+            !v.is_none() && v.try_iter().is_ok()
+        });
         env.add_template_owned(NAME, strip_generation_tags(source))
             .map_err(tmpl_err)?;
         Ok(ChatTemplate {
@@ -149,7 +154,7 @@ impl ChatTemplate {
     }
 
     /// Renders `messages`. `vars` are extra template variables (e.g. `enable_thinking`); they
-    /// override `bos_token`/`eos_token` but not `messages`/`add_generation_prompt`.
+    /// override `bos_token`/`eos_token`/`tools`/`documents` but not `messages`/`add_generation_prompt`.
     pub fn render(
         &self,
         messages: &[Message],
@@ -163,6 +168,9 @@ impl ChatTemplate {
         if let Some(e) = &self.eos {
             ctx.insert("eos_token".into(), Value::String(e.clone()));
         }
+        // transformers always passes these two, as None when the caller gives none: `tools is none` holds.
+        ctx.insert("tools".into(), Value::Null);
+        ctx.insert("documents".into(), Value::Null);
         for (k, v) in vars {
             ctx.insert(k.clone(), v.clone());
         }
