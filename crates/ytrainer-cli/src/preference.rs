@@ -18,6 +18,7 @@ use crate::cli::RunArgs;
 use crate::progress::Bar;
 use crate::run::{
     adapter_spec, copy_tokenizer_files, fingerprint, resolve_model_dir, tokenizer_and_template,
+    write_resolved_config,
 };
 
 /// Tokenizes pairs, truncating both sides to `max_len` tokens; pairs left without a supervised completion token
@@ -235,16 +236,7 @@ pub fn run(
         fingerprint: fingerprint(&cfg),
         device: &device,
     };
-    fs::write(
-        out.join("config.resolved.toml"),
-        toml::to_string_pretty(&cfg)?,
-    )
-    .with_context(|| {
-        format!(
-            "cannot write {}",
-            out.join("config.resolved.toml").display()
-        )
-    })?;
+    write_resolved_config(&cfg, &out)?;
     eprintln!(
         "preference training {} with `{}` ({}) on {} pairs from {}",
         model_dir.display(),

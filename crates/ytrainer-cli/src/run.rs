@@ -223,6 +223,31 @@ pub(crate) fn adapter_spec(cfg: &RunConfig) -> AdapterSpec {
     }
 }
 
+/// Writes the resolved config beside the metrics, with absolute paths so it can be fed back as `--config`.
+pub(crate) fn write_resolved_config(cfg: &RunConfig, out: &Path) -> Result<()> {
+    let mut resolved = cfg.clone();
+    for p in [
+        &mut resolved.model.path,
+        &mut resolved.data.train,
+        &mut resolved.data.eval,
+        &mut resolved.adapter.init_from,
+        &mut resolved.preference.reference,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if let Ok(abs) = std::path::absolute(&*p) {
+            *p = abs;
+        }
+    }
+    if let Ok(abs) = std::path::absolute(&resolved.output.dir) {
+        resolved.output.dir = abs;
+    }
+    let path = out.join("config.resolved.toml");
+    fs::write(&path, toml::to_string_pretty(&resolved)?)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// `ytrainer run`
 pub fn run(args: RunArgs) -> Result<()> {
     let mut cfg = config_file::resolve(&args)?;
@@ -304,17 +329,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         );
     }
 
-    // Resolved config beside the metrics.
-    fs::write(
-        out.join("config.resolved.toml"),
-        toml::to_string_pretty(&cfg)?,
-    )
-    .with_context(|| {
-        format!(
-            "cannot write {}",
-            out.join("config.resolved.toml").display()
-        )
-    })?;
+    write_resolved_config(&cfg, &out)?;
 
     let pad_id = tok
         .token_to_id("<|endoftext|>")

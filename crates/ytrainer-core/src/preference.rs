@@ -12,11 +12,11 @@ use burn::prelude::*;
 use serde::Serialize;
 use ytrainer_data::{Example, MicroBatch, PairExample};
 
-use crate::checkpoint::{self, TrainerState};
+use crate::checkpoint;
 use crate::config::TrainSection;
 use crate::loss::{PairStats, PairwiseObjective, tensor_to_vec};
 use crate::model::CausalLm;
-use crate::optim::{AdamW, AdamWConfig, GradAccumulator, lr_at};
+use crate::optim::{GradAccumulator, lr_at};
 use crate::step::{target_log_probs, to_device, token_ce};
 use crate::trainer::{Observer, TrainError};
 
@@ -478,45 +478,22 @@ pub fn train_pairs<M: CausalLm>(
     }
     let total = steps.len();
     let tr = setup.train;
-    let warmup = if tr.warmup_steps > 0 {
-        tr.warmup_steps
-    } else {
-        (tr.warmup_ratio * total as f64).ceil() as usize
-    };
-    let mut optim = AdamW::new(AdamWConfig {
-        beta1: tr.adam_beta1,
-        beta2: tr.adam_beta2,
-        eps: tr.adam_epsilon,
-        weight_decay: tr.weight_decay,
-    });
-    let mut state = TrainerState {
-        step: 0,
-        total_steps: total,
-        skipped_steps: 0,
-        tokens_trained: 0,
-        seed: tr.seed,
-        config_fingerprint: setup.fingerprint.clone(),
-    };
-    if let Some(dir) = &setup.resume {
-        let loaded = checkpoint::load(dir, setup.device)?;
-        if loaded.state.config_fingerprint != setup.fingerprint {
-            return Err(TrainError::Resume {
-                path: dir.clone(),
-                message: "the run's settings differ from the ones the checkpoint was written with; resume with \
-                          the same config and flags"
-                    .to_string(),
-            });
-        }
-        model =
-            checkpoint::load_trainable(model, &loaded.params, &dir.join("trainable.safetensors"))?;
-        optim.state = loaded.optim;
-        state = loaded.state;
-        observer.notice(&format!(
-            "resumed from {} at step {}",
-            dir.display(),
-            state.step
-        ));
-    }
+    let crate::trainer::Started {
+        model: resumed_model,
+        mut optim,
+        mut state,
+        warmup,
+    } = crate::trainer::start(
+        model,
+        tr,
+        total,
+        tr.seed,
+        &setup.fingerprint,
+        setup.resume.as_deref(),
+        setup.device,
+        observer,
+    )?;
+    model = resumed_model;
     fs::create_dir_all(setup.output_dir).map_err(|e| TrainError::Output {
         path: setup.output_dir.to_path_buf(),
         message: e.to_string(),

@@ -282,19 +282,27 @@ impl Tensorboard {
     }
 }
 
-/// Trains `model` and returns it with the summary. Checkpoints go to `output_dir/checkpoint-N`.
-pub fn train<M: CausalLm>(
+/// A loop's starting point: the model (restored on resume), optimizer, position and warmup length.
+pub(crate) struct Started<M> {
+    pub(crate) model: M,
+    pub(crate) optim: AdamW,
+    pub(crate) state: TrainerState,
+    pub(crate) warmup: usize,
+}
+
+/// Builds the optimizer and trainer state for a run of `total` steps, restoring both (and the trainable
+/// parameters) from `resume` when given. Shared by the SFT and preference loops.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn start<M: CausalLm>(
     mut model: M,
-    setup: &TrainSetup<'_>,
+    tr: &TrainSection,
+    total: usize,
+    seed: u64,
+    fingerprint: &str,
+    resume: Option<&Path>,
+    device: &Device,
     observer: &mut dyn Observer,
-) -> Result<(M, TrainSummary), TrainError> {
-    let t0 = Instant::now();
-    let steps = plan(setup.train_examples, &setup.batch, setup.train)?;
-    if steps.is_empty() {
-        return Err(TrainError::NoSteps);
-    }
-    let total = steps.len();
-    let tr = setup.train;
+) -> Result<Started<M>, TrainError> {
     let warmup = if tr.warmup_steps > 0 {
         tr.warmup_steps
     } else {
@@ -311,15 +319,15 @@ pub fn train<M: CausalLm>(
         total_steps: total,
         skipped_steps: 0,
         tokens_trained: 0,
-        seed: setup.batch.seed,
-        config_fingerprint: setup.fingerprint.clone(),
+        seed,
+        config_fingerprint: fingerprint.to_string(),
     };
-    if let Some(dir) = &setup.resume {
-        let loaded = checkpoint::load(dir, setup.device)?;
-        if loaded.state.config_fingerprint != setup.fingerprint {
-            let differing = config_diff(&loaded.state.config_fingerprint, &setup.fingerprint);
+    if let Some(dir) = resume {
+        let loaded = checkpoint::load(dir, device)?;
+        if loaded.state.config_fingerprint != fingerprint {
+            let differing = config_diff(&loaded.state.config_fingerprint, fingerprint);
             return Err(TrainError::Resume {
-                path: dir.clone(),
+                path: dir.to_path_buf(),
                 message: format!(
                     "the run's settings differ from the ones the checkpoint was written with ({}); resume with \
                      the same config and flags (see config.resolved.toml in the run directory)",
@@ -337,6 +345,43 @@ pub fn train<M: CausalLm>(
             state.step
         ));
     }
+    Ok(Started {
+        model,
+        optim,
+        state,
+        warmup,
+    })
+}
+
+/// Trains `model` and returns it with the summary. Checkpoints go to `output_dir/checkpoint-N`.
+pub fn train<M: CausalLm>(
+    mut model: M,
+    setup: &TrainSetup<'_>,
+    observer: &mut dyn Observer,
+) -> Result<(M, TrainSummary), TrainError> {
+    let t0 = Instant::now();
+    let steps = plan(setup.train_examples, &setup.batch, setup.train)?;
+    if steps.is_empty() {
+        return Err(TrainError::NoSteps);
+    }
+    let total = steps.len();
+    let tr = setup.train;
+    let Started {
+        model: resumed_model,
+        mut optim,
+        mut state,
+        warmup,
+    } = start(
+        model,
+        tr,
+        total,
+        setup.batch.seed,
+        &setup.fingerprint,
+        setup.resume.as_deref(),
+        setup.device,
+        observer,
+    )?;
+    model = resumed_model;
     fs::create_dir_all(setup.output_dir).map_err(|e| TrainError::Output {
         path: setup.output_dir.to_path_buf(),
         message: e.to_string(),
