@@ -386,12 +386,50 @@ pub fn eval_micro_batch<M: CausalLm>(
     if batch.n == 0 {
         return StepCounters::default();
     }
-    let lp = target_log_probs(model, &batch).detach().inner();
-    let ce = tensor_to_vec(token_ce(lp.clone(), batch.targets.clone().inner()));
-    let pred = lp.argmax(1).reshape([batch.n]);
+    let targets = batch.targets.clone().inner();
+    let (ce, pred) = match model.lm_head_weight() {
+        // Chunked over rows so no more than ~16M logits are live, whatever the batch and vocabulary size.
+        Some(head) => {
+            let hidden = model.hidden_states(&batch.input);
+            let [b, t, h] = hidden.dims();
+            let rows = hidden
+                .reshape([b * t, h])
+                .select(0, batch.rows.clone())
+                .detach()
+                .inner();
+            let chunk = ((16usize << 20) / model.vocab_size().max(1)).max(1);
+            let stats = crate::lm_loss::head_forward(
+                &rows,
+                &head.weight.detach().inner(),
+                head.layout,
+                &targets,
+                false,
+                chunk,
+            );
+            (stats.ce, stats.argmax)
+        }
+        None => {
+            let lp = target_log_probs(model, &batch).detach().inner();
+            let ce = tensor_to_vec(token_ce(lp.clone(), targets.clone()));
+            let pred = lp
+                .argmax(1)
+                .reshape([batch.n])
+                .into_data()
+                .convert::<i64>()
+                .try_into_vec::<i64>()
+                .unwrap_or_default();
+            (ce, pred)
+        }
+    };
+    let target_ids: Vec<i64> = targets
+        .into_data()
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .unwrap_or_default();
+    let correct = pred.iter().zip(&target_ids).filter(|(a, b)| a == b).count();
     let mut c = StepCounters {
         tokens: batch.n,
-        correct: count_true(pred.equal(batch.targets.inner())),
+        correct,
         ce_sum: ce.iter().map(|&x| x as f64).sum(),
         weighted_sum: 0.0,
         ..Default::default()

@@ -216,10 +216,13 @@ pub fn evaluate<M: CausalLm>(
         mode: ytrainer_data::Mode::OnePass,
         ..opts.clone()
     };
+    // Evaluation needs no graph: a plain-device copy of the model (dropout off) on the plain device.
+    let model = model.valid();
+    let device = device.clone().inner();
     let mut total = StepCounters::default();
     for s in plan_epoch(examples, &opts, 0).unwrap_or_default() {
         for mb in &s.micro_batches {
-            total.merge(&eval_micro_batch(model, mb, zone_borders, device));
+            total.merge(&eval_micro_batch(&model, mb, zone_borders, &device));
         }
     }
     let loss = total.mean_ce();
