@@ -9,7 +9,7 @@ use ytrainer_core::config::{AdapterKind, RunConfig};
 use ytrainer_core::loss::{PairwiseObjective, Params};
 use ytrainer_core::model::CausalLm;
 use ytrainer_core::preference::{
-    PrefSetup, Reference, adapters_disabled, precompute_reference, train_pairs,
+    PrefSetup, Reference, base_reference, precompute_reference, train_pairs,
 };
 use ytrainer_data::{PairExample, PairRecord, load_pairs, tokenize_pair};
 use ytrainer_models::{AdapterSpec, load_peft_adapter, load_pretrained};
@@ -201,11 +201,10 @@ pub fn run(
     } else if pc.precompute_reference || cfg.adapter.kind == AdapterKind::Full {
         // For full fine-tuning the initial weights are the reference; computing their log-probs once avoids
         // keeping a second copy of the model.
-        let base = adapters_disabled(&model);
         let t = reference_cache(&out.join("reference_logps.json"), &pairs, || {
-            precompute_reference(&base, &pairs, micro, pad_id, &device)
+            base_reference(&model, &pairs, micro, pad_id, &device)
         })?;
-        let e = precompute_reference(&base, &eval_pairs, micro, pad_id, &device);
+        let e = base_reference(&model, &eval_pairs, micro, pad_id, &device);
         (Reference::Precomputed(t), Some(e))
     } else {
         (Reference::AdaptersDisabled, None)

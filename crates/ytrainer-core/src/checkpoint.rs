@@ -230,14 +230,6 @@ pub fn read_safetensors(path: &Path) -> Result<TensorMap, CheckpointError> {
     Ok(out)
 }
 
-fn vec_of(t: &Tensor<1>) -> Vec<f32> {
-    t.clone()
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .unwrap_or_default()
-}
-
 /// Writes `dir` atomically: parameters, optimizer moments, trainer state, and any extra files produced by
 /// `extra` (called with the temporary directory, e.g. to export a PEFT adapter next to the state).
 pub fn save<M: Module>(
@@ -271,8 +263,14 @@ pub fn save<M: Module>(
     let mut moments = BTreeMap::new();
     for (k, (m, v)) in &optim.moments {
         let n = m.dims()[0];
-        moments.insert(format!("{k}.exp_avg"), (vec![n], vec_of(m)));
-        moments.insert(format!("{k}.exp_avg_sq"), (vec![n], vec_of(v)));
+        moments.insert(
+            format!("{k}.exp_avg"),
+            (vec![n], crate::loss::tensor_to_vec(m.clone())),
+        );
+        moments.insert(
+            format!("{k}.exp_avg_sq"),
+            (vec![n], crate::loss::tensor_to_vec(v.clone())),
+        );
     }
     write_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
     let state_json = serde_json::json!({ "trainer": state, "optimizer_step": optim.step });

@@ -38,13 +38,6 @@ pub fn logits(h: Tensor<2>, w: &Tensor<2>, layout: HeadLayout) -> Tensor<2> {
     }
 }
 
-fn host_f32(t: Tensor<1>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .unwrap_or_default()
-}
-
 fn host_i64(t: Tensor<1, Int>) -> Vec<i64> {
     t.into_data()
         .convert::<i64>()
@@ -107,13 +100,16 @@ pub fn head_forward(
         let lse = shifted.clone().exp().sum_dim(1).log();
         let logp = shifted.sub(lse);
         let t = targets.clone().slice(start..end).reshape([m, 1]);
-        out.ce
-            .extend(host_f32(logp.clone().gather(1, t).reshape([m]).neg()));
+        out.ce.extend(crate::loss::tensor_to_vec(
+            logp.clone().gather(1, t).reshape([m]).neg(),
+        ));
         out.argmax
             .extend(host_i64(logp.clone().argmax(1).reshape([m])));
         if let Some(e) = out.entropy.as_mut() {
             let p = logp.clone().exp();
-            e.extend(host_f32(p.mul(logp).sum_dim(1).reshape([m]).neg()));
+            e.extend(crate::loss::tensor_to_vec(
+                p.mul(logp).sum_dim(1).reshape([m]).neg(),
+            ));
         }
         start = end;
     }
@@ -206,7 +202,7 @@ mod tests {
         let loss = ce.clone().mul(Tensor::from_inner(w.clone())).sum();
         let grads = loss.backward();
         let (gh, ge) = (ha.grad(&grads).unwrap(), ea.grad(&grads).unwrap());
-        let ce_ref = host_f32(ce.detach().inner());
+        let ce_ref = crate::loss::tensor_to_vec(ce.detach().inner());
         let _ = ad;
 
         for chunk in [1, 3, 100] {

@@ -7,7 +7,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::{Module, ModuleMapper, Param};
 use burn::prelude::*;
 use serde::Serialize;
 use ytrainer_data::{Example, MicroBatch, PairExample};
@@ -146,29 +145,6 @@ pub struct PrefSummary {
     pub seconds: f64,
 }
 
-/// A copy of `model` whose LoRA `B` matrices are zero: the base model's function, sharing the base weights.
-pub fn adapters_disabled<M: Module>(model: &M) -> M {
-    struct ZeroB {
-        path: Vec<String>,
-    }
-    impl ModuleMapper for ZeroB {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
-        }
-        fn map_float<const D: usize>(&mut self, p: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            if self.path.last().is_some_and(|n| n == "lora_b") {
-                p.map(|t| t.zeros_like())
-            } else {
-                p
-            }
-        }
-    }
-    model.clone().map(&mut ZeroB { path: Vec::new() })
-}
-
 /// Rows `[chosen_0..chosen_P, rejected_0..rejected_P]`, right-padded.
 pub fn pair_batch(pairs: &[&PairExample], pad_id: u32) -> MicroBatch {
     let rows: Vec<&Example> = pairs
@@ -228,6 +204,20 @@ pub fn sequence_log_probs<M: CausalLm>(
         .matmul(lp.clone().reshape([batch.n, 1]))
         .reshape([mb.batch]);
     (sums, counts, lp)
+}
+
+/// Reference log-probs of every pair from the model's base (its adapters switched off; the model itself when it
+/// has none, i.e. the initial weights of a full fine-tune), computed once.
+pub fn base_reference<M: CausalLm>(
+    model: &M,
+    pairs: &[PairExample],
+    micro_pairs: usize,
+    pad_id: u32,
+    device: &Device,
+) -> Vec<(f32, f32)> {
+    model
+        .adapters_disabled(|base| precompute_reference(base, pairs, micro_pairs, pad_id, device))
+        .unwrap_or_else(|| precompute_reference(model, pairs, micro_pairs, pad_id, device))
 }
 
 /// Reference log-probs of every pair, computed once (no gradient).
@@ -340,8 +330,10 @@ fn pair_micro_batch<M: CausalLm>(
             )
         }
         (_, None) => {
-            let base = adapters_disabled(model);
-            let (s, _, _) = sequence_log_probs(&base, &mb, device);
+            // The base model: the policy with its LoRA branches switched off (no second copy of the weights).
+            let (s, _, _) = model
+                .adapters_disabled(|base| sequence_log_probs(base, &mb, device))
+                .unwrap_or_else(|| sequence_log_probs(model, &mb, device));
             let s = Tensor::from_inner(s.detach().inner());
             (Some(s.clone().slice(0..p)), Some(s.slice(p..2 * p)))
         }
