@@ -4,6 +4,7 @@ pub use burn;
 
 pub mod checkpoint;
 pub mod config;
+pub mod cpu;
 pub mod device;
 pub mod external;
 pub mod lm_loss;

@@ -8,7 +8,9 @@
 
 use burn::prelude::*;
 use burn::tensor::IndexingUpdateOp;
-use burn::tensor::activation::softmax;
+use burn::tensor::activation::log_softmax;
+
+use crate::cpu::RowStats;
 
 /// Per-token statistics of a chunked forward pass.
 #[derive(Debug, Clone, Default)]
@@ -45,26 +47,86 @@ fn host_i64(t: Tensor<1, Int>) -> Vec<i64> {
         .unwrap_or_default()
 }
 
-/// Gradients of `sum_i weights_i * CE_i` from already computed log-probabilities `lp` `[N, vocab]` (plain
-/// tensors): `dh` `[N, hidden]`, and the head weight's gradient (in the weight's layout) when `head_grad`.
-/// `G = (softmax - onehot) * w`; `dh = G W` (vocab-major) and `dW = G^T h`.
-pub fn head_grads(
+/// Logits `[N, vocab]` held in host memory (the CPU backend) with the statistics of every row, so CE, entropy,
+/// argmax and later the gradient come from one vectorised pass each instead of a chain of tensor ops
+/// (see [`crate::cpu`]).
+pub struct HostLogits {
+    logits: burn_flex::FlexTensor,
+    vocab: usize,
+    targets: Vec<usize>,
+    /// Per-row statistics (CE, log-sum-exp, argmax, entropy when asked for).
+    pub stats: Vec<RowStats>,
+}
+
+impl HostLogits {
+    /// Takes `logits` when they live on the CPU backend as contiguous f32; gives them back otherwise (another
+    /// backend or dtype keeps the tensor path).
+    // Handing the tensor back (once per micro-batch) is the point of the error variant; boxing it buys nothing.
+    #[allow(clippy::result_large_err)]
+    pub fn try_new(
+        logits: Tensor<2>,
+        targets: &[usize],
+        with_entropy: bool,
+    ) -> Result<Self, Tensor<2>> {
+        let [n, vocab] = logits.dims();
+        let Ok(flex) = logits.clone().try_into_primitive::<burn_flex::Flex>() else {
+            return Err(logits);
+        };
+        let stats = match flex.as_slice::<f32>() {
+            Some(slice) if n == targets.len() && targets.iter().all(|&t| t < vocab) => {
+                crate::cpu::row_stats(slice, vocab, targets, with_entropy)
+            }
+            _ => return Err(logits),
+        };
+        drop(logits);
+        Ok(Self {
+            logits: flex,
+            vocab,
+            targets: targets.to_vec(),
+            stats,
+        })
+    }
+
+    /// Log-probabilities as a tensor (only for plugins that need more than the per-row statistics).
+    pub fn log_probs(&self) -> Tensor<2> {
+        let n = self.targets.len();
+        let logits = Tensor::<2>::from_primitive::<burn_flex::Flex>(self.logits.clone());
+        let lse: Vec<f32> = self.stats.iter().map(|s| s.lse).collect();
+        let lse = Tensor::<1>::from_data(TensorData::new(lse, [n]), &logits.device());
+        logits.sub(lse.reshape([n, 1]))
+    }
+
+    /// The gradient of `sum_i weights_i * CE_i` with respect to the logits, `(softmax - onehot) * w`, computed in
+    /// place in the logits' buffer.
+    pub fn into_grad(mut self, weights: &[f32]) -> Tensor<2> {
+        let buf = self.logits.storage_mut::<f32>();
+        crate::cpu::softmax_ce_grad_inplace(buf, self.vocab, &self.targets, &self.stats, weights);
+        Tensor::from_primitive::<burn_flex::Flex>(self.logits)
+    }
+}
+
+/// `(softmax - onehot) * w` from log-probabilities `lp` `[N, vocab]` (the tensor path of [`HostLogits::into_grad`]).
+pub fn ce_grad_from_log_probs(
     lp: Tensor<2>,
     targets: Tensor<1, Int>,
     weights: Tensor<1>,
+) -> Tensor<2> {
+    let n = targets.dims()[0];
+    let wc = weights.reshape([n, 1]);
+    lp.exp()
+        .mul(wc.clone())
+        .scatter(1, targets.reshape([n, 1]), wc.neg(), IndexingUpdateOp::Add)
+}
+
+/// Back through the head from the logits' gradient `g` `[N, vocab]`: `dh` `[N, hidden]`, and the head weight's
+/// gradient (in the weight's layout) when `head_grad`. `dh = G W` (vocab-major) and `dW = G^T h`.
+pub fn head_grads(
+    g: Tensor<2>,
     h: Tensor<2>,
     w: &Tensor<2>,
     layout: HeadLayout,
     head_grad: bool,
 ) -> (Tensor<2>, Option<Tensor<2>>) {
-    let n = targets.dims()[0];
-    let wc = weights.reshape([n, 1]);
-    let g = lp.exp().mul(wc.clone()).scatter(
-        1,
-        targets.reshape([n, 1]),
-        wc.neg(),
-        IndexingUpdateOp::Add,
-    );
     let dh = match layout {
         HeadLayout::VocabMajor => g.clone().matmul(w.clone()),
         HeadLayout::HiddenMajor => g.clone().matmul(w.clone().transpose()),
@@ -76,7 +138,8 @@ pub fn head_grads(
     (dh, dw)
 }
 
-/// Forward statistics: CE (and entropy) per target row of `h` (`[N, hidden]`, plain tensors).
+/// Forward statistics: CE (and entropy) per target row of `h` (`[N, hidden]`, plain tensors), `chunk` rows of
+/// logits at a time.
 pub fn head_forward(
     h: &Tensor<2>,
     w: &Tensor<2>,
@@ -86,6 +149,10 @@ pub fn head_forward(
     chunk: usize,
 ) -> HeadStats {
     let n = h.dims()[0];
+    let target_ids: Vec<usize> = host_i64(targets.clone())
+        .iter()
+        .map(|&t| t as usize)
+        .collect();
     let mut out = HeadStats {
         entropy: need_entropy.then(Vec::new),
         ..Default::default()
@@ -94,69 +161,36 @@ pub fn head_forward(
     while start < n {
         let end = (start + chunk.max(1)).min(n);
         let z = logits(h.clone().slice(start..end), w, layout);
-        let m = end - start;
-        let max = z.clone().max_dim(1);
-        let shifted = z.sub(max);
-        let lse = shifted.clone().exp().sum_dim(1).log();
-        let logp = shifted.sub(lse);
-        let t = targets.clone().slice(start..end).reshape([m, 1]);
-        out.ce.extend(crate::loss::tensor_to_vec(
-            logp.clone().gather(1, t).reshape([m]).neg(),
-        ));
-        out.argmax
-            .extend(host_i64(logp.clone().argmax(1).reshape([m])));
-        if let Some(e) = out.entropy.as_mut() {
-            let p = logp.clone().exp();
-            e.extend(crate::loss::tensor_to_vec(
-                p.mul(logp).sum_dim(1).reshape([m]).neg(),
-            ));
+        match HostLogits::try_new(z, &target_ids[start..end], need_entropy) {
+            Ok(host) => {
+                for s in &host.stats {
+                    out.ce.push(s.ce);
+                    out.argmax.push(s.argmax as i64);
+                    if let Some(e) = out.entropy.as_mut() {
+                        e.push(s.entropy);
+                    }
+                }
+            }
+            Err(z) => {
+                let m = end - start;
+                let logp = log_softmax(z, 1);
+                let t = targets.clone().slice(start..end).reshape([m, 1]);
+                out.ce.extend(crate::loss::tensor_to_vec(
+                    logp.clone().gather(1, t).reshape([m]).neg(),
+                ));
+                out.argmax
+                    .extend(host_i64(logp.clone().argmax(1).reshape([m])));
+                if let Some(e) = out.entropy.as_mut() {
+                    let p = logp.clone().exp();
+                    e.extend(crate::loss::tensor_to_vec(
+                        p.mul(logp).sum_dim(1).reshape([m]).neg(),
+                    ));
+                }
+            }
         }
         start = end;
     }
     out
-}
-
-/// Gradients of `sum_i weights_i * CE_i`: `dh` `[N, hidden]` and the head weight's gradient in its own layout.
-pub fn head_backward(
-    h: &Tensor<2>,
-    w: &Tensor<2>,
-    layout: HeadLayout,
-    targets: &Tensor<1, Int>,
-    weights: &Tensor<1>,
-    chunk: usize,
-) -> (Tensor<2>, Tensor<2>) {
-    let [n, _] = h.dims();
-    let mut dh_parts = Vec::new();
-    let mut dw: Option<Tensor<2>> = None;
-    let mut start = 0;
-    while start < n {
-        let end = (start + chunk.max(1)).min(n);
-        let m = end - start;
-        let hc = h.clone().slice(start..end);
-        let p = softmax(logits(hc.clone(), w, layout), 1);
-        let t = targets.clone().slice(start..end).reshape([m, 1]);
-        let wc = weights.clone().slice(start..end).reshape([m, 1]);
-        // (softmax - onehot) * w, with the onehot subtracted in place at the target columns.
-        let g = p
-            .mul(wc.clone())
-            .scatter(1, t, wc.neg(), IndexingUpdateOp::Add);
-        let (dh, dwc) = match layout {
-            HeadLayout::VocabMajor => (g.clone().matmul(w.clone()), g.transpose().matmul(hc)),
-            HeadLayout::HiddenMajor => (
-                g.clone().matmul(w.clone().transpose()),
-                hc.transpose().matmul(g),
-            ),
-        };
-        dh_parts.push(dh);
-        dw = Some(match dw {
-            Some(acc) => acc.add(dwc),
-            None => dwc,
-        });
-        start = end;
-    }
-    let dh = Tensor::cat(dh_parts, 0);
-    let dw = dw.unwrap_or_else(|| w.zeros_like());
-    (dh, dw)
 }
 
 #[cfg(test)]
@@ -205,27 +239,45 @@ mod tests {
         let ce_ref = crate::loss::tensor_to_vec(ce.detach().inner());
         let _ = ad;
 
+        let diff =
+            |a: Tensor<2>, b: Tensor<2>| -> f32 { a.sub(b).abs().max().into_scalar::<f32>() };
         for chunk in [1, 3, 100] {
             let stats = head_forward(&h, &e, HeadLayout::VocabMajor, &targets, true, chunk);
             for (a, b) in stats.ce.iter().zip(&ce_ref) {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b}");
             }
-            let (dh, de) = head_backward(&h, &e, HeadLayout::VocabMajor, &targets, &w, chunk);
-            let diff =
-                |a: Tensor<2>, b: Tensor<2>| -> f32 { a.sub(b).abs().max().into_scalar::<f32>() };
+        }
+        let target_ids: Vec<usize> = host_i64(targets.clone())
+            .iter()
+            .map(|&t| t as usize)
+            .collect();
+        let w_host = crate::loss::tensor_to_vec(w.clone());
+        for layout in [HeadLayout::VocabMajor, HeadLayout::HiddenMajor] {
+            let wt = match layout {
+                HeadLayout::VocabMajor => e.clone(),
+                HeadLayout::HiddenMajor => e.clone().transpose(),
+            };
+            // The host kernel and the tensor path give the same logits gradient, and through the head the same
+            // gradients as autodiff.
+            let Ok(host) = HostLogits::try_new(logits(h.clone(), &wt, layout), &target_ids, false)
+            else {
+                panic!("CPU logits must take the host path");
+            };
+            for (s, r) in host.stats.iter().zip(&ce_ref) {
+                assert!((s.ce - r).abs() < 1e-5);
+            }
+            let g_host = host.into_grad(&w_host);
+            let lp = log_softmax(logits(h.clone(), &wt, layout), 1);
+            let g_tensor = ce_grad_from_log_probs(lp, targets.clone(), w.clone());
+            assert!(diff(g_host.clone(), g_tensor) < 1e-6);
+            let (dh, de) = head_grads(g_host, h.clone(), &wt, layout, true);
+            let de = de.expect("head gradient asked for");
             assert!(diff(dh, gh.clone()) < 1e-5);
+            let de = match layout {
+                HeadLayout::VocabMajor => de,
+                HeadLayout::HiddenMajor => de.transpose(),
+            };
             assert!(diff(de, ge.clone()) < 1e-5);
-            // the same head stored hidden-major
-            let (dh2, de2) = head_backward(
-                &h,
-                &e.clone().transpose(),
-                HeadLayout::HiddenMajor,
-                &targets,
-                &w,
-                chunk,
-            );
-            assert!(diff(dh2, gh.clone()) < 1e-5);
-            assert!(diff(de2.transpose(), ge.clone()) < 1e-5);
         }
     }
 }

@@ -9,6 +9,7 @@ use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use ytrainer_data::MicroBatch;
 
+use crate::lm_loss::HostLogits;
 use crate::loss::{TokenReweighter, TokenStats, tensor_to_vec};
 use crate::model::{CausalLm, ModelInput};
 use crate::optim::GradAccumulator;
@@ -83,6 +84,8 @@ pub struct DeviceBatch {
     pub rows: Tensor<1, Int>,
     /// Target ids, in the same order.
     pub targets: Tensor<1, Int>,
+    /// Target ids on the host, in the same order.
+    pub target_ids: Vec<usize>,
     /// Number of targets.
     pub n: usize,
     /// Position id of each target (host), in target order.
@@ -111,6 +114,7 @@ pub fn to_device(mb: &MicroBatch, device: &Device) -> DeviceBatch {
         }
     }
     let n = rows.len();
+    let target_ids = targets.iter().map(|&t| t as usize).collect();
     DeviceBatch {
         input: ModelInput {
             input_ids: int2(&mb.input_ids),
@@ -119,6 +123,7 @@ pub fn to_device(mb: &MicroBatch, device: &Device) -> DeviceBatch {
         },
         rows: Tensor::from_data(TensorData::new(rows, [n]), device),
         targets: Tensor::from_data(TensorData::new(targets, [n]), device),
+        target_ids,
         n,
         positions,
         samples,
@@ -194,7 +199,8 @@ pub fn train_micro_batch<M: CausalLm>(
     // gradient, see `lm_loss`); otherwise autodiff differentiates through `log_softmax`.
     let t_start = std::time::Instant::now();
     let mut t_head = t_start;
-    let (graph, detached_lp) = match model.lm_head_weight() {
+    let needs = plugin.needs();
+    let (graph, head_out) = match model.lm_head_weight() {
         Some(head) => {
             let hidden = model.hidden_states(&batch.input);
             // Flex computes eagerly, so reading a scalar here is a real phase boundary for the profile.
@@ -210,24 +216,51 @@ pub fn train_micro_batch<M: CausalLm>(
             let [b, t, h] = hidden.dims();
             let rows = hidden.reshape([b * t, h]).select(0, batch.rows.clone());
             let w = head.weight.clone().detach().inner();
-            let lp = log_softmax(
-                crate::lm_loss::logits(rows.clone().detach().inner(), &w, head.layout),
-                1,
-            );
-            (Graph::Fused { rows, head, w }, lp)
+            let z = crate::lm_loss::logits(rows.clone().detach().inner(), &w, head.layout);
+            let out = match HostLogits::try_new(z, &batch.target_ids, needs.entropy) {
+                Ok(host) => HeadOut::Host(host),
+                Err(z) => HeadOut::Tensor(log_softmax(z, 1)),
+            };
+            (Graph::Fused { rows, head, w }, out)
         }
         None => {
             let log_probs = target_log_probs(model, &batch);
             let lp = log_probs.clone().detach().inner();
             let ce = token_ce(log_probs, batch.targets.clone());
-            (Graph::Autodiff { ce }, lp)
+            (Graph::Autodiff { ce }, HeadOut::Tensor(lp))
         }
     };
-    let ce_host = tensor_to_vec(token_ce(detached_lp.clone(), batch.targets.clone().inner()));
-    let needs = plugin.needs();
-    let entropy = needs.entropy.then(|| entropy(detached_lp.clone()));
-    let top_k_entropy =
-        (needs.top_k_entropy > 0).then(|| top_k_entropy(detached_lp.clone(), needs.top_k_entropy));
+    // CE, entropy and argmax from the host statistics when the logits are on the CPU, else from log-probs.
+    let (ce_host, entropy, correct) = match &head_out {
+        HeadOut::Host(host) => {
+            let ce: Vec<f32> = host.stats.iter().map(|s| s.ce).collect();
+            let entropy = needs.entropy.then(|| {
+                let e: Vec<f32> = host.stats.iter().map(|s| s.entropy).collect();
+                Tensor::<1>::from_data(TensorData::new(e, [batch.n]), &device.clone().inner())
+            });
+            let correct = host
+                .stats
+                .iter()
+                .zip(&batch.target_ids)
+                .filter(|(s, t)| s.argmax as usize == **t)
+                .count();
+            (ce, entropy, correct)
+        }
+        HeadOut::Tensor(lp) => {
+            let ce = tensor_to_vec(token_ce(lp.clone(), batch.targets.clone().inner()));
+            let entropy = needs.entropy.then(|| entropy(lp.clone()));
+            let pred = lp.clone().argmax(1).reshape([batch.n]);
+            let correct = count_true(pred.equal(batch.targets.clone().inner()));
+            (ce, entropy, correct)
+        }
+    };
+    let top_k_entropy = (needs.top_k_entropy > 0).then(|| {
+        let lp = match &head_out {
+            HeadOut::Host(host) => host.log_probs(),
+            HeadOut::Tensor(lp) => lp.clone(),
+        };
+        top_k_entropy(lp, needs.top_k_entropy)
+    });
     let reference_loss = if needs.reference_loss {
         let r = model
             .adapters_disabled(|m| {
@@ -239,8 +272,6 @@ pub fn train_micro_batch<M: CausalLm>(
     } else {
         None
     };
-    let pred = detached_lp.clone().argmax(1).reshape([batch.n]);
-    let correct = count_true(pred.equal(batch.targets.clone().inner()));
 
     let mut counters = StepCounters {
         tokens: batch.n,
@@ -311,10 +342,14 @@ pub fn train_micro_batch<M: CausalLm>(
             head,
             w: head_w,
         } => {
+            let g = match head_out {
+                HeadOut::Host(host) => host.into_grad(&w_host),
+                HeadOut::Tensor(lp) => {
+                    crate::lm_loss::ce_grad_from_log_probs(lp, batch.targets.clone().inner(), w)
+                }
+            };
             let (dh, dw) = crate::lm_loss::head_grads(
-                detached_lp,
-                batch.targets.clone().inner(),
-                w,
+                g,
                 rows.clone().detach().inner(),
                 &head_w,
                 head.layout,
@@ -359,6 +394,13 @@ pub fn profile_start() {
 /// Seconds spent so far in `[body forward, LM head + CE + plugin, backward, whole micro-batch]`.
 pub fn profile_read() -> [f64; 4] {
     PHASES.with(|p| p.borrow().unwrap_or([0.0; 4]))
+}
+
+/// The head's output for one micro-batch: host statistics (CPU) or log-probabilities (other backends, or a model
+/// whose head autodiff differentiates).
+enum HeadOut {
+    Host(HostLogits),
+    Tensor(Tensor<2>),
 }
 
 /// How the loss's gradient reaches the model.

@@ -268,7 +268,7 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn forward(&self, x: Tensor<3>, rope: &Rope, bias: &Tensor<4>) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, ctx: &AttnContext) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let mut q = self.q_proj.forward(x.clone()).reshape([b, t, h, d]);
@@ -278,16 +278,93 @@ impl Attention {
             q = qn.forward(q);
             k = kn.forward(k);
         }
+        if let Some(mask) = &ctx.fused
+            && let Some(out) = crate::attention::attention(&q, &k, &v, mask)
+        {
+            return self.o_proj.forward(out);
+        }
+        let rope = ctx.rope();
         let q = rope.apply(q.swap_dims(1, 2));
         let k = repeat_kv(rope.apply(k.swap_dims(1, 2)), h / kv);
         let v = repeat_kv(v.swap_dims(1, 2), h / kv);
         let scores = q
             .matmul(k.swap_dims(2, 3))
             .mul_scalar(1.0 / (d as f64).sqrt())
-            + bias.clone();
+            + ctx.bias().clone();
         let out = softmax(scores, 3).matmul(v); // [B, H, T, D]
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
+    }
+}
+
+/// What every layer's attention needs for one batch: the fused CPU kernel's host tables when it applies, else
+/// the RoPE tables and mask as tensors (built on first use, so the fused path never pays for them).
+pub struct AttnContext {
+    position_ids: Tensor<2, Int>,
+    segment_ids: Tensor<2, Int>,
+    inv_freq: Vec<f32>,
+    sliding_window: Option<usize>,
+    fused: Option<std::sync::Arc<crate::attention::AttnMask>>,
+    rope: std::cell::OnceCell<Rope>,
+    bias: std::cell::OnceCell<Tensor<4>>,
+}
+
+impl AttnContext {
+    /// `fused` asks for the CPU kernel; it is used when the batch lives on the CPU backend and its segments are
+    /// contiguous runs (always the case for ytrainer's packed batches). `YTRAINER_FUSED_ATTENTION=0` turns it off
+    /// (for A/B measurements and parity checks).
+    pub fn new(
+        input: &ModelInput,
+        inv_freq: &[f32],
+        sliding_window: Option<usize>,
+        fused: bool,
+    ) -> Self {
+        let on_cpu = {
+            use burn_autodiff::Autodiff;
+            use burn_flex::Flex;
+            let p = &input.position_ids;
+            p.clone().try_into_primitive::<Flex>().is_ok()
+                || p.clone().try_into_primitive::<Autodiff<Flex>>().is_ok()
+        };
+        let enabled =
+            fused && on_cpu && std::env::var("YTRAINER_FUSED_ATTENTION").as_deref() != Ok("0");
+        let fused = enabled
+            .then(|| {
+                let [b, t] = input.position_ids.dims();
+                let host = |x: &Tensor<2, Int>| -> Vec<i64> {
+                    x.clone()
+                        .into_data()
+                        .convert::<i64>()
+                        .try_into_vec::<i64>()
+                        .unwrap_or_default()
+                };
+                let (pos, seg) = (host(&input.position_ids), host(&input.segment_ids));
+                if pos.len() != b * t || seg.len() != b * t {
+                    return None;
+                }
+                crate::attention::AttnMask::new(&pos, &seg, b, t, inv_freq, sliding_window)
+                    .map(std::sync::Arc::new)
+            })
+            .flatten();
+        Self {
+            position_ids: input.position_ids.clone(),
+            segment_ids: input.segment_ids.clone(),
+            inv_freq: inv_freq.to_vec(),
+            sliding_window,
+            fused,
+            rope: std::cell::OnceCell::new(),
+            bias: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn rope(&self) -> &Rope {
+        self.rope
+            .get_or_init(|| Rope::new(&self.position_ids, &self.inv_freq))
+    }
+
+    fn bias(&self) -> &Tensor<4> {
+        self.bias
+            .get_or_init(|| attention_bias(&self.segment_ids, self.sliding_window))
     }
 }
 
@@ -327,11 +404,8 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn forward(&self, x: Tensor<3>, rope: &Rope, bias: &Tensor<4>) -> Tensor<3> {
-        let x = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), rope, bias);
+    pub fn forward(&self, x: Tensor<3>, ctx: &AttnContext) -> Tensor<3> {
+        let x = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), ctx);
         x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
     }
 
@@ -553,11 +627,10 @@ pub(crate) fn check_lora_config(cfg: &crate::LoraConfig) -> Result<(), ModelErro
 
 impl CausalLm for Decoder {
     fn hidden_states(&self, input: &ModelInput) -> Tensor<3> {
-        let rope = Rope::new(&input.position_ids, &self.inv_freq);
-        let bias = attention_bias(&input.segment_ids, self.spec.sliding_window);
+        let ctx = AttnContext::new(input, &self.inv_freq, self.spec.sliding_window, true);
         let mut x = self.embed_tokens.forward(input.input_ids.clone());
         for layer in &self.layers {
-            x = layer.forward(x, &rope, &bias);
+            x = layer.forward(x, &ctx);
         }
         self.norm.forward(x)
     }

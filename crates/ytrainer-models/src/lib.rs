@@ -7,8 +7,10 @@
 //!   Python ecosystem.
 //!
 //! One file per concern: `config.rs` (config.json), `decoder.rs` (the shared network), `llama.rs` / `qwen2.rs` /
-//! `qwen3.rs` (how each architecture differs), `lora.rs`, `load.rs`, `save.rs`, `st.rs` (streaming safetensors).
+//! `qwen3.rs` (how each architecture differs), `attention.rs` (the fused CPU attention kernel), `lora.rs`, `load.rs`,
+//! `save.rs`, `st.rs` (streaming safetensors).
 
+pub mod attention;
 pub mod config;
 pub mod decoder;
 mod error;

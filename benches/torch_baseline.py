@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""PyTorch + PEFT baseline for `ytrainer bench`: the same shapes, trained the same way.
+
+Run manually (CI has no torch), alternating with `ytrainer bench` on an otherwise idle machine:
+
+    python3 -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch transformers peft
+    /tmp/torchenv/bin/python benches/torch_baseline.py --shape tiny --mode lora --steps 10
+
+What a step is (identical to `ytrainer bench`): one batch of B x T random token ids from a seeded stream, every
+position except the first of each row supervised (transformers shifts labels itself), fp32, forward + mean CE +
+backward + AdamW (lr 1e-4, no clipping). The model is a randomly initialised Qwen2 of the bench shape with tied
+embeddings; LoRA is r = 8, alpha = 16, dropout 0 on the seven projections (PEFT). Two untimed warm-up steps, then
+`--steps` timed ones. Prints one line (or one JSON object with --format json) in `ytrainer bench`'s vocabulary:
+tokens_per_s = B * T * steps / time of the timed steps, peak_rss_mb = the process's peak RSS.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+SHAPES = {
+    # vocab, hidden, intermediate, layers, heads, kv heads (crates/ytrainer-cli/src/bench.rs)
+    "tiny": (8192, 256, 704, 4, 4, 2),
+    "small": (16384, 512, 1408, 8, 8, 4),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--mode", choices=["lora", "full"], default="lora")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--attn", default="sdpa", help="transformers attn_implementation (sdpa or eager)")
+    ap.add_argument("--format", choices=["text", "json"], default="text")
+    a = ap.parse_args()
+
+    torch.manual_seed(0)
+    vocab, hidden, inter, layers, heads, kv = SHAPES[a.shape]
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+    )
+    config._attn_implementation = a.attn
+    model = Qwen2ForCausalLM(config)
+    if a.mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+    model.train()
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        ids = torch.randint(0, vocab, (a.batch, a.seq), generator=gen)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        return loss.item()
+
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        ce = step()
+        times.append(time.perf_counter() - t0)
+    total = sum(times)
+    result = {
+        "impl": "pytorch",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "shape": a.shape,
+        "mode": a.mode,
+        "batch": a.batch,
+        "seq": a.seq,
+        "steps": a.steps,
+        "tokens_per_s": round(a.batch * a.seq * a.steps / total, 2),
+        "median_step_s": round(statistics.median(times), 4),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "final_ce": round(ce, 4),
+    }
+    if a.format == "json":
+        print(json.dumps(result))
+    else:
+        print(
+            f"torch {a.shape}/{a.mode} batch {a.batch}x{a.seq}: {result['tokens_per_s']:.0f} tokens/s "
+            f"(median step {result['median_step_s']:.3f}s over {a.steps} steps), "
+            f"peak RSS {result['peak_rss_mb']:.0f} MiB, last CE {ce:.4f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,735 @@
+//! Causal self-attention on the CPU as one fused operation with its own backward pass.
+//!
+//! Written with tensor ops, attention is ~25 autodiff nodes per layer (RoPE's narrow/neg/cat/mul, the KV-head
+//! expansion, transposes, the mask add, a softmax split into exp/sum/div, two batched matmuls), each a full pass over
+//! memory and most of them single-threaded on Flex. Here one kernel applies RoPE, runs the scores, masked softmax and
+//! weighted sum per (batch, head) on rayon's pool, reads grouped KV heads in place (no expansion), skips the key
+//! blocks that causality hides, and keeps only the log-sum-exp per query for the backward pass (the probabilities
+//! are recomputed there, as FlashAttention does), so memory stays O(T·D) instead of O(T²) per head.
+//!
+//! The math is transformers' eager attention: `softmax(rope(q) rope(k)^T / sqrt(d) + mask) v`, with the mask of
+//! [`crate::decoder::attention_bias`] (same segment, causal, optional sliding window). The tensor implementation in
+//! `decoder.rs` remains the reference and the path for other backends; `tests/attention.rs`-style parity is in this
+//! file's tests (values and gradients against it).
+
+use std::sync::Arc;
+
+use burn::prelude::*;
+use burn_autodiff::Autodiff;
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_flex::{Flex, FlexTensor};
+use rayon::prelude::*;
+use ytrainer_core::cpu;
+
+/// Query rows per block of the causal tiling: a block of queries only needs the keys up to its last row.
+const BLOCK: usize = 64;
+
+/// The per-batch facts the kernel needs besides q, k and v, in host memory: RoPE tables and the visible key range
+/// of every query.
+#[derive(Debug)]
+pub struct AttnMask {
+    batch: usize,
+    seq: usize,
+    half: usize,
+    /// `cos(position * inv_freq[i])`, `[B * T, head_dim / 2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// First visible key of each query, `[B * T]`; the last is the query itself.
+    start: Vec<usize>,
+}
+
+impl AttnMask {
+    /// Builds the tables, or `None` when a segment id appears in more than one run within a row (the kernel
+    /// assumes packed, contiguous segments; the tensor path handles any layout).
+    pub fn new(
+        positions: &[i64],
+        segments: &[i64],
+        batch: usize,
+        seq: usize,
+        inv_freq: &[f32],
+        window: Option<usize>,
+    ) -> Option<Self> {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(batch * seq * half);
+        let mut sin = Vec::with_capacity(batch * seq * half);
+        for &p in positions {
+            for &f in inv_freq {
+                // Same rounding as the tensor path: the angle in f32, then cos/sin in f32.
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let mut start = vec![0usize; batch * seq];
+        for b in 0..batch {
+            let row = &segments[b * seq..(b + 1) * seq];
+            let mut seen = std::collections::HashSet::new();
+            let mut run_start = 0;
+            for i in 0..seq {
+                if i > 0 && row[i] != row[i - 1] {
+                    run_start = i;
+                }
+                if i == run_start && !seen.insert(row[i]) {
+                    return None;
+                }
+                let w = window.map_or(0, |w| (i + 1).saturating_sub(w.max(1)));
+                start[b * seq + i] = run_start.max(w);
+            }
+        }
+        Some(Self {
+            batch,
+            seq,
+            half,
+            cos,
+            sin,
+            start,
+        })
+    }
+}
+
+/// Attention over `q` `[B, T, H, D]`, `k`, `v` `[B, T, KV, D]` (before RoPE), giving `[B, T, H * D]`; `None` when
+/// the tensors are not on the CPU backend (the caller then uses the tensor implementation).
+pub fn attention(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+    mask: &Arc<AttnMask>,
+) -> Option<Tensor<3>> {
+    let [b, t, h, d] = q.dims();
+    let kv = k.dims()[2];
+    if b != mask.batch || t != mask.seq || d != 2 * mask.half || kv == 0 || h % kv != 0 {
+        return None;
+    }
+    let dims = Dims { b, t, h, kv, d };
+    if let (Ok(qa), Ok(ka), Ok(va)) = (
+        q.clone().try_into_primitive::<Autodiff<Flex>>(),
+        k.clone().try_into_primitive::<Autodiff<Flex>>(),
+        v.clone().try_into_primitive::<Autodiff<Flex>>(),
+    ) {
+        let out = match AttnBackward
+            .prepare::<burn_autodiff::checkpoint::strategy::NoCheckpointing>([
+                qa.node(),
+                ka.node(),
+                va.node(),
+            ])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (saved, out) =
+                    forward(dims, qa.primitive(), ka.primitive(), va.primitive(), mask)?;
+                prep.finish(Arc::new(saved), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (_, out) = forward(dims, qa.primitive(), ka.primitive(), va.primitive(), mask)?;
+                prep.finish(out)
+            }
+        };
+        return Some(Tensor::from_primitive::<Autodiff<Flex>>(out));
+    }
+    let (qf, kf, vf) = (
+        q.clone().try_into_primitive::<Flex>().ok()?,
+        k.clone().try_into_primitive::<Flex>().ok()?,
+        v.clone().try_into_primitive::<Flex>().ok()?,
+    );
+    let (_, out) = forward(dims, &qf, &kf, &vf, mask)?;
+    Some(Tensor::from_primitive::<Flex>(out))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    h: usize,
+    kv: usize,
+    d: usize,
+}
+
+/// What the backward pass needs: rotated and scaled queries `[B, H, T, D]`, rotated keys and values
+/// `[B, KV, T, D]` and the log-sum-exp of every query `[B, H, T]`.
+#[derive(Debug)]
+struct Saved {
+    qs: Vec<f32>,
+    kr: Vec<f32>,
+    vt: Vec<f32>,
+    lse: Vec<f32>,
+    scale: f32,
+    mask: Arc<AttnMask>,
+}
+
+/// f32 host view of a Flex tensor (copied only when it is not contiguous).
+fn host(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
+    match t.as_slice::<f32>() {
+        Some(s) => Some(std::borrow::Cow::Borrowed(s)),
+        None => {
+            let c = t.to_contiguous();
+            c.as_slice::<f32>()
+                .map(|s| std::borrow::Cow::Owned(s.to_vec()))
+        }
+    }
+}
+
+/// `x * cos + rotate_half(x) * sin` of one head vector.
+#[inline]
+fn rope_row(src: &[f32], dst: &mut [f32], cos: &[f32], sin: &[f32], scale: f32) {
+    let half = cos.len();
+    for i in 0..half {
+        let (x1, x2) = (src[i], src[i + half]);
+        dst[i] = (x1 * cos[i] - x2 * sin[i]) * scale;
+        dst[i + half] = (x2 * cos[i] + x1 * sin[i]) * scale;
+    }
+}
+
+/// The transpose of [`rope_row`]: the gradient with respect to the unrotated vector.
+#[inline]
+fn rope_row_backward(g: &[f32], dst: &mut [f32], cos: &[f32], sin: &[f32], scale: f32) {
+    let half = cos.len();
+    for i in 0..half {
+        let (g1, g2) = (g[i], g[i + half]);
+        dst[i] = (g1 * cos[i] + g2 * sin[i]) * scale;
+        dst[i + half] = (g2 * cos[i] - g1 * sin[i]) * scale;
+    }
+}
+
+/// `[B, T, heads, D]` -> `[B, heads, T, D]`, rotating (and scaling) each vector on the way when `rotate`.
+fn to_head_major(
+    x: &[f32],
+    heads: usize,
+    d: Dims,
+    mask: &AttnMask,
+    rotate: bool,
+    scale: f32,
+) -> Vec<f32> {
+    let (t, dd) = (d.t, d.d);
+    let mut out = vec![0.0f32; d.b * heads * t * dd];
+    out.par_chunks_mut(t * dd)
+        .enumerate()
+        .for_each(|(bh, dst)| {
+            let (b, hh) = (bh / heads, bh % heads);
+            for i in 0..t {
+                let src = &x[((b * t + i) * heads + hh) * dd..][..dd];
+                let row = &mut dst[i * dd..(i + 1) * dd];
+                if rotate {
+                    let r = (b * t + i) * mask.half;
+                    rope_row(
+                        src,
+                        row,
+                        &mask.cos[r..r + mask.half],
+                        &mask.sin[r..r + mask.half],
+                        scale,
+                    );
+                } else {
+                    row.copy_from_slice(src);
+                }
+            }
+        });
+    out
+}
+
+/// `dst (m x n, row stride dst_rs) = [dst +] a (m x k) · b (k x n)`, strided operands, single-threaded (the
+/// kernels parallelise over heads).
+///
+/// # Safety
+/// Every index `i * rs + j * cs` of each operand within its `m/k/n` extent must lie inside the buffer the pointer
+/// comes from; callers pass pointers into slices whose lengths cover those extents.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    // SAFETY: the caller guarantees the extents; gemm computes dst = 1·dst + 1·a·b (or a·b when not reading dst).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            a,
+            a_cs as isize,
+            a_rs as isize,
+            b,
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Scores of one block of queries `[r0, r1)` against keys `[c0, r1)`, masked and turned into probabilities (the
+/// `lse` of each row is written when `lse_out`, else read from `lse_in`).
+#[allow(clippy::too_many_arguments)]
+fn block_probs(
+    s: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    dd: usize,
+    r0: usize,
+    r1: usize,
+    c0: usize,
+    starts: &[usize],
+    lse: &mut [f32],
+    write_lse: bool,
+) {
+    let nc = r1 - c0;
+    let rb = r1 - r0;
+    // SAFETY: q rows r0..r1 and k rows c0..r1 (each dd wide) lie inside the per-head slices; s holds rb x nc.
+    unsafe {
+        mm(
+            rb,
+            nc,
+            dd,
+            s.as_mut_ptr(),
+            nc,
+            false,
+            q[r0 * dd..].as_ptr(),
+            dd,
+            1,
+            k[c0 * dd..].as_ptr(),
+            1,
+            dd,
+        );
+    }
+    for (ri, i) in (r0..r1).enumerate() {
+        let row = &mut s[ri * nc..(ri + 1) * nc];
+        let lo = starts[i].max(c0) - c0;
+        let hi = i + 1 - c0;
+        row[..lo].fill(f32::NEG_INFINITY);
+        row[hi..].fill(f32::NEG_INFINITY);
+        if write_lse {
+            lse[i] = cpu::softmax_inplace(row);
+        } else {
+            cpu::exp_shifted_inplace(row, lse[i]);
+        }
+    }
+}
+
+fn forward(
+    d: Dims,
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    mask: &Arc<AttnMask>,
+) -> Option<(Saved, FlexTensor)> {
+    let (q, k, v) = (host(q)?, host(k)?, host(v)?);
+    let (t, dd, h, kv) = (d.t, d.d, d.h, d.kv);
+    let scale = 1.0 / (dd as f32).sqrt();
+    let qs = to_head_major(&q, h, d, mask, true, scale);
+    let kr = to_head_major(&k, kv, d, mask, true, 1.0);
+    let vt = to_head_major(&v, kv, d, mask, false, 1.0);
+    let group = h / kv;
+    let mut lse = vec![0.0f32; d.b * h * t];
+    // Per (b, h): the output rows in head-major order; scattered to [B, T, H, D] below.
+    let mut o_hm = vec![0.0f32; d.b * h * t * dd];
+    o_hm.par_chunks_mut(t * dd)
+        .zip(lse.par_chunks_mut(t))
+        .enumerate()
+        .for_each(|(bh, (o, lse))| {
+            let (b, hh) = (bh / h, bh % h);
+            let qh = &qs[bh * t * dd..(bh + 1) * t * dd];
+            let kvh = b * kv + hh / group;
+            let kh = &kr[kvh * t * dd..(kvh + 1) * t * dd];
+            let vh = &vt[kvh * t * dd..(kvh + 1) * t * dd];
+            let starts = &mask.start[b * t..(b + 1) * t];
+            let mut s = vec![0.0f32; BLOCK * t];
+            for r0 in (0..t).step_by(BLOCK) {
+                let r1 = (r0 + BLOCK).min(t);
+                let c0 = starts[r0..r1].iter().copied().min().unwrap_or(0);
+                let nc = r1 - c0;
+                block_probs(&mut s, qh, kh, dd, r0, r1, c0, starts, lse, true);
+                // SAFETY: s holds (r1-r0) x nc probabilities, v rows c0..r1 and o rows r0..r1 are in bounds.
+                unsafe {
+                    mm(
+                        r1 - r0,
+                        dd,
+                        nc,
+                        o[r0 * dd..].as_mut_ptr(),
+                        dd,
+                        false,
+                        s.as_ptr(),
+                        nc,
+                        1,
+                        vh[c0 * dd..].as_ptr(),
+                        dd,
+                        1,
+                    );
+                }
+            }
+        });
+    let mut out = vec![0.0f32; d.b * t * h * dd];
+    out.par_chunks_mut(h * dd)
+        .enumerate()
+        .for_each(|(bt, dst)| {
+            let (b, i) = (bt / t, bt % t);
+            for hh in 0..h {
+                let src = &o_hm[((b * h + hh) * t + i) * dd..][..dd];
+                dst[hh * dd..(hh + 1) * dd].copy_from_slice(src);
+            }
+        });
+    let out = FlexTensor::from_data(TensorData::new(out, [d.b, t, h * dd]));
+    Some((
+        Saved {
+            qs,
+            kr,
+            vt,
+            lse,
+            scale,
+            mask: mask.clone(),
+        },
+        out,
+    ))
+}
+
+/// Gradients with respect to q, k, v (before RoPE, in their `[B, T, heads, D]` layouts) from the output's gradient.
+fn backward(d: Dims, s: &Saved, grad: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (t, dd, h, kv) = (d.t, d.d, d.h, d.kv);
+    let group = h / kv;
+    let mask = &s.mask;
+    // Per (b, h): dQs, dK, dV in head-major [T, D] (dK and dV summed over each KV group afterwards).
+    let per_head: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..d.b * h)
+        .into_par_iter()
+        .map(|bh| {
+            let (b, hh) = (bh / h, bh % h);
+            let qh = &s.qs[bh * t * dd..(bh + 1) * t * dd];
+            let kvh = b * kv + hh / group;
+            let kh = &s.kr[kvh * t * dd..(kvh + 1) * t * dd];
+            let vh = &s.vt[kvh * t * dd..(kvh + 1) * t * dd];
+            let starts = &mask.start[b * t..(b + 1) * t];
+            let mut lse = s.lse[bh * t..(bh + 1) * t].to_vec();
+            // dO of this head, gathered to [T, D].
+            let mut go = vec![0.0f32; t * dd];
+            for i in 0..t {
+                go[i * dd..(i + 1) * dd]
+                    .copy_from_slice(&grad[((b * t + i) * h + hh) * dd..][..dd]);
+            }
+            let mut dq = vec![0.0f32; t * dd];
+            let mut dk = vec![0.0f32; t * dd];
+            let mut dv = vec![0.0f32; t * dd];
+            let mut p = vec![0.0f32; BLOCK * t];
+            let mut dp = vec![0.0f32; BLOCK * t];
+            for r0 in (0..t).step_by(BLOCK) {
+                let r1 = (r0 + BLOCK).min(t);
+                let rb = r1 - r0;
+                let c0 = starts[r0..r1].iter().copied().min().unwrap_or(0);
+                let nc = r1 - c0;
+                block_probs(&mut p, qh, kh, dd, r0, r1, c0, starts, &mut lse, false);
+                // SAFETY (all four products): the blocks are rb x nc, operand rows r0..r1 / c0..r1 of [T, D] slices.
+                unsafe {
+                    // dP = dO · V^T
+                    mm(
+                        rb,
+                        nc,
+                        dd,
+                        dp.as_mut_ptr(),
+                        nc,
+                        false,
+                        go[r0 * dd..].as_ptr(),
+                        dd,
+                        1,
+                        vh[c0 * dd..].as_ptr(),
+                        1,
+                        dd,
+                    );
+                }
+                for ri in 0..rb {
+                    let pr = &p[ri * nc..(ri + 1) * nc];
+                    let dpr = &mut dp[ri * nc..(ri + 1) * nc];
+                    let di = cpu::dot(pr, dpr);
+                    for (g, &pv) in dpr.iter_mut().zip(pr) {
+                        *g = pv * (*g - di);
+                    }
+                }
+                unsafe {
+                    // dQs = dS · K
+                    mm(
+                        rb,
+                        dd,
+                        nc,
+                        dq[r0 * dd..].as_mut_ptr(),
+                        dd,
+                        false,
+                        dp.as_ptr(),
+                        nc,
+                        1,
+                        kh[c0 * dd..].as_ptr(),
+                        dd,
+                        1,
+                    );
+                    // dK += dS^T · Qs
+                    mm(
+                        nc,
+                        dd,
+                        rb,
+                        dk[c0 * dd..].as_mut_ptr(),
+                        dd,
+                        true,
+                        dp.as_ptr(),
+                        1,
+                        nc,
+                        qh[r0 * dd..].as_ptr(),
+                        dd,
+                        1,
+                    );
+                    // dV += P^T · dO
+                    mm(
+                        nc,
+                        dd,
+                        rb,
+                        dv[c0 * dd..].as_mut_ptr(),
+                        dd,
+                        true,
+                        p.as_ptr(),
+                        1,
+                        nc,
+                        go[r0 * dd..].as_ptr(),
+                        dd,
+                        1,
+                    );
+                }
+            }
+            (dq, dk, dv)
+        })
+        .collect();
+
+    let half = mask.half;
+    let mut gq = vec![0.0f32; d.b * t * h * dd];
+    gq.par_chunks_mut(h * dd).enumerate().for_each(|(bt, dst)| {
+        let (b, i) = (bt / t, bt % t);
+        let r = bt * half;
+        let (cos, sin) = (&mask.cos[r..r + half], &mask.sin[r..r + half]);
+        for hh in 0..h {
+            let src = &per_head[b * h + hh].0[i * dd..(i + 1) * dd];
+            rope_row_backward(src, &mut dst[hh * dd..(hh + 1) * dd], cos, sin, s.scale);
+        }
+    });
+    let mut gk = vec![0.0f32; d.b * t * kv * dd];
+    let mut gv = vec![0.0f32; d.b * t * kv * dd];
+    gk.par_chunks_mut(kv * dd)
+        .zip(gv.par_chunks_mut(kv * dd))
+        .enumerate()
+        .for_each(|(bt, (dk, dv))| {
+            let (b, i) = (bt / t, bt % t);
+            let r = bt * half;
+            let (cos, sin) = (&mask.cos[r..r + half], &mask.sin[r..r + half]);
+            let mut acc = vec![0.0f32; dd];
+            for g in 0..kv {
+                acc.fill(0.0);
+                let dvg = &mut dv[g * dd..(g + 1) * dd];
+                for hh in g * group..(g + 1) * group {
+                    let (_, hk, hv) = &per_head[b * h + hh];
+                    for j in 0..dd {
+                        acc[j] += hk[i * dd + j];
+                        dvg[j] += hv[i * dd + j];
+                    }
+                }
+                rope_row_backward(&acc, &mut dk[g * dd..(g + 1) * dd], cos, sin, 1.0);
+            }
+        });
+    (gq, gk, gv)
+}
+
+#[derive(Debug)]
+struct AttnBackward;
+
+impl Backward<Flex, 3> for AttnBackward {
+    type State = Arc<Saved>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [nq, nk, nv] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let s = ops.state;
+        let [b, t, hd] = grad.layout().shape().dims::<3>();
+        let dd = 2 * s.mask.half;
+        let h = hd / dd;
+        let kv = s.kr.len() / (b * t * dd);
+        let d = Dims { b, t, h, kv, d: dd };
+        let g = host(&grad).expect("attention gradient is f32");
+        let (gq, gk, gv) = backward(d, &s, &g);
+        let tensor = |v: Vec<f32>, heads: usize| {
+            FlexTensor::from_data(TensorData::new(v, [b, t, heads, dd]))
+        };
+        if let Some(n) = nq {
+            grads.register::<Flex>(n.id, tensor(gq, h));
+        }
+        if let Some(n) = nk {
+            grads.register::<Flex>(n.id, tensor(gk, kv));
+        }
+        if let Some(n) = nv {
+            grads.register::<Flex>(n.id, tensor(gv, kv));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decoder::{Rope, attention_bias};
+    use burn::tensor::activation::softmax;
+
+    fn rand(shape: [usize; 4], seed: u64, device: &Device) -> Tensor<4> {
+        let mut x = seed;
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_data(TensorData::new(v, shape), device)
+    }
+
+    /// The tensor formulation `decoder.rs` uses on other backends (and used everywhere before the kernel).
+    fn reference(
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        pos: &Tensor<2, Int>,
+        seg: &Tensor<2, Int>,
+        inv: &[f32],
+        window: Option<usize>,
+    ) -> Tensor<3> {
+        let [b, t, h, d] = q.dims();
+        let kv = k.dims()[2];
+        let rope = Rope::new(pos, inv);
+        let rep = |x: Tensor<4>| {
+            let [b, kv, t, d] = x.dims();
+            x.unsqueeze_dim::<5>(2)
+                .expand([b, kv, h / kv, t, d])
+                .reshape([b, h, t, d])
+        };
+        let q = rope.apply(q.swap_dims(1, 2));
+        let k = rep(rope.apply(k.swap_dims(1, 2)));
+        let v = rep(v.swap_dims(1, 2));
+        let _ = kv;
+        let s = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (d as f64).sqrt())
+            + attention_bias(seg, window);
+        softmax(s, 3)
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([b, t, h * d])
+    }
+
+    fn max_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
+        a.sub(b).abs().max().into_scalar::<f32>()
+    }
+
+    /// Values and gradients equal the tensor formulation: grouped KV heads, two packed segments plus padding, a
+    /// sequence longer than one block, with and without a sliding window.
+    #[test]
+    fn matches_tensor_attention_values_and_gradients() {
+        let plain = Device::flex();
+        let ad = plain.clone().autodiff();
+        let (b, t, h, kv, d) = (2, 70, 4, 2, 8);
+        let inv: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
+            .collect();
+        // Row 0: one sequence; row 1: segments 1 (40 tokens), 2 (20 tokens), padding 0 (10 tokens).
+        let mut seg = vec![1i64; t];
+        seg.extend((0..t).map(|i| {
+            if i < 40 {
+                1
+            } else if i < 60 {
+                2
+            } else {
+                0
+            }
+        }));
+        let mut pos: Vec<i64> = (0..t as i64).collect();
+        pos.extend((0..t).map(|i| {
+            if i < 40 {
+                i as i64
+            } else if i < 60 {
+                i as i64 - 40
+            } else {
+                0
+            }
+        }));
+        let pos_t: Tensor<2, Int> = Tensor::from_data(TensorData::new(pos.clone(), [b, t]), &ad);
+        let seg_t: Tensor<2, Int> = Tensor::from_data(TensorData::new(seg.clone(), [b, t]), &ad);
+        let upstream =
+            Tensor::<3>::from_inner(rand([1, b, t, h * d], 9, &plain).reshape([b, t, h * d]));
+        for window in [None, Some(17)] {
+            let mask = Arc::new(
+                AttnMask::new(&pos, &seg, b, t, &inv, window).expect("contiguous segments"),
+            );
+            let (q0, k0, v0) = (
+                rand([b, t, h, d], 1, &plain),
+                rand([b, t, kv, d], 2, &plain),
+                rand([b, t, kv, d], 3, &plain),
+            );
+            let leaf = |x: &Tensor<4>| Tensor::<4>::from_inner(x.clone()).require_grad();
+            let (qa, ka, va) = (leaf(&q0), leaf(&k0), leaf(&v0));
+            let fused = attention(&qa, &ka, &va, &mask).expect("CPU tensors take the fused path");
+            let ga = fused.clone().mul(upstream.clone()).sum().backward();
+            let (qb, kb, vb) = (leaf(&q0), leaf(&k0), leaf(&v0));
+            let want = reference(
+                qb.clone(),
+                kb.clone(),
+                vb.clone(),
+                &pos_t,
+                &seg_t,
+                &inv,
+                window,
+            );
+            let gb = want.clone().mul(upstream.clone()).sum().backward();
+            let out_diff = fused.sub(want).abs().max().into_scalar::<f32>();
+            assert!(
+                out_diff < 1e-5,
+                "window {window:?}: outputs differ by {out_diff}"
+            );
+            for (name, a, r) in [("q", &qa, &qb), ("k", &ka, &kb), ("v", &va, &vb)] {
+                let diff = max_diff(
+                    Tensor::from_inner(a.grad(&ga).unwrap()),
+                    Tensor::from_inner(r.grad(&gb).unwrap()),
+                );
+                assert!(diff < 1e-5, "window {window:?}: d{name} differs by {diff}");
+            }
+            // Inference on the plain device takes the same kernel.
+            let plain_out =
+                attention(&q0, &k0, &v0, &mask).expect("plain CPU tensors take the fused path");
+            let diff = plain_out
+                .sub(fused_inner(&qa, &ka, &va, &mask))
+                .abs()
+                .max()
+                .into_scalar::<f32>();
+            assert_eq!(diff, 0.0);
+        }
+    }
+
+    fn fused_inner(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, mask: &Arc<AttnMask>) -> Tensor<3> {
+        attention(q, k, v, mask).unwrap().detach().inner()
+    }
+
+    #[test]
+    fn non_contiguous_segments_fall_back() {
+        // Segment 1 appears twice in the row: the kernel declines, the tensor path handles it.
+        assert!(AttnMask::new(&[0, 1, 0, 1], &[1, 1, 2, 1], 1, 4, &[1.0], None).is_none());
+        assert!(AttnMask::new(&[0, 1, 0, 1], &[1, 1, 2, 2], 1, 4, &[1.0], None).is_some());
+    }
+}
