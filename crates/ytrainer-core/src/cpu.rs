@@ -101,25 +101,29 @@ fn row_max(row: &[f32]) -> f32 {
 }
 
 /// `(sum_j e^(x_j - shift), sum_j e^(x_j - shift) (x_j - shift))`, the second only when `weighted`.
+///
+/// The exponentials go through a small stack buffer first: a plain map loop is what the compiler vectorises
+/// reliably (an `exp` inside a reduction loop stays scalar).
 #[inline(always)]
 fn exp_sums(row: &[f32], shift: f32, weighted: bool) -> (f32, f32) {
+    const TILE: usize = 64;
     let mut s = [0.0f32; LANES];
     let mut w = [0.0f32; LANES];
-    let chunks = row.chunks_exact(LANES);
+    let mut tmp = [0.0f32; TILE];
+    let chunks = row.chunks_exact(TILE);
     let tail = chunks.remainder();
-    if weighted {
-        for c in chunks {
-            for l in 0..LANES {
-                let d = c[l] - shift;
-                let e = exp_f32(d);
-                s[l] += e;
-                w[l] += e * d;
-            }
+    for c in chunks {
+        for (t, &x) in tmp.iter_mut().zip(c) {
+            *t = exp_f32(x - shift);
         }
-    } else {
-        for c in chunks {
+        for (e8, x8) in tmp.chunks_exact(LANES).zip(c.chunks_exact(LANES)) {
             for l in 0..LANES {
-                s[l] += exp_f32(c[l] - shift);
+                s[l] += e8[l];
+            }
+            if weighted {
+                for l in 0..LANES {
+                    w[l] += e8[l] * (x8[l] - shift);
+                }
             }
         }
     }

@@ -52,15 +52,24 @@ impl AttnMask {
         window: Option<usize>,
     ) -> Option<Self> {
         let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(batch * seq * half);
-        let mut sin = Vec::with_capacity(batch * seq * half);
-        for &p in positions {
+        // One table row per distinct position (rows of a batch share positions), then gathered per token.
+        let max_pos = positions.iter().copied().max().unwrap_or(0).max(0) as usize;
+        let mut table_cos = Vec::with_capacity((max_pos + 1) * half);
+        let mut table_sin = Vec::with_capacity((max_pos + 1) * half);
+        for p in 0..=max_pos {
             for &f in inv_freq {
                 // Same rounding as the tensor path: the angle in f32, then cos/sin in f32.
                 let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+                table_cos.push(a.cos());
+                table_sin.push(a.sin());
             }
+        }
+        let mut cos = Vec::with_capacity(batch * seq * half);
+        let mut sin = Vec::with_capacity(batch * seq * half);
+        for &p in positions {
+            let r = p.max(0) as usize * half;
+            cos.extend_from_slice(&table_cos[r..r + half]);
+            sin.extend_from_slice(&table_sin[r..r + half]);
         }
         let mut start = vec![0usize; batch * seq];
         for b in 0..batch {
