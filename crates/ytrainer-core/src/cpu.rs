@@ -59,8 +59,9 @@ macro_rules! dispatch {
     };
 }
 
+/// Whether this CPU runs the AVX2 + FMA builds of the kernels (detected once).
 #[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
+pub fn has_avx2() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))

@@ -23,6 +23,8 @@ use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 use ytrainer_core::cpu;
 
+use crate::fused::host;
+
 /// Query rows per block of the causal tiling: a block of queries only needs the keys up to its last row.
 const BLOCK: usize = 64;
 
@@ -166,18 +168,6 @@ struct Saved {
     lse: Vec<f32>,
     scale: f32,
     mask: Arc<AttnMask>,
-}
-
-/// f32 host view of a Flex tensor (copied only when it is not contiguous).
-fn host(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
-    match t.as_slice::<f32>() {
-        Some(s) => Some(std::borrow::Cow::Borrowed(s)),
-        None => {
-            let c = t.to_contiguous();
-            c.as_slice::<f32>()
-                .map(|s| std::borrow::Cow::Owned(s.to_vec()))
-        }
-    }
 }
 
 /// `x * cos + rotate_half(x) * sin` of one head vector.

@@ -180,6 +180,9 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        if let Some(y) = crate::fused::rms_norm(&x, &self.weight.val(), self.eps) {
+            return y;
+        }
         let rms = x
             .clone()
             .square()
@@ -311,8 +314,8 @@ pub struct AttnContext {
 
 impl AttnContext {
     /// `fused` asks for the CPU kernel; it is used when the batch lives on the CPU backend and its segments are
-    /// contiguous runs (always the case for ytrainer's packed batches). `YTRAINER_FUSED_ATTENTION=0` turns it off
-    /// (for A/B measurements and parity checks).
+    /// contiguous runs (always the case for ytrainer's packed batches). `YTRAINER_FUSED=0` turns it and the other
+    /// fused CPU ops off (for A/B measurements and parity checks).
     pub fn new(
         input: &ModelInput,
         inv_freq: &[f32],
@@ -389,8 +392,13 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = self.gate_proj.forward(x.clone());
+        let up = self.up_proj.forward(x);
+        let act = match crate::fused::swiglu(&gate, &up) {
+            Some(act) => act,
+            None => silu(gate) * up,
+        };
+        self.down_proj.forward(act)
     }
 }
 

@@ -7,14 +7,15 @@
 //!   Python ecosystem.
 //!
 //! One file per concern: `config.rs` (config.json), `decoder.rs` (the shared network), `llama.rs` / `qwen2.rs` /
-//! `qwen3.rs` (how each architecture differs), `attention.rs` (the fused CPU attention kernel), `lora.rs`, `load.rs`,
-//! `save.rs`, `st.rs` (streaming safetensors).
+//! `qwen3.rs` (how each architecture differs), `attention.rs` and `fused.rs` (fused CPU kernels with their own
+//! backward passes), `lora.rs`, `load.rs`, `save.rs`, `st.rs` (streaming safetensors).
 
 pub mod attention;
 pub mod config;
 pub mod decoder;
 mod error;
 pub mod export;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod llama;

@@ -179,8 +179,14 @@ impl LoraLinear {
                     Some(dropout) => dropout.forward(x.clone()),
                     None => x.clone(),
                 };
-                let update = linear(linear(h, a.val(), None), b.val(), None);
-                base(x) + update.mul_scalar(self.scaling)
+                // The scale goes on the thin `B` (`[r, out]`), not on the `[N, out]` update: same result, one
+                // full-size pass less forward and backward.
+                let update = linear(
+                    linear(h, a.val(), None),
+                    b.val().mul_scalar(self.scaling),
+                    None,
+                );
+                base(x) + update
             }
             _ => base(x),
         }
