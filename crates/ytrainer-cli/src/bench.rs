@@ -56,8 +56,15 @@ fn random_batch(b: usize, t: usize, vocab: usize, seed: u64) -> MicroBatch {
     }
 }
 
-/// Runs the benchmark and prints tokens/s and peak RSS.
-pub fn bench(a: BenchArgs) -> Result<()> {
+type Setup = (
+    ytrainer_models::Decoder,
+    Box<dyn ytrainer_core::loss::TokenReweighter>,
+    ytrainer_core::burn::prelude::Device,
+    usize,
+);
+
+/// The model (random, seed 0), the loss plugin and the device of a benchmark.
+fn setup(a: &BenchArgs) -> Result<Setup> {
     let config = shape_config(a.shape)?;
     let device = ytrainer_core::device::select(&a.device, 0).map_err(|e| anyhow!(e))?;
     let adapter = match a.mode {
@@ -68,7 +75,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             ..LoraConfig::default()
         }),
     };
-    let mut model = init_random(&config, 0, &adapter, &device)?;
+    let model = init_random(&config, 0, &adapter, &device)?;
     let registry = crate::plugins_cmd::registry(&[])?;
     let (loss, _) = registry.build(&a.loss, &Default::default())?;
     let LossFn::Token(plugin) = loss else {
@@ -77,9 +84,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             a.loss
         ));
     };
+    Ok((model, plugin, device, config.vocab_size))
+}
+
+/// Runs the benchmark and prints tokens/s and peak RSS.
+pub fn bench(a: BenchArgs) -> Result<()> {
+    if let Some(n) = a.windowed {
+        return bench_windowed(&a, n);
+    }
+    let (mut model, plugin, device, vocab) = setup(&a)?;
     let mut optim = AdamW::new(AdamWConfig::default());
     let mut acc = GradAccumulator::default();
-    let vocab = config.vocab_size;
     let warmup = 2;
     let mut step_times = Vec::new();
     let mut tokens = 0usize;
@@ -163,6 +178,96 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             plugin_us,
             a.batch * a.seq
         );
+    }
+    Ok(())
+}
+
+/// Windowed mode (`--windowed N`): one sample, `prompt` prompt tokens then `seq` answer tokens, its answer cut
+/// into windows of N targets, each window one forward/backward/AdamW step.
+///
+/// - **ytrainer**: the real planner (`plan_epoch` in windowed mode): each window's row ends at its last target
+///   (later tokens cannot influence it) and logits are computed only at the window's N positions.
+/// - **the seed's way**: every window runs the whole prompt + answer and full-vocabulary logits and softmax for
+///   every position, as the original does; the gradient is taken through all of them (the original masks the
+///   other positions' labels, which costs the same dense softmax backward). Its cost, not its numbers, is what
+///   is reproduced.
+fn bench_windowed(a: &BenchArgs, n: usize) -> Result<()> {
+    use ytrainer_data::batch::{BatchOptions, Mode, plan_epoch};
+    use ytrainer_data::tokenize::Example;
+    let (model, plugin, device, vocab) = setup(a)?;
+    let len = a.prompt + a.seq;
+    let ids = random_batch(1, len, vocab, 7).input_ids;
+    let targets: Vec<bool> = (0..len).map(|t| t >= a.prompt.max(1)).collect();
+    let example = Example::single(ids, targets, None);
+    let opts = BatchOptions {
+        seed: 0,
+        shuffle: false,
+        micro_batch_tokens: len,
+        max_micro_batch_size: 1,
+        tokens_per_step: n,
+        mode: Mode::Windowed { token_batch: n },
+        pad_id: 0,
+    };
+    let ours: Vec<MicroBatch> = plan_epoch(std::slice::from_ref(&example), &opts, 0)
+        .map_err(|e| anyhow!("{e}"))?
+        .into_iter()
+        .flat_map(|s| s.micro_batches)
+        .collect();
+    let full = MicroBatch {
+        batch: 1,
+        seq: len,
+        input_ids: example.input_ids.clone(),
+        position_ids: (0..len as u32).collect(),
+        segment_ids: vec![1; len],
+        target_mask: (0..len).map(|t| t > 0).collect(),
+        examples: vec![0],
+    };
+    let seed_way: Vec<MicroBatch> = ours.iter().map(|_| full.clone()).collect();
+    let run = |model: ytrainer_models::Decoder,
+               batches: &[MicroBatch]|
+     -> Result<(f64, ytrainer_models::Decoder)> {
+        let mut model = model;
+        let mut optim = AdamW::new(AdamWConfig::default());
+        let mut acc = GradAccumulator::default();
+        let t0 = Instant::now();
+        for (i, mb) in batches.iter().enumerate() {
+            let ctx = StepContext {
+                step: i,
+                progress: 0.0,
+                zone_borders: [1.45, 6.6, 15.0],
+            };
+            let c = train_micro_batch(&model, mb, plugin.as_ref(), ctx, &mut acc, &device)?;
+            model = optim.step(model, &mut acc, 1e-4, 1.0 / c.tokens.max(1) as f64);
+        }
+        Ok((t0.elapsed().as_secs_f64(), model))
+    };
+    // Warm-up on two windows of each kind, then the timed epochs (ours, the seed's way, ours again).
+    let (_, model) = run(model, &ours[..ours.len().min(2)])?;
+    let (_, model) = run(model, &seed_way[..2.min(seed_way.len())])?;
+    let (t_ours_1, model) = run(model, &ours)?;
+    let (t_seed, model) = run(model, &seed_way)?;
+    let (t_ours_2, _) = run(model, &ours)?;
+    let t_ours = t_ours_1.min(t_ours_2);
+    let shape = format!("{:?}", a.shape).to_lowercase();
+    let mode = format!("{:?}", a.mode).to_lowercase();
+    match a.format {
+        Format::Json => println!(
+            "{}",
+            serde_json::json!({
+                "shape": shape, "mode": mode, "windowed": n, "prompt": a.prompt, "answer": a.seq,
+                "windows": ours.len(), "ytrainer_s": t_ours, "seed_way_s": t_seed,
+                "speedup": t_seed / t_ours.max(1e-9), "peak_rss_mb": peak_rss_mb(),
+            })
+        ),
+        Format::Text => println!(
+            "bench {shape}/{mode} windowed N={n}, prompt {} + answer {} tokens ({} windows): ytrainer {:.2}s, the seed's way {:.2}s per epoch of the sample: {:.1}x faster",
+            a.prompt,
+            a.seq,
+            ours.len(),
+            t_ours,
+            t_seed,
+            t_seed / t_ours.max(1e-9)
+        ),
     }
     Ok(())
 }

@@ -284,6 +284,13 @@ pub struct BenchArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// Windowed mode instead: one sample of `--prompt` prompt tokens and `--seq` answer tokens trained in windows of
+    /// N targets (one optimizer step each), timed against the seed's way of running the same windows.
+    #[arg(long, value_name = "N")]
+    pub windowed: Option<usize>,
+    /// Prompt tokens of the `--windowed` sample.
+    #[arg(long, default_value_t = 64)]
+    pub prompt: usize,
 }
 
 /// `ytrainer init`
