@@ -312,6 +312,371 @@ impl Backward<Flex, 2> for SwigluBackward {
     }
 }
 
+/// `c (m x n) = [c +] beta · op(a) · op(b)` on row-major, contiguous slices; `ta` / `tb` read `a` (stored
+/// `[k, m]`) / `b` (stored `[n, k]`) transposed. Multi-threaded above ~7M multiply-adds (Flex's own threshold).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    (m, n, k): (usize, usize, usize),
+    ta: bool,
+    tb: bool,
+    accumulate: bool,
+    beta: f32,
+) {
+    assert!(
+        c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        "matmul operand sizes"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let (a_rs, a_cs) = if ta { (1, m) } else { (k, 1) };
+    let (b_rs, b_cs) = if tb { (1, k) } else { (n, 1) };
+    let par = if m.saturating_mul(n).saturating_mul(k) >= 192 * 192 * 192 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above bound every index `i * rs + j * cs` of each operand within its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// The optional parts of a linear layer for [`linear`].
+pub struct LinearParts<'a> {
+    pub bias: Option<&'a Tensor<1>>,
+    /// `(A [in, r], B [r, out], scale)`.
+    pub lora: Option<(&'a Tensor<2>, &'a Tensor<2>, f32)>,
+}
+
+/// `x·W + b + s·(x·A)·B` over the last dimension as one operation (LoRA without dropout, or a plain linear):
+/// the LoRA product is accumulated into the base product's buffer and the backward pass produces `dX`, `dA`,
+/// `dB` (and `dW`, `db` when trainable) from the same few GEMMs. `None` when not on the CPU backend.
+pub fn linear<const D: usize>(
+    x: &Tensor<D>,
+    w: &Tensor<2>,
+    parts: LinearParts<'_>,
+) -> Option<Tensor<D>> {
+    if !enabled() {
+        return None;
+    }
+    let mut inputs: Vec<&Tensor<2>> = vec![w];
+    if let Some((a, b, _)) = parts.lora {
+        inputs.push(a);
+        inputs.push(b);
+    }
+    let scale = parts.lora.map_or(0.0, |l| l.2);
+    let roles = Roles {
+        bias: parts.bias.is_some(),
+        lora: parts.lora.is_some(),
+    };
+    let ad = |t: &Tensor<2>| t.clone().try_into_primitive::<Autodiff<Flex>>().ok();
+    if let Ok(xa) = x.clone().try_into_primitive::<Autodiff<Flex>>() {
+        let mats: Option<Vec<_>> = inputs.iter().map(|t| ad(t)).collect();
+        let mats = mats?;
+        let bias = match parts.bias {
+            Some(b) => Some(b.clone().try_into_primitive::<Autodiff<Flex>>().ok()?),
+            None => None,
+        };
+        let prims = |i: usize| mats[i].primitive();
+        let fwd = |track: bool| {
+            linear_forward(
+                xa.primitive(),
+                prims(0),
+                bias.as_ref().map(|b| b.primitive()),
+                roles.lora.then(|| (prims(1), prims(2), scale)),
+                track,
+            )
+        };
+        // One arm per combination of inputs (the parent count is a const generic).
+        macro_rules! record {
+            ($n:literal, [$($node:expr),*]) => {{
+                match LinearBackward::<$n>
+                    .prepare::<NoCheckpointing>([$($node),*])
+                    .compute_bound()
+                    .stateful()
+                {
+                    OpsKind::Tracked(prep) => {
+                        let (y, t) = fwd(true)?;
+                        let state = LinearState {
+                            x: xa.primitive().clone(),
+                            w: prims(0).clone(),
+                            a: roles.lora.then(|| prims(1).clone()),
+                            b: roles.lora.then(|| prims(2).clone()),
+                            t,
+                            scale,
+                            roles,
+                        };
+                        prep.finish(std::sync::Arc::new(state), y)
+                    }
+                    OpsKind::UnTracked(prep) => prep.finish(fwd(false)?.0),
+                }
+            }};
+        }
+        let out = match (&bias, roles.lora) {
+            (None, false) => record!(2, [xa.node(), mats[0].node()]),
+            (Some(b), false) => record!(3, [xa.node(), mats[0].node(), b.node()]),
+            (None, true) => record!(
+                4,
+                [xa.node(), mats[0].node(), mats[1].node(), mats[2].node()]
+            ),
+            (Some(b), true) => {
+                record!(
+                    5,
+                    [
+                        xa.node(),
+                        mats[0].node(),
+                        b.node(),
+                        mats[1].node(),
+                        mats[2].node()
+                    ]
+                )
+            }
+        };
+        return Some(Tensor::from_primitive::<Autodiff<Flex>>(out));
+    }
+    let pf = |t: &Tensor<2>| t.clone().try_into_primitive::<Flex>().ok();
+    let xf = x.clone().try_into_primitive::<Flex>().ok()?;
+    let mats: Option<Vec<_>> = inputs.iter().map(|t| pf(t)).collect();
+    let mats = mats?;
+    let bias = match parts.bias {
+        Some(b) => Some(b.clone().try_into_primitive::<Flex>().ok()?),
+        None => None,
+    };
+    let (y, _) = linear_forward(
+        &xf,
+        &mats[0],
+        bias.as_ref(),
+        roles.lora.then(|| (&mats[1], &mats[2], scale)),
+        false,
+    )?;
+    Some(Tensor::from_primitive::<Flex>(y))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Roles {
+    bias: bool,
+    lora: bool,
+}
+
+/// `y = x·W + b + s·(x·A)·B`; also returns `t = x·A` when `keep` (the backward pass needs it for `dB`).
+fn linear_forward(
+    x: &FlexTensor,
+    w: &FlexTensor,
+    bias: Option<&FlexTensor>,
+    lora: Option<(&FlexTensor, &FlexTensor, f32)>,
+    keep: bool,
+) -> Option<(FlexTensor, Option<FlexTensor>)> {
+    let mut shape = x.layout().shape().as_slice().to_vec();
+    let [d_in, d_out] = w.layout().shape().dims::<2>();
+    if shape.last() != Some(&d_in) || d_in == 0 {
+        return None;
+    }
+    let (xs, ws) = (host(x)?, host(w)?);
+    let n = xs.len() / d_in;
+    let mut y = vec![0.0f32; n * d_out];
+    matmul(&mut y, &xs, &ws, (n, d_out, d_in), false, false, false, 1.0);
+    if let Some(b) = bias {
+        let bs = host(b)?;
+        if bs.len() != d_out {
+            return None;
+        }
+        y.par_chunks_mut(d_out * ROWS_PER_TASK).for_each(|c| {
+            for row in c.chunks_mut(d_out) {
+                for (o, &v) in row.iter_mut().zip(bs.iter()) {
+                    *o += v;
+                }
+            }
+        });
+    }
+    let mut kept = None;
+    if let Some((a, b, scale)) = lora {
+        let [a_in, r] = a.layout().shape().dims::<2>();
+        let [b_r, b_out] = b.layout().shape().dims::<2>();
+        if a_in != d_in || b_r != r || b_out != d_out {
+            return None;
+        }
+        let (as_, bs) = (host(a)?, host(b)?);
+        let mut t = vec![0.0f32; n * r];
+        matmul(&mut t, &xs, &as_, (n, r, d_in), false, false, false, 1.0);
+        matmul(&mut y, &t, &bs, (n, d_out, r), false, false, true, scale);
+        if keep {
+            kept = Some(flex(t, &[n, r]));
+        }
+    }
+    *shape.last_mut()? = d_out;
+    Some((flex(y, &shape), kept))
+}
+
+#[derive(Debug)]
+struct LinearState {
+    x: FlexTensor,
+    w: FlexTensor,
+    a: Option<FlexTensor>,
+    b: Option<FlexTensor>,
+    /// `x·A`, `[N, r]`.
+    t: Option<FlexTensor>,
+    scale: f32,
+    roles: Roles,
+}
+
+#[derive(Debug)]
+struct LinearBackward<const N: usize>;
+
+impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
+    type State = std::sync::Arc<LinearState>;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let s = ops.state;
+        // Parents in the order `linear` recorded them: x, W, [bias], [A, B].
+        let mut parents = ops.parents.into_iter();
+        let nx = parents.next().flatten();
+        let nw = parents.next().flatten();
+        let nbias = if s.roles.bias {
+            parents.next().flatten()
+        } else {
+            None
+        };
+        let (na, nb) = if s.roles.lora {
+            (parents.next().flatten(), parents.next().flatten())
+        } else {
+            (None, None)
+        };
+        let dy = grads.consume::<Flex>(&ops.node);
+        let x_shape = s.x.layout().shape().as_slice().to_vec();
+        let [d_in, d_out] = s.w.layout().shape().dims::<2>();
+        let (xs, ws, dys) = (
+            host(&s.x).expect("f32 input"),
+            host(&s.w).expect("f32 weight"),
+            host(&dy).expect("f32 gradient"),
+        );
+        let n = xs.len() / d_in;
+        // u = dY·B^T (the gradient at the LoRA bottleneck, before the scale).
+        let lora = match (&s.a, &s.b) {
+            (Some(a), Some(b)) => {
+                let r = a.layout().shape().dims::<2>()[1];
+                let bs = host(b).expect("f32 B");
+                let mut u = vec![0.0f32; n * r];
+                matmul(&mut u, &dys, &bs, (n, r, d_out), false, true, false, 1.0);
+                Some((host(a).expect("f32 A"), u, r))
+            }
+            _ => None,
+        };
+        if let Some(node) = nx {
+            let mut dx = vec![0.0f32; n * d_in];
+            matmul(
+                &mut dx,
+                &dys,
+                &ws,
+                (n, d_in, d_out),
+                false,
+                true,
+                false,
+                1.0,
+            );
+            if let Some((a, u, r)) = &lora {
+                matmul(&mut dx, u, a, (n, d_in, *r), false, true, true, s.scale);
+            }
+            grads.register::<Flex>(node.id, flex(dx, &x_shape));
+        }
+        if let Some(node) = nw {
+            let mut dw = vec![0.0f32; d_in * d_out];
+            matmul(
+                &mut dw,
+                &xs,
+                &dys,
+                (d_in, d_out, n),
+                true,
+                false,
+                false,
+                1.0,
+            );
+            grads.register::<Flex>(node.id, flex(dw, &[d_in, d_out]));
+        }
+        if let Some(node) = nbias {
+            let db = dys.par_chunks(d_out * 256).fold(
+                || vec![0.0f32; d_out],
+                |mut acc, c| {
+                    for row in c.chunks(d_out) {
+                        for (a, &v) in acc.iter_mut().zip(row) {
+                            *a += v;
+                        }
+                    }
+                    acc
+                },
+            );
+            let db = db.reduce(
+                || vec![0.0f32; d_out],
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        *x += y;
+                    }
+                    a
+                },
+            );
+            grads.register::<Flex>(node.id, flex(db, &[d_out]));
+        }
+        if let Some((a_host, u, r)) = &lora {
+            let r = *r;
+            if let Some(node) = na {
+                // dA = s · x^T · u
+                let mut da = vec![0.0f32; d_in * r];
+                matmul(&mut da, &xs, u, (d_in, r, n), true, false, false, s.scale);
+                grads.register::<Flex>(node.id, flex(da, &[d_in, r]));
+            }
+            if let Some(node) = nb {
+                // dB = s · t^T · dY with t = x·A kept from the forward pass.
+                let t =
+                    s.t.as_ref()
+                        .expect("x·A kept when the LoRA branch is tracked");
+                let ts = host(t).expect("f32 x·A");
+                let mut db = vec![0.0f32; r * d_out];
+                matmul(
+                    &mut db,
+                    &ts,
+                    &dys,
+                    (r, d_out, n),
+                    true,
+                    false,
+                    false,
+                    s.scale,
+                );
+                grads.register::<Flex>(node.id, flex(db, &[r, d_out]));
+            }
+            let _ = a_host;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,6 +728,95 @@ mod tests {
         assert!(dx < 1e-5, "dx differs by {dx}");
         assert!(dw < 1e-4, "dw differs by {dw}");
         let _ = ad;
+    }
+
+    /// Plain and LoRA linears, with and without bias, trainable or frozen base: values and every gradient equal
+    /// the tensor formulation `x·W + b + s·(x·A)·B`.
+    #[test]
+    fn linear_matches_tensor_formula_values_and_gradients() {
+        use burn::tensor::module::linear as tlinear;
+        let plain = Device::flex();
+        let (n_in, n_out, r) = (13, 11, 3);
+        let x0 = rand([2, 5, n_in], 7, &plain);
+        let w0 = rand([n_in, n_out], 8, &plain);
+        let b0 = rand([n_out], 9, &plain);
+        let a0 = rand([n_in, r], 10, &plain);
+        let bb0 = rand([r, n_out], 11, &plain);
+        let up = Tensor::<3>::from_inner(rand([2, 5, n_out], 12, &plain));
+        for (with_bias, with_lora, w_trainable) in [
+            (false, false, true),
+            (true, false, true),
+            (false, true, false),
+            (true, true, false),
+            (true, true, true),
+        ] {
+            let leaf3 = |t: &Tensor<3>| Tensor::<3>::from_inner(t.clone()).require_grad();
+            let leaf2 = |t: &Tensor<2>, g: bool| {
+                let t = Tensor::<2>::from_inner(t.clone());
+                if g { t.require_grad() } else { t }
+            };
+            let leaf1 = |t: &Tensor<1>| Tensor::<1>::from_inner(t.clone()).require_grad();
+            let mk = || {
+                (
+                    leaf3(&x0),
+                    leaf2(&w0, w_trainable),
+                    leaf1(&b0),
+                    leaf2(&a0, true),
+                    leaf2(&bb0, true),
+                )
+            };
+            let (x, w, b, a, bb) = mk();
+            let fused = linear(
+                &x,
+                &w,
+                LinearParts {
+                    bias: with_bias.then_some(&b),
+                    lora: with_lora.then_some((&a, &bb, 0.5)),
+                },
+            )
+            .expect("CPU tensors take the fused path");
+            let g1 = fused.clone().mul(up.clone()).sum().backward();
+            let (x2, w2, b2, a2, bb2) = mk();
+            let mut want = tlinear(x2.clone(), w2.clone(), with_bias.then(|| b2.clone()));
+            if with_lora {
+                want = want
+                    + tlinear(tlinear(x2.clone(), a2.clone(), None), bb2.clone(), None)
+                        .mul_scalar(0.5);
+            }
+            let g2 = want.clone().mul(up.clone()).sum().backward();
+            assert!(max_diff(fused, want) < 1e-4);
+            let case = format!("bias {with_bias} lora {with_lora} w {w_trainable}");
+            let d = max_diff(
+                Tensor::<3>::from_inner(x.grad(&g1).unwrap()),
+                Tensor::from_inner(x2.grad(&g2).unwrap()),
+            );
+            assert!(d < 1e-4, "{case}: dx {d}");
+            if w_trainable {
+                let d = max_diff(
+                    Tensor::<2>::from_inner(w.grad(&g1).unwrap()),
+                    Tensor::from_inner(w2.grad(&g2).unwrap()),
+                );
+                assert!(d < 1e-4, "{case}: dw {d}");
+            } else {
+                assert!(w.grad(&g1).is_none());
+            }
+            if with_bias {
+                let d = max_diff(
+                    Tensor::<1>::from_inner(b.grad(&g1).unwrap()),
+                    Tensor::from_inner(b2.grad(&g2).unwrap()),
+                );
+                assert!(d < 1e-4, "{case}: db {d}");
+            }
+            if with_lora {
+                for (p, q) in [(&a, &a2), (&bb, &bb2)] {
+                    let d = max_diff(
+                        Tensor::<2>::from_inner(p.grad(&g1).unwrap()),
+                        Tensor::from_inner(q.grad(&g2).unwrap()),
+                    );
+                    assert!(d < 1e-4, "{case}: lora {d}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -172,6 +172,25 @@ impl LoraLinear {
 
     /// `x·W + b + s·(dropout(x)·A)·B` over the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let adapters_on = !ADAPTERS_OFF.with(|c| c.get());
+        if self.lora_dropout.is_none() || !adapters_on {
+            let (weight, bias) = (self.weight.val(), self.bias.as_ref().map(|b| b.val()));
+            let (a, b) = (
+                self.lora_a.as_ref().map(|p| p.val()),
+                self.lora_b.as_ref().map(|p| p.val()),
+            );
+            let lora = match (&a, &b) {
+                (Some(a), Some(b)) if adapters_on => Some((a, b, self.scaling as f32)),
+                _ => None,
+            };
+            let parts = crate::fused::LinearParts {
+                bias: bias.as_ref(),
+                lora,
+            };
+            if let Some(y) = crate::fused::linear(&x, &weight, parts) {
+                return y;
+            }
+        }
         let base = |x: Tensor<D>| linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()));
         match (&self.lora_a, &self.lora_b) {
             (Some(a), Some(b)) if !ADAPTERS_OFF.with(|c| c.get()) => {
