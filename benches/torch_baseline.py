@@ -21,12 +21,13 @@ import statistics
 import time
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 SHAPES = {
-    # vocab, hidden, intermediate, layers, heads, kv heads (crates/ytrainer-cli/src/bench.rs)
-    "tiny": (8192, 256, 704, 4, 4, 2),
-    "small": (16384, 512, 1408, 8, 8, 4),
+    # architecture, vocab, hidden, intermediate, layers, heads, kv heads (crates/ytrainer-cli/src/bench.rs)
+    "tiny": ("qwen2", 8192, 256, 704, 4, 4, 2),
+    "small": ("qwen2", 16384, 512, 1408, 8, 8, 4),
+    "smollm2": ("llama", 49152, 576, 1536, 30, 9, 3),
 }
 
 
@@ -38,12 +39,16 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--attn", default="sdpa", help="transformers attn_implementation (sdpa or eager)")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 x rank)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32", help="weights and compute dtype")
     ap.add_argument("--format", choices=["text", "json"], default="text")
     a = ap.parse_args()
 
     torch.manual_seed(0)
-    vocab, hidden, inter, layers, heads, kv = SHAPES[a.shape]
-    config = Qwen2Config(
+    arch, vocab, hidden, inter, layers, heads, kv = SHAPES[a.shape]
+    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    config = config_cls(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=inter,
@@ -56,19 +61,24 @@ def main():
         tie_word_embeddings=True,
     )
     config._attn_implementation = a.attn
-    model = Qwen2ForCausalLM(config)
+    model = model_cls(config)
+    if a.dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    model = model.to(a.device)
     if a.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+        model = get_peft_model(
+            model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0, target_modules=targets)
+        )
     model.train()
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     gen = torch.Generator().manual_seed(0)
 
     def step():
-        ids = torch.randint(0, vocab, (a.batch, a.seq), generator=gen)
+        ids = torch.randint(0, vocab, (a.batch, a.seq), generator=gen).to(a.device)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optim.step()
@@ -77,10 +87,12 @@ def main():
 
     for _ in range(2):
         step()
+    if a.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(a.steps):
         t0 = time.perf_counter()
-        ce = step()
+        ce = step()  # .item() synchronises the device
         times.append(time.perf_counter() - t0)
     total = sum(times)
     result = {
@@ -96,7 +108,12 @@ def main():
         "median_step_s": round(statistics.median(times), 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "final_ce": round(ce, 4),
+        "device": a.device,
+        "dtype": a.dtype,
+        "rank": a.rank,
     }
+    if a.device.startswith("cuda"):
+        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if a.format == "json":
         print(json.dumps(result))
     else:

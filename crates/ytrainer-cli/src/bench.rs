@@ -13,12 +13,13 @@ use ytrainer_models::{AdapterSpec, HfConfig, LoraConfig, init_random};
 use crate::cli::{BenchArgs, BenchMode, BenchShape, Format};
 
 fn shape_config(shape: BenchShape) -> Result<HfConfig> {
-    let (vocab, hidden, inter, layers, heads, kv) = match shape {
-        BenchShape::Tiny => (8192, 256, 704, 4, 4, 2),
-        BenchShape::Small => (16384, 512, 1408, 8, 8, 4),
+    let (model_type, vocab, hidden, inter, layers, heads, kv) = match shape {
+        BenchShape::Tiny => ("qwen2", 8192, 256, 704, 4, 4, 2),
+        BenchShape::Small => ("qwen2", 16384, 512, 1408, 8, 8, 4),
+        BenchShape::Smollm2 => ("llama", 49152, 576, 1536, 30, 9, 3),
     };
     let json = serde_json::json!({
-        "model_type": "qwen2", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+        "model_type": model_type, "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
         "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
         "tie_word_embeddings": true,
@@ -70,8 +71,8 @@ fn setup(a: &BenchArgs) -> Result<Setup> {
     let adapter = match a.mode {
         BenchMode::Full => AdapterSpec::Full,
         BenchMode::Lora => AdapterSpec::Lora(LoraConfig {
-            r: 8,
-            alpha: 16.0,
+            r: a.rank.max(1),
+            alpha: 2.0 * a.rank.max(1) as f64,
             ..LoraConfig::default()
         }),
     };

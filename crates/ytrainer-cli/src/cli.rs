@@ -246,6 +246,8 @@ pub enum BenchShape {
     Tiny,
     /// Qwen2-shaped: vocab 16384, hidden 512, inter 1408, 8 layers, 8/4 heads, tied.
     Small,
+    /// SmolLM2-135M's shape (Llama): vocab 49152, hidden 576, inter 1536, 30 layers, 9/3 heads, tied.
+    Smollm2,
 }
 
 /// Fine-tuning modes of the benchmark.
@@ -284,6 +286,9 @@ pub struct BenchArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// LoRA rank (`--mode lora`); alpha is twice the rank.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
     /// Windowed mode instead: one sample of `--prompt` prompt tokens and `--seq` answer tokens trained in windows of
     /// N targets (one optimizer step each), timed against the seed's way of running the same windows.
     #[arg(long, value_name = "N")]

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""The Python half of scripts/gpu-check.sh (run it through that script: it unpacks the CUDA binary first).
+
+Writes under --out: checkpoints' parity (parity.json), the side-by-side benchmark (bench.jsonl), results.json and
+results.md. Every step has its own time limit so a hang in one cannot eat the machine's budget.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+YT = os.environ.get("YTRAINER", "/tmp/ytrainer")
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# SmolLM2-135M-Instruct's config.json (../shared/assets/smollm2-135m-instruct/config.json), random weights.
+SMOLLM2 = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+    tie_word_embeddings=True, hidden_act="silu", bos_token_id=1, eos_token_id=2,
+)
+TINY = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+    tie_word_embeddings=True, hidden_act="silu", bos_token_id=1, eos_token_id=2,
+)
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def run(cmd, timeout):
+    log("$", " ".join(cmd))
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"cmd": cmd, "rc": "timeout", "stdout": "", "stderr": "", "s": time.time() - t0}
+    if p.returncode != 0:
+        log(p.stdout[-2000:], p.stderr[-2000:])
+    return {"cmd": cmd, "rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr, "s": time.time() - t0}
+
+
+def make_checkpoint(path, cfg, seed):
+    """A random-initialised Llama in HF layout, with a word-level tokenizer (ytrainer loads one with every model)."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    vocab = {f"t{i}": i for i in range(min(cfg["vocab_size"], 256))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "t1", "eos_token": "t2", "unk_token": "t0"}, f)
+    return model
+
+
+def parity(name, path, cfg, out_dir):
+    """Per-token CE of ytrainer on CUDA vs transformers (f32, same ids); bf16 reported for transformers only."""
+    model = make_checkpoint(path, cfg, seed=0)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg["vocab_size"], (2, 64), generator=g)
+    ids_path = os.path.join(out_dir, f"ids-{name}.json")
+    with open(ids_path, "w") as f:
+        json.dump(ids.tolist(), f)
+    ref = {}
+    for dtype in ("f32", "bf16"):
+        m = model.to("cuda", dtype=torch.float32 if dtype == "f32" else torch.bfloat16)
+        with torch.no_grad():
+            logits = m(ids.cuda()).logits.float()
+        lp = torch.log_softmax(logits[:, :-1], -1)
+        ce = -lp.gather(-1, ids[:, 1:].cuda().unsqueeze(-1)).squeeze(-1)
+        ref[dtype] = ce.cpu().tolist()
+    scores = os.path.join(out_dir, f"scores-{name}.jsonl")
+    r = run([YT, "score", "--model", path, "--ids-json", ids_path, "--device", "cuda", "--out", scores], 180)
+    result = {"model": name, "ytrainer_rc": r["rc"], "ytrainer_s": round(r["s"], 1)}
+    if r["rc"] == 0:
+        ours = [[t["loss"] for t in json.loads(line)["tokens"]] for line in open(scores)]
+        for dtype in ("f32", "bf16"):
+            diffs = [abs(a - b) for ro, rr in zip(ours, ref[dtype]) for a, b in zip(ro, rr)]
+            result[f"max_abs_diff_vs_transformers_{dtype}"] = max(diffs)
+    else:
+        result["stderr"] = r["stderr"][-1500:]
+    return result
+
+
+def bench_rows(out_dir, batch, seq, steps):
+    rows = []
+    cmds = [
+        ("ytrainer", "f32", "ce", [YT, "bench", "--device", "cuda", "--shape", "smollm2", "--mode", "lora", "--rank", "16",
+                                    "--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--format", "json"]),
+        ("ytrainer", "f32", "nlirg", [YT, "bench", "--device", "cuda", "--shape", "smollm2", "--mode", "lora", "--rank", "16",
+                                       "--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--loss", "nlirg",
+                                       "--format", "json"]),
+    ]
+    for dtype in ("f32", "bf16"):
+        cmds.append(("pytorch", dtype, "ce", [sys.executable, os.path.join(ROOT, "benches", "torch_baseline.py"),
+                                               "--device", "cuda", "--dtype", dtype, "--shape", "smollm2", "--mode", "lora",
+                                               "--rank", "16", "--batch", str(batch), "--seq", str(seq),
+                                               "--steps", str(steps), "--format", "json"]))
+    for impl, dtype, loss, cmd in cmds:
+        r = run(cmd, 150)
+        row = {"impl": impl, "dtype": dtype, "loss": loss, "rc": r["rc"]}
+        if r["rc"] == 0:
+            try:
+                row.update(json.loads(r["stdout"].strip().splitlines()[-1]))
+            except (ValueError, IndexError):
+                row["stdout"] = r["stdout"][-1000:]
+        else:
+            row["stderr"] = r["stderr"][-1500:]
+        rows.append(row)
+        with open(os.path.join(out_dir, "bench.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return rows
+
+
+def lora_train_flops_per_token(cfg, seq, rank):
+    """Model FLOPs of one LoRA training token: forward 2N + backward 2N (activations only; the frozen base gets no
+    weight gradient) over the linear layers and the LM head, plus causal attention's 2 x 2 x seq/2 x hidden per
+    layer forward and twice that backward; the LoRA matrices add 6 x their parameters."""
+    h, i, L, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    hd = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * hd
+    linear = L * (2 * h * h + 2 * h * kv + 3 * h * i)
+    lora = L * rank * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 2 + (i + h))
+    attn = L * 2 * 2 * (seq / 2) * h
+    return 4 * (linear + h * v) + 3 * attn + 6 * lora
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=5)
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    log("device:", results["device"])
+    results["parity"] = [
+        parity("tiny", "/tmp/gpu-tiny", TINY, a.out),
+        parity("smollm2-shape", "/tmp/gpu-smollm2", SMOLLM2, a.out),
+    ]
+    log(json.dumps(results["parity"], indent=1)[:3000])
+    rows = bench_rows(a.out, a.batch, a.seq, a.steps)
+    flops = lora_train_flops_per_token(SMOLLM2, a.seq, 16)
+    # Dense peaks of an H200 SXM (NVIDIA datasheet): bf16 989 TFLOP/s, TF32 495, FP32 67.
+    peaks = {"bf16": 989e12, "f32": 67e12}
+    for r in rows:
+        if "tokens_per_s" in r:
+            r["mfu"] = r["tokens_per_s"] * flops / peaks[r["dtype"]]
+    results["bench"] = rows
+    results["model_flops_per_token"] = flops
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    lines = [f"# GPU check on {results['device']} (torch {results['torch']})", "",
+             "## Parity (per-token CE, 2 x 64 random ids; ytrainer f32 on CUDA)", "",
+             "| model | max abs diff vs transformers f32 | vs transformers bf16 |", "|---|---|---|"]
+    for p in results["parity"]:
+        lines.append(f"| {p['model']} | {p.get('max_abs_diff_vs_transformers_f32', 'failed')} | "
+                     f"{p.get('max_abs_diff_vs_transformers_bf16', 'failed')} |")
+    lines += ["", f"## LoRA SFT, SmolLM2-135M shape, r 16 on 7 projections, batch {a.batch} x {a.seq}", "",
+              "| impl | dtype | loss | tokens/s | peak GPU MiB | MFU |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        tps = r.get("tokens_per_s")
+        lines.append(f"| {r['impl']} | {r['dtype']} | {r['loss']} | {round(tps) if tps else r['rc']} | "
+                     f"{r.get('peak_gpu_mb', 'n/a')} | {('%.1f%%' % (100 * r['mfu'])) if 'mfu' in r else 'n/a'} |")
+    with open(os.path.join(a.out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    log("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
