@@ -102,3 +102,26 @@ pub fn jsonl(path: &Path) -> Vec<serde_json::Value> {
 pub fn s(p: &Path) -> String {
     p.to_string_lossy().to_string()
 }
+
+/// `n` short preference pairs from the bundled DPO demo file, written to `dir/pairs.jsonl`.
+#[allow(dead_code)]
+pub fn small_pairs(dir: &std::path::Path, n: usize) -> std::path::PathBuf {
+    let all: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(assets().join("corpora/preference/dpo_en_demo.json")).unwrap(),
+    )
+    .unwrap();
+    let short: Vec<String> = all
+        .iter()
+        .filter(|r| {
+            r["conversations"].to_string().len() < 300
+                && r["chosen"]["value"].as_str().unwrap().len() < 600
+                && r["rejected"]["value"].as_str().unwrap().len() < 600
+        })
+        .take(n)
+        .map(|r| r.to_string())
+        .collect();
+    assert_eq!(short.len(), n);
+    let p = dir.join("pairs.jsonl");
+    std::fs::write(&p, short.join("\n")).unwrap();
+    p
+}

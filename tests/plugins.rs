@@ -40,6 +40,15 @@ fn example_lib() -> &'static Path {
     })
 }
 
+/// The example pairwise plugin's library.
+fn pairwise_lib() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        cargo_build(&root().join("examples/plugins/margin-dpo/Cargo.toml"))
+            .join(dylib("margin_dpo"))
+    })
+}
+
 fn misbehave_lib() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
     LIB.get_or_init(|| {
@@ -359,4 +368,77 @@ fn reference_and_entropy_builtins_train() {
         &["--loss", "rho1", "--adapter", "full"],
     );
     assert_user_error(&o, "needs reference-model losses");
+}
+
+/// An external pairwise plugin (`examples/plugins/margin-dpo`, DPO when gamma = 0) trains exactly like the
+/// built-in `dpo`: same loss, rewards and gradient norm at every step; a bad parameter stops the run cleanly.
+#[test]
+fn external_pairwise_plugin_trains_like_the_builtin_dpo() {
+    let d = TempDir::new("pairext");
+    let dir = plugin_dir(&d, pairwise_lib());
+    let data = small_pairs(d.path(), 8);
+    let o = ytrainer(&["--plugin-dir", &s(&dir), "plugins", "list"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("margin-dpo pairwise  external"),
+        "{}",
+        stdout(&o)
+    );
+    let run = |loss: &str, out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "--plugin-dir".to_string(),
+            s(&dir),
+            "run".into(),
+            "--model".into(),
+            s(&assets().join("tiny-qwen2")),
+            "--data".into(),
+            s(&data),
+            "--loss".into(),
+            loss.into(),
+            "--max-steps".into(),
+            "3".into(),
+            "--epochs".into(),
+            "5".into(),
+            "--learning-rate".into(),
+            "0.005".into(),
+            "--set".into(),
+            "preference.pairs_per_step=4".into(),
+            "--output-dir".into(),
+            s(out),
+        ];
+        args.extend(extra.iter().map(|x| x.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        ytrainer(&refs)
+    };
+    let (ext, builtin) = (d.path().join("ext"), d.path().join("builtin"));
+    let o = run("margin-dpo", &ext, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run("dpo", &builtin, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (a, b) = (
+        jsonl(&ext.join("metrics.jsonl")),
+        jsonl(&builtin.join("metrics.jsonl")),
+    );
+    assert_eq!(a.len(), 3);
+    assert!(
+        (a[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6,
+        "{}",
+        a[0]
+    );
+    for (x, y) in a.iter().zip(&b) {
+        for key in ["loss", "rewards/margin", "rewards/accuracy", "grad_norm"] {
+            let (u, v) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!(
+                (u - v).abs() <= 1e-5 * v.abs().max(1.0),
+                "{key}: external {u} vs built-in {v}"
+            );
+        }
+    }
+    // Its constructor's error reaches the user with the plugin's name.
+    let o = run(
+        "margin-dpo",
+        &d.path().join("bad"),
+        &["--loss-param", "beta=-1"],
+    );
+    assert_user_error(&o, "`beta` = -1: must be a positive number");
 }

@@ -12,27 +12,6 @@ use ytrainer_data::{ChatTemplate, TokenizerWrapper, load_pairs, tokenize_pair};
 use ytrainer_models::{AdapterSpec, LoraConfig, load_pretrained};
 
 /// The first `n` pairs of the demo file with short prompts, as a jsonl file for the CLI.
-fn small_pairs(dir: &std::path::Path, n: usize) -> std::path::PathBuf {
-    let all: Vec<serde_json::Value> = serde_json::from_str(
-        &std::fs::read_to_string(assets().join("corpora/preference/dpo_en_demo.json")).unwrap(),
-    )
-    .unwrap();
-    let short: Vec<String> = all
-        .iter()
-        .filter(|r| {
-            r["conversations"].to_string().len() < 300
-                && r["chosen"]["value"].as_str().unwrap().len() < 600
-                && r["rejected"]["value"].as_str().unwrap().len() < 600
-        })
-        .take(n)
-        .map(|r| r.to_string())
-        .collect();
-    assert_eq!(short.len(), n);
-    let p = dir.join("pairs.jsonl");
-    std::fs::write(&p, short.join("\n")).unwrap();
-    p
-}
-
 #[test]
 fn dpo_step_zero_is_ln2_and_a_short_run_learns_the_pairs() {
     let d = TempDir::new("dpo");

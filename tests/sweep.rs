@@ -197,6 +197,38 @@ fn eval_matches_the_trainer_and_tensorboard_matches_metrics_and_plot_draws() {
         assert!((t["perplexity"].as_f64().unwrap() - l.exp()).abs() < 1e-6 * l.exp());
         assert!(t.get("supervised_loss").is_none());
     }
+    // `eval` equals `score`'s means: the supervised loss is the token-weighted mean of score's per-token losses.
+    let scores = tmp.path().join("scores.jsonl");
+    let o = ytrainer(&[
+        "score",
+        "--model",
+        &s(&run.join("final")),
+        "--data",
+        &eval_file,
+        "--out",
+        &s(&scores),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (mut sum, mut count) = (0.0f64, 0u64);
+    for rec in jsonl(&scores) {
+        let tokens = rec["tokens"].as_array().unwrap();
+        let mean = rec["mean_loss"].as_f64().unwrap();
+        let per: f64 = tokens.iter().map(|t| t["loss"].as_f64().unwrap()).sum();
+        assert!((per / tokens.len() as f64 - mean).abs() < 1e-9);
+        sum += per;
+        count += tokens.len() as u64;
+    }
+    let final_eval = evals.last().unwrap();
+    assert_eq!(count, final_eval["eval_tokens"].as_u64().unwrap());
+    let (from_score, from_eval) = (
+        sum / count as f64,
+        final_eval["eval_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (from_score - from_eval).abs() < 1e-5 * from_eval.abs().max(1.0),
+        "score's mean {from_score} vs eval {from_eval}"
+    );
+
     // The table form.
     let o = ytrainer(&[
         "eval",

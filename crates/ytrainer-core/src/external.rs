@@ -14,12 +14,12 @@ use std::sync::Arc;
 
 use burn::prelude::*;
 use ytrainer_plugin::{
-    ABI_VERSION, ENTRY_SYMBOL, EntryFn, RawBatch, RawError, RawStr, RawVTable, status,
+    ABI_VERSION, ENTRY_SYMBOL, EntryFn, RawBatch, RawError, RawPairBatch, RawStr, RawVTable, status,
 };
 
 use crate::loss::{
-    LossFn, LossPluginInfo, Needs, Normalize, ParamSpec, Params, PluginError, PluginKind,
-    TokenReweighter, TokenStats, tensor_from_slice, tensor_to_vec,
+    LossFn, LossPluginInfo, Needs, Normalize, PairStats, PairwiseObjective, ParamSpec, Params,
+    PluginError, PluginKind, TokenReweighter, TokenStats, tensor_from_slice, tensor_to_vec,
 };
 
 /// A loaded plugin library.
@@ -162,10 +162,19 @@ pub fn load(path: &Path) -> Result<(LossPluginInfo, Arc<ExternalLib>), PluginErr
             help: text(p.help, "parameter help")?,
         });
     }
+    let kind = match vt.kind {
+        ytrainer_plugin::kind::TOKEN => PluginKind::Token,
+        ytrainer_plugin::kind::PAIRWISE => PluginKind::Pairwise,
+        other => {
+            return Err(err(format!(
+                "unknown plugin kind {other} (expected 0 = token or 1 = pairwise)"
+            )));
+        }
+    };
     let info = LossPluginInfo {
         name,
         description,
-        kind: PluginKind::Token,
+        kind,
         params: Box::leak(params.into_boxed_slice()),
         formula,
         build: |_| unreachable_build(),
@@ -230,6 +239,13 @@ pub fn instantiate(lib: &Arc<ExternalLib>, params: &Params) -> Result<LossFn, Pl
                 },
             });
         }
+    }
+    if vt.kind == ytrainer_plugin::kind::PAIRWISE {
+        return Ok(LossFn::Pairwise(Box::new(ExternalPairwise {
+            lib: lib.clone(),
+            instance: inst,
+            needs_reference: vt.needs & ytrainer_plugin::needs_bits::REFERENCE_LOSS != 0,
+        })));
     }
     let n = Needs {
         entropy: vt.needs & ytrainer_plugin::needs_bits::ENTROPY != 0,
@@ -380,5 +396,148 @@ impl TokenReweighter for ExternalReweighter {
         };
         let w = self.weights_host(&loss, extra, stats.step as u64, stats.progress)?;
         Ok(tensor_from_slice(&w, &stats.loss.device()))
+    }
+}
+
+/// An instance of an external pairwise plugin, as a [`PairwiseObjective`].
+///
+/// The plugin returns each pair's loss `l` and its derivatives `d_c`, `d_r` with respect to the policy's chosen and
+/// rejected log-probabilities; the objective handed to autodiff is `l + d_c (pc - sg(pc)) + d_r (pr - sg(pr))`
+/// (`sg` = stop-gradient), whose value is `l` and whose gradient is the plugin's.
+pub struct ExternalPairwise {
+    lib: Arc<ExternalLib>,
+    instance: *mut c_void,
+    needs_reference: bool,
+}
+
+// SAFETY: the SDK requires `PairPlugin: Send + Sync`, and the instance is only read through `pair_loss`.
+unsafe impl Send for ExternalPairwise {}
+// SAFETY: as above.
+unsafe impl Sync for ExternalPairwise {}
+
+impl Drop for ExternalPairwise {
+    fn drop(&mut self) {
+        // SAFETY: made by this library's `create`, destroyed once.
+        unsafe { (self.lib.vt().destroy)(self.instance) };
+    }
+}
+
+/// Host copies of one batch of pair statistics for [`ExternalPairwise::loss_host`].
+#[derive(Debug, Clone, Copy)]
+pub struct HostPairs<'a> {
+    /// Policy log-probabilities of the chosen completions.
+    pub policy_chosen: &'a [f32],
+    /// Policy log-probabilities of the rejected completions.
+    pub policy_rejected: &'a [f32],
+    /// Reference log-probabilities, when the plugin needs them.
+    pub reference: Option<(&'a [f32], &'a [f32])>,
+    /// Completion lengths in tokens (chosen, rejected).
+    pub lens: (&'a [f32], &'a [f32]),
+}
+
+/// `(loss, d_chosen, d_rejected)` per pair.
+pub type PairResult = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+impl ExternalPairwise {
+    /// Calls the library on host slices and checks that every output is finite. Public for tests.
+    pub fn loss_host(
+        &self,
+        b: HostPairs<'_>,
+        step: u64,
+        progress: f64,
+    ) -> Result<PairResult, String> {
+        let n = b.policy_chosen.len();
+        let ptr = |v: Option<&[f32]>| {
+            v.filter(|v| v.len() == n)
+                .map_or(std::ptr::null(), |v| v.as_ptr())
+        };
+        let batch = RawPairBatch {
+            n,
+            policy_chosen: b.policy_chosen.as_ptr(),
+            policy_rejected: ptr(Some(b.policy_rejected)),
+            reference_chosen: ptr(b.reference.map(|r| r.0)),
+            reference_rejected: ptr(b.reference.map(|r| r.1)),
+            chosen_len: ptr(Some(b.lens.0)),
+            rejected_len: ptr(Some(b.lens.1)),
+            step,
+            progress,
+        };
+        let (mut loss, mut dc, mut dr) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        let vt = self.lib.vt();
+        // SAFETY: input arrays hold `n` values (or are null), each output has room for `n`, the instance is ours.
+        let (code, msg) = call_with_err(|e| unsafe {
+            (vt.pair_loss)(
+                self.instance,
+                &batch,
+                loss.as_mut_ptr(),
+                dc.as_mut_ptr(),
+                dr.as_mut_ptr(),
+                e,
+            )
+        });
+        let who = format!(
+            "external loss plugin `{}` ({})",
+            self.lib.name,
+            self.lib.path.display()
+        );
+        match code {
+            status::OK => {}
+            status::PANIC => return Err(format!("{who} panicked: {msg}")),
+            _ => return Err(format!("{who} failed: {msg}")),
+        }
+        for (what, v) in [("loss", &loss), ("d_chosen", &dc), ("d_rejected", &dr)] {
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(format!(
+                    "{who} returned {what} {} for pair {i}; losses and derivatives must be finite — fix the \
+                     plugin's loss function",
+                    v[i]
+                ));
+            }
+        }
+        Ok((loss, dc, dr))
+    }
+}
+
+impl PairwiseObjective for ExternalPairwise {
+    fn needs_reference(&self) -> bool {
+        self.needs_reference
+    }
+
+    fn loss(&self, stats: &PairStats) -> (Tensor<1>, Option<Tensor<1>>) {
+        // `try_loss` is what the trainer calls; here a failure becomes NaN, which the trainer rejects.
+        self.try_loss(stats).unwrap_or_else(|_| {
+            let n = stats.policy_chosen.dims()[0];
+            (
+                tensor_from_slice(&vec![f32::NAN; n], &stats.policy_chosen.device()),
+                None,
+            )
+        })
+    }
+
+    fn try_loss(&self, stats: &PairStats) -> Result<(Tensor<1>, Option<Tensor<1>>), String> {
+        let host = |t: &Tensor<1>| tensor_to_vec(t.clone().detach().inner());
+        let (pc, pr) = (host(&stats.policy_chosen), host(&stats.policy_rejected));
+        let reference = match (&stats.reference_chosen, &stats.reference_rejected) {
+            (Some(c), Some(r)) if self.needs_reference => Some((host(c), host(r))),
+            _ => None,
+        };
+        let (lc, lr) = (host(&stats.chosen_len), host(&stats.rejected_len));
+        let b = HostPairs {
+            policy_chosen: &pc,
+            policy_rejected: &pr,
+            reference: reference
+                .as_ref()
+                .map(|(c, r)| (c.as_slice(), r.as_slice())),
+            lens: (&lc, &lr),
+        };
+        let (loss, dc, dr) = self.loss_host(b, stats.step as u64, stats.progress)?;
+        let device = stats.policy_chosen.device();
+        let t = |v: &[f32]| tensor_from_slice(v, &device);
+        let chosen = stats.policy_chosen.clone();
+        let rejected = stats.policy_rejected.clone();
+        let surrogate = t(&loss)
+            + t(&dc).mul(chosen.clone() - chosen.detach())
+            + t(&dr).mul(rejected.clone() - rejected.detach());
+        Ok((surrogate, None))
     }
 }

@@ -180,6 +180,10 @@ pub struct PairStats {
     pub chosen_len: Tensor<1>,
     /// See `chosen_len`.
     pub rejected_len: Tensor<1>,
+    /// Optimizer step (0-based).
+    pub step: usize,
+    /// Training progress in `[0, 1]`.
+    pub progress: f64,
 }
 
 /// A pairwise (preference) objective.
@@ -188,6 +192,10 @@ pub trait PairwiseObjective: Send + Sync {
     fn needs_reference(&self) -> bool;
     /// Per-pair losses `[P]` (with gradient) and optional detached pair weights.
     fn loss(&self, stats: &PairStats) -> (Tensor<1>, Option<Tensor<1>>);
+    /// [`PairwiseObjective::loss`] for objectives that can fail (external plugins); the message names the plugin.
+    fn try_loss(&self, stats: &PairStats) -> Result<(Tensor<1>, Option<Tensor<1>>), String> {
+        Ok(self.loss(stats))
+    }
 }
 
 /// A constructed plugin instance.

@@ -307,7 +307,8 @@ fn pair_micro_batch<M: CausalLm>(
     step_chosen_tokens: usize,
     grads: Option<&mut GradAccumulator>,
     acc: &mut Acc,
-) {
+    (step, progress): (usize, f64),
+) -> Result<(), String> {
     let device = setup.device;
     let chunk: Vec<&PairExample> = idx.iter().map(|&i| &pairs[i]).collect();
     let p = chunk.len();
@@ -352,8 +353,10 @@ fn pair_micro_batch<M: CausalLm>(
         reference_rejected: rr.clone(),
         chosen_len: len_t(0..p),
         rejected_len: len_t(p..2 * p),
+        step,
+        progress,
     };
-    let (loss, plugin_w) = setup.objective.loss(&stats);
+    let (loss, plugin_w) = setup.objective.try_loss(&stats)?;
     let data_w: Vec<f32> = chunk.iter().map(|e| e.weight as f32).collect();
     let mut w = tensor_to_vec(
         plugin_w
@@ -392,9 +395,9 @@ fn pair_micro_batch<M: CausalLm>(
     }
     acc.pairs += p;
     acc.tokens += counts.iter().sum::<usize>();
-    let Some(grads) = grads else { return };
+    let Some(grads) = grads else { return Ok(()) };
     if acc.nonfinite {
-        return;
+        return Ok(());
     }
     let wt: Tensor<1> = Tensor::from_data(TensorData::new(w, [p]), device);
     let mut objective = loss.mul(wt).sum().div_scalar(step_pairs.max(1) as f64);
@@ -407,6 +410,7 @@ fn pair_micro_batch<M: CausalLm>(
     }
     let mut g = objective.backward();
     grads.accumulate(model, &mut g);
+    Ok(())
 }
 
 /// Evaluates the objective on pairs (no update).
@@ -416,23 +420,42 @@ pub fn evaluate<M: CausalLm>(
     pairs: &[PairExample],
     reference: Option<&[(f32, f32)]>,
     step: usize,
-) -> Option<PrefEval> {
+) -> Result<Option<PrefEval>, TrainError> {
     if pairs.is_empty() {
-        return None;
+        return Ok(None);
     }
     let mut acc = Acc::default();
     let all: Vec<usize> = (0..pairs.len()).collect();
     for chunk in all.chunks(setup.micro_pairs.max(1)) {
-        pair_micro_batch(model, setup, chunk, pairs, reference, 1, 1, None, &mut acc);
+        pair_micro_batch(
+            model,
+            setup,
+            chunk,
+            pairs,
+            reference,
+            1,
+            1,
+            None,
+            &mut acc,
+            (step, 0.0),
+        )
+        .map_err(|e| plugin_error(step, e))?;
     }
     let n = acc.pairs.max(1) as f64;
-    Some(PrefEval {
+    Ok(Some(PrefEval {
         step,
         eval_loss: acc.loss / acc.weight.max(1e-12),
         accuracy: acc.correct as f64 / n,
         margin: acc.margin / n,
         eval_pairs: acc.pairs,
-    })
+    }))
+}
+
+fn plugin_error(step: usize, message: String) -> TrainError {
+    TrainError::Plugin {
+        step,
+        source: crate::step::StepError::Plugin(message),
+    }
 }
 
 fn open_log(path: &Path, append: bool) -> Result<fs::File, TrainError> {
@@ -504,7 +527,7 @@ pub fn train_pairs<M: CausalLm>(
     let eval_before = if resumed {
         None
     } else {
-        let e = evaluate(&model, setup, setup.eval_pairs, eval_ref, 0);
+        let e = evaluate(&model, setup, setup.eval_pairs, eval_ref, 0)?;
         if let Some(e) = &e {
             write_line(&mut evals, &epath, e)?;
             tb.write(0, e)?;
@@ -540,7 +563,9 @@ pub fn train_pairs<M: CausalLm>(
                 chosen_tokens,
                 Some(&mut grads),
                 &mut acc,
-            );
+                (index, index as f64 / total.max(1) as f64),
+            )
+            .map_err(|e| plugin_error(index, e))?;
             if acc.nonfinite {
                 break;
             }
@@ -618,7 +643,7 @@ pub fn train_pairs<M: CausalLm>(
         if setup.eval_every > 0
             && (index + 1) % setup.eval_every == 0
             && !done
-            && let Some(e) = evaluate(&model, setup, setup.eval_pairs, eval_ref, index + 1)
+            && let Some(e) = evaluate(&model, setup, setup.eval_pairs, eval_ref, index + 1)?
         {
             write_line(&mut evals, &epath, &e)?;
             tb.write(e.step, &e)?;
@@ -631,7 +656,7 @@ pub fn train_pairs<M: CausalLm>(
             last_checkpoint = Some(dir);
         }
     }
-    let eval_after = evaluate(&model, setup, setup.eval_pairs, eval_ref, state.step);
+    let eval_after = evaluate(&model, setup, setup.eval_pairs, eval_ref, state.step)?;
     if let Some(e) = &eval_after {
         write_line(&mut evals, &epath, e)?;
         tb.write(e.step, e)?;

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use ytrainer_core::burn::prelude::*;
 use ytrainer_core::loss::{
-    LossFn, PluginError, Registry, TokenStats, tensor_from_slice, tensor_to_vec,
+    LossFn, PairStats, PluginError, Registry, TokenStats, tensor_from_slice, tensor_to_vec,
 };
 
 fn target_dir() -> PathBuf {
@@ -38,6 +38,24 @@ fn misbehave() -> &'static Path {
             .expect("run cargo");
         assert!(st.success(), "building the fixture plugin failed");
         target_dir().join("release").join(dylib("misbehave"))
+    })
+}
+
+/// The `misbehave-pair` fixture (a pairwise plugin).
+fn misbehave_pair() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let manifest =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/misbehave-pair/Cargo.toml");
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "--release", "--quiet", "--manifest-path"])
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(target_dir())
+            .status()
+            .expect("run cargo");
+        assert!(st.success(), "building the pairwise fixture plugin failed");
+        target_dir().join("release").join(dylib("misbehave_pair"))
     })
 }
 
@@ -154,7 +172,7 @@ fn malformed_libraries() {
 
     let e = load_err(&rustc_lib("abi_mismatch"));
     assert!(
-        e.contains("plugin ABI version 999") && e.contains("speaks version 1"),
+        e.contains("plugin ABI version 999") && e.contains("speaks version 2"),
         "{e}"
     );
 
@@ -176,4 +194,71 @@ fn name_clash_names_both_sources() {
     );
     // The same file twice is loaded once.
     Registry::discover_with(&[misbehave().to_path_buf(), misbehave().to_path_buf()]).unwrap();
+}
+
+fn pair_plugin(mode: f64) -> Box<dyn ytrainer_core::loss::PairwiseObjective> {
+    let r = Registry::discover_with(&[misbehave_pair().to_path_buf()]).unwrap();
+    let mut p = BTreeMap::new();
+    p.insert("mode".to_string(), mode);
+    match r.build("misbehave-pair", &p).unwrap().0 {
+        LossFn::Pairwise(o) => o,
+        LossFn::Token(_) => panic!("a pairwise plugin must build a pairwise objective"),
+    }
+}
+
+/// What the host passes to a pairwise plugin, and that the plugin's derivatives become the policy's gradients.
+#[test]
+fn pairwise_plugin_gets_the_statistics_and_its_derivatives_become_gradients() {
+    let device = Device::flex().autodiff();
+    let obj = pair_plugin(0.0);
+    assert!(obj.needs_reference());
+    let pc = tensor_from_slice(&[-1.0, -2.0], &device).require_grad();
+    let pr = tensor_from_slice(&[-3.0, -4.0], &device).require_grad();
+    let stats = PairStats {
+        policy_chosen: pc.clone(),
+        policy_rejected: pr.clone(),
+        reference_chosen: Some(tensor_from_slice(&[-0.5, -0.25], &device)),
+        reference_rejected: Some(tensor_from_slice(&[-0.125, 0.0], &device)),
+        chosen_len: tensor_from_slice(&[3.0, 4.0], &device),
+        rejected_len: tensor_from_slice(&[5.0, 6.0], &device),
+        step: 2,
+        progress: 0.25,
+    };
+    let (loss, w) = obj.try_loss(&stats).unwrap();
+    assert!(w.is_none());
+    let v = tensor_to_vec(loss.clone().detach().inner());
+    // pc + 10 pr + 100 rc + 1000 rr + 1e4 len_c + 1e5 step
+    let want0 = -1.0 - 30.0 - 50.0 - 125.0 + 30_000.0 + 200_000.0;
+    let want1 = -2.0 - 40.0 - 25.0 + 0.0 + 40_000.0 + 200_000.0;
+    assert_eq!(v, vec![want0 as f32, want1 as f32]);
+    let grads = loss.sum().backward();
+    assert_eq!(tensor_to_vec(pc.grad(&grads).unwrap()), vec![0.25, 0.25]);
+    assert_eq!(tensor_to_vec(pr.grad(&grads).unwrap()), vec![-5.0, -6.0]);
+}
+
+#[test]
+fn pairwise_plugin_failures_name_the_plugin() {
+    let device = Device::flex();
+    let stats = PairStats {
+        policy_chosen: tensor_from_slice(&[-1.0, -2.0], &device),
+        policy_rejected: tensor_from_slice(&[-3.0, -4.0], &device),
+        reference_chosen: None,
+        reference_rejected: None,
+        chosen_len: tensor_from_slice(&[3.0, 4.0], &device),
+        rejected_len: tensor_from_slice(&[5.0, 6.0], &device),
+        step: 0,
+        progress: 0.0,
+    };
+    let e = pair_plugin(1.0).try_loss(&stats).unwrap_err();
+    assert!(
+        e.contains("external loss plugin `misbehave-pair`")
+            && e.contains("returned loss NaN for pair 1")
+            && e.contains("must be finite"),
+        "{e}"
+    );
+    let e = pair_plugin(2.0).try_loss(&stats).unwrap_err();
+    assert!(
+        e.contains("`misbehave-pair`") && e.contains("panicked: pair loss exploded"),
+        "{e}"
+    );
 }

@@ -23,6 +23,11 @@
 //! export_plugin!(Halve);
 //! ```
 //!
+//! A **pairwise** (preference) objective implements [`PairPlugin`] instead and is exported with
+//! [`export_pair_plugin!`]: it receives, per preference pair, the policy's (and when declared the reference's)
+//! summed log-probabilities of the chosen and rejected completions, and returns each pair's loss together with its
+//! derivatives with respect to the two policy log-probabilities; the host turns those into gradients.
+//!
 //! # The ABI (version [`ABI_VERSION`])
 //!
 //! The library exports one symbol, [`ENTRY_SYMBOL`] (`ytrainer_plugin_entry`), an
@@ -41,8 +46,17 @@ use std::cell::RefCell;
 use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-/// Version of the binary interface described by [`RawVTable`] and [`RawBatch`]. Bumped on any layout change.
-pub const ABI_VERSION: u32 = 1;
+/// Version of the binary interface described by [`RawVTable`], [`RawBatch`] and [`RawPairBatch`]. Bumped on any
+/// layout change (2: pairwise plugins, the `kind` and `pair_loss` fields).
+pub const ABI_VERSION: u32 = 2;
+
+/// Values of [`RawVTable::kind`].
+pub mod kind {
+    /// Token reweighting: [`super::RawVTable::weights`] is the entry point.
+    pub const TOKEN: u32 = 0;
+    /// Pairwise objective: [`super::RawVTable::pair_loss`] is the entry point.
+    pub const PAIRWISE: u32 = 1;
+}
 
 /// Name of the exported entry function.
 pub const ENTRY_SYMBOL: &str = "ytrainer_plugin_entry";
@@ -179,12 +193,40 @@ pub struct RawBatch {
     pub progress: f64,
 }
 
+/// One micro-batch of preference pairs, `n` pairs. Log-probabilities are sums over each completion's tokens (or
+/// means, when the run sets `average_log_prob`); the reference arrays are null unless the plugin declared
+/// [`needs_bits::REFERENCE_LOSS`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct RawPairBatch {
+    /// Number of pairs.
+    pub n: usize,
+    /// Policy log-probability of each chosen completion.
+    pub policy_chosen: *const f32,
+    /// Policy log-probability of each rejected completion.
+    pub policy_rejected: *const f32,
+    /// Reference log-probability of each chosen completion, or null.
+    pub reference_chosen: *const f32,
+    /// Reference log-probability of each rejected completion, or null.
+    pub reference_rejected: *const f32,
+    /// Chosen completion lengths in tokens.
+    pub chosen_len: *const f32,
+    /// Rejected completion lengths in tokens.
+    pub rejected_len: *const f32,
+    /// Optimizer step (0-based).
+    pub step: u64,
+    /// Training progress in `[0, 1]`.
+    pub progress: f64,
+}
+
 /// What the entry function returns. Field order is part of the ABI; `abi_version` comes first.
 #[repr(C)]
 #[derive(Debug)]
 pub struct RawVTable {
     /// Must equal the host's [`ABI_VERSION`].
     pub abi_version: u32,
+    /// [`kind`]: which entry point the plugin implements.
+    pub kind: u32,
     /// [`needs_bits`] of the weight function.
     pub needs: u32,
     /// Default normalisation: 0 = nonzero, 1 = tokens, 2 = weights.
@@ -208,6 +250,16 @@ pub struct RawVTable {
         instance: *mut c_void,
         batch: *const RawBatch,
         out: *mut f32,
+        err: *mut RawError,
+    ) -> i32,
+    /// Pairwise plugins: fills `loss[0..n]`, `d_chosen[0..n]` and `d_rejected[0..n]` (the derivatives of each
+    /// pair's loss with respect to its policy chosen / rejected log-probability).
+    pub pair_loss: unsafe extern "C" fn(
+        instance: *mut c_void,
+        batch: *const RawPairBatch,
+        loss: *mut f32,
+        d_chosen: *mut f32,
+        d_rejected: *mut f32,
         err: *mut RawError,
     ) -> i32,
     /// Frees an instance made by `create`.
@@ -413,6 +465,88 @@ pub trait Plugin: Sized + Send + Sync + 'static {
     fn weights(&self, batch: &Batch<'_>, out: &mut [f32]);
 }
 
+/// One micro-batch of preference pairs as a pairwise plugin sees it (see [`RawPairBatch`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PairBatch<'a> {
+    /// Policy log-probabilities of the chosen completions.
+    pub policy_chosen: &'a [f32],
+    /// Policy log-probabilities of the rejected completions.
+    pub policy_rejected: &'a [f32],
+    /// Reference log-probabilities (when declared with `NEEDS_REFERENCE`).
+    pub reference_chosen: Option<&'a [f32]>,
+    /// See `reference_chosen`.
+    pub reference_rejected: Option<&'a [f32]>,
+    /// Completion lengths in tokens.
+    pub chosen_len: &'a [f32],
+    /// See `chosen_len`.
+    pub rejected_len: &'a [f32],
+    /// Optimizer step (0-based).
+    pub step: u64,
+    /// Training progress in `[0, 1]`.
+    pub progress: f64,
+}
+
+impl PairBatch<'_> {
+    /// Number of pairs.
+    pub fn len(&self) -> usize {
+        self.policy_chosen.len()
+    }
+
+    /// Whether there are no pairs.
+    pub fn is_empty(&self) -> bool {
+        self.policy_chosen.is_empty()
+    }
+}
+
+/// Where a pairwise plugin writes its results, one value per pair each.
+#[derive(Debug)]
+pub struct PairOut<'a> {
+    /// Loss of each pair.
+    pub loss: &'a mut [f32],
+    /// `d loss / d policy_chosen` of each pair.
+    pub d_chosen: &'a mut [f32],
+    /// `d loss / d policy_rejected` of each pair.
+    pub d_rejected: &'a mut [f32],
+}
+
+/// A pairwise (preference) objective, e.g. a DPO variant. Implement it for a struct and call
+/// [`export_pair_plugin!`].
+pub trait PairPlugin: Sized + Send + Sync + 'static {
+    /// Unique name (`--loss NAME`).
+    const NAME: &'static str;
+    /// One line for `ytrainer plugins list`.
+    const DESCRIPTION: &'static str;
+    /// The formula, shown by `ytrainer plugins describe`.
+    const FORMULA: &'static str = "";
+    /// Declared parameters with defaults.
+    const PARAMS: &'static [Param] = &[];
+    /// Whether the objective reads the reference model's log-probabilities.
+    const NEEDS_REFERENCE: bool = true;
+
+    /// Builds the plugin from its parameters (every declared one present); `Err` explains what to change.
+    fn new(params: &Params) -> Result<Self, String>;
+
+    /// Fills each pair's loss and its derivatives with respect to the two policy log-probabilities (all three
+    /// must be finite; the host stops the run with an error naming this plugin otherwise).
+    fn loss(&self, batch: &PairBatch<'_>, out: PairOut<'_>);
+}
+
+/// Exports `$t` (a type implementing [`PairPlugin`]) as the library's plugin. Use once per `cdylib`.
+#[macro_export]
+macro_rules! export_pair_plugin {
+    ($t:ty) => {
+        /// The ytrainer plugin entry point (generated by `ytrainer_plugin::export_pair_plugin!`).
+        #[unsafe(no_mangle)]
+        pub extern "C" fn ytrainer_plugin_entry() -> *const $crate::RawVTable {
+            static VTABLE: ::std::sync::OnceLock<$crate::__private::VTable> =
+                ::std::sync::OnceLock::new();
+            VTABLE
+                .get_or_init($crate::__private::pair_vtable::<$t>)
+                .as_ptr()
+        }
+    };
+}
+
 /// Exports `$t` (a type implementing [`Plugin`]) as the library's plugin. Use once per `cdylib`.
 #[macro_export]
 macro_rules! export_plugin {
@@ -453,17 +587,11 @@ pub mod __private {
     /// Builds the vtable of `P` and installs the panic hook that records panic messages.
     pub fn vtable<P: Plugin>() -> VTable {
         install_panic_hook();
-        let params: Vec<RawParam> = P::PARAMS
-            .iter()
-            .map(|p| RawParam {
-                name: RawStr::from_static(p.name),
-                default: p.default,
-                help: RawStr::from_static(p.help),
-            })
-            .collect();
+        let params = raw_params(P::PARAMS);
         VTable {
             raw: RawVTable {
                 abi_version: ABI_VERSION,
+                kind: kind::TOKEN,
                 needs: P::NEEDS.bits(),
                 normalize: match P::NORMALIZE {
                     Normalize::Nonzero => 0,
@@ -477,9 +605,132 @@ pub mod __private {
                 n_params: params.len(),
                 create: create::<P>,
                 weights: weights::<P>,
+                pair_loss: no_pair_loss,
                 destroy: destroy::<P>,
             },
             _params: params,
+        }
+    }
+
+    fn raw_params(params: &'static [Param]) -> Vec<RawParam> {
+        params
+            .iter()
+            .map(|p| RawParam {
+                name: RawStr::from_static(p.name),
+                default: p.default,
+                help: RawStr::from_static(p.help),
+            })
+            .collect()
+    }
+
+    /// Builds the vtable of the pairwise plugin `P`.
+    pub fn pair_vtable<P: PairPlugin>() -> VTable {
+        install_panic_hook();
+        let params = raw_params(P::PARAMS);
+        VTable {
+            raw: RawVTable {
+                abi_version: ABI_VERSION,
+                kind: kind::PAIRWISE,
+                needs: if P::NEEDS_REFERENCE {
+                    needs_bits::REFERENCE_LOSS
+                } else {
+                    0
+                },
+                normalize: 1,
+                name: RawStr::from_static(P::NAME),
+                description: RawStr::from_static(P::DESCRIPTION),
+                formula: RawStr::from_static(P::FORMULA),
+                params: params.as_ptr(),
+                n_params: params.len(),
+                create: create_pair::<P>,
+                weights: no_weights,
+                pair_loss: pair_loss::<P>,
+                destroy: destroy::<P>,
+            },
+            _params: params,
+        }
+    }
+
+    unsafe extern "C" fn no_weights(
+        _: *mut c_void,
+        _: *const RawBatch,
+        _: *mut f32,
+        err: *mut RawError,
+    ) -> i32 {
+        unsafe { report(err, "a pairwise plugin has no token weight function") };
+        status::ERROR
+    }
+
+    unsafe extern "C" fn no_pair_loss(
+        _: *mut c_void,
+        _: *const RawPairBatch,
+        _: *mut f32,
+        _: *mut f32,
+        _: *mut f32,
+        err: *mut RawError,
+    ) -> i32 {
+        unsafe { report(err, "a token plugin has no pairwise loss function") };
+        status::ERROR
+    }
+
+    /// # Safety
+    /// As [`create`].
+    pub unsafe extern "C" fn create_pair<P: PairPlugin>(
+        params_json: RawStr,
+        out: *mut *mut c_void,
+        err: *mut RawError,
+    ) -> i32 {
+        unsafe { construct(params_json, out, err, P::new) }
+    }
+
+    /// # Safety
+    /// `instance` comes from `create_pair::<P>`; `batch` and its arrays hold `n` values; the outputs have room
+    /// for `n` values each.
+    pub unsafe extern "C" fn pair_loss<P: PairPlugin>(
+        instance: *mut c_void,
+        batch: *const RawPairBatch,
+        loss: *mut f32,
+        d_chosen: *mut f32,
+        d_rejected: *mut f32,
+        err: *mut RawError,
+    ) -> i32 {
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            // SAFETY: guaranteed by the host (see above).
+            let (p, b) = unsafe { (&*(instance as *const P), &*batch) };
+            let n = b.n;
+            let slice = |ptr: *const f32| {
+                // SAFETY: non-null arrays hold `n` values.
+                (!ptr.is_null()).then(|| unsafe { std::slice::from_raw_parts(ptr, n) })
+            };
+            let batch = PairBatch {
+                policy_chosen: slice(b.policy_chosen).unwrap_or(&[]),
+                policy_rejected: slice(b.policy_rejected).unwrap_or(&[]),
+                reference_chosen: slice(b.reference_chosen),
+                reference_rejected: slice(b.reference_rejected),
+                chosen_len: slice(b.chosen_len).unwrap_or(&[]),
+                rejected_len: slice(b.rejected_len).unwrap_or(&[]),
+                step: b.step,
+                progress: b.progress,
+            };
+            // SAFETY: each output has room for `n` values.
+            let out = unsafe {
+                PairOut {
+                    loss: std::slice::from_raw_parts_mut(loss, n),
+                    d_chosen: std::slice::from_raw_parts_mut(d_chosen, n),
+                    d_rejected: std::slice::from_raw_parts_mut(d_rejected, n),
+                }
+            };
+            out.loss.fill(0.0);
+            out.d_chosen.fill(0.0);
+            out.d_rejected.fill(0.0);
+            p.loss(&batch, out);
+        }));
+        match r {
+            Ok(()) => status::OK,
+            Err(_) => {
+                unsafe { report(err, &panic_message()) };
+                status::PANIC
+            }
         }
     }
 
@@ -525,12 +776,22 @@ pub mod __private {
         out: *mut *mut c_void,
         err: *mut RawError,
     ) -> i32 {
+        unsafe { construct(params_json, out, err, P::new) }
+    }
+
+    /// The body of both constructors: parse the parameters, build, box, catch panics.
+    unsafe fn construct<T>(
+        params_json: RawStr,
+        out: *mut *mut c_void,
+        err: *mut RawError,
+        new: fn(&Params) -> Result<T, String>,
+    ) -> i32 {
         // SAFETY: the host passes a valid string.
         let Some(json) = (unsafe { params_json.as_str() }) else {
             unsafe { report(err, "parameters are not valid UTF-8") };
             return status::ERROR;
         };
-        let r = catch_unwind(|| Params::from_json(json).and_then(|p| P::new(&p)));
+        let r = catch_unwind(|| Params::from_json(json).and_then(|p| new(&p)));
         match r {
             Ok(Ok(p)) => {
                 // SAFETY: the host passes a valid out pointer.
@@ -593,7 +854,7 @@ pub mod __private {
 
     /// # Safety
     /// `instance` comes from `create::<P>` and is not used afterwards.
-    pub unsafe extern "C" fn destroy<P: Plugin>(instance: *mut c_void) {
+    pub unsafe extern "C" fn destroy<P: Send + Sync + 'static>(instance: *mut c_void) {
         if !instance.is_null() {
             // SAFETY: made by `Box::into_raw` in `create::<P>`.
             let _ = catch_unwind(|| drop(unsafe { Box::from_raw(instance as *mut P) }));

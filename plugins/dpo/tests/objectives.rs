@@ -16,6 +16,8 @@ fn stats(d: &Device) -> PairStats {
         reference_rejected: Some(tensor_from_slice(&[-11.0, -16.0], d)),
         chosen_len: tensor_from_slice(&[4.0, 5.0], d),
         rejected_len: tensor_from_slice(&[2.0, 5.0], d),
+        step: 0,
+        progress: 0.0,
     }
 }
 
