@@ -36,15 +36,9 @@ pub fn peak_rss_mb() -> Option<f64> {
 }
 
 fn random_batch(b: usize, t: usize, vocab: usize, seed: u64) -> MicroBatch {
-    // SplitMix64: a self-contained deterministic stream, so every run benchmarks the same tokens.
-    let mut x = seed;
-    let mut next = || {
-        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    // A self-contained deterministic stream, so every run benchmarks the same tokens.
+    let mut rng = ytrainer_core::rng::SplitMix64::new(seed);
+    let mut next = || rng.next_u64();
     let input_ids: Vec<u32> = (0..b * t).map(|_| (next() % vocab as u64) as u32).collect();
     MicroBatch {
         batch: b,

@@ -55,29 +55,27 @@ impl GradAccumulator {
     pub fn accumulate<M: Module>(&mut self, model: &M, grads: &mut Gradients) {
         struct Collect<'a> {
             grads: &'a mut Gradients,
-            acc: &'a mut HashMap<ParamId, Tensor<1>>,
+            found: Vec<(ParamId, Tensor<1>)>,
         }
         impl ModuleVisitor for Collect<'_> {
             fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
                 if !param.is_require_grad() {
                     return;
                 }
-                let Some(g) = param.val().grad_remove(self.grads) else {
-                    return;
-                };
-                let n = g.shape().num_elements();
-                let g = g.reshape([n]);
-                let sum = match self.acc.remove(&param.id) {
-                    Some(prev) => prev.add(g),
-                    None => g,
-                };
-                self.acc.insert(param.id, sum);
+                if let Some(g) = param.val().grad_remove(self.grads) {
+                    let n = g.shape().num_elements();
+                    self.found.push((param.id, g.reshape([n])));
+                }
             }
         }
-        model.visit(&mut Collect {
+        let mut c = Collect {
             grads,
-            acc: &mut self.grads,
-        });
+            found: Vec::new(),
+        };
+        model.visit(&mut c);
+        for (id, g) in c.found {
+            self.add(id, g);
+        }
     }
 
     /// Adds a gradient computed outside autodiff (the LM head's, see [`crate::lm_loss`]) to parameter `id`.

@@ -248,14 +248,9 @@ fn shuffled(n: usize, seed: u64, epoch: usize, shuffle: bool) -> Vec<usize> {
         return idx;
     }
     // SplitMix64 Fisher-Yates: a fixed algorithm, so a plan never changes with a dependency's RNG.
-    let mut x = seed ^ (epoch as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-    let mut next = || {
-        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut rng =
+        crate::rng::SplitMix64::new(seed ^ (epoch as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    let mut next = || rng.next_u64();
     for i in (1..n).rev() {
         let j = (next() % (i as u64 + 1)) as usize;
         idx.swap(i, j);
@@ -543,10 +538,7 @@ pub fn train_pairs<M: CausalLm>(
     let mut last_checkpoint = None;
     for (index, (epoch, idx)) in steps.iter().enumerate().skip(state.step) {
         let ts = Instant::now();
-        setup.device.seed(
-            tr.seed
-                .wrapping_add((index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-        );
+        setup.device.seed(crate::rng::step_seed(tr.seed, index));
         let chosen_tokens: usize = idx
             .iter()
             .map(|&i| setup.pairs[i].chosen.num_targets())

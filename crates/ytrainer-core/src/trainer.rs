@@ -421,12 +421,9 @@ pub fn train<M: CausalLm>(
         let ts = Instant::now();
         // Reseeding per step makes any randomness inside the step (LoRA dropout) a function of (seed, step), so a
         // resumed run draws exactly what the uninterrupted run drew.
-        setup.device.seed(
-            setup
-                .batch
-                .seed
-                .wrapping_add((index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-        );
+        setup
+            .device
+            .seed(crate::rng::step_seed(setup.batch.seed, index));
         let ctx = StepContext {
             step: index,
             progress: index as f64 / total as f64,

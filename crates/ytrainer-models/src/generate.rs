@@ -189,23 +189,17 @@ impl Default for SamplingOptions {
 #[derive(Debug, Clone)]
 pub struct Sampler {
     pub options: SamplingOptions,
-    state: u64,
+    rng: ytrainer_core::rng::SplitMix64,
 }
 
 impl Sampler {
     pub fn new(options: SamplingOptions) -> Self {
-        let state = options.seed ^ 0x9E37_79B9_7F4A_7C15;
-        Self { options, state }
+        let rng = ytrainer_core::rng::SplitMix64::new(options.seed ^ ytrainer_core::rng::GOLDEN);
+        Self { options, rng }
     }
 
     fn next_f64(&mut self) -> f64 {
-        // splitmix64
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
+        self.rng.next_f64()
     }
 
     /// The next token given the logits and the ids of the context so far.
