@@ -368,6 +368,34 @@ fn reference_and_entropy_builtins_train() {
         &["--loss", "rho1", "--adapter", "full"],
     );
     assert_user_error(&o, "needs reference-model losses");
+    // ... unless a separate reference model is named: then full fine-tuning trains with it.
+    let run = d.path().join("rho1-full-ref");
+    let o = tiny_run(
+        &run,
+        &[
+            "--loss",
+            "rho1",
+            "--adapter",
+            "full",
+            "--set",
+            &format!("loss.reference_model={}", s(&assets().join("tiny-qwen2"))),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = jsonl(&run.join("metrics.jsonl"));
+    assert_eq!(m.len(), 2);
+    let resolved = std::fs::read_to_string(run.join("config.resolved.toml")).unwrap();
+    assert!(resolved.contains("reference_model"), "{resolved}");
+    let o = tiny_run(
+        &d.path().join("rho1-bad-ref"),
+        &[
+            "--loss",
+            "rho1",
+            "--set",
+            "loss.reference_model=/nonexistent/model",
+        ],
+    );
+    assert_user_error(&o, "/nonexistent/model");
 }
 
 /// An external pairwise plugin (`examples/plugins/margin-dpo`, DPO when gamma = 0) trains exactly like the

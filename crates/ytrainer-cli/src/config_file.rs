@@ -42,7 +42,14 @@ pub const KEYS: &[(&str, &[&str])] = &[
     ),
     (
         "loss",
-        &["name", "normalize", "params", "zone_borders", "plugins"],
+        &[
+            "name",
+            "normalize",
+            "params",
+            "zone_borders",
+            "plugins",
+            "reference_model",
+        ],
     ),
     (
         "train",
@@ -321,6 +328,7 @@ fn rebase_paths(doc: &mut Table, base: &Path) {
         ("data", "eval"),
         ("adapter", "init_from"),
         ("preference", "reference"),
+        ("loss", "reference_model"),
         ("output", "dir"),
     ] {
         if let Some(v) = doc

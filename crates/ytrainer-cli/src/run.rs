@@ -232,6 +232,7 @@ pub(crate) fn write_resolved_config(cfg: &RunConfig, out: &Path) -> Result<()> {
         &mut resolved.data.eval,
         &mut resolved.adapter.init_from,
         &mut resolved.preference.reference,
+        &mut resolved.loss.reference_model,
     ]
     .into_iter()
     .flatten()
@@ -318,6 +319,21 @@ pub fn run(args: RunArgs) -> Result<()> {
     let (mut model, _hf) = load_pretrained(&model_dir, &adapter, &device)?;
     if let Some(init) = &cfg.adapter.init_from {
         model = load_peft_adapter(model, init)?;
+    }
+    if let Some(path) = &cfg.loss.reference_model {
+        let dir = crate::interop::model_dir_for_run(path.clone(), &out.join("reference-model"))?;
+        let (reference, _) = load_pretrained(&dir, &AdapterSpec::Full, &device)
+            .with_context(|| format!("loading [loss] reference_model {}", path.display()))?;
+        if reference.vocab_size() != model.vocab_size() {
+            bail!(
+                "[loss] reference_model {} has a vocabulary of {} tokens but the model has {}; the reference must \
+                 share the policy's tokenizer",
+                path.display(),
+                reference.vocab_size(),
+                model.vocab_size()
+            );
+        }
+        model = model.with_reference(reference);
     }
     if model.vocab_size() < tok.vocab_size() {
         bail!(

@@ -219,6 +219,10 @@ pub struct LossSection {
     /// `YTRAINER_PLUGIN_PATH` (relative paths are relative to the config file).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub plugins: Vec<std::path::PathBuf>,
+    /// A separate reference model (HF directory or `.gguf`) for plugins that need reference losses (`rho1`).
+    /// Default: the policy's own base model with its LoRA adapters disabled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference_model: Option<std::path::PathBuf>,
 }
 
 impl Default for LossSection {
@@ -229,6 +233,7 @@ impl Default for LossSection {
             params: BTreeMap::new(),
             zone_borders: [1.45, 6.6, 15.0],
             plugins: Vec::new(),
+            reference_model: None,
         }
     }
 }

@@ -50,8 +50,9 @@ pub trait CausalLm: Module {
         None
     }
 
-    /// Runs `f` on this model with every adapter (LoRA branch) switched off, i.e. on the frozen base model: the
-    /// reference model of reference-based losses (`rho1`). `None` when the model has no adapters to switch off.
+    /// Runs `f` on the reference model of reference-based losses (`rho1`): a separately loaded model when one was
+    /// configured (`[loss] reference_model`), else this model with every adapter (LoRA branch) switched off, i.e.
+    /// the frozen base. `None` when there is neither.
     fn adapters_disabled<R>(&self, f: impl FnOnce(&Self) -> R) -> Option<R>
     where
         Self: Sized,

@@ -175,7 +175,8 @@ pub enum StepError {
     /// The plugin needs reference-model losses and the model cannot provide them.
     #[error(
         "the loss plugin needs reference-model losses, which come from the base model with its adapters disabled; \
-         this model has no adapters: train with LoRA (`--adapter lora`) or choose another loss"
+         this model has no adapters: train with LoRA (`--adapter lora`), name a reference model with \
+         `[loss] reference_model = \"path\"`, or choose another loss"
     )]
     NoReference,
 }

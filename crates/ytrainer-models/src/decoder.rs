@@ -495,6 +495,10 @@ pub struct Decoder {
     pub base_model_name_or_path: String,
     #[module(skip)]
     inv_freq: Vec<f32>,
+    /// A separately loaded, frozen reference model for reference-based losses (`[loss] reference_model`); `None`:
+    /// the reference is this model with its adapters disabled.
+    #[module(skip)]
+    reference: Option<std::sync::Arc<Decoder>>,
 }
 
 impl Decoder {
@@ -517,7 +521,15 @@ impl Decoder {
             adapter: AdapterSpec::Full,
             base_model_name_or_path: String::new(),
             inv_freq,
+            reference: None,
         }
+    }
+
+    /// Uses `reference` (frozen here) as the reference model of reference-based losses instead of this model's
+    /// own base.
+    pub fn with_reference(mut self, reference: Decoder) -> Self {
+        self.reference = Some(std::sync::Arc::new(reference.set_require_grad(false)));
+        self
     }
 
     /// Logits for every position, `[B, T, vocab]` (convenience for evaluation and tests).
@@ -565,6 +577,7 @@ impl Decoder {
             adapter,
             base_model_name_or_path,
             inv_freq,
+            reference,
         } = self;
         let layers = layers
             .into_iter()
@@ -583,6 +596,7 @@ impl Decoder {
             adapter,
             base_model_name_or_path,
             inv_freq,
+            reference,
         })
     }
 
@@ -667,6 +681,9 @@ impl CausalLm for Decoder {
     }
 
     fn adapters_disabled<R>(&self, f: impl FnOnce(&Self) -> R) -> Option<R> {
+        if let Some(reference) = &self.reference {
+            return Some(f(reference));
+        }
         matches!(self.adapter, AdapterSpec::Lora(_))
             .then(|| crate::lora::without_adapters(|| f(self)))
     }
