@@ -118,6 +118,33 @@ fn tiny_sweep_runs_resumes_and_reports() {
     assert!(out.join("trials/ce_seed2/final").exists());
 }
 
+/// `--devices A,B`: trials spread over one worker process per device (i mod N), same results folder; the
+/// parent then aggregates everything. (Two "devices" here are both the CPU: the mechanism is what is tested.)
+#[test]
+fn sweep_spreads_trials_over_devices() {
+    let tmp = TempDir::new("sweepdev");
+    let f = tiny_sweep(tmp.path());
+    let out = tmp.path().join("out");
+    let o = ytrainer(&["sweep", &s(&f), "--devices", "cpu,cpu"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("shard 0/2 done (2 trials)") && text.contains("shard 1/2 done (2 trials)"),
+        "{text}"
+    );
+    assert!(text.contains("4 trials done"), "{text}");
+    let csv = fs::read_to_string(out.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5, "{csv}");
+    for id in ["ce_seed1", "ce_seed2", "nlirg_seed1", "nlirg_seed2"] {
+        let cfg = fs::read_to_string(out.join("trials").join(id).join("config.toml")).unwrap();
+        assert!(cfg.contains("device = \"cpu\""), "{id}: {cfg}");
+    }
+    assert_user_error(
+        &ytrainer(&["sweep", &s(&f), "--shard", "2/2"]),
+        "--shard `2/2`",
+    );
+}
+
 #[test]
 fn sweep_rejects_a_bad_trial_before_training() {
     let tmp = TempDir::new("sweep-bad");

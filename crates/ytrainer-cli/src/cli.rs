@@ -355,6 +355,13 @@ pub struct SweepArgs {
     /// List the trials and exit.
     #[arg(long)]
     pub dry_run: bool,
+    /// Devices to train on, comma-separated (`cuda:0,cuda:1`): one worker process per device, trial i on device
+    /// i mod N; a single device overrides every trial's `train.device`. Default: each trial's own config.
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<String>,
+    /// Internal: run only the trials of shard `K/N` (set by `--devices` for its worker processes).
+    #[arg(long, hide = true)]
+    pub shard: Option<String>,
 }
 
 /// `ytrainer plot`

@@ -20,6 +20,11 @@ pub fn set_cli_plugin_dirs(dirs: Vec<PathBuf>) {
     let _ = CLI_DIRS.set(dirs);
 }
 
+/// The global `--plugin-dir` flags (handed on to worker processes).
+pub fn cli_plugin_dirs() -> Vec<PathBuf> {
+    CLI_DIRS.get().cloned().unwrap_or_default()
+}
+
 /// Every external plugin path in force: `--plugin-dir` flags, then `YTRAINER_PLUGIN_PATH`, then `config`.
 pub fn plugin_paths(config: &[PathBuf]) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = CLI_DIRS.get().cloned().unwrap_or_default();

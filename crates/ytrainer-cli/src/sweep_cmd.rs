@@ -30,6 +30,8 @@ struct CliRunner {
     max_samples: usize,
     /// Before-training evals by base model directory (a LoRA or full run starts from the base itself).
     before: HashMap<PathBuf, (Vec<DatasetEval>, Vec<DatasetEval>)>,
+    /// `--devices` with one device: overrides every trial's `train.device`.
+    device: Option<String>,
 }
 
 impl CliRunner {
@@ -61,6 +63,15 @@ impl CliRunner {
 impl TrialRunner for CliRunner {
     fn run(&mut self, _trial: &Trial, config: &toml::Table, dir: &Path) -> Result<TrialEvals> {
         let t0 = Instant::now();
+        let mut config = config.clone();
+        if let Some(d) = &self.device {
+            ytrainer_sweep::spec::set_path(
+                &mut config,
+                "train.device",
+                toml::Value::String(d.clone()),
+            )?;
+        }
+        let config = &config;
         let path = dir.join("config.toml");
         fs::write(&path, toml::to_string_pretty(config)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
@@ -205,17 +216,42 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
             .build(&cfg.loss.name, &cfg.loss.params)
             .map_err(|e| anyhow!("trial `{}`: {e}", t.id))?;
     }
+    let shard = match &a.shard {
+        Some(s) => Some(parse_shard(s)?),
+        None => None,
+    };
+    if shard.is_none() && a.devices.len() > 1 {
+        spread(&a, &sw.output)?;
+    }
+    let mine: Vec<Trial> = match shard {
+        Some((k, n)) => trials
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % n == k)
+            .map(|(_, t)| t.clone())
+            .collect(),
+        None => trials.clone(),
+    };
     let mut runner = CliRunner {
         learn: sw.learn.clone(),
         retain: sw.retain.clone(),
         window: sw.eval.window,
         max_samples: sw.eval.max_samples,
         before: HashMap::new(),
+        device: (a.devices.len() == 1).then(|| a.devices[0].clone()),
     };
     let results = {
         let mut bars = Bars { overall: None };
-        ytrainer_sweep::run_all(&sw, &trials, &mut runner, &mut bars)?
+        ytrainer_sweep::run_all(&sw, &mine, &mut runner, &mut bars)?
     };
+    if let Some((k, n)) = shard {
+        println!(
+            "sweep `{}`: shard {k}/{n} done ({} trials)",
+            sw.name,
+            results.len()
+        );
+        return Ok(());
+    }
     let (files, plot_err) = ytrainer_sweep::write_reports(&sw, &results)?;
     if let Some(e) = plot_err {
         eprintln!("warning: plots not drawn: {e:#}");
@@ -236,6 +272,61 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
     );
     for f in files {
         println!("  {}", f.display());
+    }
+    Ok(())
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let parsed = s
+        .split_once('/')
+        .and_then(|(k, n)| Some((k.parse::<usize>().ok()?, n.parse::<usize>().ok()?)));
+    match parsed {
+        Some((k, n)) if n > 0 && k < n => Ok((k, n)),
+        _ => bail!("--shard `{s}`: expected K/N with 0 <= K < N"),
+    }
+}
+
+/// `--devices A,B,...`: one worker process per device (`ytrainer sweep FILE --shard K/N --devices D`), all at
+/// once; trial `i` goes to worker `i mod N`. Workers share the sweep folder, so finished trials are skipped and an
+/// interrupted sweep resumes the same way as a sequential one.
+fn spread(a: &SweepArgs, output: &Path) -> Result<()> {
+    let exe =
+        std::env::current_exe().context("cannot find the ytrainer executable to start workers")?;
+    let n = a.devices.len();
+    let mut children = Vec::new();
+    for (k, device) in a.devices.iter().enumerate() {
+        let mut cmd = std::process::Command::new(&exe);
+        for d in crate::plugins_cmd::cli_plugin_dirs() {
+            cmd.arg("--plugin-dir").arg(d);
+        }
+        cmd.arg("sweep")
+            .arg(&a.file)
+            .arg("--output-dir")
+            .arg(output)
+            .arg("--shard")
+            .arg(format!("{k}/{n}"))
+            .arg("--devices")
+            .arg(device);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start the sweep worker for device `{device}`"))?;
+        children.push((device.clone(), child));
+    }
+    let mut failed = Vec::new();
+    for (device, mut child) in children {
+        let status = child
+            .wait()
+            .with_context(|| format!("waiting for the sweep worker on `{device}`"))?;
+        if !status.success() {
+            failed.push(format!("`{device}` ({status})"));
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "sweep workers failed on {}: see their messages above; rerun the same command to resume (finished \
+             trials are kept)",
+            failed.join(", ")
+        );
     }
     Ok(())
 }
