@@ -9,7 +9,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use serde_json::json;
 use ytrainer_data::Message;
-use ytrainer_models::generate::{Sampler, SamplingOptions, generate as run_generate};
+use ytrainer_models::generate::{Generator, Sampler, SamplingOptions, generate_with};
 
 use crate::interop::{Loaded, inference_device, load_for_inference, parse_vars};
 
@@ -150,6 +150,7 @@ fn stop_ids(l: &Loaded) -> Vec<u32> {
 /// prefill, seconds of the prefill).
 fn stream(
     l: &Loaded,
+    g: &mut Generator<'_>,
     prompt: &[u32],
     s: &SamplingArgs,
     stop: &[u32],
@@ -160,28 +161,21 @@ fn stream(
     let mut first: Option<Instant> = None;
     let mut new_ids: Vec<u32> = Vec::new();
     let mut printed = 0usize;
-    let ids = run_generate(
-        &l.model,
-        prompt,
-        s.max_new_tokens,
-        stop,
-        &mut sampler,
-        |id| {
-            first.get_or_insert_with(Instant::now);
-            new_ids.push(id);
-            if let Some(w) = sink.as_deref_mut()
-                && !stop.contains(&id)
-            {
-                let text = l.tok.decode(&new_ids, false).unwrap_or_default();
-                // Print only complete characters (a byte-level token may end inside one).
-                if text.len() > printed && !text.ends_with('\u{fffd}') {
-                    let _ = write!(w, "{}", &text[printed..]);
-                    let _ = w.flush();
-                    printed = text.len();
-                }
+    let ids = generate_with(g, prompt, s.max_new_tokens, stop, &mut sampler, |id| {
+        first.get_or_insert_with(Instant::now);
+        new_ids.push(id);
+        if let Some(w) = sink.as_deref_mut()
+            && !stop.contains(&id)
+        {
+            let text = l.tok.decode(&new_ids, false).unwrap_or_default();
+            // Print only complete characters (a byte-level token may end inside one).
+            if text.len() > printed && !text.ends_with('\u{fffd}') {
+                let _ = write!(w, "{}", &text[printed..]);
+                let _ = w.flush();
+                printed = text.len();
             }
-        },
-    );
+        }
+    });
     let prefill = first.map(|f| (f - start).as_secs_f64()).unwrap_or(0.0);
     let decode = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(0.0);
     Ok((ids, decode, prefill))
@@ -259,7 +253,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let stdout = std::io::stdout();
     for (i, (text, ids)) in inputs.iter().enumerate() {
         if a.json {
-            let (out, decode_s, prefill_s) = stream(&l, ids, &a.sampling, &stop, None)?;
+            let mut g = Generator::new(&l.model);
+            let (out, decode_s, prefill_s) = stream(&l, &mut g, ids, &a.sampling, &stop, None)?;
             let tps = if out.len() > 1 {
                 (out.len() - 1) as f64 / decode_s.max(1e-9)
             } else {
@@ -276,7 +271,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             if inputs.len() > 1 {
                 writeln!(lock, "--- prompt {i} ---")?;
             }
-            let (out, decode_s, _) = stream(&l, ids, &a.sampling, &stop, Some(&mut lock))?;
+            let mut g = Generator::new(&l.model);
+            let (out, decode_s, _) = stream(&l, &mut g, ids, &a.sampling, &stop, Some(&mut lock))?;
             writeln!(lock)?;
             drop(lock);
             let tps = if out.len() > 1 {
@@ -313,6 +309,8 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     );
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
+    // One cache for the session: each turn recomputes only what follows the prefix it shares with the last one.
+    let mut g = Generator::new(&l.model);
     loop {
         eprint!("> ");
         let Some(line) = lines.next() else { break };
@@ -327,7 +325,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         messages.push(Message::new("user", &line));
         let prompt = chat_prompt(&l, &messages, &vars)?;
         let mut out = std::io::stdout().lock();
-        let (ids, _, _) = stream(&l, &prompt, &a.sampling, &stop, Some(&mut out))?;
+        let (ids, _, _) = stream(&l, &mut g, &prompt, &a.sampling, &stop, Some(&mut out))?;
         writeln!(out)?;
         let reply = l.tok.decode(&ids, true)?;
         messages.push(Message::new("assistant", reply.trim()));

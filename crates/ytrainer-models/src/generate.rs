@@ -12,14 +12,38 @@ use burn::tensor::activation::{silu, softmax};
 
 use crate::decoder::{Decoder, Rope};
 
-/// Per-layer keys and values after RoPE, `[1, kv_heads, T, head_dim]` (not yet expanded for GQA).
+/// Per-layer keys and values after RoPE, `[1, kv_heads, T, head_dim]` (not yet expanded for GQA), and the token
+/// ids they were computed from.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<(Tensor<4>, Tensor<4>)>,
     len: usize,
+    tokens: Vec<u32>,
 }
 
 impl KvCache {
+    /// The token ids whose keys and values are cached, in order.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Keeps the first `len` positions (a prefix stays valid: later positions never influence earlier ones).
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.len {
+            return;
+        }
+        if len == 0 {
+            *self = KvCache::default();
+            return;
+        }
+        for (k, v) in &mut self.layers {
+            *k = k.clone().narrow(2, 0, len);
+            *v = v.clone().narrow(2, 0, len);
+        }
+        self.len = len;
+        self.tokens.truncate(len);
+    }
+
     /// Number of cached positions.
     pub fn len(&self) -> usize {
         self.len
@@ -79,6 +103,24 @@ impl<'a> Generator<'a> {
     /// One token after the cached prefix; returns the next-token logits.
     pub fn step(&mut self, id: u32) -> Vec<f32> {
         self.prefill(&[id])
+    }
+
+    /// The next-token logits after the whole of `ids`, reusing the cache for the longest prefix it shares with
+    /// what is cached (a chat's next turn re-renders the conversation: only the new part is computed). Returns
+    /// the logits and how many positions were reused.
+    pub fn prefill_reusing(&mut self, ids: &[u32]) -> (Vec<f32>, usize) {
+        assert!(!ids.is_empty(), "prefill needs at least one token");
+        let common = self
+            .cache
+            .tokens
+            .iter()
+            .zip(ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        // At least the last token is recomputed: its logits are the result.
+        let keep = common.min(ids.len() - 1);
+        self.cache.truncate(keep);
+        (self.prefill(&ids[keep..]), keep)
     }
 
     /// Final hidden states `[1, n, hidden]` of `ids` placed after the cache, extending the cache.
@@ -155,6 +197,7 @@ impl<'a> Generator<'a> {
             x = x.clone() + mlp.down_proj.forward(gate * mlp.up_proj.forward(hn));
         }
         self.cache.len = total;
+        self.cache.tokens.extend_from_slice(ids);
         m.norm.forward(x)
     }
 }
@@ -277,15 +320,28 @@ pub fn generate(
     max_new_tokens: usize,
     stop: &[u32],
     sampler: &mut Sampler,
+    on_token: impl FnMut(u32),
+) -> Vec<u32> {
+    let mut g = Generator::new(model);
+    generate_with(&mut g, prompt, max_new_tokens, stop, sampler, on_token)
+}
+
+/// [`generate`] on an existing [`Generator`], reusing its cache for the prefix `prompt` shares with it (chat
+/// sessions keep one generator across turns).
+pub fn generate_with(
+    g: &mut Generator<'_>,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    stop: &[u32],
+    sampler: &mut Sampler,
     mut on_token: impl FnMut(u32),
 ) -> Vec<u32> {
     let mut out = Vec::new();
     if prompt.is_empty() || max_new_tokens == 0 {
         return out;
     }
-    let mut g = Generator::new(model);
     let mut context = prompt.to_vec();
-    let mut logits = g.prefill(prompt);
+    let (mut logits, _) = g.prefill_reusing(prompt);
     loop {
         let next = sampler.sample(&logits, &context);
         out.push(next);
@@ -295,5 +351,56 @@ pub fn generate(
             return out;
         }
         logits = g.step(next);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AdapterSpec, HfConfig, init_random};
+
+    fn tiny() -> Decoder {
+        let json = r#"{"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "tie_word_embeddings": true}"#;
+        let config = HfConfig::from_json_str(json).unwrap();
+        init_random(&config, 3, &AdapterSpec::Full, &Device::flex()).unwrap()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// A later turn reuses the cache for the shared prefix and gives the logits of a fresh pass over the whole.
+    #[test]
+    fn reusing_the_cache_equals_a_fresh_prefill() {
+        let m = tiny();
+        let turn1: Vec<u32> = vec![1, 5, 9, 13, 2, 40];
+        let mut turn2 = turn1.clone();
+        turn2.extend([7, 8, 30, 31]);
+        let fresh = |ids: &[u32]| Generator::new(&m).prefill(ids);
+
+        let mut g = Generator::new(&m);
+        g.prefill(&turn1);
+        let (logits, reused) = g.prefill_reusing(&turn2);
+        assert_eq!(reused, turn1.len());
+        assert!(max_diff(&logits, &fresh(&turn2)) < 1e-5);
+        assert_eq!(g.cache.tokens(), &turn2[..]);
+
+        // A prompt that diverges after 3 tokens keeps only those 3.
+        let other: Vec<u32> = vec![1, 5, 9, 60, 61];
+        let (logits, reused) = g.prefill_reusing(&other);
+        assert_eq!(reused, 3);
+        assert!(max_diff(&logits, &fresh(&other)) < 1e-5);
+        assert_eq!(g.cache.len(), other.len());
+
+        // The same prompt again: everything but the last token is reused.
+        let (logits, reused) = g.prefill_reusing(&other);
+        assert_eq!(reused, other.len() - 1);
+        assert!(max_diff(&logits, &fresh(&other)) < 1e-5);
     }
 }
