@@ -28,7 +28,26 @@ pub fn select(spec: &str, seed: u64) -> Result<Device, String> {
 
 #[cfg(feature = "cuda")]
 fn cuda(index: usize) -> Result<Device, String> {
+    cuda_driver()?;
     Ok(Device::cuda(index))
+}
+
+/// cudarc loads the driver library lazily and panics on a worker thread when it is missing; checking first turns
+/// a machine without an NVIDIA driver into one clear error.
+#[cfg(feature = "cuda")]
+fn cuda_driver() -> Result<(), String> {
+    const NAMES: &[&str] = &["libcuda.so.1", "libcuda.so", "nvcuda.dll"];
+    for name in NAMES {
+        // SAFETY: loading the system's CUDA driver library, which is what the CUDA backend does next anyway.
+        if unsafe { libloading::Library::new(*name) }.is_ok() {
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "no CUDA driver found ({} could not be loaded): install the NVIDIA driver, point LD_LIBRARY_PATH at the \
+         directory holding libcuda.so.1, or use `--device cpu`",
+        NAMES.join(", ")
+    ))
 }
 
 #[cfg(not(feature = "cuda"))]
