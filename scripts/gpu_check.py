@@ -63,7 +63,7 @@ def make_checkpoint(path, cfg, seed):
     return model
 
 
-def parity(name, path, cfg, out_dir):
+def parity(name, path, cfg, out_dir, device="cuda"):
     """Per-token CE of ytrainer on CUDA vs transformers (f32, same ids); bf16 reported for transformers only."""
     model = make_checkpoint(path, cfg, seed=0)
     g = torch.Generator().manual_seed(1)
@@ -73,14 +73,14 @@ def parity(name, path, cfg, out_dir):
         json.dump(ids.tolist(), f)
     ref = {}
     for dtype in ("f32", "bf16"):
-        m = model.to("cuda", dtype=torch.float32 if dtype == "f32" else torch.bfloat16)
+        m = model.to(device, dtype=torch.float32 if dtype == "f32" else torch.bfloat16)
         with torch.no_grad():
-            logits = m(ids.cuda()).logits.float()
+            logits = m(ids.to(device)).logits.float()
         lp = torch.log_softmax(logits[:, :-1], -1)
-        ce = -lp.gather(-1, ids[:, 1:].cuda().unsqueeze(-1)).squeeze(-1)
+        ce = -lp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
         ref[dtype] = ce.cpu().tolist()
     scores = os.path.join(out_dir, f"scores-{name}.jsonl")
-    r = run([YT, "score", "--model", path, "--ids-json", ids_path, "--device", "cuda", "--out", scores], 180)
+    r = run([YT, "score", "--model", path, "--ids-json", ids_path, "--device", device, "--out", scores], 180)
     result = {"model": name, "ytrainer_rc": r["rc"], "ytrainer_s": round(r["s"], 1)}
     if r["rc"] == 0:
         ours = [[t["loss"] for t in json.loads(line)["tokens"]] for line in open(scores)]
@@ -141,15 +141,19 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu to dry-run the parity part without a GPU")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    name = torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu (dry run)"
+    results = {"device": name, "torch": torch.__version__}
     log("device:", results["device"])
     results["parity"] = [
-        parity("tiny", "/tmp/gpu-tiny", TINY, a.out),
-        parity("smollm2-shape", "/tmp/gpu-smollm2", SMOLLM2, a.out),
+        parity("tiny", "/tmp/gpu-tiny", TINY, a.out, a.device),
+        parity("smollm2-shape", "/tmp/gpu-smollm2", SMOLLM2, a.out, a.device),
     ]
     log(json.dumps(results["parity"], indent=1)[:3000])
+    if a.device != "cuda":
+        return
     rows = bench_rows(a.out, a.batch, a.seq, a.steps)
     flops = lora_train_flops_per_token(SMOLLM2, a.seq, 16)
     # Dense peaks of an H200 SXM (NVIDIA datasheet): bf16 989 TFLOP/s, TF32 495, FP32 67.
