@@ -53,8 +53,24 @@ fn tune_allocator() {
     }
 }
 
+/// Rust ignores SIGPIPE, so `ytrainer ... | head` would end with a "failed printing to stdout" panic; restoring
+/// the default makes a closed pipe end the process quietly, as for any Unix tool.
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal disposition to its default at startup, before any other thread exists.
+    unsafe {
+        const SIGPIPE: i32 = 13;
+        const SIG_DFL: usize = 0;
+        unsafe extern "C" {
+            fn signal(signum: i32, handler: usize) -> usize;
+        }
+        signal(SIGPIPE, SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     tune_allocator();
+    default_sigpipe();
     std::panic::set_hook(Box::new(|info| {
         let msg = info
             .payload()
