@@ -242,8 +242,10 @@ pub fn instantiate(lib: &Arc<ExternalLib>, params: &Params) -> Result<LossFn, Pl
     }
     if vt.kind == ytrainer_plugin::kind::PAIRWISE {
         return Ok(LossFn::Pairwise(Box::new(ExternalPairwise {
-            lib: lib.clone(),
-            instance: inst,
+            inst: Instance {
+                lib: lib.clone(),
+                ptr: inst,
+            },
             needs_reference: vt.needs & ytrainer_plugin::needs_bits::REFERENCE_LOSS != 0,
         })));
     }
@@ -260,31 +262,63 @@ pub fn instantiate(lib: &Arc<ExternalLib>, params: &Params) -> Result<LossFn, Pl
         _ => Normalize::Tokens,
     };
     Ok(LossFn::Token(Box::new(ExternalReweighter {
-        lib: lib.clone(),
-        instance: inst,
+        inst: Instance {
+            lib: lib.clone(),
+            ptr: inst,
+        },
         needs: n,
         normalize,
     })))
 }
 
-/// An instance of an external plugin, as a [`TokenReweighter`].
-pub struct ExternalReweighter {
+/// A plugin instance made by its library's `create`, destroyed with it.
+struct Instance {
     lib: Arc<ExternalLib>,
-    instance: *mut c_void,
-    needs: Needs,
-    normalize: Normalize,
+    ptr: *mut c_void,
 }
 
-// SAFETY: the SDK requires `Plugin: Send + Sync`, and the instance is only read through `weights`.
-unsafe impl Send for ExternalReweighter {}
+// SAFETY: the SDK requires `Plugin` / `PairPlugin: Send + Sync`, and an instance is only read by the library.
+unsafe impl Send for Instance {}
 // SAFETY: as above.
-unsafe impl Sync for ExternalReweighter {}
+unsafe impl Sync for Instance {}
 
-impl Drop for ExternalReweighter {
+impl Drop for Instance {
     fn drop(&mut self) {
         // SAFETY: made by this library's `create`, destroyed once.
-        unsafe { (self.lib.vt().destroy)(self.instance) };
+        unsafe { (self.lib.vt().destroy)(self.ptr) };
     }
+}
+
+impl Instance {
+    /// Names the plugin in messages.
+    fn who(&self) -> String {
+        format!(
+            "external loss plugin `{}` ({})",
+            self.lib.name,
+            self.lib.path.display()
+        )
+    }
+
+    /// Calls `f(vtable, instance, error buffer)` and turns its status into `Err` with the plugin's name.
+    fn call(
+        &self,
+        f: impl FnOnce(&RawVTable, *mut c_void, *mut RawError) -> i32,
+    ) -> Result<(), String> {
+        let vt = self.lib.vt();
+        let (code, msg) = call_with_err(|e| f(vt, self.ptr, e));
+        match code {
+            status::OK => Ok(()),
+            status::PANIC => Err(format!("{} panicked: {msg}", self.who())),
+            _ => Err(format!("{} failed: {msg}", self.who())),
+        }
+    }
+}
+
+/// An instance of an external plugin, as a [`TokenReweighter`].
+pub struct ExternalReweighter {
+    inst: Instance,
+    needs: Needs,
+    normalize: Normalize,
 }
 
 impl ExternalReweighter {
@@ -316,20 +350,10 @@ impl ExternalReweighter {
             progress,
         };
         let mut out = vec![0f32; n];
-        let vt = self.lib.vt();
         // SAFETY: arrays hold `n` values (or are null), `out` has room for `n`, the instance is ours.
-        let (code, msg) =
-            call_with_err(|e| unsafe { (vt.weights)(self.instance, &batch, out.as_mut_ptr(), e) });
-        let who = format!(
-            "external loss plugin `{}` ({})",
-            self.lib.name,
-            self.lib.path.display()
-        );
-        match code {
-            status::OK => {}
-            status::PANIC => return Err(format!("{who} panicked: {msg}")),
-            _ => return Err(format!("{who} failed: {msg}")),
-        }
+        self.inst
+            .call(|vt, inst, e| unsafe { (vt.weights)(inst, &batch, out.as_mut_ptr(), e) })?;
+        let who = self.inst.who();
         check_weights(&out, loss).map_err(|e| format!("{who} {e}"))?;
         Ok(out)
     }
@@ -405,21 +429,8 @@ impl TokenReweighter for ExternalReweighter {
 /// rejected log-probabilities; the objective handed to autodiff is `l + d_c (pc - sg(pc)) + d_r (pr - sg(pr))`
 /// (`sg` = stop-gradient), whose value is `l` and whose gradient is the plugin's.
 pub struct ExternalPairwise {
-    lib: Arc<ExternalLib>,
-    instance: *mut c_void,
+    inst: Instance,
     needs_reference: bool,
-}
-
-// SAFETY: the SDK requires `PairPlugin: Send + Sync`, and the instance is only read through `pair_loss`.
-unsafe impl Send for ExternalPairwise {}
-// SAFETY: as above.
-unsafe impl Sync for ExternalPairwise {}
-
-impl Drop for ExternalPairwise {
-    fn drop(&mut self) {
-        // SAFETY: made by this library's `create`, destroyed once.
-        unsafe { (self.lib.vt().destroy)(self.instance) };
-    }
 }
 
 /// Host copies of one batch of pair statistics for [`ExternalPairwise::loss_host`].
@@ -463,28 +474,18 @@ impl ExternalPairwise {
             progress,
         };
         let (mut loss, mut dc, mut dr) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        let vt = self.lib.vt();
         // SAFETY: input arrays hold `n` values (or are null), each output has room for `n`, the instance is ours.
-        let (code, msg) = call_with_err(|e| unsafe {
+        self.inst.call(|vt, inst, e| unsafe {
             (vt.pair_loss)(
-                self.instance,
+                inst,
                 &batch,
                 loss.as_mut_ptr(),
                 dc.as_mut_ptr(),
                 dr.as_mut_ptr(),
                 e,
             )
-        });
-        let who = format!(
-            "external loss plugin `{}` ({})",
-            self.lib.name,
-            self.lib.path.display()
-        );
-        match code {
-            status::OK => {}
-            status::PANIC => return Err(format!("{who} panicked: {msg}")),
-            _ => return Err(format!("{who} failed: {msg}")),
-        }
+        })?;
+        let who = self.inst.who();
         for (what, v) in [("loss", &loss), ("d_chosen", &dc), ("d_rejected", &dr)] {
             if let Some(i) = v.iter().position(|x| !x.is_finite()) {
                 return Err(format!(

@@ -23,40 +23,33 @@ fn dylib(stem: &str) -> String {
     )
 }
 
+/// Builds the fixture crate `tests/fixtures/<name>` with cargo; returns its library.
+fn build_fixture(name: &str) -> PathBuf {
+    let manifest =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{name}/Cargo.toml"));
+    let st = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--quiet", "--manifest-path"])
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(target_dir())
+        .status()
+        .expect("run cargo");
+    assert!(st.success(), "building the fixture plugin `{name}` failed");
+    target_dir()
+        .join("release")
+        .join(dylib(&name.replace('-', "_")))
+}
+
 /// The `misbehave` fixture plugin (built once per test binary).
 fn misbehave() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
-    LIB.get_or_init(|| {
-        let manifest =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/misbehave/Cargo.toml");
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "--release", "--quiet", "--manifest-path"])
-            .arg(&manifest)
-            .arg("--target-dir")
-            .arg(target_dir())
-            .status()
-            .expect("run cargo");
-        assert!(st.success(), "building the fixture plugin failed");
-        target_dir().join("release").join(dylib("misbehave"))
-    })
+    LIB.get_or_init(|| build_fixture("misbehave"))
 }
 
 /// The `misbehave-pair` fixture (a pairwise plugin).
 fn misbehave_pair() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
-    LIB.get_or_init(|| {
-        let manifest =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/misbehave-pair/Cargo.toml");
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "--release", "--quiet", "--manifest-path"])
-            .arg(&manifest)
-            .arg("--target-dir")
-            .arg(target_dir())
-            .status()
-            .expect("run cargo");
-        assert!(st.success(), "building the pairwise fixture plugin failed");
-        target_dir().join("release").join(dylib("misbehave_pair"))
-    })
+    LIB.get_or_init(|| build_fixture("misbehave-pair"))
 }
 
 /// A single-file cdylib compiled with rustc.

@@ -588,17 +588,7 @@ mod tests {
     use burn::tensor::activation::softmax;
 
     fn rand(shape: [usize; 4], seed: u64, device: &Device) -> Tensor<4> {
-        let mut x = seed;
-        let n = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((x >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_data(TensorData::new(v, shape), device)
+        crate::fused::tests::uniform(shape, seed, 1.0, device)
     }
 
     /// The tensor formulation `decoder.rs` uses on other backends (and used everywhere before the kernel).

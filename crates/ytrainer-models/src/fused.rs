@@ -678,11 +678,21 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use burn::tensor::activation::silu;
 
     fn rand<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tensor<D> {
+        uniform(shape, seed, 4.0, device)
+    }
+
+    /// Deterministic values uniform in `[-half_width, half_width)` (an LCG: tests need no RNG dependency).
+    pub(crate) fn uniform<const D: usize>(
+        shape: [usize; D],
+        seed: u64,
+        half_width: f32,
+        device: &Device,
+    ) -> Tensor<D> {
         let mut x = seed;
         let n = shape.iter().product();
         let v: Vec<f32> = (0..n)
@@ -690,7 +700,7 @@ mod tests {
                 x = x
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
-                ((x >> 33) as f32 / (1u64 << 31) as f32) * 8.0 - 4.0
+                ((x >> 33) as f32 / (1u64 << 31) as f32) * 2.0 * half_width - half_width
             })
             .collect();
         Tensor::from_data(TensorData::new(v, shape), device)

@@ -694,7 +694,7 @@ pub mod __private {
         d_rejected: *mut f32,
         err: *mut RawError,
     ) -> i32 {
-        let r = catch_unwind(AssertUnwindSafe(|| {
+        let body = || {
             // SAFETY: guaranteed by the host (see above).
             let (p, b) = unsafe { (&*(instance as *const P), &*batch) };
             let n = b.n;
@@ -724,14 +724,9 @@ pub mod __private {
             out.d_chosen.fill(0.0);
             out.d_rejected.fill(0.0);
             p.loss(&batch, out);
-        }));
-        match r {
-            Ok(()) => status::OK,
-            Err(_) => {
-                unsafe { report(err, &panic_message()) };
-                status::PANIC
-            }
-        }
+        };
+        // SAFETY: the host passes a valid error buffer.
+        unsafe { guard(err, body) }
     }
 
     thread_local! {
@@ -760,6 +755,20 @@ pub mod __private {
         LAST_PANIC
             .with(|p| p.borrow_mut().take())
             .unwrap_or_else(|| "unknown panic".to_string())
+    }
+
+    /// Runs `f`, catching a panic: `OK`, or `PANIC` with the panic's message in `err`.
+    ///
+    /// # Safety
+    /// `err` is null or a valid host error buffer.
+    unsafe fn guard(err: *mut RawError, f: impl FnOnce()) -> i32 {
+        match catch_unwind(AssertUnwindSafe(f)) {
+            Ok(()) => status::OK,
+            Err(_) => {
+                unsafe { report(err, &panic_message()) };
+                status::PANIC
+            }
+        }
     }
 
     unsafe fn report(err: *mut RawError, msg: &str) {
@@ -817,7 +826,7 @@ pub mod __private {
         out: *mut f32,
         err: *mut RawError,
     ) -> i32 {
-        let r = catch_unwind(AssertUnwindSafe(|| {
+        let body = || {
             // SAFETY: guaranteed by the host (see above).
             let (p, b) = unsafe { (&*(instance as *const P), &*batch) };
             let n = b.n;
@@ -842,14 +851,9 @@ pub mod __private {
             let out = unsafe { std::slice::from_raw_parts_mut(out, n) };
             out.fill(1.0);
             p.weights(&batch, out);
-        }));
-        match r {
-            Ok(()) => status::OK,
-            Err(_) => {
-                unsafe { report(err, &panic_message()) };
-                status::PANIC
-            }
-        }
+        };
+        // SAFETY: the host passes a valid error buffer.
+        unsafe { guard(err, body) }
     }
 
     /// # Safety
