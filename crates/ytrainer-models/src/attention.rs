@@ -113,6 +113,9 @@ pub fn attention(
     if b != mask.batch || t != mask.seq || d != 2 * mask.half || kv == 0 || h % kv != 0 {
         return None;
     }
+    if !crate::fused::all_f32(&[q, k, v]) {
+        return None;
+    }
     let dims = Dims { b, t, h, kv, d };
     if let (Ok(qa), Ok(ka), Ok(va)) = (
         q.clone().try_into_primitive::<Autodiff<Flex>>(),

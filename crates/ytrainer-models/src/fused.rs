@@ -27,6 +27,12 @@ pub(crate) fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("YTRAINER_FUSED").as_deref() != Ok("0"))
 }
 
+/// Whether every tensor is f32: the kernels compute in f32 and must decide before recording an autodiff step
+/// (another dtype keeps the tensor path).
+pub(crate) fn all_f32<const D: usize>(ts: &[&Tensor<D>]) -> bool {
+    ts.iter().all(|t| t.dtype() == burn::tensor::DType::F32)
+}
+
 /// f32 contents of a Flex tensor, copied only when it is not contiguous.
 pub(crate) fn host(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
     match t.as_slice::<f32>() {
@@ -45,7 +51,7 @@ fn flex(v: Vec<f32>, shape: &[usize]) -> FlexTensor {
 
 /// `w * x * rsqrt(mean(x^2) + eps)` over the last dimension; `None` when not on the CPU backend.
 pub fn rms_norm<const D: usize>(x: &Tensor<D>, w: &Tensor<1>, eps: f64) -> Option<Tensor<D>> {
-    if !enabled() {
+    if !enabled() || !all_f32(&[x]) || !all_f32(&[w]) {
         return None;
     }
     let eps = eps as f32;
@@ -180,7 +186,7 @@ impl Backward<Flex, 2> for RmsNormBackward {
 
 /// `silu(g) * u` (SwiGLU's gate); `None` when not on the CPU backend.
 pub fn swiglu<const D: usize>(g: &Tensor<D>, u: &Tensor<D>) -> Option<Tensor<D>> {
-    if !enabled() || g.dims() != u.dims() {
+    if !enabled() || g.dims() != u.dims() || !all_f32(&[g, u]) {
         return None;
     }
     if let (Ok(ga), Ok(ua)) = (
@@ -386,7 +392,12 @@ pub fn linear<const D: usize>(
     w: &Tensor<2>,
     parts: LinearParts<'_>,
 ) -> Option<Tensor<D>> {
-    if !enabled() {
+    if !enabled()
+        || !all_f32(&[x])
+        || !all_f32(&[w])
+        || parts.bias.is_some_and(|b| !all_f32(&[b]))
+        || parts.lora.is_some_and(|(a, b, _)| !all_f32(&[a, b]))
+    {
         return None;
     }
     let mut inputs: Vec<&Tensor<2>> = vec![w];
