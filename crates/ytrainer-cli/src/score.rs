@@ -66,23 +66,66 @@ fn micro_batch(ex: &Example, index: usize) -> MicroBatch {
     }
 }
 
-/// Scores one example; `None` when it has no targets.
-fn score_example(
-    l: &Loaded,
-    ex: &Example,
-    index: usize,
-    top_k: usize,
-    device: &Device,
-) -> Result<serde_json::Value> {
-    let mb = micro_batch(ex, index);
-    let batch = to_device(&mb, device);
-    if batch.n == 0 {
-        return Ok(
-            json!({"index": index, "mean_loss": null, "perplexity": null, "n_tokens": 0, "tokens": []}),
-        );
+/// Per-target statistics of one batch.
+struct TokenStats {
+    ce: Vec<f32>,
+    entropy: Vec<f32>,
+    /// Logits strictly above the target's (0 = the target is the argmax).
+    rank: Vec<i64>,
+    /// The `top_k` most likely `(id, log-probability)` per target, best first (when asked for).
+    top: Option<Vec<Vec<(usize, f32)>>>,
+}
+
+/// The `k` largest entries of `row` as `(index, value - shift)`, best first.
+fn top_k_of(row: &[f32], k: usize, shift: f32) -> Vec<(usize, f32)> {
+    let v = row.len();
+    let k = k.min(v);
+    if k == 0 {
+        return Vec::new();
     }
+    let mut order: Vec<usize> = (0..v).collect();
+    order.select_nth_unstable_by(k - 1, |&a, &b| row[b].total_cmp(&row[a]));
+    order.truncate(k);
+    order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+    order.into_iter().map(|j| (j, row[j] - shift)).collect()
+}
+
+/// One forward pass; on the CPU the head's statistics come from the host kernel the trainer uses
+/// (`lm_loss::HostLogits`), elsewhere from log-probabilities.
+fn token_stats(l: &Loaded, batch: &ytrainer_core::step::DeviceBatch, top_k: usize) -> TokenStats {
+    use ytrainer_core::model::CausalLm;
     let n = batch.n;
-    let lp = target_log_probs(&l.model, &batch);
+    if let Some(head) = l.model.lm_head_weight() {
+        let hidden = l.model.hidden_states(&batch.input);
+        let [b, t, h] = hidden.dims();
+        let rows = hidden
+            .reshape([b * t, h])
+            .select(0, batch.rows.clone())
+            .detach()
+            .inner();
+        let z = ytrainer_core::lm_loss::logits(rows, &head.weight.detach().inner(), head.layout);
+        if let Ok(host) = ytrainer_core::lm_loss::HostLogits::try_new(z, &batch.target_ids, true) {
+            let rank = (0..n)
+                .map(|i| {
+                    let row = host.row(i);
+                    let x = row[batch.target_ids[i]];
+                    row.iter().filter(|&&y| y > x).count() as i64
+                })
+                .collect();
+            let top = (top_k > 0).then(|| {
+                (0..n)
+                    .map(|i| top_k_of(host.row(i), top_k, host.stats[i].lse))
+                    .collect()
+            });
+            return TokenStats {
+                ce: host.stats.iter().map(|s| s.ce).collect(),
+                entropy: host.stats.iter().map(|s| s.entropy).collect(),
+                rank,
+                top,
+            };
+        }
+    }
+    let lp = target_log_probs(&l.model, batch);
     let ce = tensor_to_vec(token_ce(lp.clone(), batch.targets.clone()));
     let ent = tensor_to_vec(entropy(lp.clone()));
     let v = lp.dims()[1];
@@ -100,12 +143,38 @@ fn score_example(
         .convert::<i64>()
         .try_into_vec::<i64>()
         .unwrap_or_default();
-    let host_lp = (top_k > 0).then(|| {
-        lp.into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .unwrap_or_default()
+    let top = (top_k > 0).then(|| {
+        let all = tensor_to_vec(lp.reshape([n * v]));
+        (0..n)
+            .map(|i| top_k_of(&all[i * v..(i + 1) * v], top_k, 0.0))
+            .collect()
     });
+    TokenStats {
+        ce,
+        entropy: ent,
+        rank,
+        top,
+    }
+}
+
+/// Scores one example; `None` when it has no targets.
+fn score_example(
+    l: &Loaded,
+    ex: &Example,
+    index: usize,
+    top_k: usize,
+    device: &Device,
+) -> Result<serde_json::Value> {
+    let mb = micro_batch(ex, index);
+    let batch = to_device(&mb, device);
+    if batch.n == 0 {
+        return Ok(
+            json!({"index": index, "mean_loss": null, "perplexity": null, "n_tokens": 0, "tokens": []}),
+        );
+    }
+    let n = batch.n;
+    let s = token_stats(l, &batch, top_k);
+    let (ce, ent, rank) = (&s.ce, &s.entropy, &s.rank);
     let targets: Vec<u32> = mb
         .target_mask
         .iter()
@@ -125,17 +194,11 @@ fn score_example(
             "rank": rank[i] + 1,
             "prob": (-ce[i]).exp(),
         });
-        if let Some(all) = &host_lp {
-            let row = &all[i * v..(i + 1) * v];
-            let mut order: Vec<usize> = (0..v).collect();
-            let k = top_k.min(v);
-            order.select_nth_unstable_by(k - 1, |&a, &b| row[b].total_cmp(&row[a]));
-            order.truncate(k);
-            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        if let Some(top) = &s.top {
             t["top"] = json!(
-                order
+                top[i]
                     .iter()
-                    .map(|&j| json!([j, row[j]]))
+                    .map(|&(j, lp)| json!([j, lp]))
                     .collect::<Vec<_>>()
             );
         }

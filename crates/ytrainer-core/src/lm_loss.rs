@@ -87,6 +87,15 @@ impl HostLogits {
         })
     }
 
+    /// Row `i` of the logits (`vocab` values).
+    pub fn row(&self, i: usize) -> &[f32] {
+        let all = self
+            .logits
+            .as_slice::<f32>()
+            .expect("contiguous f32, checked in try_new");
+        &all[i * self.vocab..(i + 1) * self.vocab]
+    }
+
     /// Log-probabilities as a tensor (only for plugins that need more than the per-row statistics).
     pub fn log_probs(&self) -> Tensor<2> {
         let n = self.targets.len();
