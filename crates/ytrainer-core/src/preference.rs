@@ -3,7 +3,6 @@
 //! turning them into per-pair losses, and the same optimizer, checkpoints and metrics channel as SFT.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -17,6 +16,7 @@ use crate::loss::{PairStats, PairwiseObjective, tensor_to_vec};
 use crate::model::CausalLm;
 use crate::optim::{GradAccumulator, lr_at};
 use crate::step::{target_log_probs, to_device, token_ce};
+use crate::trainer::Jsonl;
 use crate::trainer::{Observer, TrainError};
 
 /// Where reference log-probabilities come from.
@@ -453,28 +453,6 @@ fn plugin_error(step: usize, message: String) -> TrainError {
     }
 }
 
-fn open_log(path: &Path, append: bool) -> Result<fs::File, TrainError> {
-    fs::OpenOptions::new()
-        .create(true)
-        .append(append)
-        .write(true)
-        .truncate(!append)
-        .open(path)
-        .map_err(|e| TrainError::Output {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
-}
-
-fn write_line(f: &mut fs::File, path: &Path, v: &impl Serialize) -> Result<(), TrainError> {
-    writeln!(f, "{}", serde_json::to_string(v).unwrap_or_default()).map_err(|e| {
-        TrainError::Output {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        }
-    })
-}
-
 /// Trains on preference pairs.
 pub fn train_pairs<M: CausalLm>(
     mut model: M,
@@ -509,10 +487,8 @@ pub fn train_pairs<M: CausalLm>(
         message: e.to_string(),
     })?;
     let resumed = setup.resume.is_some();
-    let mpath = setup.output_dir.join("metrics.jsonl");
-    let epath = setup.output_dir.join("eval.jsonl");
-    let mut metrics = open_log(&mpath, resumed)?;
-    let mut evals = open_log(&epath, resumed)?;
+    let mut metrics = Jsonl::open(setup.output_dir.join("metrics.jsonl"), resumed)?;
+    let mut evals = Jsonl::open(setup.output_dir.join("eval.jsonl"), resumed)?;
     let mut tb = crate::trainer::Tensorboard::create(setup.output_dir)?;
     let train_ref = match &setup.reference {
         Reference::Precomputed(v) => Some(v.as_slice()),
@@ -524,7 +500,7 @@ pub fn train_pairs<M: CausalLm>(
     } else {
         let e = evaluate(&model, setup, setup.eval_pairs, eval_ref, 0)?;
         if let Some(e) = &e {
-            write_line(&mut evals, &epath, e)?;
+            evals.write(e)?;
             tb.write(0, e)?;
             observer.notice(&format!(
                 "eval @ step 0: loss {:.4}, reward accuracy {:.3}, margin {:.4} over {} pairs",
@@ -611,7 +587,7 @@ pub fn train_pairs<M: CausalLm>(
             tokens_per_s: acc.tokens as f64 / ts.elapsed().as_secs_f64().max(1e-9),
             skipped,
         };
-        write_line(&mut metrics, &mpath, &m)?;
+        metrics.write(&m)?;
         tb.write(m.step, &m)?;
         observer.step(&crate::trainer::StepMetrics {
             step: m.step,
@@ -637,7 +613,7 @@ pub fn train_pairs<M: CausalLm>(
             && !done
             && let Some(e) = evaluate(&model, setup, setup.eval_pairs, eval_ref, index + 1)?
         {
-            write_line(&mut evals, &epath, &e)?;
+            evals.write(&e)?;
             tb.write(e.step, &e)?;
         }
         if (setup.save_every > 0 && (index + 1) % setup.save_every == 0) || done {
@@ -650,7 +626,7 @@ pub fn train_pairs<M: CausalLm>(
     }
     let eval_after = evaluate(&model, setup, setup.eval_pairs, eval_ref, state.step)?;
     if let Some(e) = &eval_after {
-        write_line(&mut evals, &epath, e)?;
+        evals.write(e)?;
         tb.write(e.step, e)?;
     }
     Ok((

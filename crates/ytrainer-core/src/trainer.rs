@@ -235,13 +235,14 @@ pub fn evaluate<M: CausalLm>(
     })
 }
 
-struct Jsonl {
+/// An append-only JSON-lines log (`metrics.jsonl`, `eval.jsonl`), truncated unless resuming.
+pub(crate) struct Jsonl {
     file: fs::File,
     path: PathBuf,
 }
 
 impl Jsonl {
-    fn open(path: PathBuf, append: bool) -> Result<Self, TrainError> {
+    pub(crate) fn open(path: PathBuf, append: bool) -> Result<Self, TrainError> {
         let file = fs::OpenOptions::new()
             .create(true)
             .append(append)
@@ -254,7 +255,7 @@ impl Jsonl {
             })?;
         Ok(Jsonl { file, path })
     }
-    fn write(&mut self, v: &impl Serialize) -> Result<(), TrainError> {
+    pub(crate) fn write(&mut self, v: &impl Serialize) -> Result<(), TrainError> {
         let line = serde_json::to_string(v).unwrap_or_default();
         writeln!(self.file, "{line}").map_err(|e| TrainError::Output {
             path: self.path.clone(),
