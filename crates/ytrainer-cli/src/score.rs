@@ -96,11 +96,7 @@ fn token_stats(l: &Loaded, batch: &ytrainer_core::step::DeviceBatch, top_k: usiz
     use ytrainer_core::model::CausalLm;
     let n = batch.n;
     if let Some(head) = l.model.lm_head_weight() {
-        let hidden = l.model.hidden_states(&batch.input);
-        let [b, t, h] = hidden.dims();
-        let rows = hidden
-            .reshape([b * t, h])
-            .select(0, batch.rows.clone())
+        let rows = ytrainer_core::step::target_hidden(&l.model, batch)
             .detach()
             .inner();
         let z = ytrainer_core::lm_loss::logits(rows, &head.weight.detach().inner(), head.layout);

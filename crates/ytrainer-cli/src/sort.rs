@@ -16,8 +16,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value, json};
 use ytrainer_core::loss::tensor_to_vec;
-use ytrainer_core::model::CausalLm;
-use ytrainer_core::step::{entropy, target_log_probs, to_device, token_ce};
+use ytrainer_core::step::{entropy, head_stats, target_log_probs, to_device, token_ce};
 use ytrainer_data::quality::{Analysis, QualityMode, TokenClass, analyze};
 use ytrainer_data::stream::{RecordStream, StreamItem};
 use ytrainer_data::{
@@ -194,28 +193,10 @@ fn score_chunk(
         if b.n == 0 {
             continue;
         }
-        let (ce, ent) = match l.model.lm_head_weight() {
-            // Loss and entropy from the head's row statistics, a bounded number of logits rows at a time
-            // (no `[targets, vocab]` log-probability tensor).
-            Some(head) => {
-                let hidden = l.model.hidden_states(&b.input);
-                let [bb, t, h] = hidden.dims();
-                let rows = hidden
-                    .reshape([bb * t, h])
-                    .select(0, b.rows.clone())
-                    .detach()
-                    .inner();
-                let chunk = ((16usize << 20) / l.model.vocab_size().max(1)).max(1);
-                let stats = ytrainer_core::lm_loss::head_forward(
-                    &rows,
-                    &head.weight.detach().inner(),
-                    head.layout,
-                    &b.targets.clone().inner(),
-                    true,
-                    chunk,
-                );
-                (stats.ce, stats.entropy.unwrap_or_default())
-            }
+        // Loss and entropy from the head's row statistics, a bounded number of logits rows at a time (no
+        // `[targets, vocab]` log-probability tensor).
+        let (ce, ent) = match head_stats(&l.model, &b, true) {
+            Some(stats) => (stats.ce, stats.entropy.unwrap_or_default()),
             None => {
                 let lp = target_log_probs(&l.model, &b);
                 let ce = tensor_to_vec(token_ce(lp.clone(), b.targets.clone()));

@@ -132,10 +132,35 @@ pub fn to_device(mb: &MicroBatch, device: &Device) -> DeviceBatch {
 
 /// Per-target log-probabilities `[N, V]` of a batch (with gradient when the model has it).
 pub fn target_log_probs<M: CausalLm>(model: &M, batch: &DeviceBatch) -> Tensor<2> {
+    log_softmax(model.lm_head(target_hidden(model, batch)), 1)
+}
+
+/// Final hidden states of the rows that predict the batch's targets, `[N, hidden]`, in target order (with the
+/// model's graph: detach for inference).
+pub fn target_hidden<M: CausalLm>(model: &M, batch: &DeviceBatch) -> Tensor<2> {
     let hidden = model.hidden_states(&batch.input);
     let [b, t, h] = hidden.dims();
-    let rows = hidden.reshape([b * t, h]).select(0, batch.rows.clone());
-    log_softmax(model.lm_head(rows), 1)
+    hidden.reshape([b * t, h]).select(0, batch.rows.clone())
+}
+
+/// Forward-only CE (and entropy) and argmax per target through the model's head, at most ~16M logits live at a
+/// time whatever the batch and vocabulary size; `None` when the head is not one weight matrix.
+pub fn head_stats<M: CausalLm>(
+    model: &M,
+    batch: &DeviceBatch,
+    need_entropy: bool,
+) -> Option<crate::lm_loss::HeadStats> {
+    let head = model.lm_head_weight()?;
+    let rows = target_hidden(model, batch).detach().inner();
+    let chunk = ((16usize << 20) / model.vocab_size().max(1)).max(1);
+    Some(crate::lm_loss::head_forward(
+        &rows,
+        &head.weight.detach().inner(),
+        head.layout,
+        &batch.target_ids,
+        need_entropy,
+        chunk,
+    ))
 }
 
 /// Per-token cross-entropy `[N]` from log-probabilities.
@@ -203,19 +228,17 @@ pub fn train_micro_batch<M: CausalLm>(
     let needs = plugin.needs();
     let (graph, head_out) = match model.lm_head_weight() {
         Some(head) => {
-            let hidden = model.hidden_states(&batch.input);
+            let rows = target_hidden(model, &batch);
             // Flex computes eagerly, so reading a scalar here is a real phase boundary for the profile.
             if profiling() {
-                let _ = hidden
+                let _ = rows
                     .clone()
                     .inner()
-                    .slice([0..1, 0..1, 0..1])
+                    .slice([0..1, 0..1])
                     .into_scalar::<f32>();
                 record(0, t_start);
                 t_head = std::time::Instant::now();
             }
-            let [b, t, h] = hidden.dims();
-            let rows = hidden.reshape([b * t, h]).select(0, batch.rows.clone());
             let w = head.weight.clone().detach().inner();
             let z = crate::lm_loss::logits(rows.clone().detach().inner(), &w, head.layout);
             let out = match HostLogits::try_new(z, &batch.target_ids, needs.entropy) {
@@ -429,31 +452,11 @@ pub fn eval_micro_batch<M: CausalLm>(
     if batch.n == 0 {
         return StepCounters::default();
     }
-    let targets = batch.targets.clone().inner();
-    let (ce, pred) = match model.lm_head_weight() {
-        // Chunked over rows so no more than ~16M logits are live, whatever the batch and vocabulary size.
-        Some(head) => {
-            let hidden = model.hidden_states(&batch.input);
-            let [b, t, h] = hidden.dims();
-            let rows = hidden
-                .reshape([b * t, h])
-                .select(0, batch.rows.clone())
-                .detach()
-                .inner();
-            let chunk = ((16usize << 20) / model.vocab_size().max(1)).max(1);
-            let stats = crate::lm_loss::head_forward(
-                &rows,
-                &head.weight.detach().inner(),
-                head.layout,
-                &targets,
-                false,
-                chunk,
-            );
-            (stats.ce, stats.argmax)
-        }
+    let (ce, pred) = match head_stats(model, &batch, false) {
+        Some(stats) => (stats.ce, stats.argmax),
         None => {
             let lp = target_log_probs(model, &batch).detach().inner();
-            let ce = tensor_to_vec(token_ce(lp.clone(), targets.clone()));
+            let ce = tensor_to_vec(token_ce(lp.clone(), batch.targets.clone().inner()));
             let pred = lp
                 .argmax(1)
                 .reshape([batch.n])
@@ -464,12 +467,11 @@ pub fn eval_micro_batch<M: CausalLm>(
             (ce, pred)
         }
     };
-    let target_ids: Vec<i64> = targets
-        .into_data()
-        .convert::<i64>()
-        .try_into_vec::<i64>()
-        .unwrap_or_default();
-    let correct = pred.iter().zip(&target_ids).filter(|(a, b)| a == b).count();
+    let correct = pred
+        .iter()
+        .zip(&batch.target_ids)
+        .filter(|&(&a, &b)| a == b as i64)
+        .count();
     let mut c = StepCounters {
         tokens: batch.n,
         correct,
