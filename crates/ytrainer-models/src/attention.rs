@@ -18,7 +18,7 @@ use burn::prelude::*;
 use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::ops::{Backward, Ops};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 use ytrainer_core::cpu;
@@ -122,26 +122,10 @@ pub fn attention(
         k.clone().try_into_primitive::<Autodiff<Flex>>(),
         v.clone().try_into_primitive::<Autodiff<Flex>>(),
     ) {
-        let out = match AttnBackward
-            .prepare::<burn_autodiff::checkpoint::strategy::NoCheckpointing>([
-                qa.node(),
-                ka.node(),
-                va.node(),
-            ])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (saved, out) =
-                    forward(dims, qa.primitive(), ka.primitive(), va.primitive(), mask)?;
-                prep.finish(Arc::new(saved), out)
-            }
-            OpsKind::UnTracked(prep) => {
-                let (_, out) = forward(dims, qa.primitive(), ka.primitive(), va.primitive(), mask)?;
-                prep.finish(out)
-            }
-        };
-        return Some(Tensor::from_primitive::<Autodiff<Flex>>(out));
+        return crate::fused::record(AttnBackward, [qa.node(), ka.node(), va.node()], |keep| {
+            let (saved, out) = forward(dims, qa.primitive(), ka.primitive(), va.primitive(), mask)?;
+            Some((out, keep.then(|| Arc::new(saved))))
+        });
     }
     let (qf, kf, vf) = (
         q.clone().try_into_primitive::<Flex>().ok()?,

@@ -12,7 +12,7 @@ use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::ops::{Backward, NodeGuard, Ops, OpsKind};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 use ytrainer_core::cpu;
@@ -45,6 +45,31 @@ pub(crate) fn host(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
     }
 }
 
+/// Records `op` on the autodiff graph over the inputs whose `nodes` are given (in the op's parent order) and runs
+/// the forward pass once: `forward(true)` must return the output and the backward step's state (a gradient is
+/// needed), `forward(false)` the output alone. Shared by every fused op.
+pub(crate) fn record<O, const N: usize, const D: usize>(
+    op: O,
+    nodes: [NodeGuard; N],
+    forward: impl FnOnce(bool) -> Option<(FlexTensor, Option<O::State>)>,
+) -> Option<Tensor<D>>
+where
+    O: Backward<Flex, N>,
+{
+    let out = match op
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (y, state) = forward(true)?;
+            prep.finish(state?, y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(false)?.0),
+    };
+    Some(Tensor::from_primitive::<Autodiff<Flex>>(out))
+}
+
 fn flex(v: Vec<f32>, shape: &[usize]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(v, shape.to_vec()))
 }
@@ -59,25 +84,17 @@ pub fn rms_norm<const D: usize>(x: &Tensor<D>, w: &Tensor<1>, eps: f64) -> Optio
         x.clone().try_into_primitive::<Autodiff<Flex>>(),
         w.clone().try_into_primitive::<Autodiff<Flex>>(),
     ) {
-        let out = match RmsNormBackward
-            .prepare::<NoCheckpointing>([xa.node(), wa.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (y, inv) = rms_forward(xa.primitive(), wa.primitive(), eps)?;
-                let state = RmsState {
+        return record(RmsNormBackward, [xa.node(), wa.node()], |keep| {
+            let (y, inv) = rms_forward(xa.primitive(), wa.primitive(), eps)?;
+            let state = keep.then(|| {
+                std::sync::Arc::new(RmsState {
                     x: xa.primitive().clone(),
                     w: wa.primitive().clone(),
                     inv,
-                };
-                prep.finish(std::sync::Arc::new(state), y)
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(rms_forward(xa.primitive(), wa.primitive(), eps)?.0)
-            }
-        };
-        return Some(Tensor::from_primitive::<Autodiff<Flex>>(out));
+                })
+            });
+            Some((y, state))
+        });
     }
     let xf = x.clone().try_into_primitive::<Flex>().ok()?;
     let wf = w.clone().try_into_primitive::<Flex>().ok()?;
@@ -193,20 +210,13 @@ pub fn swiglu<const D: usize>(g: &Tensor<D>, u: &Tensor<D>) -> Option<Tensor<D>>
         g.clone().try_into_primitive::<Autodiff<Flex>>(),
         u.clone().try_into_primitive::<Autodiff<Flex>>(),
     ) {
-        let out = match SwigluBackward
-            .prepare::<NoCheckpointing>([ga.node(), ua.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let y = swiglu_forward(ga.primitive(), ua.primitive())?;
-                prep.finish((ga.primitive().clone(), ua.primitive().clone()), y)
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(swiglu_forward(ga.primitive(), ua.primitive())?)
-            }
-        };
-        return Some(Tensor::from_primitive::<Autodiff<Flex>>(out));
+        return record(SwigluBackward, [ga.node(), ua.node()], |keep| {
+            let y = swiglu_forward(ga.primitive(), ua.primitive())?;
+            Some((
+                y,
+                keep.then(|| (ga.primitive().clone(), ua.primitive().clone())),
+            ))
+        });
     }
     let gf = g.clone().try_into_primitive::<Flex>().ok()?;
     let uf = u.clone().try_into_primitive::<Flex>().ok()?;
@@ -419,61 +429,52 @@ pub fn linear<const D: usize>(
             None => None,
         };
         let prims = |i: usize| mats[i].primitive();
-        let fwd = |track: bool| {
-            linear_forward(
+        let fwd = |keep: bool| {
+            let (y, t) = linear_forward(
                 xa.primitive(),
                 prims(0),
                 bias.as_ref().map(|b| b.primitive()),
                 roles.lora.then(|| (prims(1), prims(2), scale)),
-                track,
-            )
+                keep,
+            )?;
+            let state = keep.then(|| {
+                std::sync::Arc::new(LinearState {
+                    x: xa.primitive().clone(),
+                    w: prims(0).clone(),
+                    a: roles.lora.then(|| prims(1).clone()),
+                    b: roles.lora.then(|| prims(2).clone()),
+                    t,
+                    scale,
+                    roles,
+                })
+            });
+            Some((y, state))
         };
         // One arm per combination of inputs (the parent count is a const generic).
-        macro_rules! record {
-            ($n:literal, [$($node:expr),*]) => {{
-                match LinearBackward::<$n>
-                    .prepare::<NoCheckpointing>([$($node),*])
-                    .compute_bound()
-                    .stateful()
-                {
-                    OpsKind::Tracked(prep) => {
-                        let (y, t) = fwd(true)?;
-                        let state = LinearState {
-                            x: xa.primitive().clone(),
-                            w: prims(0).clone(),
-                            a: roles.lora.then(|| prims(1).clone()),
-                            b: roles.lora.then(|| prims(2).clone()),
-                            t,
-                            scale,
-                            roles,
-                        };
-                        prep.finish(std::sync::Arc::new(state), y)
-                    }
-                    OpsKind::UnTracked(prep) => prep.finish(fwd(false)?.0),
-                }
-            }};
-        }
-        let out = match (&bias, roles.lora) {
-            (None, false) => record!(2, [xa.node(), mats[0].node()]),
-            (Some(b), false) => record!(3, [xa.node(), mats[0].node(), b.node()]),
-            (None, true) => record!(
-                4,
-                [xa.node(), mats[0].node(), mats[1].node(), mats[2].node()]
+        return match (&bias, roles.lora) {
+            (None, false) => record(LinearBackward::<2>, [xa.node(), mats[0].node()], fwd),
+            (Some(b), false) => record(
+                LinearBackward::<3>,
+                [xa.node(), mats[0].node(), b.node()],
+                fwd,
             ),
-            (Some(b), true) => {
-                record!(
-                    5,
-                    [
-                        xa.node(),
-                        mats[0].node(),
-                        b.node(),
-                        mats[1].node(),
-                        mats[2].node()
-                    ]
-                )
-            }
+            (None, true) => record(
+                LinearBackward::<4>,
+                [xa.node(), mats[0].node(), mats[1].node(), mats[2].node()],
+                fwd,
+            ),
+            (Some(b), true) => record(
+                LinearBackward::<5>,
+                [
+                    xa.node(),
+                    mats[0].node(),
+                    b.node(),
+                    mats[1].node(),
+                    mats[2].node(),
+                ],
+                fwd,
+            ),
         };
-        return Some(Tensor::from_primitive::<Autodiff<Flex>>(out));
     }
     let pf = |t: &Tensor<2>| t.clone().try_into_primitive::<Flex>().ok();
     let xf = x.clone().try_into_primitive::<Flex>().ok()?;
