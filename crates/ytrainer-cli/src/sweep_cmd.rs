@@ -202,19 +202,11 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
             );
         }
     }
-    // Every trial's config is checked before the first one trains: a typo must not surface hours in.
-    let configs = sw.output.join("configs");
-    fs::create_dir_all(&configs).with_context(|| format!("cannot create {}", configs.display()))?;
-    for t in &trials {
-        let dir = ytrainer_sweep::results::trial_dir(&sw.output, t);
-        let path = configs.join(format!("{}.toml", t.id));
-        fs::write(&path, toml::to_string_pretty(&sw.trial_config(t, &dir)?)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        let cfg =
-            config_file::resolve(&run_args(&path)).with_context(|| format!("trial `{}`", t.id))?;
-        crate::plugins_cmd::registry(&cfg.loss.plugins)?
-            .build(&cfg.loss.name, &cfg.loss.params)
-            .map_err(|e| anyhow!("trial `{}`: {e}", t.id))?;
+    // Every trial's config is checked before the first one trains: a typo must not surface hours in. Workers of
+    // `--devices` skip this: their parent has checked every trial, and concurrent workers rewriting the shared
+    // `configs/` files would read each other's half-written files.
+    if a.shard.is_none() {
+        validate_trials(&sw, &trials)?;
     }
     let shard = match &a.shard {
         Some(s) => Some(parse_shard(s)?),
@@ -272,6 +264,24 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
     );
     for f in files {
         println!("  {}", f.display());
+    }
+    Ok(())
+}
+
+/// Writes each trial's run config to `configs/<id>.toml` and checks that it resolves and its loss builds.
+fn validate_trials(sw: &Sweep, trials: &[Trial]) -> Result<()> {
+    let configs = sw.output.join("configs");
+    fs::create_dir_all(&configs).with_context(|| format!("cannot create {}", configs.display()))?;
+    for t in trials {
+        let dir = ytrainer_sweep::results::trial_dir(&sw.output, t);
+        let path = configs.join(format!("{}.toml", t.id));
+        fs::write(&path, toml::to_string_pretty(&sw.trial_config(t, &dir)?)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        let cfg =
+            config_file::resolve(&run_args(&path)).with_context(|| format!("trial `{}`", t.id))?;
+        crate::plugins_cmd::registry(&cfg.loss.plugins)?
+            .build(&cfg.loss.name, &cfg.loss.params)
+            .map_err(|e| anyhow!("trial `{}`: {e}", t.id))?;
     }
     Ok(())
 }
