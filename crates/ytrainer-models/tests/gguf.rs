@@ -309,6 +309,51 @@ fn dequantisation_of_block_formats() {
     assert_eq!(dequantize(GgmlType::Q5_0, &b, 32), want);
 }
 
+/// Every block format against llama.cpp's own reference: `quants.gguf` was written by the `gguf` Python package
+/// (random blocks, one tensor per type) and `quants.expected.json` holds that package's dequantisation
+/// (`scripts/make_quant_fixture.py`).
+#[test]
+fn block_formats_match_gguf_py_reference_on_a_file_it_wrote() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let gguf = GgufFile::open(&dir.join("quants.gguf")).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("quants.expected.json")).unwrap())
+            .unwrap();
+    let expected = expected.as_object().unwrap();
+    let mut seen = Vec::new();
+    for (name, want) in expected {
+        let t = gguf.tensor(name).unwrap_or_else(|| panic!("{name} missing"));
+        assert_eq!(t.ty.name(), want["type"].as_str().unwrap(), "{name}");
+        let shape: Vec<usize> = want["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(t.shape(), shape, "{name}");
+        let got = gguf.read_f32(t).unwrap();
+        let want: Vec<f32> = want["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs().max(1e-3),
+                "{name}[{i}]: {g} vs gguf-py {w}"
+            );
+        }
+        seen.push(t.ty.name());
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"]
+    );
+}
+
 #[test]
 fn smollm2_gguf_metadata_matches_transformers_config() {
     let gguf = GgufFile::open(&smollm_gguf()).unwrap();
