@@ -72,7 +72,7 @@ fn precision_at(scores: &[(f64, bool)], k: usize) -> f64 {
 }
 
 /// 100 alpaca records, 10 corrupted (5 answers swapped in from unrelated records, 5 replaced by unrelated
-/// prose); one `sort` run gives every mode's score (`quality.scores`), so the model runs once.
+/// prose); one `sort --mode ifd` run gives every mode's score (`quality.scores`): one pass with the prompts, one without.
 #[test]
 fn corrupted_answers_rank_high_on_smollm2() {
     let tmp = TempDir::new("sort-noise");
@@ -106,7 +106,7 @@ fn corrupted_answers_rank_high_on_smollm2() {
         "--out",
         &s(&out),
         "--mode",
-        "divergence",
+        "ifd",
         "--max-seq-len",
         "128",
     ]);
@@ -119,6 +119,7 @@ fn corrupted_answers_rank_high_on_smollm2() {
         ("filtered", 0.4, 0.68),
         ("similarity", 0.0, 0.62),
         ("divergence", 0.1, 0.6),
+        ("ifd", 0.7, 0.9),
     ] {
         let scores: Vec<(f64, bool)> = ranked
             .iter()
@@ -138,7 +139,7 @@ fn corrupted_answers_rank_high_on_smollm2() {
         );
     }
     eprintln!("{report}");
-    // The divergence ranking is the output order.
+    // The ifd ranking is the output order.
     let s: Vec<f64> = ranked
         .iter()
         .map(|r| r["quality"]["score"].as_f64().unwrap())
@@ -306,6 +307,62 @@ fn sort_keeps_records_and_attaches_the_right_scores() {
                 .contains("<h2>1. score")
         );
     }
+    // ifd: a second pass without the prompts; the one-pass scores are unchanged, and
+    // ifd = exp(mean loss with prompt - mean loss without) over the same answer tokens.
+    let v = run(&[], "ifd", &tmp.path().join("ifd.jsonl"));
+    assert_eq!(v.len(), 12);
+    for r in &v {
+        let id = r["id"].as_u64().unwrap() as usize;
+        let q = &r["quality"];
+        let mut one_pass = q["scores"].clone();
+        let ifd = one_pass.as_object_mut().unwrap().remove("ifd").unwrap();
+        assert_eq!(one_pass, by_id(&ranked, id)["scores"]);
+        assert_eq!(q["score"], ifd);
+        if id == 7 {
+            assert_eq!(ifd, json!(0.0));
+            continue;
+        }
+        let want = (q["mean_loss"].as_f64().unwrap()
+            - q["mean_loss_without_prompt"].as_f64().unwrap())
+        .exp();
+        assert!(
+            (ifd.as_f64().unwrap() - want).abs() < 1e-5,
+            "record {id}: {q}"
+        );
+        // The prompt helps predict a matching answer.
+        assert!(ifd.as_f64().unwrap() < 1.0, "record {id}: {q}");
+    }
+    // A text record has no prompt: ifd 0 and a reason.
+    let chat = tmp.path().join("text.jsonl");
+    std::fs::write(
+        &chat,
+        "{\"text\": \"Red, yellow and blue are the primary colours of paint.\"}\n",
+    )
+    .unwrap();
+    let out_chat = tmp.path().join("chat-ranked.jsonl");
+    ok(&[
+        "sort",
+        "--model",
+        &s(&gguf()),
+        "--data",
+        &s(&chat),
+        "--out",
+        &s(&out_chat),
+        "--mode",
+        "ifd",
+    ]);
+    let v = jsonl(&out_chat);
+    let q1 = &v[0]["quality"];
+    assert!(q1["n_tokens"].as_u64().unwrap() > 5, "{q1}");
+    assert_eq!(q1["score"], json!(0.0));
+    assert!(
+        q1["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("no prompt to condition the answer on"),
+        "{q1}"
+    );
+
     let kept = run(
         &["--drop-top", "25"],
         "filtered",
@@ -369,7 +426,11 @@ fn sort_bad_input_is_a_user_error() {
     assert_user_error(&with(&["--report", "r.pdf"]), ".md or .html");
     let o = with(&["--mode", "bogus"]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("filtered, similarity or divergence"));
+    assert!(stderr(&o).contains("filtered, similarity, divergence or ifd"));
+    assert_user_error(
+        &with(&["--mode", "ifd", "--train-on", "everything"]),
+        "--mode ifd compares the answer's loss with and without its prompt, but --train-on everything",
+    );
     let o = with(&["--keep-top", "5", "--drop-top", "5"]);
     assert!(!o.status.success() && stderr(&o).contains("cannot be used with"));
     let txt = tmp.path().join("t.txt");

@@ -20,8 +20,8 @@ use ytrainer_core::step::{entropy, head_stats, target_log_probs, to_device, toke
 use ytrainer_data::quality::{Analysis, QualityMode, TokenClass, analyze};
 use ytrainer_data::stream::{RecordStream, StreamItem};
 use ytrainer_data::{
-    BatchOptions, DataError, DataOptions, Example, Mode, Overlong, RecordKind, TrainOn, plan_epoch,
-    prepare,
+    BatchOptions, DataError, DataOptions, Example, Message, Mode, Overlong, Record, RecordKind,
+    TrainOn, plan_epoch, prepare,
 };
 
 use crate::interop::{Loaded, inference_device, load_for_inference, parse_vars};
@@ -41,8 +41,9 @@ pub struct SortArgs {
     /// Ranked output: a JSON array when it ends in `.json`, JSON Lines otherwise.
     #[arg(long)]
     pub out: PathBuf,
-    /// filtered (high-loss tokens, confident ones count double), similarity (-Pearson(entropy, loss)) or
-    /// divergence (z(loss) - z(entropy) anomalies and error spans).
+    /// filtered (high-loss tokens, confident ones count double), similarity (-Pearson(entropy, loss)),
+    /// divergence (z(loss) - z(entropy) anomalies and error spans) or ifd (perplexity of the answer with its
+    /// prompt over without it: finds answers that belong to another prompt; one more, shorter forward pass).
     #[arg(long, default_value = "divergence")]
     pub mode: QualityMode,
     /// Cleanest first instead of most suspicious first.
@@ -230,6 +231,69 @@ fn score_chunk(
     Ok(series)
 }
 
+/// The record with every non-assistant message emptied (same template, same answers), for the `ifd` mode's
+/// second pass; `None` when there is no prompt text to remove.
+fn prompt_free(r: &Record) -> Option<Record> {
+    let RecordKind::Chat { messages } = &r.kind else {
+        return None;
+    };
+    let prompt = |m: &Message| m.role != "assistant";
+    if !messages
+        .iter()
+        .any(|m| prompt(m) && !m.content.trim().is_empty())
+    {
+        return None;
+    }
+    let messages = messages
+        .iter()
+        .map(|m| {
+            if prompt(m) {
+                Message::new(&m.role, "")
+            } else {
+                m.clone()
+            }
+        })
+        .collect();
+    Some(Record {
+        origin: r.origin.clone(),
+        kind: RecordKind::Chat { messages },
+    })
+}
+
+/// Losses of the answer tokens of each example's prompt-free variant (`None`: no prompt, or nothing left to
+/// score within --max-seq-len), in `with_ex` order.
+fn prompt_free_losses(
+    l: &Loaded,
+    chunk: &[Prepared],
+    with_ex: &[usize],
+    opts: &DataOptions,
+    batch: &BatchOptions,
+    device: &ytrainer_core::burn::prelude::Device,
+) -> Result<Vec<Option<Vec<f32>>>> {
+    let mut examples = Vec::new();
+    let mut slot = Vec::with_capacity(with_ex.len());
+    for &i in with_ex {
+        let variant = chunk[i].item.record.as_ref().ok().and_then(prompt_free);
+        let ex = match variant {
+            Some(r) => match prepare(&[r], &l.tok, l.template.as_ref(), opts) {
+                Ok(mut p) => p.examples.pop(),
+                Err(DataError::EmptyDataset { .. }) => None,
+                Err(e) => return Err(e.into()),
+            },
+            None => None,
+        };
+        slot.push(ex.map(|ex| {
+            examples.push(ex);
+            examples.len() - 1
+        }));
+    }
+    let series = score_chunk(l, &examples, batch, device)?;
+    Ok(slot
+        .into_iter()
+        .map(|k| k.map(|k| series[k].0.clone()))
+        .collect())
+}
+
 fn answer_ids(ex: &Example) -> Vec<u32> {
     ex.input_ids
         .iter()
@@ -280,6 +344,10 @@ fn quality_json(a: &Analysis, mode: QualityMode, ids: &[u32], l: &Loaded, p: &Pr
         },
         "spans": spans,
     });
+    if mode == QualityMode::Ifd {
+        q["scores"]["ifd"] = json!(round(a.score(QualityMode::Ifd)));
+        q["mean_loss_without_prompt"] = json!(a.mean_loss_without_prompt.map(round));
+    }
     let reason = p.skipped.clone().or_else(|| a.reason(mode));
     if let Some(r) = reason {
         q["reason"] = json!(r);
@@ -452,6 +520,12 @@ pub fn sort(a: SortArgs) -> Result<()> {
             );
         }
     }
+    if a.mode == QualityMode::Ifd && a.train_on == "everything" {
+        bail!(
+            "--mode ifd compares the answer's loss with and without its prompt, but --train-on everything \
+             scores the prompt too: use all_assistant or last_assistant"
+        );
+    }
     let opts = DataOptions {
         max_seq_len: a.max_seq_len,
         overlong: Overlong::Truncate,
@@ -521,6 +595,11 @@ pub fn sort(a: SortArgs) -> Result<()> {
             .filter_map(|&i| chunk[i].example.clone())
             .collect();
         let series = score_chunk(&l, &examples, &batch, &device)?;
+        let free = if a.mode == QualityMode::Ifd {
+            prompt_free_losses(&l, &chunk, &with_ex, &opts, &batch, &device)?
+        } else {
+            Vec::new()
+        };
         let mut series_of = vec![None; chunk.len()];
         for (k, &i) in with_ex.iter().enumerate() {
             series_of[i] = Some(k);
@@ -529,7 +608,11 @@ pub fn sort(a: SortArgs) -> Result<()> {
             let (ids, analysis) = match series_of[i] {
                 Some(k) => {
                     let ex = &examples[k];
-                    (answer_ids(ex), analyze(&series[k].0, &series[k].1))
+                    let mut analysis = analyze(&series[k].0, &series[k].1);
+                    if let Some(free) = free.get(k) {
+                        analysis.set_prompt_free(&series[k].0, free.as_deref());
+                    }
+                    (answer_ids(ex), analysis)
                 }
                 None => (Vec::new(), analyze(&[], &[])),
             };

@@ -4,13 +4,18 @@
 //! predicts target t** (the original tool paired `l_t` with the entropy one position off; see
 //! [`series_from_log_probs`] for the alignment, which the trainer's `step::to_device` rows follow too).
 //!
-//! Three scores, higher = more suspicious:
+//! Four scores, higher = more suspicious:
 //! - `filtered`: `sum_t [1 if H_t <= 1 and l_t > 3; 0.5 if H_t > 1 and l_t > 3; else 0]`.
 //! - `similarity`: `-Pearson(H, l)`; 0 with a reason when undefined (< 3 tokens, constant series).
 //! - `divergence`: centred rolling mean (window 3; the edges average the 2 values they have), z-score within the
 //!   sample (population standard deviation; a constant series gives z = 0), `d_t = z(l)_t - z(H)_t`, one class
 //!   per token, score `sum over non-normal |d_t| / n`, error spans = runs of non-normal tokens whose
 //!   `max |d| >= 1.96`.
+//! - `ifd` (instruction-following difficulty, Li et al. 2023, "From Quantity to Quality"): the answer's
+//!   perplexity given its prompt over its perplexity with the prompt emptied, `exp(mean l_cond - mean l_free)`
+//!   over the answer tokens both passes have. Near or above 1 the prompt does not help predict the answer: the
+//!   signature of an answer that belongs to another record or to no prompt at all. The three modes above look
+//!   only at the shape of one pass's series, so they cannot see a fluent answer that is merely misplaced.
 //!
 //! Nothing here returns NaN: a degenerate sample gets a finite score and a [`Analysis::reason`].
 
@@ -23,6 +28,7 @@ pub enum QualityMode {
     Filtered,
     Similarity,
     Divergence,
+    Ifd,
 }
 
 impl QualityMode {
@@ -31,6 +37,7 @@ impl QualityMode {
             QualityMode::Filtered => "filtered",
             QualityMode::Similarity => "similarity",
             QualityMode::Divergence => "divergence",
+            QualityMode::Ifd => "ifd",
         }
     }
 }
@@ -48,8 +55,9 @@ impl FromStr for QualityMode {
             "filtered" => Ok(QualityMode::Filtered),
             "similarity" => Ok(QualityMode::Similarity),
             "divergence" => Ok(QualityMode::Divergence),
+            "ifd" => Ok(QualityMode::Ifd),
             other => Err(format!(
-                "unknown mode `{other}`: expected filtered, similarity or divergence"
+                "unknown mode `{other}`: expected filtered, similarity, divergence or ifd"
             )),
         }
     }
@@ -147,6 +155,10 @@ pub struct Analysis {
     pub class_counts: [usize; 5],
     pub divergence: f64,
     pub spans: Vec<Span>,
+    /// Instruction-following difficulty, when the prompt-free pass was run ([`ifd`]).
+    pub ifd: Option<f64>,
+    /// Mean loss of the answer tokens with the prompt emptied (the denominator's pass).
+    pub mean_loss_without_prompt: Option<f64>,
     /// Why the sample is degenerate (no / too few answer tokens, a constant series, non-finite values).
     pub degenerate: Option<String>,
 }
@@ -158,7 +170,16 @@ impl Analysis {
             QualityMode::Filtered => self.filtered,
             QualityMode::Similarity => self.pearson.map(|r| -r).unwrap_or(0.0),
             QualityMode::Divergence => self.divergence,
+            QualityMode::Ifd => self.ifd.unwrap_or(0.0),
         }
+    }
+
+    /// Adds the `ifd` score from the answer's losses with the prompt emptied (`None`: the record has no prompt).
+    pub fn set_prompt_free(&mut self, cond: &[f32], free: Option<&[f32]>) {
+        let Some(free) = free else { return };
+        self.ifd = ifd(cond, free);
+        let n = cond.len().min(free.len());
+        self.mean_loss_without_prompt = (n > 0).then(|| mean_f32(&free[..n]));
     }
 
     /// Why the score of `mode` is a default or less meaningful than usual; `None` for a normal sample.
@@ -168,6 +189,12 @@ impl Analysis {
         }
         if mode == QualityMode::Similarity && self.pearson.is_none() {
             return Some("correlation undefined".into());
+        }
+        if mode == QualityMode::Ifd && self.ifd.is_none() {
+            return Some(
+                "no prompt to condition the answer on (or no answer token in the prompt-free pass): ifd scored 0"
+                    .into(),
+            );
         }
         None
     }
@@ -180,6 +207,22 @@ pub fn mean(x: &[f64]) -> f64 {
     } else {
         x.iter().sum::<f64>() / x.len() as f64
     }
+}
+
+fn mean_f32(x: &[f32]) -> f64 {
+    x.iter().map(|&v| v as f64).sum::<f64>() / x.len().max(1) as f64
+}
+
+/// Instruction-following difficulty: `exp(mean(cond) - mean(free))` over the first `min(len)` answer tokens,
+/// i.e. PPL(answer | prompt) / PPL(answer | emptied prompt). `None` without a common token or for non-finite
+/// losses.
+pub fn ifd(cond: &[f32], free: &[f32]) -> Option<f64> {
+    let n = cond.len().min(free.len());
+    if n == 0 {
+        return None;
+    }
+    let r = (mean_f32(&cond[..n]) - mean_f32(&free[..n])).exp();
+    r.is_finite().then_some(r)
 }
 
 /// Population standard deviation.
@@ -351,6 +394,8 @@ pub fn analyze(loss: &[f32], entropy: &[f32]) -> Analysis {
         class_counts: [n, 0, 0, 0, 0],
         divergence: 0.0,
         spans: vec![],
+        ifd: None,
+        mean_loss_without_prompt: None,
         degenerate: Some(reason),
     };
     if n == 0 {
@@ -371,6 +416,8 @@ pub fn analyze(loss: &[f32], entropy: &[f32]) -> Analysis {
         class_counts: [n, 0, 0, 0, 0],
         divergence: 0.0,
         spans: vec![],
+        ifd: None,
+        mean_loss_without_prompt: None,
         degenerate: None,
     };
     if n < MIN_TOKENS {
@@ -432,6 +479,27 @@ mod tests {
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-9
+    }
+
+    #[test]
+    fn ifd_is_the_perplexity_ratio_over_common_tokens() {
+        // mean(cond) = 2, mean(free[..3]) = 3: exp(-1); the fourth free token has no partner and is ignored.
+        let r = ifd(&[1.0, 2.0, 3.0], &[2.0, 3.0, 4.0, 100.0]).unwrap();
+        assert!(close(r, (-1.0f64).exp()), "{r}");
+        assert_eq!(ifd(&[], &[1.0]), None);
+        assert_eq!(ifd(&[f32::NAN], &[1.0]), None);
+        let mut a = analyze(&[1.0, 2.0, 3.0], &[0.5, 0.5, 0.6]);
+        assert_eq!(a.score(QualityMode::Ifd), 0.0);
+        assert!(a.reason(QualityMode::Ifd).unwrap().contains("no prompt"));
+        a.set_prompt_free(&[1.0, 2.0, 3.0], Some(&[1.0, 2.0, 3.0]));
+        assert!(close(a.score(QualityMode::Ifd), 1.0));
+        assert_eq!(a.mean_loss_without_prompt, Some(2.0));
+        assert_eq!(a.reason(QualityMode::Ifd), None);
+        assert_eq!("ifd".parse::<QualityMode>(), Ok(QualityMode::Ifd));
+        assert_eq!(
+            "loss".parse::<QualityMode>().unwrap_err(),
+            "unknown mode `loss`: expected filtered, similarity, divergence or ifd"
+        );
     }
 
     #[test]

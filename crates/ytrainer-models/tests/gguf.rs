@@ -322,7 +322,9 @@ fn block_formats_match_gguf_py_reference_on_a_file_it_wrote() {
     let expected = expected.as_object().unwrap();
     let mut seen = Vec::new();
     for (name, want) in expected {
-        let t = gguf.tensor(name).unwrap_or_else(|| panic!("{name} missing"));
+        let t = gguf
+            .tensor(name)
+            .unwrap_or_else(|| panic!("{name} missing"));
         assert_eq!(t.ty.name(), want["type"].as_str().unwrap(), "{name}");
         let shape: Vec<usize> = want["shape"]
             .as_array()
@@ -350,7 +352,9 @@ fn block_formats_match_gguf_py_reference_on_a_file_it_wrote() {
     seen.sort();
     assert_eq!(
         seen,
-        ["Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"]
+        [
+            "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"
+        ]
     );
 }
 
