@@ -549,3 +549,180 @@ fn bad_input_gives_clear_errors() {
         "outside the model's vocabulary",
     );
 }
+
+/// A metadata-only GGUF v3 file (no tensors) from `(key, value)` pairs: strings, string arrays, f32 arrays,
+/// i32 arrays, u32 and bool values.
+fn metadata_gguf(kv: &[(&str, Value)]) -> Vec<u8> {
+    fn put_str(o: &mut Vec<u8>, s: &str) {
+        o.extend((s.len() as u64).to_le_bytes());
+        o.extend(s.as_bytes());
+    }
+    let mut o = b"GGUF".to_vec();
+    o.extend(3u32.to_le_bytes());
+    o.extend(0u64.to_le_bytes());
+    o.extend((kv.len() as u64).to_le_bytes());
+    for (k, v) in kv {
+        put_str(&mut o, k);
+        match v {
+            Value::String(s) => {
+                o.extend(8u32.to_le_bytes());
+                put_str(&mut o, s);
+            }
+            Value::Bool(b) => {
+                o.extend(7u32.to_le_bytes());
+                o.push(*b as u8);
+            }
+            Value::Number(n) => {
+                o.extend(4u32.to_le_bytes());
+                o.extend((n.as_u64().unwrap() as u32).to_le_bytes());
+            }
+            Value::Object(a) => {
+                // {"f32": [...]}, {"i32": [...]} or {"str": [...]}
+                let (ty, items) = a.iter().next().unwrap();
+                let items = items.as_array().unwrap();
+                o.extend(9u32.to_le_bytes());
+                let code = match ty.as_str() {
+                    "f32" => 6u32,
+                    "i32" => 5,
+                    _ => 8,
+                };
+                o.extend(code.to_le_bytes());
+                o.extend((items.len() as u64).to_le_bytes());
+                for it in items {
+                    match code {
+                        6 => o.extend((it.as_f64().unwrap() as f32).to_le_bytes()),
+                        5 => o.extend((it.as_i64().unwrap() as i32).to_le_bytes()),
+                        _ => put_str(&mut o, it.as_str().unwrap()),
+                    }
+                }
+            }
+            _ => unreachable!(),
+        }
+    }
+    o
+}
+
+/// The SentencePiece path: a `tokenizer.ggml.model = llama` vocabulary (pieces, scores, token types, as
+/// llama.cpp's converter writes them for Llama 2) rebuilds into a tokenizer whose merges equal transformers'
+/// Llama tokenizer.json, that passes llama.cpp's llama-spm test vectors and tokenizes and decodes the corpora
+/// like the shipped tokenizer.json.
+#[test]
+fn gguf_sentencepiece_vocabulary_rebuilds_the_llama_tokenizer() {
+    let dir = assets().join("tokenizers/llama-spm");
+    let tj: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let vocab = tj["model"]["vocab"].as_object().unwrap();
+    let mut tokens = vec![String::new(); vocab.len()];
+    for (t, id) in vocab {
+        tokens[id.as_u64().unwrap() as usize] = t.clone();
+    }
+    let merges: Vec<(String, String)> = tj["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m[0].as_str().unwrap().into(), m[1].as_str().unwrap().into()))
+        .collect();
+    // SentencePiece scores a BPE piece by the order it was learnt in: minus the rank of the first merge that
+    // makes it. Control, unknown and byte pieces score 0; single characters come last; Llama's runs of `▁`
+    // (added by hand to its vocabulary) all score -1e9.
+    let mut rank = std::collections::HashMap::new();
+    for (i, (l, r)) in merges.iter().enumerate() {
+        rank.entry(format!("{l}{r}")).or_insert(i);
+    }
+    let ty = |id: usize, t: &str| -> i64 {
+        match id {
+            0 => 2,
+            1 | 2 => 3,
+            _ if t.starts_with("<0x") && t.len() == 6 => 6,
+            _ => 1,
+        }
+    };
+    let scores: Vec<f64> = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| match (ty(id, t), rank.get(t)) {
+            (1, _) if t.chars().count() > 1 && t.chars().all(|c| c == '\u{2581}') => -1e9,
+            (1, Some(&r)) => -(r as f64),
+            (1, None) => -((merges.len() + id) as f64),
+            _ => 0.0,
+        })
+        .collect();
+    let types: Vec<i64> = tokens.iter().enumerate().map(|(i, t)| ty(i, t)).collect();
+    let tmp = TempDir::new("spm-gguf");
+    let path = tmp.path().join("vocab.gguf");
+    std::fs::write(
+        &path,
+        metadata_gguf(&[
+            ("general.architecture", json!("llama")),
+            ("tokenizer.ggml.model", json!("llama")),
+            ("tokenizer.ggml.tokens", json!({ "str": tokens })),
+            ("tokenizer.ggml.scores", json!({ "f32": scores })),
+            ("tokenizer.ggml.token_type", json!({ "i32": types })),
+            ("tokenizer.ggml.bos_token_id", json!(1)),
+            ("tokenizer.ggml.eos_token_id", json!(2)),
+            ("tokenizer.ggml.unknown_token_id", json!(0)),
+        ]),
+    )
+    .unwrap();
+    let gguf = ytrainer_models::gguf::GgufFile::open(&path).unwrap();
+    let rebuilt = ytrainer_models::gguf::gguf_tokenizer(&gguf).unwrap();
+    assert_eq!(rebuilt.bos_token.as_deref(), Some("<s>"));
+    assert_eq!(rebuilt.eos_token.as_deref(), Some("</s>"));
+    assert_eq!(rebuilt.unk_token.as_deref(), Some("<unk>"));
+    let rj: Value = serde_json::from_str(&rebuilt.tokenizer_json).unwrap();
+    assert_eq!(rj["model"]["merges"], tj["model"]["merges"]);
+    assert_eq!(rj["normalizer"], tj["normalizer"]);
+    assert_eq!(rj["decoder"], tj["decoder"]);
+    assert_eq!(rj["post_processor"], tj["post_processor"]);
+    let rebuilt_path = tmp.path().join("tokenizer.json");
+    std::fs::write(&rebuilt_path, &rebuilt.tokenizer_json).unwrap();
+    let ours = TokenizerWrapper::from_file(&rebuilt_path).unwrap();
+    let theirs = TokenizerWrapper::from_file(&dir.join("tokenizer.json")).unwrap();
+
+    // llama.cpp's own test vectors for this vocabulary.
+    let inp = std::fs::read_to_string(dir.join("ggml-vocab-llama-spm.gguf.inp")).unwrap();
+    let out = std::fs::read_to_string(dir.join("ggml-vocab-llama-spm.gguf.out")).unwrap();
+    let mut texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
+    assert_eq!(texts.pop(), Some(""));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(texts.len(), lines.len());
+    for (text, line) in texts.iter().zip(&lines) {
+        let want: Vec<u32> = line
+            .split_whitespace()
+            .map(|x| x.parse().unwrap())
+            .collect();
+        let got = ours.encode(text).unwrap();
+        assert_eq!(got, want, "{text:?}");
+        assert_eq!(
+            ours.decode(&got, false).unwrap(),
+            theirs.decode(&want, false).unwrap()
+        );
+    }
+    // The corpora: 16 KB from the start and the middle of each.
+    let mut checked = 0usize;
+    for entry in std::fs::read_dir(assets().join("corpora")).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_none_or(|e| e != "txt") {
+            continue;
+        }
+        let text = std::fs::read(&p).unwrap();
+        for start in [0, text.len() / 2] {
+            let chunk =
+                String::from_utf8_lossy(&text[start..(start + 16_384).min(text.len())]).to_string();
+            let a = ours.encode(&chunk).unwrap();
+            assert_eq!(a, theirs.encode(&chunk).unwrap(), "{}", p.display());
+            assert_eq!(
+                ours.decode(&a, false).unwrap(),
+                theirs.decode(&a, false).unwrap()
+            );
+            checked += a.len();
+        }
+    }
+    assert!(checked > 20_000, "only {checked} tokens compared");
+    let special = "<s> Hi 2024! ünïcödé 你好 🦙</s>";
+    assert_eq!(
+        ours.encode(special).unwrap(),
+        theirs.encode(special).unwrap()
+    );
+}

@@ -972,19 +972,57 @@ impl GgufTokenizer {
     }
 }
 
-/// Rebuilds the HF tokenizer from `tokenizer.ggml.*` (byte-level BPE, `tokenizer.ggml.model = gpt2`).
-/// SentencePiece (`llama`) vocabularies are reported as unsupported.
+/// The BPE merges of a SentencePiece vocabulary, as transformers' `SentencePieceExtractor` derives them from
+/// the pieces and their scores: every split of a piece into two pieces of the vocabulary is a merge, ranked by
+/// the piece's score (higher first), then the longer left half first; remaining ties keep id order.
+/// SentencePiece BPE scores a piece by the order it was learnt in, so this replays its merge order.
+fn spm_merges(tokens: &[&str], scores: &[f32]) -> Vec<(String, String)> {
+    let ids: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().map(|(i, &t)| (t, i)).collect();
+    let chars = |id: usize| tokens[id].chars().count();
+    // (score, left length, right length, left id, right id)
+    let mut merges: Vec<(f32, usize, usize, usize, usize)> = Vec::new();
+    for (id, &piece) in tokens.iter().enumerate() {
+        let mut local: Vec<(usize, usize)> = piece
+            .char_indices()
+            .skip(1)
+            .filter_map(|(at, _)| Some((*ids.get(&piece[..at])?, *ids.get(&piece[at..])?)))
+            .collect();
+        local.sort_unstable();
+        let score = scores.get(id).copied().unwrap_or(0.0);
+        merges.extend(
+            local
+                .into_iter()
+                .map(|(l, r)| (score, chars(l), chars(r), l, r)),
+        );
+    }
+    // Stable, so equal keys keep the order the loop produced.
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then(b.2.cmp(&a.2)));
+    merges
+        .into_iter()
+        .map(|(_, _, _, l, r)| (tokens[l].to_string(), tokens[r].to_string()))
+        .collect()
+}
+
+/// Rebuilds the HF tokenizer from `tokenizer.ggml.*`: byte-level BPE (`tokenizer.ggml.model = gpt2`) with its
+/// merges, or SentencePiece BPE (`llama`: Llama 1/2, Mistral 7B, TinyLlama, Phi-3) with merges derived from the
+/// piece scores, byte fallback and the `▁` space marker, as transformers' GGUF loader builds it.
 pub fn gguf_tokenizer(gguf: &GgufFile) -> Result<GgufTokenizer, ModelError> {
     let model = gguf
         .get("tokenizer.ggml.model")
         .and_then(GgufValue::as_str)
         .ok_or_else(|| gguf.err("no tokenizer in the metadata (`tokenizer.ggml.model` is missing); put a tokenizer.json from the original model next to the converted checkpoint".into()))?;
-    if model != "gpt2" {
-        return Err(gguf.err(format!(
-            "metadata `tokenizer.ggml.model`: `{model}` tokenizers are not rebuilt (only byte-level BPE, `gpt2`); \
-             copy tokenizer.json from the original Hugging Face model into the converted directory"
-        )));
-    }
+    let spm = match model {
+        "gpt2" => false,
+        "llama" => true,
+        _ => {
+            return Err(gguf.err(format!(
+                "metadata `tokenizer.ggml.model`: `{model}` tokenizers are not rebuilt (only byte-level BPE, \
+                 `gpt2`, and SentencePiece BPE, `llama`); copy tokenizer.json from the original Hugging Face \
+                 model into the converted directory"
+            )));
+        }
+    };
     let strings = |k: &str| -> Result<Vec<&str>, ModelError> {
         gguf.get(k)
             .and_then(GgufValue::as_array)
@@ -997,7 +1035,43 @@ pub fn gguf_tokenizer(gguf: &GgufFile) -> Result<GgufTokenizer, ModelError> {
             .collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
-    let merges = strings("tokenizer.ggml.merges")?;
+    let merges: Vec<(String, String)> = if spm {
+        let scores: Vec<f32> = gguf
+            .get("tokenizer.ggml.scores")
+            .and_then(GgufValue::as_array)
+            .ok_or_else(|| {
+                gguf.err(
+                    "metadata `tokenizer.ggml.scores` is missing or not an array (a SentencePiece vocabulary \
+                     needs its piece scores to rebuild the merges)"
+                        .into(),
+                )
+            })?
+            .iter()
+            .map(|v| {
+                v.as_f64().map(|x| x as f32).ok_or_else(|| {
+                    gguf.err("metadata `tokenizer.ggml.scores`: entries must be numbers".into())
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        if scores.len() != tokens.len() {
+            return Err(gguf.err(format!(
+                "metadata `tokenizer.ggml.scores` has {} entries but `tokenizer.ggml.tokens` has {}",
+                scores.len(),
+                tokens.len()
+            )));
+        }
+        spm_merges(&tokens, &scores)
+    } else {
+        strings("tokenizer.ggml.merges")?
+            .iter()
+            .map(|m| match m.split_once(' ') {
+                Some((a, b)) => Ok((a.to_string(), b.to_string())),
+                None => Err(gguf.err(format!(
+                    "metadata `tokenizer.ggml.merges`: entry `{m}` is not `A B`"
+                ))),
+            })
+            .collect::<Result<_, _>>()?
+    };
     let types: Vec<i64> = match gguf
         .get("tokenizer.ggml.token_type")
         .and_then(GgufValue::as_array)
@@ -1009,35 +1083,31 @@ pub fn gguf_tokenizer(gguf: &GgufFile) -> Result<GgufTokenizer, ModelError> {
         .get("tokenizer.ggml.pre")
         .and_then(GgufValue::as_str)
         .unwrap_or("default");
-    let pre = pre_tokenizer(pre_name).ok_or_else(|| {
-        gguf.err(format!(
-            "metadata `tokenizer.ggml.pre`: pre-tokenizer `{pre_name}` is not known to ytrainer; supported: \
-             default, gpt2, smollm, starcoder, llama-bpe, llama3, qwen2, ... (copy tokenizer.json from the \
-             original model instead)"
-        ))
-    })?;
+    let pre = if spm {
+        Value::Null
+    } else {
+        pre_tokenizer(pre_name).ok_or_else(|| {
+            gguf.err(format!(
+                "metadata `tokenizer.ggml.pre`: pre-tokenizer `{pre_name}` is not known to ytrainer; supported: \
+                 default, gpt2, smollm, starcoder, llama-bpe, llama3, qwen2, ... (copy tokenizer.json from the \
+                 original model instead)"
+            ))
+        })?
+    };
     let mut vocab = serde_json::Map::with_capacity(tokens.len());
     let mut added = Vec::new();
     for (id, &t) in tokens.iter().enumerate() {
         vocab.insert(t.to_string(), json!(id));
-        // 3 = control, 4 = user-defined (llama.cpp's token types).
+        // 2 = unknown, 3 = control, 4 = user-defined (llama.cpp's token types).
         let ty = types.get(id).copied().unwrap_or(1);
-        if ty == 3 || ty == 4 {
+        if ty == 3 || ty == 4 || (spm && ty == 2) {
             added.push(json!({
                 "id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                "normalized": false, "special": ty == 3,
+                "normalized": false, "special": ty != 4,
             }));
         }
     }
-    let merges: Vec<Value> = merges
-        .iter()
-        .map(|m| match m.split_once(' ') {
-            Some((a, b)) => Ok(json!([a, b])),
-            None => Err(gguf.err(format!(
-                "metadata `tokenizer.ggml.merges`: entry `{m}` is not `A B`"
-            ))),
-        })
-        .collect::<Result<_, _>>()?;
+    let merges: Vec<Value> = merges.into_iter().map(|(a, b)| json!([a, b])).collect();
     let token = |k: &str| {
         gguf.get(&format!("tokenizer.ggml.{k}"))
             .and_then(GgufValue::as_u64)
@@ -1045,10 +1115,11 @@ pub fn gguf_tokenizer(gguf: &GgufFile) -> Result<GgufTokenizer, ModelError> {
             .map(|s| s.to_string())
     };
     let bos = token("bos_token_id");
+    // llama.cpp adds BOS by default for SentencePiece vocabularies, not for byte-level BPE.
     let add_bos = gguf
         .get("tokenizer.ggml.add_bos_token")
         .and_then(GgufValue::as_bool)
-        .unwrap_or(false);
+        .unwrap_or(spm);
     let (single, pair, specials) = match (&bos, add_bos) {
         (Some(b), true) => {
             let id = gguf
@@ -1067,19 +1138,52 @@ pub fn gguf_tokenizer(gguf: &GgufFile) -> Result<GgufTokenizer, ModelError> {
             json!({}),
         ),
     };
+    let (normalizer, decoder, unk) = if spm {
+        // SentencePiece marks spaces with `▁` and (by default) prefixes the text with one; bytes missing from
+        // the vocabulary become `<0xNN>` pieces.
+        let prefix = gguf
+            .get("tokenizer.ggml.add_space_prefix")
+            .and_then(GgufValue::as_bool)
+            .unwrap_or(true);
+        let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+        let normalizer = if prefix {
+            json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, replace]})
+        } else {
+            replace
+        };
+        let mut decoders = vec![
+            json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+            json!({"type": "ByteFallback"}),
+            json!({"type": "Fuse"}),
+        ];
+        if prefix {
+            decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        }
+        (
+            normalizer,
+            json!({"type": "Sequence", "decoders": decoders}),
+            json!(token("unknown_token_id")),
+        )
+    } else {
+        (
+            Value::Null,
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+            Value::Null,
+        )
+    };
     let tj = json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": added,
-        "normalizer": null,
+        "normalizer": normalizer,
         "pre_tokenizer": pre,
         "post_processor": {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "decoder": decoder,
         "model": {
-            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
-            "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-            "vocab": vocab, "merges": merges,
+            "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": if spm { Value::Null } else { json!("") },
+            "end_of_word_suffix": if spm { Value::Null } else { json!("") }, "fuse_unk": spm, "byte_fallback": spm,
+            "ignore_merges": false, "vocab": vocab, "merges": merges,
         },
     });
     Ok(GgufTokenizer {
