@@ -314,3 +314,136 @@ fn lora_on_real_hf_checkpoint_exports_peft_adapter_and_continues_from_it() {
         "loaded adapter reproduces the trained model: {first} vs {cont}"
     );
 }
+
+/// Every F32 value of a safetensors file, as raw bits.
+fn f32_bits(path: &std::path::Path) -> Vec<u32> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    let mut out = Vec::new();
+    for (name, t) in header.as_object().unwrap() {
+        if name == "__metadata__" {
+            continue;
+        }
+        assert_eq!(t["dtype"], "F32", "{name}");
+        let [a, b] = [0, 1].map(|i| t["data_offsets"][i].as_u64().unwrap() as usize);
+        out.extend(
+            data[a..b]
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap())),
+        );
+    }
+    out
+}
+
+/// `--precision bf16` trains in bf16 (every exported weight is a bf16 value widened to f32), learns as the f32 run
+/// does, and resumes exactly (the AdamW moments are saved and restored without loss).
+#[test]
+fn bf16_precision_trains_in_bf16_and_resumes_exactly() {
+    let d = TempDir::new("bf16");
+    let args = |out: &std::path::Path, precision: &str| -> Vec<String> {
+        [
+            "run",
+            "--config",
+            "examples/quickstart/sft-nlirg.toml",
+            "--max-steps",
+            "8",
+            "--save-every",
+            "4",
+            "--eval-every",
+            "0",
+            "--precision",
+            precision,
+            "--output-dir",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .chain([s(out)])
+        .collect()
+    };
+    let run = |a: &[String]| {
+        let o = Command::new(bin())
+            .args(a)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        o
+    };
+    let (a, f) = (d.path().join("a"), d.path().join("f32"));
+    let o = run(&args(&a, "bf16"));
+    assert!(stderr(&o).contains("precision bf16"), "{}", stderr(&o));
+    run(&args(&f, "f32"));
+    let weights = f32_bits(&a.join("final/model.safetensors"));
+    assert!(weights.len() > 100_000);
+    assert!(
+        weights.iter().all(|&b| b & 0xFFFF == 0),
+        "a weight is not a bf16 value"
+    );
+    // The f32 run's weights are not all bf16 values: the check above can fail.
+    assert!(
+        f32_bits(&f.join("final/model.safetensors"))
+            .iter()
+            .any(|&b| b & 0xFFFF != 0)
+    );
+    let loss = |dir: &std::path::Path, when: &str| {
+        summary(dir)["summary"][when]["eval_loss"].as_f64().unwrap()
+    };
+    let (b16, b32) = (loss(&a, "eval_before"), loss(&f, "eval_before"));
+    assert!(
+        (b16 - b32).abs() < 0.01,
+        "eval loss before: bf16 {b16}, f32 {b32}"
+    );
+    let (a16, a32) = (loss(&a, "eval_after"), loss(&f, "eval_after"));
+    assert!(a16 < b16 - 1.0, "bf16 eval loss {b16} -> {a16}");
+    assert!(
+        (a16 - a32).abs() < 0.15,
+        "eval loss after: bf16 {a16}, f32 {a32}"
+    );
+
+    // Resume from the step-4 checkpoint in another directory: steps 5..8 equal the uninterrupted run's.
+    let b = d.path().join("b");
+    let mut resume = args(&b, "bf16");
+    resume.extend(["--resume".to_string(), s(&a.join("checkpoint-4"))]);
+    let o = run(&resume);
+    assert!(stderr(&o).contains("resumed from"), "{}", stderr(&o));
+    let (ma, mb) = (last_metrics(&a), last_metrics(&b));
+    assert_eq!(mb["step"], 8);
+    for key in ["loss", "ce", "grad_norm"] {
+        let (x, y) = (ma[key].as_f64().unwrap(), mb[key].as_f64().unwrap());
+        assert!(
+            (x - y).abs() <= 1e-6,
+            "{key}: uninterrupted {x} vs resumed {y}"
+        );
+    }
+    // A checkpoint keeps its precision.
+    let mut other = args(&d.path().join("c"), "f32");
+    other.extend(["--resume".to_string(), s(&a.join("checkpoint-4"))]);
+    let o = Command::new(bin())
+        .args(&other)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert_user_error(&o, "train.precision: \"bf16\" -> \"f32\"");
+    // Unknown precisions are refused.
+    let bad = args(&d.path().join("d"), "fp8");
+    let o = Command::new(bin())
+        .args(&bad)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert_user_error(&o, "unknown variant `fp8`, expected `f32` or `bf16`");
+    // Preference objectives need f32 sums of log-probabilities.
+    let mut dpo = args(&d.path().join("e"), "bf16");
+    dpo.extend(["--loss".to_string(), "dpo".to_string()]);
+    let o = Command::new(bin())
+        .args(&dpo)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert_user_error(
+        &o,
+        "[train] precision = \"bf16\" is not supported for preference training (`--loss dpo`)",
+    );
+}

@@ -61,7 +61,8 @@ type Setup = (
 /// The model (random, seed 0), the loss plugin and the device of a benchmark.
 fn setup(a: &BenchArgs) -> Result<Setup> {
     let config = shape_config(a.shape)?;
-    let device = ytrainer_core::device::select(&a.device, 0).map_err(|e| anyhow!(e))?;
+    let device =
+        ytrainer_core::device::select_with(&a.device, 0, a.precision).map_err(|e| anyhow!(e))?;
     let adapter = match a.mode {
         BenchMode::Full => AdapterSpec::Full,
         BenchMode::Lora => AdapterSpec::Lora(LoraConfig {
@@ -138,6 +139,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 "shape": shape, "mode": mode, "loss": a.loss, "batch": a.batch, "seq": a.seq,
                 "steps": a.steps, "tokens_per_s": tps, "median_step_s": median,
                 "peak_rss_mb": rss, "final_ce": last.mean_ce(), "device": a.device,
+                "precision": a.precision.name(),
                 "plugin_weights_us": plugin_us,
                 "phases_ms": {
                     "body_forward": per(fwd), "head_ce_weights": per(head), "backward": per(back),
@@ -146,10 +148,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             })
         ),
         Format::Text => println!(
-            "bench {shape}/{mode} loss={} batch {}x{}: {:.0} tokens/s (median step {:.3}s over {} steps), peak RSS {} MiB, last CE {:.4}",
+            "bench {shape}/{mode} loss={} batch {}x{} {}: {:.0} tokens/s (median step {:.3}s over {} steps), peak RSS {} MiB, last CE {:.4}",
             a.loss,
             a.batch,
             a.seq,
+            a.precision,
             tps,
             median,
             a.steps,

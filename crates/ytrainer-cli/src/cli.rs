@@ -99,6 +99,9 @@ pub struct RunArgs {
     /// Seed for shuffling and initialisation [train.seed].
     #[arg(long)]
     pub seed: Option<u64>,
+    /// `f32` (default) or `bf16`: float type of weights, gradients and optimizer state [train.precision].
+    #[arg(long)]
+    pub precision: Option<String>,
     /// Supervised tokens per optimizer step [train.tokens_per_step].
     #[arg(long)]
     pub tokens_per_step: Option<usize>,
@@ -283,6 +286,9 @@ pub struct BenchArgs {
     /// `cpu` or `cuda[:N]`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// `f32` or `bf16` (every tensor of the model, its gradients and AdamW state).
+    #[arg(long, default_value = "f32")]
+    pub precision: ytrainer_core::device::Precision,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,

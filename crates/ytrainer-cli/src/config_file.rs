@@ -74,6 +74,7 @@ pub const KEYS: &[(&str, &[&str])] = &[
             "seed",
             "shuffle",
             "device",
+            "precision",
         ],
     ),
     ("eval", &["every_steps", "max_samples"]),
@@ -246,6 +247,9 @@ pub fn resolve(args: &RunArgs) -> Result<RunConfig> {
     }
     if let Some(v) = args.seed {
         set("train.seed", Value::Integer(v as i64))?;
+    }
+    if let Some(v) = &args.precision {
+        set("train.precision", Value::String(v.clone()))?;
     }
     if let Some(v) = args.tokens_per_step {
         set("train.tokens_per_step", Value::Integer(v as i64))?;
@@ -449,7 +453,7 @@ mod tests {
             "[model]\npreset = \"tiny\"\n[data]\ntrain = \"x.jsonl\"\n[train]\nlerning_rate = 1e-3\n",
         );
         let e = resolve(&a).unwrap_err().to_string();
-        assert!(e.ends_with(":6: unknown key `lerning_rate` in [train] (did you mean `learning_rate`?); valid keys in [train]: mode, token_batch, epochs, max_steps, learning_rate, lr_scheduler, warmup_steps, warmup_ratio, min_lr_ratio, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm, tokens_per_step, micro_batch_tokens, max_micro_batch_size, seed, shuffle, device"), "{e}");
+        assert!(e.ends_with(":6: unknown key `lerning_rate` in [train] (did you mean `learning_rate`?); valid keys in [train]: mode, token_batch, epochs, max_steps, learning_rate, lr_scheduler, warmup_steps, warmup_ratio, min_lr_ratio, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm, tokens_per_step, micro_batch_tokens, max_micro_batch_size, seed, shuffle, device, precision"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use ytrainer_core::config::{AdapterKind, RunConfig};
+use ytrainer_core::device::Precision;
 use ytrainer_core::loss::{PairwiseObjective, Params};
 use ytrainer_core::model::CausalLm;
 use ytrainer_core::preference::{
@@ -108,6 +109,15 @@ pub fn run(
         println!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
+    if cfg.train.precision != Precision::F32 {
+        bail!(
+            "[train] precision = \"{}\" is not supported for preference training (`--loss {}`): its objectives \
+             compare sums of per-token log-probabilities over whole answers, which bf16 cannot hold (its spacing \
+             is 2.0 at -400); use precision f32",
+            cfg.train.precision,
+            cfg.loss.name
+        );
+    }
     if cfg.model.path.is_none() {
         bail!(
             "preference training (`--loss {}`) needs a pretrained model: pass `--model DIR` (a Hugging Face model directory)",
@@ -166,7 +176,8 @@ pub fn run(
     }
 
     let device =
-        ytrainer_core::device::select(&cfg.train.device, cfg.train.seed).map_err(|e| anyhow!(e))?;
+        ytrainer_core::device::select_with(&cfg.train.device, cfg.train.seed, cfg.train.precision)
+            .map_err(|e| anyhow!(e))?;
     let adapter = adapter_spec(&cfg);
     let (mut model, _) = load_pretrained(&model_dir, &adapter, &device)?;
     if let Some(init) = &cfg.adapter.init_from {
@@ -237,7 +248,7 @@ pub fn run(
     };
     write_resolved_config(&cfg, &out)?;
     eprintln!(
-        "preference training {} with `{}` ({}) on {} pairs from {}",
+        "preference training {} with `{}` ({}) on {} pairs from {}, on {} in precision {}",
         model_dir.display(),
         cfg.loss.name,
         params
@@ -247,7 +258,9 @@ pub fn run(
             .collect::<Vec<_>>()
             .join(", "),
         pairs.len(),
-        train_file.display()
+        train_file.display(),
+        cfg.train.device,
+        cfg.train.precision
     );
     let mut bar = Bar::new();
     let (model, summary) = train_pairs(model, &setup, &mut bar)?;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use ytrainer_core::config::{AdapterKind, Overlong, RunConfig, TrainMode, TrainOn, TrainingType};
+use ytrainer_core::device::Precision;
 use ytrainer_core::loss::LossFn;
 use ytrainer_core::model::CausalLm;
 use ytrainer_core::trainer::{self, TrainSetup};
@@ -49,7 +50,14 @@ fn tiny_config(vocab_size: usize, eos: u32, pad: u32) -> Result<HfConfig> {
 
 /// Creates a self-made model directory: a byte-level BPE trained on `data`, our ChatML template, and a
 /// randomly initialised decoder; deterministic in `seed` and the data.
-pub fn create_preset(preset: &str, data: &Path, seed: u64, out: &Path) -> Result<()> {
+/// `precision` must be the run's: the CPU device's float type is fixed by the first tensor made on it.
+pub fn create_preset(
+    preset: &str,
+    data: &Path,
+    seed: u64,
+    out: &Path,
+    precision: Precision,
+) -> Result<()> {
     if preset != "tiny" {
         bail!("unknown preset `{preset}`; the only preset is `tiny`");
     }
@@ -79,7 +87,8 @@ pub fn create_preset(preset: &str, data: &Path, seed: u64, out: &Path) -> Result
         serde_json::to_string_pretty(&tc)?,
     )?;
     let config = tiny_config(tok.vocab_size(), eos, pad)?;
-    let device = ytrainer_core::device::select("cpu", seed).map_err(|e| anyhow!(e))?;
+    let device =
+        ytrainer_core::device::select_with("cpu", seed, precision).map_err(|e| anyhow!(e))?;
     let model = init_random(&config, seed, &AdapterSpec::Full, &device)?;
     ytrainer_models::save_hf_checkpoint(&model, &config, out)?;
     Ok(())
@@ -98,7 +107,7 @@ fn record_text(r: &Record) -> String {
 
 /// `ytrainer init`
 pub fn init_preset(a: InitArgs) -> Result<()> {
-    create_preset(&a.preset, &a.data, a.seed, &a.out)?;
+    create_preset(&a.preset, &a.data, a.seed, &a.out, Precision::F32)?;
     println!("wrote {} model to {}", a.preset, a.out.display());
     Ok(())
 }
@@ -169,7 +178,13 @@ pub(crate) fn resolve_model_dir(cfg: &RunConfig, out: &Path, train_file: &Path) 
                     d.display(),
                     train_file.display()
                 );
-                create_preset(preset, train_file, cfg.model.seed, &d)?;
+                // Made on the CPU, in the run's precision when the run trains there too.
+                let precision = if cfg.train.device == "cpu" {
+                    cfg.train.precision
+                } else {
+                    Precision::F32
+                };
+                create_preset(preset, train_file, cfg.model.seed, &d, precision)?;
             }
             d
         }
@@ -314,7 +329,8 @@ pub fn run(args: RunArgs) -> Result<()> {
 
     // Model.
     let device =
-        ytrainer_core::device::select(&cfg.train.device, cfg.train.seed).map_err(|e| anyhow!(e))?;
+        ytrainer_core::device::select_with(&cfg.train.device, cfg.train.seed, cfg.train.precision)
+            .map_err(|e| anyhow!(e))?;
     let adapter = adapter_spec(&cfg);
     let (mut model, _hf) = load_pretrained(&model_dir, &adapter, &device)?;
     if let Some(init) = &cfg.adapter.init_from {
@@ -394,13 +410,15 @@ pub fn run(args: RunArgs) -> Result<()> {
         .collect();
     loss_desc.push(format!("normalize={}", normalize.as_str()));
     eprintln!(
-        "training {} with loss `{}` ({}) on {} examples ({} supervised tokens) from {}",
+        "training {} with loss `{}` ({}) on {} examples ({} supervised tokens) from {}, on {} in precision {}",
         model_dir.display(),
         cfg.loss.name,
         loss_desc.join(", "),
         s.examples,
         s.supervised_tokens,
-        train_file.display()
+        train_file.display(),
+        cfg.train.device,
+        cfg.train.precision
     );
     let mut bar = Bar::new();
     let (model, summary) = trainer::train(model, &setup, &mut bar)?;

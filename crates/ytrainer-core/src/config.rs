@@ -282,6 +282,8 @@ pub struct TrainSection {
     pub shuffle: bool,
     /// `cpu` or `cuda[:N]`.
     pub device: String,
+    /// Float type of weights, activations, gradients and optimizer state.
+    pub precision: crate::device::Precision,
 }
 
 /// Step modes.
@@ -317,6 +319,7 @@ impl Default for TrainSection {
             seed: 42,
             shuffle: true,
             device: "cpu".to_string(),
+            precision: crate::device::Precision::F32,
         }
     }
 }

@@ -1,9 +1,65 @@
 //! Device selection: the only place that knows which backends this binary was built with.
 
 use burn::prelude::*;
+use burn::tensor::FloatDType;
+use serde::{Deserialize, Serialize};
 
-/// Parses `cpu`, `cuda` or `cuda:N` into a Burn device with autodiff enabled and the seed applied.
+/// The float type every tensor of a run is created in.
+///
+/// `bf16` is "pure bf16" (LLaMA-Factory's `pure_bf16`): weights, activations, gradients and AdamW moments are all
+/// bf16, halving their memory. Only the LM head's softmax / cross-entropy is computed in f32 (on the CPU backend),
+/// so losses and their gradients keep full precision. Updates smaller than bf16's resolution (about 0.4% of a
+/// weight) are lost, which matters for full fine-tuning with a small learning rate more than for LoRA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    fn float_dtype(self) -> FloatDType {
+        match self {
+            Precision::F32 => FloatDType::F32,
+            Precision::Bf16 => FloatDType::BF16,
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "float32" | "fp32" => Ok(Precision::F32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            other => Err(format!("unknown precision `{other}`: expected f32 or bf16")),
+        }
+    }
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N` into a Burn device with autodiff enabled and the seed applied (f32).
 pub fn select(spec: &str, seed: u64) -> Result<Device, String> {
+    select_with(spec, seed, Precision::F32)
+}
+
+/// [`select`] with the float type of every tensor created on the device. Burn fixes a device's default float
+/// type when its first tensor is created, process-wide, so the first selection decides; selecting the same
+/// device again with another precision is an error rather than a silent mix.
+pub fn select_with(spec: &str, seed: u64, precision: Precision) -> Result<Device, String> {
     let spec = spec.trim();
     let device = if spec == "cpu" {
         Device::flex()
@@ -22,6 +78,17 @@ pub fn select(spec: &str, seed: u64) -> Result<Device, String> {
             "invalid device `{spec}`: expected `cpu`, `cuda` or `cuda:N`"
         ));
     };
+    let mut device = device;
+    let want = precision.float_dtype();
+    if device.configure(want).is_err() {
+        let have = device.settings().float_dtype;
+        if have != want {
+            return Err(format!(
+                "device `{spec}` already holds {have:?} tensors in this process and cannot switch to {precision}; \
+                 run with one precision per process"
+            ));
+        }
+    }
     device.seed(seed);
     Ok(device.autodiff())
 }

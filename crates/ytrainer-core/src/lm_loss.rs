@@ -7,8 +7,8 @@
 //! head's gradient by hand. Rows are processed in chunks so no more than `chunk x vocab` floats are live.
 
 use burn::prelude::*;
-use burn::tensor::IndexingUpdateOp;
 use burn::tensor::activation::log_softmax;
+use burn::tensor::{DType, IndexingUpdateOp};
 
 use crate::cpu::RowStats;
 
@@ -51,7 +51,10 @@ fn host_i64(t: Tensor<1, Int>) -> Vec<i64> {
 /// argmax and later the gradient come from one vectorised pass each instead of a chain of tensor ops
 /// (see [`crate::cpu`]).
 pub struct HostLogits {
+    /// Always f32, whatever the model's precision: the softmax and CE are where bf16 loses the most.
     logits: burn_flex::FlexTensor,
+    /// The dtype of the logits handed in, which the gradient and log-probabilities are given back in.
+    dtype: DType,
     vocab: usize,
     targets: Vec<usize>,
     /// Per-row statistics (CE, log-sum-exp, argmax, entropy when asked for).
@@ -59,8 +62,8 @@ pub struct HostLogits {
 }
 
 impl HostLogits {
-    /// Takes `logits` when they live on the CPU backend as contiguous f32; gives them back otherwise (another
-    /// backend or dtype keeps the tensor path).
+    /// Takes `logits` when they live on the CPU backend (bf16 / f16 logits are widened to f32 first); gives them
+    /// back otherwise (another backend keeps the tensor path).
     // Handing the tensor back (once per micro-batch) is the point of the error variant; boxing it buys nothing.
     #[allow(clippy::result_large_err)]
     pub fn try_new(
@@ -69,9 +72,20 @@ impl HostLogits {
         with_entropy: bool,
     ) -> Result<Self, Tensor<2>> {
         let [n, vocab] = logits.dims();
-        let Ok(flex) = logits.clone().try_into_primitive::<burn_flex::Flex>() else {
+        let dtype = logits.dtype();
+        let Ok(mut flex) = logits.clone().try_into_primitive::<burn_flex::Flex>() else {
             return Err(logits);
         };
+        if dtype != DType::F32 {
+            match logits
+                .clone()
+                .cast(DType::F32)
+                .try_into_primitive::<burn_flex::Flex>()
+            {
+                Ok(wide) => flex = wide,
+                Err(_) => return Err(logits),
+            }
+        }
         let stats = match flex.as_slice::<f32>() {
             Some(slice) if n == targets.len() && targets.iter().all(|&t| t < vocab) => {
                 crate::cpu::row_stats(slice, vocab, targets, with_entropy)
@@ -81,6 +95,7 @@ impl HostLogits {
         drop(logits);
         Ok(Self {
             logits: flex,
+            dtype,
             vocab,
             targets: targets.to_vec(),
             stats,
@@ -101,8 +116,8 @@ impl HostLogits {
         let n = self.targets.len();
         let logits = Tensor::<2>::from_primitive::<burn_flex::Flex>(self.logits.clone());
         let lse: Vec<f32> = self.stats.iter().map(|s| s.lse).collect();
-        let lse = Tensor::<1>::from_data(TensorData::new(lse, [n]), &logits.device());
-        logits.sub(lse.reshape([n, 1]))
+        let lse = Tensor::<1>::from_data(TensorData::new(lse, [n]), (&logits.device(), DType::F32));
+        narrow(logits.sub(lse.reshape([n, 1])), self.dtype)
     }
 
     /// The gradient of `sum_i weights_i * CE_i` with respect to the logits, `(softmax - onehot) * w`, computed in
@@ -110,7 +125,19 @@ impl HostLogits {
     pub fn into_grad(mut self, weights: &[f32]) -> Tensor<2> {
         let buf = self.logits.storage_mut::<f32>();
         crate::cpu::softmax_ce_grad_inplace(buf, self.vocab, &self.targets, &self.stats, weights);
-        Tensor::from_primitive::<burn_flex::Flex>(self.logits)
+        narrow(
+            Tensor::from_primitive::<burn_flex::Flex>(self.logits),
+            self.dtype,
+        )
+    }
+}
+
+/// `t` (f32) back in `dtype`, the dtype the logits came in.
+fn narrow(t: Tensor<2>, dtype: DType) -> Tensor<2> {
+    if dtype == DType::F32 {
+        t
+    } else {
+        t.cast(dtype)
     }
 }
 
