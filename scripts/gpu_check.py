@@ -100,6 +100,9 @@ def bench_rows(out_dir, batch, seq, steps):
         ("ytrainer", "f32", "nlirg", [YT, "bench", "--device", "cuda", "--shape", "smollm2", "--mode", "lora", "--rank", "16",
                                        "--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--loss", "nlirg",
                                        "--format", "json"]),
+        ("ytrainer", "bf16", "ce", [YT, "bench", "--device", "cuda", "--shape", "smollm2", "--mode", "lora", "--rank", "16",
+                                     "--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--precision", "bf16",
+                                     "--format", "json"]),
     ]
     for dtype in ("f32", "bf16"):
         cmds.append(("pytorch", dtype, "ce", [sys.executable, os.path.join(ROOT, "benches", "torch_baseline.py"),
