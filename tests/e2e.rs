@@ -402,6 +402,22 @@ fn bf16_precision_trains_in_bf16_and_resumes_exactly() {
         "eval loss after: bf16 {a16}, f32 {a32}"
     );
 
+    // The tensor path of the head (what CUDA runs; `YTRAINER_FUSED=0` forces it on the CPU) also computes the
+    // softmax and CE in f32 and hands bf16 gradients back: it trains like the CPU's host head.
+    let t = d.path().join("tensor-path");
+    let o = Command::new(bin())
+        .args(args(&t, "bf16"))
+        .env("YTRAINER_FUSED", "0")
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let at = loss(&t, "eval_after");
+    assert!(
+        (at - a16).abs() < 0.01,
+        "eval loss after: tensor path {at}, host head {a16}"
+    );
+
     // Resume from the step-4 checkpoint in another directory: steps 5..8 equal the uninterrupted run's.
     let b = d.path().join("b");
     let mut resume = args(&b, "bf16");

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 /// The float type every tensor of a run is created in.
 ///
 /// `bf16` is "pure bf16" (LLaMA-Factory's `pure_bf16`): weights, activations, gradients and AdamW moments are all
-/// bf16, halving their memory. Only the LM head's softmax / cross-entropy is computed in f32 (on the CPU backend),
+/// bf16, halving their memory. Only the LM head's softmax / cross-entropy is computed in f32 (on every backend),
 /// so losses and their gradients keep full precision. Updates smaller than bf16's resolution (about 0.4% of a
 /// weight) are lost, which matters for full fine-tuning with a small learning rate more than for LoRA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -73,6 +73,9 @@ impl HostLogits {
     ) -> Result<Self, Tensor<2>> {
         let [n, vocab] = logits.dims();
         let dtype = logits.dtype();
+        if !host_head_enabled() {
+            return Err(logits);
+        }
         let Ok(mut flex) = logits.clone().try_into_primitive::<burn_flex::Flex>() else {
             return Err(logits);
         };
@@ -132,13 +135,22 @@ impl HostLogits {
     }
 }
 
-/// `t` (f32) back in `dtype`, the dtype the logits came in.
-fn narrow(t: Tensor<2>, dtype: DType) -> Tensor<2> {
-    if dtype == DType::F32 {
-        t
-    } else {
-        t.cast(dtype)
-    }
+/// Whether the host head may be used: `YTRAINER_FUSED=0` switches it off with the other fused CPU ops, so the
+/// tensor path can be measured and tested on the CPU.
+fn host_head_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("YTRAINER_FUSED").as_deref() != Ok("0"))
+}
+
+/// `t` in `dtype` (a no-op when it already is): f32 head results go back to the model's float type.
+pub fn narrow<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
+    if t.dtype() == dtype { t } else { t.cast(dtype) }
+}
+
+/// `t` in f32: softmax, log-sum-exp and cross-entropy lose too much in bf16 (a bf16 log-probability near -10 is
+/// off by up to 0.03), so the head's statistics are computed in f32 whatever the model's precision.
+pub fn widen<const D: usize>(t: Tensor<D>) -> Tensor<D> {
+    narrow(t, DType::F32)
 }
 
 /// `(softmax - onehot) * w` from log-probabilities `lp` `[N, vocab]` (the tensor path of [`HostLogits::into_grad`]).
@@ -205,7 +217,7 @@ pub fn head_forward(
             }
             Err(z) => {
                 let m = end - start;
-                let logp = log_softmax(z, 1);
+                let logp = log_softmax(widen(z), 1);
                 let ids: Vec<i64> = target_ids[start..end].iter().map(|&t| t as i64).collect();
                 let t = Tensor::<2, Int>::from_data(TensorData::new(ids, [m, 1]), &h.device());
                 out.ce.extend(crate::loss::tensor_to_vec(
