@@ -40,6 +40,26 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// `len` bytes from the start and from the middle of each text corpus (lossily cut to UTF-8), with its path.
+fn corpus_chunks(len: usize) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(assets().join("corpora")).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_none_or(|e| e != "txt") {
+            continue;
+        }
+        let text = std::fs::read(&p).unwrap();
+        for start in [0, text.len() / 2] {
+            let end = (start + len).min(text.len());
+            out.push((
+                p.clone(),
+                String::from_utf8_lossy(&text[start..end]).to_string(),
+            ));
+        }
+    }
+    out
+}
+
 /// Convert the GGUF, check the files, and that its tokenizer equals the shipped transformers one on the corpora.
 #[test]
 fn gguf_convert_writes_hf_dir_and_identical_tokenizer() {
@@ -65,42 +85,32 @@ fn gguf_convert_writes_hf_dir_and_identical_tokenizer() {
 
     let ours = TokenizerWrapper::from_file(&out.join("tokenizer.json")).unwrap();
     let theirs = TokenizerWrapper::from_file(&smollm().join("tokenizer.json")).unwrap();
-    let corpora = assets().join("corpora");
     let mut checked = 0usize;
-    for entry in std::fs::read_dir(&corpora).unwrap() {
-        let p = entry.unwrap().path();
-        if p.extension().is_none_or(|e| e != "txt") {
-            continue;
-        }
-        let text = std::fs::read(&p).unwrap();
-        // 64 KB from the start and the middle of each corpus (cut at a character boundary).
-        for start in [0, text.len() / 2] {
-            let chunk =
-                String::from_utf8_lossy(&text[start..(start + 65_536).min(text.len())]).to_string();
-            let a = ours.encode(&chunk).unwrap();
-            let b = theirs.encode(&chunk).unwrap();
-            if a != b {
-                let i = a
-                    .iter()
-                    .zip(&b)
-                    .position(|(x, y)| x != y)
-                    .unwrap_or(a.len().min(b.len()));
-                let lo = i.saturating_sub(5);
-                panic!(
-                    "tokenization differs on {} at token {i}: ours {:?} {:?}, shipped {:?} {:?}",
-                    p.display(),
-                    &a[lo..(i + 5).min(a.len())],
-                    ours.decode(&a[lo..(i + 5).min(a.len())], false).unwrap(),
-                    &b[lo..(i + 5).min(b.len())],
-                    theirs.decode(&b[lo..(i + 5).min(b.len())], false).unwrap()
-                );
-            }
-            assert_eq!(
-                ours.decode(&a, false).unwrap(),
-                theirs.decode(&b, false).unwrap()
+    // 64 KB from the start and the middle of each corpus.
+    for (p, chunk) in corpus_chunks(65_536) {
+        let a = ours.encode(&chunk).unwrap();
+        let b = theirs.encode(&chunk).unwrap();
+        if a != b {
+            let i = a
+                .iter()
+                .zip(&b)
+                .position(|(x, y)| x != y)
+                .unwrap_or(a.len().min(b.len()));
+            let lo = i.saturating_sub(5);
+            panic!(
+                "tokenization differs on {} at token {i}: ours {:?} {:?}, shipped {:?} {:?}",
+                p.display(),
+                &a[lo..(i + 5).min(a.len())],
+                ours.decode(&a[lo..(i + 5).min(a.len())], false).unwrap(),
+                &b[lo..(i + 5).min(b.len())],
+                theirs.decode(&b[lo..(i + 5).min(b.len())], false).unwrap()
             );
-            checked += a.len();
         }
+        assert_eq!(
+            ours.decode(&a, false).unwrap(),
+            theirs.decode(&b, false).unwrap()
+        );
+        checked += a.len();
     }
     let special = "<|im_start|>user\nHi 2024! ünïcödé 你好<|im_end|>\n";
     assert_eq!(
@@ -701,23 +711,14 @@ fn gguf_sentencepiece_vocabulary_rebuilds_the_llama_tokenizer() {
     }
     // The corpora: 16 KB from the start and the middle of each.
     let mut checked = 0usize;
-    for entry in std::fs::read_dir(assets().join("corpora")).unwrap() {
-        let p = entry.unwrap().path();
-        if p.extension().is_none_or(|e| e != "txt") {
-            continue;
-        }
-        let text = std::fs::read(&p).unwrap();
-        for start in [0, text.len() / 2] {
-            let chunk =
-                String::from_utf8_lossy(&text[start..(start + 16_384).min(text.len())]).to_string();
-            let a = ours.encode(&chunk).unwrap();
-            assert_eq!(a, theirs.encode(&chunk).unwrap(), "{}", p.display());
-            assert_eq!(
-                ours.decode(&a, false).unwrap(),
-                theirs.decode(&a, false).unwrap()
-            );
-            checked += a.len();
-        }
+    for (p, chunk) in corpus_chunks(16_384) {
+        let a = ours.encode(&chunk).unwrap();
+        assert_eq!(a, theirs.encode(&chunk).unwrap(), "{}", p.display());
+        assert_eq!(
+            ours.decode(&a, false).unwrap(),
+            theirs.decode(&a, false).unwrap()
+        );
+        checked += a.len();
     }
     assert!(checked > 20_000, "only {checked} tokens compared");
     let special = "<s> Hi 2024! ünïcödé 你好 🦙</s>";
