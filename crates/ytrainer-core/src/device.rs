@@ -51,15 +51,20 @@ impl std::str::FromStr for Precision {
     }
 }
 
-/// Parses `cpu`, `cuda` or `cuda:N` into a Burn device with autodiff enabled and the seed applied (f32).
+/// Parses `cpu`, `cuda` or `cuda:N` into a Burn device with autodiff enabled and the seed applied: f32, unless
+/// this process already chose the device's precision (`ytrainer sweep` evaluates a bf16 trial in bf16).
 pub fn select(spec: &str, seed: u64) -> Result<Device, String> {
-    select_with(spec, seed, Precision::F32)
+    open(spec, seed, None)
 }
 
 /// [`select`] with the float type of every tensor created on the device. Burn fixes a device's default float
 /// type when its first tensor is created, process-wide, so the first selection decides; selecting the same
 /// device again with another precision is an error rather than a silent mix.
 pub fn select_with(spec: &str, seed: u64, precision: Precision) -> Result<Device, String> {
+    open(spec, seed, Some(precision))
+}
+
+fn open(spec: &str, seed: u64, precision: Option<Precision>) -> Result<Device, String> {
     let spec = spec.trim();
     let device = if spec == "cpu" {
         Device::flex()
@@ -79,8 +84,10 @@ pub fn select_with(spec: &str, seed: u64, precision: Precision) -> Result<Device
         ));
     };
     let mut device = device;
-    let want = precision.float_dtype();
-    if device.configure(want).is_err() {
+    let want = precision.unwrap_or_default().float_dtype();
+    if device.configure(want).is_err()
+        && let Some(precision) = precision
+    {
         let have = device.settings().float_dtype;
         if have != want {
             return Err(format!(
