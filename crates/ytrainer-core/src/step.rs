@@ -132,7 +132,11 @@ pub fn to_device(mb: &MicroBatch, device: &Device) -> DeviceBatch {
 
 /// Per-target log-probabilities `[N, V]` of a batch (with gradient when the model has it).
 pub fn target_log_probs<M: CausalLm>(model: &M, batch: &DeviceBatch) -> Tensor<2> {
-    log_softmax(model.lm_head(target_hidden(model, batch)), 1)
+    // In f32 whatever the model's precision (see `lm_loss::widen`).
+    log_softmax(
+        crate::lm_loss::widen(model.lm_head(target_hidden(model, batch))),
+        1,
+    )
 }
 
 /// Final hidden states of the rows that predict the batch's targets, `[N, hidden]`, in target order (with the
@@ -226,6 +230,8 @@ pub fn train_micro_batch<M: CausalLm>(
     let t_start = std::time::Instant::now();
     let mut t_head = t_start;
     let needs = plugin.needs();
+    // The float type of the model's tensors (and of every tensor made from host values on this device).
+    let model_dtype: burn::tensor::DType = device.settings().float_dtype.into();
     let (graph, head_out) = match model.lm_head_weight() {
         Some(head) => {
             let rows = target_hidden(model, &batch);
@@ -252,8 +258,7 @@ pub fn train_micro_batch<M: CausalLm>(
             let log_probs = target_log_probs(model, &batch);
             let lp = log_probs.clone().detach().inner();
             let ce = token_ce(log_probs, batch.targets.clone());
-            let dtype = lp.dtype();
-            (Graph::Autodiff { ce }, HeadOut::Tensor(lp, dtype))
+            (Graph::Autodiff { ce }, HeadOut::Tensor(lp, model_dtype))
         }
     };
     // CE, entropy and argmax from the host statistics when the logits are on the CPU, else from log-probs.
@@ -293,7 +298,7 @@ pub fn train_micro_batch<M: CausalLm>(
         let r = model
             .adapters_disabled(|m| {
                 let lp = target_log_probs(m, &batch).detach().inner();
-                token_ce(lp, batch.targets.clone().inner())
+                crate::lm_loss::narrow(token_ce(lp, batch.targets.clone().inner()), model_dtype)
             })
             .ok_or(StepError::NoReference)?;
         Some(r)
@@ -361,7 +366,7 @@ pub fn train_micro_batch<M: CausalLm>(
     let t_back = std::time::Instant::now();
     match graph {
         Graph::Autodiff { ce } => {
-            let loss = ce.mul(Tensor::from_inner(w)).sum();
+            let loss = ce.mul(Tensor::from_inner(crate::lm_loss::widen(w))).sum();
             let mut grads = loss.backward();
             acc.accumulate(model, &mut grads);
         }
