@@ -560,16 +560,16 @@ fn bad_input_gives_clear_errors() {
     );
 }
 
-/// A metadata-only GGUF v3 file (no tensors) from `(key, value)` pairs: strings, string arrays, f32 arrays,
-/// i32 arrays, u32 and bool values.
-fn metadata_gguf(kv: &[(&str, Value)]) -> Vec<u8> {
+/// A GGUF v3 file from `(key, value)` metadata (strings, string arrays, f32 arrays, i32 arrays, u32, f32 and
+/// bool values) and F32 tensors `(name, row-major shape, values)`, laid out as llama.cpp writes them.
+fn gguf_file(kv: &[(&str, Value)], tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
     fn put_str(o: &mut Vec<u8>, s: &str) {
         o.extend((s.len() as u64).to_le_bytes());
         o.extend(s.as_bytes());
     }
     let mut o = b"GGUF".to_vec();
     o.extend(3u32.to_le_bytes());
-    o.extend(0u64.to_le_bytes());
+    o.extend((tensors.len() as u64).to_le_bytes());
     o.extend((kv.len() as u64).to_le_bytes());
     for (k, v) in kv {
         put_str(&mut o, k);
@@ -582,9 +582,13 @@ fn metadata_gguf(kv: &[(&str, Value)]) -> Vec<u8> {
                 o.extend(7u32.to_le_bytes());
                 o.push(*b as u8);
             }
-            Value::Number(n) => {
+            Value::Number(n) if n.is_u64() => {
                 o.extend(4u32.to_le_bytes());
                 o.extend((n.as_u64().unwrap() as u32).to_le_bytes());
+            }
+            Value::Number(n) => {
+                o.extend(6u32.to_le_bytes());
+                o.extend((n.as_f64().unwrap() as f32).to_le_bytes());
             }
             Value::Object(a) => {
                 // {"f32": [...]}, {"i32": [...]} or {"str": [...]}
@@ -609,15 +613,31 @@ fn metadata_gguf(kv: &[(&str, Value)]) -> Vec<u8> {
             _ => unreachable!(),
         }
     }
+    let mut offset = 0u64;
+    for (name, shape, values) in tensors {
+        put_str(&mut o, name);
+        o.extend((shape.len() as u32).to_le_bytes());
+        for &d in shape.iter().rev() {
+            o.extend((d as u64).to_le_bytes());
+        }
+        o.extend(0u32.to_le_bytes()); // F32
+        o.extend(offset.to_le_bytes());
+        offset += (4 * values.len() as u64).div_ceil(32) * 32;
+    }
+    let pad = |o: &mut Vec<u8>| o.resize(o.len().div_ceil(32) * 32, 0);
+    pad(&mut o);
+    for (_, _, values) in tensors {
+        o.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        pad(&mut o);
+    }
     o
 }
 
-/// The SentencePiece path: a `tokenizer.ggml.model = llama` vocabulary (pieces, scores, token types, as
-/// llama.cpp's converter writes them for Llama 2) rebuilds into a tokenizer whose merges equal transformers'
-/// Llama tokenizer.json, that passes llama.cpp's llama-spm test vectors and tokenizes and decodes the corpora
-/// like the shipped tokenizer.json.
-#[test]
-fn gguf_sentencepiece_vocabulary_rebuilds_the_llama_tokenizer() {
+/// The shipped Llama tokenizer (`tokenizers/llama-spm/tokenizer.json`) as llama.cpp's converter stores it in a
+/// GGUF: pieces, SentencePiece-style scores (minus the order a piece was learnt in: the rank of the first merge
+/// that makes it; control, unknown and byte pieces 0; single characters last; Llama's hand-added runs of `▁` all
+/// -1e9) and token types. Also returns the tokenizer.json.
+fn llama_spm_metadata() -> (Vec<(&'static str, Value)>, Value) {
     let dir = assets().join("tokenizers/llama-spm");
     let tj: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
@@ -627,17 +647,10 @@ fn gguf_sentencepiece_vocabulary_rebuilds_the_llama_tokenizer() {
     for (t, id) in vocab {
         tokens[id.as_u64().unwrap() as usize] = t.clone();
     }
-    let merges: Vec<(String, String)> = tj["model"]["merges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| (m[0].as_str().unwrap().into(), m[1].as_str().unwrap().into()))
-        .collect();
-    // SentencePiece scores a BPE piece by the order it was learnt in: minus the rank of the first merge that
-    // makes it. Control, unknown and byte pieces score 0; single characters come last; Llama's runs of `▁`
-    // (added by hand to its vocabulary) all score -1e9.
+    let merges = tj["model"]["merges"].as_array().unwrap();
     let mut rank = std::collections::HashMap::new();
-    for (i, (l, r)) in merges.iter().enumerate() {
+    for (i, m) in merges.iter().enumerate() {
+        let (l, r) = (m[0].as_str().unwrap(), m[1].as_str().unwrap());
         rank.entry(format!("{l}{r}")).or_insert(i);
     }
     let ty = |id: usize, t: &str| -> i64 {
@@ -659,22 +672,30 @@ fn gguf_sentencepiece_vocabulary_rebuilds_the_llama_tokenizer() {
         })
         .collect();
     let types: Vec<i64> = tokens.iter().enumerate().map(|(i, t)| ty(i, t)).collect();
+    let meta = vec![
+        ("tokenizer.ggml.model", json!("llama")),
+        ("tokenizer.ggml.tokens", json!({ "str": tokens })),
+        ("tokenizer.ggml.scores", json!({ "f32": scores })),
+        ("tokenizer.ggml.token_type", json!({ "i32": types })),
+        ("tokenizer.ggml.bos_token_id", json!(1)),
+        ("tokenizer.ggml.eos_token_id", json!(2)),
+        ("tokenizer.ggml.unknown_token_id", json!(0)),
+    ];
+    (meta, tj)
+}
+
+/// The SentencePiece path: a `tokenizer.ggml.model = llama` vocabulary (pieces, scores, token types, as
+/// llama.cpp's converter writes them for Llama 2) rebuilds into a tokenizer whose merges equal transformers'
+/// Llama tokenizer.json, that passes llama.cpp's llama-spm test vectors and tokenizes and decodes the corpora
+/// like the shipped tokenizer.json.
+#[test]
+fn gguf_sentencepiece_vocabulary_rebuilds_the_llama_tokenizer() {
+    let dir = assets().join("tokenizers/llama-spm");
+    let (mut meta, tj) = llama_spm_metadata();
+    meta.insert(0, ("general.architecture", json!("llama")));
     let tmp = TempDir::new("spm-gguf");
     let path = tmp.path().join("vocab.gguf");
-    std::fs::write(
-        &path,
-        metadata_gguf(&[
-            ("general.architecture", json!("llama")),
-            ("tokenizer.ggml.model", json!("llama")),
-            ("tokenizer.ggml.tokens", json!({ "str": tokens })),
-            ("tokenizer.ggml.scores", json!({ "f32": scores })),
-            ("tokenizer.ggml.token_type", json!({ "i32": types })),
-            ("tokenizer.ggml.bos_token_id", json!(1)),
-            ("tokenizer.ggml.eos_token_id", json!(2)),
-            ("tokenizer.ggml.unknown_token_id", json!(0)),
-        ]),
-    )
-    .unwrap();
+    std::fs::write(&path, gguf_file(&meta, &[])).unwrap();
     let gguf = ytrainer_models::gguf::GgufFile::open(&path).unwrap();
     let rebuilt = ytrainer_models::gguf::gguf_tokenizer(&gguf).unwrap();
     assert_eq!(rebuilt.bos_token.as_deref(), Some("<s>"));
@@ -726,4 +747,132 @@ fn gguf_sentencepiece_vocabulary_rebuilds_the_llama_tokenizer() {
         ours.encode(special).unwrap(),
         theirs.encode(special).unwrap()
     );
+}
+
+/// A SentencePiece model end to end: a tiny random Llama in a GGUF with the Llama tokenizer's vocabulary is
+/// converted (tokenizer.json rebuilt, no warning) and scored directly; both score exactly like the converted
+/// weights with the shipped `tokenizer.json` in place of the rebuilt one.
+#[test]
+fn sentencepiece_gguf_converts_and_scores_like_the_shipped_tokenizer() {
+    let (mut meta, _) = llama_spm_metadata();
+    let (vocab, h, inter) = (32000usize, 16usize, 32usize);
+    meta.extend([
+        ("general.architecture", json!("llama")),
+        ("llama.embedding_length", json!(h)),
+        ("llama.feed_forward_length", json!(inter)),
+        ("llama.block_count", json!(1)),
+        ("llama.attention.head_count", json!(2)),
+        ("llama.attention.head_count_kv", json!(1)),
+        ("llama.attention.layer_norm_rms_epsilon", json!(1e-5)),
+        ("llama.rope.freq_base", json!(10000.0)),
+        ("llama.context_length", json!(256)),
+        ("llama.vocab_size", json!(vocab)),
+    ]);
+    // Small deterministic weights (a linear congruential sequence in [-0.5, 0.5) * scale).
+    let mut state = 12345u64;
+    let mut values = |n: usize, scale: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+            })
+            .collect()
+    };
+    let kv = h / 2;
+    let tensors: Vec<(&str, Vec<usize>, Vec<f32>)> = vec![
+        ("token_embd.weight", vec![vocab, h], values(vocab * h, 2.0)),
+        ("blk.0.attn_norm.weight", vec![h], vec![1.0; h]),
+        ("blk.0.attn_q.weight", vec![h, h], values(h * h, 0.5)),
+        ("blk.0.attn_k.weight", vec![kv, h], values(kv * h, 0.5)),
+        ("blk.0.attn_v.weight", vec![kv, h], values(kv * h, 0.5)),
+        ("blk.0.attn_output.weight", vec![h, h], values(h * h, 0.5)),
+        ("blk.0.ffn_norm.weight", vec![h], vec![1.0; h]),
+        (
+            "blk.0.ffn_gate.weight",
+            vec![inter, h],
+            values(inter * h, 0.5),
+        ),
+        (
+            "blk.0.ffn_up.weight",
+            vec![inter, h],
+            values(inter * h, 0.5),
+        ),
+        (
+            "blk.0.ffn_down.weight",
+            vec![h, inter],
+            values(h * inter, 0.5),
+        ),
+        ("output_norm.weight", vec![h], vec![1.0; h]),
+    ];
+    let tmp = TempDir::new("spm-model");
+    let gguf = tmp.path().join("tiny-spm.gguf");
+    std::fs::write(&gguf, gguf_file(&meta, &tensors)).unwrap();
+
+    let hf = tmp.path().join("hf");
+    let o = ok(&["convert", "--from", &s(&gguf), "--to", &s(&hf)]);
+    assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
+    let tc: Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (tc["bos_token"].as_str(), tc["eos_token"].as_str()),
+        (Some("<s>"), Some("</s>"))
+    );
+    // The same weights with the shipped tokenizer.
+    let shipped = tmp.path().join("shipped");
+    std::fs::create_dir_all(&shipped).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer_config.json"] {
+        std::fs::copy(hf.join(f), shipped.join(f)).unwrap();
+    }
+    std::fs::copy(
+        assets().join("tokenizers/llama-spm/tokenizer.json"),
+        shipped.join("tokenizer.json"),
+    )
+    .unwrap();
+
+    let data = tmp.path().join("text.jsonl");
+    std::fs::write(
+        &data,
+        "{\"text\": \"The quick brown fox jumps over the lazy dog.\"}\n\
+         {\"text\": \"  Leading spaces, ünïcödé, 你好 and 🦙 byte fallback; tabs\\tand\\nnewlines.\"}\n",
+    )
+    .unwrap();
+    let score = |model: &Path, name: &str| -> Vec<Value> {
+        let out = tmp.path().join(name);
+        ok(&[
+            "score",
+            "--model",
+            &s(model),
+            "--data",
+            &s(&data),
+            "--out",
+            &s(&out),
+        ]);
+        jsonl(&out)
+    };
+    let (direct, converted, reference) = (
+        score(&gguf, "direct.jsonl"),
+        score(&hf, "converted.jsonl"),
+        score(&shipped, "shipped.jsonl"),
+    );
+    assert_eq!(reference.len(), 2);
+    assert!(reference[1]["tokens"].as_array().unwrap().len() > 20);
+    for got in [&direct, &converted] {
+        for (a, b) in got.iter().zip(&reference) {
+            let ids = |r: &Value| -> Vec<u64> {
+                r["tokens"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t["id"].as_u64().unwrap())
+                    .collect()
+            };
+            assert_eq!(ids(a), ids(b));
+            assert!(
+                (a["mean_loss"].as_f64().unwrap() - b["mean_loss"].as_f64().unwrap()).abs() < 1e-5
+            );
+        }
+    }
 }
