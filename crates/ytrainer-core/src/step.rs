@@ -247,10 +247,9 @@ pub fn train_micro_batch<M: CausalLm>(
             }
             let w = head.weight.clone().detach().inner();
             let z = crate::lm_loss::logits(rows.clone().detach().inner(), &w, head.layout);
-            let dtype = z.dtype();
             let out = match HostLogits::try_new(z, &batch.target_ids, needs.entropy) {
                 Ok(host) => HeadOut::Host(host),
-                Err(z) => HeadOut::Tensor(log_softmax(crate::lm_loss::widen(z), 1), dtype),
+                Err(z) => HeadOut::Tensor(log_softmax(crate::lm_loss::widen(z), 1)),
             };
             (Graph::Fused { rows, head, w }, out)
         }
@@ -258,7 +257,7 @@ pub fn train_micro_batch<M: CausalLm>(
             let log_probs = target_log_probs(model, &batch);
             let lp = log_probs.clone().detach().inner();
             let ce = token_ce(log_probs, batch.targets.clone());
-            (Graph::Autodiff { ce }, HeadOut::Tensor(lp, model_dtype))
+            (Graph::Autodiff { ce }, HeadOut::Tensor(lp))
         }
     };
     // CE, entropy and argmax from the host statistics when the logits are on the CPU, else from log-probs.
@@ -277,12 +276,12 @@ pub fn train_micro_batch<M: CausalLm>(
                 .count();
             (ce, entropy, correct)
         }
-        HeadOut::Tensor(lp, dtype) => {
+        HeadOut::Tensor(lp) => {
             let ce = tensor_to_vec(token_ce(lp.clone(), batch.targets.clone().inner()));
             // Back in the model's float type: the plugin combines it with tensors made in that type.
             let entropy = needs
                 .entropy
-                .then(|| crate::lm_loss::narrow(entropy(lp.clone()), *dtype));
+                .then(|| crate::lm_loss::narrow(entropy(lp.clone()), model_dtype));
             let pred = lp.clone().argmax(1).reshape([batch.n]);
             let correct = count_true(pred.equal(batch.targets.clone().inner()));
             (ce, entropy, correct)
@@ -290,8 +289,8 @@ pub fn train_micro_batch<M: CausalLm>(
     };
     let top_k_entropy = (needs.top_k_entropy > 0).then(|| match &head_out {
         HeadOut::Host(host) => top_k_entropy(host.log_probs(), needs.top_k_entropy),
-        HeadOut::Tensor(lp, dtype) => {
-            crate::lm_loss::narrow(top_k_entropy(lp.clone(), needs.top_k_entropy), *dtype)
+        HeadOut::Tensor(lp) => {
+            crate::lm_loss::narrow(top_k_entropy(lp.clone(), needs.top_k_entropy), model_dtype)
         }
     });
     let reference_loss = if needs.reference_loss {
@@ -377,13 +376,13 @@ pub fn train_micro_batch<M: CausalLm>(
         } => {
             let g = match head_out {
                 HeadOut::Host(host) => host.into_grad(&w_host),
-                HeadOut::Tensor(lp, dtype) => crate::lm_loss::narrow(
+                HeadOut::Tensor(lp) => crate::lm_loss::narrow(
                     crate::lm_loss::ce_grad_from_log_probs(
                         lp,
                         batch.targets.clone().inner(),
                         crate::lm_loss::widen(w),
                     ),
-                    dtype,
+                    model_dtype,
                 ),
             };
             let (dh, dw) = crate::lm_loss::head_grads(
@@ -438,8 +437,8 @@ pub fn profile_read() -> [f64; 4] {
 /// whose head autodiff differentiates).
 enum HeadOut {
     Host(HostLogits),
-    /// Log-probabilities (f32 when they come from the head's logits) and the model's float type.
-    Tensor(Tensor<2>, burn::tensor::DType),
+    /// Log-probabilities, in f32.
+    Tensor(Tensor<2>),
 }
 
 /// How the loss's gradient reaches the model.
