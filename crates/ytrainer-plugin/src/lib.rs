@@ -698,10 +698,8 @@ pub mod __private {
             // SAFETY: guaranteed by the host (see above).
             let (p, b) = unsafe { (&*(instance as *const P), &*batch) };
             let n = b.n;
-            let slice = |ptr: *const f32| {
-                // SAFETY: non-null arrays hold `n` values.
-                (!ptr.is_null()).then(|| unsafe { std::slice::from_raw_parts(ptr, n) })
-            };
+            // SAFETY: non-null arrays hold `n` values.
+            let slice = |ptr| unsafe { host_array(ptr, n) };
             let batch = PairBatch {
                 policy_chosen: slice(b.policy_chosen).unwrap_or(&[]),
                 policy_rejected: slice(b.policy_rejected).unwrap_or(&[]),
@@ -771,6 +769,14 @@ pub mod __private {
         }
     }
 
+    /// The host's optional array of `n` values: `None` for a null pointer.
+    ///
+    /// # Safety
+    /// A non-null `ptr` points to `n` values that outlive the call.
+    unsafe fn host_array<'a, T>(ptr: *const T, n: usize) -> Option<&'a [T]> {
+        (!ptr.is_null()).then(|| unsafe { std::slice::from_raw_parts(ptr, n) })
+    }
+
     unsafe fn report(err: *mut RawError, msg: &str) {
         if let Some(e) = unsafe { err.as_mut() } {
             // SAFETY: the host passes a valid buffer.
@@ -830,20 +836,13 @@ pub mod __private {
             // SAFETY: guaranteed by the host (see above).
             let (p, b) = unsafe { (&*(instance as *const P), &*batch) };
             let n = b.n;
-            let slice_f = |ptr: *const f32| {
-                // SAFETY: non-null arrays hold `n` values.
-                (!ptr.is_null()).then(|| unsafe { std::slice::from_raw_parts(ptr, n) })
-            };
-            let slice_u = |ptr: *const u32| {
-                // SAFETY: as above.
-                (!ptr.is_null()).then(|| unsafe { std::slice::from_raw_parts(ptr, n) })
-            };
+            // SAFETY (every array): non-null arrays hold `n` values.
             let batch = Batch {
-                loss: slice_f(b.loss).unwrap_or(&[]),
-                entropy: slice_f(b.entropy),
-                reference_loss: slice_f(b.reference_loss),
-                position: slice_u(b.position),
-                sample: slice_u(b.sample),
+                loss: unsafe { host_array(b.loss, n) }.unwrap_or(&[]),
+                entropy: unsafe { host_array(b.entropy, n) },
+                reference_loss: unsafe { host_array(b.reference_loss, n) },
+                position: unsafe { host_array(b.position, n) },
+                sample: unsafe { host_array(b.sample, n) },
                 step: b.step,
                 progress: b.progress,
             };
