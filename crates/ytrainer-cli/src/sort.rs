@@ -157,29 +157,40 @@ fn prepare_one(item: StreamItem, l: &Loaded, opts: &DataOptions) -> Result<Prepa
             });
         }
     };
-    match prepare(&[record], &l.tok, l.template.as_ref(), opts) {
-        Ok(mut p) => Ok(Prepared {
+    Ok(match tokenize(record, l, opts)? {
+        Some((example, truncated)) => Prepared {
             item,
-            truncated: p.stats.truncated > 0,
-            example: p.examples.pop(),
+            truncated,
+            example: Some(example),
             skipped: None,
-        }),
-        Err(DataError::EmptyDataset { .. }) => Ok(Prepared {
+        },
+        None => Prepared {
             item,
             example: None,
             truncated: false,
             skipped: Some(
                 "no supervised token within --max-seq-len (answer empty or cut off)".into(),
             ),
-        }),
+        },
+    })
+}
+
+/// One record as the trainer tokenizes it, and whether it was cut to --max-seq-len; `None` when no supervised
+/// token is left.
+fn tokenize(record: Record, l: &Loaded, opts: &DataOptions) -> Result<Option<(Example, bool)>> {
+    match prepare(&[record], &l.tok, l.template.as_ref(), opts) {
+        Ok(mut p) => Ok(p.examples.pop().map(|ex| (ex, p.stats.truncated > 0))),
+        Err(DataError::EmptyDataset { .. }) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
 
-/// Loss and entropy of every supervised token of every example, one forward pass per length-bucketed batch.
+/// Loss and (with `need_entropy`; else an empty series) entropy of every supervised token of every example, one
+/// forward pass per length-bucketed batch.
 fn score_chunk(
     l: &Loaded,
     examples: &[Example],
+    need_entropy: bool,
     batch: &BatchOptions,
     device: &ytrainer_core::burn::prelude::Device,
 ) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
@@ -196,15 +207,20 @@ fn score_chunk(
         }
         // Loss and entropy from the head's row statistics, a bounded number of logits rows at a time (no
         // `[targets, vocab]` log-probability tensor).
-        let (ce, ent) = match head_stats(&l.model, &b, true) {
+        let (ce, ent) = match head_stats(&l.model, &b, need_entropy) {
             Some(stats) => (stats.ce, stats.entropy.unwrap_or_default()),
             None => {
                 let lp = target_log_probs(&l.model, &b);
                 let ce = tensor_to_vec(token_ce(lp.clone(), b.targets.clone()));
-                (ce, tensor_to_vec(entropy(lp)))
+                let ent = if need_entropy {
+                    tensor_to_vec(entropy(lp))
+                } else {
+                    Vec::new()
+                };
+                (ce, ent)
             }
         };
-        if ce.len() != b.n || ent.len() != b.n {
+        if ce.len() != b.n || (need_entropy && ent.len() != b.n) {
             bail!(
                 "internal: {} targets but {} losses / {} entropies",
                 b.n,
@@ -216,7 +232,9 @@ fn score_chunk(
         for k in 0..b.n {
             let s = &mut series[order[b.samples[k] as usize]];
             s.0.push(ce[k]);
-            s.1.push(ent[k]);
+            if need_entropy {
+                s.1.push(ent[k]);
+            }
         }
     }
     for (ex, s) in examples.iter().zip(&series) {
@@ -275,11 +293,7 @@ fn prompt_free_losses(
     for &i in with_ex {
         let variant = chunk[i].item.record.as_ref().ok().and_then(prompt_free);
         let ex = match variant {
-            Some(r) => match prepare(&[r], &l.tok, l.template.as_ref(), opts) {
-                Ok(mut p) => p.examples.pop(),
-                Err(DataError::EmptyDataset { .. }) => None,
-                Err(e) => return Err(e.into()),
-            },
+            Some(r) => tokenize(r, l, opts)?.map(|(ex, _)| ex),
             None => None,
         };
         slot.push(ex.map(|ex| {
@@ -287,7 +301,7 @@ fn prompt_free_losses(
             examples.len() - 1
         }));
     }
-    let series = score_chunk(l, &examples, batch, device)?;
+    let series = score_chunk(l, &examples, false, batch, device)?;
     Ok(slot
         .into_iter()
         .map(|k| k.map(|k| series[k].0.clone()))
@@ -594,7 +608,7 @@ pub fn sort(a: SortArgs) -> Result<()> {
             .iter()
             .filter_map(|&i| chunk[i].example.clone())
             .collect();
-        let series = score_chunk(&l, &examples, &batch, &device)?;
+        let series = score_chunk(&l, &examples, true, &batch, &device)?;
         let free = if a.mode == QualityMode::Ifd {
             prompt_free_losses(&l, &chunk, &with_ex, &opts, &batch, &device)?
         } else {
