@@ -99,6 +99,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     for i in 0..warmup + a.steps {
         if i == warmup {
             ytrainer_core::step::profile_start();
+            ytrainer_core::prof::start();
         }
         let mb = random_batch(a.batch, a.seq, vocab, i as u64);
         let t0 = Instant::now();
@@ -132,6 +133,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let mode = format!("{:?}", a.mode).to_lowercase();
     let [fwd, head, back, micro] = ytrainer_core::step::profile_read();
     let per = |x: f64| 1000.0 * x / a.steps.max(1) as f64;
+    let ops = ytrainer_core::prof::read();
+    let ops_json: serde_json::Map<String, serde_json::Value> = ops
+        .iter()
+        .map(|(name, s, _)| (name.to_string(), serde_json::json!(per(*s))))
+        .collect();
     match a.format {
         Format::Json => println!(
             "{}",
@@ -145,6 +151,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     "body_forward": per(fwd), "head_ce_weights": per(head), "backward": per(back),
                     "other": per(micro - fwd - head - back), "optimizer": per(optim_s),
                 },
+                "kernels_ms": ops_json,
             })
         ),
         Format::Text => println!(
@@ -170,6 +177,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             per(micro - fwd - head - back),
             per(optim_s)
         );
+        let kernels: Vec<String> = ops
+            .iter()
+            .filter(|(_, _, calls)| *calls > 0)
+            .map(|(name, s, _)| format!("{name} {:.1}", per(*s)))
+            .collect();
+        if !kernels.is_empty() {
+            println!("  fused CPU kernels, ms per step: {}", kernels.join(", "));
+        }
         println!(
             "  plugin `{}`: {:.1} us per weights call on {} tokens (median of 50, detached losses already on the device)",
             a.loss,

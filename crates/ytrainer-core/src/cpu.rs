@@ -35,36 +35,73 @@ pub fn exp_f32(x: f32) -> f32 {
     if underflow { 0.0 } else { e * scale }
 }
 
-/// Runs `f` with AVX2 + FMA code generation when the CPU has them (the kernels are `#[inline(always)]` bodies, so
-/// each instantiation is compiled for the features of its caller).
-macro_rules! dispatch {
-    ($generic:ident, $avx2:ident, ($($arg:ident : $ty:ty),*) -> $ret:ty) => {
+/// Calls `$generic($args)` compiled for the widest vector extension this CPU has: AVX-512 (x86-64-v4), else
+/// AVX2 + FMA, else the portable build. The kernels are `#[inline(always)]` bodies, so each instantiation is
+/// compiled for the features of its caller; the choice is made at run time, so the binary stays portable.
+#[macro_export]
+macro_rules! simd_dispatch {
+    ($generic:path, ($($arg:ident : $ty:ty),*) -> $ret:ty) => {{
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
+        unsafe fn v4($($arg: $ty),*) -> $ret {
+            $generic($($arg),*)
+        }
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn $avx2($($arg: $ty),*) -> $ret {
+        unsafe fn v3($($arg: $ty),*) -> $ret {
             $generic($($arg),*)
         }
-
-        #[inline]
-        fn dispatch_call($($arg: $ty),*) -> $ret {
+        match $crate::cpu::simd_level() {
+            // SAFETY: the CPU has every feature the build enables (detected at run time by `simd_level`).
             #[cfg(target_arch = "x86_64")]
-            {
-                if has_avx2() {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
-                    return unsafe { $avx2($($arg),*) };
-                }
-            }
-            $generic($($arg),*)
+            $crate::cpu::SimdLevel::Avx512 => unsafe { v4($($arg),*) },
+            // SAFETY: as above, AVX2 and FMA.
+            #[cfg(target_arch = "x86_64")]
+            $crate::cpu::SimdLevel::Avx2 => unsafe { v3($($arg),*) },
+            _ => $generic($($arg),*),
         }
-    };
+    }};
 }
 
-/// Whether this CPU runs the AVX2 + FMA builds of the kernels (detected once).
-#[cfg(target_arch = "x86_64")]
-pub fn has_avx2() -> bool {
+/// The vector extensions the kernels are compiled for on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimdLevel {
+    /// AVX-512 F/VL/DQ/BW with AVX2 and FMA (x86-64-v4).
+    Avx512,
+    /// AVX2 and FMA (x86-64-v3).
+    Avx2,
+    /// Whatever the target's baseline is.
+    Portable,
+}
+
+/// Detected once. `YTRAINER_SIMD=avx2` or `=portable` caps it (for A/B measurements and to test every build).
+pub fn simd_level() -> SimdLevel {
     use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let cap = std::env::var("YTRAINER_SIMD").unwrap_or_default();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let v3 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            let v4 = v3
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512bw");
+            match cap.as_str() {
+                "portable" => SimdLevel::Portable,
+                "avx2" if v3 => SimdLevel::Avx2,
+                _ if v4 && cap != "avx2" => SimdLevel::Avx512,
+                _ if v3 => SimdLevel::Avx2,
+                _ => SimdLevel::Portable,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = cap;
+            SimdLevel::Portable
+        }
+    })
 }
 
 /// Per-row statistics of a logits matrix, from which every per-token quantity the trainer reports follows.
@@ -156,8 +193,7 @@ fn row_stats_generic(row: &[f32], target: usize, with_entropy: bool) -> RowStats
 }
 
 fn row_stats_one(row: &[f32], target: usize, with_entropy: bool) -> RowStats {
-    dispatch!(row_stats_generic, row_stats_avx2, (row: &[f32], target: usize, with_entropy: bool) -> RowStats);
-    dispatch_call(row, target, with_entropy)
+    crate::simd_dispatch!(row_stats_generic, (row: &[f32], target: usize, with_entropy: bool) -> RowStats)
 }
 
 /// [`RowStats`] of every row of `logits` (`targets.len()` rows of `vocab` values), rows spread over threads.
@@ -168,11 +204,112 @@ pub fn row_stats(
     with_entropy: bool,
 ) -> Vec<RowStats> {
     assert_eq!(logits.len(), vocab * targets.len(), "logits shape");
+    let _span = crate::prof::span(crate::prof::Op::HeadStats);
     logits
         .par_chunks(vocab)
         .zip(targets.par_iter())
         .map(|(row, &t)| row_stats_one(row, t, with_entropy))
         .collect()
+}
+
+/// Like [`row_stats_generic`], but leaves `e^(x_j - max)` in the row (so the gradient pass needs no second
+/// `exp`); returns the statistics and `1 / sum_j e^(x_j - max)`.
+#[inline(always)]
+fn row_stats_exp_generic(row: &mut [f32], target: usize, with_entropy: bool) -> (RowStats, f32) {
+    const TILE: usize = 64;
+    let max = row_max(row);
+    let argmax = row.iter().position(|&x| x == max).unwrap_or(0) as u32;
+    let x_target = row[target];
+    let mut s = [0.0f32; LANES];
+    let mut w = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(TILE);
+    for c in &mut chunks {
+        let mut tmp = [0.0f32; TILE];
+        for (t, &x) in tmp.iter_mut().zip(c.iter()) {
+            *t = exp_f32(x - max);
+        }
+        for (e8, x8) in tmp.chunks_exact(LANES).zip(c.chunks_exact(LANES)) {
+            for l in 0..LANES {
+                s[l] += e8[l];
+            }
+            if with_entropy {
+                for l in 0..LANES {
+                    w[l] += e8[l] * (x8[l] - max);
+                }
+            }
+        }
+        c.copy_from_slice(&tmp);
+    }
+    let (mut sum, mut wsum) = (s.iter().sum::<f32>(), w.iter().sum::<f32>());
+    for x in chunks.into_remainder() {
+        let e = exp_f32(*x - max);
+        sum += e;
+        wsum += e * (*x - max);
+        *x = e;
+    }
+    let lse = max + sum.ln();
+    let stats = RowStats {
+        lse,
+        ce: lse - x_target,
+        entropy: if with_entropy {
+            (sum.ln() - wsum / sum).max(0.0)
+        } else {
+            0.0
+        },
+        argmax,
+    };
+    (stats, 1.0 / sum)
+}
+
+fn row_stats_exp_one(row: &mut [f32], target: usize, with_entropy: bool) -> (RowStats, f32) {
+    crate::simd_dispatch!(row_stats_exp_generic, (row: &mut [f32], target: usize, with_entropy: bool) -> (RowStats, f32))
+}
+
+/// [`row_stats`] that overwrites each row with its unnormalised softmax `e^(x_j - max)` and also returns each
+/// row's `1 / sum_j e^(x_j - max)`: what [`softmax_ce_grad_from_exp`] needs, at one `exp` per logit instead of
+/// two. For the training step, which needs no logit after the statistics.
+pub fn row_stats_exp_inplace(
+    logits: &mut [f32],
+    vocab: usize,
+    targets: &[usize],
+    with_entropy: bool,
+) -> (Vec<RowStats>, Vec<f32>) {
+    assert_eq!(logits.len(), vocab * targets.len(), "logits shape");
+    let _span = crate::prof::span(crate::prof::Op::HeadStats);
+    logits
+        .par_chunks_mut(vocab)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| row_stats_exp_one(row, t, with_entropy))
+        .unzip()
+}
+
+#[inline(always)]
+fn scale_grad_generic(row: &mut [f32], factor: f32, weight: f32, target: usize) {
+    for x in row.iter_mut() {
+        *x *= factor;
+    }
+    row[target] -= weight;
+}
+
+fn scale_grad_one(row: &mut [f32], factor: f32, weight: f32, target: usize) {
+    crate::simd_dispatch!(scale_grad_generic, (row: &mut [f32], factor: f32, weight: f32, target: usize) -> ())
+}
+
+/// The gradient of `sum_i weights_i * CE_i` from rows left by [`row_stats_exp_inplace`]:
+/// `e_j * w / sum - w * [j = target]`, in place.
+pub fn softmax_ce_grad_from_exp(
+    exps: &mut [f32],
+    vocab: usize,
+    targets: &[usize],
+    inv_sums: &[f32],
+    weights: &[f32],
+) {
+    assert_eq!(exps.len(), vocab * targets.len(), "logits shape");
+    let _span = crate::prof::span(crate::prof::Op::HeadGrad);
+    exps.par_chunks_mut(vocab)
+        .zip(targets.par_iter())
+        .zip(inv_sums.par_iter().zip(weights.par_iter()))
+        .for_each(|((row, &t), (&inv, &w))| scale_grad_one(row, inv * w, w, t));
 }
 
 #[inline(always)]
@@ -184,8 +321,7 @@ fn softmax_grad_generic(row: &mut [f32], lse: f32, weight: f32, target: usize) {
 }
 
 fn softmax_grad_one(row: &mut [f32], lse: f32, weight: f32, target: usize) {
-    dispatch!(softmax_grad_generic, softmax_grad_avx2, (row: &mut [f32], lse: f32, weight: f32, target: usize) -> ());
-    dispatch_call(row, lse, weight, target)
+    crate::simd_dispatch!(softmax_grad_generic, (row: &mut [f32], lse: f32, weight: f32, target: usize) -> ())
 }
 
 /// Overwrites each logits row with the gradient of `weight * CE` with respect to it:
@@ -198,6 +334,7 @@ pub fn softmax_ce_grad_inplace(
     weights: &[f32],
 ) {
     assert_eq!(logits.len(), vocab * targets.len(), "logits shape");
+    let _span = crate::prof::span(crate::prof::Op::HeadGrad);
     logits
         .par_chunks_mut(vocab)
         .zip(targets.par_iter())
@@ -214,8 +351,7 @@ fn exp_shifted_generic(row: &mut [f32], shift: f32) {
 
 /// `row[j] = exp(row[j] - shift)` in place (`-inf` entries become exactly 0).
 pub fn exp_shifted_inplace(row: &mut [f32], shift: f32) {
-    dispatch!(exp_shifted_generic, exp_shifted_avx2, (row: &mut [f32], shift: f32) -> ());
-    dispatch_call(row, shift)
+    crate::simd_dispatch!(exp_shifted_generic, (row: &mut [f32], shift: f32) -> ())
 }
 
 #[inline(always)]
@@ -241,8 +377,7 @@ fn softmax_generic(row: &mut [f32]) -> f32 {
 /// Softmax of `row` in place (`-inf` entries, i.e. masked ones, become 0); returns the row's log-sum-exp. The row
 /// must hold at least one finite value.
 pub fn softmax_inplace(row: &mut [f32]) -> f32 {
-    dispatch!(softmax_generic, softmax_avx2, (row: &mut [f32]) -> f32);
-    dispatch_call(row)
+    crate::simd_dispatch!(softmax_generic, (row: &mut [f32]) -> f32)
 }
 
 #[inline(always)]
@@ -266,8 +401,7 @@ fn dot_generic(a: &[f32], b: &[f32]) -> f32 {
 
 /// `sum_j a_j b_j` with vectorised partial sums.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    dispatch!(dot_generic, dot_avx2, (a: &[f32], b: &[f32]) -> f32);
-    dispatch_call(a, b)
+    crate::simd_dispatch!(dot_generic, (a: &[f32], b: &[f32]) -> f32)
 }
 
 #[cfg(test)]
@@ -398,6 +532,17 @@ mod tests {
             }
             // Softmax minus one-hot sums to zero per row.
             assert!(sum.abs() < 1e-4, "row {r} gradient sums to {sum}");
+        }
+        // The one-exp variant: same statistics, same gradient.
+        let mut e = logits.clone();
+        let (stats2, inv) = row_stats_exp_inplace(&mut e, vocab, &targets, true);
+        for (a, b) in stats.iter().zip(&stats2) {
+            assert!((a.lse - b.lse).abs() < 1e-6 && (a.ce - b.ce).abs() < 1e-6);
+            assert!((a.entropy - b.entropy).abs() < 1e-5 && a.argmax == b.argmax);
+        }
+        softmax_ce_grad_from_exp(&mut e, vocab, &targets, &inv, &weights);
+        for (i, (a, b)) in g.iter().zip(&e).enumerate() {
+            assert!((a - b).abs() < 1e-6, "element {i}: {a} vs {b}");
         }
     }
 }

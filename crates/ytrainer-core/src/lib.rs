@@ -12,6 +12,7 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod preference;
+pub mod prof;
 pub mod rng;
 pub mod step;
 pub mod tensorboard;

@@ -59,6 +59,9 @@ pub struct HostLogits {
     targets: Vec<usize>,
     /// Per-row statistics (CE, log-sum-exp, argmax, entropy when asked for).
     pub stats: Vec<RowStats>,
+    /// Set by [`HostLogits::try_new_for_grad`]: the buffer then holds `e^(x - max)` per row, not the logits,
+    /// and this is each row's `1 / sum e^(x - max)`.
+    inv_sums: Option<Vec<f32>>,
 }
 
 impl HostLogits {
@@ -70,6 +73,28 @@ impl HostLogits {
         logits: Tensor<2>,
         targets: &[usize],
         with_entropy: bool,
+    ) -> Result<Self, Tensor<2>> {
+        Self::build(logits, targets, with_entropy, false)
+    }
+
+    /// [`HostLogits::try_new`] for a caller that only needs the statistics and then [`HostLogits::into_grad`]:
+    /// the statistics pass leaves the softmax numerators in the buffer, so the gradient costs no second `exp`
+    /// over `N x vocab` values. [`HostLogits::row`] and [`HostLogits::log_probs`] are then unavailable.
+    #[allow(clippy::result_large_err)]
+    pub fn try_new_for_grad(
+        logits: Tensor<2>,
+        targets: &[usize],
+        with_entropy: bool,
+    ) -> Result<Self, Tensor<2>> {
+        Self::build(logits, targets, with_entropy, true)
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn build(
+        logits: Tensor<2>,
+        targets: &[usize],
+        with_entropy: bool,
+        for_grad: bool,
     ) -> Result<Self, Tensor<2>> {
         let [n, vocab] = logits.dims();
         let dtype = logits.dtype();
@@ -89,24 +114,43 @@ impl HostLogits {
                 Err(_) => return Err(logits),
             }
         }
-        let stats = match flex.as_slice::<f32>() {
-            Some(slice) if n == targets.len() && targets.iter().all(|&t| t < vocab) => {
-                crate::cpu::row_stats(slice, vocab, targets, with_entropy)
-            }
-            _ => return Err(logits),
-        };
+        if n != targets.len()
+            || targets.iter().any(|&t| t >= vocab)
+            || flex.as_slice::<f32>().is_none()
+        {
+            return Err(logits);
+        }
+        // The tensor handle goes first, so the buffer is ours alone and can be written in place.
         drop(logits);
+        let (stats, inv_sums) = if for_grad {
+            let buf = flex.storage_mut::<f32>();
+            let (stats, inv) = crate::cpu::row_stats_exp_inplace(buf, vocab, targets, with_entropy);
+            (stats, Some(inv))
+        } else {
+            let slice = flex
+                .as_slice::<f32>()
+                .expect("contiguous f32, checked above");
+            (
+                crate::cpu::row_stats(slice, vocab, targets, with_entropy),
+                None,
+            )
+        };
         Ok(Self {
             logits: flex,
             dtype,
             vocab,
             targets: targets.to_vec(),
             stats,
+            inv_sums,
         })
     }
 
-    /// Row `i` of the logits (`vocab` values).
+    /// Row `i` of the logits (`vocab` values). Not after [`HostLogits::try_new_for_grad`].
     pub fn row(&self, i: usize) -> &[f32] {
+        assert!(
+            self.inv_sums.is_none(),
+            "logits were overwritten by try_new_for_grad"
+        );
         let all = self
             .logits
             .as_slice::<f32>()
@@ -114,8 +158,13 @@ impl HostLogits {
         &all[i * self.vocab..(i + 1) * self.vocab]
     }
 
-    /// Log-probabilities as a tensor (only for plugins that need more than the per-row statistics).
+    /// Log-probabilities as a tensor (only for plugins that need more than the per-row statistics). Not after
+    /// [`HostLogits::try_new_for_grad`].
     pub fn log_probs(&self) -> Tensor<2> {
+        assert!(
+            self.inv_sums.is_none(),
+            "logits were overwritten by try_new_for_grad"
+        );
         let n = self.targets.len();
         let logits = Tensor::<2>::from_primitive::<burn_flex::Flex>(self.logits.clone());
         let lse: Vec<f32> = self.stats.iter().map(|s| s.lse).collect();
@@ -127,7 +176,18 @@ impl HostLogits {
     /// place in the logits' buffer.
     pub fn into_grad(mut self, weights: &[f32]) -> Tensor<2> {
         let buf = self.logits.storage_mut::<f32>();
-        crate::cpu::softmax_ce_grad_inplace(buf, self.vocab, &self.targets, &self.stats, weights);
+        match &self.inv_sums {
+            Some(inv) => {
+                crate::cpu::softmax_ce_grad_from_exp(buf, self.vocab, &self.targets, inv, weights)
+            }
+            None => crate::cpu::softmax_ce_grad_inplace(
+                buf,
+                self.vocab,
+                &self.targets,
+                &self.stats,
+                weights,
+            ),
+        }
         narrow(
             Tensor::from_primitive::<burn_flex::Flex>(self.logits),
             self.dtype,

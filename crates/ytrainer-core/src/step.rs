@@ -247,7 +247,14 @@ pub fn train_micro_batch<M: CausalLm>(
             }
             let w = head.weight.clone().detach().inner();
             let z = crate::lm_loss::logits(rows.clone().detach().inner(), &w, head.layout);
-            let out = match HostLogits::try_new(z, &batch.target_ids, needs.entropy) {
+            // Only the top-k entropy reads the logits after their statistics; otherwise the buffer may hold the
+            // softmax numerators the gradient is made from.
+            let host = if needs.top_k_entropy > 0 {
+                HostLogits::try_new(z, &batch.target_ids, needs.entropy)
+            } else {
+                HostLogits::try_new_for_grad(z, &batch.target_ids, needs.entropy)
+            };
+            let out = match host {
                 Ok(host) => HeadOut::Host(host),
                 Err(z) => HeadOut::Tensor(log_softmax(crate::lm_loss::widen(z), 1)),
             };

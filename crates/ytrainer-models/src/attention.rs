@@ -319,6 +319,7 @@ fn forward(
     v: &FlexTensor,
     mask: &Arc<AttnMask>,
 ) -> Option<(Saved, FlexTensor)> {
+    let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::AttentionForward);
     let (q, k, v) = (host(q)?, host(k)?, host(v)?);
     let (t, dd, h, kv) = (d.t, d.d, d.h, d.kv);
     let scale = 1.0 / (dd as f32).sqrt();
@@ -390,6 +391,7 @@ fn forward(
 
 /// Gradients with respect to q, k, v (before RoPE, in their `[B, T, heads, D]` layouts) from the output's gradient.
 fn backward(d: Dims, s: &Saved, grad: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::AttentionBackward);
     let (t, dd, h, kv) = (d.t, d.d, d.h, d.kv);
     let group = h / kv;
     let mask = &s.mask;

@@ -105,6 +105,7 @@ pub fn rms_norm<const D: usize>(x: &Tensor<D>, w: &Tensor<1>, eps: f64) -> Optio
 
 /// The normalised output and `rsqrt(mean(x^2) + eps)` per row.
 fn rms_forward(x: &FlexTensor, w: &FlexTensor, eps: f32) -> Option<(FlexTensor, Vec<f32>)> {
+    let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::RmsNorm);
     let shape = x.layout().shape().as_slice().to_vec();
     let (xs, ws) = (host(x)?, host(w)?);
     let hdim = *shape.last()?;
@@ -142,6 +143,7 @@ impl Backward<Flex, 2> for RmsNormBackward {
     type State = std::sync::Arc<RmsState>;
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::RmsNorm);
         let [nx, nw] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
         let s = ops.state;
@@ -232,6 +234,7 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 fn swiglu_forward(g: &FlexTensor, u: &FlexTensor) -> Option<FlexTensor> {
+    let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::Swiglu);
     let shape = g.layout().shape().as_slice().to_vec();
     let (gs, us) = (host(g)?, host(u)?);
     let mut y = vec![0.0f32; gs.len()];
@@ -251,17 +254,7 @@ fn swiglu_chunk(y: &mut [f32], g: &[f32], u: &[f32]) {
             *o = a * sigmoid(a) * b;
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn body_avx2(y: &mut [f32], g: &[f32], u: &[f32]) {
-        body(y, g, u)
-    }
-    #[cfg(target_arch = "x86_64")]
-    if cpu::has_avx2() {
-        // SAFETY: AVX2 and FMA are present (checked at run time).
-        return unsafe { body_avx2(y, g, u) };
-    }
-    body(y, g, u)
+    ytrainer_core::simd_dispatch!(body, (y: &mut [f32], g: &[f32], u: &[f32]) -> ())
 }
 
 fn swiglu_backward_chunk(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
@@ -280,17 +273,7 @@ fn swiglu_backward_chunk(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], d
             dg[i] = d * b * s * (1.0 + a * (1.0 - s));
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn body_avx2(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
-        body(dg, du, g, u, dy)
-    }
-    #[cfg(target_arch = "x86_64")]
-    if cpu::has_avx2() {
-        // SAFETY: AVX2 and FMA are present (checked at run time).
-        return unsafe { body_avx2(dg, du, g, u, dy) };
-    }
-    body(dg, du, g, u, dy)
+    ytrainer_core::simd_dispatch!(body, (dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) -> ())
 }
 
 #[derive(Debug)]
@@ -300,6 +283,7 @@ impl Backward<Flex, 2> for SwigluBackward {
     type State = (FlexTensor, FlexTensor);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::Swiglu);
         let [ng, nu] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
         let (g, u) = ops.state;
@@ -508,6 +492,7 @@ fn linear_forward(
     lora: Option<(&FlexTensor, &FlexTensor, f32)>,
     keep: bool,
 ) -> Option<(FlexTensor, Option<FlexTensor>)> {
+    let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::LinearForward);
     let mut shape = x.layout().shape().as_slice().to_vec();
     let [d_in, d_out] = w.layout().shape().dims::<2>();
     if shape.last() != Some(&d_in) || d_in == 0 {
@@ -515,8 +500,56 @@ fn linear_forward(
     }
     let (xs, ws) = (host(x)?, host(w)?);
     let n = xs.len() / d_in;
+    let lora = match lora {
+        Some((a, b, scale)) => {
+            let [a_in, r] = a.layout().shape().dims::<2>();
+            let [b_r, b_out] = b.layout().shape().dims::<2>();
+            if a_in != d_in || b_r != r || b_out != d_out {
+                return None;
+            }
+            Some((host(a)?, host(b)?, r, scale))
+        }
+        None => None,
+    };
     let mut y = vec![0.0f32; n * d_out];
-    matmul(&mut y, &xs, &ws, (n, d_out, d_in), false, false, false, 1.0);
+    let mut kept = None;
+    match &lora {
+        Some((as_, bs, r, scale)) if merge_pays(n, d_in) => {
+            // y = x·(W + s·A·B): one large product instead of the base product plus two thin ones.
+            let merged = {
+                let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
+                merged_weight(&ws, as_, bs, (d_in, d_out, *r), *scale)
+            };
+            matmul(
+                &mut y,
+                &xs,
+                &merged,
+                (n, d_out, d_in),
+                false,
+                false,
+                false,
+                1.0,
+            );
+            if keep {
+                let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
+                let mut t = vec![0.0f32; n * r];
+                matmul(&mut t, &xs, as_, (n, *r, d_in), false, false, false, 1.0);
+                kept = Some(flex(t, &[n, *r]));
+            }
+        }
+        _ => {
+            matmul(&mut y, &xs, &ws, (n, d_out, d_in), false, false, false, 1.0);
+            if let Some((as_, bs, r, scale)) = &lora {
+                let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
+                let mut t = vec![0.0f32; n * r];
+                matmul(&mut t, &xs, as_, (n, *r, d_in), false, false, false, 1.0);
+                matmul(&mut y, &t, bs, (n, d_out, *r), false, false, true, *scale);
+                if keep {
+                    kept = Some(flex(t, &[n, *r]));
+                }
+            }
+        }
+    }
     if let Some(b) = bias {
         let bs = host(b)?;
         if bs.len() != d_out {
@@ -530,23 +563,31 @@ fn linear_forward(
             }
         });
     }
-    let mut kept = None;
-    if let Some((a, b, scale)) = lora {
-        let [a_in, r] = a.layout().shape().dims::<2>();
-        let [b_r, b_out] = b.layout().shape().dims::<2>();
-        if a_in != d_in || b_r != r || b_out != d_out {
-            return None;
-        }
-        let (as_, bs) = (host(a)?, host(b)?);
-        let mut t = vec![0.0f32; n * r];
-        matmul(&mut t, &xs, &as_, (n, r, d_in), false, false, false, 1.0);
-        matmul(&mut y, &t, &bs, (n, d_out, r), false, false, true, scale);
-        if keep {
-            kept = Some(flex(t, &[n, r]));
-        }
-    }
     *shape.last_mut()? = d_out;
     Some((flex(y, &shape), kept))
+}
+
+/// Whether to multiply by the merged weight `W + s·A·B` (`[k, m]`, the side the LoRA product would otherwise
+/// be applied on) rather than applying the two thin LoRA products to `rows` rows: merging costs `k·m·r`
+/// multiply-adds, the thin product it replaces `rows·m·r`, and the merged product runs at full GEMM speed.
+/// `YTRAINER_LORA_MERGE=0` keeps the thin products (for A/B measurements).
+fn merge_pays(rows: usize, k: usize) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    rows >= k && *ON.get_or_init(|| std::env::var("YTRAINER_LORA_MERGE").as_deref() != Ok("0"))
+}
+
+/// `W + s·A·B` for `W` `[d_in, d_out]`, `A` `[d_in, r]`, `B` `[r, d_out]`: PEFT's merged weight, rebuilt per call
+/// (keeping it from the forward pass would hold a second copy of every adapted weight until the backward pass).
+fn merged_weight(
+    w: &[f32],
+    a: &[f32],
+    b: &[f32],
+    (d_in, d_out, r): (usize, usize, usize),
+    s: f32,
+) -> Vec<f32> {
+    let mut m = w[..d_in * d_out].to_vec();
+    matmul(&mut m, a, b, (d_in, d_out, r), false, false, true, s);
+    m
 }
 
 #[derive(Debug)]
@@ -568,6 +609,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
     type State = std::sync::Arc<LinearState>;
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::LinearBackward);
         let s = ops.state;
         // Parents in the order `linear` recorded them: x, W, [bias], [A, B].
         let mut parents = ops.parents.into_iter();
@@ -592,31 +634,69 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
             host(&dy).expect("f32 gradient"),
         );
         let n = xs.len() / d_in;
-        // u = dY·B^T (the gradient at the LoRA bottleneck, before the scale).
+        // u = dY·B^T (the gradient at the LoRA bottleneck, before the scale), needed for dA and, unmerged, dX.
         let lora = match (&s.a, &s.b) {
             (Some(a), Some(b)) => {
                 let r = a.layout().shape().dims::<2>()[1];
-                let bs = host(b).expect("f32 B");
-                let mut u = vec![0.0f32; n * r];
-                matmul(&mut u, &dys, &bs, (n, r, d_out), false, true, false, 1.0);
-                Some((host(a).expect("f32 A"), u, r))
+                let (a_host, b_host) = (host(a).expect("f32 A"), host(b).expect("f32 B"));
+                let need_u = na.is_some() || (nx.is_some() && !merge_pays(n, d_out));
+                let u = need_u.then(|| {
+                    let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
+                    let mut u = vec![0.0f32; n * r];
+                    matmul(
+                        &mut u,
+                        &dys,
+                        &b_host,
+                        (n, r, d_out),
+                        false,
+                        true,
+                        false,
+                        1.0,
+                    );
+                    u
+                });
+                Some((a_host, b_host, u, r))
             }
             _ => None,
         };
         if let Some(node) = nx {
             let mut dx = vec![0.0f32; n * d_in];
-            matmul(
-                &mut dx,
-                &dys,
-                &ws,
-                (n, d_in, d_out),
-                false,
-                true,
-                false,
-                1.0,
-            );
-            if let Some((a, u, r)) = &lora {
-                matmul(&mut dx, u, a, (n, d_in, *r), false, true, true, s.scale);
+            match &lora {
+                // dX = dY·(W + s·A·B)^T in one product.
+                Some((a, b, _, r)) if merge_pays(n, d_out) => {
+                    let merged = {
+                        let _lora =
+                            ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
+                        merged_weight(&ws, a, b, (d_in, d_out, *r), s.scale)
+                    };
+                    matmul(
+                        &mut dx,
+                        &dys,
+                        &merged,
+                        (n, d_in, d_out),
+                        false,
+                        true,
+                        false,
+                        1.0,
+                    );
+                }
+                _ => {
+                    matmul(
+                        &mut dx,
+                        &dys,
+                        &ws,
+                        (n, d_in, d_out),
+                        false,
+                        true,
+                        false,
+                        1.0,
+                    );
+                    if let Some((a, _, Some(u), r)) = &lora {
+                        let _lora =
+                            ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
+                        matmul(&mut dx, u, a, (n, d_in, *r), false, true, true, s.scale);
+                    }
+                }
             }
             grads.register::<Flex>(node.id, flex(dx, &x_shape));
         }
@@ -657,16 +737,19 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
             );
             grads.register::<Flex>(node.id, flex(db, &[d_out]));
         }
-        if let Some((a_host, u, r)) = &lora {
+        if let Some((_, _, u, r)) = &lora {
             let r = *r;
-            if let Some(node) = na {
-                // dA = s · x^T · u
+            let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
+            // dA = s · x^T · u and dB = s · t^T · dY (t = x·A kept from the forward pass): two thin, independent
+            // products, each too small to split, so they run side by side on the pool's threads.
+            let da = || {
+                let (node, u) = (na?, u.as_ref()?);
                 let mut da = vec![0.0f32; d_in * r];
                 matmul(&mut da, &xs, u, (d_in, r, n), true, false, false, s.scale);
-                grads.register::<Flex>(node.id, flex(da, &[d_in, r]));
-            }
-            if let Some(node) = nb {
-                // dB = s · t^T · dY with t = x·A kept from the forward pass.
+                Some((node, da))
+            };
+            let db = || {
+                let node = nb?;
                 let t =
                     s.t.as_ref()
                         .expect("x·A kept when the LoRA branch is tracked");
@@ -682,9 +765,15 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
                     false,
                     s.scale,
                 );
+                Some((node, db))
+            };
+            let (da, db) = rayon::join(da, db);
+            if let Some((node, da)) = da {
+                grads.register::<Flex>(node.id, flex(da, &[d_in, r]));
+            }
+            if let Some((node, db)) = db {
                 grads.register::<Flex>(node.id, flex(db, &[r, d_out]));
             }
-            let _ = a_host;
         }
     }
 }
@@ -759,83 +848,86 @@ pub(crate) mod tests {
         use burn::tensor::module::linear as tlinear;
         let plain = Device::flex();
         let (n_in, n_out, r) = (13, 11, 3);
-        let x0 = rand([2, 5, n_in], 7, &plain);
-        let w0 = rand([n_in, n_out], 8, &plain);
-        let b0 = rand([n_out], 9, &plain);
-        let a0 = rand([n_in, r], 10, &plain);
-        let bb0 = rand([r, n_out], 11, &plain);
-        let up = Tensor::<3>::from_inner(rand([2, 5, n_out], 12, &plain));
-        for (with_bias, with_lora, w_trainable) in [
-            (false, false, true),
-            (true, false, true),
-            (false, true, false),
-            (true, true, false),
-            (true, true, true),
-        ] {
-            let leaf3 = |t: &Tensor<3>| Tensor::<3>::from_inner(t.clone()).require_grad();
-            let leaf2 = |t: &Tensor<2>, g: bool| {
-                let t = Tensor::<2>::from_inner(t.clone());
-                if g { t.require_grad() } else { t }
-            };
-            let leaf1 = |t: &Tensor<1>| Tensor::<1>::from_inner(t.clone()).require_grad();
-            let mk = || {
-                (
-                    leaf3(&x0),
-                    leaf2(&w0, w_trainable),
-                    leaf1(&b0),
-                    leaf2(&a0, true),
-                    leaf2(&bb0, true),
+        // 10 rows take the unmerged LoRA path (fewer rows than either side of W), 32 rows the merged one.
+        for rows in [5, 16] {
+            let x0 = rand([2, rows, n_in], 7, &plain);
+            let w0 = rand([n_in, n_out], 8, &plain);
+            let b0 = rand([n_out], 9, &plain);
+            let a0 = rand([n_in, r], 10, &plain);
+            let bb0 = rand([r, n_out], 11, &plain);
+            let up = Tensor::<3>::from_inner(rand([2, rows, n_out], 12, &plain));
+            for (with_bias, with_lora, w_trainable) in [
+                (false, false, true),
+                (true, false, true),
+                (false, true, false),
+                (true, true, false),
+                (true, true, true),
+            ] {
+                let leaf3 = |t: &Tensor<3>| Tensor::<3>::from_inner(t.clone()).require_grad();
+                let leaf2 = |t: &Tensor<2>, g: bool| {
+                    let t = Tensor::<2>::from_inner(t.clone());
+                    if g { t.require_grad() } else { t }
+                };
+                let leaf1 = |t: &Tensor<1>| Tensor::<1>::from_inner(t.clone()).require_grad();
+                let mk = || {
+                    (
+                        leaf3(&x0),
+                        leaf2(&w0, w_trainable),
+                        leaf1(&b0),
+                        leaf2(&a0, true),
+                        leaf2(&bb0, true),
+                    )
+                };
+                let (x, w, b, a, bb) = mk();
+                let fused = linear(
+                    &x,
+                    &w,
+                    LinearParts {
+                        bias: with_bias.then_some(&b),
+                        lora: with_lora.then_some((&a, &bb, 0.5)),
+                    },
                 )
-            };
-            let (x, w, b, a, bb) = mk();
-            let fused = linear(
-                &x,
-                &w,
-                LinearParts {
-                    bias: with_bias.then_some(&b),
-                    lora: with_lora.then_some((&a, &bb, 0.5)),
-                },
-            )
-            .expect("CPU tensors take the fused path");
-            let g1 = fused.clone().mul(up.clone()).sum().backward();
-            let (x2, w2, b2, a2, bb2) = mk();
-            let mut want = tlinear(x2.clone(), w2.clone(), with_bias.then(|| b2.clone()));
-            if with_lora {
-                want = want
-                    + tlinear(tlinear(x2.clone(), a2.clone(), None), bb2.clone(), None)
-                        .mul_scalar(0.5);
-            }
-            let g2 = want.clone().mul(up.clone()).sum().backward();
-            assert!(max_diff(fused, want) < 1e-4);
-            let case = format!("bias {with_bias} lora {with_lora} w {w_trainable}");
-            let d = max_diff(
-                Tensor::<3>::from_inner(x.grad(&g1).unwrap()),
-                Tensor::from_inner(x2.grad(&g2).unwrap()),
-            );
-            assert!(d < 1e-4, "{case}: dx {d}");
-            if w_trainable {
+                .expect("CPU tensors take the fused path");
+                let g1 = fused.clone().mul(up.clone()).sum().backward();
+                let (x2, w2, b2, a2, bb2) = mk();
+                let mut want = tlinear(x2.clone(), w2.clone(), with_bias.then(|| b2.clone()));
+                if with_lora {
+                    want = want
+                        + tlinear(tlinear(x2.clone(), a2.clone(), None), bb2.clone(), None)
+                            .mul_scalar(0.5);
+                }
+                let g2 = want.clone().mul(up.clone()).sum().backward();
+                assert!(max_diff(fused, want) < 1e-4);
+                let case = format!("rows {rows} bias {with_bias} lora {with_lora} w {w_trainable}");
                 let d = max_diff(
-                    Tensor::<2>::from_inner(w.grad(&g1).unwrap()),
-                    Tensor::from_inner(w2.grad(&g2).unwrap()),
+                    Tensor::<3>::from_inner(x.grad(&g1).unwrap()),
+                    Tensor::from_inner(x2.grad(&g2).unwrap()),
                 );
-                assert!(d < 1e-4, "{case}: dw {d}");
-            } else {
-                assert!(w.grad(&g1).is_none());
-            }
-            if with_bias {
-                let d = max_diff(
-                    Tensor::<1>::from_inner(b.grad(&g1).unwrap()),
-                    Tensor::from_inner(b2.grad(&g2).unwrap()),
-                );
-                assert!(d < 1e-4, "{case}: db {d}");
-            }
-            if with_lora {
-                for (p, q) in [(&a, &a2), (&bb, &bb2)] {
+                assert!(d < 1e-4, "{case}: dx {d}");
+                if w_trainable {
                     let d = max_diff(
-                        Tensor::<2>::from_inner(p.grad(&g1).unwrap()),
-                        Tensor::from_inner(q.grad(&g2).unwrap()),
+                        Tensor::<2>::from_inner(w.grad(&g1).unwrap()),
+                        Tensor::from_inner(w2.grad(&g2).unwrap()),
                     );
-                    assert!(d < 1e-4, "{case}: lora {d}");
+                    assert!(d < 1e-4, "{case}: dw {d}");
+                } else {
+                    assert!(w.grad(&g1).is_none());
+                }
+                if with_bias {
+                    let d = max_diff(
+                        Tensor::<1>::from_inner(b.grad(&g1).unwrap()),
+                        Tensor::from_inner(b2.grad(&g2).unwrap()),
+                    );
+                    assert!(d < 1e-4, "{case}: db {d}");
+                }
+                if with_lora {
+                    for (p, q) in [(&a, &a2), (&bb, &bb2)] {
+                        let d = max_diff(
+                            Tensor::<2>::from_inner(p.grad(&g1).unwrap()),
+                            Tensor::from_inner(q.grad(&g2).unwrap()),
+                        );
+                        assert!(d < 1e-4, "{case}: lora {d}");
+                    }
                 }
             }
         }
