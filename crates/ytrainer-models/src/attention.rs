@@ -3,8 +3,9 @@
 //! Written with tensor ops, attention is ~25 autodiff nodes per layer (RoPE's narrow/neg/cat/mul, the KV-head
 //! expansion, transposes, the mask add, a softmax split into exp/sum/div, two batched matmuls), each a full pass over
 //! memory and most of them single-threaded on Flex. Here one kernel applies RoPE, runs the scores, masked softmax and
-//! weighted sum per (batch, head) on rayon's pool, reads grouped KV heads in place (no expansion), skips the key
-//! blocks that causality hides, and keeps only the log-sum-exp per query for the backward pass (the probabilities
+//! weighted sum per (batch, KV head) on rayon's pool, with the query heads that share a KV head stacked into one
+//! operand (no K/V expansion, and one taller product per group instead of one per head), skips the key blocks
+//! that causality hides, and keeps only the log-sum-exp per query for the backward pass (the probabilities
 //! are recomputed there, as FlashAttention does), so memory stays O(T·D) instead of O(T²) per head.
 //!
 //! The math is transformers' eager attention: `softmax(rope(q) rope(k)^T / sqrt(d) + mask) v`, with the mask of
@@ -145,8 +146,8 @@ struct Dims {
     d: usize,
 }
 
-/// What the backward pass needs: rotated and scaled queries `[B, H, T, D]`, rotated keys and values
-/// `[B, KV, T, D]` and the log-sum-exp of every query `[B, H, T]`.
+/// What the backward pass needs: rotated and scaled queries `[B, KV, T, G, D]` (see [`to_group_major`]), rotated keys and values
+/// `[B, KV, T, D]` and the log-sum-exp of every query `[B, KV, T, G]`.
 #[derive(Debug)]
 struct Saved {
     qs: Vec<f32>,
@@ -179,35 +180,40 @@ fn rope_row_backward(g: &[f32], dst: &mut [f32], cos: &[f32], sin: &[f32], scale
     }
 }
 
-/// `[B, T, heads, D]` -> `[B, heads, T, D]`, rotating (and scaling) each vector on the way when `rotate`.
-fn to_head_major(
+/// `[B, T, KV * G, D]` -> `[B, KV, T, G, D]`, rotating (and scaling) each vector on the way when `rotate`.
+///
+/// Query head `h` reads KV head `h / G` (transformers' `repeat_kv`), so in this layout the `G` query heads of one KV
+/// head are adjacent rows at every position: one block of positions is one `(rows x G) x D` operand for all of
+/// them, and the products against that KV head's keys and values run once per group instead of once per head
+/// (taller, faster GEMMs; the gradients of K and V come out already summed over the group). Keys and values use
+/// it with `G = 1`.
+fn to_group_major(
     x: &[f32],
-    heads: usize,
+    kv: usize,
+    group: usize,
     d: Dims,
     mask: &AttnMask,
     rotate: bool,
     scale: f32,
 ) -> Vec<f32> {
     let (t, dd) = (d.t, d.d);
+    let heads = kv * group;
     let mut out = vec![0.0f32; d.b * heads * t * dd];
-    out.par_chunks_mut(t * dd)
+    out.par_chunks_mut(t * group * dd)
         .enumerate()
-        .for_each(|(bh, dst)| {
-            let (b, hh) = (bh / heads, bh % heads);
+        .for_each(|(bk, dst)| {
+            let (b, kvh) = (bk / kv, bk % kv);
             for i in 0..t {
-                let src = &x[((b * t + i) * heads + hh) * dd..][..dd];
-                let row = &mut dst[i * dd..(i + 1) * dd];
+                let src = &x[((b * t + i) * heads + kvh * group) * dd..][..group * dd];
+                let rows = &mut dst[i * group * dd..(i + 1) * group * dd];
                 if rotate {
                     let r = (b * t + i) * mask.half;
-                    rope_row(
-                        src,
-                        row,
-                        &mask.cos[r..r + mask.half],
-                        &mask.sin[r..r + mask.half],
-                        scale,
-                    );
+                    let (cos, sin) = (&mask.cos[r..r + mask.half], &mask.sin[r..r + mask.half]);
+                    for (s, o) in src.chunks_exact(dd).zip(rows.chunks_exact_mut(dd)) {
+                        rope_row(s, o, cos, sin, scale);
+                    }
                 } else {
-                    row.copy_from_slice(src);
+                    rows.copy_from_slice(src);
                 }
             }
         });
@@ -264,14 +270,14 @@ unsafe fn mm(
     }
 }
 
-/// Scores of one block of queries `[r0, r1)` against keys `[c0, r1)`, masked and turned into probabilities (the
-/// `lse` of each row is written when `lse_out`, else read from `lse_in`).
+/// Scores of one block of query positions `[r0, r1)` (each `group` rows, see [`to_group_major`]) against keys
+/// `[c0, r1)`, masked and turned into probabilities (the `lse` of each row is written when `write_lse`, else read).
 #[allow(clippy::too_many_arguments)]
 fn block_probs(
     s: &mut [f32],
     q: &[f32],
     k: &[f32],
-    dd: usize,
+    (dd, group): (usize, usize),
     r0: usize,
     r1: usize,
     c0: usize,
@@ -280,17 +286,18 @@ fn block_probs(
     write_lse: bool,
 ) {
     let nc = r1 - c0;
-    let rb = r1 - r0;
-    // SAFETY: q rows r0..r1 and k rows c0..r1 (each dd wide) lie inside the per-head slices; s holds rb x nc.
+    let rows = (r1 - r0) * group;
+    // SAFETY: q rows r0*group..r1*group and k rows c0..r1 (each dd wide) lie inside the per-group slices; s holds
+    // rows x nc.
     unsafe {
         mm(
-            rb,
+            rows,
             nc,
             dd,
             s.as_mut_ptr(),
             nc,
             false,
-            q[r0 * dd..].as_ptr(),
+            q[r0 * group * dd..].as_ptr(),
             dd,
             1,
             k[c0 * dd..].as_ptr(),
@@ -298,16 +305,18 @@ fn block_probs(
             dd,
         );
     }
-    for (ri, i) in (r0..r1).enumerate() {
+    for ri in 0..rows {
+        let i = r0 + ri / group;
         let row = &mut s[ri * nc..(ri + 1) * nc];
         let lo = starts[i].max(c0) - c0;
         let hi = i + 1 - c0;
         row[..lo].fill(f32::NEG_INFINITY);
         row[hi..].fill(f32::NEG_INFINITY);
+        let l = &mut lse[r0 * group + ri];
         if write_lse {
-            lse[i] = cpu::softmax_inplace(row);
+            *l = cpu::softmax_inplace(row);
         } else {
-            cpu::exp_shifted_inplace(row, lse[i]);
+            cpu::exp_shifted_inplace(row, *l);
         }
     }
 }
@@ -323,36 +332,37 @@ fn forward(
     let (q, k, v) = (host(q)?, host(k)?, host(v)?);
     let (t, dd, h, kv) = (d.t, d.d, d.h, d.kv);
     let scale = 1.0 / (dd as f32).sqrt();
-    let qs = to_head_major(&q, h, d, mask, true, scale);
-    let kr = to_head_major(&k, kv, d, mask, true, 1.0);
-    let vt = to_head_major(&v, kv, d, mask, false, 1.0);
     let group = h / kv;
+    let qs = to_group_major(&q, kv, group, d, mask, true, scale);
+    let kr = to_group_major(&k, kv, 1, d, mask, true, 1.0);
+    let vt = to_group_major(&v, kv, 1, d, mask, false, 1.0);
     let mut lse = vec![0.0f32; d.b * h * t];
-    // Per (b, h): the output rows in head-major order; scattered to [B, T, H, D] below.
-    let mut o_hm = vec![0.0f32; d.b * h * t * dd];
-    o_hm.par_chunks_mut(t * dd)
-        .zip(lse.par_chunks_mut(t))
+    // Per (b, KV head): the output rows of its query group, `[T, G, D]`, which is already the `[B, T, H, D]`
+    // order within a position; scattered below.
+    let mut o_gm = vec![0.0f32; d.b * h * t * dd];
+    o_gm.par_chunks_mut(t * group * dd)
+        .zip(lse.par_chunks_mut(t * group))
         .enumerate()
-        .for_each(|(bh, (o, lse))| {
-            let (b, hh) = (bh / h, bh % h);
-            let qh = &qs[bh * t * dd..(bh + 1) * t * dd];
-            let kvh = b * kv + hh / group;
-            let kh = &kr[kvh * t * dd..(kvh + 1) * t * dd];
-            let vh = &vt[kvh * t * dd..(kvh + 1) * t * dd];
+        .for_each(|(bk, (o, lse))| {
+            let b = bk / kv;
+            let qg = &qs[bk * t * group * dd..(bk + 1) * t * group * dd];
+            let kh = &kr[bk * t * dd..(bk + 1) * t * dd];
+            let vh = &vt[bk * t * dd..(bk + 1) * t * dd];
             let starts = &mask.start[b * t..(b + 1) * t];
-            let mut s = vec![0.0f32; BLOCK * t];
+            let mut s = vec![0.0f32; BLOCK * group * t];
             for r0 in (0..t).step_by(BLOCK) {
                 let r1 = (r0 + BLOCK).min(t);
                 let c0 = starts[r0..r1].iter().copied().min().unwrap_or(0);
                 let nc = r1 - c0;
-                block_probs(&mut s, qh, kh, dd, r0, r1, c0, starts, lse, true);
-                // SAFETY: s holds (r1-r0) x nc probabilities, v rows c0..r1 and o rows r0..r1 are in bounds.
+                block_probs(&mut s, qg, kh, (dd, group), r0, r1, c0, starts, lse, true);
+                // SAFETY: s holds (r1-r0)*group x nc probabilities, v rows c0..r1 and o rows r0*group..r1*group
+                // are in bounds.
                 unsafe {
                     mm(
-                        r1 - r0,
+                        (r1 - r0) * group,
                         dd,
                         nc,
-                        o[r0 * dd..].as_mut_ptr(),
+                        o[r0 * group * dd..].as_mut_ptr(),
                         dd,
                         false,
                         s.as_ptr(),
@@ -366,13 +376,14 @@ fn forward(
             }
         });
     let mut out = vec![0.0f32; d.b * t * h * dd];
+    let gd = group * dd;
     out.par_chunks_mut(h * dd)
         .enumerate()
         .for_each(|(bt, dst)| {
             let (b, i) = (bt / t, bt % t);
-            for hh in 0..h {
-                let src = &o_hm[((b * h + hh) * t + i) * dd..][..dd];
-                dst[hh * dd..(hh + 1) * dd].copy_from_slice(src);
+            for kvh in 0..kv {
+                let src = &o_gm[(((b * kv + kvh) * t) + i) * gd..][..gd];
+                dst[kvh * gd..(kvh + 1) * gd].copy_from_slice(src);
             }
         });
     let out = FlexTensor::from_data(TensorData::new(out, [d.b, t, h * dd]));
@@ -394,46 +405,60 @@ fn backward(d: Dims, s: &Saved, grad: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) 
     let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::AttentionBackward);
     let (t, dd, h, kv) = (d.t, d.d, d.h, d.kv);
     let group = h / kv;
+    let gd = group * dd;
     let mask = &s.mask;
-    // Per (b, h): dQs, dK, dV in head-major [T, D] (dK and dV summed over each KV group afterwards).
-    let per_head: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..d.b * h)
+    // Per (b, KV head): dQs of its query group `[T, G, D]`, and dK, dV `[T, D]` (summed over the group by the
+    // products themselves, whose inner dimension runs over the group's rows).
+    let per_group: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..d.b * kv)
         .into_par_iter()
-        .map(|bh| {
-            let (b, hh) = (bh / h, bh % h);
-            let qh = &s.qs[bh * t * dd..(bh + 1) * t * dd];
-            let kvh = b * kv + hh / group;
-            let kh = &s.kr[kvh * t * dd..(kvh + 1) * t * dd];
-            let vh = &s.vt[kvh * t * dd..(kvh + 1) * t * dd];
+        .map(|bk| {
+            let b = bk / kv;
+            let qg = &s.qs[bk * t * gd..(bk + 1) * t * gd];
+            let kh = &s.kr[bk * t * dd..(bk + 1) * t * dd];
+            let vh = &s.vt[bk * t * dd..(bk + 1) * t * dd];
             let starts = &mask.start[b * t..(b + 1) * t];
-            let mut lse = s.lse[bh * t..(bh + 1) * t].to_vec();
-            // dO of this head, gathered to [T, D].
-            let mut go = vec![0.0f32; t * dd];
+            let mut lse = s.lse[bk * t * group..(bk + 1) * t * group].to_vec();
+            // dO of this group, gathered to [T, G, D].
+            let mut go = vec![0.0f32; t * gd];
             for i in 0..t {
-                go[i * dd..(i + 1) * dd]
-                    .copy_from_slice(&grad[((b * t + i) * h + hh) * dd..][..dd]);
+                go[i * gd..(i + 1) * gd]
+                    .copy_from_slice(&grad[((b * t + i) * kv + bk % kv) * gd..][..gd]);
             }
-            let mut dq = vec![0.0f32; t * dd];
+            let mut dq = vec![0.0f32; t * gd];
             let mut dk = vec![0.0f32; t * dd];
             let mut dv = vec![0.0f32; t * dd];
-            let mut p = vec![0.0f32; BLOCK * t];
-            let mut dp = vec![0.0f32; BLOCK * t];
+            let mut p = vec![0.0f32; BLOCK * group * t];
+            let mut dp = vec![0.0f32; BLOCK * group * t];
             for r0 in (0..t).step_by(BLOCK) {
                 let r1 = (r0 + BLOCK).min(t);
-                let rb = r1 - r0;
+                let rows = (r1 - r0) * group;
+                let q0 = r0 * group;
                 let c0 = starts[r0..r1].iter().copied().min().unwrap_or(0);
                 let nc = r1 - c0;
-                block_probs(&mut p, qh, kh, dd, r0, r1, c0, starts, &mut lse, false);
-                // SAFETY (all four products): the blocks are rb x nc, operand rows r0..r1 / c0..r1 of [T, D] slices.
+                block_probs(
+                    &mut p,
+                    qg,
+                    kh,
+                    (dd, group),
+                    r0,
+                    r1,
+                    c0,
+                    starts,
+                    &mut lse,
+                    false,
+                );
+                // SAFETY (all four products): the blocks are rows x nc, operand rows q0..q0+rows of the [T*G, D]
+                // slices and c0..r1 of the [T, D] ones.
                 unsafe {
                     // dP = dO · V^T
                     mm(
-                        rb,
+                        rows,
                         nc,
                         dd,
                         dp.as_mut_ptr(),
                         nc,
                         false,
-                        go[r0 * dd..].as_ptr(),
+                        go[q0 * dd..].as_ptr(),
                         dd,
                         1,
                         vh[c0 * dd..].as_ptr(),
@@ -441,7 +466,7 @@ fn backward(d: Dims, s: &Saved, grad: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) 
                         dd,
                     );
                 }
-                for ri in 0..rb {
+                for ri in 0..rows {
                     let pr = &p[ri * nc..(ri + 1) * nc];
                     let dpr = &mut dp[ri * nc..(ri + 1) * nc];
                     let di = cpu::dot(pr, dpr);
@@ -452,10 +477,10 @@ fn backward(d: Dims, s: &Saved, grad: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) 
                 unsafe {
                     // dQs = dS · K
                     mm(
-                        rb,
+                        rows,
                         dd,
                         nc,
-                        dq[r0 * dd..].as_mut_ptr(),
+                        dq[q0 * dd..].as_mut_ptr(),
                         dd,
                         false,
                         dp.as_ptr(),
@@ -469,14 +494,14 @@ fn backward(d: Dims, s: &Saved, grad: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) 
                     mm(
                         nc,
                         dd,
-                        rb,
+                        rows,
                         dk[c0 * dd..].as_mut_ptr(),
                         dd,
                         true,
                         dp.as_ptr(),
                         1,
                         nc,
-                        qh[r0 * dd..].as_ptr(),
+                        qg[q0 * dd..].as_ptr(),
                         dd,
                         1,
                     );
@@ -484,14 +509,14 @@ fn backward(d: Dims, s: &Saved, grad: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) 
                     mm(
                         nc,
                         dd,
-                        rb,
+                        rows,
                         dv[c0 * dd..].as_mut_ptr(),
                         dd,
                         true,
                         p.as_ptr(),
                         1,
                         nc,
-                        go[r0 * dd..].as_ptr(),
+                        go[q0 * dd..].as_ptr(),
                         dd,
                         1,
                     );
@@ -507,9 +532,12 @@ fn backward(d: Dims, s: &Saved, grad: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) 
         let (b, i) = (bt / t, bt % t);
         let r = bt * half;
         let (cos, sin) = (&mask.cos[r..r + half], &mask.sin[r..r + half]);
-        for hh in 0..h {
-            let src = &per_head[b * h + hh].0[i * dd..(i + 1) * dd];
-            rope_row_backward(src, &mut dst[hh * dd..(hh + 1) * dd], cos, sin, s.scale);
+        for kvh in 0..kv {
+            let src = &per_group[b * kv + kvh].0[i * gd..(i + 1) * gd];
+            let out = &mut dst[kvh * gd..(kvh + 1) * gd];
+            for (g, o) in src.chunks_exact(dd).zip(out.chunks_exact_mut(dd)) {
+                rope_row_backward(g, o, cos, sin, s.scale);
+            }
         }
     });
     let mut gk = vec![0.0f32; d.b * t * kv * dd];
@@ -521,18 +549,11 @@ fn backward(d: Dims, s: &Saved, grad: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) 
             let (b, i) = (bt / t, bt % t);
             let r = bt * half;
             let (cos, sin) = (&mask.cos[r..r + half], &mask.sin[r..r + half]);
-            let mut acc = vec![0.0f32; dd];
-            for g in 0..kv {
-                acc.fill(0.0);
-                let dvg = &mut dv[g * dd..(g + 1) * dd];
-                for hh in g * group..(g + 1) * group {
-                    let (_, hk, hv) = &per_head[b * h + hh];
-                    for j in 0..dd {
-                        acc[j] += hk[i * dd + j];
-                        dvg[j] += hv[i * dd + j];
-                    }
-                }
-                rope_row_backward(&acc, &mut dk[g * dd..(g + 1) * dd], cos, sin, 1.0);
+            for kvh in 0..kv {
+                let (_, hk, hv) = &per_group[b * kv + kvh];
+                let row = i * dd..(i + 1) * dd;
+                dv[kvh * dd..(kvh + 1) * dd].copy_from_slice(&hv[row.clone()]);
+                rope_row_backward(&hk[row], &mut dk[kvh * dd..(kvh + 1) * dd], cos, sin, 1.0);
             }
         });
     (gq, gk, gv)
@@ -623,80 +644,89 @@ mod tests {
     fn matches_tensor_attention_values_and_gradients() {
         let plain = Device::flex();
         let ad = plain.clone().autodiff();
-        let (b, t, h, kv, d) = (2, 70, 4, 2, 8);
-        let inv: Vec<f32> = (0..d / 2)
-            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
-            .collect();
-        // Row 0: one sequence; row 1: segments 1 (40 tokens), 2 (20 tokens), padding 0 (10 tokens).
-        let mut seg = vec![1i64; t];
-        seg.extend((0..t).map(|i| {
-            if i < 40 {
-                1
-            } else if i < 60 {
-                2
-            } else {
-                0
-            }
-        }));
-        let mut pos: Vec<i64> = (0..t as i64).collect();
-        pos.extend((0..t).map(|i| {
-            if i < 40 {
-                i as i64
-            } else if i < 60 {
-                i as i64 - 40
-            } else {
-                0
-            }
-        }));
-        let pos_t: Tensor<2, Int> = Tensor::from_data(TensorData::new(pos.clone(), [b, t]), &ad);
-        let seg_t: Tensor<2, Int> = Tensor::from_data(TensorData::new(seg.clone(), [b, t]), &ad);
-        let upstream =
-            Tensor::<3>::from_inner(rand([1, b, t, h * d], 9, &plain).reshape([b, t, h * d]));
-        for window in [None, Some(17)] {
-            let mask = Arc::new(
-                AttnMask::new(&pos, &seg, b, t, &inv, window).expect("contiguous segments"),
-            );
-            let (q0, k0, v0) = (
-                rand([b, t, h, d], 1, &plain),
-                rand([b, t, kv, d], 2, &plain),
-                rand([b, t, kv, d], 3, &plain),
-            );
-            let leaf = |x: &Tensor<4>| Tensor::<4>::from_inner(x.clone()).require_grad();
-            let (qa, ka, va) = (leaf(&q0), leaf(&k0), leaf(&v0));
-            let fused = attention(&qa, &ka, &va, &mask).expect("CPU tensors take the fused path");
-            let ga = fused.clone().mul(upstream.clone()).sum().backward();
-            let (qb, kb, vb) = (leaf(&q0), leaf(&k0), leaf(&v0));
-            let want = reference(
-                qb.clone(),
-                kb.clone(),
-                vb.clone(),
-                &pos_t,
-                &seg_t,
-                &inv,
-                window,
-            );
-            let gb = want.clone().mul(upstream.clone()).sum().backward();
-            let out_diff = fused.sub(want).abs().max().into_scalar::<f32>();
-            assert!(
-                out_diff < 1e-5,
-                "window {window:?}: outputs differ by {out_diff}"
-            );
-            for (name, a, r) in [("q", &qa, &qb), ("k", &ka, &kb), ("v", &va, &vb)] {
-                let diff = max_diff(
-                    Tensor::from_inner(a.grad(&ga).unwrap()),
-                    Tensor::from_inner(r.grad(&gb).unwrap()),
+        // Groups of 2 (Qwen2-like), 3 (SmolLM2-like) and 1 (no GQA).
+        for (h, kv) in [(4, 2), (3, 1), (2, 2)] {
+            let (b, t, d) = (2, 70, 8);
+            let inv: Vec<f32> = (0..d / 2)
+                .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
+                .collect();
+            // Row 0: one sequence; row 1: segments 1 (40 tokens), 2 (20 tokens), padding 0 (10 tokens).
+            let mut seg = vec![1i64; t];
+            seg.extend((0..t).map(|i| {
+                if i < 40 {
+                    1
+                } else if i < 60 {
+                    2
+                } else {
+                    0
+                }
+            }));
+            let mut pos: Vec<i64> = (0..t as i64).collect();
+            pos.extend((0..t).map(|i| {
+                if i < 40 {
+                    i as i64
+                } else if i < 60 {
+                    i as i64 - 40
+                } else {
+                    0
+                }
+            }));
+            let pos_t: Tensor<2, Int> =
+                Tensor::from_data(TensorData::new(pos.clone(), [b, t]), &ad);
+            let seg_t: Tensor<2, Int> =
+                Tensor::from_data(TensorData::new(seg.clone(), [b, t]), &ad);
+            let upstream =
+                Tensor::<3>::from_inner(rand([1, b, t, h * d], 9, &plain).reshape([b, t, h * d]));
+            for window in [None, Some(17)] {
+                let mask = Arc::new(
+                    AttnMask::new(&pos, &seg, b, t, &inv, window).expect("contiguous segments"),
                 );
-                assert!(diff < 1e-5, "window {window:?}: d{name} differs by {diff}");
+                let (q0, k0, v0) = (
+                    rand([b, t, h, d], 1, &plain),
+                    rand([b, t, kv, d], 2, &plain),
+                    rand([b, t, kv, d], 3, &plain),
+                );
+                let leaf = |x: &Tensor<4>| Tensor::<4>::from_inner(x.clone()).require_grad();
+                let (qa, ka, va) = (leaf(&q0), leaf(&k0), leaf(&v0));
+                let fused =
+                    attention(&qa, &ka, &va, &mask).expect("CPU tensors take the fused path");
+                let ga = fused.clone().mul(upstream.clone()).sum().backward();
+                let (qb, kb, vb) = (leaf(&q0), leaf(&k0), leaf(&v0));
+                let want = reference(
+                    qb.clone(),
+                    kb.clone(),
+                    vb.clone(),
+                    &pos_t,
+                    &seg_t,
+                    &inv,
+                    window,
+                );
+                let gb = want.clone().mul(upstream.clone()).sum().backward();
+                let out_diff = fused.sub(want).abs().max().into_scalar::<f32>();
+                assert!(
+                    out_diff < 1e-5,
+                    "heads {h}/{kv} window {window:?}: outputs differ by {out_diff}"
+                );
+                for (name, a, r) in [("q", &qa, &qb), ("k", &ka, &kb), ("v", &va, &vb)] {
+                    let diff = max_diff(
+                        Tensor::from_inner(a.grad(&ga).unwrap()),
+                        Tensor::from_inner(r.grad(&gb).unwrap()),
+                    );
+                    assert!(
+                        diff < 1e-5,
+                        "heads {h}/{kv} window {window:?}: d{name} differs by {diff}"
+                    );
+                }
+                // Inference on the plain device takes the same kernel.
+                let plain_out =
+                    attention(&q0, &k0, &v0, &mask).expect("plain CPU tensors take the fused path");
+                let diff = plain_out
+                    .sub(fused_inner(&qa, &ka, &va, &mask))
+                    .abs()
+                    .max()
+                    .into_scalar::<f32>();
+                assert_eq!(diff, 0.0);
             }
-            // Inference on the plain device takes the same kernel.
-            let plain_out =
-                attention(&q0, &k0, &v0, &mask).expect("plain CPU tensors take the fused path");
-            let diff = plain_out
-                .sub(fused_inner(&qa, &ka, &va, &mask))
-                .abs()
-                .max()
-                .into_scalar::<f32>();
-            assert_eq!(diff, 0.0);
         }
     }
 
