@@ -24,7 +24,7 @@ use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 use ytrainer_core::cpu;
 
-use crate::fused::host;
+use crate::fused::{host, zeros};
 
 /// Query rows per block of the causal tiling: a block of queries only needs the keys up to its last row.
 const BLOCK: usize = 64;
@@ -198,7 +198,7 @@ fn to_group_major(
 ) -> Vec<f32> {
     let (t, dd) = (d.t, d.d);
     let heads = kv * group;
-    let mut out = vec![0.0f32; d.b * heads * t * dd];
+    let mut out = zeros(d.b * heads * t * dd);
     out.par_chunks_mut(t * group * dd)
         .enumerate()
         .for_each(|(bk, dst)| {
@@ -339,7 +339,7 @@ fn forward(
     let mut lse = vec![0.0f32; d.b * h * t];
     // Per (b, KV head): the output rows of its query group, `[T, G, D]`, which is already the `[B, T, H, D]`
     // order within a position; scattered below.
-    let mut o_gm = vec![0.0f32; d.b * h * t * dd];
+    let mut o_gm = zeros(d.b * h * t * dd);
     o_gm.par_chunks_mut(t * group * dd)
         .zip(lse.par_chunks_mut(t * group))
         .enumerate()
@@ -375,7 +375,7 @@ fn forward(
                 }
             }
         });
-    let mut out = vec![0.0f32; d.b * t * h * dd];
+    let mut out = zeros(d.b * t * h * dd);
     let gd = group * dd;
     out.par_chunks_mut(h * dd)
         .enumerate()
@@ -527,7 +527,7 @@ fn backward(d: Dims, s: &Saved, grad: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) 
         .collect();
 
     let half = mask.half;
-    let mut gq = vec![0.0f32; d.b * t * h * dd];
+    let mut gq = zeros(d.b * t * h * dd);
     gq.par_chunks_mut(h * dd).enumerate().for_each(|(bt, dst)| {
         let (b, i) = (bt / t, bt % t);
         let r = bt * half;
@@ -540,8 +540,8 @@ fn backward(d: Dims, s: &Saved, grad: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) 
             }
         }
     });
-    let mut gk = vec![0.0f32; d.b * t * kv * dd];
-    let mut gv = vec![0.0f32; d.b * t * kv * dd];
+    let mut gk = zeros(d.b * t * kv * dd);
+    let mut gv = zeros(d.b * t * kv * dd);
     gk.par_chunks_mut(kv * dd)
         .zip(gv.par_chunks_mut(kv * dd))
         .enumerate()

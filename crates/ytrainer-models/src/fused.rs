@@ -70,6 +70,22 @@ where
     Some(Tensor::from_primitive::<Autodiff<Flex>>(out))
 }
 
+/// `n` zeros, written by both cores: `vec![0.0; n]` zeroes on the calling thread alone (a `memset` per kernel
+/// output, during which the other core sat idle).
+pub(crate) fn zeros(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(ELEMS_PER_TASK * 4)
+        .for_each(|c| {
+            for x in c {
+                x.write(0.0);
+            }
+        });
+    // SAFETY: every one of the n elements was written just above.
+    unsafe { v.set_len(n) };
+    v
+}
+
 fn flex(v: Vec<f32>, shape: &[usize]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(v, shape.to_vec()))
 }
@@ -113,7 +129,7 @@ fn rms_forward(x: &FlexTensor, w: &FlexTensor, eps: f32) -> Option<(FlexTensor, 
         return None;
     }
     let rows = xs.len() / hdim;
-    let mut y = vec![0.0f32; xs.len()];
+    let mut y = zeros(xs.len());
     let mut inv = vec![0.0f32; rows];
     y.par_chunks_mut(hdim * ROWS_PER_TASK)
         .zip(inv.par_chunks_mut(ROWS_PER_TASK))
@@ -155,7 +171,7 @@ impl Backward<Flex, 2> for RmsNormBackward {
         );
         let hdim = ws.len();
         // dx = r (g - x r^2 mean(g x)) with g = dy * w; dw = sum over rows of dy * x * r.
-        let mut dx = vec![0.0f32; xs.len()];
+        let mut dx = zeros(xs.len());
         let dw = dx
             .par_chunks_mut(hdim * ROWS_PER_TASK)
             .zip(xs.par_chunks(hdim * ROWS_PER_TASK))
@@ -237,7 +253,7 @@ fn swiglu_forward(g: &FlexTensor, u: &FlexTensor) -> Option<FlexTensor> {
     let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::Swiglu);
     let shape = g.layout().shape().as_slice().to_vec();
     let (gs, us) = (host(g)?, host(u)?);
-    let mut y = vec![0.0f32; gs.len()];
+    let mut y = zeros(gs.len());
     y.par_chunks_mut(ELEMS_PER_TASK)
         .zip(
             gs.par_chunks(ELEMS_PER_TASK)
@@ -293,8 +309,8 @@ impl Backward<Flex, 2> for SwigluBackward {
             host(&u).expect("f32 up"),
             host(&dy).expect("f32 gradient"),
         );
-        let mut dg = vec![0.0f32; gs.len()];
-        let mut du = vec![0.0f32; gs.len()];
+        let mut dg = zeros(gs.len());
+        let mut du = zeros(gs.len());
         dg.par_chunks_mut(ELEMS_PER_TASK)
             .zip(du.par_chunks_mut(ELEMS_PER_TASK))
             .zip(gs.par_chunks(ELEMS_PER_TASK))
@@ -325,16 +341,57 @@ pub(crate) fn matmul(
     accumulate: bool,
     beta: f32,
 ) {
-    assert!(
-        c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
-        "matmul operand sizes"
-    );
+    assert!(c.len() >= m * n, "matmul output size");
+    // SAFETY: c holds at least m x n initialised floats (asserted just above).
+    unsafe { matmul_raw(c.as_mut_ptr(), a, b, (m, n, k), (ta, tb), accumulate, beta) }
+}
+
+/// `beta · op(a) · op(b)` into a new `m x n` buffer, not zeroed first: the product writes every element.
+pub(crate) fn matmul_new(
+    a: &[f32],
+    b: &[f32],
+    (m, n, k): (usize, usize, usize),
+    ta: bool,
+    tb: bool,
+    beta: f32,
+) -> Vec<f32> {
+    let mut c = Vec::with_capacity(m * n);
+    // SAFETY: the buffer has room for m x n floats; with `accumulate` false, matmul_raw writes every one of them
+    // without reading any, so all are initialised afterwards.
+    unsafe {
+        matmul_raw(
+            c.spare_capacity_mut().as_mut_ptr().cast(),
+            a,
+            b,
+            (m, n, k),
+            (ta, tb),
+            false,
+            beta,
+        );
+        c.set_len(m * n);
+    }
+    c
+}
+
+/// # Safety
+/// `c` must point to `m x n` writable floats, initialised when `accumulate`.
+unsafe fn matmul_raw(
+    c: *mut f32,
+    a: &[f32],
+    b: &[f32],
+    (m, n, k): (usize, usize, usize),
+    (ta, tb): (bool, bool),
+    accumulate: bool,
+    beta: f32,
+) {
+    assert!(a.len() >= m * k && b.len() >= k * n, "matmul operand sizes");
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            c[..m * n].fill(0.0);
+            // SAFETY: c points to m x n writable floats (the caller's contract).
+            unsafe { std::ptr::write_bytes(c, 0, m * n) };
         }
         return;
     }
@@ -345,13 +402,14 @@ pub(crate) fn matmul(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the asserts above bound every index `i * rs + j * cs` of each operand within its slice.
+    // SAFETY: the assert above bounds every index `i * rs + j * cs` of each operand within its slice, the caller
+    // guarantees the m x n output, and gemm reads `c` only when `accumulate`.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
             n as isize,
             accumulate,
@@ -511,45 +569,35 @@ fn linear_forward(
         }
         None => None,
     };
-    let mut y = vec![0.0f32; n * d_out];
     let mut kept = None;
-    match &lora {
+    let mut y = match &lora {
         Some((as_, bs, r, scale)) if merge_pays(n, d_in) => {
             // y = x·(W + s·A·B): one large product instead of the base product plus two thin ones.
             let merged = {
                 let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
                 merged_weight(&ws, as_, bs, (d_in, d_out, *r), *scale)
             };
-            matmul(
-                &mut y,
-                &xs,
-                &merged,
-                (n, d_out, d_in),
-                false,
-                false,
-                false,
-                1.0,
-            );
+            let y = matmul_new(&xs, &merged, (n, d_out, d_in), false, false, 1.0);
             if keep {
                 let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
-                let mut t = vec![0.0f32; n * r];
-                matmul(&mut t, &xs, as_, (n, *r, d_in), false, false, false, 1.0);
+                let t = matmul_new(&xs, as_, (n, *r, d_in), false, false, 1.0);
                 kept = Some(flex(t, &[n, *r]));
             }
+            y
         }
         _ => {
-            matmul(&mut y, &xs, &ws, (n, d_out, d_in), false, false, false, 1.0);
+            let mut y = matmul_new(&xs, &ws, (n, d_out, d_in), false, false, 1.0);
             if let Some((as_, bs, r, scale)) = &lora {
                 let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
-                let mut t = vec![0.0f32; n * r];
-                matmul(&mut t, &xs, as_, (n, *r, d_in), false, false, false, 1.0);
+                let t = matmul_new(&xs, as_, (n, *r, d_in), false, false, 1.0);
                 matmul(&mut y, &t, bs, (n, d_out, *r), false, false, true, *scale);
                 if keep {
                     kept = Some(flex(t, &[n, *r]));
                 }
             }
+            y
         }
-    }
+    };
     if let Some(b) = bias {
         let bs = host(b)?;
         if bs.len() != d_out {
@@ -642,26 +690,14 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
                 let need_u = na.is_some() || (nx.is_some() && !merge_pays(n, d_out));
                 let u = need_u.then(|| {
                     let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
-                    let mut u = vec![0.0f32; n * r];
-                    matmul(
-                        &mut u,
-                        &dys,
-                        &b_host,
-                        (n, r, d_out),
-                        false,
-                        true,
-                        false,
-                        1.0,
-                    );
-                    u
+                    matmul_new(&dys, &b_host, (n, r, d_out), false, true, 1.0)
                 });
                 Some((a_host, b_host, u, r))
             }
             _ => None,
         };
         if let Some(node) = nx {
-            let mut dx = vec![0.0f32; n * d_in];
-            match &lora {
+            let dx = match &lora {
                 // dX = dY·(W + s·A·B)^T in one product.
                 Some((a, b, _, r)) if merge_pays(n, d_out) => {
                     let merged = {
@@ -669,49 +705,22 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
                             ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
                         merged_weight(&ws, a, b, (d_in, d_out, *r), s.scale)
                     };
-                    matmul(
-                        &mut dx,
-                        &dys,
-                        &merged,
-                        (n, d_in, d_out),
-                        false,
-                        true,
-                        false,
-                        1.0,
-                    );
+                    matmul_new(&dys, &merged, (n, d_in, d_out), false, true, 1.0)
                 }
                 _ => {
-                    matmul(
-                        &mut dx,
-                        &dys,
-                        &ws,
-                        (n, d_in, d_out),
-                        false,
-                        true,
-                        false,
-                        1.0,
-                    );
+                    let mut dx = matmul_new(&dys, &ws, (n, d_in, d_out), false, true, 1.0);
                     if let Some((a, _, Some(u), r)) = &lora {
                         let _lora =
                             ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
                         matmul(&mut dx, u, a, (n, d_in, *r), false, true, true, s.scale);
                     }
+                    dx
                 }
-            }
+            };
             grads.register::<Flex>(node.id, flex(dx, &x_shape));
         }
         if let Some(node) = nw {
-            let mut dw = vec![0.0f32; d_in * d_out];
-            matmul(
-                &mut dw,
-                &xs,
-                &dys,
-                (d_in, d_out, n),
-                true,
-                false,
-                false,
-                1.0,
-            );
+            let dw = matmul_new(&xs, &dys, (d_in, d_out, n), true, false, 1.0);
             grads.register::<Flex>(node.id, flex(dw, &[d_in, d_out]));
         }
         if let Some(node) = nbias {
@@ -744,8 +753,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
             // products, each too small to split, so they run side by side on the pool's threads.
             let da = || {
                 let (node, u) = (na?, u.as_ref()?);
-                let mut da = vec![0.0f32; d_in * r];
-                matmul(&mut da, &xs, u, (d_in, r, n), true, false, false, s.scale);
+                let da = matmul_new(&xs, u, (d_in, r, n), true, false, s.scale);
                 Some((node, da))
             };
             let db = || {
@@ -754,17 +762,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
                     s.t.as_ref()
                         .expect("x·A kept when the LoRA branch is tracked");
                 let ts = host(t).expect("f32 x·A");
-                let mut db = vec![0.0f32; r * d_out];
-                matmul(
-                    &mut db,
-                    &ts,
-                    &dys,
-                    (r, d_out, n),
-                    true,
-                    false,
-                    false,
-                    s.scale,
-                );
+                let db = matmul_new(&ts, &dys, (r, d_out, n), true, false, s.scale);
                 Some((node, db))
             };
             let (da, db) = rayon::join(da, db);
