@@ -570,6 +570,14 @@ fn linear_forward(
         None => None,
     };
     let mut kept = None;
+    // The thin `x·A` (needed by the LoRA branch or, for `dB`, by the backward pass) runs beside the large product:
+    // alone it would leave the pool's other thread idle, beside it that thread takes over part of the large one.
+    let thin_t = |need: bool| {
+        lora.as_ref().filter(|_| need).map(|(as_, _, r, _)| {
+            let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
+            matmul_new(&xs, as_, (n, *r, d_in), false, false, 1.0)
+        })
+    };
     let mut y = match &lora {
         Some((as_, bs, r, scale)) if merge_pays(n, d_in) => {
             // y = x·(W + s·A·B): one large product instead of the base product plus two thin ones.
@@ -577,19 +585,19 @@ fn linear_forward(
                 let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
                 merged_weight(&ws, as_, bs, (d_in, d_out, *r), *scale)
             };
-            let y = matmul_new(&xs, &merged, (n, d_out, d_in), false, false, 1.0);
-            if keep {
-                let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
-                let t = matmul_new(&xs, as_, (n, *r, d_in), false, false, 1.0);
-                kept = Some(flex(t, &[n, *r]));
-            }
+            let (y, t) = rayon::join(
+                || matmul_new(&xs, &merged, (n, d_out, d_in), false, false, 1.0),
+                || thin_t(keep),
+            );
+            kept = t.map(|t| flex(t, &[n, *r]));
             y
         }
         _ => {
-            let mut y = matmul_new(&xs, &ws, (n, d_out, d_in), false, false, 1.0);
-            if let Some((as_, bs, r, scale)) = &lora {
-                let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
-                let t = matmul_new(&xs, as_, (n, *r, d_in), false, false, 1.0);
+            let (mut y, t) = rayon::join(
+                || matmul_new(&xs, &ws, (n, d_out, d_in), false, false, 1.0),
+                || thin_t(true),
+            );
+            if let (Some((_, bs, r, scale)), Some(t)) = (&lora, t) {
                 matmul(&mut y, &t, bs, (n, d_out, *r), false, false, true, *scale);
                 if keep {
                     kept = Some(flex(t, &[n, *r]));
@@ -633,7 +641,18 @@ fn merged_weight(
     (d_in, d_out, r): (usize, usize, usize),
     s: f32,
 ) -> Vec<f32> {
-    let mut m = w[..d_in * d_out].to_vec();
+    let w = &w[..d_in * d_out];
+    let mut m = Vec::with_capacity(w.len());
+    m.spare_capacity_mut()
+        .par_chunks_mut(ELEMS_PER_TASK * 4)
+        .zip(w.par_chunks(ELEMS_PER_TASK * 4))
+        .for_each(|(dst, src)| {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                d.write(v);
+            }
+        });
+    // SAFETY: every element was written by the copy above.
+    unsafe { m.set_len(w.len()) };
     matmul(&mut m, a, b, (d_in, d_out, r), false, false, true, s);
     m
 }
@@ -682,42 +701,82 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
             host(&dy).expect("f32 gradient"),
         );
         let n = xs.len() / d_in;
-        // u = dY·B^T (the gradient at the LoRA bottleneck, before the scale), needed for dA and, unmerged, dX.
         let lora = match (&s.a, &s.b) {
-            (Some(a), Some(b)) => {
-                let r = a.layout().shape().dims::<2>()[1];
-                let (a_host, b_host) = (host(a).expect("f32 A"), host(b).expect("f32 B"));
-                let need_u = na.is_some() || (nx.is_some() && !merge_pays(n, d_out));
-                let u = need_u.then(|| {
-                    let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
-                    matmul_new(&dys, &b_host, (n, r, d_out), false, true, 1.0)
-                });
-                Some((a_host, b_host, u, r))
-            }
+            (Some(a), Some(b)) => Some((
+                host(a).expect("f32 A"),
+                host(b).expect("f32 B"),
+                a.layout().shape().dims::<2>()[1],
+            )),
             _ => None,
         };
-        if let Some(node) = nx {
-            let dx = match &lora {
+        let r = lora.as_ref().map_or(0, |l| l.2);
+        let merged_dx = nx.is_some() && lora.is_some() && merge_pays(n, d_out);
+        // u = dY·B^T (the gradient at the LoRA bottleneck, before the scale), needed for dA and, unmerged, dX;
+        // it and the merged weight are both thin products, so they run side by side.
+        let (u, merged) = rayon::join(
+            || {
+                let (_, b_host, _) = lora.as_ref()?;
+                (na.is_some() || (nx.is_some() && !merged_dx)).then(|| {
+                    let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
+                    matmul_new(&dys, b_host, (n, r, d_out), false, true, 1.0)
+                })
+            },
+            || {
+                let (a_host, b_host, _) = lora.as_ref().filter(|_| merged_dx)?;
+                let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
+                Some(merged_weight(
+                    &ws,
+                    a_host,
+                    b_host,
+                    (d_in, d_out, r),
+                    s.scale,
+                ))
+            },
+        );
+        // dX (large) beside dA = s · x^T · u and dB = s · t^T · dY (thin; t = x·A kept from the forward pass).
+        let dx = || {
+            let node = nx?;
+            let dx = match &merged {
                 // dX = dY·(W + s·A·B)^T in one product.
-                Some((a, b, _, r)) if merge_pays(n, d_out) => {
-                    let merged = {
-                        let _lora =
-                            ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
-                        merged_weight(&ws, a, b, (d_in, d_out, *r), s.scale)
-                    };
-                    matmul_new(&dys, &merged, (n, d_in, d_out), false, true, 1.0)
-                }
-                _ => {
+                Some(m) => matmul_new(&dys, m, (n, d_in, d_out), false, true, 1.0),
+                None => {
                     let mut dx = matmul_new(&dys, &ws, (n, d_in, d_out), false, true, 1.0);
-                    if let Some((a, _, Some(u), r)) = &lora {
+                    if let (Some((a_host, _, _)), Some(u)) = (&lora, &u) {
                         let _lora =
                             ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
-                        matmul(&mut dx, u, a, (n, d_in, *r), false, true, true, s.scale);
+                        matmul(&mut dx, u, a_host, (n, d_in, r), false, true, true, s.scale);
                     }
                     dx
                 }
             };
+            Some((node, dx))
+        };
+        let da = || {
+            let (node, u) = (na?, u.as_ref()?);
+            let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
+            Some((node, matmul_new(&xs, u, (d_in, r, n), true, false, s.scale)))
+        };
+        let db = || {
+            let node = nb?;
+            let t =
+                s.t.as_ref()
+                    .expect("x·A kept when the LoRA branch is tracked");
+            let ts = host(t).expect("f32 x·A");
+            let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
+            Some((
+                node,
+                matmul_new(&ts, &dys, (r, d_out, n), true, false, s.scale),
+            ))
+        };
+        let (dx, (da, db)) = rayon::join(dx, || rayon::join(da, db));
+        if let Some((node, dx)) = dx {
             grads.register::<Flex>(node.id, flex(dx, &x_shape));
+        }
+        if let Some((node, da)) = da {
+            grads.register::<Flex>(node.id, flex(da, &[d_in, r]));
+        }
+        if let Some((node, db)) = db {
+            grads.register::<Flex>(node.id, flex(db, &[r, d_out]));
         }
         if let Some(node) = nw {
             let dw = matmul_new(&xs, &dys, (d_in, d_out, n), true, false, 1.0);
@@ -745,33 +804,6 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
                 },
             );
             grads.register::<Flex>(node.id, flex(db, &[d_out]));
-        }
-        if let Some((_, _, u, r)) = &lora {
-            let r = *r;
-            let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
-            // dA = s · x^T · u and dB = s · t^T · dY (t = x·A kept from the forward pass): two thin, independent
-            // products, each too small to split, so they run side by side on the pool's threads.
-            let da = || {
-                let (node, u) = (na?, u.as_ref()?);
-                let da = matmul_new(&xs, u, (d_in, r, n), true, false, s.scale);
-                Some((node, da))
-            };
-            let db = || {
-                let node = nb?;
-                let t =
-                    s.t.as_ref()
-                        .expect("x·A kept when the LoRA branch is tracked");
-                let ts = host(t).expect("f32 x·A");
-                let db = matmul_new(&ts, &dys, (r, d_out, n), true, false, s.scale);
-                Some((node, db))
-            };
-            let (da, db) = rayon::join(da, db);
-            if let Some((node, da)) = da {
-                grads.register::<Flex>(node.id, flex(da, &[d_in, r]));
-            }
-            if let Some((node, db)) = db {
-                grads.register::<Flex>(node.id, flex(db, &[r, d_out]));
-            }
         }
     }
 }
