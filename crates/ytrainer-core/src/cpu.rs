@@ -404,6 +404,123 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     crate::simd_dispatch!(dot_generic, (a: &[f32], b: &[f32]) -> f32)
 }
 
+/// `n` zeros, written by both cores: `vec![0.0; n]` zeroes on the calling thread alone (a `memset` per kernel
+/// output, during which the other core sat idle).
+pub fn zeros(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(1 << 16)
+        .for_each(|c| {
+            for x in c {
+                x.write(0.0);
+            }
+        });
+    // SAFETY: every one of the n elements was written just above.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// `c (m x n) = [c +] beta · op(a) · op(b)` on row-major, contiguous slices; `ta` / `tb` read `a` (stored
+/// `[k, m]`) / `b` (stored `[n, k]`) transposed. Multi-threaded above ~7M multiply-adds (Flex's own threshold).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    (m, n, k): (usize, usize, usize),
+    ta: bool,
+    tb: bool,
+    accumulate: bool,
+    beta: f32,
+) {
+    assert!(c.len() >= m * n, "matmul output size");
+    // SAFETY: c holds at least m x n initialised floats (asserted just above).
+    unsafe { matmul_raw(c.as_mut_ptr(), a, b, (m, n, k), (ta, tb), accumulate, beta) }
+}
+
+/// `beta · op(a) · op(b)` into a new `m x n` buffer, not zeroed first: the product writes every element.
+pub fn matmul_new(
+    a: &[f32],
+    b: &[f32],
+    (m, n, k): (usize, usize, usize),
+    ta: bool,
+    tb: bool,
+    beta: f32,
+) -> Vec<f32> {
+    let mut c = Vec::with_capacity(m * n);
+    // SAFETY: the buffer has room for m x n floats; with `accumulate` false, matmul_raw writes every one of them
+    // without reading any, so all are initialised afterwards.
+    unsafe {
+        matmul_raw(
+            c.spare_capacity_mut().as_mut_ptr().cast(),
+            a,
+            b,
+            (m, n, k),
+            (ta, tb),
+            false,
+            beta,
+        );
+        c.set_len(m * n);
+    }
+    c
+}
+
+/// # Safety
+/// `c` must point to `m x n` writable floats, initialised when `accumulate`.
+unsafe fn matmul_raw(
+    c: *mut f32,
+    a: &[f32],
+    b: &[f32],
+    (m, n, k): (usize, usize, usize),
+    (ta, tb): (bool, bool),
+    accumulate: bool,
+    beta: f32,
+) {
+    assert!(a.len() >= m * k && b.len() >= k * n, "matmul operand sizes");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            // SAFETY: c points to m x n writable floats (the caller's contract).
+            unsafe { std::ptr::write_bytes(c, 0, m * n) };
+        }
+        return;
+    }
+    let (a_rs, a_cs) = if ta { (1, m) } else { (k, 1) };
+    let (b_rs, b_cs) = if tb { (1, k) } else { (n, 1) };
+    let par = if m.saturating_mul(n).saturating_mul(k) >= 192 * 192 * 192 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the assert above bounds every index `i * rs + j * cs` of each operand within its slice, the caller
+    // guarantees the m x n output, and gemm reads `c` only when `accumulate`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,6 +34,19 @@ pub enum HeadLayout {
 
 /// `h W^T` (vocab-major) or `h W` (hidden-major): logits `[N, vocab]`.
 pub fn logits(h: Tensor<2>, w: &Tensor<2>, layout: HeadLayout) -> Tensor<2> {
+    let [n, hidden] = h.dims();
+    let vocab = match layout {
+        HeadLayout::VocabMajor => w.dims()[0],
+        HeadLayout::HiddenMajor => w.dims()[1],
+    };
+    if let Some(z) = host_product(
+        &h,
+        w,
+        (n, vocab, hidden),
+        (false, layout == HeadLayout::VocabMajor),
+    ) {
+        return z;
+    }
     match layout {
         HeadLayout::VocabMajor => h.matmul(w.clone().transpose()),
         HeadLayout::HiddenMajor => h.matmul(w.clone()),
@@ -195,6 +208,31 @@ impl HostLogits {
     }
 }
 
+/// `op(a) · op(b)` (`(m, n, k)`, `op` a transpose where asked) straight from the buffers of contiguous f32 tensors
+/// on the CPU backend; `None` elsewhere. Flex's `matmul` first copies a transposed operand into a contiguous one:
+/// for the head that is the whole `[vocab, hidden]` weight for every forward pass and the whole `[N, vocab]`
+/// logits gradient for every weight gradient, on one thread. The GEMM reads the transposed layout in place.
+fn host_product(
+    a: &Tensor<2>,
+    b: &Tensor<2>,
+    (m, n, k): (usize, usize, usize),
+    (ta, tb): (bool, bool),
+) -> Option<Tensor<2>> {
+    if !host_head_enabled() || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+        return None;
+    }
+    let af = a.clone().try_into_primitive::<burn_flex::Flex>().ok()?;
+    let bf = b.clone().try_into_primitive::<burn_flex::Flex>().ok()?;
+    let (asl, bsl) = (af.as_slice::<f32>()?, bf.as_slice::<f32>()?);
+    if asl.len() != m * k || bsl.len() != k * n {
+        return None;
+    }
+    let c = crate::cpu::matmul_new(asl, bsl, (m, n, k), ta, tb, 1.0);
+    Some(Tensor::from_primitive::<burn_flex::Flex>(
+        burn_flex::FlexTensor::from_data(TensorData::new(c, [m, n])),
+    ))
+}
+
 /// Whether the host head may be used: `YTRAINER_FUSED=0` switches it off with the other fused CPU ops, so the
 /// tensor path can be measured and tested on the CPU.
 fn host_head_enabled() -> bool {
@@ -235,6 +273,21 @@ pub fn head_grads(
     layout: HeadLayout,
     head_grad: bool,
 ) -> (Tensor<2>, Option<Tensor<2>>) {
+    let [n, vocab] = g.dims();
+    let hidden = h.dims()[1];
+    let vocab_major = layout == HeadLayout::VocabMajor;
+    if let Some(dh) = host_product(&g, w, (n, hidden, vocab), (false, !vocab_major)) {
+        let dw = if !head_grad {
+            None
+        } else if vocab_major {
+            host_product(&g, &h, (vocab, hidden, n), (true, false))
+        } else {
+            host_product(&h, &g, (hidden, vocab, n), (true, false))
+        };
+        if dw.is_some() || !head_grad {
+            return (dh, dw);
+        }
+    }
     let dh = match layout {
         HeadLayout::VocabMajor => g.clone().matmul(w.clone()),
         HeadLayout::HiddenMajor => g.clone().matmul(w.clone().transpose()),

@@ -22,9 +22,9 @@ use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
-use ytrainer_core::cpu;
 
-use crate::fused::{host, zeros};
+use crate::fused::host;
+use ytrainer_core::cpu::{self, zeros};
 
 /// Query rows per block of the causal tiling: a block of queries only needs the keys up to its last row.
 const BLOCK: usize = 64;
