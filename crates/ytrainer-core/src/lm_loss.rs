@@ -233,9 +233,9 @@ fn host_product(
     ))
 }
 
-/// Whether the host head may be used: `YTRAINER_FUSED=0` switches it off with the other fused CPU ops, so the
-/// tensor path can be measured and tested on the CPU.
-fn host_head_enabled() -> bool {
+/// Whether the host head (and the host AdamW pass) may be used: `YTRAINER_FUSED=0` switches them off with the
+/// other fused CPU ops, so the tensor paths can be measured and tested on the CPU.
+pub(crate) fn host_head_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("YTRAINER_FUSED").as_deref() != Ok("0"))
 }

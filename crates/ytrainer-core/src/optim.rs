@@ -202,9 +202,37 @@ impl ModuleMapper for Update<'_> {
         let shape = tensor.shape();
         let n = shape.num_elements();
         let p = tensor.inner().reshape([n]);
-        let g = g.mul_scalar(self.grad_scale);
         let c = self.config;
-        let (m, v) = match self.moments.remove(&path) {
+        let prev = self.moments.remove(&path);
+        let decay = c.weight_decay != 0.0 && decays(&path);
+        let (p, m, v) = match host_update(self, p, g, prev, decay) {
+            Ok(done) => done,
+            Err((p, g, prev)) => self.tensor_update(p, g, prev, decay),
+        };
+        let p = p.reshape(shape);
+        self.moments.insert(path, (m, v));
+        let mut p = Tensor::from_inner(p);
+        if require_grad {
+            p = p.require_grad();
+        }
+        Param::from_mapped_value(id, p, mapper)
+    }
+}
+
+type Moments = Option<(Tensor<1>, Tensor<1>)>;
+
+impl Update<'_> {
+    /// The update as tensor ops: any backend, any float type.
+    fn tensor_update(
+        &self,
+        p: Tensor<1>,
+        g: Tensor<1>,
+        prev: Moments,
+        decay: bool,
+    ) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+        let c = self.config;
+        let g = g.mul_scalar(self.grad_scale);
+        let (m, v) = match prev {
             Some((m, v)) => (
                 m.mul_scalar(c.beta1)
                     .add(g.clone().mul_scalar(1.0 - c.beta1)),
@@ -216,7 +244,7 @@ impl ModuleMapper for Update<'_> {
                 g.powi_scalar(2).mul_scalar(1.0 - c.beta2),
             ),
         };
-        let p = if c.weight_decay != 0.0 && decays(&path) {
+        let p = if decay {
             p.mul_scalar(1.0 - self.lr * c.weight_decay)
         } else {
             p
@@ -227,14 +255,102 @@ impl ModuleMapper for Update<'_> {
             .div_scalar(self.bc1)
             .div(denom)
             .mul_scalar(self.lr);
-        let p = p.sub(update).reshape(shape);
-        self.moments.insert(path, (m, v));
-        let mut p = Tensor::from_inner(p);
-        if require_grad {
-            p = p.require_grad();
-        }
-        Param::from_mapped_value(id, p, mapper)
+        (p.sub(update), m, v)
     }
+}
+
+/// The same update as one multi-threaded pass over `p`, `g` and both moments, in place, when all four are
+/// contiguous f32 tensors on the CPU backend. As tensor ops it is a dozen passes over parameter-sized buffers,
+/// each on one thread (Flex runs element-wise ops sequentially); here it is one pass on every core. The
+/// arithmetic is the tensor path's, in the same order. Hands the inputs back otherwise.
+#[allow(clippy::type_complexity)]
+fn host_update(
+    u: &Update<'_>,
+    p: Tensor<1>,
+    g: Tensor<1>,
+    prev: Moments,
+    decay: bool,
+) -> Result<(Tensor<1>, Tensor<1>, Tensor<1>), (Tensor<1>, Tensor<1>, Moments)> {
+    use burn::tensor::DType;
+    use burn_flex::{Flex, FlexTensor};
+    use rayon::prelude::*;
+    if !crate::lm_loss::host_head_enabled() {
+        return Err((p, g, prev));
+    }
+    let all_f32 = p.dtype() == DType::F32
+        && g.dtype() == DType::F32
+        && prev
+            .as_ref()
+            .is_none_or(|(m, v)| m.dtype() == DType::F32 && v.dtype() == DType::F32);
+    let flex = |t: &Tensor<1>| {
+        t.clone()
+            .try_into_primitive::<Flex>()
+            .ok()
+            .filter(|f| f.as_slice::<f32>().is_some())
+    };
+    let n = p.dims()[0];
+    let (Some(pf), Some(gf), true) = (flex(&p), flex(&g), all_f32) else {
+        return Err((p, g, prev));
+    };
+    let moments = match &prev {
+        Some((m, v)) => match (flex(m), flex(v)) {
+            (Some(mf), Some(vf)) => Some((mf, vf)),
+            _ => return Err((p, g, prev)),
+        },
+        None => None,
+    };
+    let len = |f: &FlexTensor| f.as_slice::<f32>().map_or(0, |s| s.len());
+    if len(&pf) != n
+        || len(&gf) != n
+        || moments
+            .as_ref()
+            .is_some_and(|(m, v)| len(m) != n || len(v) != n)
+    {
+        return Err((p, g, prev));
+    }
+    // Only the primitives remain, so each buffer is unshared and is written in place (no copy on write).
+    drop((p, g, prev));
+    let fresh = moments.is_none();
+    let (mut mf, mut vf) = moments.unwrap_or_else(|| {
+        let zeros = || FlexTensor::from_data(TensorData::new(crate::cpu::zeros(n), [n]));
+        (zeros(), zeros())
+    });
+    let mut pf = pf;
+    let c = u.config;
+    let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
+    let (ob1, ob2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
+    let gs = u.grad_scale as f32;
+    let keep = (1.0 - u.lr * c.weight_decay) as f32;
+    let (bc1, bc2, eps, lr) = (u.bc1 as f32, u.bc2 as f32, c.eps as f32, u.lr as f32);
+    const CHUNK: usize = 1 << 14;
+    let gsl = gf.as_slice::<f32>().expect("contiguous, checked above");
+    let (ps, ms, vs) = (
+        pf.storage_mut::<f32>(),
+        mf.storage_mut::<f32>(),
+        vf.storage_mut::<f32>(),
+    );
+    ps[..n]
+        .par_chunks_mut(CHUNK)
+        .zip(ms[..n].par_chunks_mut(CHUNK))
+        .zip(vs[..n].par_chunks_mut(CHUNK))
+        .zip(gsl.par_chunks(CHUNK))
+        .for_each(|(((p, m), v), g)| {
+            for i in 0..p.len() {
+                let gi = g[i] * gs;
+                if fresh {
+                    m[i] = gi * ob1;
+                    v[i] = (gi * gi) * ob2;
+                } else {
+                    m[i] = m[i] * b1 + gi * ob1;
+                    v[i] = v[i] * b2 + (gi * gi) * ob2;
+                }
+                let pi = if decay { p[i] * keep } else { p[i] };
+                let denom = (v[i] / bc2).sqrt() + eps;
+                p[i] = pi - ((m[i] / bc1) / denom) * lr;
+            }
+        });
+    let t = |f: FlexTensor| Tensor::<1>::from_primitive::<Flex>(f);
+    Ok((t(pf), t(mf), t(vf)))
 }
 
 /// Learning-rate schedule kinds.
