@@ -263,7 +263,8 @@ impl Update<'_> {
 /// contiguous f32 tensors on the CPU backend. As tensor ops it is a dozen passes over parameter-sized buffers,
 /// each on one thread (Flex runs element-wise ops sequentially); here it is one pass on every core. The
 /// arithmetic is the tensor path's, in the same order. Hands the inputs back otherwise.
-#[allow(clippy::type_complexity)]
+// The tensors handed back on the fallback path are moved, not copied; boxing them buys nothing.
+#[allow(clippy::type_complexity, clippy::result_large_err)]
 fn host_update(
     u: &Update<'_>,
     p: Tensor<1>,
