@@ -651,7 +651,13 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
                 matmul_new(&ts, &dys, (r, d_out, n), true, false, s.scale),
             ))
         };
-        let (dx, (da, db)) = rayon::join(dx, || rayon::join(da, db));
+        // dW (full fine-tuning) beside them too: two large products side by side keep both cores busy through
+        // the tail of each, where one product alone has only a partial tile left per core.
+        let dw = || {
+            let node = nw?;
+            Some((node, matmul_new(&xs, &dys, (d_in, d_out, n), true, false, 1.0)))
+        };
+        let ((dx, dw), (da, db)) = rayon::join(|| rayon::join(dx, dw), || rayon::join(da, db));
         if let Some((node, dx)) = dx {
             grads.register::<Flex>(node.id, flex(dx, &x_shape));
         }
@@ -661,8 +667,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
         if let Some((node, db)) = db {
             grads.register::<Flex>(node.id, flex(db, &[r, d_out]));
         }
-        if let Some(node) = nw {
-            let dw = matmul_new(&xs, &dys, (d_in, d_out, n), true, false, 1.0);
+        if let Some((node, dw)) = dw {
             grads.register::<Flex>(node.id, flex(dw, &[d_in, d_out]));
         }
         if let Some(node) = nbias {
