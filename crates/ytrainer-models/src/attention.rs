@@ -110,7 +110,55 @@ pub fn attention(
     mask: &Arc<AttnMask>,
 ) -> Option<Tensor<3>> {
     let [b, t, h, d] = q.dims();
+    let queries = Queries::all(b, t);
+    let out = attention_of(q, k, v, mask, queries, [b, t, h, d])?;
+    Some(out.reshape([b, t, h * d]))
+}
+
+/// Attention for the queries at `rows` only (flat `b * T + t` indices, ascending): `q` `[S, H, D]` holds those
+/// queries, `k`, `v` `[B, T, KV, D]` every key and value; gives `[S, H * D]`. For a model's last layer, whose
+/// output is read only where there are targets: every other position needs its key and value, not its query.
+pub fn attention_at(
+    q: &Tensor<3>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+    mask: &Arc<AttnMask>,
+    rows: &[usize],
+) -> Option<Tensor<2>> {
+    let [s, h, d] = q.dims();
+    let [b, t, _, _] = k.dims();
+    if s != rows.len()
+        || rows.windows(2).any(|w| w[0] >= w[1])
+        || rows.last().is_some_and(|&r| r >= b * t)
+    {
+        return None;
+    }
+    let queries = Queries::at(rows, b, t);
+    let out = attention_of(
+        &q.clone().reshape([1, s, h, d]),
+        k,
+        v,
+        mask,
+        queries,
+        [b, t, h, d],
+    )?;
+    Some(out.reshape([s, h * d]))
+}
+
+/// The shared body of [`attention`] and [`attention_at`]: `q` holds the queries of `queries` in order (any shape
+/// whose last two dimensions are `[H, D]`); the result is `[rows, H * D]` flattened to 3 dimensions.
+fn attention_of(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+    mask: &Arc<AttnMask>,
+    queries: Queries,
+    [b, t, h, d]: [usize; 4],
+) -> Option<Tensor<3>> {
     let kv = k.dims()[2];
+    if k.dims() != [b, t, kv, d] || v.dims() != [b, t, kv, d] {
+        return None;
+    }
     if b != mask.batch || t != mask.seq || d != 2 * mask.half || kv == 0 || h % kv != 0 {
         return None;
     }
@@ -118,13 +166,21 @@ pub fn attention(
         return None;
     }
     let dims = Dims { b, t, h, kv, d };
+    let queries = Arc::new(queries);
     if let (Ok(qa), Ok(ka), Ok(va)) = (
         q.clone().try_into_primitive::<Autodiff<Flex>>(),
         k.clone().try_into_primitive::<Autodiff<Flex>>(),
         v.clone().try_into_primitive::<Autodiff<Flex>>(),
     ) {
         return crate::fused::record(AttnBackward, [qa.node(), ka.node(), va.node()], |keep| {
-            let (saved, out) = forward(dims, qa.primitive(), ka.primitive(), va.primitive(), mask)?;
+            let (saved, out) = forward(
+                dims,
+                qa.primitive(),
+                ka.primitive(),
+                va.primitive(),
+                mask,
+                &queries,
+            )?;
             Some((out, keep.then(|| Arc::new(saved))))
         });
     }
@@ -133,7 +189,7 @@ pub fn attention(
         k.clone().try_into_primitive::<Flex>().ok()?,
         v.clone().try_into_primitive::<Flex>().ok()?,
     );
-    let (_, out) = forward(dims, &qf, &kf, &vf, mask)?;
+    let (_, out) = forward(dims, &qf, &kf, &vf, mask, &queries)?;
     Some(Tensor::from_primitive::<Flex>(out))
 }
 
@@ -146,8 +202,50 @@ struct Dims {
     d: usize,
 }
 
-/// What the backward pass needs: rotated and scaled queries `[B, KV, T, G, D]` (see [`to_group_major`]), rotated keys and values
-/// `[B, KV, T, D]` and the log-sum-exp of every query `[B, KV, T, G]`.
+/// The query positions the kernel computes, grouped by batch row: `times[off[b]..off[b + 1]]` are row `b`'s, in
+/// ascending order. Every position of every row for a plain layer; the targets' rows for [`attention_at`].
+#[derive(Debug)]
+struct Queries {
+    times: Vec<usize>,
+    off: Vec<usize>,
+}
+
+impl Queries {
+    fn all(b: usize, t: usize) -> Self {
+        Self {
+            times: (0..b).flat_map(|_| 0..t).collect(),
+            off: (0..=b).map(|i| i * t).collect(),
+        }
+    }
+
+    fn at(rows: &[usize], b: usize, t: usize) -> Self {
+        let mut off = vec![0usize; b + 1];
+        for &r in rows {
+            off[r / t + 1] += 1;
+        }
+        for i in 0..b {
+            off[i + 1] += off[i];
+        }
+        Self {
+            times: rows.iter().map(|&r| r % t).collect(),
+            off,
+        }
+    }
+
+    /// Row `b`'s query times.
+    fn row(&self, b: usize) -> &[usize] {
+        &self.times[self.off[b]..self.off[b + 1]]
+    }
+
+    /// Offset, in `D`-vectors, of the `(b, KV head)` block of a `[.., G, D]` group-major buffer.
+    fn block(&self, b: usize, kvh: usize, kv: usize, group: usize) -> usize {
+        (self.off[b] * kv + kvh * (self.off[b + 1] - self.off[b])) * group
+    }
+}
+
+/// What the backward pass needs: rotated and scaled queries per `(b, KV head)` block `[S_b, G, D]` (see
+/// [`to_group_major`]), rotated keys and values `[B, KV, T, D]`, the log-sum-exp of every query row (same blocks,
+/// `[S_b, G]`) and the query set.
 #[derive(Debug)]
 struct Saved {
     qs: Vec<f32>,
@@ -156,6 +254,8 @@ struct Saved {
     lse: Vec<f32>,
     scale: f32,
     mask: Arc<AttnMask>,
+    queries: Arc<Queries>,
+    q_shape: Vec<usize>,
 }
 
 /// `x * cos + rotate_half(x) * sin` of one head vector.
@@ -180,43 +280,54 @@ fn rope_row_backward(g: &[f32], dst: &mut [f32], cos: &[f32], sin: &[f32], scale
     }
 }
 
-/// `[B, T, KV * G, D]` -> `[B, KV, T, G, D]`, rotating (and scaling) each vector on the way when `rotate`.
+/// `[Q, KV * G, D]` (the queries of `queries`, in order) -> one `[S_b, G, D]` block per `(b, KV head)`, rotating
+/// (and scaling) each vector on the way when `rotate`.
 ///
 /// Query head `h` reads KV head `h / G` (transformers' `repeat_kv`), so in this layout the `G` query heads of one KV
 /// head are adjacent rows at every position: one block of positions is one `(rows x G) x D` operand for all of
 /// them, and the products against that KV head's keys and values run once per group instead of once per head
 /// (taller, faster GEMMs; the gradients of K and V come out already summed over the group). Keys and values use
-/// it with `G = 1`.
+/// it with `G = 1` and every position.
+#[allow(clippy::too_many_arguments)]
 fn to_group_major(
     x: &[f32],
     kv: usize,
     group: usize,
     d: Dims,
     mask: &AttnMask,
+    queries: &Queries,
     rotate: bool,
     scale: f32,
 ) -> Vec<f32> {
-    let (t, dd) = (d.t, d.d);
+    let dd = d.d;
     let heads = kv * group;
-    let mut out = zeros(d.b * heads * t * dd);
-    out.par_chunks_mut(t * group * dd)
-        .enumerate()
-        .for_each(|(bk, dst)| {
-            let (b, kvh) = (bk / kv, bk % kv);
-            for i in 0..t {
-                let src = &x[((b * t + i) * heads + kvh * group) * dd..][..group * dd];
-                let rows = &mut dst[i * group * dd..(i + 1) * group * dd];
-                if rotate {
-                    let r = (b * t + i) * mask.half;
-                    let (cos, sin) = (&mask.cos[r..r + mask.half], &mask.sin[r..r + mask.half]);
-                    for (s, o) in src.chunks_exact(dd).zip(rows.chunks_exact_mut(dd)) {
-                        rope_row(s, o, cos, sin, scale);
-                    }
-                } else {
-                    rows.copy_from_slice(src);
+    let mut out = zeros(queries.times.len() * heads * dd);
+    // One task per (b, KV head) block; blocks are contiguous and in (b, kvh) order, so split the buffer by size.
+    let mut blocks: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(d.b * kv);
+    let mut rest: &mut [f32] = &mut out;
+    for b in 0..d.b {
+        let len = queries.row(b).len() * group * dd;
+        for kvh in 0..kv {
+            let (head, tail) = rest.split_at_mut(len);
+            blocks.push((b, kvh, head));
+            rest = tail;
+        }
+    }
+    blocks.into_par_iter().for_each(|(b, kvh, dst)| {
+        for (j, &i) in queries.row(b).iter().enumerate() {
+            let src = &x[((queries.off[b] + j) * heads + kvh * group) * dd..][..group * dd];
+            let rows = &mut dst[j * group * dd..(j + 1) * group * dd];
+            if rotate {
+                let r = (b * d.t + i) * mask.half;
+                let (cos, sin) = (&mask.cos[r..r + mask.half], &mask.sin[r..r + mask.half]);
+                for (s, o) in src.chunks_exact(dd).zip(rows.chunks_exact_mut(dd)) {
+                    rope_row(s, o, cos, sin, scale);
                 }
+            } else {
+                rows.copy_from_slice(src);
             }
-        });
+        }
+    });
     out
 }
 
@@ -270,25 +381,25 @@ unsafe fn mm(
     }
 }
 
-/// Scores of one block of query positions `[r0, r1)` (each `group` rows, see [`to_group_major`]) against keys
-/// `[c0, r1)`, masked and turned into probabilities (the `lse` of each row is written when `write_lse`, else read).
+/// Scores of one block of queries at times `qt` (each `group` rows, see [`to_group_major`]; `q` starts at the
+/// block's first row) against keys `[c0, c1)`, masked and turned into probabilities (the `lse` of each row is
+/// written when `write_lse`, else read; `lse` starts at the block's first row too).
 #[allow(clippy::too_many_arguments)]
 fn block_probs(
     s: &mut [f32],
     q: &[f32],
     k: &[f32],
     (dd, group): (usize, usize),
-    r0: usize,
-    r1: usize,
-    c0: usize,
+    qt: &[usize],
+    (c0, c1): (usize, usize),
     starts: &[usize],
     lse: &mut [f32],
     write_lse: bool,
 ) {
-    let nc = r1 - c0;
-    let rows = (r1 - r0) * group;
-    // SAFETY: q rows r0*group..r1*group and k rows c0..r1 (each dd wide) lie inside the per-group slices; s holds
-    // rows x nc.
+    let nc = c1 - c0;
+    let rows = qt.len() * group;
+    // SAFETY: q holds rows x dd values from its start, k rows c0..c1 (each dd wide) lie inside the per-group
+    // slice, and s holds rows x nc.
     unsafe {
         mm(
             rows,
@@ -297,7 +408,7 @@ fn block_probs(
             s.as_mut_ptr(),
             nc,
             false,
-            q[r0 * group * dd..].as_ptr(),
+            q.as_ptr(),
             dd,
             1,
             k[c0 * dd..].as_ptr(),
@@ -306,13 +417,13 @@ fn block_probs(
         );
     }
     for ri in 0..rows {
-        let i = r0 + ri / group;
+        let i = qt[ri / group];
         let row = &mut s[ri * nc..(ri + 1) * nc];
         let lo = starts[i].max(c0) - c0;
         let hi = i + 1 - c0;
         row[..lo].fill(f32::NEG_INFINITY);
         row[hi..].fill(f32::NEG_INFINITY);
-        let l = &mut lse[r0 * group + ri];
+        let l = &mut lse[ri];
         if write_lse {
             *l = cpu::softmax_inplace(row);
         } else {
@@ -321,52 +432,79 @@ fn block_probs(
     }
 }
 
+/// The key range `[c0, c1)` a block of queries at times `qt` (ascending) can see.
+fn key_range(qt: &[usize], starts: &[usize]) -> (usize, usize) {
+    let c0 = qt.iter().map(|&i| starts[i]).min().unwrap_or(0);
+    let c1 = qt.last().map_or(0, |&i| i + 1);
+    (c0, c1)
+}
+
 fn forward(
     d: Dims,
     q: &FlexTensor,
     k: &FlexTensor,
     v: &FlexTensor,
     mask: &Arc<AttnMask>,
+    queries: &Arc<Queries>,
 ) -> Option<(Saved, FlexTensor)> {
     let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::AttentionForward);
+    let q_shape = q.layout().shape().as_slice().to_vec();
     let (q, k, v) = (host(q)?, host(k)?, host(v)?);
     let (t, dd, h, kv) = (d.t, d.d, d.h, d.kv);
+    let nq = queries.times.len();
+    if q.len() != nq * h * dd {
+        return None;
+    }
     let scale = 1.0 / (dd as f32).sqrt();
     let group = h / kv;
-    let qs = to_group_major(&q, kv, group, d, mask, true, scale);
-    let kr = to_group_major(&k, kv, 1, d, mask, true, 1.0);
-    let vt = to_group_major(&v, kv, 1, d, mask, false, 1.0);
-    let mut lse = vec![0.0f32; d.b * h * t];
-    // Per (b, KV head): the output rows of its query group, `[T, G, D]`, which is already the `[B, T, H, D]`
-    // order within a position; scattered below.
-    let mut o_gm = zeros(d.b * h * t * dd);
-    o_gm.par_chunks_mut(t * group * dd)
-        .zip(lse.par_chunks_mut(t * group))
-        .enumerate()
-        .for_each(|(bk, (o, lse))| {
-            let b = bk / kv;
-            let qg = &qs[bk * t * group * dd..(bk + 1) * t * group * dd];
+    let gd = group * dd;
+    let every = Queries::all(d.b, t);
+    let qs = to_group_major(&q, kv, group, d, mask, queries, true, scale);
+    let kr = to_group_major(&k, kv, 1, d, mask, &every, true, 1.0);
+    let vt = to_group_major(&v, kv, 1, d, mask, &every, false, 1.0);
+    // Per (b, KV head): the output rows of its query group `[S_b, G, D]` (already the `[.., H, D]` order within a
+    // query) and their log-sum-exp.
+    let per_group: Vec<(Vec<f32>, Vec<f32>)> = (0..d.b * kv)
+        .into_par_iter()
+        .map(|bk| {
+            let (b, kvh) = (bk / kv, bk % kv);
+            let times = queries.row(b);
+            let base = queries.block(b, kvh, kv, group);
+            let qg = &qs[base * dd..(base + times.len() * group) * dd];
             let kh = &kr[bk * t * dd..(bk + 1) * t * dd];
             let vh = &vt[bk * t * dd..(bk + 1) * t * dd];
             let starts = &mask.start[b * t..(b + 1) * t];
+            let mut o = zeros(times.len() * gd);
+            let mut lse = vec![0.0f32; times.len() * group];
             let mut s = vec![0.0f32; BLOCK * group * t];
-            for r0 in (0..t).step_by(BLOCK) {
-                let r1 = (r0 + BLOCK).min(t);
-                let c0 = starts[r0..r1].iter().copied().min().unwrap_or(0);
-                let nc = r1 - c0;
-                block_probs(&mut s, qg, kh, (dd, group), r0, r1, c0, starts, lse, true);
-                // SAFETY: s holds (r1-r0)*group x nc probabilities, v rows c0..r1 and o rows r0*group..r1*group
-                // are in bounds.
+            for j0 in (0..times.len()).step_by(BLOCK) {
+                let j1 = (j0 + BLOCK).min(times.len());
+                let qt = &times[j0..j1];
+                let (c0, c1) = key_range(qt, starts);
+                let r0 = j0 * group;
+                block_probs(
+                    &mut s,
+                    &qg[r0 * dd..],
+                    kh,
+                    (dd, group),
+                    qt,
+                    (c0, c1),
+                    starts,
+                    &mut lse[r0..],
+                    true,
+                );
+                // SAFETY: s holds (j1-j0)*group x (c1-c0) probabilities, v rows c0..c1 and o rows from r0 on are
+                // in bounds.
                 unsafe {
                     mm(
-                        (r1 - r0) * group,
+                        (j1 - j0) * group,
                         dd,
-                        nc,
-                        o[r0 * group * dd..].as_mut_ptr(),
+                        c1 - c0,
+                        o[r0 * dd..].as_mut_ptr(),
                         dd,
                         false,
                         s.as_ptr(),
-                        nc,
+                        c1 - c0,
                         1,
                         vh[c0 * dd..].as_ptr(),
                         dd,
@@ -374,19 +512,26 @@ fn forward(
                     );
                 }
             }
-        });
-    let mut out = zeros(d.b * t * h * dd);
-    let gd = group * dd;
+            (o, lse)
+        })
+        .collect();
+    let mut out = zeros(nq * h * dd);
     out.par_chunks_mut(h * dd)
         .enumerate()
-        .for_each(|(bt, dst)| {
-            let (b, i) = (bt / t, bt % t);
+        .for_each(|(qi, dst)| {
+            let b = queries.off.partition_point(|&o| o <= qi) - 1;
+            let j = qi - queries.off[b];
             for kvh in 0..kv {
-                let src = &o_gm[(((b * kv + kvh) * t) + i) * gd..][..gd];
+                let src = &per_group[b * kv + kvh].0[j * gd..][..gd];
                 dst[kvh * gd..(kvh + 1) * gd].copy_from_slice(src);
             }
         });
-    let out = FlexTensor::from_data(TensorData::new(out, [d.b, t, h * dd]));
+    let mut lse = vec![0.0f32; nq * h];
+    for (bk, (_, l)) in per_group.iter().enumerate() {
+        let base = queries.block(bk / kv, bk % kv, kv, group);
+        lse[base..base + l.len()].copy_from_slice(l);
+    }
+    let out = FlexTensor::from_data(TensorData::new(out, [1, nq, h * dd]));
     Some((
         Saved {
             qs,
@@ -395,60 +540,66 @@ fn forward(
             lse,
             scale,
             mask: mask.clone(),
+            queries: queries.clone(),
+            q_shape,
         },
         out,
     ))
 }
 
-/// Gradients with respect to q, k, v (before RoPE, in their `[B, T, heads, D]` layouts) from the output's gradient.
+/// Gradients with respect to q (in the queries' order), k and v (`[B, T, KV, D]`), all before RoPE, from the
+/// output's gradient.
 fn backward(d: Dims, s: &Saved, grad: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::AttentionBackward);
     let (t, dd, h, kv) = (d.t, d.d, d.h, d.kv);
     let group = h / kv;
     let gd = group * dd;
     let mask = &s.mask;
-    // Per (b, KV head): dQs of its query group `[T, G, D]`, and dK, dV `[T, D]` (summed over the group by the
+    let queries = &s.queries;
+    // Per (b, KV head): dQs of its query group `[S_b, G, D]`, and dK, dV `[T, D]` (summed over the group by the
     // products themselves, whose inner dimension runs over the group's rows).
     let per_group: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..d.b * kv)
         .into_par_iter()
         .map(|bk| {
-            let b = bk / kv;
-            let qg = &s.qs[bk * t * gd..(bk + 1) * t * gd];
+            let (b, kvh) = (bk / kv, bk % kv);
+            let times = queries.row(b);
+            let base = queries.block(b, kvh, kv, group);
+            let qg = &s.qs[base * dd..(base + times.len() * group) * dd];
             let kh = &s.kr[bk * t * dd..(bk + 1) * t * dd];
             let vh = &s.vt[bk * t * dd..(bk + 1) * t * dd];
             let starts = &mask.start[b * t..(b + 1) * t];
-            let mut lse = s.lse[bk * t * group..(bk + 1) * t * group].to_vec();
-            // dO of this group, gathered to [T, G, D].
-            let mut go = vec![0.0f32; t * gd];
-            for i in 0..t {
-                go[i * gd..(i + 1) * gd]
-                    .copy_from_slice(&grad[((b * t + i) * kv + bk % kv) * gd..][..gd]);
+            let mut lse = s.lse[base..base + times.len() * group].to_vec();
+            // dO of this group, gathered to [S_b, G, D].
+            let mut go = zeros(times.len() * gd);
+            for j in 0..times.len() {
+                go[j * gd..(j + 1) * gd]
+                    .copy_from_slice(&grad[((queries.off[b] + j) * kv + kvh) * gd..][..gd]);
             }
-            let mut dq = vec![0.0f32; t * gd];
+            let mut dq = zeros(times.len() * gd);
             let mut dk = vec![0.0f32; t * dd];
             let mut dv = vec![0.0f32; t * dd];
             let mut p = vec![0.0f32; BLOCK * group * t];
             let mut dp = vec![0.0f32; BLOCK * group * t];
-            for r0 in (0..t).step_by(BLOCK) {
-                let r1 = (r0 + BLOCK).min(t);
-                let rows = (r1 - r0) * group;
-                let q0 = r0 * group;
-                let c0 = starts[r0..r1].iter().copied().min().unwrap_or(0);
-                let nc = r1 - c0;
+            for j0 in (0..times.len()).step_by(BLOCK) {
+                let j1 = (j0 + BLOCK).min(times.len());
+                let qt = &times[j0..j1];
+                let rows = qt.len() * group;
+                let q0 = j0 * group;
+                let (c0, c1) = key_range(qt, starts);
+                let nc = c1 - c0;
                 block_probs(
                     &mut p,
-                    qg,
+                    &qg[q0 * dd..],
                     kh,
                     (dd, group),
-                    r0,
-                    r1,
-                    c0,
+                    qt,
+                    (c0, c1),
                     starts,
-                    &mut lse,
+                    &mut lse[q0..],
                     false,
                 );
-                // SAFETY (all four products): the blocks are rows x nc, operand rows q0..q0+rows of the [T*G, D]
-                // slices and c0..r1 of the [T, D] ones.
+                // SAFETY (all four products): the blocks are rows x nc, operand rows q0..q0+rows of the [S_b*G, D]
+                // slices and c0..c1 of the [T, D] ones.
                 unsafe {
                     // dP = dO · V^T
                     mm(
@@ -527,13 +678,15 @@ fn backward(d: Dims, s: &Saved, grad: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) 
         .collect();
 
     let half = mask.half;
-    let mut gq = zeros(d.b * t * h * dd);
-    gq.par_chunks_mut(h * dd).enumerate().for_each(|(bt, dst)| {
-        let (b, i) = (bt / t, bt % t);
-        let r = bt * half;
+    let nq = queries.times.len();
+    let mut gq = zeros(nq * h * dd);
+    gq.par_chunks_mut(h * dd).enumerate().for_each(|(qi, dst)| {
+        let b = queries.off.partition_point(|&o| o <= qi) - 1;
+        let j = qi - queries.off[b];
+        let r = (b * t + queries.times[qi]) * half;
         let (cos, sin) = (&mask.cos[r..r + half], &mask.sin[r..r + half]);
         for kvh in 0..kv {
-            let src = &per_group[b * kv + kvh].0[i * gd..(i + 1) * gd];
+            let src = &per_group[b * kv + kvh].0[j * gd..(j + 1) * gd];
             let out = &mut dst[kvh * gd..(kvh + 1) * gd];
             for (g, o) in src.chunks_exact(dd).zip(out.chunks_exact_mut(dd)) {
                 rope_row_backward(g, o, cos, sin, s.scale);
@@ -569,24 +722,26 @@ impl Backward<Flex, 3> for AttnBackward {
         let [nq, nk, nv] = ops.parents;
         let grad = grads.consume::<Flex>(&ops.node);
         let s = ops.state;
-        let [b, t, hd] = grad.layout().shape().dims::<3>();
+        let b = s.mask.batch;
+        let t = s.mask.seq;
         let dd = 2 * s.mask.half;
-        let h = hd / dd;
         let kv = s.kr.len() / (b * t * dd);
+        let h = *s.q_shape.get(s.q_shape.len().wrapping_sub(2)).unwrap_or(&0);
         let d = Dims { b, t, h, kv, d: dd };
         let g = host(&grad).expect("attention gradient is f32");
         let (gq, gk, gv) = backward(d, &s, &g);
-        let tensor = |v: Vec<f32>, heads: usize| {
-            FlexTensor::from_data(TensorData::new(v, [b, t, heads, dd]))
-        };
         if let Some(n) = nq {
-            grads.register::<Flex>(n.id, tensor(gq, h));
+            grads.register::<Flex>(
+                n.id,
+                FlexTensor::from_data(TensorData::new(gq, s.q_shape.clone())),
+            );
         }
+        let kv_tensor = |v: Vec<f32>| FlexTensor::from_data(TensorData::new(v, [b, t, kv, dd]));
         if let Some(n) = nk {
-            grads.register::<Flex>(n.id, tensor(gk, kv));
+            grads.register::<Flex>(n.id, kv_tensor(gk));
         }
         if let Some(n) = nv {
-            grads.register::<Flex>(n.id, tensor(gv, kv));
+            grads.register::<Flex>(n.id, kv_tensor(gv));
         }
     }
 }
@@ -728,6 +883,67 @@ mod tests {
                 assert_eq!(diff, 0.0);
             }
         }
+    }
+
+    /// Attention for a subset of query rows equals the full attention's rows there, in value and in the gradients
+    /// of q (at those rows), k and v; the other rows' queries get no gradient at all.
+    #[test]
+    fn selected_queries_match_the_full_attention_at_those_rows() {
+        let plain = Device::flex();
+        let (b, t, h, kv, d) = (2, 70, 4, 2, 8);
+        let inv: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
+            .collect();
+        let seg: Vec<i64> = (0..b * t).map(|i| if i % t < 30 { 1 } else { 2 }).collect();
+        let pos: Vec<i64> = (0..b * t)
+            .map(|i| (if i % t < 30 { i % t } else { i % t - 30 }) as i64)
+            .collect();
+        let mask = Arc::new(AttnMask::new(&pos, &seg, b, t, &inv, Some(20)).expect("contiguous"));
+        // Rows in both batch rows, both segments, first and last positions, several per 64-query block.
+        let rows: Vec<usize> = vec![0, 5, 29, 30, 31, 64, 65, 69, t, t + 3, t + 40, 2 * t - 1];
+        let (q0, k0, v0) = (
+            rand([b, t, h, d], 1, &plain),
+            rand([b, t, kv, d], 2, &plain),
+            rand([b, t, kv, d], 3, &plain),
+        );
+        let idx = Tensor::<1, Int>::from_data(
+            TensorData::new(
+                rows.iter().map(|&r| r as i64).collect::<Vec<_>>(),
+                [rows.len()],
+            ),
+            &plain.clone().autodiff(),
+        );
+        let upstream = Tensor::<2>::from_inner(
+            rand([1, 1, rows.len(), h * d], 9, &plain).reshape([rows.len(), h * d]),
+        );
+        let leaf = |x: &Tensor<4>| Tensor::<4>::from_inner(x.clone()).require_grad();
+        // The full attention, then its rows.
+        let (qa, ka, va) = (leaf(&q0), leaf(&k0), leaf(&v0));
+        let full = attention(&qa, &ka, &va, &mask).expect("fused path");
+        let want = full.reshape([b * t, h * d]).select(0, idx.clone());
+        let ga = want.clone().mul(upstream.clone()).sum().backward();
+        // Only those queries.
+        let (qb, kb, vb) = (leaf(&q0), leaf(&k0), leaf(&v0));
+        let q_sel = qb.clone().reshape([b * t, h, d]).select(0, idx);
+        let got = attention_at(&q_sel, &kb, &vb, &mask, &rows).expect("fused path");
+        let gb = got.clone().mul(upstream).sum().backward();
+        let diff = got.sub(want).abs().max().into_scalar::<f32>();
+        assert!(diff < 1e-5, "outputs differ by {diff}");
+        for (name, a, r) in [("q", &qa, &qb), ("k", &ka, &kb), ("v", &va, &vb)] {
+            let diff = max_diff(
+                Tensor::from_inner(a.grad(&ga).unwrap()),
+                Tensor::from_inner(r.grad(&gb).unwrap()),
+            );
+            assert!(diff < 1e-5, "d{name} differs by {diff}");
+        }
+        // Unsorted or out-of-range rows are refused (the caller falls back to the full layer).
+        let q2 = Tensor::<3>::from_inner(rand([1, 2, h, d], 4, &plain).reshape([2, h, d]));
+        let (k2, v2) = (
+            Tensor::from_inner(k0.clone()),
+            Tensor::from_inner(v0.clone()),
+        );
+        assert!(attention_at(&q2, &k2, &v2, &mask, &[5, 3]).is_none());
+        assert!(attention_at(&q2, &k2, &v2, &mask, &[3, 2 * t]).is_none());
     }
 
     fn fused_inner(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, mask: &Arc<AttnMask>) -> Tensor<3> {

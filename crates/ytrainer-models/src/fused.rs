@@ -655,7 +655,10 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
         // the tail of each, where one product alone has only a partial tile left per core.
         let dw = || {
             let node = nw?;
-            Some((node, matmul_new(&xs, &dys, (d_in, d_out, n), true, false, 1.0)))
+            Some((
+                node,
+                matmul_new(&xs, &dys, (d_in, d_out, n), true, false, 1.0),
+            ))
         };
         let ((dx, dw), (da, db)) = rayon::join(|| rayon::join(dx, dw), || rayon::join(da, db));
         if let Some((node, dx)) = dx {
