@@ -37,6 +37,21 @@ pub trait CausalLm: Module {
     /// Final hidden states after the last norm, `[B, T, hidden]`.
     fn hidden_states(&self, input: &ModelInput) -> Tensor<3>;
 
+    /// Final hidden states at `rows` only (flat `b * T + t` indices, ascending; `host_rows` the same on the host),
+    /// `[N, hidden]`. The default computes every position and selects; a model may skip the work no target
+    /// needs (see the decoder's last layer).
+    fn hidden_states_at(
+        &self,
+        input: &ModelInput,
+        rows: &Tensor<1, Int>,
+        host_rows: &[usize],
+    ) -> Tensor<2> {
+        let _ = host_rows;
+        let hidden = self.hidden_states(input);
+        let [b, t, h] = hidden.dims();
+        hidden.reshape([b * t, h]).select(0, rows.clone())
+    }
+
     /// Applies the LM head to rows of hidden states: `[N, hidden] -> [N, vocab]`.
     /// Split from [`CausalLm::hidden_states`] so the trainer computes logits only where there are targets.
     fn lm_head(&self, hidden: Tensor<2>) -> Tensor<2>;

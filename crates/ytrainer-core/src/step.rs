@@ -82,6 +82,8 @@ pub struct DeviceBatch {
     pub input: ModelInput,
     /// Flat `[B*T]` index of the hidden state that predicts each target, in target order.
     pub rows: Tensor<1, Int>,
+    /// The same indices on the host (ascending: targets are listed in row-major order).
+    pub row_ids: Vec<usize>,
     /// Target ids, in the same order.
     pub targets: Tensor<1, Int>,
     /// Target ids on the host, in the same order.
@@ -115,6 +117,7 @@ pub fn to_device(mb: &MicroBatch, device: &Device) -> DeviceBatch {
     }
     let n = rows.len();
     let target_ids = targets.iter().map(|&t| t as usize).collect();
+    let row_ids = rows.iter().map(|&r| r as usize).collect();
     DeviceBatch {
         input: ModelInput {
             input_ids: int2(&mb.input_ids),
@@ -122,6 +125,7 @@ pub fn to_device(mb: &MicroBatch, device: &Device) -> DeviceBatch {
             segment_ids: int2(&mb.segment_ids),
         },
         rows: Tensor::from_data(TensorData::new(rows, [n]), device),
+        row_ids,
         targets: Tensor::from_data(TensorData::new(targets, [n]), device),
         target_ids,
         n,
@@ -142,9 +146,7 @@ pub fn target_log_probs<M: CausalLm>(model: &M, batch: &DeviceBatch) -> Tensor<2
 /// Final hidden states of the rows that predict the batch's targets, `[N, hidden]`, in target order (with the
 /// model's graph: detach for inference).
 pub fn target_hidden<M: CausalLm>(model: &M, batch: &DeviceBatch) -> Tensor<2> {
-    let hidden = model.hidden_states(&batch.input);
-    let [b, t, h] = hidden.dims();
-    hidden.reshape([b * t, h]).select(0, batch.rows.clone())
+    model.hidden_states_at(&batch.input, &batch.rows, &batch.row_ids)
 }
 
 /// Forward-only CE (and entropy) and argmax per target through the model's head, at most ~16M logits live at a

@@ -300,6 +300,40 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// Attention output (after `o_proj`) at `rows` only, `[N, hidden]`, from the normalised input of every
+    /// position `x` `[B, T, hidden]`: keys and values everywhere, queries at `rows`. CPU kernel only.
+    pub fn forward_at(
+        &self,
+        x: Tensor<3>,
+        ctx: &AttnContext,
+        rows: &Tensor<1, Int>,
+        host_rows: &[usize],
+    ) -> Option<Tensor<2>> {
+        let mask = ctx.fused.as_ref()?;
+        let [b, t, hidden] = x.dims();
+        let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let n = host_rows.len();
+        let mut k = self.k_proj.forward(x.clone()).reshape([b, t, kv, d]);
+        let v = self.v_proj.forward(x.clone()).reshape([b, t, kv, d]);
+        let x_rows = x.reshape([b * t, hidden]).select(0, rows.clone());
+        let mut q = self
+            .q_proj
+            .forward(x_rows.reshape([1, n, hidden]))
+            .reshape([n, h, d]);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(q);
+            k = kn.forward(k);
+        }
+        let out = crate::attention::attention_at(&q, &k, &v, mask, host_rows)?;
+        Some(
+            self.o_proj
+                .forward(out.reshape([1, n, h * d]))
+                .reshape([n, hidden]),
+        )
+    }
+}
+
 /// What every layer's attention needs for one batch: the fused CPU kernel's host tables when it applies, else
 /// the RoPE tables and mask as tensors (built on first use, so the fused path never pays for them).
 pub struct AttnContext {
@@ -415,6 +449,29 @@ impl DecoderLayer {
     pub fn forward(&self, x: Tensor<3>, ctx: &AttnContext) -> Tensor<3> {
         let x = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), ctx);
         x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+    }
+
+    /// The layer's output at `rows` only (flat `b * T + t`, ascending), `[N, hidden]`; `None` when the fused
+    /// attention kernel does not apply (the caller then runs [`DecoderLayer::forward`] and selects).
+    pub fn forward_at(
+        &self,
+        x: Tensor<3>,
+        ctx: &AttnContext,
+        rows: &Tensor<1, Int>,
+        host_rows: &[usize],
+    ) -> Option<Tensor<2>> {
+        let [b, t, hidden] = x.dims();
+        let n = host_rows.len();
+        let attn = self.self_attn.forward_at(
+            self.input_layernorm.forward(x.clone()),
+            ctx,
+            rows,
+            host_rows,
+        )?;
+        let x = x.reshape([b * t, hidden]).select(0, rows.clone()) + attn;
+        let x = x.reshape([1, n, hidden]);
+        let y = x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x));
+        Some(y.reshape([n, hidden]))
     }
 
     /// The seven projections with their HF names relative to the layer (`self_attn.q_proj`, ...).
@@ -657,6 +714,39 @@ impl CausalLm for Decoder {
         self.norm.forward(x)
     }
 
+    fn hidden_states_at(
+        &self,
+        input: &ModelInput,
+        rows: &Tensor<1, Int>,
+        host_rows: &[usize],
+    ) -> Tensor<2> {
+        let ctx = AttnContext::new(input, &self.inv_freq, self.spec.sliding_window, true);
+        let mut x = self.embed_tokens.forward(input.input_ids.clone());
+        let [b, t, h] = x.dims();
+        let Some((last, body)) = self.layers.split_last() else {
+            return self
+                .norm
+                .forward(x)
+                .reshape([b * t, h])
+                .select(0, rows.clone());
+        };
+        for layer in body {
+            x = layer.forward(x, &ctx);
+        }
+        // The last layer's output is read only at the targets: every position still gives the keys and values
+        // its attention reads, but queries, the output projection and the MLP run at the target rows alone
+        // (worth it once at least an eighth of the positions are not targets: prompts, windowed mode).
+        if host_rows.len() * 8 <= b * t * 7
+            && let Some(y) = last.forward_at(x.clone(), &ctx, rows, host_rows)
+        {
+            return self.norm.forward(y);
+        }
+        self.norm
+            .forward(last.forward(x, &ctx))
+            .reshape([b * t, h])
+            .select(0, rows.clone())
+    }
+
     fn lm_head(&self, hidden: Tensor<2>) -> Tensor<2> {
         hidden.matmul(self.head_weight())
     }
@@ -696,5 +786,95 @@ impl CausalLm for Decoder {
             AdapterSpec::Full => crate::save::save_hf_checkpoint(self, &self.config, dir),
         }
         .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AdapterSpec, HfConfig, init_random};
+
+    /// The last layer computed at the target rows only gives the same hidden states and the same gradient for
+    /// every parameter as the whole layer followed by a selection (Qwen2 and Qwen3, whose q/k norms it also
+    /// covers; a packed batch with two segments).
+    #[test]
+    fn last_layer_at_target_rows_matches_the_full_layer() {
+        let device = Device::flex().autodiff();
+        for model_type in ["qwen2", "qwen3"] {
+            let json = serde_json::json!({
+                "model_type": model_type, "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+                "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                "tie_word_embeddings": true,
+            });
+            let config = HfConfig::from_json_str(&json.to_string()).expect("config");
+            let model = init_random(&config, 3, &AdapterSpec::Full, &device).expect("model");
+            let (b, t) = (2, 20);
+            let ids: Vec<i64> = (0..b * t).map(|i| (i * 7 % 61) as i64).collect();
+            let pos: Vec<i64> = (0..b * t)
+                .map(|i| (if i < 30 { i % t } else { i - 30 }) as i64)
+                .collect();
+            let seg: Vec<i64> = (0..b * t).map(|i| if i < 30 { 1 } else { 2 }).collect();
+            let int =
+                |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [b, t]), &device);
+            let input = ModelInput {
+                input_ids: int(ids),
+                position_ids: int(pos),
+                segment_ids: int(seg),
+            };
+            // Answer-like targets: the second half of each row, so the fast path applies.
+            let host_rows: Vec<usize> = (0..b)
+                .flat_map(|r| (11..t).map(move |i| r * t + i))
+                .collect();
+            let rows = Tensor::<1, Int>::from_data(
+                TensorData::new(
+                    host_rows.iter().map(|&r| r as i64).collect::<Vec<_>>(),
+                    [host_rows.len()],
+                ),
+                &device,
+            );
+            let up = Tensor::<2>::from_data(
+                TensorData::new(
+                    (0..host_rows.len() * 32)
+                        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                        .collect::<Vec<_>>(),
+                    [host_rows.len(), 32],
+                ),
+                &device,
+            );
+            let got = model.hidden_states_at(&input, &rows, &host_rows);
+            let want = model
+                .hidden_states(&input)
+                .reshape([b * t, 32])
+                .select(0, rows.clone());
+            let diff = got
+                .clone()
+                .sub(want.clone())
+                .abs()
+                .max()
+                .into_scalar::<f32>();
+            assert!(diff < 1e-5, "{model_type}: hidden states differ by {diff}");
+            let g1 = got.mul(up.clone()).sum().backward();
+            let g2 = want.mul(up).sum().backward();
+            let mut checked = 0;
+            for (name, p) in [
+                ("embed", model.embed_tokens.weight.val()),
+                ("l0.q", model.layers[0].self_attn.q_proj.weight.val()),
+                ("l1.q", model.layers[1].self_attn.q_proj.weight.val()),
+                ("l1.k", model.layers[1].self_attn.k_proj.weight.val()),
+                ("l1.o", model.layers[1].self_attn.o_proj.weight.val()),
+                ("l1.down", model.layers[1].mlp.down_proj.weight.val()),
+            ] {
+                let (a, r) = (p.grad(&g1).expect("grad"), p.grad(&g2).expect("grad"));
+                let d = Tensor::<2>::from_inner(a)
+                    .sub(Tensor::from_inner(r))
+                    .abs()
+                    .max()
+                    .into_scalar::<f32>();
+                assert!(d < 1e-4, "{model_type}: {name} gradient differs by {d}");
+                checked += 1;
+            }
+            assert_eq!(checked, 6);
+        }
     }
 }
