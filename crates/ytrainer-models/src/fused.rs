@@ -15,7 +15,7 @@ use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, NodeGuard, Ops, OpsKind};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
-use ytrainer_core::cpu::{self, matmul, matmul_new, zeros};
+use ytrainer_core::cpu::{self, matmul, matmul_new};
 
 /// Rows handed to one rayon task: enough work to amortise scheduling, small enough to balance two cores.
 const ROWS_PER_TASK: usize = 16;
@@ -113,19 +113,23 @@ fn rms_forward(x: &FlexTensor, w: &FlexTensor, eps: f32) -> Option<(FlexTensor, 
         return None;
     }
     let rows = xs.len() / hdim;
-    let mut y = zeros(xs.len());
+    // The output is written once, not zeroed first (a memory-bound op: a zeroing pass is a third more traffic).
+    let mut y = Vec::with_capacity(rows * hdim);
     let mut inv = vec![0.0f32; rows];
-    y.par_chunks_mut(hdim * ROWS_PER_TASK)
+    y.spare_capacity_mut()[..rows * hdim]
+        .par_chunks_mut(hdim * ROWS_PER_TASK)
         .zip(inv.par_chunks_mut(ROWS_PER_TASK))
         .zip(xs.par_chunks(hdim * ROWS_PER_TASK))
         .for_each(|((yc, ic), xc)| {
             for ((yr, r), xr) in yc.chunks_mut(hdim).zip(ic.iter_mut()).zip(xc.chunks(hdim)) {
                 *r = 1.0 / (cpu::dot(xr, xr) / hdim as f32 + eps).sqrt();
                 for ((o, &a), &g) in yr.iter_mut().zip(xr).zip(ws.iter()) {
-                    *o = g * (a * *r);
+                    o.write(g * (a * *r));
                 }
             }
         });
+    // SAFETY: the row chunks cover all rows * hdim elements and every element of each row was written above.
+    unsafe { y.set_len(rows * hdim) };
     Some((flex(y, &shape), inv))
 }
 
@@ -147,39 +151,38 @@ impl Backward<Flex, 2> for RmsNormBackward {
         let [nx, nw] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
         let s = ops.state;
-        let shape = s.x.layout().shape().as_slice().to_vec();
-        let (xs, ws, dys) = (
+        let (xs, ws) = (
             host(&s.x).expect("f32 input"),
             host(&s.w).expect("f32 weight"),
-            host(&dy).expect("f32 gradient"),
         );
         let hdim = ws.len();
-        // dx = r (g - x r^2 mean(g x)) with g = dy * w; dw = sum over rows of dy * x * r.
-        let mut dx = zeros(xs.len());
-        let dw = dx
+        // dx = r (g - x r^2 mean(g x)) with g = dy * w; dw = sum over rows of dy * x * r. dx is written over dy
+        // (each row's dy is read before it is overwritten; copied first only if something else holds it).
+        let mut dx = if dy.is_contiguous() {
+            dy
+        } else {
+            dy.to_contiguous()
+        };
+        let (d0, d1) = dx.layout().contiguous_offsets().expect("contiguous");
+        let dxs = &mut dx.storage_mut::<f32>()[d0..d1];
+        let dw = dxs
             .par_chunks_mut(hdim * ROWS_PER_TASK)
             .zip(xs.par_chunks(hdim * ROWS_PER_TASK))
-            .zip(dys.par_chunks(hdim * ROWS_PER_TASK))
             .zip(s.inv.par_chunks(ROWS_PER_TASK))
             .fold(
                 || vec![0.0f32; hdim],
-                |mut dw, (((dxc, xc), dyc), ic)| {
+                |mut dw, ((dc, xc), ic)| {
                     let mut g = vec![0.0f32; hdim];
-                    for (((dxr, xr), dyr), &r) in dxc
-                        .chunks_mut(hdim)
-                        .zip(xc.chunks(hdim))
-                        .zip(dyc.chunks(hdim))
-                        .zip(ic)
-                    {
-                        for ((gv, &d), &wv) in g.iter_mut().zip(dyr).zip(ws.iter()) {
+                    for ((dr, xr), &r) in dc.chunks_mut(hdim).zip(xc.chunks(hdim)).zip(ic) {
+                        for ((gv, &d), &wv) in g.iter_mut().zip(dr.iter()).zip(ws.iter()) {
                             *gv = d * wv;
                         }
                         let c = cpu::dot(&g, xr) * r * r / hdim as f32;
-                        for (((o, &gv), &xv), (dwv, &d)) in
-                            dxr.iter_mut().zip(&g).zip(xr).zip(dw.iter_mut().zip(dyr))
+                        for (((o, &gv), &xv), dwv) in
+                            dr.iter_mut().zip(&g).zip(xr).zip(dw.iter_mut())
                         {
+                            *dwv += *o * xv * r;
                             *o = r * (gv - xv * c);
-                            *dwv += d * xv * r;
                         }
                     }
                     dw
@@ -195,7 +198,7 @@ impl Backward<Flex, 2> for RmsNormBackward {
                 },
             );
         if let Some(n) = nx {
-            grads.register::<Flex>(n.id, flex(dx, &shape));
+            grads.register::<Flex>(n.id, dx);
         }
         if let Some(n) = nw {
             grads.register::<Flex>(n.id, flex(dw, &[hdim]));
@@ -237,43 +240,46 @@ fn swiglu_forward(g: &FlexTensor, u: &FlexTensor) -> Option<FlexTensor> {
     let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::Swiglu);
     let shape = g.layout().shape().as_slice().to_vec();
     let (gs, us) = (host(g)?, host(u)?);
-    let mut y = zeros(gs.len());
-    y.par_chunks_mut(ELEMS_PER_TASK)
+    if gs.len() != us.len() {
+        return None;
+    }
+    // Written once, never zeroed first: on this memory-bound op a zeroing pass is a third more traffic.
+    let mut y = Vec::with_capacity(gs.len());
+    y.spare_capacity_mut()[..gs.len()]
+        .par_chunks_mut(ELEMS_PER_TASK)
         .zip(
             gs.par_chunks(ELEMS_PER_TASK)
                 .zip(us.par_chunks(ELEMS_PER_TASK)),
         )
         .for_each(|(yc, (gc, uc))| swiglu_chunk(yc, gc, uc));
+    // SAFETY: the chunks cover all gs.len() elements and swiglu_chunk writes every element of its chunk.
+    unsafe { y.set_len(gs.len()) };
     Some(flex(y, &shape))
 }
 
-fn swiglu_chunk(y: &mut [f32], g: &[f32], u: &[f32]) {
+fn swiglu_chunk(y: &mut [std::mem::MaybeUninit<f32>], g: &[f32], u: &[f32]) {
     #[inline(always)]
-    fn body(y: &mut [f32], g: &[f32], u: &[f32]) {
+    fn body(y: &mut [std::mem::MaybeUninit<f32>], g: &[f32], u: &[f32]) {
         for ((o, &a), &b) in y.iter_mut().zip(g).zip(u) {
-            *o = a * sigmoid(a) * b;
+            o.write(a * sigmoid(a) * b);
         }
     }
-    ytrainer_core::simd_dispatch!(body, (y: &mut [f32], g: &[f32], u: &[f32]) -> ())
+    ytrainer_core::simd_dispatch!(body, (y: &mut [std::mem::MaybeUninit<f32>], g: &[f32], u: &[f32]) -> ())
 }
 
-fn swiglu_backward_chunk(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
+/// Overwrites the saved gate `g` and up `u` values with their gradients `dg`, `du` (each element is read before
+/// it is written): the backward pass is the last reader of both, so no new buffers and no zeroing are needed.
+fn swiglu_backward_chunk(g: &mut [f32], u: &mut [f32], dy: &[f32]) {
     #[inline(always)]
-    fn body(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
-        for i in 0..dy
-            .len()
-            .min(g.len())
-            .min(u.len())
-            .min(dg.len())
-            .min(du.len())
-        {
+    fn body(g: &mut [f32], u: &mut [f32], dy: &[f32]) {
+        for i in 0..dy.len().min(g.len()).min(u.len()) {
             let (a, b, d) = (g[i], u[i], dy[i]);
             let s = sigmoid(a);
-            du[i] = d * a * s;
-            dg[i] = d * b * s * (1.0 + a * (1.0 - s));
+            u[i] = d * a * s;
+            g[i] = d * b * s * (1.0 + a * (1.0 - s));
         }
     }
-    ytrainer_core::simd_dispatch!(body, (dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) -> ())
+    ytrainer_core::simd_dispatch!(body, (g: &mut [f32], u: &mut [f32], dy: &[f32]) -> ())
 }
 
 #[derive(Debug)]
@@ -287,27 +293,30 @@ impl Backward<Flex, 2> for SwigluBackward {
         let [ng, nu] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
         let (g, u) = ops.state;
-        let shape = g.layout().shape().as_slice().to_vec();
-        let (gs, us, dys) = (
-            host(&g).expect("f32 gate"),
-            host(&u).expect("f32 up"),
-            host(&dy).expect("f32 gradient"),
-        );
-        let mut dg = zeros(gs.len());
-        let mut du = zeros(gs.len());
-        dg.par_chunks_mut(ELEMS_PER_TASK)
-            .zip(du.par_chunks_mut(ELEMS_PER_TASK))
-            .zip(gs.par_chunks(ELEMS_PER_TASK))
-            .zip(
-                us.par_chunks(ELEMS_PER_TASK)
-                    .zip(dys.par_chunks(ELEMS_PER_TASK)),
-            )
-            .for_each(|(((a, b), gc), (uc, dc))| swiglu_backward_chunk(a, b, gc, uc, dc));
+        let dys = host(&dy).expect("f32 gradient");
+        // The saved values become the gradients in place (copied first only if not contiguous, or on write if
+        // something else still holds them).
+        let contiguous = |t: FlexTensor| {
+            if t.is_contiguous() {
+                t
+            } else {
+                t.to_contiguous()
+            }
+        };
+        let (mut dg, mut du) = (contiguous(g), contiguous(u));
+        let range = |t: &FlexTensor| t.layout().contiguous_offsets().expect("contiguous");
+        let ((g0, g1), (u0, u1)) = (range(&dg), range(&du));
+        let gbuf = &mut dg.storage_mut::<f32>()[g0..g1];
+        let ubuf = &mut du.storage_mut::<f32>()[u0..u1];
+        gbuf.par_chunks_mut(ELEMS_PER_TASK)
+            .zip(ubuf.par_chunks_mut(ELEMS_PER_TASK))
+            .zip(dys.par_chunks(ELEMS_PER_TASK))
+            .for_each(|((a, b), dc)| swiglu_backward_chunk(a, b, dc));
         if let Some(n) = ng {
-            grads.register::<Flex>(n.id, flex(dg, &shape));
+            grads.register::<Flex>(n.id, dg);
         }
         if let Some(n) = nu {
-            grads.register::<Flex>(n.id, flex(du, &shape));
+            grads.register::<Flex>(n.id, du);
         }
     }
 }
