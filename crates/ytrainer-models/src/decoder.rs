@@ -311,6 +311,10 @@ impl Attention {
         host_rows: &[usize],
     ) -> Option<Tensor<2>> {
         let mask = ctx.fused.as_ref()?;
+        // The kernel is f32-only: decide before any projection is computed (the caller then runs the full layer).
+        if !crate::fused::all_f32(&[&x]) {
+            return None;
+        }
         let [b, t, hidden] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let n = host_rows.len();
