@@ -83,7 +83,7 @@ impl GradAccumulator {
         let n = grad.shape().num_elements();
         let g = grad.reshape([n]);
         let sum = match self.grads.remove(&id) {
-            Some(prev) => prev.add(g),
+            Some(prev) => host_add(prev, g),
             None => g,
         };
         self.grads.insert(id, sum);
@@ -113,6 +113,46 @@ impl GradAccumulator {
     pub fn clear(&mut self) {
         self.grads.clear();
     }
+}
+
+/// `a + b`, on the CPU backend as one multi-threaded pass into `a`'s buffer (Flex adds on one thread, and the
+/// tied embedding's two gradients, from the LM head and from the input side, are vocabulary-sized).
+fn host_add(a: Tensor<1>, b: Tensor<1>) -> Tensor<1> {
+    use burn::tensor::DType;
+    use burn_flex::Flex;
+    use rayon::prelude::*;
+    let flex = |t: &Tensor<1>| {
+        t.clone()
+            .try_into_primitive::<Flex>()
+            .ok()
+            .filter(|f| f.as_slice::<f32>().is_some())
+    };
+    let n = a.dims()[0];
+    if !crate::lm_loss::host_head_enabled()
+        || a.dtype() != DType::F32
+        || b.dtype() != DType::F32
+        || b.dims()[0] != n
+    {
+        return a.add(b);
+    }
+    let (Some(mut af), Some(bf)) = (flex(&a), flex(&b)) else {
+        return a.add(b);
+    };
+    drop((a, b));
+    let (a0, a1) = af
+        .layout()
+        .contiguous_offsets()
+        .expect("contiguous, checked above");
+    let bs = bf.as_slice::<f32>().expect("contiguous, checked above");
+    af.storage_mut::<f32>()[a0..a1]
+        .par_chunks_mut(1 << 16)
+        .zip(bs.par_chunks(1 << 16))
+        .for_each(|(x, y)| {
+            for (x, &y) in x.iter_mut().zip(y) {
+                *x += y;
+            }
+        });
+    Tensor::from_primitive::<Flex>(af)
 }
 
 /// Per-parameter Adam moments, keyed by module path (stable across model reloads).
