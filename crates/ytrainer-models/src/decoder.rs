@@ -740,7 +740,8 @@ impl CausalLm for Decoder {
         // The last layer's output is read only at the targets: every position still gives the keys and values
         // its attention reads, but queries, the output projection and the MLP run at the target rows alone
         // (worth it once at least an eighth of the positions are not targets: prompts, windowed mode).
-        if host_rows.len() * 8 <= b * t * 7
+        if !host_rows.is_empty()
+            && host_rows.len() * 8 <= b * t * 7
             && let Some(y) = last.forward_at(x.clone(), &ctx, rows, host_rows)
         {
             return self.norm.forward(y);
