@@ -404,6 +404,18 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     crate::simd_dispatch!(dot_generic, (a: &[f32], b: &[f32]) -> f32)
 }
 
+/// The f32 elements of a CPU-backend tensor, writable in place: made contiguous first when it is not (a copy), its
+/// buffer copied on write when shared, and only the tensor's own elements, not the rest of a larger buffer it may
+/// view. `None` when the tensor is not f32.
+pub fn flex_f32_mut(t: &mut burn_flex::FlexTensor) -> Option<&mut [f32]> {
+    if !t.is_contiguous() {
+        *t = t.to_contiguous();
+    }
+    t.as_slice::<f32>()?;
+    let (start, end) = t.layout().contiguous_offsets()?;
+    Some(&mut t.storage_mut::<f32>()[start..end])
+}
+
 /// `n` zeros, written by both cores: `vec![0.0; n]` zeroes on the calling thread alone (a `memset` per kernel
 /// output, during which the other core sat idle).
 pub fn zeros(n: usize) -> Vec<f32> {

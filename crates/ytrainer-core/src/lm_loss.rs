@@ -136,7 +136,7 @@ impl HostLogits {
         // The tensor handle goes first, so the buffer is ours alone and can be written in place.
         drop(logits);
         let (stats, inv_sums) = if for_grad {
-            let buf = flex.storage_mut::<f32>();
+            let buf = crate::cpu::flex_f32_mut(&mut flex).expect("contiguous f32, checked above");
             let (stats, inv) = crate::cpu::row_stats_exp_inplace(buf, vocab, targets, with_entropy);
             (stats, Some(inv))
         } else {
@@ -188,7 +188,8 @@ impl HostLogits {
     /// The gradient of `sum_i weights_i * CE_i` with respect to the logits, `(softmax - onehot) * w`, computed in
     /// place in the logits' buffer.
     pub fn into_grad(mut self, weights: &[f32]) -> Tensor<2> {
-        let buf = self.logits.storage_mut::<f32>();
+        let buf =
+            crate::cpu::flex_f32_mut(&mut self.logits).expect("f32 logits, checked in try_new");
         match &self.inv_sums {
             Some(inv) => {
                 crate::cpu::softmax_ce_grad_from_exp(buf, self.vocab, &self.targets, inv, weights)

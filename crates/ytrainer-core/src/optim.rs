@@ -139,12 +139,9 @@ fn host_add(a: Tensor<1>, b: Tensor<1>) -> Tensor<1> {
         return a.add(b);
     };
     drop((a, b));
-    let (a0, a1) = af
-        .layout()
-        .contiguous_offsets()
-        .expect("contiguous, checked above");
     let bs = bf.as_slice::<f32>().expect("contiguous, checked above");
-    af.storage_mut::<f32>()[a0..a1]
+    crate::cpu::flex_f32_mut(&mut af)
+        .expect("f32, checked above")
         .par_chunks_mut(1 << 16)
         .zip(bs.par_chunks(1 << 16))
         .for_each(|(x, y)| {
@@ -365,15 +362,11 @@ fn host_update(
     let (bc1, bc2, eps, lr) = (u.bc1 as f32, u.bc2 as f32, c.eps as f32, u.lr as f32);
     const CHUNK: usize = 1 << 14;
     let gsl = gf.as_slice::<f32>().expect("contiguous, checked above");
-    let (ps, ms, vs) = (
-        pf.storage_mut::<f32>(),
-        mf.storage_mut::<f32>(),
-        vf.storage_mut::<f32>(),
-    );
-    ps[..n]
-        .par_chunks_mut(CHUNK)
-        .zip(ms[..n].par_chunks_mut(CHUNK))
-        .zip(vs[..n].par_chunks_mut(CHUNK))
+    let f32_mut = |t| crate::cpu::flex_f32_mut(t).expect("contiguous f32, checked above");
+    let (ps, ms, vs) = (f32_mut(&mut pf), f32_mut(&mut mf), f32_mut(&mut vf));
+    ps.par_chunks_mut(CHUNK)
+        .zip(ms.par_chunks_mut(CHUNK))
+        .zip(vs.par_chunks_mut(CHUNK))
         .zip(gsl.par_chunks(CHUNK))
         .for_each(|(((p, m), v), g)| {
             for i in 0..p.len() {

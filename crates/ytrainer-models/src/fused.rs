@@ -158,14 +158,9 @@ impl Backward<Flex, 2> for RmsNormBackward {
         let hdim = ws.len();
         // dx = r (g - x r^2 mean(g x)) with g = dy * w; dw = sum over rows of dy * x * r. dx is written over dy
         // (each row's dy is read before it is overwritten; copied first only if something else holds it).
-        let mut dx = if dy.is_contiguous() {
-            dy
-        } else {
-            dy.to_contiguous()
-        };
-        let (d0, d1) = dx.layout().contiguous_offsets().expect("contiguous");
-        let dxs = &mut dx.storage_mut::<f32>()[d0..d1];
-        let dw = dxs
+        let mut dx = dy;
+        let dw = cpu::flex_f32_mut(&mut dx)
+            .expect("f32 gradient")
             .par_chunks_mut(hdim * ROWS_PER_TASK)
             .zip(xs.par_chunks(hdim * ROWS_PER_TASK))
             .zip(s.inv.par_chunks(ROWS_PER_TASK))
@@ -292,24 +287,18 @@ impl Backward<Flex, 2> for SwigluBackward {
         let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::Swiglu);
         let [ng, nu] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
-        let (g, u) = ops.state;
         let dys = host(&dy).expect("f32 gradient");
-        // The saved values become the gradients in place (copied first only if not contiguous, or on write if
-        // something else still holds them).
-        let contiguous = |t: FlexTensor| {
-            if t.is_contiguous() {
-                t
-            } else {
-                t.to_contiguous()
-            }
-        };
-        let (mut dg, mut du) = (contiguous(g), contiguous(u));
-        let range = |t: &FlexTensor| t.layout().contiguous_offsets().expect("contiguous");
-        let ((g0, g1), (u0, u1)) = (range(&dg), range(&du));
-        let gbuf = &mut dg.storage_mut::<f32>()[g0..g1];
-        let ubuf = &mut du.storage_mut::<f32>()[u0..u1];
-        gbuf.par_chunks_mut(ELEMS_PER_TASK)
-            .zip(ubuf.par_chunks_mut(ELEMS_PER_TASK))
+        // The saved gate and up values become the gradients in place (copied first only if not contiguous, or on
+        // write if something else still holds them).
+        let (mut dg, mut du) = ops.state;
+        cpu::flex_f32_mut(&mut dg)
+            .expect("f32 gate")
+            .par_chunks_mut(ELEMS_PER_TASK)
+            .zip(
+                cpu::flex_f32_mut(&mut du)
+                    .expect("f32 up")
+                    .par_chunks_mut(ELEMS_PER_TASK),
+            )
             .zip(dys.par_chunks(ELEMS_PER_TASK))
             .for_each(|((a, b), dc)| swiglu_backward_chunk(a, b, dc));
         if let Some(n) = ng {
