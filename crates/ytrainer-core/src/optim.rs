@@ -118,24 +118,11 @@ impl GradAccumulator {
 /// `a + b`, on the CPU backend as one multi-threaded pass into `a`'s buffer (Flex adds on one thread, and the
 /// tied embedding's two gradients, from the LM head and from the input side, are vocabulary-sized).
 fn host_add(a: Tensor<1>, b: Tensor<1>) -> Tensor<1> {
-    use burn::tensor::DType;
-    use burn_flex::Flex;
     use rayon::prelude::*;
-    let flex = |t: &Tensor<1>| {
-        t.clone()
-            .try_into_primitive::<Flex>()
-            .ok()
-            .filter(|f| f.as_slice::<f32>().is_some())
-    };
-    let n = a.dims()[0];
-    if !crate::lm_loss::host_head_enabled()
-        || a.dtype() != DType::F32
-        || b.dtype() != DType::F32
-        || b.dims()[0] != n
-    {
+    if !crate::lm_loss::host_head_enabled() || b.dims() != a.dims() {
         return a.add(b);
     }
-    let (Some(mut af), Some(bf)) = (flex(&a), flex(&b)) else {
+    let (Some(mut af), Some(bf)) = (host_f32(&a), host_f32(&b)) else {
         return a.add(b);
     };
     drop((a, b));
@@ -149,7 +136,16 @@ fn host_add(a: Tensor<1>, b: Tensor<1>) -> Tensor<1> {
                 *x += y;
             }
         });
-    Tensor::from_primitive::<Flex>(af)
+    Tensor::from_primitive::<burn_flex::Flex>(af)
+}
+
+/// The primitive of `t` when it is a contiguous f32 tensor on the CPU backend (what the host passes need; the
+/// check on the slice also checks the dtype), else `None`.
+fn host_f32(t: &Tensor<1>) -> Option<burn_flex::FlexTensor> {
+    t.clone()
+        .try_into_primitive::<burn_flex::Flex>()
+        .ok()
+        .filter(|f| f.as_slice::<f32>().is_some())
 }
 
 /// Per-parameter Adam moments, keyed by module path (stable across model reloads).
@@ -309,29 +305,17 @@ fn host_update(
     prev: Moments,
     decay: bool,
 ) -> Result<(Tensor<1>, Tensor<1>, Tensor<1>), (Tensor<1>, Tensor<1>, Moments)> {
-    use burn::tensor::DType;
     use burn_flex::{Flex, FlexTensor};
     use rayon::prelude::*;
     if !crate::lm_loss::host_head_enabled() {
         return Err((p, g, prev));
     }
-    let all_f32 = p.dtype() == DType::F32
-        && g.dtype() == DType::F32
-        && prev
-            .as_ref()
-            .is_none_or(|(m, v)| m.dtype() == DType::F32 && v.dtype() == DType::F32);
-    let flex = |t: &Tensor<1>| {
-        t.clone()
-            .try_into_primitive::<Flex>()
-            .ok()
-            .filter(|f| f.as_slice::<f32>().is_some())
-    };
     let n = p.dims()[0];
-    let (Some(pf), Some(gf), true) = (flex(&p), flex(&g), all_f32) else {
+    let (Some(pf), Some(gf)) = (host_f32(&p), host_f32(&g)) else {
         return Err((p, g, prev));
     };
     let moments = match &prev {
-        Some((m, v)) => match (flex(m), flex(v)) {
+        Some((m, v)) => match (host_f32(m), host_f32(v)) {
             (Some(mf), Some(vf)) => Some((mf, vf)),
             _ => return Err((p, g, prev)),
         },
