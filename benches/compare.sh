@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Side-by-side CPU throughput: `ytrainer bench` vs PyTorch + PEFT (benches/torch_baseline.py), alternating runs in
-# one session so both see the same machine state. Prints one JSON line per run; summarise with the python snippet
-# at the end (medians per shape/mode/implementation).
+# one session so both see the same machine state. Prints one JSON line per run; summarise the ratios per round
+# with benches/summarize.py.
 #
 #   cargo build --release -p ytrainer-cli
 #   python3 -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch transformers peft
 #   bash benches/compare.sh [ROUNDS] [STEPS] > /tmp/compare.jsonl
+#   python3 benches/summarize.py /tmp/compare.jsonl
 set -euo pipefail
 ROUNDS=${1:-2}
 STEPS=${2:-8}
@@ -20,4 +21,8 @@ for round in $(seq 1 "$ROUNDS"); do
     done
   done
   "$YT" bench --shape tiny --mode lora --steps "$STEPS" --loss nlirg --format json | sed 's/^{/{"impl":"ytrainer",/'
+  # Windowed N=10: the seed's loop in PyTorch, then ytrainer's windows (its line also times the seed's way
+  # through ytrainer's own kernels).
+  "$PY" benches/torch_baseline.py --shape tiny --mode lora --windowed 10 --rounds 1 --format json 2>/dev/null
+  "$YT" bench --shape tiny --mode lora --windowed 10 --rounds 1 --format json | sed 's/^{/{"impl":"ytrainer",/'
 done

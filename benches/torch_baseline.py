@@ -12,6 +12,13 @@ backward + AdamW (lr 1e-4, no clipping). The model is a randomly initialised Qwe
 embeddings; LoRA is r = 8, alpha = 16, dropout 0 on the seven projections (PEFT). Two untimed warm-up steps, then
 `--steps` timed ones. Prints one line (or one JSON object with --format json) in `ytrainer bench`'s vocabulary:
 tokens_per_s = B * T * steps / time of the timed steps, peak_rss_mb = the process's peak RSS.
+
+`--windowed N` runs the seed's `--token_batch N` loop instead, in PyTorch as the seed itself does: one sample of
+`--prompt` (64) random prompt ids and `--seq` (256) answer ids, its answer cut into windows of N targets (the tail
+window kept, as in `ytrainer bench --windowed N`, so both sides run the same number of windows), and per window one
+forward over the whole prompt + answer with the labels outside the window set to -100, one backward and one AdamW
+step. Two warm-up windows, then `--rounds` timed epochs of the sample; prints the median epoch time, to compare
+with `ytrainer bench --windowed N`'s ytrainer time (alternate the two runs).
 """
 
 import argparse
@@ -43,6 +50,9 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32", help="weights and compute dtype")
     ap.add_argument("--format", choices=["text", "json"], default="text")
+    ap.add_argument("--windowed", type=int, default=0, metavar="N", help="time the seed's token_batch N loop")
+    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens of the --windowed sample")
+    ap.add_argument("--rounds", type=int, default=3, help="timed epochs of the --windowed sample")
     a = ap.parse_args()
 
     torch.manual_seed(0)
@@ -76,6 +86,8 @@ def main():
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     gen = torch.Generator().manual_seed(0)
+    if a.windowed > 0:
+        return windowed(a, model, optim, vocab, gen)
 
     def step():
         ids = torch.randint(0, vocab, (a.batch, a.seq), generator=gen).to(a.device)
@@ -121,6 +133,55 @@ def main():
             f"torch {a.shape}/{a.mode} batch {a.batch}x{a.seq}: {result['tokens_per_s']:.0f} tokens/s "
             f"(median step {result['median_step_s']:.3f}s over {a.steps} steps), "
             f"peak RSS {result['peak_rss_mb']:.0f} MiB, last CE {ce:.4f}"
+        )
+
+
+def windowed(a, model, optim, vocab, gen):
+    """The seed's token_batch loop: every window recomputes the whole sequence and its full-vocabulary logits."""
+    n = a.windowed
+    ids = torch.randint(0, vocab, (1, a.prompt + a.seq), generator=gen).to(a.device)
+    starts = list(range(a.prompt, a.prompt + a.seq, n))
+
+    def window(start):
+        labels = torch.full_like(ids, -100)
+        end = min(start + n, a.prompt + a.seq)
+        labels[0, start:end] = ids[0, start:end]
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        return loss.item()
+
+    for start in starts[:2]:
+        window(start)
+    epochs = []
+    for _ in range(a.rounds):
+        t0 = time.perf_counter()
+        for start in starts:
+            window(start)
+        epochs.append(time.perf_counter() - t0)
+    result = {
+        "impl": "pytorch",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "shape": a.shape,
+        "mode": a.mode,
+        "windowed": n,
+        "prompt": a.prompt,
+        "answer": a.seq,
+        "windows": len(starts),
+        "rounds": a.rounds,
+        "seed_way_s": round(statistics.median(epochs), 4),
+        "seed_way_s_per_round": [round(e, 4) for e in epochs],
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    if a.format == "json":
+        print(json.dumps(result))
+    else:
+        print(
+            f"torch {a.shape}/{a.mode} windowed N={n}, prompt {a.prompt} + answer {a.seq} tokens "
+            f"({len(starts)} windows): the seed's way {result['seed_way_s']:.2f}s per epoch of the sample "
+            f"(median of {a.rounds})"
         )
 
 

@@ -236,12 +236,21 @@ fn bench_windowed(a: &BenchArgs, n: usize) -> Result<()> {
         examples: vec![0],
     };
     let seed_way: Vec<MicroBatch> = ours.iter().map(|_| full.clone()).collect();
-    let run = |model: ytrainer_models::Decoder,
-               batches: &[MicroBatch]|
+    // Our side's phase and kernel totals over its timed rounds (`[forward, head, backward, optimizer]`).
+    let mut phases = [0.0f64; 4];
+    let mut kernels: Vec<(&'static str, f64)> = Vec::new();
+    let mut run = |model: ytrainer_models::Decoder,
+                   batches: &[MicroBatch],
+                   profile: bool|
      -> Result<(f64, ytrainer_models::Decoder)> {
         let mut model = model;
         let mut optim = AdamW::new(AdamWConfig::default());
         let mut acc = GradAccumulator::default();
+        if profile {
+            ytrainer_core::step::profile_start();
+            ytrainer_core::prof::start();
+        }
+        let mut optim_s = 0.0;
         let t0 = Instant::now();
         for (i, mb) in batches.iter().enumerate() {
             let ctx = StepContext {
@@ -250,37 +259,94 @@ fn bench_windowed(a: &BenchArgs, n: usize) -> Result<()> {
                 zone_borders: [1.45, 6.6, 15.0],
             };
             let c = train_micro_batch(&model, mb, plugin.as_ref(), ctx, &mut acc, &device)?;
+            let to = Instant::now();
             model = optim.step(model, &mut acc, 1e-4, 1.0 / c.tokens.max(1) as f64);
+            optim_s += to.elapsed().as_secs_f64();
         }
-        Ok((t0.elapsed().as_secs_f64(), model))
+        let elapsed = t0.elapsed().as_secs_f64();
+        if profile {
+            let [fwd, head, back, _] = ytrainer_core::step::profile_read();
+            for (p, v) in phases.iter_mut().zip([fwd, head, back, optim_s]) {
+                *p += v;
+            }
+            for (i, (name, s, _)) in ytrainer_core::prof::read().into_iter().enumerate() {
+                match kernels.get_mut(i) {
+                    Some(k) => k.1 += s,
+                    None => kernels.push((name, s)),
+                }
+            }
+        }
+        Ok((elapsed, model))
     };
-    // Warm-up on two windows of each kind, then the timed epochs (ours, the seed's way, ours again).
-    let (_, model) = run(model, &ours[..ours.len().min(2)])?;
-    let (_, model) = run(model, &seed_way[..2.min(seed_way.len())])?;
-    let (t_ours_1, model) = run(model, &ours)?;
-    let (t_seed, model) = run(model, &seed_way)?;
-    let (t_ours_2, _) = run(model, &ours)?;
-    let t_ours = t_ours_1.min(t_ours_2);
+    // Warm-up on two windows of each kind, then the timed rounds: one epoch each way, alternating.
+    let (_, mut model) = run(model, &ours[..ours.len().min(2)], false)?;
+    (_, model) = run(model, &seed_way[..2.min(seed_way.len())], false)?;
+    let (mut t_ours, mut t_seed) = (Vec::new(), Vec::new());
+    for _ in 0..a.rounds {
+        let (t, m) = run(model, &ours, true)?;
+        t_ours.push(t);
+        let (t, m) = run(m, &seed_way, false)?;
+        t_seed.push(t);
+        model = m;
+    }
+    let ratios: Vec<f64> = t_seed
+        .iter()
+        .zip(&t_ours)
+        .map(|(s, o)| s / o.max(1e-9))
+        .collect();
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    };
+    let (m_ours, m_seed, m_ratio) = (median(&t_ours), median(&t_seed), median(&ratios));
+    let (lo, hi) = ratios
+        .iter()
+        .fold((f64::INFINITY, 0.0f64), |(l, h), &r| (l.min(r), h.max(r)));
+    let per_window = |s: f64| 1000.0 * s / (a.rounds as f64 * ours.len().max(1) as f64);
+    let [fwd, head, back, opt] = phases.map(per_window);
+    let kernels: Vec<(&str, f64)> = kernels.into_iter().map(|(k, s)| (k, per_window(s))).collect();
     let shape = format!("{:?}", a.shape).to_lowercase();
     let mode = format!("{:?}", a.mode).to_lowercase();
     match a.format {
         Format::Json => println!(
             "{}",
             serde_json::json!({
+                "ytrainer_window_phases_ms": {
+                    "body_forward": fwd, "head_ce_weights": head, "backward": back, "optimizer": opt,
+                },
+                "ytrainer_window_kernels_ms": kernels.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+                    .collect::<serde_json::Map<_, _>>(),
                 "shape": shape, "mode": mode, "windowed": n, "prompt": a.prompt, "answer": a.seq,
-                "windows": ours.len(), "ytrainer_s": t_ours, "seed_way_s": t_seed,
-                "speedup": t_seed / t_ours.max(1e-9), "peak_rss_mb": peak_rss_mb(),
+                "windows": ours.len(), "rounds": a.rounds, "ytrainer_s": m_ours, "seed_way_s": m_seed,
+                "speedup": m_ratio, "ytrainer_s_per_round": t_ours, "seed_way_s_per_round": t_seed,
+                "speedup_per_round": ratios, "peak_rss_mb": peak_rss_mb(),
             })
         ),
         Format::Text => println!(
-            "bench {shape}/{mode} windowed N={n}, prompt {} + answer {} tokens ({} windows): ytrainer {:.2}s, the seed's way {:.2}s per epoch of the sample: {:.1}x faster",
+            "bench {shape}/{mode} windowed N={n}, prompt {} + answer {} tokens ({} windows): ytrainer {:.2}s, the seed's way {:.2}s per epoch of the sample: {:.1}x faster (median of {} alternating rounds, {:.1}-{:.1}x)",
             a.prompt,
             a.seq,
             ours.len(),
-            t_ours,
-            t_seed,
-            t_seed / t_ours.max(1e-9)
+            m_ours,
+            m_seed,
+            m_ratio,
+            a.rounds,
+            lo,
+            hi
         ),
+    }
+    if a.format == Format::Text {
+        println!(
+            "  ytrainer per window: body forward {fwd:.1} ms, LM head + CE + weights {head:.1} ms, backward {back:.1} ms, optimizer {opt:.1} ms"
+        );
+        let list: Vec<String> = kernels.iter().map(|(k, v)| format!("{k} {v:.1}")).collect();
+        println!("  fused CPU kernels, ms per window: {}", list.join(", "));
     }
     Ok(())
 }

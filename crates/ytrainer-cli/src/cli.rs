@@ -302,6 +302,10 @@ pub struct BenchArgs {
     /// Prompt tokens of the `--windowed` sample.
     #[arg(long, default_value_t = 64)]
     pub prompt: usize,
+    /// `--windowed`: timed rounds, each one epoch of the sample both ways, alternating (the ratio is taken per
+    /// round, then the median: the VM's speed drifts between rounds).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rounds: u64,
 }
 
 /// `ytrainer init`
