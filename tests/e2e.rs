@@ -463,3 +463,88 @@ fn bf16_precision_trains_in_bf16_and_resumes_exactly() {
         "[train] precision = \"bf16\" is not supported for preference training (`--loss dpo`)",
     );
 }
+
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["bench", "--format", "json"];
+    all.extend_from_slice(args);
+    let o = ytrainer(&all);
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_str(stdout(&o).trim()).unwrap_or_else(|e| panic!("{e}: {}", stdout(&o)))
+}
+
+#[test]
+fn bench_reports_throughput_phases_and_kernels() {
+    let v = bench_json(&[
+        "--shape", "tiny", "--mode", "lora", "--steps", "2", "--batch", "2", "--seq", "64",
+    ]);
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    // Randomly initialised, random tokens: the CE is about ln(vocab) = ln(8192) = 9.01.
+    let ce = v["final_ce"].as_f64().unwrap();
+    assert!((ce - 8192f64.ln()).abs() < 0.5, "{v}");
+    let step_ms = 1000.0 * v["median_step_s"].as_f64().unwrap();
+    let phases = &v["phases_ms"];
+    for k in ["body_forward", "head_ce_weights", "backward", "optimizer"] {
+        assert!(phases[k].as_f64().unwrap() > 0.0, "{k}: {v}");
+    }
+    // The kernels run inside the step: each one's time per step is positive and below a few steps' time.
+    for k in [
+        "linear_forward",
+        "linear_backward",
+        "lora_products",
+        "attention_forward",
+        "rms_norm",
+    ] {
+        let ms = v["kernels_ms"][k].as_f64().unwrap();
+        assert!(
+            ms > 0.0 && ms < 3.0 * step_ms,
+            "{k} {ms} ms vs step {step_ms} ms: {v}"
+        );
+    }
+}
+
+#[test]
+fn bench_windowed_alternates_rounds_and_times_our_windows() {
+    // 8 prompt + 12 answer tokens in windows of 4 targets: 3 windows.
+    let v = bench_json(&[
+        "--windowed",
+        "4",
+        "--prompt",
+        "8",
+        "--seq",
+        "12",
+        "--rounds",
+        "2",
+    ]);
+    assert_eq!(v["windows"], 3, "{v}");
+    assert_eq!(v["rounds"], 2, "{v}");
+    let ours = v["ytrainer_s_per_round"].as_array().unwrap();
+    let seed = v["seed_way_s_per_round"].as_array().unwrap();
+    let ratios = v["speedup_per_round"].as_array().unwrap();
+    assert_eq!((ours.len(), seed.len(), ratios.len()), (2, 2, 2), "{v}");
+    for i in 0..2 {
+        let r = seed[i].as_f64().unwrap() / ours[i].as_f64().unwrap();
+        assert!((r - ratios[i].as_f64().unwrap()).abs() < 1e-9, "{v}");
+    }
+    assert!(
+        v["ytrainer_window_phases_ms"]["backward"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
+    assert!(
+        v["ytrainer_window_kernels_ms"]["linear_forward"]
+            .as_f64()
+            .unwrap()
+            > 0.0,
+        "{v}"
+    );
+}
+
+#[test]
+fn bench_windowed_needs_at_least_one_round() {
+    let o = ytrainer(&["bench", "--windowed", "4", "--rounds", "0"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("--rounds") && err.contains("0 is not in 1.."),
+        "{err}"
+    );
+}

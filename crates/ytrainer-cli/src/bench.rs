@@ -310,7 +310,10 @@ fn bench_windowed(a: &BenchArgs, n: usize) -> Result<()> {
         .fold((f64::INFINITY, 0.0f64), |(l, h), &r| (l.min(r), h.max(r)));
     let per_window = |s: f64| 1000.0 * s / (a.rounds as f64 * ours.len().max(1) as f64);
     let [fwd, head, back, opt] = phases.map(per_window);
-    let kernels: Vec<(&str, f64)> = kernels.into_iter().map(|(k, s)| (k, per_window(s))).collect();
+    let kernels: Vec<(&str, f64)> = kernels
+        .into_iter()
+        .map(|(k, s)| (k, per_window(s)))
+        .collect();
     let shape = format!("{:?}", a.shape).to_lowercase();
     let mode = format!("{:?}", a.mode).to_lowercase();
     match a.format {
