@@ -12,12 +12,15 @@ ROUNDS=${1:-2}
 STEPS=${2:-8}
 PY=${TORCH_PYTHON:-/tmp/torchenv/bin/python}
 YT=${YTRAINER:-target/release/ytrainer}
+# GC=1: both sides with gradient checkpointing (activation recomputation).
+GCFLAG=""
+if [ "${GC:-0}" = "1" ]; then GCFLAG="--gradient-checkpointing"; fi
 cd "$(dirname "$0")/.."
 for round in $(seq 1 "$ROUNDS"); do
   for shape in tiny small; do
     for mode in lora full; do
-      "$PY" benches/torch_baseline.py --shape "$shape" --mode "$mode" --steps "$STEPS" --format json 2>/dev/null
-      "$YT" bench --shape "$shape" --mode "$mode" --steps "$STEPS" --format json | sed 's/^{/{"impl":"ytrainer",/'
+      "$PY" benches/torch_baseline.py --shape "$shape" --mode "$mode" --steps "$STEPS" $GCFLAG --format json 2>/dev/null
+      "$YT" bench --shape "$shape" --mode "$mode" --steps "$STEPS" $GCFLAG --format json | sed 's/^{/{"impl":"ytrainer",/'
     done
   done
   "$YT" bench --shape tiny --mode lora --steps "$STEPS" --loss nlirg --format json | sed 's/^{/{"impl":"ytrainer",/'

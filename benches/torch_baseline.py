@@ -50,6 +50,9 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32", help="weights and compute dtype")
     ap.add_argument("--format", choices=["text", "json"], default="text")
+    ap.add_argument(
+        "--gradient-checkpointing", action="store_true", help="transformers' gradient checkpointing (non-reentrant)"
+    )
     ap.add_argument("--windowed", type=int, default=0, metavar="N", help="time the seed's token_batch N loop")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens of the --windowed sample")
     ap.add_argument("--rounds", type=int, default=3, help="timed epochs of the --windowed sample")
@@ -82,6 +85,8 @@ def main():
         model = get_peft_model(
             model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0, target_modules=targets)
         )
+    if a.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -123,6 +128,7 @@ def main():
         "device": a.device,
         "dtype": a.dtype,
         "rank": a.rank,
+        "gradient_checkpointing": a.gradient_checkpointing,
     }
     if a.device.startswith("cuda"):
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

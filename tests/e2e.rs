@@ -548,3 +548,56 @@ fn bench_windowed_needs_at_least_one_round() {
         "{err}"
     );
 }
+
+#[test]
+fn gradient_checkpointing_trains_exactly_like_the_plain_run() {
+    let d = TempDir::new("ckpt");
+    let run = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--config",
+            "examples/quickstart/sft-nlirg.toml",
+            "--max-steps",
+            "6",
+            "--eval-every",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        let out = s(out);
+        args.extend(["--output-dir", &out]);
+        let o = ytrainer(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    run(&a, &[]);
+    run(&b, &["--gradient-checkpointing"]);
+    let resolved = std::fs::read_to_string(b.join("config.resolved.toml")).unwrap();
+    assert!(
+        resolved.contains("gradient_checkpointing = true"),
+        "{resolved}"
+    );
+    let (ma, mb) = (
+        jsonl(&a.join("metrics.jsonl")),
+        jsonl(&b.join("metrics.jsonl")),
+    );
+    assert_eq!(ma.len(), mb.len());
+    for (x, y) in ma.iter().zip(&mb) {
+        for key in ["loss", "ce", "grad_norm"] {
+            let (p, q) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!(
+                (p - q).abs() <= 1e-4 * p.abs().max(1.0),
+                "step {}: {key} {p} plain vs {q} with gradient checkpointing",
+                x["step"]
+            );
+        }
+    }
+    let (x, y) = (
+        summary(&a)["summary"]["eval_after"]["eval_loss"]
+            .as_f64()
+            .unwrap(),
+        summary(&b)["summary"]["eval_after"]["eval_loss"]
+            .as_f64()
+            .unwrap(),
+    );
+    assert!((x - y).abs() <= 1e-4, "final eval loss {x} vs {y}");
+}

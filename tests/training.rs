@@ -380,14 +380,21 @@ fn param_paths<M: ytrainer_core::burn::module::Module>(
 
 /// The trainer's step (closed-form LM head + CE, tied embeddings) reproduces transformers' gradient norms of
 /// every parameter for the mean CE of the reference batch.
+/// Also with gradient checkpointing: the step's recomputing backward pass gives the same gradients.
 #[test]
 fn training_step_gradients_match_transformers() {
+    for recompute in [false, true] {
+        training_step_gradients_match_transformers_with(recompute);
+    }
+}
+
+fn training_step_gradients_match_transformers_with(recompute: bool) {
     let reference: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(assets().join("tiny-qwen2/reference.json")).unwrap(),
     )
     .unwrap();
     let norms = reference["grad_norms"].as_object().unwrap();
-    let m = model(&AdapterSpec::Full);
+    let m = model(&AdapterSpec::Full).with_gradient_checkpointing(recompute);
     assert!(
         ytrainer_core::model::CausalLm::lm_head_weight(&m).is_some(),
         "the fused head path is in use"
@@ -423,7 +430,7 @@ fn training_step_gradients_match_transformers() {
         let got = g.clone().powi_scalar(2).sum().sqrt().into_scalar::<f32>() as f64 / 30.0;
         assert!(
             ((got - want) / want).abs() < 1e-3,
-            "{hf}: {got} vs transformers {want}"
+            "{hf} (gradient checkpointing {recompute}): {got} vs transformers {want}"
         );
         checked += 1;
     }

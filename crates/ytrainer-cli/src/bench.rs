@@ -71,7 +71,8 @@ fn setup(a: &BenchArgs) -> Result<Setup> {
             ..LoraConfig::default()
         }),
     };
-    let model = init_random(&config, 0, &adapter, &device)?;
+    let model = init_random(&config, 0, &adapter, &device)?
+        .with_gradient_checkpointing(a.gradient_checkpointing);
     let registry = crate::plugins_cmd::registry(&[])?;
     let (loss, _) = registry.build(&a.loss, &Default::default())?;
     let LossFn::Token(plugin) = loss else {
@@ -145,7 +146,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 "shape": shape, "mode": mode, "loss": a.loss, "batch": a.batch, "seq": a.seq,
                 "steps": a.steps, "tokens_per_s": tps, "median_step_s": median,
                 "peak_rss_mb": rss, "final_ce": last.mean_ce(), "device": a.device,
-                "precision": a.precision.name(),
+                "precision": a.precision.name(), "gradient_checkpointing": a.gradient_checkpointing,
                 "plugin_weights_us": plugin_us,
                 "phases_ms": {
                     "body_forward": per(fwd), "head_ce_weights": per(head), "backward": per(back),
@@ -155,11 +156,16 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             })
         ),
         Format::Text => println!(
-            "bench {shape}/{mode} loss={} batch {}x{} {}: {:.0} tokens/s (median step {:.3}s over {} steps), peak RSS {} MiB, last CE {:.4}",
+            "bench {shape}/{mode} loss={} batch {}x{} {}{}: {:.0} tokens/s (median step {:.3}s over {} steps), peak RSS {} MiB, last CE {:.4}",
             a.loss,
             a.batch,
             a.seq,
             a.precision,
+            if a.gradient_checkpointing {
+                " gradient checkpointing"
+            } else {
+                ""
+            },
             tps,
             median,
             a.steps,

@@ -102,6 +102,10 @@ pub struct RunArgs {
     /// `f32` (default) or `bf16`: float type of weights, gradients and optimizer state [train.precision].
     #[arg(long)]
     pub precision: Option<String>,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations: less memory,
+    /// about one more forward pass of compute [train.gradient_checkpointing].
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Supervised tokens per optimizer step [train.tokens_per_step].
     #[arg(long)]
     pub tokens_per_step: Option<usize>,
@@ -302,6 +306,9 @@ pub struct BenchArgs {
     /// Prompt tokens of the `--windowed` sample.
     #[arg(long, default_value_t = 64)]
     pub prompt: usize,
+    /// Train with activation recomputation (`train.gradient_checkpointing`).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// `--windowed`: timed rounds, each one epoch of the sample both ways, alternating (the ratio is taken per
     /// round, then the median: the VM's speed drifts between rounds).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]

@@ -75,6 +75,7 @@ pub const KEYS: &[(&str, &[&str])] = &[
             "shuffle",
             "device",
             "precision",
+            "gradient_checkpointing",
         ],
     ),
     ("eval", &["every_steps", "max_samples"]),
@@ -250,6 +251,9 @@ pub fn resolve(args: &RunArgs) -> Result<RunConfig> {
     }
     if let Some(v) = &args.precision {
         set("train.precision", Value::String(v.clone()))?;
+    }
+    if args.gradient_checkpointing {
+        set("train.gradient_checkpointing", Value::Boolean(true))?;
     }
     if let Some(v) = args.tokens_per_step {
         set("train.tokens_per_step", Value::Integer(v as i64))?;
@@ -453,7 +457,7 @@ mod tests {
             "[model]\npreset = \"tiny\"\n[data]\ntrain = \"x.jsonl\"\n[train]\nlerning_rate = 1e-3\n",
         );
         let e = resolve(&a).unwrap_err().to_string();
-        assert!(e.ends_with(":6: unknown key `lerning_rate` in [train] (did you mean `learning_rate`?); valid keys in [train]: mode, token_batch, epochs, max_steps, learning_rate, lr_scheduler, warmup_steps, warmup_ratio, min_lr_ratio, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm, tokens_per_step, micro_batch_tokens, max_micro_batch_size, seed, shuffle, device, precision"), "{e}");
+        assert!(e.ends_with(":6: unknown key `lerning_rate` in [train] (did you mean `learning_rate`?); valid keys in [train]: mode, token_batch, epochs, max_steps, learning_rate, lr_scheduler, warmup_steps, warmup_ratio, min_lr_ratio, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm, tokens_per_step, micro_batch_tokens, max_micro_batch_size, seed, shuffle, device, precision, gradient_checkpointing"), "{e}");
     }
 
     #[test]

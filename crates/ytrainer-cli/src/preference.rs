@@ -118,6 +118,13 @@ pub fn run(
             cfg.loss.name
         );
     }
+    if cfg.train.gradient_checkpointing {
+        eprintln!(
+            "warning: [train] gradient_checkpointing is not applied to preference training (`--loss {}`) yet; \
+             training keeps every layer's activations",
+            cfg.loss.name
+        );
+    }
     if cfg.model.path.is_none() {
         bail!(
             "preference training (`--loss {}`) needs a pretrained model: pass `--model DIR` (a Hugging Face model directory)",

@@ -336,6 +336,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     if let Some(init) = &cfg.adapter.init_from {
         model = load_peft_adapter(model, init)?;
     }
+    model = model.with_gradient_checkpointing(cfg.train.gradient_checkpointing);
     if let Some(path) = &cfg.loss.reference_model {
         let dir = crate::interop::model_dir_for_run(path.clone(), &out.join("reference-model"))?;
         let (reference, _) = load_pretrained(&dir, &AdapterSpec::Full, &device)

@@ -284,6 +284,9 @@ pub struct TrainSection {
     pub device: String,
     /// Float type of weights, activations, gradients and optimizer state.
     pub precision: crate::device::Precision,
+    /// Activation recomputation: keep only each decoder layer's input in the forward pass and recompute the
+    /// layer in the backward pass (less memory, about one more forward pass of compute).
+    pub gradient_checkpointing: bool,
 }
 
 /// Step modes.
@@ -320,6 +323,7 @@ impl Default for TrainSection {
             shuffle: true,
             device: "cpu".to_string(),
             precision: crate::device::Precision::F32,
+            gradient_checkpointing: false,
         }
     }
 }

@@ -32,6 +32,19 @@ pub struct LmHeadWeight {
     pub trainable: bool,
 }
 
+/// The backward half of a forward pass run by [`CausalLm::hidden_states_at_recomputed`].
+pub trait Recompute {
+    /// Back-propagates `grad` (the loss's gradient at `rows`, the tensor returned with this) through the model,
+    /// recomputing each layer on the way down. Each piece's gradients go to `sink` as soon as they exist (the
+    /// trainer moves the parameters' ones into its accumulator), so no two layers' graphs are alive at once.
+    fn backward(
+        self: Box<Self>,
+        rows: Tensor<2>,
+        grad: Tensor<2>,
+        sink: &mut dyn FnMut(&mut burn::tensor::Gradients),
+    );
+}
+
 /// A decoder-only language model the trainer can fine-tune.
 pub trait CausalLm: Module {
     /// Final hidden states after the last norm, `[B, T, hidden]`.
@@ -50,6 +63,21 @@ pub trait CausalLm: Module {
         let hidden = self.hidden_states(input);
         let [b, t, h] = hidden.dims();
         hidden.reshape([b * t, h]).select(0, rows.clone())
+    }
+
+    /// [`CausalLm::hidden_states_at`] with activation recomputation (`train.gradient_checkpointing`): the forward
+    /// pass keeps only each layer's input, and [`Recompute::backward`] runs each layer again, one at a time, to
+    /// back-propagate through it. Peak memory then holds one layer's activations instead of all of them, for
+    /// about one more forward pass of compute. `None`: not enabled for this model (the caller takes the plain
+    /// path).
+    fn hidden_states_at_recomputed(
+        &self,
+        input: &ModelInput,
+        rows: &Tensor<1, Int>,
+        host_rows: &[usize],
+    ) -> Option<(Tensor<2>, Box<dyn Recompute + '_>)> {
+        let _ = (input, rows, host_rows);
+        None
     }
 
     /// Applies the LM head to rows of hidden states: `[N, hidden] -> [N, vocab]`.

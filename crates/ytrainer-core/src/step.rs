@@ -236,7 +236,14 @@ pub fn train_micro_batch<M: CausalLm>(
     let model_dtype: burn::tensor::DType = device.settings().float_dtype.into();
     let (graph, head_out) = match model.lm_head_weight() {
         Some(head) => {
-            let rows = target_hidden(model, &batch);
+            let (rows, recompute) = match model.hidden_states_at_recomputed(
+                &batch.input,
+                &batch.rows,
+                &batch.row_ids,
+            ) {
+                Some((rows, recompute)) => (rows, Some(recompute)),
+                None => (target_hidden(model, &batch), None),
+            };
             // Flex computes eagerly, so reading a scalar here is a real phase boundary for the profile.
             if profiling() {
                 let _ = rows
@@ -260,7 +267,15 @@ pub fn train_micro_batch<M: CausalLm>(
                 Ok(host) => HeadOut::Host(host),
                 Err(z) => HeadOut::Tensor(log_softmax(crate::lm_loss::widen(z), 1)),
             };
-            (Graph::Fused { rows, head, w }, out)
+            (
+                Graph::Fused {
+                    rows,
+                    head,
+                    w,
+                    recompute,
+                },
+                out,
+            )
         }
         None => {
             let log_probs = target_log_probs(model, &batch);
@@ -382,6 +397,7 @@ pub fn train_micro_batch<M: CausalLm>(
             rows,
             head,
             w: head_w,
+            recompute,
         } => {
             let g = match head_out {
                 HeadOut::Host(host) => host.into_grad(&w_host),
@@ -401,9 +417,16 @@ pub fn train_micro_batch<M: CausalLm>(
                 head.layout,
                 head.trainable,
             );
-            // d(sum(rows * dh))/d(rows) = dh: injects the head's gradient into the body's graph.
-            let mut grads = rows.mul(Tensor::from_inner(dh)).sum().backward();
-            acc.accumulate(model, &mut grads);
+            match recompute {
+                Some(recompute) => recompute.backward(rows, Tensor::from_inner(dh), &mut |g| {
+                    acc.accumulate(model, g)
+                }),
+                None => {
+                    // d(sum(rows * dh))/d(rows) = dh: injects the head's gradient into the body's graph.
+                    let mut grads = rows.mul(Tensor::from_inner(dh)).sum().backward();
+                    acc.accumulate(model, &mut grads);
+                }
+            }
             if let Some(dw) = dw {
                 acc.add(head.id, dw);
             }
@@ -453,7 +476,7 @@ enum HeadOut {
 /// How the loss's gradient reaches the model.
 // One value per micro-batch: its size is irrelevant next to the tensors it points to.
 #[allow(clippy::large_enum_variant)]
-enum Graph {
+enum Graph<'m> {
     /// Autodiff through the head and `log_softmax`: per-token CE with gradient.
     Autodiff { ce: Tensor<1> },
     /// Closed-form head gradient injected at the hidden rows.
@@ -461,6 +484,8 @@ enum Graph {
         rows: Tensor<2>,
         head: crate::model::LmHeadWeight,
         w: Tensor<2>,
+        /// The backward half of a forward pass with activation recomputation, when the model runs one.
+        recompute: Option<Box<dyn crate::model::Recompute + 'm>>,
     },
 }
 

@@ -18,7 +18,7 @@
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
-use ytrainer_core::model::{CausalLm, ModelInput};
+use ytrainer_core::model::{CausalLm, ModelInput, Recompute};
 
 use crate::config::{HfConfig, RopeConfig};
 use crate::lora::{AdapterSpec, LoraLinear};
@@ -560,6 +560,9 @@ pub struct Decoder {
     /// the reference is this model with its adapters disabled.
     #[module(skip)]
     reference: Option<std::sync::Arc<Decoder>>,
+    /// Activation recomputation in training (`train.gradient_checkpointing`).
+    #[module(skip)]
+    recompute: bool,
 }
 
 impl Decoder {
@@ -583,7 +586,47 @@ impl Decoder {
             base_model_name_or_path: String::new(),
             inv_freq,
             reference: None,
+            recompute: false,
         }
+    }
+
+    /// Trains with activation recomputation (`train.gradient_checkpointing`, HF's `gradient_checkpointing`): see
+    /// [`CausalLm::hidden_states_at_recomputed`].
+    pub fn with_gradient_checkpointing(mut self, on: bool) -> Self {
+        self.recompute = on;
+        self
+    }
+
+    /// One device seed per layer when a LoRA branch draws dropout masks, so that recomputing a layer draws the
+    /// same masks as its first forward pass did. The seeds come from the device's stream (seeded per optimizer
+    /// step by the trainer), so a run stays reproducible and resumable.
+    pub fn dropout_seeds(&self, device: &Device) -> Option<Vec<u64>> {
+        let dropout = self.layers.iter().any(|l| {
+            l.linears()
+                .iter()
+                .any(|(_, lin)| lin.lora_dropout.is_some())
+        });
+        if !dropout {
+            return None;
+        }
+        let draws = Tensor::<1>::random(
+            [self.layers.len()],
+            burn::tensor::Distribution::Uniform(0.0, 1.0),
+            device,
+        )
+        .into_data()
+        .convert::<f64>()
+        .try_into_vec::<f64>()
+        .unwrap_or_default();
+        Some(
+            (0..self.layers.len())
+                .map(|i| {
+                    draws
+                        .get(i)
+                        .map_or(i as u64, |u| (u * 2f64.powi(53)) as u64)
+                })
+                .collect(),
+        )
     }
 
     /// Uses `reference` (frozen here) as the reference model of reference-based losses instead of this model's
@@ -639,6 +682,7 @@ impl Decoder {
             base_model_name_or_path,
             inv_freq,
             reference,
+            recompute,
         } = self;
         let layers = layers
             .into_iter()
@@ -658,6 +702,7 @@ impl Decoder {
             base_model_name_or_path,
             inv_freq,
             reference,
+            recompute,
         })
     }
 
@@ -708,6 +753,59 @@ pub(crate) fn check_lora_config(cfg: &crate::LoraConfig) -> Result<(), ModelErro
     Ok(())
 }
 
+/// What [`Decoder`]'s recomputing forward pass keeps for its backward pass: every layer's input below the top
+/// layer, and the top layer's input (the leaf its graph starts from).
+struct Recomputed<'a> {
+    model: &'a Decoder,
+    ctx: AttnContext,
+    input_ids: Tensor<2, Int>,
+    inputs: Vec<Tensor<3>>,
+    top: Tensor<3>,
+    seeds: Option<Vec<u64>>,
+}
+
+impl Recompute for Recomputed<'_> {
+    fn backward(
+        self: Box<Self>,
+        rows: Tensor<2>,
+        grad: Tensor<2>,
+        sink: &mut dyn FnMut(&mut burn::tensor::Gradients),
+    ) {
+        let Recomputed {
+            model,
+            ctx,
+            input_ids,
+            inputs,
+            top,
+            seeds,
+        } = *self;
+        // d(sum(y * g))/dy = g: each piece's graph is entered with the gradient of its output.
+        let mut grads = rows.mul(grad).sum().backward();
+        let mut g = top.grad_remove(&mut grads);
+        sink(&mut grads);
+        drop(grads);
+        for (i, x) in inputs.into_iter().enumerate().rev() {
+            let Some(gy) = g.take() else { return };
+            if let Some(s) = &seeds {
+                x.device().seed(s[i]);
+            }
+            let x = x.require_grad();
+            let y = model.layers[i].forward(x.clone(), &ctx);
+            let mut grads = y.mul(Tensor::from_inner(gy)).sum().backward();
+            g = x.grad_remove(&mut grads);
+            sink(&mut grads);
+        }
+        // The embedding last (trainable only in full fine-tuning).
+        if let Some(gx) = g
+            && model.embed_tokens.weight.is_require_grad()
+        {
+            let e = model.embed_tokens.forward(input_ids);
+            let mut grads = e.mul(Tensor::from_inner(gx)).sum().backward();
+            sink(&mut grads);
+        }
+    }
+}
+
 impl CausalLm for Decoder {
     fn hidden_states(&self, input: &ModelInput) -> Tensor<3> {
         let ctx = AttnContext::new(input, &self.inv_freq, self.spec.sliding_window, true);
@@ -750,6 +848,60 @@ impl CausalLm for Decoder {
             .forward(last.forward(x, &ctx))
             .reshape([b * t, h])
             .select(0, rows.clone())
+    }
+
+    fn hidden_states_at_recomputed(
+        &self,
+        input: &ModelInput,
+        rows: &Tensor<1, Int>,
+        host_rows: &[usize],
+    ) -> Option<(Tensor<2>, Box<dyn Recompute + '_>)> {
+        if !self.recompute || self.layers.len() < 2 {
+            return None;
+        }
+        let device = input.input_ids.device();
+        let seeds = self.dropout_seeds(&device);
+        let reseed = |i: usize| {
+            if let Some(s) = &seeds {
+                device.seed(s[i]);
+            }
+        };
+        let ctx = AttnContext::new(input, &self.inv_freq, self.spec.sliding_window, true);
+        let (last, body) = self.layers.split_last()?;
+        // Below the top layer: no graph at all (frozen copies of the layers on an untracked input), keeping only
+        // each layer's input.
+        let mut x = self.embed_tokens.forward(input.input_ids.clone()).detach();
+        let mut inputs = Vec::with_capacity(body.len());
+        for (i, layer) in body.iter().enumerate() {
+            inputs.push(x.clone());
+            reseed(i);
+            x = layer.clone().no_grad().forward(x, &ctx).detach();
+        }
+        // The top layer and the final norm keep their graph, from the top layer's input as a leaf.
+        let top = x.require_grad();
+        reseed(body.len());
+        let [b, t, h] = top.dims();
+        let y = (!host_rows.is_empty() && host_rows.len() * 8 <= b * t * 7)
+            .then(|| last.forward_at(top.clone(), &ctx, rows, host_rows))
+            .flatten()
+            .map(|y| self.norm.forward(y))
+            .unwrap_or_else(|| {
+                self.norm
+                    .forward(last.forward(top.clone(), &ctx))
+                    .reshape([b * t, h])
+                    .select(0, rows.clone())
+            });
+        Some((
+            y,
+            Box::new(Recomputed {
+                model: self,
+                ctx,
+                input_ids: input.input_ids.clone(),
+                inputs,
+                top,
+                seeds,
+            }),
+        ))
     }
 
     fn lm_head(&self, hidden: Tensor<2>) -> Tensor<2> {
