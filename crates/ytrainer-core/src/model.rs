@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::module::ParamId;
 use burn::prelude::*;
 
 /// One micro-batch as the model sees it. Rows are right-padded to a common length `T`.
@@ -37,12 +38,17 @@ pub trait Recompute {
     /// Back-propagates `grad` (the loss's gradient at `rows`, the tensor returned with this) through the model,
     /// recomputing each layer on the way down. Each piece's gradients go to `sink` as soon as they exist (the
     /// trainer moves the parameters' ones into its accumulator), so no two layers' graphs are alive at once.
-    fn backward(
-        self: Box<Self>,
-        rows: Tensor<2>,
-        grad: Tensor<2>,
-        sink: &mut dyn FnMut(&mut burn::tensor::Gradients),
-    );
+    fn backward(self: Box<Self>, rows: Tensor<2>, grad: Tensor<2>, sink: &mut dyn GradSink);
+}
+
+/// Where [`Recompute::backward`] puts the gradients it makes.
+pub trait GradSink {
+    /// The gradients of one piece of the model's graph.
+    fn graph(&mut self, grads: &mut burn::tensor::Gradients);
+    /// A gradient that is nonzero in a few rows only: `rows[i]` (`[N, cols]`) adds to row `ids[i]` of parameter
+    /// `id` (`shape`). The embedding's: added into the accumulated gradient in place, instead of a
+    /// vocabulary-sized buffer per micro-batch that would then be summed in (two such buffers at the peak).
+    fn rows(&mut self, id: ParamId, ids: Tensor<1, Int>, rows: Tensor<2>, shape: [usize; 2]);
 }
 
 /// A decoder-only language model the trainer can fine-tune.

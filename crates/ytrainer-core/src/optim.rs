@@ -78,6 +78,30 @@ impl GradAccumulator {
         }
     }
 
+    /// Adds `rows[i]` to row `ids[i]` of parameter `id` (`[rows, cols]` = `shape`), in place when the parameter
+    /// already has a gradient (see [`crate::model::GradSink::rows`]).
+    pub fn add_rows(
+        &mut self,
+        id: ParamId,
+        ids: Tensor<1, Int>,
+        rows: Tensor<2>,
+        [r, c]: [usize; 2],
+    ) {
+        let prev = self.grads.remove(&id);
+        let sum = match host_add_rows(prev, &ids, rows, [r, c]) {
+            Ok(sum) => sum,
+            Err((prev, rows)) => {
+                let base = match prev {
+                    Some(prev) => prev.reshape([r, c]),
+                    None => Tensor::zeros([r, c], &rows.device()),
+                };
+                base.select_assign(0, ids, rows, burn::tensor::IndexingUpdateOp::Add)
+                    .reshape([r * c])
+            }
+        };
+        self.grads.insert(id, sum);
+    }
+
     /// Adds a gradient computed outside autodiff (the LM head's, see [`crate::lm_loss`]) to parameter `id`.
     pub fn add<const D: usize>(&mut self, id: ParamId, grad: Tensor<D>) {
         let n = grad.shape().num_elements();
@@ -137,6 +161,54 @@ fn host_add(a: Tensor<1>, b: Tensor<1>) -> Tensor<1> {
             }
         });
     Tensor::from_primitive::<burn_flex::Flex>(af)
+}
+
+/// [`GradAccumulator::add_rows`] on the host: the rows scattered into the previous gradient's own buffer (or into
+/// zeros written by both cores), keeping it a CPU tensor the host AdamW pass takes. Hands the inputs back when
+/// either is not a contiguous f32 CPU tensor, or an id is out of range.
+#[allow(clippy::type_complexity, clippy::result_large_err)]
+fn host_add_rows(
+    prev: Option<Tensor<1>>,
+    ids: &Tensor<1, Int>,
+    rows: Tensor<2>,
+    [r, c]: [usize; 2],
+) -> Result<Tensor<1>, (Option<Tensor<1>>, Tensor<2>)> {
+    let n = rows.dims()[0];
+    let rows_flat = rows.clone().reshape([n * c]);
+    let (Some(rf), true) = (host_f32(&rows_flat), rows.dims()[1] == c) else {
+        return Err((prev, rows));
+    };
+    let mut base = match &prev {
+        Some(p) => match host_f32(p) {
+            Some(f) if p.dims()[0] == r * c => f,
+            _ => return Err((prev, rows)),
+        },
+        None => {
+            burn_flex::FlexTensor::from_data(TensorData::new(crate::cpu::zeros(r * c), [r * c]))
+        }
+    };
+    let idx: Vec<i64> = ids
+        .clone()
+        .into_data()
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .unwrap_or_default();
+    if idx.len() != n || idx.iter().any(|&i| i < 0 || i as usize >= r) {
+        return Err((prev, rows));
+    }
+    drop((prev, rows, rows_flat));
+    let src = rf.as_slice::<f32>().expect("contiguous, checked above");
+    let dst = crate::cpu::flex_f32_mut(&mut base).expect("f32, checked above");
+    for (k, &i) in idx.iter().enumerate() {
+        let i = i as usize;
+        for (d, &s) in dst[i * c..(i + 1) * c]
+            .iter_mut()
+            .zip(&src[k * c..(k + 1) * c])
+        {
+            *d += s;
+        }
+    }
+    Ok(Tensor::from_primitive::<burn_flex::Flex>(base))
 }
 
 /// The primitive of `t` when it is a contiguous f32 tensor on the CPU backend (what the host passes need; the
@@ -534,5 +606,42 @@ mod tests {
         assert!((lr_at(Schedule::Cosine, 1.0, 6, 10, 2, 0.0) - 0.5).abs() < 1e-12);
         assert!((lr_at(Schedule::Linear, 1.0, 6, 10, 2, 0.1) - 0.55).abs() < 1e-12);
         assert!(lr_at(Schedule::Cosine, 1.0, 10, 10, 2, 0.0).abs() < 1e-12);
+    }
+
+    /// Row gradients (an embedding's) scattered into the accumulated gradient: repeated ids add up, the result is
+    /// the dense sum, and it stays a CPU tensor the host AdamW pass takes (a tracked or foreign tensor would push
+    /// the update onto the slow tensor path), whether or not a previous gradient exists.
+    #[test]
+    fn add_rows_scatters_into_the_accumulated_gradient_in_place() {
+        let device = Device::flex().autodiff();
+        let inner = Device::flex();
+        let id = ParamId::new();
+        let (r, c) = (4, 3);
+        let rows =
+            |v: Vec<f32>, n: usize| Tensor::<2>::from_data(TensorData::new(v, [n, c]), &inner);
+        let ids = |v: Vec<i64>| {
+            let n = v.len();
+            Tensor::<1, Int>::from_data(TensorData::new(v, [n]), &device)
+        };
+        let mut acc = GradAccumulator::default();
+        acc.add_rows(
+            id,
+            ids(vec![2, 0, 2]),
+            rows((1..=9).map(|x| x as f32).collect(), 3),
+            [r, c],
+        );
+        let got = acc
+            .get(&id)
+            .unwrap()
+            .clone()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        assert_eq!(got, [4., 5., 6., 0., 0., 0., 8., 10., 12., 0., 0., 0.]);
+        acc.add_rows(id, ids(vec![3]), rows(vec![0.5, 0.5, 0.5], 1), [r, c]);
+        let g = acc.get(&id).unwrap().clone();
+        assert!(host_f32(&g).is_some(), "the sum stays on the host path");
+        let got = g.into_data().try_to_vec::<f32>().unwrap();
+        assert_eq!(got, [4., 5., 6., 0., 0., 0., 8., 10., 12., 0.5, 0.5, 0.5]);
     }
 }

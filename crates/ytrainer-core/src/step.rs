@@ -417,18 +417,21 @@ pub fn train_micro_batch<M: CausalLm>(
                 head.layout,
                 head.trainable,
             );
+            // The head's weight gradient first: a tied embedding's input-side rows are then added into it in place.
+            if let Some(dw) = dw {
+                acc.add(head.id, dw);
+            }
             match recompute {
-                Some(recompute) => recompute.backward(rows, Tensor::from_inner(dh), &mut |g| {
-                    acc.accumulate(model, g)
-                }),
+                Some(recompute) => recompute.backward(
+                    rows,
+                    Tensor::from_inner(dh),
+                    &mut AccumulatorSink { acc, model },
+                ),
                 None => {
                     // d(sum(rows * dh))/d(rows) = dh: injects the head's gradient into the body's graph.
                     let mut grads = rows.mul(Tensor::from_inner(dh)).sum().backward();
                     acc.accumulate(model, &mut grads);
                 }
-            }
-            if let Some(dw) = dw {
-                acc.add(head.id, dw);
             }
         }
     }
@@ -475,6 +478,30 @@ enum HeadOut {
 
 /// How the loss's gradient reaches the model.
 // One value per micro-batch: its size is irrelevant next to the tensors it points to.
+#[allow(clippy::large_enum_variant)]
+/// Moves the gradients of a recomputing backward pass into the step's accumulator as they are made.
+struct AccumulatorSink<'a, M> {
+    acc: &'a mut GradAccumulator,
+    model: &'a M,
+}
+
+impl<M: CausalLm> crate::model::GradSink for AccumulatorSink<'_, M> {
+    fn graph(&mut self, grads: &mut burn::tensor::Gradients) {
+        self.acc.accumulate(self.model, grads);
+    }
+
+    fn rows(
+        &mut self,
+        id: burn::module::ParamId,
+        ids: Tensor<1, Int>,
+        rows: Tensor<2>,
+        shape: [usize; 2],
+    ) {
+        self.acc.add_rows(id, ids, rows, shape);
+    }
+}
+
+// One `Graph` per micro-batch, moved once: the size difference between its variants costs nothing.
 #[allow(clippy::large_enum_variant)]
 enum Graph<'m> {
     /// Autodiff through the head and `log_softmax`: per-token CE with gradient.

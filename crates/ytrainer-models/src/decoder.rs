@@ -18,7 +18,7 @@
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
-use ytrainer_core::model::{CausalLm, ModelInput, Recompute};
+use ytrainer_core::model::{CausalLm, GradSink, ModelInput, Recompute};
 
 use crate::config::{HfConfig, RopeConfig};
 use crate::lora::{AdapterSpec, LoraLinear};
@@ -765,12 +765,7 @@ struct Recomputed<'a> {
 }
 
 impl Recompute for Recomputed<'_> {
-    fn backward(
-        self: Box<Self>,
-        rows: Tensor<2>,
-        grad: Tensor<2>,
-        sink: &mut dyn FnMut(&mut burn::tensor::Gradients),
-    ) {
+    fn backward(self: Box<Self>, rows: Tensor<2>, grad: Tensor<2>, sink: &mut dyn GradSink) {
         let Recomputed {
             model,
             ctx,
@@ -782,7 +777,7 @@ impl Recompute for Recomputed<'_> {
         // d(sum(y * g))/dy = g: each piece's graph is entered with the gradient of its output.
         let mut grads = rows.mul(grad).sum().backward();
         let mut g = top.grad_remove(&mut grads);
-        sink(&mut grads);
+        sink.graph(&mut grads);
         drop(grads);
         for (i, x) in inputs.into_iter().enumerate().rev() {
             let Some(gy) = g.take() else { return };
@@ -793,15 +788,19 @@ impl Recompute for Recomputed<'_> {
             let y = model.layers[i].forward(x.clone(), &ctx);
             let mut grads = y.mul(Tensor::from_inner(gy)).sum().backward();
             g = x.grad_remove(&mut grads);
-            sink(&mut grads);
+            sink.graph(&mut grads);
         }
-        // The embedding last (trainable only in full fine-tuning).
+        // The embedding last (trainable only in full fine-tuning): the rows of its gradient the batch's tokens
+        // select.
+        let weight = &model.embed_tokens.weight;
         if let Some(gx) = g
-            && model.embed_tokens.weight.is_require_grad()
+            && weight.is_require_grad()
         {
-            let e = model.embed_tokens.forward(input_ids);
-            let mut grads = e.mul(Tensor::from_inner(gx)).sum().backward();
-            sink(&mut grads);
+            let [b, t, h] = gx.dims();
+            let shape = [weight.val().dims()[0], h];
+            // The untracked gradient as it came: a tracked tensor would push the accumulator off its host path.
+            let rows = gx.reshape([b * t, h]);
+            sink.rows(weight.id, input_ids.reshape([b * t]), rows, shape);
         }
     }
 }

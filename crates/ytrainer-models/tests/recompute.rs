@@ -9,12 +9,12 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use burn::module::Param;
+use burn::module::{Param, ParamId};
 use burn::prelude::*;
 use burn::tensor::Gradients;
 use burn::tensor::activation::log_softmax;
 use common::*;
-use ytrainer_core::model::ModelInput;
+use ytrainer_core::model::{GradSink, ModelInput};
 use ytrainer_models::decoder::AttnContext;
 use ytrainer_models::{AdapterSpec, CausalLm, Decoder, LoraConfig, load_pretrained};
 
@@ -106,12 +106,42 @@ fn recomputed(model: &Decoder, c: &Case) -> Grads {
     let leaf = rows.clone().detach().require_grad();
     let mut head = loss(model, leaf.clone(), &c.targets).backward();
     let dh = leaf.grad_remove(&mut head).expect("gradient at the rows");
-    let mut out = Grads::new();
-    add_into(model, &head, &mut out);
-    rc.backward(rows, Tensor::from_inner(dh), &mut |g| {
-        add_into(model, g, &mut out)
-    });
-    out
+    let mut sink = Sink {
+        model,
+        out: Grads::new(),
+    };
+    sink.graph(&mut head);
+    rc.backward(rows, Tensor::from_inner(dh), &mut sink);
+    sink.out
+}
+
+struct Sink<'a> {
+    model: &'a Decoder,
+    out: Grads,
+}
+
+impl GradSink for Sink<'_> {
+    fn graph(&mut self, grads: &mut Gradients) {
+        add_into(self.model, grads, &mut self.out);
+    }
+
+    fn rows(&mut self, id: ParamId, ids: Tensor<1, Int>, rows: Tensor<2>, shape: [usize; 2]) {
+        assert_eq!(
+            id, self.model.embed_tokens.weight.id,
+            "only the embedding's gradient comes as rows"
+        );
+        let dense = Tensor::<2>::zeros(shape, &rows.device()).select_assign(
+            0,
+            ids,
+            rows,
+            burn::tensor::IndexingUpdateOp::Add,
+        );
+        let (_, acc) = self
+            .out
+            .get_mut("embed_tokens.weight")
+            .expect("the tied head's gradient came first");
+        acc.iter_mut().zip(to_vec(dense)).for_each(|(a, b)| *a += b);
+    }
 }
 
 fn assert_same(what: &str, got: &Grads, want: &Grads) {
