@@ -118,13 +118,6 @@ pub fn run(
             cfg.loss.name
         );
     }
-    if cfg.train.gradient_checkpointing {
-        eprintln!(
-            "warning: [train] gradient_checkpointing is not applied to preference training (`--loss {}`) yet; \
-             training keeps every layer's activations",
-            cfg.loss.name
-        );
-    }
     if cfg.model.path.is_none() {
         bail!(
             "preference training (`--loss {}`) needs a pretrained model: pass `--model DIR` (a Hugging Face model directory)",
@@ -190,6 +183,7 @@ pub fn run(
     if let Some(init) = &cfg.adapter.init_from {
         model = load_peft_adapter(model, init)?;
     }
+    model = model.with_gradient_checkpointing(cfg.train.gradient_checkpointing);
     let pad_id = tok
         .token_to_id("<|endoftext|>")
         .or_else(|| tok.eos_id())

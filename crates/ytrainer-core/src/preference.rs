@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
 use serde::Serialize;
 use ytrainer_data::{Example, MicroBatch, PairExample};
 
@@ -186,6 +187,18 @@ pub fn sequence_log_probs<M: CausalLm>(
     mb: &MicroBatch,
     device: &Device,
 ) -> (Tensor<1>, Vec<usize>, Tensor<1>) {
+    let (sums, counts, lp, _) = sequence_log_probs_for_training(model, mb, device, false);
+    (sums, counts, lp)
+}
+
+/// The policy's side of a training step: a model trained with gradient checkpointing runs its recomputing
+/// forward pass, and the log-probs' graph then starts from its hidden rows as a leaf ([`Checkpointed`]).
+fn sequence_log_probs_for_training<'m, M: CausalLm>(
+    model: &'m M,
+    mb: &MicroBatch,
+    device: &Device,
+    train: bool,
+) -> (Tensor<1>, Vec<usize>, Tensor<1>, Option<Checkpointed<'m>>) {
     let batch = to_device(mb, device);
     let mut counts = vec![0usize; mb.batch];
     let mut onehot = vec![0f32; mb.batch * batch.n];
@@ -198,12 +211,39 @@ pub fn sequence_log_probs<M: CausalLm>(
             j += 1;
         }
     }
-    let lp = token_ce(target_log_probs(model, &batch), batch.targets.clone()).neg();
+    let recomputed = train
+        .then(|| model.hidden_states_at_recomputed(&batch.input, &batch.rows, &batch.row_ids))
+        .flatten();
+    let (log_probs, checkpointed) = match recomputed {
+        Some((rows, recompute)) => {
+            let leaf = rows.clone().detach().require_grad();
+            // In f32 whatever the model's precision, as `target_log_probs`.
+            let lp = log_softmax(crate::lm_loss::widen(model.lm_head(leaf.clone())), 1);
+            (
+                lp,
+                Some(Checkpointed {
+                    leaf,
+                    rows,
+                    recompute,
+                }),
+            )
+        }
+        None => (target_log_probs(model, &batch), None),
+    };
+    let lp = token_ce(log_probs, batch.targets.clone()).neg();
     let sel: Tensor<2> = Tensor::from_data(TensorData::new(onehot, [mb.batch, batch.n]), device);
     let sums = sel
         .matmul(lp.clone().reshape([batch.n, 1]))
         .reshape([mb.batch]);
-    (sums, counts, lp)
+    (sums, counts, lp, checkpointed)
+}
+
+/// A policy forward pass run with gradient checkpointing: the objective's graph reaches down to `leaf` (the
+/// hidden rows, detached), and `recompute` carries the gradient at `rows` on through the model.
+struct Checkpointed<'m> {
+    leaf: Tensor<2>,
+    rows: Tensor<2>,
+    recompute: Box<dyn crate::model::Recompute + 'm>,
 }
 
 /// Reference log-probs of every pair from the model's base (its adapters switched off; the model itself when it
@@ -308,7 +348,8 @@ fn pair_micro_batch<M: CausalLm>(
     let chunk: Vec<&PairExample> = idx.iter().map(|&i| &pairs[i]).collect();
     let p = chunk.len();
     let mb = pair_batch(&chunk, setup.pad_id);
-    let (sums, counts, token_lp) = sequence_log_probs(model, &mb, device);
+    let (sums, counts, token_lp, checkpointed) =
+        sequence_log_probs_for_training(model, &mb, device, grads.is_some());
     let lens: Vec<f32> = counts.iter().map(|&c| c.max(1) as f32).collect();
     let len_t = |r: std::ops::Range<usize>| -> Tensor<1> {
         Tensor::from_data(TensorData::new(lens[r.clone()].to_vec(), [r.len()]), device)
@@ -404,7 +445,21 @@ fn pair_micro_batch<M: CausalLm>(
             objective.add(nll.mul_scalar(setup.sft_weight / step_chosen_tokens.max(1) as f64));
     }
     let mut g = objective.backward();
-    grads.accumulate(model, &mut g);
+    match checkpointed {
+        Some(c) => {
+            let dh = c.leaf.grad_remove(&mut g);
+            grads.accumulate(model, &mut g);
+            drop(g);
+            if let Some(dh) = dh {
+                c.recompute.backward(
+                    c.rows,
+                    Tensor::from_inner(dh),
+                    &mut crate::step::AccumulatorSink { acc: grads, model },
+                );
+            }
+        }
+        None => grads.accumulate(model, &mut g),
+    }
     Ok(())
 }
 

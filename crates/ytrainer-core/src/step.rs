@@ -480,9 +480,9 @@ enum HeadOut {
 // One value per micro-batch: its size is irrelevant next to the tensors it points to.
 #[allow(clippy::large_enum_variant)]
 /// Moves the gradients of a recomputing backward pass into the step's accumulator as they are made.
-struct AccumulatorSink<'a, M> {
-    acc: &'a mut GradAccumulator,
-    model: &'a M,
+pub(crate) struct AccumulatorSink<'a, M> {
+    pub(crate) acc: &'a mut GradAccumulator,
+    pub(crate) model: &'a M,
 }
 
 impl<M: CausalLm> crate::model::GradSink for AccumulatorSink<'_, M> {
