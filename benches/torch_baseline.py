@@ -113,11 +113,7 @@ def main():
         times.append(time.perf_counter() - t0)
     total = sum(times)
     result = {
-        "impl": "pytorch",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "shape": a.shape,
-        "mode": a.mode,
+        **common_result(a),
         "batch": a.batch,
         "seq": a.seq,
         "steps": a.steps,
@@ -140,6 +136,16 @@ def main():
             f"(median step {result['median_step_s']:.3f}s over {a.steps} steps), "
             f"peak RSS {result['peak_rss_mb']:.0f} MiB, last CE {ce:.4f}"
         )
+
+
+def common_result(a):
+    return {
+        "impl": "pytorch",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "shape": a.shape,
+        "mode": a.mode,
+    }
 
 
 def windowed(a, model, optim, vocab, gen):
@@ -167,11 +173,7 @@ def windowed(a, model, optim, vocab, gen):
             window(start)
         epochs.append(time.perf_counter() - t0)
     result = {
-        "impl": "pytorch",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "shape": a.shape,
-        "mode": a.mode,
+        **common_result(a),
         "windowed": n,
         "prompt": a.prompt,
         "answer": a.seq,

@@ -753,6 +753,33 @@ pub(crate) fn check_lora_config(cfg: &crate::LoraConfig) -> Result<(), ModelErro
     Ok(())
 }
 
+impl Decoder {
+    /// The last layer and the final norm at `rows`. The last layer's output is read only at the targets: every
+    /// position still gives the keys and values its attention reads, but queries, the output projection and the
+    /// MLP run at the target rows alone (worth it once at least an eighth of the positions are not targets:
+    /// prompts, windowed mode).
+    fn top_rows(
+        &self,
+        last: &DecoderLayer,
+        x: Tensor<3>,
+        ctx: &AttnContext,
+        rows: &Tensor<1, Int>,
+        host_rows: &[usize],
+    ) -> Tensor<2> {
+        let [b, t, h] = x.dims();
+        if !host_rows.is_empty()
+            && host_rows.len() * 8 <= b * t * 7
+            && let Some(y) = last.forward_at(x.clone(), ctx, rows, host_rows)
+        {
+            return self.norm.forward(y);
+        }
+        self.norm
+            .forward(last.forward(x, ctx))
+            .reshape([b * t, h])
+            .select(0, rows.clone())
+    }
+}
+
 /// What [`Decoder`]'s recomputing forward pass keeps for its backward pass: every layer's input below the top
 /// layer, and the top layer's input (the leaf its graph starts from).
 struct Recomputed<'a> {
@@ -823,8 +850,8 @@ impl CausalLm for Decoder {
     ) -> Tensor<2> {
         let ctx = AttnContext::new(input, &self.inv_freq, self.spec.sliding_window, true);
         let mut x = self.embed_tokens.forward(input.input_ids.clone());
-        let [b, t, h] = x.dims();
         let Some((last, body)) = self.layers.split_last() else {
+            let [b, t, h] = x.dims();
             return self
                 .norm
                 .forward(x)
@@ -834,19 +861,7 @@ impl CausalLm for Decoder {
         for layer in body {
             x = layer.forward(x, &ctx);
         }
-        // The last layer's output is read only at the targets: every position still gives the keys and values
-        // its attention reads, but queries, the output projection and the MLP run at the target rows alone
-        // (worth it once at least an eighth of the positions are not targets: prompts, windowed mode).
-        if !host_rows.is_empty()
-            && host_rows.len() * 8 <= b * t * 7
-            && let Some(y) = last.forward_at(x.clone(), &ctx, rows, host_rows)
-        {
-            return self.norm.forward(y);
-        }
-        self.norm
-            .forward(last.forward(x, &ctx))
-            .reshape([b * t, h])
-            .select(0, rows.clone())
+        self.top_rows(last, x, &ctx, rows, host_rows)
     }
 
     fn hidden_states_at_recomputed(
@@ -869,7 +884,11 @@ impl CausalLm for Decoder {
         let (last, body) = self.layers.split_last()?;
         // Below the top layer: no graph at all (frozen copies of the layers on an untracked input), keeping only
         // each layer's input.
-        let mut x = self.embed_tokens.forward(input.input_ids.clone()).detach();
+        let mut x = self
+            .embed_tokens
+            .clone()
+            .no_grad()
+            .forward(input.input_ids.clone());
         let mut inputs = Vec::with_capacity(body.len());
         for (i, layer) in body.iter().enumerate() {
             inputs.push(x.clone());
@@ -879,17 +898,7 @@ impl CausalLm for Decoder {
         // The top layer and the final norm keep their graph, from the top layer's input as a leaf.
         let top = x.require_grad();
         reseed(body.len());
-        let [b, t, h] = top.dims();
-        let y = (!host_rows.is_empty() && host_rows.len() * 8 <= b * t * 7)
-            .then(|| last.forward_at(top.clone(), &ctx, rows, host_rows))
-            .flatten()
-            .map(|y| self.norm.forward(y))
-            .unwrap_or_else(|| {
-                self.norm
-                    .forward(last.forward(top.clone(), &ctx))
-                    .reshape([b * t, h])
-                    .select(0, rows.clone())
-            });
+        let y = self.top_rows(last, top.clone(), &ctx, rows, host_rows);
         Some((
             y,
             Box::new(Recomputed {
