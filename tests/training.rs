@@ -440,3 +440,49 @@ fn training_step_gradients_match_transformers_with(recompute: bool) {
         "every parameter of grad_norms was checked"
     );
 }
+
+/// The same micro-batch gives bit-identical gradients every time: no reduction's order depends on how rayon
+/// happened to split the work (RMSNorm weights and biases sum over rows; with rayon's `fold` + `reduce` this
+/// failed on every run).
+#[test]
+fn gradients_are_bit_identical_from_run_to_run() {
+    let m = model(&AdapterSpec::Full);
+    let ce = match Registry::discover()
+        .build("ce", &BTreeMap::new())
+        .unwrap()
+        .0
+    {
+        LossFn::Token(p) => p,
+        LossFn::Pairwise(_) => unreachable!(),
+    };
+    // 64 rows of 16 tokens: 1024 rows for each norm and bias to sum, in dozens of tasks.
+    let rows: Vec<usize> = (0..64).map(|i| i % 2).collect();
+    let grads = || {
+        let mut acc = GradAccumulator::default();
+        train_micro_batch(
+            &m,
+            &micro_batch(&rows, |_, _| true),
+            ce.as_ref(),
+            ctx(),
+            &mut acc,
+            &device(),
+        )
+        .unwrap();
+        param_paths(&m)
+            .into_iter()
+            .map(|(id, path)| {
+                let g = acc.get(&id).expect("gradient").clone();
+                (path, tensor_to_vec(g))
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = grads();
+    for _ in 0..6 {
+        for ((path, a), (_, b)) in first.iter().zip(grads()) {
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{path}: gradients differ between identical runs"
+            );
+        }
+    }
+}

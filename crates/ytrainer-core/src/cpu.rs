@@ -22,7 +22,8 @@ pub fn exp_f32(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     let underflow = x < -87.3;
     let xc = x.clamp(-87.3, 88.3);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let k = xc * LOG2E + ROUND;
+    let n = k - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4_f32;
     let p = p * r + 1.398_199_9e-3;
@@ -31,7 +32,11 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `n` as an integer, read from the low mantissa bits of `k` (which holds 1.5 * 2^23 + n exactly): the same
+    // value as `n as i32`, whose saturating, NaN-checking conversion the compiler cannot vectorise (it turned
+    // every loop over this function into scalar code).
+    let ni = (k.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let scale = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
     if underflow { 0.0 } else { e * scale }
 }
 
@@ -138,6 +143,20 @@ fn row_max(row: &[f32]) -> f32 {
     max
 }
 
+/// The index of the first element equal to `max` (0 when none is): whole tiles are tested with a loop that does not
+/// exit early (so it vectorises), and only the tile that holds the match is searched element by element.
+#[inline(always)]
+fn first_equal(row: &[f32], max: f32) -> u32 {
+    const TILE: usize = 64;
+    for (t, c) in row.chunks(TILE).enumerate() {
+        if c.iter().fold(false, |any, &x| any | (x == max)) {
+            let i = c.iter().position(|&x| x == max).unwrap_or(0);
+            return (t * TILE + i) as u32;
+        }
+    }
+    0
+}
+
 /// `(sum_j e^(x_j - shift), sum_j e^(x_j - shift) (x_j - shift))`, the second only when `weighted`.
 ///
 /// The exponentials go through a small stack buffer first: a plain map loop is what the compiler vectorises
@@ -177,7 +196,7 @@ fn exp_sums(row: &[f32], shift: f32, weighted: bool) -> (f32, f32) {
 #[inline(always)]
 fn row_stats_generic(row: &[f32], target: usize, with_entropy: bool) -> RowStats {
     let max = row_max(row);
-    let argmax = row.iter().position(|&x| x == max).unwrap_or(0) as u32;
+    let argmax = first_equal(row, max);
     let (sum, weighted) = exp_sums(row, max, with_entropy);
     let lse = max + sum.ln();
     RowStats {
@@ -218,7 +237,7 @@ pub fn row_stats(
 fn row_stats_exp_generic(row: &mut [f32], target: usize, with_entropy: bool) -> (RowStats, f32) {
     const TILE: usize = 64;
     let max = row_max(row);
-    let argmax = row.iter().position(|&x| x == max).unwrap_or(0) as u32;
+    let argmax = first_equal(row, max);
     let x_target = row[target];
     let mut s = [0.0f32; LANES];
     let mut w = [0.0f32; LANES];

@@ -164,34 +164,23 @@ impl Backward<Flex, 2> for RmsNormBackward {
             .par_chunks_mut(hdim * ROWS_PER_TASK)
             .zip(xs.par_chunks(hdim * ROWS_PER_TASK))
             .zip(s.inv.par_chunks(ROWS_PER_TASK))
-            .fold(
-                || vec![0.0f32; hdim],
-                |mut dw, ((dc, xc), ic)| {
-                    let mut g = vec![0.0f32; hdim];
-                    for ((dr, xr), &r) in dc.chunks_mut(hdim).zip(xc.chunks(hdim)).zip(ic) {
-                        for ((gv, &d), &wv) in g.iter_mut().zip(dr.iter()).zip(ws.iter()) {
-                            *gv = d * wv;
-                        }
-                        let c = cpu::dot(&g, xr) * r * r / hdim as f32;
-                        for (((o, &gv), &xv), dwv) in
-                            dr.iter_mut().zip(&g).zip(xr).zip(dw.iter_mut())
-                        {
-                            *dwv += *o * xv * r;
-                            *o = r * (gv - xv * c);
-                        }
+            .map(|((dc, xc), ic)| {
+                let mut dw = vec![0.0f32; hdim];
+                let mut g = vec![0.0f32; hdim];
+                for ((dr, xr), &r) in dc.chunks_mut(hdim).zip(xc.chunks(hdim)).zip(ic) {
+                    for ((gv, &d), &wv) in g.iter_mut().zip(dr.iter()).zip(ws.iter()) {
+                        *gv = d * wv;
                     }
-                    dw
-                },
-            )
-            .reduce(
-                || vec![0.0f32; hdim],
-                |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(b) {
-                        *x += y;
+                    let c = cpu::dot(&g, xr) * r * r / hdim as f32;
+                    for (((o, &gv), &xv), dwv) in dr.iter_mut().zip(&g).zip(xr).zip(dw.iter_mut()) {
+                        *dwv += *o * xv * r;
+                        *o = r * (gv - xv * c);
                     }
-                    a
-                },
-            );
+                }
+                dw
+            })
+            .collect::<Vec<_>>();
+        let dw = sum_in_order(dw, hdim);
         if let Some(n) = nx {
             grads.register::<Flex>(n.id, dx);
         }
@@ -199,6 +188,19 @@ impl Backward<Flex, 2> for RmsNormBackward {
             grads.register::<Flex>(n.id, flex(dw, &[hdim]));
         }
     }
+}
+
+/// The sum of per-task partial sums, in task order. Rayon's `fold` + `reduce` would group the partials by however
+/// the work was split at run time, so the same step could round differently from run to run; fixed chunks summed
+/// in a fixed order make every run bit-identical.
+fn sum_in_order(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    let mut total = vec![0.0f32; len];
+    for p in parts {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total
 }
 
 /// `silu(g) * u` (SwiGLU's gate); `None` when not on the CPU backend.
@@ -672,26 +674,19 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
             grads.register::<Flex>(node.id, flex(dw, &[d_in, d_out]));
         }
         if let Some(node) = nbias {
-            let db = dys.par_chunks(d_out * 256).fold(
-                || vec![0.0f32; d_out],
-                |mut acc, c| {
+            let db = dys
+                .par_chunks(d_out * 256)
+                .map(|c| {
+                    let mut acc = vec![0.0f32; d_out];
                     for row in c.chunks(d_out) {
                         for (a, &v) in acc.iter_mut().zip(row) {
                             *a += v;
                         }
                     }
                     acc
-                },
-            );
-            let db = db.reduce(
-                || vec![0.0f32; d_out],
-                |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(b) {
-                        *x += y;
-                    }
-                    a
-                },
-            );
+                })
+                .collect::<Vec<_>>();
+            let db = sum_in_order(db, d_out);
             grads.register::<Flex>(node.id, flex(db, &[d_out]));
         }
     }
