@@ -476,9 +476,6 @@ enum HeadOut {
     Tensor(Tensor<2>),
 }
 
-/// How the loss's gradient reaches the model.
-// One value per micro-batch: its size is irrelevant next to the tensors it points to.
-#[allow(clippy::large_enum_variant)]
 /// Moves the gradients of a recomputing backward pass into the step's accumulator as they are made.
 pub(crate) struct AccumulatorSink<'a, M> {
     pub(crate) acc: &'a mut GradAccumulator,
@@ -501,7 +498,8 @@ impl<M: CausalLm> crate::model::GradSink for AccumulatorSink<'_, M> {
     }
 }
 
-// One `Graph` per micro-batch, moved once: the size difference between its variants costs nothing.
+/// How the loss's gradient reaches the model.
+// One value per micro-batch: its size is irrelevant next to the tensors it points to.
 #[allow(clippy::large_enum_variant)]
 enum Graph<'m> {
     /// Autodiff through the head and `log_softmax`: per-token CE with gradient.
