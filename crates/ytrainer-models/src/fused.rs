@@ -120,17 +120,54 @@ fn rms_forward(x: &FlexTensor, w: &FlexTensor, eps: f32) -> Option<(FlexTensor, 
         .par_chunks_mut(hdim * ROWS_PER_TASK)
         .zip(inv.par_chunks_mut(ROWS_PER_TASK))
         .zip(xs.par_chunks(hdim * ROWS_PER_TASK))
-        .for_each(|((yc, ic), xc)| {
-            for ((yr, r), xr) in yc.chunks_mut(hdim).zip(ic.iter_mut()).zip(xc.chunks(hdim)) {
-                *r = 1.0 / (cpu::dot(xr, xr) / hdim as f32 + eps).sqrt();
-                for ((o, &a), &g) in yr.iter_mut().zip(xr).zip(ws.iter()) {
-                    o.write(g * (a * *r));
-                }
-            }
-        });
+        .for_each(|((yc, ic), xc)| rms_forward_rows(yc, ic, xc, &ws, eps));
     // SAFETY: the row chunks cover all rows * hdim elements and every element of each row was written above.
     unsafe { y.set_len(rows * hdim) };
     Some((flex(y, &shape), inv))
+}
+
+/// RMSNorm of whole rows (`hdim = w.len()` each), writing `y` and each row's `1 / rms`.
+fn rms_forward_rows(
+    y: &mut [std::mem::MaybeUninit<f32>],
+    inv: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    eps: f32,
+) {
+    #[inline(always)]
+    fn body(y: &mut [std::mem::MaybeUninit<f32>], inv: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+        let hdim = w.len();
+        for ((yr, r), xr) in y.chunks_mut(hdim).zip(inv.iter_mut()).zip(x.chunks(hdim)) {
+            *r = 1.0 / (cpu::dot(xr, xr) / hdim as f32 + eps).sqrt();
+            for ((o, &a), &g) in yr.iter_mut().zip(xr).zip(w.iter()) {
+                o.write(g * (a * *r));
+            }
+        }
+    }
+    ytrainer_core::simd_dispatch!(body, (y: &mut [std::mem::MaybeUninit<f32>], inv: &mut [f32], x: &[f32], w: &[f32], eps: f32) -> ())
+}
+
+/// RMSNorm's backward over whole rows: `d` holds `dy` and is overwritten with `dx`; returns these rows' share of
+/// the weight's gradient.
+fn rms_backward_rows(d: &mut [f32], x: &[f32], inv: &[f32], w: &[f32]) -> Vec<f32> {
+    #[inline(always)]
+    fn body(d: &mut [f32], x: &[f32], inv: &[f32], w: &[f32]) -> Vec<f32> {
+        let hdim = w.len();
+        let mut dw = vec![0.0f32; hdim];
+        let mut g = vec![0.0f32; hdim];
+        for ((dr, xr), &r) in d.chunks_mut(hdim).zip(x.chunks(hdim)).zip(inv) {
+            for ((gv, &dv), &wv) in g.iter_mut().zip(dr.iter()).zip(w.iter()) {
+                *gv = dv * wv;
+            }
+            let c = cpu::dot(&g, xr) * r * r / hdim as f32;
+            for (((o, &gv), &xv), dwv) in dr.iter_mut().zip(&g).zip(xr).zip(dw.iter_mut()) {
+                *dwv += *o * xv * r;
+                *o = r * (gv - xv * c);
+            }
+        }
+        dw
+    }
+    ytrainer_core::simd_dispatch!(body, (d: &mut [f32], x: &[f32], inv: &[f32], w: &[f32]) -> Vec<f32>)
 }
 
 #[derive(Debug)]
@@ -164,21 +201,7 @@ impl Backward<Flex, 2> for RmsNormBackward {
             .par_chunks_mut(hdim * ROWS_PER_TASK)
             .zip(xs.par_chunks(hdim * ROWS_PER_TASK))
             .zip(s.inv.par_chunks(ROWS_PER_TASK))
-            .map(|((dc, xc), ic)| {
-                let mut dw = vec![0.0f32; hdim];
-                let mut g = vec![0.0f32; hdim];
-                for ((dr, xr), &r) in dc.chunks_mut(hdim).zip(xc.chunks(hdim)).zip(ic) {
-                    for ((gv, &d), &wv) in g.iter_mut().zip(dr.iter()).zip(ws.iter()) {
-                        *gv = d * wv;
-                    }
-                    let c = cpu::dot(&g, xr) * r * r / hdim as f32;
-                    for (((o, &gv), &xv), dwv) in dr.iter_mut().zip(&g).zip(xr).zip(dw.iter_mut()) {
-                        *dwv += *o * xv * r;
-                        *o = r * (gv - xv * c);
-                    }
-                }
-                dw
-            })
+            .map(|((dc, xc), ic)| rms_backward_rows(dc, xc, ic, &ws))
             .collect::<Vec<_>>();
         let dw = sum_in_order(dw, hdim);
         if let Some(n) = nx {
