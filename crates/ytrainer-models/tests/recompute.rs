@@ -1,7 +1,7 @@
 //! Gradient checkpointing (`Decoder::with_gradient_checkpointing`) gives the plain path's gradients for every
 //! parameter: full fine-tuning and LoRA on the tiny Qwen2 checkpoint (whose plain gradients `parity.rs` checks
-//! against transformers), the top layer at all rows and at answer rows only, and LoRA dropout, whose masks the
-//! recomputed layers must draw again exactly.
+//! against transformers), the top layer at all rows and at answer rows only, packed rows, and LoRA dropout, whose
+//! masks the recomputed layers must draw again exactly.
 //!
 //! One test function: the dropout case seeds the process-wide device RNG, which parallel tests would disturb.
 
@@ -187,6 +187,13 @@ fn gradient_checkpointing_gives_the_plain_gradients() {
     // Answer-like targets (the second half of each row): the top layer runs at those rows only.
     let answers = case(ids, b, t, 8, &device);
 
+    // Packed rows: two documents per row (positions restart, attention stays inside each document).
+    let mut packed = case(ids, b, t, 0, &device);
+    let pos: Vec<i64> = (0..b * t).map(|i| ((i % t) % 9) as i64).collect();
+    let seg: Vec<i64> = (0..b * t).map(|i| if i % t < 9 { 1 } else { 2 }).collect();
+    packed.input.position_ids = Tensor::from_data(TensorData::new(pos, [b, t]), &device);
+    packed.input.segment_ids = Tensor::from_data(TensorData::new(seg, [b, t]), &device);
+
     let (full, _) = load_pretrained(&tiny_qwen2(), &AdapterSpec::Full, &device).unwrap();
     assert!(full.layers.len() >= 3, "at least two recomputed layers");
     assert!(
@@ -194,7 +201,11 @@ fn gradient_checkpointing_gives_the_plain_gradients() {
             .is_none()
     );
     let full = full.with_gradient_checkpointing(true);
-    for (name, c) in [("full, every row", &every), ("full, answer rows", &answers)] {
+    for (name, c) in [
+        ("full, every row", &every),
+        ("full, answer rows", &answers),
+        ("full, packed rows", &packed),
+    ] {
         let want = plain(&full, c);
         assert!(
             want.contains_key("embed_tokens.weight")
