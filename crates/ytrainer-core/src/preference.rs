@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 use serde::Serialize;
 use ytrainer_data::{Example, MicroBatch, PairExample};
 
@@ -16,7 +15,7 @@ use crate::config::TrainSection;
 use crate::loss::{PairStats, PairwiseObjective, tensor_to_vec};
 use crate::model::CausalLm;
 use crate::optim::{GradAccumulator, lr_at};
-use crate::step::{target_log_probs, to_device, token_ce};
+use crate::step::{head_log_probs, target_log_probs, to_device, token_ce};
 use crate::trainer::Jsonl;
 use crate::trainer::{Observer, TrainError};
 
@@ -217,8 +216,7 @@ fn sequence_log_probs_for_training<'m, M: CausalLm>(
     let (log_probs, checkpointed) = match recomputed {
         Some((rows, recompute)) => {
             let leaf = rows.clone().detach().require_grad();
-            // In f32 whatever the model's precision, as `target_log_probs`.
-            let lp = log_softmax(crate::lm_loss::widen(model.lm_head(leaf.clone())), 1);
+            let lp = head_log_probs(model, leaf.clone());
             (
                 lp,
                 Some(Checkpointed {

@@ -136,11 +136,13 @@ pub fn to_device(mb: &MicroBatch, device: &Device) -> DeviceBatch {
 
 /// Per-target log-probabilities `[N, V]` of a batch (with gradient when the model has it).
 pub fn target_log_probs<M: CausalLm>(model: &M, batch: &DeviceBatch) -> Tensor<2> {
-    // In f32 whatever the model's precision (see `lm_loss::widen`).
-    log_softmax(
-        crate::lm_loss::widen(model.lm_head(target_hidden(model, batch))),
-        1,
-    )
+    head_log_probs(model, target_hidden(model, batch))
+}
+
+/// Log-probabilities `[N, vocab]` of hidden rows `[N, hidden]` through the model's LM head, in f32 whatever the
+/// model's precision (see `lm_loss::widen`).
+pub fn head_log_probs<M: CausalLm>(model: &M, rows: Tensor<2>) -> Tensor<2> {
+    log_softmax(crate::lm_loss::widen(model.lm_head(rows)), 1)
 }
 
 /// Final hidden states of the rows that predict the batch's targets, `[N, hidden]`, in target order (with the
