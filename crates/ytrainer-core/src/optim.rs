@@ -177,9 +177,12 @@ fn host_add_rows(
     if !crate::lm_loss::host_head_enabled() {
         return Err((prev, rows));
     }
-    let n = rows.dims()[0];
+    let [n, rc] = rows.dims();
+    if rc != c {
+        return Err((prev, rows));
+    }
     let rows_flat = rows.clone().reshape([n * c]);
-    let (Some(rf), true) = (host_f32(&rows_flat), rows.dims()[1] == c) else {
+    let Some(rf) = host_f32(&rows_flat) else {
         return Err((prev, rows));
     };
     let mut base = match &prev {
@@ -415,26 +418,21 @@ fn host_update(
     });
     let mut pf = pf;
     let c = u.config;
-    let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
-    let (ob1, ob2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
-    let gs = u.grad_scale as f32;
-    let keep = (1.0 - u.lr * c.weight_decay) as f32;
-    let (bc1, bc2, eps, lr) = (u.bc1 as f32, u.bc2 as f32, c.eps as f32, u.lr as f32);
     const CHUNK: usize = 1 << 14;
     let gsl = gf.as_slice::<f32>().expect("contiguous, checked above");
     let f32_mut = |t| crate::cpu::flex_f32_mut(t).expect("contiguous f32, checked above");
     let (ps, ms, vs) = (f32_mut(&mut pf), f32_mut(&mut mf), f32_mut(&mut vf));
     let k = AdamWConsts {
-        b1,
-        b2,
-        ob1,
-        ob2,
-        gs,
-        keep,
-        bc1,
-        bc2,
-        eps,
-        lr,
+        b1: c.beta1 as f32,
+        b2: c.beta2 as f32,
+        ob1: (1.0 - c.beta1) as f32,
+        ob2: (1.0 - c.beta2) as f32,
+        gs: u.grad_scale as f32,
+        keep: (1.0 - u.lr * c.weight_decay) as f32,
+        bc1: u.bc1 as f32,
+        bc2: u.bc2 as f32,
+        eps: c.eps as f32,
+        lr: u.lr as f32,
         fresh,
         decay,
     };
