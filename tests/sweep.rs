@@ -349,7 +349,7 @@ fn evaluate_equals_the_reference_per_token_mean() {
         .flat_map(|row| row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
         .collect();
     let mean = per_token.iter().sum::<f64>() / per_token.len() as f64;
-    let m = ytrainer_core::trainer::evaluate(
+    let m = ytrainer_core::sft::evaluate(
         &model,
         &examples,
         &BatchOptions::default(),

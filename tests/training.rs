@@ -12,9 +12,10 @@ use ytrainer_core::config::TrainSection;
 use ytrainer_core::loss::{
     LossFn, Normalize, Registry, TokenReweighter, TokenStats, tensor_to_vec,
 };
+use ytrainer_core::observe::Silent;
 use ytrainer_core::optim::GradAccumulator;
+use ytrainer_core::sft::{self, TrainSetup};
 use ytrainer_core::step::{StepContext, StepCounters, eval_micro_batch, train_micro_batch};
-use ytrainer_core::trainer::{self, Silent, TrainSetup};
 use ytrainer_data::{BatchOptions, Example, MicroBatch};
 use ytrainer_models::{AdapterSpec, Decoder, LoraConfig, load_pretrained};
 use ytrainer_plugin_ce as _;
@@ -335,7 +336,7 @@ fn non_finite_loss_skips_the_update_and_never_reaches_a_checkpoint() {
         fingerprint: "x".into(),
         device: &device(),
     };
-    let (m, summary) = trainer::train(m, &setup, &mut Silent).unwrap();
+    let (m, summary) = sft::train(m, &setup, &mut Silent).unwrap();
     assert_eq!(summary.steps, 2);
     assert_eq!(summary.skipped_steps, 2);
     let metrics = jsonl(&d.path().join("metrics.jsonl"));

@@ -1,223 +1,32 @@
-//! Reading the TOML run config and applying command-line overrides.
-//!
-//! Overrides are applied to the TOML document *before* it is deserialised, so a flag and the config key it
-//! overrides go through exactly the same validation (unknown keys, types).
+//! `ytrainer run`'s flags as config overrides: each flag names the config key it sets, and the recipe applies
+//! them to the TOML document before it is deserialised ([`ytrainer_recipes::config`]), so a flag and its key go
+//! through exactly the same validation.
 
-use std::path::Path;
-
-use anyhow::{Context, Result, anyhow, bail};
-use toml::{Table, Value};
+use anyhow::{Result, anyhow};
+use toml::Value;
 use ytrainer_core::config::RunConfig;
-use ytrainer_core::loss::nearest;
+use ytrainer_recipes::config::{Override, parse_value, path_value};
 
 use crate::cli::RunArgs;
 
-/// Every valid key per section, for suggestions (kept in step with `ytrainer_core::config`; a test checks it).
-pub const KEYS: &[(&str, &[&str])] = &[
-    ("model", &["path", "preset", "seed"]),
-    (
-        "adapter",
-        &[
-            "type",
-            "r",
-            "alpha",
-            "dropout",
-            "target_modules",
-            "use_rslora",
-            "init_from",
-        ],
-    ),
-    (
-        "data",
-        &[
-            "train",
-            "eval",
-            "eval_fraction",
-            "training_type",
-            "max_seq_len",
-            "overlong",
-            "train_on",
-            "template_vars",
-        ],
-    ),
-    (
-        "loss",
-        &[
-            "name",
-            "normalize",
-            "params",
-            "zone_borders",
-            "plugins",
-            "reference_model",
-        ],
-    ),
-    (
-        "train",
-        &[
-            "mode",
-            "token_batch",
-            "epochs",
-            "max_steps",
-            "learning_rate",
-            "lr_scheduler",
-            "warmup_steps",
-            "warmup_ratio",
-            "min_lr_ratio",
-            "weight_decay",
-            "adam_beta1",
-            "adam_beta2",
-            "adam_epsilon",
-            "max_grad_norm",
-            "tokens_per_step",
-            "micro_batch_tokens",
-            "max_micro_batch_size",
-            "seed",
-            "shuffle",
-            "device",
-            "precision",
-            "gradient_checkpointing",
-        ],
-    ),
-    ("eval", &["every_steps", "max_samples"]),
-    ("output", &["dir", "save_every_steps", "save_total_limit"]),
-    (
-        "preference",
-        &[
-            "reference",
-            "precompute_reference",
-            "sft_weight",
-            "average_log_prob",
-            "pairs_per_step",
-            "micro_pairs",
-        ],
-    ),
-];
-
-/// Checks every key of the document against [`KEYS`], naming the file, line and nearest valid key.
-fn check_keys(doc: &Table, file: &str, text: &str) -> Result<()> {
-    let sections: Vec<&str> = KEYS.iter().map(|(s, _)| *s).collect();
-    // Keys from `--set` have no line to point at.
-    let at = |key: &str| {
-        if text.is_empty() {
-            file.to_string()
-        } else {
-            format!("{file}:{}", line_of(text, key))
-        }
-    };
-    for (section, value) in doc {
-        let Some((_, keys)) = KEYS.iter().find(|(s, _)| s == section) else {
-            let hint = nearest(section, &sections)
-                .map(|s| format!(" (did you mean `[{s}]`?)"))
-                .unwrap_or_default();
-            bail!(
-                "{}: unknown section `[{section}]`{hint}; valid sections: {}",
-                at(section),
-                sections.join(", ")
-            );
-        };
-        let Value::Table(t) = value else {
-            bail!(
-                "{}: `{section}` must be a table (`[{section}]`), not a value",
-                at(section)
-            );
-        };
-        for key in t.keys() {
-            if !keys.contains(&key.as_str()) {
-                let hint = nearest(key, keys)
-                    .map(|k| format!(" (did you mean `{k}`?)"))
-                    .unwrap_or_default();
-                bail!(
-                    "{}: unknown key `{key}` in [{section}]{hint}; valid keys in [{section}]: {}",
-                    at(key),
-                    keys.join(", ")
-                );
-            }
-        }
-    }
-    Ok(())
-}
-
-/// 1-based line of the first line that defines `key` (best effort, for error messages).
-fn line_of(text: &str, key: &str) -> usize {
-    text.lines()
-        .position(|l| {
-            let l = l.trim_start();
-            l.starts_with(key) && l[key.len()..].trim_start().starts_with('=')
-                || l.trim() == format!("[{key}]")
-        })
-        .map(|i| i + 1)
-        .unwrap_or(1)
-}
-
-fn set_path(doc: &mut Table, path: &str, value: Value) -> Result<()> {
-    let parts: Vec<&str> = path.split('.').collect();
-    if parts.len() < 2 {
-        bail!("`--set {path}=...`: expected SECTION.KEY, e.g. `train.weight_decay`");
-    }
-    let mut table = doc;
-    for p in &parts[..parts.len() - 1] {
-        let entry = table
-            .entry(p.to_string())
-            .or_insert_with(|| Value::Table(Table::new()));
-        table = entry
-            .as_table_mut()
-            .ok_or_else(|| anyhow!("`{path}`: `{p}` is not a table"))?;
-    }
-    table.insert(parts[parts.len() - 1].to_string(), value);
-    Ok(())
-}
-
-/// Parses `VALUE` as a TOML value, falling back to a string (so `--set data.train_on=everything` works).
-fn parse_value(raw: &str) -> Value {
-    let doc = format!("v = {raw}");
-    match doc.parse::<Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or(Value::String(raw.to_string())),
-        Err(_) => Value::String(raw.to_string()),
-    }
-}
-
-fn path_value(p: &Path) -> Value {
-    Value::String(p.to_string_lossy().to_string())
-}
-
-/// Loads the config file (if any), applies the flags, validates, and returns the resolved config.
-pub fn resolve(args: &RunArgs) -> Result<RunConfig> {
-    let (mut doc, file, text) = match &args.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read config file {}", p.display()))?;
-            let doc: Table = text.parse().map_err(|e: toml::de::Error| {
-                let line = e
-                    .span()
-                    .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
-                    .unwrap_or(1);
-                anyhow!("{}:{line}: invalid TOML: {}", p.display(), e.message())
-            })?;
-            // Relative paths in a config file are relative to the file, so configs can be run from anywhere.
-            let base = p.parent().map(Path::to_path_buf).unwrap_or_default();
-            let mut doc = doc;
-            rebase_paths(&mut doc, &base);
-            (doc, p.display().to_string(), text)
-        }
-        None => (Table::new(), "<command line>".to_string(), String::new()),
-    };
-    check_keys(&doc, &file, &text)?;
-
-    let mut set = |path: &str, v: Value| set_path(&mut doc, path, v);
+/// The overrides `args` ask for, in the order they apply (`--set` last).
+pub fn overrides(args: &RunArgs) -> Result<Vec<Override>> {
+    let mut o = Vec::new();
+    let mut set = |key: &str, v: Value| o.push(Override::new(key, v));
     if let Some(v) = &args.model {
-        set("model.path", path_value(v))?;
+        set("model.path", path_value(v));
     }
     if let Some(v) = &args.preset {
-        set("model.preset", Value::String(v.clone()))?;
+        set("model.preset", Value::String(v.clone()));
     }
     if let Some(v) = &args.data {
-        set("data.train", path_value(v))?;
+        set("data.train", path_value(v));
     }
     if let Some(v) = &args.eval_data {
-        set("data.eval", path_value(v))?;
+        set("data.eval", path_value(v));
     }
     if let Some(v) = &args.loss {
-        set("loss.name", Value::String(v.clone()))?;
+        set("loss.name", Value::String(v.clone()));
     }
     for kv in &args.loss_params {
         let (k, v) = kv
@@ -226,312 +35,130 @@ pub fn resolve(args: &RunArgs) -> Result<RunConfig> {
         let x: f64 = v.trim().parse().map_err(|_| {
             anyhow!("`--loss-param {kv}`: `{v}` is not a number; loss parameters are numeric")
         })?;
-        set(&format!("loss.params.{}", k.trim()), Value::Float(x))?;
+        set(&format!("loss.params.{}", k.trim()), Value::Float(x));
     }
     if let Some(v) = &args.normalize {
-        set("loss.normalize", Value::String(v.clone()))?;
+        set("loss.normalize", Value::String(v.clone()));
     }
     if let Some(v) = &args.output_dir {
-        set("output.dir", path_value(v))?;
+        set("output.dir", path_value(v));
     }
     if let Some(v) = args.max_steps {
-        set("train.max_steps", Value::Integer(v as i64))?;
+        set("train.max_steps", Value::Integer(v as i64));
     }
     if let Some(v) = args.epochs {
-        set("train.epochs", Value::Integer(v as i64))?;
+        set("train.epochs", Value::Integer(v as i64));
     }
     if let Some(v) = args.learning_rate {
-        set("train.learning_rate", Value::Float(v))?;
+        set("train.learning_rate", Value::Float(v));
     }
     if let Some(v) = &args.device {
-        set("train.device", Value::String(v.clone()))?;
+        set("train.device", Value::String(v.clone()));
     }
     if let Some(v) = args.seed {
-        set("train.seed", Value::Integer(v as i64))?;
+        set("train.seed", Value::Integer(v as i64));
     }
     if let Some(v) = &args.precision {
-        set("train.precision", Value::String(v.clone()))?;
+        set("train.precision", Value::String(v.clone()));
     }
     if args.gradient_checkpointing {
-        set("train.gradient_checkpointing", Value::Boolean(true))?;
+        set("train.gradient_checkpointing", Value::Boolean(true));
     }
     if let Some(v) = args.tokens_per_step {
-        set("train.tokens_per_step", Value::Integer(v as i64))?;
+        set("train.tokens_per_step", Value::Integer(v as i64));
     }
     if let Some(v) = &args.mode {
-        set("train.mode", Value::String(v.clone()))?;
+        set("train.mode", Value::String(v.clone()));
     }
     if let Some(v) = args.token_batch {
-        set("train.token_batch", Value::Integer(v as i64))?;
+        set("train.token_batch", Value::Integer(v as i64));
     }
     if let Some(v) = &args.adapter {
-        set("adapter.type", Value::String(v.clone()))?;
+        set("adapter.type", Value::String(v.clone()));
     }
     if let Some(v) = args.lora_r {
-        set("adapter.r", Value::Integer(v as i64))?;
+        set("adapter.r", Value::Integer(v as i64));
     }
     if let Some(v) = args.lora_alpha {
-        set("adapter.alpha", Value::Float(v))?;
+        set("adapter.alpha", Value::Float(v));
     }
     if let Some(v) = args.max_seq_len {
-        set("data.max_seq_len", Value::Integer(v as i64))?;
+        set("data.max_seq_len", Value::Integer(v as i64));
     }
     if let Some(v) = &args.train_on {
-        set("data.train_on", Value::String(v.clone()))?;
+        set("data.train_on", Value::String(v.clone()));
     }
     if let Some(v) = args.eval_every {
-        set("eval.every_steps", Value::Integer(v as i64))?;
+        set("eval.every_steps", Value::Integer(v as i64));
     }
     if let Some(v) = args.save_every {
-        set("output.save_every_steps", Value::Integer(v as i64))?;
+        set("output.save_every_steps", Value::Integer(v as i64));
     }
     for kv in &args.set {
         let (k, v) = kv.split_once('=').ok_or_else(|| {
             anyhow!("`--set {kv}`: expected SECTION.KEY=VALUE, e.g. `train.weight_decay=0.01`")
         })?;
-        set(k.trim(), parse_value(v.trim()))?;
+        set(k.trim(), parse_value(v.trim()));
     }
-    check_keys(&doc, "--set", "")?;
-    let cfg: RunConfig = Value::Table(doc).try_into().map_err(|e: toml::de::Error| {
-        anyhow!(
-            "{file}: {}",
-            e.message()
-                .replace("\n", " ")
-                .trim_end()
-                .trim_end_matches('.')
-        )
-    })?;
-    validate(&cfg)?;
-    Ok(cfg)
+    Ok(o)
 }
 
-fn rebase_paths(doc: &mut Table, base: &Path) {
-    // `[loss] plugins` is a list of paths.
-    if let Some(Value::Array(list)) = doc
-        .get_mut("loss")
-        .and_then(Value::as_table_mut)
-        .and_then(|t| t.get_mut("plugins"))
-    {
-        for v in list {
-            if let Value::String(s) = v
-                && Path::new(s.as_str()).is_relative()
-            {
-                *s = normalize(&base.join(s.as_str()))
-                    .to_string_lossy()
-                    .to_string();
-            }
-        }
-    }
-    let fix = |v: &mut Value| {
-        if let Value::String(s) = v {
-            let p = Path::new(s.as_str());
-            if p.is_relative() {
-                *s = normalize(&base.join(p)).to_string_lossy().to_string();
-            }
-        }
-    };
-    for (section, key) in [
-        ("model", "path"),
-        ("data", "train"),
-        ("data", "eval"),
-        ("adapter", "init_from"),
-        ("preference", "reference"),
-        ("loss", "reference_model"),
-        ("output", "dir"),
-    ] {
-        if let Some(v) = doc
-            .get_mut(section)
-            .and_then(Value::as_table_mut)
-            .and_then(|t| t.get_mut(key))
-        {
-            fix(v);
-        }
-    }
-}
-
-/// Lexically removes `.` and `dir/..` so paths in messages read naturally (`runs/x`, not `examples/q/../../runs/x`).
-fn normalize(p: &Path) -> std::path::PathBuf {
-    use std::path::Component;
-    let mut out: Vec<Component> = Vec::new();
-    for c in p.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir if matches!(out.last(), Some(Component::Normal(_))) => {
-                out.pop();
-            }
-            c => out.push(c),
-        }
-    }
-    if out.is_empty() {
-        return std::path::PathBuf::from(".");
-    }
-    out.iter().collect()
-}
-
-fn validate(cfg: &RunConfig) -> Result<()> {
-    if cfg.model.path.is_none() && cfg.model.preset.is_none() {
-        bail!(
-            "no model given: pass `--model DIR` (a Hugging Face model directory) or `--preset tiny`, \
-             or set `[model] path` / `preset` in the config"
-        );
-    }
-    if let Some(p) = &cfg.model.preset
-        && cfg.model.path.is_none()
-        && p != "tiny"
-    {
-        bail!("[model] preset = \"{p}\": unknown preset; the only preset is `tiny`");
-    }
-    if cfg.data.train.is_none() {
-        bail!("no training data given: pass `--data FILE` or set `[data] train` in the config");
-    }
-    let t = &cfg.train;
-    if t.learning_rate <= 0.0 || !t.learning_rate.is_finite() {
-        bail!("[train] learning_rate = {}: must be > 0", t.learning_rate);
-    }
-    if t.mode == ytrainer_core::config::TrainMode::Windowed && t.token_batch == 0 {
-        bail!("[train] token_batch = 0: windowed mode needs a window of at least 1 target token");
-    }
-    if t.tokens_per_step == 0 || t.micro_batch_tokens == 0 || t.max_micro_batch_size == 0 {
-        bail!("[train] tokens_per_step, micro_batch_tokens and max_micro_batch_size must be >= 1");
-    }
-    if cfg.adapter.kind == ytrainer_core::config::AdapterKind::Lora && cfg.adapter.r == 0 {
-        bail!("[adapter] r = 0: the LoRA rank must be >= 1 (or use `type = \"full\"`)");
-    }
-    if cfg.data.max_seq_len < 2 {
-        bail!(
-            "[data] max_seq_len = {}: must be >= 2",
-            cfg.data.max_seq_len
-        );
-    }
-    if !(0.0..1.0).contains(&cfg.data.eval_fraction) {
-        bail!(
-            "[data] eval_fraction = {}: must be in [0, 1)",
-            cfg.data.eval_fraction
-        );
-    }
-    Ok(())
+/// Loads the config file (if any), applies the flags, validates, and returns the resolved config.
+pub fn resolve(args: &RunArgs) -> Result<RunConfig> {
+    Ok(ytrainer_recipes::config::resolve(
+        args.config.as_deref(),
+        &overrides(args)?,
+    )?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn args_with_config(text: &str) -> (tempdir::Dir, RunArgs) {
-        let d = tempdir::Dir::new();
-        let p = d.0.join("c.toml");
-        std::fs::write(&p, text).unwrap();
-        (
-            d,
-            RunArgs {
-                config: Some(p),
-                ..Default::default()
-            },
-        )
-    }
-
-    mod tempdir {
-        pub struct Dir(pub std::path::PathBuf);
-        impl Dir {
-            pub fn new() -> Self {
-                use std::sync::atomic::{AtomicUsize, Ordering};
-                static N: AtomicUsize = AtomicUsize::new(0);
-                let p = std::env::temp_dir().join(format!(
-                    "ytrainer-cfg-{}-{}",
-                    std::process::id(),
-                    N.fetch_add(1, Ordering::SeqCst)
-                ));
-                std::fs::create_dir_all(&p).unwrap();
-                Dir(p)
-            }
-        }
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-    }
-
     #[test]
-    fn unknown_key_suggests_nearest() {
-        let (_d, a) = args_with_config(
-            "[model]\npreset = \"tiny\"\n[data]\ntrain = \"x.jsonl\"\n[train]\nlerning_rate = 1e-3\n",
-        );
-        let e = resolve(&a).unwrap_err().to_string();
-        assert!(e.ends_with(":6: unknown key `lerning_rate` in [train] (did you mean `learning_rate`?); valid keys in [train]: mode, token_batch, epochs, max_steps, learning_rate, lr_scheduler, warmup_steps, warmup_ratio, min_lr_ratio, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm, tokens_per_step, micro_batch_tokens, max_micro_batch_size, seed, shuffle, device, precision, gradient_checkpointing"), "{e}");
-    }
-
-    #[test]
-    fn unknown_section_suggests_nearest() {
-        let (_d, a) = args_with_config("[trian]\nepochs = 1\n");
-        let e = resolve(&a).unwrap_err().to_string();
-        assert!(
-            e.contains(":1: unknown section `[trian]` (did you mean `[train]`?)"),
-            "{e}"
+    fn flags_become_overrides_with_set_last() {
+        let a = RunArgs {
+            learning_rate: Some(5e-4),
+            loss: Some("ce".into()),
+            loss_params: vec!["x0=1.5".into()],
+            set: vec!["train.learning_rate=1e-3".into()],
+            ..Default::default()
+        };
+        let o = overrides(&a).unwrap();
+        assert_eq!(
+            o,
+            vec![
+                Override::new("loss.name", Value::String("ce".into())),
+                Override::new("loss.params.x0", Value::Float(1.5)),
+                Override::new("train.learning_rate", Value::Float(5e-4)),
+                Override::new("train.learning_rate", Value::Float(1e-3)),
+            ]
         );
     }
 
     #[test]
     fn flags_override_config() {
-        let (_d, mut a) = args_with_config(
-            "[model]\npreset = \"tiny\"\n[data]\ntrain = \"x.jsonl\"\n[train]\nlearning_rate = 1e-3\nmax_steps = 5\n",
-        );
-        a.learning_rate = Some(5e-4);
-        a.loss = Some("ce".into());
-        a.set = vec![
-            "train.weight_decay=0.1".into(),
-            "data.train_on=everything".into(),
-        ];
-        let c = resolve(&a).unwrap();
-        assert_eq!(c.train.learning_rate, 5e-4);
-        assert_eq!(c.train.max_steps, 5);
-        assert_eq!(c.train.weight_decay, 0.1);
-        assert_eq!(c.loss.name, "ce");
-        assert_eq!(c.data.train_on, ytrainer_core::config::TrainOn::Everything);
-        // relative paths are relative to the config file
-        assert!(
-            c.data
-                .train
-                .unwrap()
-                .starts_with(a.config.unwrap().parent().unwrap())
-        );
-    }
-
-    #[test]
-    fn set_with_unknown_key_is_rejected() {
         let a = RunArgs {
             model: Some("m".into()),
-            data: Some("d".into()),
-            set: vec!["train.wieght_decay=0.1".into()],
+            data: Some("d.jsonl".into()),
+            learning_rate: Some(5e-4),
+            set: vec!["data.train_on=everything".into()],
             ..Default::default()
         };
-        let e = resolve(&a).unwrap_err().to_string();
-        assert!(
-            e.contains("unknown key `wieght_decay` in [train] (did you mean `weight_decay`?)"),
-            "{e}"
-        );
+        let c = resolve(&a).unwrap();
+        assert_eq!(c.train.learning_rate, 5e-4);
+        assert_eq!(c.data.train_on, ytrainer_core::config::TrainOn::Everything);
     }
 
     #[test]
-    fn keys_table_matches_config_structs() {
-        // Serialising the default config lists every field; KEYS must list the same ones.
-        let v = toml::Value::try_from(RunConfig::default()).unwrap();
-        for (section, keys) in KEYS {
-            let t = v.get(section).and_then(|t| t.as_table()).unwrap();
-            for k in t.keys() {
-                assert!(keys.contains(&k.as_str()), "KEYS lacks {section}.{k}");
-            }
-        }
-    }
-
-    #[test]
-    fn bad_value_type_is_reported() {
-        let (_d, a) = args_with_config(
-            "[model]\npreset = \"tiny\"\n[data]\ntrain = \"x\"\n[train]\nepochs = \"two\"\n",
-        );
-        let e = resolve(&a).unwrap_err().to_string();
-        assert!(
-            e.contains("invalid type: string \"two\", expected usize"),
-            "{e}"
+    fn malformed_loss_param_is_named() {
+        let a = RunArgs {
+            loss_params: vec!["x0".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            overrides(&a).unwrap_err().to_string(),
+            "`--loss-param x0`: expected NAME=VALUE, e.g. `x0=1.0`"
         );
     }
 }

@@ -11,7 +11,8 @@ use serde_json::json;
 use ytrainer_data::Message;
 use ytrainer_models::generate::{Generator, Sampler, SamplingOptions, generate_with};
 
-use crate::interop::{Loaded, inference_device, load_for_inference, parse_vars};
+use crate::interop::parse_vars;
+use ytrainer_recipes::source::{Loaded, inference_device, load_for_inference};
 
 /// Sampling flags shared by `generate` and `chat`.
 #[derive(Debug, Args, Clone)]

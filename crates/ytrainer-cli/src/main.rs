@@ -11,7 +11,6 @@ mod generate;
 mod interop;
 mod merge;
 mod plugins_cmd;
-mod preference;
 mod progress;
 mod render;
 mod run;

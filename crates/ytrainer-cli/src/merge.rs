@@ -7,7 +7,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use ytrainer_models::{ExportDtype, is_gguf, save_hf_checkpoint_as};
 
-use crate::interop::{inference_device, load_for_inference};
+use ytrainer_recipes::source::{inference_device, load_for_inference};
 
 /// `ytrainer merge`
 #[derive(Debug, Args)]

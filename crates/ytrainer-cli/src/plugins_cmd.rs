@@ -5,13 +5,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use ytrainer_core::loss::{LossFn, PluginKind, PluginSource, Registry};
 
 use crate::cli::Format;
-
-/// Environment variable with extra plugin paths (separated like `PATH`).
-pub const PLUGIN_PATH_ENV: &str = "YTRAINER_PLUGIN_PATH";
 
 static CLI_DIRS: OnceLock<Vec<PathBuf>> = OnceLock::new();
 
@@ -25,20 +22,9 @@ pub fn cli_plugin_dirs() -> Vec<PathBuf> {
     CLI_DIRS.get().cloned().unwrap_or_default()
 }
 
-/// Every external plugin path in force: `--plugin-dir` flags, then `YTRAINER_PLUGIN_PATH`, then `config`.
-pub fn plugin_paths(config: &[PathBuf]) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = CLI_DIRS.get().cloned().unwrap_or_default();
-    if let Some(env) = std::env::var_os(PLUGIN_PATH_ENV) {
-        v.extend(std::env::split_paths(&env).filter(|p| !p.as_os_str().is_empty()));
-    }
-    v.extend(config.iter().cloned());
-    v
-}
-
 /// The registry of a command: built-ins plus external plugins from every plugin path.
 pub fn registry(config: &[PathBuf]) -> Result<Registry> {
-    let paths = plugin_paths(config);
-    Registry::discover_with(&paths).context("loading external loss plugins")
+    Ok(ytrainer_recipes::run::registry(&cli_plugin_dirs(), config)?)
 }
 
 fn kind_str(k: PluginKind) -> &'static str {

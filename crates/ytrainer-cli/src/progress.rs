@@ -3,7 +3,7 @@
 use std::sync::OnceLock;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use ytrainer_core::trainer::{EvalMetrics, Observer, StepMetrics};
+use ytrainer_core::observe::{Observer, Progress};
 
 static MULTI: OnceLock<MultiProgress> = OnceLock::new();
 
@@ -41,23 +41,19 @@ impl Observer for Bar {
         self.bar = Some(bar);
     }
 
-    fn step(&mut self, m: &StepMetrics) {
+    fn step(&mut self, p: &Progress) {
         if let Some(b) = &self.bar {
-            b.set_position(m.step as u64);
+            b.set_position(p.step as u64);
             b.set_message(format!(
-                "loss {:.4} ce {:.4} w {:.3} {:.0} tok/s",
-                m.loss, m.ce, m.mean_weight, m.tokens_per_s
+                "loss {:.4} {} {:.0} tok/s",
+                p.loss, p.detail, p.tokens_per_s
             ));
         }
-        tracing::info!(step = m.step, loss = m.loss, ce = m.ce, lr = m.lr, "step");
+        tracing::info!(step = p.step, loss = p.loss, lr = p.lr, detail = %p.detail, "step");
     }
 
-    fn eval(&mut self, m: &EvalMetrics) {
-        let line = format!(
-            "eval @ step {}: loss {:.4} (ppl {:.2}), token accuracy {:.3} over {} tokens",
-            m.step, m.eval_loss, m.eval_perplexity, m.eval_token_accuracy, m.eval_tokens
-        );
-        self.notice(&line);
+    fn eval(&mut self, step: usize, summary: &str) {
+        self.notice(&format!("eval @ step {step}: {summary}"));
     }
 
     fn notice(&mut self, msg: &str) {

@@ -13,7 +13,8 @@ use ytrainer_data::{
 };
 
 use crate::cli::Format;
-use crate::interop::{load_tokenizer, parse_vars};
+use crate::interop::parse_vars;
+use ytrainer_recipes::source::load_tokenizer;
 
 /// `ytrainer render`
 #[derive(Debug, Args)]

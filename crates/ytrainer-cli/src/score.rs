@@ -12,7 +12,8 @@ use ytrainer_core::loss::tensor_to_vec;
 use ytrainer_core::step::{entropy, target_log_probs, to_device, token_ce};
 use ytrainer_data::{DataOptions, Example, MicroBatch, Overlong, TrainOn, load_records, prepare};
 
-use crate::interop::{Loaded, inference_device, load_for_inference, parse_vars};
+use crate::interop::parse_vars;
+use ytrainer_recipes::source::{Loaded, inference_device, load_for_inference};
 
 /// `ytrainer score`
 #[derive(Debug, Args)]

@@ -24,7 +24,8 @@ use ytrainer_data::{
     TrainOn, plan_epoch, prepare,
 };
 
-use crate::interop::{Loaded, inference_device, load_for_inference, parse_vars};
+use crate::interop::parse_vars;
+use ytrainer_recipes::source::{Loaded, inference_device, load_for_inference};
 
 /// `ytrainer sort`
 #[derive(Debug, Args)]

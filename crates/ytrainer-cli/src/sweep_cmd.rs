@@ -1,119 +1,17 @@
-//! `ytrainer sweep` and `ytrainer plot`: the sweep logic lives in `ytrainer-sweep`; this module supplies the
-//! trial runner (a normal `ytrainer run` per trial, then `ytrainer eval`'s code on the learn / retain sets
-//! before and after) and the progress bars.
+//! `ytrainer sweep` and `ytrainer plot`: the sweep logic lives in `ytrainer-sweep`, the trial runner in
+//! `ytrainer_recipes::sweep` (a library run per trial, then the evaluator on the learn / retain sets before and
+//! after); this module parses flags, spreads trials over devices and draws the progress bars.
 
-use std::collections::HashMap;
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use ytrainer_core::config::AdapterKind;
-use ytrainer_sweep::{DatasetEval, Sweep, SweepProgress, Trial, TrialEvals, TrialRunner};
+use ytrainer_recipes::sweep::LibraryRunner;
+use ytrainer_sweep::{Sweep, SweepProgress, Trial};
 
-use crate::cli::{PlotArgs, RunArgs, SweepArgs};
-use crate::config_file;
-use crate::eval_cmd::{EvalSettings, Evaluator};
-
-fn run_args(config: &Path) -> RunArgs {
-    RunArgs {
-        config: Some(config.to_path_buf()),
-        ..Default::default()
-    }
-}
-
-struct CliRunner {
-    learn: Vec<PathBuf>,
-    retain: Vec<PathBuf>,
-    window: usize,
-    max_samples: usize,
-    /// Before-training evals by base model directory (a LoRA or full run starts from the base itself).
-    before: HashMap<PathBuf, (Vec<DatasetEval>, Vec<DatasetEval>)>,
-    /// `--devices` with one device: overrides every trial's `train.device`.
-    device: Option<String>,
-}
-
-impl CliRunner {
-    fn eval(
-        &self,
-        model: &Path,
-        adapter: Option<&Path>,
-        device: &str,
-    ) -> Result<(Vec<DatasetEval>, Vec<DatasetEval>)> {
-        if self.learn.is_empty() && self.retain.is_empty() {
-            return Ok((Vec::new(), Vec::new()));
-        }
-        let ev = Evaluator::load(
-            model,
-            adapter,
-            EvalSettings {
-                window: self.window,
-                max_samples: self.max_samples,
-                device: device.to_string(),
-            },
-        )?;
-        Ok((
-            ev.evaluate_files(&self.learn)?,
-            ev.evaluate_files(&self.retain)?,
-        ))
-    }
-}
-
-impl TrialRunner for CliRunner {
-    fn run(&mut self, _trial: &Trial, config: &toml::Table, dir: &Path) -> Result<TrialEvals> {
-        let t0 = Instant::now();
-        let mut config = config.clone();
-        if let Some(d) = &self.device {
-            ytrainer_sweep::spec::set_path(
-                &mut config,
-                "train.device",
-                toml::Value::String(d.clone()),
-            )?;
-        }
-        let config = &config;
-        let path = dir.join("config.toml");
-        fs::write(&path, toml::to_string_pretty(config)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        crate::run::run(run_args(&path))?;
-        let cfg = config_file::resolve(&run_args(&path))?;
-        let base = cfg
-            .model
-            .path
-            .clone()
-            .unwrap_or_else(|| dir.join("base-model"));
-        let device = cfg.train.device.clone();
-        let before = match self.before.get(&base) {
-            Some(b) => b.clone(),
-            None => {
-                let b = self.eval(&base, None, &device)?;
-                // Self-made presets live inside the trial folder: nothing to share with other trials.
-                if cfg.model.path.is_some() {
-                    self.before.insert(base.clone(), b.clone());
-                }
-                b
-            }
-        };
-        let final_dir = dir.join("final");
-        let after = match cfg.adapter.kind {
-            AdapterKind::Lora => self.eval(&base, Some(&final_dir), &device)?,
-            AdapterKind::Full => self.eval(&final_dir, None, &device)?,
-        };
-        let steps = fs::read_to_string(dir.join("summary.json"))
-            .ok()
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-            .and_then(|v| v["summary"]["steps"].as_u64())
-            .unwrap_or(0) as usize;
-        Ok(TrialEvals {
-            learn_before: before.0,
-            retain_before: before.1,
-            learn_after: after.0,
-            retain_after: after.1,
-            steps,
-            seconds: t0.elapsed().as_secs_f64(),
-        })
-    }
-}
+use crate::cli::{PlotArgs, SweepArgs};
+use crate::progress::Bar;
 
 struct Bars {
     overall: Option<ProgressBar>,
@@ -224,14 +122,15 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
             .collect(),
         None => trials.clone(),
     };
-    let mut runner = CliRunner {
-        learn: sw.learn.clone(),
-        retain: sw.retain.clone(),
-        window: sw.eval.window,
-        max_samples: sw.eval.max_samples,
-        before: HashMap::new(),
-        device: (a.devices.len() == 1).then(|| a.devices[0].clone()),
-    };
+    let mut runner = LibraryRunner::new(
+        sw.learn.clone(),
+        sw.retain.clone(),
+        sw.eval.window,
+        sw.eval.max_samples,
+        Box::new(|| Box::new(Bar::new())),
+    );
+    runner.device = (a.devices.len() == 1).then(|| a.devices[0].clone());
+    runner.plugin_dirs = crate::plugins_cmd::cli_plugin_dirs();
     let results = {
         let mut bars = Bars { overall: None };
         ytrainer_sweep::run_all(&sw, &mine, &mut runner, &mut bars)?
@@ -277,8 +176,8 @@ fn validate_trials(sw: &Sweep, trials: &[Trial]) -> Result<()> {
         let path = configs.join(format!("{}.toml", t.id));
         fs::write(&path, toml::to_string_pretty(&sw.trial_config(t, &dir)?)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
-        let cfg =
-            config_file::resolve(&run_args(&path)).with_context(|| format!("trial `{}`", t.id))?;
+        let cfg = ytrainer_recipes::config::resolve(Some(&path), &[])
+            .with_context(|| format!("trial `{}`", t.id))?;
         crate::plugins_cmd::registry(&cfg.loss.plugins)?
             .build(&cfg.loss.name, &cfg.loss.params)
             .map_err(|e| anyhow!("trial `{}`: {e}", t.id))?;

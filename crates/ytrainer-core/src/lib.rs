@@ -1,5 +1,5 @@
-//! ytrainer's engine: the model and loss-plugin interfaces, the plugin registry, the training step and loop,
-//! the optimizer and checkpoints.
+//! ytrainer's engine: the model and loss-plugin interfaces, the plugin registry, the training step, the one
+//! training loop and its objectives (`sft`, `preference`), the optimizer and checkpoints.
 pub use burn;
 
 pub mod checkpoint;
@@ -10,10 +10,12 @@ pub mod external;
 pub mod lm_loss;
 pub mod loss;
 pub mod model;
+pub mod observe;
 pub mod optim;
 pub mod preference;
 pub mod prof;
 pub mod rng;
+pub mod sft;
 pub mod step;
 pub mod tensorboard;
 pub mod trainer;

@@ -2,22 +2,21 @@
 //! pass, the reference model's from the same base with adapters disabled (or precomputed), a pairwise plugin
 //! turning them into per-pair losses, and the same optimizer, checkpoints and metrics channel as SFT.
 
-use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use burn::prelude::*;
 use serde::Serialize;
 use ytrainer_data::{Example, MicroBatch, PairExample};
 
-use crate::checkpoint;
 use crate::config::TrainSection;
 use crate::loss::{PairStats, PairwiseObjective, tensor_to_vec};
 use crate::model::CausalLm;
-use crate::optim::{GradAccumulator, lr_at};
+use crate::observe::{Observer, Progress};
+use crate::optim::GradAccumulator;
 use crate::step::{head_log_probs, target_log_probs, to_device, token_ce};
-use crate::trainer::Jsonl;
-use crate::trainer::{Observer, TrainError};
+use crate::trainer::{
+    Accumulated, EvalLine, LoopSetup, Objective, StepAt, StepLine, StepOutcome, TrainError,
+};
 
 /// Where reference log-probabilities come from.
 #[derive(Debug, Clone)]
@@ -60,6 +59,8 @@ pub struct PrefSetup<'a> {
     pub output_dir: &'a Path,
     /// Checkpoint every N steps (0 = only at the end).
     pub save_every: usize,
+    /// Checkpoints to keep (0 = all).
+    pub save_total_limit: usize,
     /// Evaluate every N steps (0 = before and after only).
     pub eval_every: usize,
     /// Resume from this checkpoint.
@@ -312,8 +313,9 @@ pub fn plan(n_pairs: usize, setup: &PrefSetup<'_>) -> Vec<(usize, Vec<usize>)> {
     steps
 }
 
+/// One step's (or one evaluation's) tallies over its pairs.
 #[derive(Default)]
-struct Acc {
+pub struct Acc {
     pairs: usize,
     loss: f64,
     rc: f64,
@@ -506,68 +508,73 @@ fn plugin_error(step: usize, message: String) -> TrainError {
     }
 }
 
-/// Trains on preference pairs.
-pub fn train_pairs<M: CausalLm>(
-    mut model: M,
-    setup: &PrefSetup<'_>,
-    observer: &mut dyn Observer,
-) -> Result<(M, PrefSummary), TrainError> {
-    let t0 = Instant::now();
-    let steps = plan(setup.pairs.len(), setup);
-    if steps.is_empty() {
-        return Err(TrainError::NoSteps);
-    }
-    let total = steps.len();
-    let tr = setup.train;
-    let crate::trainer::Started {
-        model: resumed_model,
-        mut optim,
-        mut state,
-        warmup,
-    } = crate::trainer::start(
-        model,
-        tr,
-        total,
-        tr.seed,
-        &setup.fingerprint,
-        setup.resume.as_deref(),
-        setup.device,
-        observer,
-    )?;
-    model = resumed_model;
-    fs::create_dir_all(setup.output_dir).map_err(|e| TrainError::Output {
-        path: setup.output_dir.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    let resumed = setup.resume.is_some();
-    let mut metrics = Jsonl::open(setup.output_dir.join("metrics.jsonl"), resumed)?;
-    let mut evals = Jsonl::open(setup.output_dir.join("eval.jsonl"), resumed)?;
-    let mut tb = crate::trainer::Tensorboard::create(setup.output_dir)?;
-    let train_ref = match &setup.reference {
-        Reference::Precomputed(v) => Some(v.as_slice()),
-        _ => None,
-    };
-    let eval_ref = setup.eval_reference.as_deref();
-    let eval_before = if resumed {
-        None
-    } else {
-        let e = evaluate(&model, setup, setup.eval_pairs, eval_ref, 0)?;
-        if let Some(e) = &e {
-            evals.write(e)?;
-            tb.write(0, e)?;
-            observer.notice(&format!(
-                "eval @ step 0: loss {:.4}, reward accuracy {:.3}, margin {:.4} over {} pairs",
-                e.eval_loss, e.accuracy, e.margin, e.eval_pairs
-            ));
+/// The pairwise objective: a plugin turning each pair's sequence log-probabilities into a loss, plus an optional
+/// SFT term on the chosen completions.
+pub struct PairObjective<'a> {
+    setup: &'a PrefSetup<'a>,
+    train_reference: Option<&'a [(f32, f32)]>,
+}
+
+impl<'a> PairObjective<'a> {
+    /// The objective of a preference setup.
+    pub fn new(setup: &'a PrefSetup<'a>) -> Self {
+        let train_reference = match &setup.reference {
+            Reference::Precomputed(v) => Some(v.as_slice()),
+            _ => None,
+        };
+        PairObjective {
+            setup,
+            train_reference,
         }
-        e
-    };
-    observer.start(total, state.step);
-    let mut grads = GradAccumulator::default();
-    let mut last_checkpoint = None;
-    for (index, (epoch, idx)) in steps.iter().enumerate().skip(state.step) {
-        let ts = Instant::now();
-        setup.device.seed(crate::rng::step_seed(tr.seed, index));
+    }
+}
+
+impl StepLine for PrefMetrics {
+    fn progress(&self) -> Progress {
+        Progress {
+            step: self.step,
+            loss: self.loss,
+            lr: self.lr,
+            tokens_per_s: self.tokens_per_s,
+            skipped: self.skipped,
+            detail: format!(
+                "reward acc {:.3} margin {:.4}",
+                self.rewards_accuracy, self.rewards_margin
+            ),
+        }
+    }
+}
+
+impl EvalLine for PrefEval {
+    fn step(&self) -> usize {
+        self.step
+    }
+    fn summary(&self) -> String {
+        format!(
+            "loss {:.4}, reward accuracy {:.3}, margin {:.4} over {} pairs",
+            self.eval_loss, self.accuracy, self.margin, self.eval_pairs
+        )
+    }
+}
+
+impl<M: CausalLm> Objective<M> for PairObjective<'_> {
+    type Unit = Vec<usize>;
+    type Tally = Acc;
+    type Metrics = PrefMetrics;
+    type Eval = PrefEval;
+
+    fn plan(&self) -> Result<Vec<(usize, Vec<usize>)>, TrainError> {
+        Ok(plan(self.setup.pairs.len(), self.setup))
+    }
+
+    fn accumulate(
+        &self,
+        model: &M,
+        idx: &Vec<usize>,
+        at: StepAt,
+        grads: &mut GradAccumulator,
+    ) -> Result<Accumulated<Acc>, TrainError> {
+        let setup = self.setup;
         let chosen_tokens: usize = idx
             .iter()
             .map(|&i| setup.pairs[i].chosen.num_targets())
@@ -575,57 +582,37 @@ pub fn train_pairs<M: CausalLm>(
         let mut acc = Acc::default();
         for chunk in idx.chunks(setup.micro_pairs.max(1)) {
             pair_micro_batch(
-                &model,
+                model,
                 setup,
                 chunk,
                 setup.pairs,
-                train_ref,
+                self.train_reference,
                 idx.len(),
                 chosen_tokens,
-                Some(&mut grads),
+                Some(grads),
                 &mut acc,
-                (index, index as f64 / total.max(1) as f64),
+                (at.index, at.progress()),
             )
-            .map_err(|e| plugin_error(index, e))?;
+            .map_err(|e| plugin_error(at.index, e))?;
             if acc.nonfinite {
                 break;
             }
         }
-        let lr = lr_at(
-            tr.lr_scheduler,
-            tr.learning_rate,
-            index,
-            total,
-            warmup,
-            tr.min_lr_ratio,
-        );
-        let grad_norm = if grads.is_empty() {
-            0.0
-        } else {
-            grads.global_norm(1.0)
-        };
-        let skipped = acc.nonfinite || !grad_norm.is_finite();
-        if skipped {
-            grads.clear();
-            state.skipped_steps += 1;
-            observer.notice(&format!(
-                "step {}: non-finite loss or gradient, update skipped",
-                index + 1
-            ));
-        } else if !grads.is_empty() {
-            let clip = if tr.max_grad_norm > 0.0 && grad_norm > tr.max_grad_norm {
-                tr.max_grad_norm / grad_norm
-            } else {
-                1.0
-            };
-            model = optim.step(model, &mut grads, lr, clip);
-        }
-        state.step = index + 1;
-        state.tokens_trained += acc.tokens as u64;
+        // The objective is already a mean over the step's pairs (and chosen tokens): nothing left to normalise.
+        Ok(Accumulated {
+            scale: 1.0,
+            nonfinite: acc.nonfinite,
+            tokens: acc.tokens,
+            tally: acc,
+        })
+    }
+
+    fn metrics(&self, a: &Accumulated<Acc>, o: &StepOutcome) -> PrefMetrics {
+        let acc = &a.tally;
         let n = acc.pairs.max(1) as f64;
-        let m = PrefMetrics {
-            step: index + 1,
-            epoch: *epoch,
+        PrefMetrics {
+            step: o.at.index + 1,
+            epoch: o.at.epoch,
             loss: acc.loss / n,
             rewards_chosen: acc.rc / n,
             rewards_rejected: acc.rr / n,
@@ -634,63 +621,47 @@ pub fn train_pairs<M: CausalLm>(
             logps_chosen: acc.lpc / n,
             logps_rejected: acc.lpr / n,
             pair_weight: acc.weight / n,
-            lr,
-            grad_norm,
+            lr: o.lr,
+            grad_norm: o.grad_norm,
             pairs: acc.pairs,
-            tokens_per_s: acc.tokens as f64 / ts.elapsed().as_secs_f64().max(1e-9),
-            skipped,
-        };
-        metrics.write(&m)?;
-        tb.write(m.step, &m)?;
-        observer.step(&crate::trainer::StepMetrics {
-            step: m.step,
-            epoch: m.epoch,
-            loss: m.loss,
-            ce: -m.logps_chosen,
-            mean_weight: m.pair_weight,
-            zone_learned: 0.0,
-            zone_learning: 0.0,
-            zone_hard: 0.0,
-            zone_noise: 0.0,
-            entropy: None,
-            token_accuracy: m.rewards_accuracy,
-            lr,
-            grad_norm,
-            tokens: acc.tokens,
-            tokens_per_s: m.tokens_per_s,
-            skipped,
-        });
-        let done = index + 1 == total;
-        if setup.eval_every > 0
-            && (index + 1) % setup.eval_every == 0
-            && !done
-            && let Some(e) = evaluate(&model, setup, setup.eval_pairs, eval_ref, index + 1)?
-        {
-            evals.write(&e)?;
-            tb.write(e.step, &e)?;
-        }
-        if (setup.save_every > 0 && (index + 1) % setup.save_every == 0) || done {
-            let dir = setup.output_dir.join(format!("checkpoint-{}", index + 1));
-            checkpoint::save(&dir, &model, &optim.state, &state, |tmp| {
-                model.export(&tmp.join("export")).map(|_| ())
-            })?;
-            last_checkpoint = Some(dir);
+            tokens_per_s: acc.tokens as f64 / o.seconds.max(1e-9),
+            skipped: o.skipped,
         }
     }
-    let eval_after = evaluate(&model, setup, setup.eval_pairs, eval_ref, state.step)?;
-    if let Some(e) = &eval_after {
-        evals.write(e)?;
-        tb.write(e.step, e)?;
+
+    fn evaluate(&self, model: &M, step: usize) -> Result<Option<PrefEval>, TrainError> {
+        let s = self.setup;
+        evaluate(model, s, s.eval_pairs, s.eval_reference.as_deref(), step)
     }
+}
+
+/// Trains on preference pairs.
+pub fn train_pairs<M: CausalLm>(
+    model: M,
+    setup: &PrefSetup<'_>,
+    observer: &mut dyn Observer,
+) -> Result<(M, PrefSummary), TrainError> {
+    let lp = LoopSetup {
+        train: setup.train,
+        seed: setup.train.seed,
+        output_dir: setup.output_dir,
+        eval_every: setup.eval_every,
+        save_every: setup.save_every,
+        save_total_limit: setup.save_total_limit,
+        resume: setup.resume.clone(),
+        fingerprint: setup.fingerprint.clone(),
+        device: setup.device,
+    };
+    let (model, r) = crate::trainer::train(model, &PairObjective::new(setup), &lp, observer)?;
     Ok((
         model,
         PrefSummary {
-            steps: state.step,
-            skipped_steps: state.skipped_steps,
-            eval_before,
-            eval_after,
-            last_checkpoint,
-            seconds: t0.elapsed().as_secs_f64(),
+            steps: r.steps,
+            skipped_steps: r.skipped_steps,
+            eval_before: r.eval_before,
+            eval_after: r.eval_after,
+            last_checkpoint: r.last_checkpoint,
+            seconds: r.seconds,
         },
     ))
 }

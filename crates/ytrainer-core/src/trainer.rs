@@ -1,21 +1,25 @@
-//! The training loop: plan steps from the data, run micro-batches through [`crate::step`], normalise over the
-//! accumulated step, clip by global norm, update with AdamW, log, evaluate, checkpoint, resume.
+//! The one training loop, generic over an [`Objective`]: plan, start or resume, then per optimizer step run the
+//! objective's micro-batches into one gradient accumulator, normalise, clip, update with AdamW (skipping the
+//! update on NaN/inf), log through the sinks, evaluate, checkpoint. Token-weighted SFT ([`crate::sft`]) and
+//! pairwise preference training ([`crate::preference`]) are objectives; a new one (KTO, ...) is another
+//! implementation of the trait, not another loop.
+//!
+//! Data-parallel training reduces the accumulated gradient across replicas at exactly one place: after
+//! [`Objective::accumulate`] and before the global norm is taken.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::prelude::*;
 use serde::Serialize;
-use ytrainer_data::{BatchOptions, Example, Step, plan_epoch};
 
 use crate::checkpoint::{self, CheckpointError, TrainerState};
 use crate::config::TrainSection;
-use crate::loss::{Normalize, TokenReweighter};
 use crate::model::CausalLm;
+use crate::observe::{JsonlSink, Observer, Progress, Sink, Stream, TensorboardSink};
 use crate::optim::{AdamW, AdamWConfig, GradAccumulator, lr_at};
-use crate::step::{StepContext, StepCounters, StepError, eval_micro_batch, train_micro_batch};
+use crate::step::StepError;
 
 /// Errors that stop a run.
 #[derive(Debug, thiserror::Error)]
@@ -57,95 +61,108 @@ pub enum TrainError {
     NoSteps,
 }
 
-/// One line of `metrics.jsonl`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct StepMetrics {
-    /// Optimizer step (1-based: the number of updates done after this line).
-    pub step: usize,
+/// Where an optimizer step stands, handed to the objective.
+#[derive(Debug, Clone, Copy)]
+pub struct StepAt {
+    /// Optimizer step (0-based).
+    pub index: usize,
+    /// Planned steps in total.
+    pub total: usize,
     /// Epoch of this step (0-based).
     pub epoch: usize,
-    /// The optimised loss: `sum(w * ce) / normaliser`.
-    pub loss: f64,
-    /// Raw mean cross-entropy of the step's supervised tokens.
-    pub ce: f64,
-    /// Mean plugin weight.
-    pub mean_weight: f64,
-    /// Fractions of tokens in the zones `learned | learning | hard | noise`.
-    pub zone_learned: f64,
-    /// See `zone_learned`.
-    pub zone_learning: f64,
-    /// See `zone_learned`.
-    pub zone_hard: f64,
-    /// See `zone_learned`.
-    pub zone_noise: f64,
-    /// Mean predictive entropy (only when a plugin needs it).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub entropy: Option<f64>,
-    /// Argmax accuracy on the supervised tokens.
-    pub token_accuracy: f64,
+}
+
+impl StepAt {
+    /// Progress in `[0, 1)`: the fraction of planned steps done before this one.
+    pub fn progress(&self) -> f64 {
+        self.index as f64 / self.total.max(1) as f64
+    }
+}
+
+/// What one step's micro-batches left behind, besides the gradients in the accumulator.
+#[derive(Debug, Clone)]
+pub struct Accumulated<T> {
+    /// The objective's own tallies (token counts, zones, rewards...), read back by [`Objective::metrics`].
+    pub tally: T,
+    /// Factor the accumulated gradient is multiplied by before clipping and the update (`1 / normaliser`).
+    pub scale: f64,
+    /// A non-finite loss or an unusable weight: the update is skipped and the gradient dropped.
+    pub nonfinite: bool,
+    /// Trained tokens (for `tokens_trained` and throughput).
+    pub tokens: usize,
+}
+
+/// The loop-side figures of a finished step, for the objective's metrics line.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOutcome {
+    /// Where the step stands.
+    pub at: StepAt,
     /// Learning rate used.
     pub lr: f64,
-    /// Global gradient norm before clipping.
+    /// Global gradient norm (after `scale`, before clipping).
     pub grad_norm: f64,
-    /// Supervised tokens in the step.
-    pub tokens: usize,
-    /// Supervised tokens per second.
-    pub tokens_per_s: f64,
-    /// Whether the update was skipped (non-finite loss or gradient).
+    /// Whether the update was skipped.
     pub skipped: bool,
+    /// Wall-clock seconds of the step.
+    pub seconds: f64,
 }
 
-/// Evaluation result.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
-pub struct EvalMetrics {
-    /// Step at which it was measured.
-    pub step: usize,
-    /// Mean CE over supervised tokens.
-    pub eval_loss: f64,
-    /// `exp(eval_loss)`.
-    pub eval_perplexity: f64,
-    /// Argmax accuracy.
-    pub eval_token_accuracy: f64,
-    /// Supervised tokens evaluated.
-    pub eval_tokens: usize,
+/// A line of `metrics.jsonl`.
+pub trait StepLine: Serialize {
+    /// What a person watching the run is shown.
+    fn progress(&self) -> Progress;
 }
 
-/// Receives progress (the CLI draws bars; tests record).
-pub trait Observer {
-    /// Called once before the first step with the planned number of steps and the first step to run.
-    fn start(&mut self, _total_steps: usize, _first_step: usize) {}
-    /// After each optimizer step.
-    fn step(&mut self, _m: &StepMetrics) {}
-    /// After each evaluation.
-    fn eval(&mut self, _m: &EvalMetrics) {}
-    /// Free-form notice (checkpoint written, step skipped...).
-    fn notice(&mut self, _msg: &str) {}
+/// A line of `eval.jsonl`.
+pub trait EvalLine: Serialize {
+    /// The step it was measured at.
+    fn step(&self) -> usize;
+    /// A one-line human summary (`loss 1.2345 (ppl 3.44), token accuracy 0.512 over 900 tokens`).
+    fn summary(&self) -> String;
 }
 
-/// An observer that ignores everything.
-pub struct Silent;
-impl Observer for Silent {}
+/// What is trained: how the data becomes steps, how one step's gradient is made, how the model is evaluated.
+pub trait Objective<M: CausalLm> {
+    /// One optimizer step's share of the data (a planned [`ytrainer_data::Step`], a list of pair indices...).
+    type Unit;
+    /// The tallies of one step's micro-batches.
+    type Tally;
+    /// One line of `metrics.jsonl`.
+    type Metrics: StepLine;
+    /// One line of `eval.jsonl`.
+    type Eval: EvalLine;
 
-/// Everything the loop needs besides the model.
-pub struct TrainSetup<'a> {
-    /// Optimisation settings.
+    /// The full step plan `(epoch, unit)` over all epochs, capped at `max_steps`. Must be a pure function of the
+    /// data and settings: a resumed run rebuilds it and skips the steps already done.
+    fn plan(&self) -> Result<Vec<(usize, Self::Unit)>, TrainError>;
+
+    /// Forward and backward of every micro-batch of `unit`; gradients go into `grads`. Stops early (and says
+    /// `nonfinite`) when a micro-batch produced a non-finite loss: NaN must never reach the optimizer.
+    fn accumulate(
+        &self,
+        model: &M,
+        unit: &Self::Unit,
+        at: StepAt,
+        grads: &mut GradAccumulator,
+    ) -> Result<Accumulated<Self::Tally>, TrainError>;
+
+    /// The metrics line of a finished step.
+    fn metrics(&self, acc: &Accumulated<Self::Tally>, outcome: &StepOutcome) -> Self::Metrics;
+
+    /// Evaluation without gradient at `step`; `None` when there is nothing to evaluate on.
+    fn evaluate(&self, model: &M, step: usize) -> Result<Option<Self::Eval>, TrainError>;
+}
+
+/// The objective-independent settings of a run.
+pub struct LoopSetup<'a> {
+    /// Optimisation settings (learning rate, schedule, AdamW, clipping, epochs, max_steps).
     pub train: &'a TrainSection,
-    /// Batch planning.
-    pub batch: BatchOptions,
-    /// Training examples.
-    pub train_examples: &'a [Example],
-    /// Evaluation examples (may be empty).
-    pub eval_examples: &'a [Example],
+    /// Seed of the per-step randomness (LoRA dropout) and of the checkpointed state.
+    pub seed: u64,
+    /// Run directory: metrics, event files, checkpoints.
+    pub output_dir: &'a Path,
     /// Evaluate every N steps (0 = before and after only).
     pub eval_every: usize,
-    /// The token plugin.
-    pub plugin: &'a dyn TokenReweighter,
-    /// Normalisation in force.
-    pub normalize: Normalize,
-    /// Telemetry zone borders.
-    pub zone_borders: [f64; 3],
-    /// Run directory.
-    pub output_dir: &'a Path,
     /// Checkpoint every N steps (0 = only at the end).
     pub save_every: usize,
     /// Checkpoints to keep (0 = all).
@@ -158,155 +175,208 @@ pub struct TrainSetup<'a> {
     pub device: &'a Device,
 }
 
-/// What a finished run reports.
-#[derive(Debug, Clone, Serialize)]
-pub struct TrainSummary {
+/// What the loop reports of a finished run.
+#[derive(Debug, Clone)]
+pub struct LoopReport<S, E> {
     /// Optimizer steps done in total (including before a resume).
     pub steps: usize,
     /// Steps skipped for non-finite values.
     pub skipped_steps: usize,
-    /// Supervised tokens trained (including before a resume).
+    /// Tokens trained (including before a resume).
     pub tokens_trained: u64,
     /// Eval before training (absent on resume).
-    pub eval_before: Option<EvalMetrics>,
+    pub eval_before: Option<E>,
     /// Eval after training.
-    pub eval_after: Option<EvalMetrics>,
-    /// Last step's raw CE.
-    pub final_train_ce: Option<f64>,
+    pub eval_after: Option<E>,
+    /// The metrics of the last step whose update was applied.
+    pub last_applied: Option<S>,
     /// Last checkpoint written.
     pub last_checkpoint: Option<PathBuf>,
     /// Wall-clock seconds of the loop.
     pub seconds: f64,
 }
 
-/// The full step plan over all epochs, capped at `max_steps`. A pure function of the data and options, which is
-/// what makes resume exact: the resumed run rebuilds the same plan and skips what was done.
-pub fn plan(
-    examples: &[Example],
-    opts: &BatchOptions,
-    train: &TrainSection,
-) -> Result<Vec<(usize, Step)>, TrainError> {
-    let mut steps = Vec::new();
-    for epoch in 0..train.epochs.max(1) {
-        for s in plan_epoch(examples, opts, epoch)? {
-            steps.push((epoch, s));
-            if train.max_steps > 0 && steps.len() >= train.max_steps {
-                return Ok(steps);
-            }
-        }
-    }
-    Ok(steps)
-}
+/// The trained model with the loop's report.
+pub type Trained<M, O> = (
+    M,
+    LoopReport<<O as Objective<M>>::Metrics, <O as Objective<M>>::Eval>,
+);
 
-/// Mean CE / accuracy over `examples` (no gradient).
-pub fn evaluate<M: CausalLm>(
-    model: &M,
-    examples: &[Example],
-    opts: &BatchOptions,
-    zone_borders: [f64; 3],
-    device: &Device,
+/// Emits one record to every sink.
+fn emit(
+    sinks: &mut [Box<dyn Sink>],
+    stream: Stream,
     step: usize,
-) -> Option<EvalMetrics> {
-    if examples.is_empty() {
-        return None;
+    record: &impl Serialize,
+) -> Result<(), TrainError> {
+    let json = serde_json::to_string(record).unwrap_or_default();
+    for s in sinks.iter_mut() {
+        s.record(stream, step, &json)?;
     }
-    let opts = BatchOptions {
-        shuffle: false,
-        tokens_per_step: usize::MAX / 4,
-        mode: ytrainer_data::Mode::OnePass,
-        ..opts.clone()
+    Ok(())
+}
+
+/// Evaluates, records the result everywhere and returns it.
+fn eval_and_emit<M: CausalLm, O: Objective<M>>(
+    objective: &O,
+    model: &M,
+    step: usize,
+    sinks: &mut [Box<dyn Sink>],
+    observer: &mut dyn Observer,
+) -> Result<Option<O::Eval>, TrainError> {
+    let e = objective.evaluate(model, step)?;
+    if let Some(e) = &e {
+        emit(sinks, Stream::Eval, e.step(), e)?;
+        observer.eval(e.step(), &e.summary());
+    }
+    Ok(e)
+}
+
+/// Trains `model` on `objective` and returns it with the report. Checkpoints go to `output_dir/checkpoint-N`,
+/// metrics to `metrics.jsonl`, `eval.jsonl` and TensorBoard event files in `output_dir`.
+pub fn train<M: CausalLm, O: Objective<M>>(
+    model: M,
+    objective: &O,
+    setup: &LoopSetup<'_>,
+    observer: &mut dyn Observer,
+) -> Result<Trained<M, O>, TrainError> {
+    let t0 = Instant::now();
+    let steps = objective.plan()?;
+    if steps.is_empty() {
+        return Err(TrainError::NoSteps);
+    }
+    let total = steps.len();
+    let tr = setup.train;
+    let Started {
+        mut model,
+        mut optim,
+        mut state,
+        warmup,
+    } = start(model, setup, total, observer)?;
+    fs::create_dir_all(setup.output_dir).map_err(|e| TrainError::Output {
+        path: setup.output_dir.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let resumed = setup.resume.is_some();
+    let mut sinks: Vec<Box<dyn Sink>> = vec![
+        Box::new(JsonlSink::open(setup.output_dir, resumed)?),
+        Box::new(TensorboardSink::create(setup.output_dir)?),
+    ];
+
+    let eval_before = if resumed {
+        None
+    } else {
+        eval_and_emit(objective, &model, 0, &mut sinks, observer)?
     };
-    // Evaluation needs no graph: a plain-device copy of the model (dropout off) on the plain device.
-    let model = model.valid();
-    let device = device.clone().inner();
-    let mut total = StepCounters::default();
-    for s in plan_epoch(examples, &opts, 0).unwrap_or_default() {
-        for mb in &s.micro_batches {
-            total.merge(&eval_micro_batch(&model, mb, zone_borders, &device));
+
+    observer.start(total, state.step);
+    let mut grads = GradAccumulator::default();
+    let mut last_applied = None;
+    let mut last_checkpoint = None;
+    for (index, (epoch, unit)) in steps.iter().enumerate().skip(state.step) {
+        let ts = Instant::now();
+        // Reseeding per step makes any randomness inside the step (LoRA dropout) a function of (seed, step), so a
+        // resumed run draws exactly what the uninterrupted run drew.
+        setup.device.seed(crate::rng::step_seed(setup.seed, index));
+        let at = StepAt {
+            index,
+            total,
+            epoch: *epoch,
+        };
+        let acc = objective.accumulate(&model, unit, at, &mut grads)?;
+        let lr = lr_at(
+            tr.lr_scheduler,
+            tr.learning_rate,
+            index,
+            total,
+            warmup,
+            tr.min_lr_ratio,
+        );
+        let grad_norm = if grads.is_empty() {
+            0.0
+        } else {
+            grads.global_norm(acc.scale)
+        };
+        let skipped = acc.nonfinite || !grad_norm.is_finite();
+        if skipped {
+            grads.clear();
+            state.skipped_steps += 1;
+            observer.notice(&format!(
+                "step {}: non-finite loss or gradient, update skipped ({} skipped so far)",
+                index + 1,
+                state.skipped_steps
+            ));
+        } else if !grads.is_empty() {
+            let clip = if tr.max_grad_norm > 0.0 && grad_norm > tr.max_grad_norm {
+                tr.max_grad_norm / grad_norm
+            } else {
+                1.0
+            };
+            model = optim.step(model, &mut grads, lr, acc.scale * clip);
+        }
+        state.step = index + 1;
+        state.tokens_trained += acc.tokens as u64;
+        let outcome = StepOutcome {
+            at,
+            lr,
+            grad_norm,
+            skipped,
+            seconds: ts.elapsed().as_secs_f64(),
+        };
+        let m = objective.metrics(&acc, &outcome);
+        emit(&mut sinks, Stream::Step, index + 1, &m)?;
+        observer.step(&m.progress());
+        if !skipped {
+            last_applied = Some(m);
+        }
+
+        let done = index + 1 == total;
+        if setup.eval_every > 0 && (index + 1) % setup.eval_every == 0 && !done {
+            eval_and_emit(objective, &model, index + 1, &mut sinks, observer)?;
+        }
+        if (setup.save_every > 0 && (index + 1) % setup.save_every == 0) || done {
+            let dir = setup.output_dir.join(format!("checkpoint-{}", index + 1));
+            checkpoint::save(&dir, &model, &optim.state, &state, |tmp| {
+                model.export(&tmp.join("export")).map(|_| ())
+            })?;
+            observer.notice(&format!("checkpoint written: {}", dir.display()));
+            last_checkpoint = Some(dir);
+            prune(setup.output_dir, setup.save_total_limit);
         }
     }
-    let loss = total.mean_ce();
-    Some(EvalMetrics {
-        step,
-        eval_loss: loss,
-        eval_perplexity: loss.exp(),
-        eval_token_accuracy: total.correct as f64 / total.tokens.max(1) as f64,
-        eval_tokens: total.tokens,
-    })
-}
-
-/// An append-only JSON-lines log (`metrics.jsonl`, `eval.jsonl`), truncated unless resuming.
-pub(crate) struct Jsonl {
-    file: fs::File,
-    path: PathBuf,
-}
-
-impl Jsonl {
-    pub(crate) fn open(path: PathBuf, append: bool) -> Result<Self, TrainError> {
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .append(append)
-            .write(true)
-            .truncate(!append)
-            .open(&path)
-            .map_err(|e| TrainError::Output {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
-        Ok(Jsonl { file, path })
-    }
-    pub(crate) fn write(&mut self, v: &impl Serialize) -> Result<(), TrainError> {
-        let line = serde_json::to_string(v).unwrap_or_default();
-        writeln!(self.file, "{line}").map_err(|e| TrainError::Output {
-            path: self.path.clone(),
-            message: e.to_string(),
-        })
-    }
-}
-
-/// The TensorBoard sink beside the JSONL files: the same records, as scalars under the same names.
-pub(crate) struct Tensorboard(crate::tensorboard::EventWriter);
-
-impl Tensorboard {
-    pub(crate) fn create(dir: &Path) -> Result<Self, TrainError> {
-        crate::tensorboard::EventWriter::create(dir)
-            .map(Tensorboard)
-            .map_err(|e| TrainError::Output {
-                path: dir.to_path_buf(),
-                message: format!("cannot create the TensorBoard event file: {e}"),
-            })
-    }
-    pub(crate) fn write(&mut self, step: usize, v: &impl Serialize) -> Result<(), TrainError> {
-        self.0
-            .record_fields(step, v)
-            .map_err(|e| TrainError::Output {
-                path: self.0.path().to_path_buf(),
-                message: e.to_string(),
-            })
-    }
+    let eval_after = eval_and_emit(objective, &model, state.step, &mut sinks, observer)?;
+    Ok((
+        model,
+        LoopReport {
+            steps: state.step,
+            skipped_steps: state.skipped_steps,
+            tokens_trained: state.tokens_trained,
+            eval_before,
+            eval_after,
+            last_applied,
+            last_checkpoint,
+            seconds: t0.elapsed().as_secs_f64(),
+        },
+    ))
 }
 
 /// A loop's starting point: the model (restored on resume), optimizer, position and warmup length.
-pub(crate) struct Started<M> {
-    pub(crate) model: M,
-    pub(crate) optim: AdamW,
-    pub(crate) state: TrainerState,
-    pub(crate) warmup: usize,
+struct Started<M> {
+    model: M,
+    optim: AdamW,
+    state: TrainerState,
+    warmup: usize,
 }
 
 /// Builds the optimizer and trainer state for a run of `total` steps, restoring both (and the trainable
-/// parameters) from `resume` when given. Shared by the SFT and preference loops.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn start<M: CausalLm>(
+/// parameters) from `setup.resume` when given.
+fn start<M: CausalLm>(
     mut model: M,
-    tr: &TrainSection,
+    setup: &LoopSetup<'_>,
     total: usize,
-    seed: u64,
-    fingerprint: &str,
-    resume: Option<&Path>,
-    device: &Device,
     observer: &mut dyn Observer,
 ) -> Result<Started<M>, TrainError> {
+    let tr = setup.train;
     let warmup = if tr.warmup_steps > 0 {
         tr.warmup_steps
     } else {
@@ -323,13 +393,13 @@ pub(crate) fn start<M: CausalLm>(
         total_steps: total,
         skipped_steps: 0,
         tokens_trained: 0,
-        seed,
-        config_fingerprint: fingerprint.to_string(),
+        seed: setup.seed,
+        config_fingerprint: setup.fingerprint.clone(),
     };
-    if let Some(dir) = resume {
-        let loaded = checkpoint::load(dir, device)?;
-        if loaded.state.config_fingerprint != fingerprint {
-            let differing = config_diff(&loaded.state.config_fingerprint, fingerprint);
+    if let Some(dir) = setup.resume.as_deref() {
+        let loaded = checkpoint::load(dir, setup.device)?;
+        if loaded.state.config_fingerprint != setup.fingerprint {
+            let differing = config_diff(&loaded.state.config_fingerprint, &setup.fingerprint);
             return Err(TrainError::Resume {
                 path: dir.to_path_buf(),
                 message: format!(
@@ -355,208 +425,6 @@ pub(crate) fn start<M: CausalLm>(
         state,
         warmup,
     })
-}
-
-/// Trains `model` and returns it with the summary. Checkpoints go to `output_dir/checkpoint-N`.
-pub fn train<M: CausalLm>(
-    mut model: M,
-    setup: &TrainSetup<'_>,
-    observer: &mut dyn Observer,
-) -> Result<(M, TrainSummary), TrainError> {
-    let t0 = Instant::now();
-    let steps = plan(setup.train_examples, &setup.batch, setup.train)?;
-    if steps.is_empty() {
-        return Err(TrainError::NoSteps);
-    }
-    let total = steps.len();
-    let tr = setup.train;
-    let Started {
-        model: resumed_model,
-        mut optim,
-        mut state,
-        warmup,
-    } = start(
-        model,
-        tr,
-        total,
-        setup.batch.seed,
-        &setup.fingerprint,
-        setup.resume.as_deref(),
-        setup.device,
-        observer,
-    )?;
-    model = resumed_model;
-    fs::create_dir_all(setup.output_dir).map_err(|e| TrainError::Output {
-        path: setup.output_dir.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    let resumed = setup.resume.is_some();
-    let mut metrics = Jsonl::open(setup.output_dir.join("metrics.jsonl"), resumed)?;
-    let mut eval_log = Jsonl::open(setup.output_dir.join("eval.jsonl"), resumed)?;
-    let mut tb = Tensorboard::create(setup.output_dir)?;
-
-    let eval_before = if resumed {
-        None
-    } else {
-        let e = evaluate(
-            &model,
-            setup.eval_examples,
-            &setup.batch,
-            setup.zone_borders,
-            setup.device,
-            0,
-        );
-        if let Some(e) = &e {
-            eval_log.write(e)?;
-            tb.write(e.step, e)?;
-            observer.eval(e);
-        }
-        e
-    };
-
-    observer.start(total, state.step);
-    let mut acc = GradAccumulator::default();
-    let mut last_ce = None;
-    let mut last_checkpoint = None;
-    for (index, (epoch, step)) in steps.iter().enumerate().skip(state.step) {
-        let ts = Instant::now();
-        // Reseeding per step makes any randomness inside the step (LoRA dropout) a function of (seed, step), so a
-        // resumed run draws exactly what the uninterrupted run drew.
-        setup
-            .device
-            .seed(crate::rng::step_seed(setup.batch.seed, index));
-        let ctx = StepContext {
-            step: index,
-            progress: index as f64 / total as f64,
-            zone_borders: setup.zone_borders,
-        };
-        let mut c = StepCounters::default();
-        for mb in &step.micro_batches {
-            let mc = train_micro_batch(&model, mb, setup.plugin, ctx, &mut acc, setup.device)
-                .map_err(|source| TrainError::Plugin {
-                    step: index,
-                    source,
-                })?;
-            c.merge(&mc);
-            if mc.nonfinite > 0 {
-                break;
-            }
-        }
-        let lr = lr_at(
-            tr.lr_scheduler,
-            tr.learning_rate,
-            index,
-            total,
-            warmup,
-            tr.min_lr_ratio,
-        );
-        let denom = setup
-            .normalize
-            .denominator(c.tokens as f64, c.nonzero, c.weight_sum);
-        let scale = 1.0 / denom;
-        let grad_norm = if acc.is_empty() {
-            0.0
-        } else {
-            acc.global_norm(scale)
-        };
-        let skipped = c.nonfinite > 0 || !grad_norm.is_finite() || !c.ce_sum.is_finite();
-        if skipped {
-            acc.clear();
-            state.skipped_steps += 1;
-            observer.notice(&format!(
-                "step {}: non-finite loss or gradient, update skipped ({} skipped so far)",
-                index + 1,
-                state.skipped_steps
-            ));
-        } else if !acc.is_empty() {
-            let clip = if tr.max_grad_norm > 0.0 && grad_norm > tr.max_grad_norm {
-                tr.max_grad_norm / grad_norm
-            } else {
-                1.0
-            };
-            model = optim.step(model, &mut acc, lr, scale * clip);
-        }
-        state.step = index + 1;
-        state.tokens_trained += c.tokens as u64;
-        let n = c.tokens.max(1) as f64;
-        let m = StepMetrics {
-            step: index + 1,
-            epoch: *epoch,
-            loss: c.weighted_sum / denom,
-            ce: c.mean_ce(),
-            mean_weight: c.weight_sum / n,
-            zone_learned: c.zones[0] as f64 / n,
-            zone_learning: c.zones[1] as f64 / n,
-            zone_hard: c.zones[2] as f64 / n,
-            zone_noise: c.zones[3] as f64 / n,
-            entropy: c.entropy_sum.map(|e| e / n),
-            token_accuracy: c.correct as f64 / n,
-            lr,
-            grad_norm,
-            tokens: c.tokens,
-            tokens_per_s: c.tokens as f64 / ts.elapsed().as_secs_f64().max(1e-9),
-            skipped,
-        };
-        if !skipped {
-            last_ce = Some(m.ce);
-        }
-        metrics.write(&m)?;
-        tb.write(m.step, &m)?;
-        observer.step(&m);
-
-        let done = index + 1 == total;
-        if setup.eval_every > 0
-            && (index + 1) % setup.eval_every == 0
-            && !done
-            && let Some(e) = evaluate(
-                &model,
-                setup.eval_examples,
-                &setup.batch,
-                setup.zone_borders,
-                setup.device,
-                index + 1,
-            )
-        {
-            eval_log.write(&e)?;
-            tb.write(e.step, &e)?;
-            observer.eval(&e);
-        }
-        if (setup.save_every > 0 && (index + 1) % setup.save_every == 0) || done {
-            let dir = setup.output_dir.join(format!("checkpoint-{}", index + 1));
-            checkpoint::save(&dir, &model, &optim.state, &state, |tmp| {
-                model.export(&tmp.join("export")).map(|_| ())
-            })?;
-            observer.notice(&format!("checkpoint written: {}", dir.display()));
-            last_checkpoint = Some(dir);
-            prune(setup.output_dir, setup.save_total_limit);
-        }
-    }
-    let eval_after = evaluate(
-        &model,
-        setup.eval_examples,
-        &setup.batch,
-        setup.zone_borders,
-        setup.device,
-        state.step,
-    );
-    if let Some(e) = &eval_after {
-        eval_log.write(e)?;
-        tb.write(e.step, e)?;
-        observer.eval(e);
-    }
-    Ok((
-        model,
-        TrainSummary {
-            steps: state.step,
-            skipped_steps: state.skipped_steps,
-            tokens_trained: state.tokens_trained,
-            eval_before,
-            eval_after,
-            final_train_ce: last_ce,
-            last_checkpoint,
-            seconds: t0.elapsed().as_secs_f64(),
-        },
-    ))
 }
 
 /// Keys whose values differ between two canonical-JSON configs, as `section.key: old -> new`.

@@ -1,26 +1,44 @@
-//! `ytrainer run` with a pairwise loss (`dpo`, `cdpo`, `ipo`, `hinge`, `simpo`, `dpo-nlirg`): load preference
-//! pairs, set up the reference, train with `ytrainer_core::preference`, export, summarise.
+//! Preference training (`dpo`, `cdpo`, `ipo`, `hinge`, `simpo`, `dpo-nlirg`, external pairwise plugins) as a
+//! library call: load and tokenize pairs, set up the reference log-probabilities, train with the one loop and
+//! the pairwise objective, export, summarise.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow, bail};
 use ytrainer_core::config::{AdapterKind, RunConfig};
 use ytrainer_core::device::Precision;
 use ytrainer_core::loss::{PairwiseObjective, Params};
 use ytrainer_core::model::CausalLm;
+use ytrainer_core::observe::Observer;
 use ytrainer_core::preference::{
-    PrefSetup, Reference, base_reference, precompute_reference, train_pairs,
+    PrefSetup, PrefSummary, Reference, base_reference, precompute_reference, train_pairs,
 };
 use ytrainer_data::{PairExample, PairRecord, load_pairs, tokenize_pair};
 use ytrainer_models::{AdapterSpec, load_peft_adapter, load_pretrained};
 
-use crate::cli::RunArgs;
-use crate::progress::Bar;
-use crate::run::{
-    adapter_spec, copy_tokenizer_files, fingerprint, resolve_model_dir, tokenizer_and_template,
-    write_resolved_config,
-};
+use crate::bail;
+use crate::error::{Context, Result};
+use crate::run::{RunOptions, RunReport};
+use crate::source::{pad_id, resolve_model_dir, tokenizer_and_template, training_device};
+
+/// What a preference run did.
+#[derive(Debug)]
+pub struct PrefReport {
+    /// The loop's summary.
+    pub summary: PrefSummary,
+    /// Training pairs after tokenization.
+    pub pairs: usize,
+    /// Evaluation pairs.
+    pub eval_pairs: usize,
+    /// Pairs truncated to `max_seq_len`.
+    pub truncated: usize,
+    /// Data warnings.
+    pub warnings: Vec<String>,
+    /// The run directory.
+    pub output_dir: PathBuf,
+    /// The exported model.
+    pub final_dir: PathBuf,
+}
 
 /// Tokenizes pairs, truncating both sides to `max_len` tokens; pairs left without a supervised completion token
 /// on either side are dropped with a warning.
@@ -80,6 +98,7 @@ fn tokenize_all(
     Ok((out, truncated))
 }
 
+/// Reference log-probabilities of the training pairs, cached in the run directory (a resumed run reuses them).
 fn reference_cache(
     path: &Path,
     pairs: &[PairExample],
@@ -98,16 +117,16 @@ fn reference_cache(
 }
 
 /// Runs preference training for a resolved config whose loss is pairwise.
-pub fn run(
+pub fn run_preference(
     mut cfg: RunConfig,
     objective: Box<dyn PairwiseObjective>,
     params: &Params,
-    args: &RunArgs,
-) -> Result<()> {
+    opts: &RunOptions,
+    observer: &mut dyn Observer,
+) -> Result<RunReport> {
     cfg.loss.normalize = None;
-    if args.dry_run {
-        println!("{}", toml::to_string_pretty(&cfg)?);
-        return Ok(());
+    if opts.dry_run {
+        return Ok(RunReport::DryRun(Box::new(cfg)));
     }
     if cfg.train.precision != Precision::F32 {
         bail!(
@@ -124,18 +143,11 @@ pub fn run(
             cfg.loss.name
         );
     }
-    let out = cfg.output.dir.clone();
-    fs::create_dir_all(&out)
-        .with_context(|| format!("cannot create output directory {}", out.display()))?;
-    let train_file = cfg
-        .data
-        .train
-        .clone()
-        .ok_or_else(|| anyhow!("no training data"))?;
-    let model_dir = resolve_model_dir(&cfg, &out, &train_file)?;
+    let (out, train_file) = crate::run::output_and_train_file(&cfg)?;
+    let model_dir = resolve_model_dir(&cfg, &out, &train_file, &mut |m| observer.notice(m))?;
     let (tok, template) = tokenizer_and_template(&cfg, &model_dir)?;
-    let template = template.ok_or_else(|| {
-        anyhow!(
+    let template = template.with_context(|| {
+        format!(
             "{}: preference training needs the model's chat template",
             model_dir.display()
         )
@@ -143,22 +155,15 @@ pub fn run(
 
     let loaded = load_pairs(&train_file)?;
     let mut warnings: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
-    let mut train_records = loaded.pairs;
-    let mut eval_records = Vec::new();
+    let (train_records, mut eval_records) = if cfg.data.eval.is_some() {
+        (loaded.pairs, Vec::new())
+    } else {
+        crate::sft::split_eval(loaded.pairs, cfg.data.eval_fraction)
+    };
     if let Some(e) = &cfg.data.eval {
         let l = load_pairs(e)?;
         warnings.extend(l.warnings.iter().map(|w| w.to_string()));
         eval_records = l.pairs;
-    } else if cfg.data.eval_fraction > 0.0 {
-        let k = (1.0 / cfg.data.eval_fraction).round().max(2.0) as usize;
-        let all = std::mem::take(&mut train_records);
-        for (i, r) in all.into_iter().enumerate() {
-            if i % k == k - 1 {
-                eval_records.push(r)
-            } else {
-                train_records.push(r)
-            }
-        }
     }
     let (pairs, truncated) = tokenize_all(&train_records, &tok, &template, &cfg, &mut warnings)?;
     let (mut eval_pairs, _) = tokenize_all(&eval_records, &tok, &template, &cfg, &mut warnings)?;
@@ -175,19 +180,14 @@ pub fn run(
         );
     }
 
-    let device =
-        ytrainer_core::device::select_with(&cfg.train.device, cfg.train.seed, cfg.train.precision)
-            .map_err(|e| anyhow!(e))?;
-    let adapter = adapter_spec(&cfg);
+    let device = training_device(&cfg)?;
+    let adapter = crate::run::adapter_spec(&cfg);
     let (mut model, _) = load_pretrained(&model_dir, &adapter, &device)?;
     if let Some(init) = &cfg.adapter.init_from {
         model = load_peft_adapter(model, init)?;
     }
     model = model.with_gradient_checkpointing(cfg.train.gradient_checkpointing);
-    let pad_id = tok
-        .token_to_id("<|endoftext|>")
-        .or_else(|| tok.eos_id())
-        .unwrap_or(0);
+    let pad_id = pad_id(&tok);
     let pc = &cfg.preference;
     let micro = pc.micro_pairs.max(1);
 
@@ -222,10 +222,6 @@ pub fn run(
         (Reference::AdaptersDisabled, None)
     };
 
-    let resume = match &args.resume {
-        Some(p) => Some(ytrainer_core::checkpoint::resolve_resume(p)?),
-        None => None,
-    };
     let beta = params.values().get("beta").copied().unwrap_or(1.0);
     let setup = PrefSetup {
         train: &cfg.train,
@@ -242,13 +238,14 @@ pub fn run(
         pad_id,
         output_dir: &out,
         save_every: cfg.output.save_every_steps,
+        save_total_limit: cfg.output.save_total_limit,
         eval_every: cfg.eval.every_steps,
-        resume,
-        fingerprint: fingerprint(&cfg),
+        resume: crate::run::resume_dir(opts)?,
+        fingerprint: crate::run::fingerprint(&cfg),
         device: &device,
     };
-    write_resolved_config(&cfg, &out)?;
-    eprintln!(
+    crate::run::write_resolved_config(&cfg, &out)?;
+    observer.notice(&format!(
         "preference training {} with `{}` ({}) on {} pairs from {}, on {} in precision {}",
         model_dir.display(),
         cfg.loss.name,
@@ -262,19 +259,9 @@ pub fn run(
         train_file.display(),
         cfg.train.device,
         cfg.train.precision
-    );
-    let mut bar = Bar::new();
-    let (model, summary) = train_pairs(model, &setup, &mut bar)?;
-    drop(bar);
-    let final_dir = out.join("final");
-    let files = model
-        .export(&final_dir)
-        .map_err(|e| anyhow!("exporting the trained model: {e}"))?;
-    copy_tokenizer_files(
-        &model_dir,
-        &final_dir,
-        cfg.adapter.kind == AdapterKind::Full,
-    )?;
+    ));
+    let (model, summary) = train_pairs(model, &setup, observer)?;
+    let (final_dir, files) = crate::run::export_final(&model, &cfg, &model_dir, &out)?;
     fs::write(
         out.join("summary.json"),
         serde_json::to_string_pretty(&serde_json::json!({
@@ -283,28 +270,13 @@ pub fn run(
             "exported": files,
         }))?,
     )?;
-    println!(
-        "done: {} optimizer steps on {} pairs in {:.1}s",
-        summary.steps,
-        pairs.len(),
-        summary.seconds
-    );
-    if let (Some(b), Some(a)) = (&summary.eval_before, &summary.eval_after) {
-        println!(
-            "  eval: loss {:.4} -> {:.4}, reward accuracy {:.3} -> {:.3}, margin {:.4} -> {:.4}",
-            b.eval_loss, a.eval_loss, b.accuracy, a.accuracy, b.margin, a.margin
-        );
-    }
-    println!(
-        "  pairs: {}; truncated {}, warnings {}",
-        pairs.len(),
+    Ok(RunReport::Preference(Box::new(PrefReport {
+        summary,
+        pairs: pairs.len(),
+        eval_pairs: eval_pairs.len(),
         truncated,
-        warnings.len()
-    );
-    for w in warnings.iter().take(5) {
-        println!("    warning: {w}");
-    }
-    println!("  metrics: {}", out.join("metrics.jsonl").display());
-    println!("  exported model: {}", final_dir.display());
-    Ok(())
+        warnings,
+        output_dir: out,
+        final_dir,
+    })))
 }

@@ -1,0 +1,459 @@
+//! Reading a TOML run config and applying overrides (`SECTION.KEY = value`, from command-line flags or a
+//! sweep's axes).
+//!
+//! Overrides are applied to the TOML document *before* it is deserialised, so an override and the config key it
+//! replaces go through exactly the same validation (unknown keys with a suggestion, types, ranges).
+
+use std::path::Path;
+
+use toml::{Table, Value};
+use ytrainer_core::config::RunConfig;
+use ytrainer_core::loss::nearest;
+
+use crate::error::{Context, Result};
+use crate::{bail, invalid};
+
+/// Every valid key per section, for suggestions (kept in step with `ytrainer_core::config`; a test checks it).
+pub const KEYS: &[(&str, &[&str])] = &[
+    ("model", &["path", "preset", "seed"]),
+    (
+        "adapter",
+        &[
+            "type",
+            "r",
+            "alpha",
+            "dropout",
+            "target_modules",
+            "use_rslora",
+            "init_from",
+        ],
+    ),
+    (
+        "data",
+        &[
+            "train",
+            "eval",
+            "eval_fraction",
+            "training_type",
+            "max_seq_len",
+            "overlong",
+            "train_on",
+            "template_vars",
+        ],
+    ),
+    (
+        "loss",
+        &[
+            "name",
+            "normalize",
+            "params",
+            "zone_borders",
+            "plugins",
+            "reference_model",
+        ],
+    ),
+    (
+        "train",
+        &[
+            "mode",
+            "token_batch",
+            "epochs",
+            "max_steps",
+            "learning_rate",
+            "lr_scheduler",
+            "warmup_steps",
+            "warmup_ratio",
+            "min_lr_ratio",
+            "weight_decay",
+            "adam_beta1",
+            "adam_beta2",
+            "adam_epsilon",
+            "max_grad_norm",
+            "tokens_per_step",
+            "micro_batch_tokens",
+            "max_micro_batch_size",
+            "seed",
+            "shuffle",
+            "device",
+            "precision",
+            "gradient_checkpointing",
+        ],
+    ),
+    ("eval", &["every_steps", "max_samples"]),
+    ("output", &["dir", "save_every_steps", "save_total_limit"]),
+    (
+        "preference",
+        &[
+            "reference",
+            "precompute_reference",
+            "sft_weight",
+            "average_log_prob",
+            "pairs_per_step",
+            "micro_pairs",
+        ],
+    ),
+];
+
+/// Checks every key of the document against [`KEYS`], naming the file, line and nearest valid key.
+fn check_keys(doc: &Table, file: &str, text: &str) -> Result<()> {
+    let sections: Vec<&str> = KEYS.iter().map(|(s, _)| *s).collect();
+    // Keys from `--set` have no line to point at.
+    let at = |key: &str| {
+        if text.is_empty() {
+            file.to_string()
+        } else {
+            format!("{file}:{}", line_of(text, key))
+        }
+    };
+    for (section, value) in doc {
+        let Some((_, keys)) = KEYS.iter().find(|(s, _)| s == section) else {
+            let hint = nearest(section, &sections)
+                .map(|s| format!(" (did you mean `[{s}]`?)"))
+                .unwrap_or_default();
+            bail!(
+                "{}: unknown section `[{section}]`{hint}; valid sections: {}",
+                at(section),
+                sections.join(", ")
+            );
+        };
+        let Value::Table(t) = value else {
+            bail!(
+                "{}: `{section}` must be a table (`[{section}]`), not a value",
+                at(section)
+            );
+        };
+        for key in t.keys() {
+            if !keys.contains(&key.as_str()) {
+                let hint = nearest(key, keys)
+                    .map(|k| format!(" (did you mean `{k}`?)"))
+                    .unwrap_or_default();
+                bail!(
+                    "{}: unknown key `{key}` in [{section}]{hint}; valid keys in [{section}]: {}",
+                    at(key),
+                    keys.join(", ")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// 1-based line of the first line that defines `key` (best effort, for error messages).
+fn line_of(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.starts_with(key) && l[key.len()..].trim_start().starts_with('=')
+                || l.trim() == format!("[{key}]")
+        })
+        .map(|i| i + 1)
+        .unwrap_or(1)
+}
+
+pub fn set_path(doc: &mut Table, path: &str, value: Value) -> Result<()> {
+    let parts: Vec<&str> = path.split('.').collect();
+    if parts.len() < 2 {
+        bail!("`--set {path}=...`: expected SECTION.KEY, e.g. `train.weight_decay`");
+    }
+    let mut table = doc;
+    for p in &parts[..parts.len() - 1] {
+        let entry = table
+            .entry(p.to_string())
+            .or_insert_with(|| Value::Table(Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| invalid!("`{path}`: `{p}` is not a table"))?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+/// Parses `VALUE` as a TOML value, falling back to a string (so `--set data.train_on=everything` works).
+pub fn parse_value(raw: &str) -> Value {
+    let doc = format!("v = {raw}");
+    match doc.parse::<Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or(Value::String(raw.to_string())),
+        Err(_) => Value::String(raw.to_string()),
+    }
+}
+
+/// A path as a TOML string value.
+pub fn path_value(p: &Path) -> Value {
+    Value::String(p.to_string_lossy().to_string())
+}
+
+/// One `SECTION.KEY = value` override.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    /// Dotted key, e.g. `train.learning_rate` or `loss.params.x0`.
+    pub key: String,
+    /// The value, typed as it would be in the file.
+    pub value: Value,
+}
+
+impl Override {
+    /// An override of `key` with `value`.
+    pub fn new(key: impl Into<String>, value: Value) -> Self {
+        Override {
+            key: key.into(),
+            value,
+        }
+    }
+}
+
+/// Loads the config file (if any), applies `overrides` in order, validates, and returns the resolved config.
+/// Relative paths in the file are relative to the file; relative paths in overrides stay as given (relative
+/// to the working directory).
+pub fn resolve(file: Option<&Path>, overrides: &[Override]) -> Result<RunConfig> {
+    let (mut doc, file, text) = match file {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config file {}", p.display()))?;
+            let doc: Table = text.parse().map_err(|e: toml::de::Error| {
+                let line = e
+                    .span()
+                    .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
+                    .unwrap_or(1);
+                invalid!("{}:{line}: invalid TOML: {}", p.display(), e.message())
+            })?;
+            // Relative paths in a config file are relative to the file, so configs can be run from anywhere.
+            let base = p.parent().map(Path::to_path_buf).unwrap_or_default();
+            let mut doc = doc;
+            rebase_paths(&mut doc, &base);
+            (doc, p.display().to_string(), text)
+        }
+        None => (Table::new(), "<command line>".to_string(), String::new()),
+    };
+    check_keys(&doc, &file, &text)?;
+    for o in overrides {
+        set_path(&mut doc, &o.key, o.value.clone())?;
+    }
+    check_keys(&doc, "--set", "")?;
+    let cfg: RunConfig = Value::Table(doc).try_into().map_err(|e: toml::de::Error| {
+        invalid!(
+            "{file}: {}",
+            e.message()
+                .replace("\n", " ")
+                .trim_end()
+                .trim_end_matches('.')
+        )
+    })?;
+    validate(&cfg)?;
+    Ok(cfg)
+}
+
+fn rebase_paths(doc: &mut Table, base: &Path) {
+    // `[loss] plugins` is a list of paths.
+    if let Some(Value::Array(list)) = doc
+        .get_mut("loss")
+        .and_then(Value::as_table_mut)
+        .and_then(|t| t.get_mut("plugins"))
+    {
+        for v in list {
+            if let Value::String(s) = v
+                && Path::new(s.as_str()).is_relative()
+            {
+                *s = normalize(&base.join(s.as_str()))
+                    .to_string_lossy()
+                    .to_string();
+            }
+        }
+    }
+    let fix = |v: &mut Value| {
+        if let Value::String(s) = v {
+            let p = Path::new(s.as_str());
+            if p.is_relative() {
+                *s = normalize(&base.join(p)).to_string_lossy().to_string();
+            }
+        }
+    };
+    for (section, key) in [
+        ("model", "path"),
+        ("data", "train"),
+        ("data", "eval"),
+        ("adapter", "init_from"),
+        ("preference", "reference"),
+        ("loss", "reference_model"),
+        ("output", "dir"),
+    ] {
+        if let Some(v) = doc
+            .get_mut(section)
+            .and_then(Value::as_table_mut)
+            .and_then(|t| t.get_mut(key))
+        {
+            fix(v);
+        }
+    }
+}
+
+/// Lexically removes `.` and `dir/..` so paths in messages read naturally (`runs/x`, not `examples/q/../../runs/x`).
+fn normalize(p: &Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component> = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.last(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    if out.is_empty() {
+        return std::path::PathBuf::from(".");
+    }
+    out.iter().collect()
+}
+
+fn validate(cfg: &RunConfig) -> Result<()> {
+    if cfg.model.path.is_none() && cfg.model.preset.is_none() {
+        bail!(
+            "no model given: pass `--model DIR` (a Hugging Face model directory) or `--preset tiny`, \
+             or set `[model] path` / `preset` in the config"
+        );
+    }
+    if let Some(p) = &cfg.model.preset
+        && cfg.model.path.is_none()
+        && p != "tiny"
+    {
+        bail!("[model] preset = \"{p}\": unknown preset; the only preset is `tiny`");
+    }
+    if cfg.data.train.is_none() {
+        bail!("no training data given: pass `--data FILE` or set `[data] train` in the config");
+    }
+    let t = &cfg.train;
+    if t.learning_rate <= 0.0 || !t.learning_rate.is_finite() {
+        bail!("[train] learning_rate = {}: must be > 0", t.learning_rate);
+    }
+    if t.mode == ytrainer_core::config::TrainMode::Windowed && t.token_batch == 0 {
+        bail!("[train] token_batch = 0: windowed mode needs a window of at least 1 target token");
+    }
+    if t.tokens_per_step == 0 || t.micro_batch_tokens == 0 || t.max_micro_batch_size == 0 {
+        bail!("[train] tokens_per_step, micro_batch_tokens and max_micro_batch_size must be >= 1");
+    }
+    if cfg.adapter.kind == ytrainer_core::config::AdapterKind::Lora && cfg.adapter.r == 0 {
+        bail!("[adapter] r = 0: the LoRA rank must be >= 1 (or use `type = \"full\"`)");
+    }
+    if cfg.data.max_seq_len < 2 {
+        bail!(
+            "[data] max_seq_len = {}: must be >= 2",
+            cfg.data.max_seq_len
+        );
+    }
+    if !(0.0..1.0).contains(&cfg.data.eval_fraction) {
+        bail!(
+            "[data] eval_fraction = {}: must be in [0, 1)",
+            cfg.data.eval_fraction
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct TempFile(std::path::PathBuf);
+    impl TempFile {
+        fn new(text: &str) -> Self {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let d = std::env::temp_dir().join(format!(
+                "ytrainer-cfg-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::SeqCst)
+            ));
+            std::fs::create_dir_all(&d).unwrap();
+            let p = d.join("c.toml");
+            std::fs::write(&p, text).unwrap();
+            TempFile(p)
+        }
+    }
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(self.0.parent().unwrap());
+        }
+    }
+
+    #[test]
+    fn unknown_key_suggests_nearest() {
+        let f = TempFile::new(
+            "[model]\npreset = \"tiny\"\n[data]\ntrain = \"x.jsonl\"\n[train]\nlerning_rate = 1e-3\n",
+        );
+        let e = resolve(Some(&f.0), &[]).unwrap_err().to_string();
+        assert!(e.ends_with(":6: unknown key `lerning_rate` in [train] (did you mean `learning_rate`?); valid keys in [train]: mode, token_batch, epochs, max_steps, learning_rate, lr_scheduler, warmup_steps, warmup_ratio, min_lr_ratio, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm, tokens_per_step, micro_batch_tokens, max_micro_batch_size, seed, shuffle, device, precision, gradient_checkpointing"), "{e}");
+    }
+
+    #[test]
+    fn unknown_section_suggests_nearest() {
+        let f = TempFile::new("[trian]\nepochs = 1\n");
+        let e = resolve(Some(&f.0), &[]).unwrap_err().to_string();
+        assert!(
+            e.contains(":1: unknown section `[trian]` (did you mean `[train]`?)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn overrides_win_and_file_paths_are_relative_to_the_file() {
+        let f = TempFile::new(
+            "[model]\npreset = \"tiny\"\n[data]\ntrain = \"x.jsonl\"\n[train]\nlearning_rate = 1e-3\nmax_steps = 5\n",
+        );
+        let c = resolve(
+            Some(&f.0),
+            &[
+                Override::new("train.learning_rate", Value::Float(5e-4)),
+                Override::new("train.weight_decay", parse_value("0.1")),
+                Override::new("data.train_on", parse_value("everything")),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.train.learning_rate, 5e-4);
+        assert_eq!(c.train.max_steps, 5);
+        assert_eq!(c.train.weight_decay, 0.1);
+        assert_eq!(c.data.train_on, ytrainer_core::config::TrainOn::Everything);
+        assert!(c.data.train.unwrap().starts_with(f.0.parent().unwrap()));
+    }
+
+    #[test]
+    fn override_with_unknown_key_is_rejected() {
+        let e = resolve(
+            None,
+            &[
+                Override::new("model.path", parse_value("m")),
+                Override::new("data.train", parse_value("d")),
+                Override::new("train.wieght_decay", parse_value("0.1")),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("unknown key `wieght_decay` in [train] (did you mean `weight_decay`?)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn keys_table_matches_config_structs() {
+        // Serialising the default config lists every field; KEYS must list the same ones.
+        let v = toml::Value::try_from(RunConfig::default()).unwrap();
+        for (section, keys) in KEYS {
+            let t = v.get(section).and_then(|t| t.as_table()).unwrap();
+            for k in t.keys() {
+                assert!(keys.contains(&k.as_str()), "KEYS lacks {section}.{k}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_value_type_is_reported() {
+        let f = TempFile::new(
+            "[model]\npreset = \"tiny\"\n[data]\ntrain = \"x\"\n[train]\nepochs = \"two\"\n",
+        );
+        let e = resolve(Some(&f.0), &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("invalid type: string \"two\", expected usize"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,21 @@
+//! Runs as library functions, the layer between the engine crates and every front end (the `ytrainer`
+//! binary, sweeps, tests, a future board or Python binding): load a model from any source ([`source`]), make
+//! the `tiny` preset ([`preset`]), resolve a config with overrides ([`config`]), train with any objective and
+//! export ([`run`], [`sft`], [`preference`]), evaluate ([`eval`]), run sweep trials ([`sweep`]).
+//!
+//! A front end parses its flags into a [`RunConfig`](ytrainer_core::config::RunConfig) or overrides, calls one
+//! function here with an [`Observer`](ytrainer_core::observe::Observer) for progress, and prints the report.
+//! Nothing here prints: messages go to the observer.
+
+pub mod config;
+pub mod error;
+pub mod eval;
+pub mod preference;
+pub mod preset;
+pub mod run;
+pub mod sft;
+pub mod source;
+pub mod sweep;
+
+pub use error::{Context, RecipeError, Result};
+pub use run::{RunOptions, RunReport, run};

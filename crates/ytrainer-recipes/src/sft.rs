@@ -1,0 +1,255 @@
+//! Token-weighted training (SFT and continued pretraining) as a library call: data, model, reference model,
+//! the one training loop with the plugin's objective, export and `summary.json`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use ytrainer_core::config::{Overlong, RunConfig, TrainMode, TrainOn, TrainingType};
+use ytrainer_core::loss::{Params, TokenReweighter};
+use ytrainer_core::model::CausalLm;
+use ytrainer_core::observe::Observer;
+use ytrainer_core::sft::{self, TrainSetup, TrainSummary};
+use ytrainer_data::{
+    BatchOptions, DataOptions, DataStats, Example, Mode, Record, load_records, prepare,
+};
+use ytrainer_models::{AdapterSpec, load_peft_adapter, load_pretrained};
+
+use crate::bail;
+use crate::error::{Context, Result};
+use crate::run::{RunOptions, RunReport};
+use crate::source::{pad_id, resolve_model_dir, tokenizer_and_template, training_device};
+
+/// What a token-weighted run did.
+#[derive(Debug)]
+pub struct SftReport {
+    /// The loop's summary (steps, evals before / after, last checkpoint).
+    pub summary: TrainSummary,
+    /// What data preparation kept, truncated and skipped.
+    pub data: DataStats,
+    /// Data warnings (file:line and what was wrong).
+    pub warnings: Vec<String>,
+    /// The run directory.
+    pub output_dir: PathBuf,
+    /// The exported model (`<output dir>/final`).
+    pub final_dir: PathBuf,
+}
+
+/// The data crate's options from the config.
+pub fn data_options(cfg: &RunConfig) -> DataOptions {
+    DataOptions {
+        max_seq_len: cfg.data.max_seq_len,
+        overlong: match cfg.data.overlong {
+            Overlong::Truncate => ytrainer_data::Overlong::Truncate,
+            Overlong::Skip => ytrainer_data::Overlong::Skip,
+        },
+        train_on: match cfg.data.train_on {
+            TrainOn::AllAssistant => ytrainer_data::TrainOn::AllAssistant,
+            TrainOn::LastAssistant => ytrainer_data::TrainOn::LastAssistant,
+            TrainOn::Everything => ytrainer_data::TrainOn::Everything,
+        },
+        cpt: cfg.data.training_type == TrainingType::Cpt,
+        template_vars: cfg
+            .data
+            .template_vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
+}
+
+/// Splits off a deterministic eval fraction: every k-th record, so the split does not depend on file order
+/// (shuffled data stays shuffled, sorted data is sampled evenly).
+pub fn split_eval<T>(records: Vec<T>, fraction: f64) -> (Vec<T>, Vec<T>) {
+    if fraction <= 0.0 || records.len() < 2 {
+        return (records, Vec::new());
+    }
+    let k = (1.0 / fraction).round().max(2.0) as usize;
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    for (i, r) in records.into_iter().enumerate() {
+        if i % k == k - 1 {
+            eval.push(r);
+        } else {
+            train.push(r);
+        }
+    }
+    (train, eval)
+}
+
+/// The batch planner's options from the config.
+pub fn batch_options(cfg: &RunConfig, pad_id: u32) -> BatchOptions {
+    BatchOptions {
+        seed: cfg.train.seed,
+        shuffle: cfg.train.shuffle,
+        micro_batch_tokens: cfg.train.micro_batch_tokens,
+        max_micro_batch_size: cfg.train.max_micro_batch_size,
+        tokens_per_step: cfg.train.tokens_per_step,
+        mode: match cfg.train.mode {
+            TrainMode::OnePass => Mode::OnePass,
+            TrainMode::Windowed => Mode::Windowed {
+                token_batch: cfg.train.token_batch,
+            },
+        },
+        pad_id,
+    }
+}
+
+/// Runs a config whose loss is a token plugin.
+pub fn run_sft(
+    mut cfg: RunConfig,
+    plugin: Box<dyn TokenReweighter>,
+    params: &Params,
+    opts: &RunOptions,
+    observer: &mut dyn Observer,
+) -> Result<RunReport> {
+    let normalize = cfg
+        .loss
+        .normalize
+        .unwrap_or_else(|| plugin.default_normalize());
+    cfg.loss.normalize = Some(normalize);
+    if opts.dry_run {
+        return Ok(RunReport::DryRun(Box::new(cfg)));
+    }
+    let (out, train_file) = crate::run::output_and_train_file(&cfg)?;
+    let model_dir = resolve_model_dir(&cfg, &out, &train_file, &mut |m| observer.notice(m))?;
+
+    // Data.
+    let tok_path = model_dir.join("tokenizer.json");
+    let (tok, template) = tokenizer_and_template(&cfg, &model_dir)?;
+    let loaded = load_records(&train_file)?;
+    let mut warnings: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
+    if cfg.data.eval.is_some() && cfg.data.eval_fraction > 0.0 {
+        bail!(
+            "[data] sets both `eval` and `eval_fraction`; choose one (an eval file, or a held-out fraction of the training data)"
+        );
+    }
+    let (train_records, mut eval_records): (Vec<Record>, Vec<Record>) =
+        split_eval(loaded.records, cfg.data.eval_fraction);
+    if let Some(e) = &cfg.data.eval {
+        let l = load_records(e)?;
+        warnings.extend(l.warnings.iter().map(|w| w.to_string()));
+        eval_records = l.records;
+    }
+    let dopts = data_options(&cfg);
+    let prepared = prepare(&train_records, &tok, template.as_ref(), &dopts)?;
+    let mut eval_examples: Vec<Example> = if eval_records.is_empty() {
+        // Without eval data, "loss before/after" is measured on (up to 64) training examples.
+        observer.notice(
+            "no eval data ([data] eval or eval_fraction): eval loss is measured on the first training examples",
+        );
+        prepared.examples.iter().take(64).cloned().collect()
+    } else {
+        prepare(&eval_records, &tok, template.as_ref(), &dopts)?.examples
+    };
+    if cfg.eval.max_samples > 0 {
+        eval_examples.truncate(cfg.eval.max_samples);
+    }
+
+    // Model.
+    let device = training_device(&cfg)?;
+    let adapter = crate::run::adapter_spec(&cfg);
+    let (mut model, _hf) = load_pretrained(&model_dir, &adapter, &device)?;
+    if let Some(init) = &cfg.adapter.init_from {
+        model = load_peft_adapter(model, init)?;
+    }
+    model = model.with_gradient_checkpointing(cfg.train.gradient_checkpointing);
+    if let Some(path) = &cfg.loss.reference_model {
+        let dir = crate::source::model_dir_for_run(
+            path.clone(),
+            &out.join("reference-model"),
+            &mut |m| observer.notice(m),
+        )?;
+        let (reference, _) = load_pretrained(&dir, &AdapterSpec::Full, &device)
+            .with_context(|| format!("loading [loss] reference_model {}", path.display()))?;
+        if reference.vocab_size() != model.vocab_size() {
+            bail!(
+                "[loss] reference_model {} has a vocabulary of {} tokens but the model has {}; the reference must \
+                 share the policy's tokenizer",
+                path.display(),
+                reference.vocab_size(),
+                model.vocab_size()
+            );
+        }
+        model = model.with_reference(reference);
+    }
+    if model.vocab_size() < tok.vocab_size() {
+        bail!(
+            "the tokenizer ({}) has {} tokens but the model's vocabulary has only {}; use the tokenizer that \
+             belongs to this model",
+            tok_path.display(),
+            tok.vocab_size(),
+            model.vocab_size()
+        );
+    }
+
+    crate::run::write_resolved_config(&cfg, &out)?;
+
+    let setup = TrainSetup {
+        train: &cfg.train,
+        batch: batch_options(&cfg, pad_id(&tok)),
+        train_examples: &prepared.examples,
+        eval_examples: &eval_examples,
+        eval_every: cfg.eval.every_steps,
+        plugin: plugin.as_ref(),
+        normalize,
+        zone_borders: cfg.loss.zone_borders,
+        output_dir: &out,
+        save_every: cfg.output.save_every_steps,
+        save_total_limit: cfg.output.save_total_limit,
+        resume: crate::run::resume_dir(opts)?,
+        fingerprint: crate::run::fingerprint(&cfg),
+        device: &device,
+    };
+    let s = &prepared.stats;
+    let mut loss_desc: Vec<String> = params
+        .values()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    loss_desc.push(format!("normalize={}", normalize.as_str()));
+    observer.notice(&format!(
+        "training {} with loss `{}` ({}) on {} examples ({} supervised tokens) from {}, on {} in precision {}",
+        model_dir.display(),
+        cfg.loss.name,
+        loss_desc.join(", "),
+        s.examples,
+        s.supervised_tokens,
+        train_file.display(),
+        cfg.train.device,
+        cfg.train.precision
+    ));
+    let (model, summary) = sft::train(model, &setup, observer)?;
+
+    // Final export: what the user takes to the rest of the ecosystem.
+    let (final_dir, files) = crate::run::export_final(&model, &cfg, &model_dir, &out)?;
+    write_summary(&out, &summary, s, &warnings, &files)?;
+    Ok(RunReport::Sft(Box::new(SftReport {
+        summary,
+        data: s.clone(),
+        warnings,
+        output_dir: out,
+        final_dir,
+    })))
+}
+
+fn write_summary(
+    out: &Path,
+    summary: &TrainSummary,
+    s: &DataStats,
+    warnings: &[String],
+    files: &[PathBuf],
+) -> Result<()> {
+    let summary_json = serde_json::json!({
+        "summary": summary,
+        "data": {
+            "examples": s.examples, "supervised_tokens": s.supervised_tokens, "truncated": s.truncated,
+            "skipped_overlong": s.skipped_overlong, "skipped_no_targets": s.skipped_no_targets,
+            "warnings": warnings,
+        },
+        "exported": files,
+    });
+    fs::write(
+        out.join("summary.json"),
+        serde_json::to_string_pretty(&summary_json)?,
+    )?;
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! Where a model comes from: a Hugging Face directory, a llama.cpp `.gguf` file (converted once per run
+//! directory for training, read directly for inference) or the self-made `tiny` preset; with its tokenizer
+//! (EOS taken from the chat template's end-of-turn token) and chat template.
+
+use std::path::{Path, PathBuf};
+
+use ytrainer_core::burn::prelude::*;
+use ytrainer_core::config::{RunConfig, TrainingType};
+use ytrainer_core::device::Precision;
+use ytrainer_data::{ChatTemplate, TokenizerWrapper};
+use ytrainer_models::gguf::{GgufFile, gguf_tokenizer};
+use ytrainer_models::{
+    AdapterSpec, Decoder, HfConfig, is_gguf, load_gguf, load_peft_adapter, load_pretrained,
+};
+
+use crate::error::{Context, Result};
+use crate::{bail, invalid};
+
+/// A model ready for inference with its tokenizer and chat template.
+pub struct Loaded {
+    /// The network (with its adapter merged in as LoRA branches when one was given).
+    pub model: Decoder,
+    /// Its `config.json`.
+    pub config: HfConfig,
+    /// Its tokenizer.
+    pub tok: TokenizerWrapper,
+    /// Its chat template, when it has one.
+    pub template: Option<ChatTemplate>,
+}
+
+/// The device inference runs on: plain (no autodiff, so LoRA dropout is off) on the CPU.
+pub fn inference_device(spec: &str) -> Result<Device> {
+    if spec.trim() == "cpu" {
+        return Ok(Device::flex());
+    }
+    ytrainer_core::device::select(spec, 0).map_err(|e| invalid!("{e}"))
+}
+
+/// The training device of a run, in the run's precision.
+pub fn training_device(cfg: &RunConfig) -> Result<Device> {
+    ytrainer_core::device::select_with(&cfg.train.device, cfg.train.seed, cfg.train.precision)
+        .map_err(|e| invalid!("{e}"))
+}
+
+/// Tokenizer and chat template of a model directory or GGUF file (no weights loaded).
+pub fn load_tokenizer(model: &Path) -> Result<(TokenizerWrapper, Option<ChatTemplate>)> {
+    if is_gguf(model) {
+        let gguf = GgufFile::open(model)?;
+        let t = gguf_tokenizer(&gguf)?;
+        let mut tok = TokenizerWrapper::from_json_str(&t.tokenizer_json)?;
+        if let Some(eos) = &t.eos_token {
+            tok.set_eos_token(eos)?;
+        }
+        let template = match &t.chat_template {
+            Some(src) => Some(ChatTemplate::new(
+                src,
+                t.bos_token.clone(),
+                t.eos_token.clone(),
+            )?),
+            None => None,
+        };
+        return Ok((tok, template));
+    }
+    if !model.join("config.json").is_file() && !model.join("tokenizer.json").is_file() {
+        bail!(
+            "{}: neither a .gguf file nor a Hugging Face model directory (no config.json / tokenizer.json)",
+            model.display()
+        );
+    }
+    let tok_path = model.join("tokenizer.json");
+    if !tok_path.is_file() {
+        bail!(
+            "{}: missing tokenizer.json; copy it from the original model into this directory",
+            model.display()
+        );
+    }
+    let mut tok = TokenizerWrapper::from_file(&tok_path)?;
+    let template = ChatTemplate::from_model_dir(model).ok();
+    if let Some(eos) = template.as_ref().and_then(|t| t.eos_token()) {
+        let eos = eos.to_string();
+        // A template naming an EOS the vocabulary lacks is left to the template; the wrapper keeps its guess.
+        let _ = tok.set_eos_token(&eos);
+    }
+    Ok((tok, template))
+}
+
+/// Loads weights (HF directory or GGUF), the adapter if any, tokenizer and template.
+pub fn load_for_inference(model: &Path, adapter: Option<&Path>, device: &Device) -> Result<Loaded> {
+    let (tok, template) = load_tokenizer(model)?;
+    let (mut decoder, config) = if is_gguf(model) {
+        load_gguf(model, &AdapterSpec::Full, device)?
+    } else {
+        load_pretrained(model, &AdapterSpec::Full, device)?
+    };
+    if let Some(a) = adapter {
+        decoder = load_peft_adapter(decoder, a).with_context(|| {
+            format!(
+                "loading the adapter {} onto {}",
+                a.display(),
+                model.display()
+            )
+        })?;
+    }
+    if decoder.spec.vocab_size < tok.vocab_size() {
+        bail!(
+            "the tokenizer has {} tokens but the model's vocabulary has only {}; use the tokenizer that belongs \
+             to this model",
+            tok.vocab_size(),
+            decoder.spec.vocab_size
+        );
+    }
+    Ok(Loaded {
+        model: decoder,
+        config,
+        tok,
+        template,
+    })
+}
+
+/// For training: a `.gguf` model is converted once into `<out>/base-model-gguf/` (reused while the GGUF's size
+/// and modification time are unchanged); a directory is returned as is. `notice` hears what is being done.
+pub fn model_dir_for_run(
+    model: PathBuf,
+    out: &Path,
+    notice: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
+    if !model.is_file() || !is_gguf(&model) {
+        return Ok(model);
+    }
+    let meta =
+        std::fs::metadata(&model).with_context(|| format!("cannot read {}", model.display()))?;
+    let stamp = format!(
+        "{}\n{}\n{:?}\n",
+        model.canonicalize().unwrap_or(model.clone()).display(),
+        meta.len(),
+        meta.modified().ok()
+    );
+    let dir = out.join("base-model-gguf");
+    let marker = dir.join(".gguf-source");
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(stamp.as_str())
+        && dir.join("model.safetensors").is_file()
+    {
+        return Ok(dir);
+    }
+    notice(&format!(
+        "converting {} to {}",
+        model.display(),
+        dir.display()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = ytrainer_models::convert_gguf(&model, &dir)?;
+    for w in &report.warnings {
+        notice(&format!("warning: {w}"));
+    }
+    std::fs::write(&marker, stamp).with_context(|| format!("cannot write {}", marker.display()))?;
+    Ok(dir)
+}
+
+/// The model directory of a run: given, or self-made from the preset (reused when it already exists, e.g. on
+/// resume); a GGUF file is converted once into the run directory.
+pub fn resolve_model_dir(
+    cfg: &RunConfig,
+    out: &Path,
+    train_file: &Path,
+    notice: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
+    let model_dir = match (&cfg.model.path, &cfg.model.preset) {
+        (Some(p), _) => p.clone(),
+        (None, Some(preset)) => {
+            let d = out.join("base-model");
+            if !d.join("model.safetensors").exists() {
+                notice(&format!(
+                    "creating the `{preset}` model in {} (tokenizer trained on {})",
+                    d.display(),
+                    train_file.display()
+                ));
+                // Made on the CPU, in the run's precision when the run trains there too.
+                let precision = if cfg.train.device == "cpu" {
+                    cfg.train.precision
+                } else {
+                    Precision::F32
+                };
+                crate::preset::create_preset(preset, train_file, cfg.model.seed, &d, precision)?;
+            }
+            d
+        }
+        (None, None) => bail!("no model given"),
+    };
+    let model_dir = model_dir_for_run(model_dir, out, notice)?;
+    if !model_dir.join("config.json").exists() {
+        bail!(
+            "{}: not a Hugging Face model directory (no config.json); pass the directory that holds config.json, \
+             model.safetensors and tokenizer.json",
+            model_dir.display()
+        );
+    }
+    Ok(model_dir)
+}
+
+/// The model's tokenizer (with the template's end-of-turn token as EOS) and chat template (optional for CPT).
+pub fn tokenizer_and_template(
+    cfg: &RunConfig,
+    model_dir: &Path,
+) -> Result<(TokenizerWrapper, Option<ChatTemplate>)> {
+    let mut tok = TokenizerWrapper::from_file(&model_dir.join("tokenizer.json"))?;
+    let template = match ChatTemplate::from_model_dir(model_dir) {
+        Ok(t) => Some(t),
+        Err(e) if cfg.data.training_type == TrainingType::Cpt => {
+            tracing::info!("no chat template ({e}); fine for continued pretraining");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(eos) = template.as_ref().and_then(|t| t.eos_token()) {
+        let eos = eos.to_string();
+        tok.set_eos_token(&eos)?;
+    }
+    Ok((tok, template))
+}
+
+/// The padding id of a tokenizer: `<|endoftext|>` when it has one, else EOS, else 0.
+pub fn pad_id(tok: &TokenizerWrapper) -> u32 {
+    tok.token_to_id("<|endoftext|>")
+        .or_else(|| tok.eos_id())
+        .unwrap_or(0)
+}
