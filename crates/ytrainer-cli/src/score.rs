@@ -91,17 +91,24 @@ fn top_k_of(row: &[f32], k: usize, shift: f32) -> Vec<(usize, f32)> {
     order.into_iter().map(|j| (j, row[j] - shift)).collect()
 }
 
-/// One forward pass; on the CPU the head's statistics come from the host kernel the trainer uses
-/// (`lm_loss::HostLogits`), elsewhere from log-probabilities.
+/// One forward pass; the head's statistics come from [`ytrainer_core::step::head_out`], the function the
+/// trainer's step uses (host kernel on the CPU, log-probabilities elsewhere).
 fn token_stats(l: &Loaded, batch: &ytrainer_core::step::DeviceBatch, top_k: usize) -> TokenStats {
     use ytrainer_core::model::CausalLm;
+    use ytrainer_core::step::{HeadOut, head_out};
     let n = batch.n;
-    if let Some(head) = l.model.lm_head_weight() {
-        let rows = ytrainer_core::step::target_hidden(&l.model, batch)
-            .detach()
-            .inner();
-        let z = ytrainer_core::lm_loss::logits(rows, &head.weight.detach().inner(), head.layout);
-        if let Ok(host) = ytrainer_core::lm_loss::HostLogits::try_new(z, &batch.target_ids, true) {
+    let out = match l.model.lm_head_weight() {
+        Some(head) => {
+            let rows = ytrainer_core::step::target_hidden(&l.model, batch)
+                .detach()
+                .inner();
+            let w = head.weight.detach().inner();
+            head_out(rows, &w, head.layout, &batch.target_ids, true, true)
+        }
+        None => HeadOut::Tensor(target_log_probs(&l.model, batch)),
+    };
+    let lp = match out {
+        HeadOut::Host(host) => {
             let rank = (0..n)
                 .map(|i| {
                     let row = host.row(i);
@@ -121,8 +128,8 @@ fn token_stats(l: &Loaded, batch: &ytrainer_core::step::DeviceBatch, top_k: usiz
                 top,
             };
         }
-    }
-    let lp = target_log_probs(&l.model, batch);
+        HeadOut::Tensor(lp) => lp,
+    };
     let ce = tensor_to_vec(token_ce(lp.clone(), batch.targets.clone()));
     let ent = tensor_to_vec(entropy(lp.clone()));
     let v = lp.dims()[1];

@@ -23,14 +23,8 @@ pub struct HeadStats {
     pub argmax: Vec<i64>,
 }
 
-/// How the head weight is laid out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HeadLayout {
-    /// `[vocab, hidden]` (a tied embedding matrix).
-    VocabMajor,
-    /// `[hidden, vocab]` (Burn's `Linear` layout).
-    HiddenMajor,
-}
+// The layout belongs to the model interface (`LmHeadWeight`); the head kernels here read it.
+pub use crate::model::HeadLayout;
 
 /// `h W^T` (vocab-major) or `h W` (hidden-major): logits `[N, vocab]`.
 pub fn logits(h: Tensor<2>, w: &Tensor<2>, layout: HeadLayout) -> Tensor<2> {

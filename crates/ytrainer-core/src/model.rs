@@ -28,7 +28,7 @@ pub struct LmHeadWeight {
     /// The weight tensor.
     pub weight: Tensor<2>,
     /// Its layout.
-    pub layout: crate::lm_loss::HeadLayout,
+    pub layout: HeadLayout,
     /// Whether the optimizer updates it (false under LoRA: no head gradient is computed at all).
     pub trainable: bool,
 }
@@ -113,4 +113,13 @@ pub trait CausalLm: Module {
     /// Writes what a user takes back to the ecosystem: a PEFT adapter directory for LoRA, or a Hugging Face
     /// checkpoint (`config.json` + safetensors) for full fine-tuning. Returns the files written.
     fn export(&self, dir: &Path) -> Result<Vec<PathBuf>, String>;
+}
+
+/// How the head weight is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadLayout {
+    /// `[vocab, hidden]` (a tied embedding matrix).
+    VocabMajor,
+    /// `[hidden, vocab]` (Burn's `Linear` layout).
+    HiddenMajor,
 }

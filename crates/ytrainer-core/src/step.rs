@@ -257,18 +257,16 @@ pub fn train_micro_batch<M: CausalLm>(
                 t_head = std::time::Instant::now();
             }
             let w = head.weight.clone().detach().inner();
-            let z = crate::lm_loss::logits(rows.clone().detach().inner(), &w, head.layout);
             // Only the top-k entropy reads the logits after their statistics; otherwise the buffer may hold the
             // softmax numerators the gradient is made from.
-            let host = if needs.top_k_entropy > 0 {
-                HostLogits::try_new(z, &batch.target_ids, needs.entropy)
-            } else {
-                HostLogits::try_new_for_grad(z, &batch.target_ids, needs.entropy)
-            };
-            let out = match host {
-                Ok(host) => HeadOut::Host(host),
-                Err(z) => HeadOut::Tensor(log_softmax(crate::lm_loss::widen(z), 1)),
-            };
+            let out = head_out(
+                rows.clone().detach().inner(),
+                &w,
+                head.layout,
+                &batch.target_ids,
+                needs.entropy,
+                needs.top_k_entropy > 0,
+            );
             (
                 Graph::Fused {
                     rows,
@@ -470,12 +468,37 @@ pub fn profile_read() -> [f64; 4] {
     PHASES.with(|p| p.borrow().unwrap_or([0.0; 4]))
 }
 
-/// The head's output for one micro-batch: host statistics (CPU) or log-probabilities (other backends, or a model
-/// whose head autodiff differentiates).
-enum HeadOut {
+/// The head's output at a batch's target rows: host statistics and logits where the fused CPU kernels run,
+/// log-probabilities elsewhere (other backends, `YTRAINER_FUSED=0`, a model whose head autodiff differentiates).
+pub enum HeadOut {
+    /// Per-row CE / entropy / argmax and the logits (or the softmax numerators) in a host buffer.
     Host(HostLogits),
-    /// Log-probabilities, in f32.
+    /// Log-probabilities `[N, vocab]`, in f32.
     Tensor(Tensor<2>),
+}
+
+/// The one place that decides between the fast CPU head and the tensor path, for training and for `score`:
+/// logits of `rows` (plain tensors, no graph) through the head weight `w`, then host statistics when the logits
+/// live on the CPU, else `log_softmax` in f32. `keep_logits` keeps the logits readable after the statistics
+/// (top-k entropy, ranks); without it the buffer may be overwritten with the gradient's softmax numerators.
+pub fn head_out(
+    rows: burn::tensor::Tensor<2>,
+    w: &burn::tensor::Tensor<2>,
+    layout: crate::model::HeadLayout,
+    target_ids: &[usize],
+    entropy: bool,
+    keep_logits: bool,
+) -> HeadOut {
+    let z = crate::lm_loss::logits(rows, w, layout);
+    let host = if keep_logits {
+        HostLogits::try_new(z, target_ids, entropy)
+    } else {
+        HostLogits::try_new_for_grad(z, target_ids, entropy)
+    };
+    match host {
+        Ok(host) => HeadOut::Host(host),
+        Err(z) => HeadOut::Tensor(log_softmax(crate::lm_loss::widen(z), 1)),
+    }
 }
 
 /// Moves the gradients of a recomputing backward pass into the step's accumulator as they are made.
