@@ -9,7 +9,7 @@
 //! are recomputed there, as FlashAttention does), so memory stays O(T·D) instead of O(T²) per head.
 //!
 //! The math is transformers' eager attention: `softmax(rope(q) rope(k)^T / sqrt(d) + mask) v`, with the mask of
-//! [`crate::decoder::attention_bias`] (same segment, causal, optional sliding window). The tensor implementation in
+//! [`crate::positions::attention_bias`] (same segment, causal, optional sliding window). The tensor implementation in
 //! `decoder.rs` remains the reference and the path for other backends; `tests/attention.rs`-style parity is in this
 //! file's tests (values and gradients against it).
 
@@ -749,7 +749,7 @@ impl Backward<Flex, 3> for AttnBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decoder::{Rope, attention_bias};
+    use crate::positions::{Rope, attention_bias};
     use burn::tensor::activation::softmax;
 
     fn rand(shape: [usize; 4], seed: u64, device: &Device) -> Tensor<4> {

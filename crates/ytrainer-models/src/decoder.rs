@@ -1,8 +1,9 @@
 //! The decoder shared by Llama, Mistral, Qwen2 and Qwen3.
 //!
 //! These architectures differ only in a few switches (biases, q/k norms, head size, RoPE details); the switches
-//! live in [`ArchSpec`], built by one small file per architecture (`llama.rs`, `qwen2.rs`, `qwen3.rs`). The
-//! computation follows `transformers`' modeling code line by line so that logits match to float rounding:
+//! live in [`ArchSpec`], built by one small file per architecture (`arch/llama.rs`, `arch/qwen2.rs`,
+//! `arch/qwen3.rs`). The computation follows `transformers`' modeling code line by line so that logits match to
+//! float rounding:
 //!
 //! ```text
 //! h = embed(ids)
@@ -14,145 +15,21 @@
 //! Module field names mirror Hugging Face's parameter names (`layers.N.self_attn.q_proj.weight`, ...), so a
 //! Burn module path is the HF name without the leading `model.`; norm weights have `norm` in their path and
 //! biases end with `bias`, which the optimizer uses to skip weight decay.
+//!
+//! This file is the network alone: the trainer's [`CausalLm`] contract is implemented in `causal_lm.rs`,
+//! gradient checkpointing in `recompute.rs`, positions and masks of the tensor path in `positions.rs`, and
+//! every file format (loading, saving, GGUF) under `formats/` and `gguf/`.
 
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
-use ytrainer_core::model::{CausalLm, GradSink, ModelInput, Recompute};
+use ytrainer_core::model::{CausalLm, ModelInput};
 
-use crate::config::{HfConfig, RopeConfig};
+use crate::ModelError;
+pub use crate::arch::{ArchSpec, Architecture};
+use crate::config::HfConfig;
 use crate::lora::{AdapterSpec, LoraLinear};
-use crate::{ModelError, llama, qwen2, qwen3};
-
-/// Large finite negative added to masked attention scores: exp() underflows to 0 without risking inf - inf = NaN.
-const MASK_VALUE: f32 = -1.0e9;
-
-/// Which architecture a checkpoint is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Architecture {
-    Llama,
-    Mistral,
-    Qwen2,
-    Qwen3,
-}
-
-/// Everything the forward pass needs to know about an architecture, resolved from `config.json`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ArchSpec {
-    pub architecture: Architecture,
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_layers: usize,
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-    pub rms_norm_eps: f64,
-    pub rope: RopeConfig,
-    /// Bias on q/k/v projections (Qwen2 always; Llama/Qwen3 with `attention_bias`).
-    pub qkv_bias: bool,
-    /// Bias on the output projection (Llama with `attention_bias`).
-    pub o_bias: bool,
-    /// Bias on the MLP projections (Llama with `mlp_bias`).
-    pub mlp_bias: bool,
-    /// Per-head RMSNorm on q and k before RoPE (Qwen3).
-    pub qk_norm: bool,
-    pub tie_word_embeddings: bool,
-    /// Mistral: a query sees at most this many keys (itself included).
-    pub sliding_window: Option<usize>,
-}
-
-impl ArchSpec {
-    /// Picks the architecture from `model_type`.
-    pub fn from_config(config: &HfConfig) -> Result<Self, ModelError> {
-        match config.model_type.as_str() {
-            "llama" => llama::spec(config),
-            "mistral" => llama::mistral_spec(config),
-            "qwen2" => qwen2::spec(config),
-            "qwen3" => qwen3::spec(config),
-            other => Err(ModelError::UnsupportedArchitecture {
-                path: config.source_path(),
-                model_type: other.to_string(),
-            }),
-        }
-    }
-
-    /// The fields every architecture reads the same way; the per-architecture files adjust the rest.
-    pub(crate) fn common(
-        config: &HfConfig,
-        architecture: Architecture,
-        head_dim: usize,
-    ) -> Result<Self, ModelError> {
-        config.validate_sizes(head_dim)?;
-        Ok(Self {
-            architecture,
-            vocab_size: config.vocab_size,
-            hidden_size: config.hidden_size,
-            intermediate_size: config.intermediate_size,
-            num_layers: config.num_hidden_layers,
-            num_heads: config.num_attention_heads,
-            num_kv_heads: config.num_kv_heads(),
-            head_dim,
-            rms_norm_eps: config.rms_norm_eps,
-            rope: config.rope()?,
-            qkv_bias: false,
-            o_bias: false,
-            mlp_bias: false,
-            qk_norm: false,
-            tie_word_embeddings: config.tie_word_embeddings(),
-            sliding_window: None,
-        })
-    }
-
-    /// RoPE inverse frequencies `1 / theta^(2i/d)`, with Llama-3 scaling when configured (as transformers'
-    /// `_compute_llama3_parameters`).
-    pub fn inv_freq(&self) -> Vec<f32> {
-        let d = self.head_dim;
-        (0..d / 2)
-            .map(|i| {
-                let f = 1.0 / self.rope.theta.powf((2 * i) as f64 / d as f64);
-                let Some(s) = self.rope.llama3 else {
-                    return f as f32;
-                };
-                let old = s.original_max_position_embeddings as f64;
-                let low_wavelen = old / s.low_freq_factor;
-                let high_wavelen = old / s.high_freq_factor;
-                let wavelen = std::f64::consts::TAU / f;
-                let scaled = if wavelen > low_wavelen {
-                    f / s.factor
-                } else if wavelen < high_wavelen {
-                    f
-                } else {
-                    let smooth = (old / wavelen - s.low_freq_factor)
-                        / (s.high_freq_factor - s.low_freq_factor);
-                    (1.0 - smooth) * f / s.factor + smooth * f
-                };
-                scaled as f32
-            })
-            .collect()
-    }
-
-    /// Parameter count implied by the spec (embedding counted once when tied), for checks and reports.
-    pub fn param_count(&self) -> usize {
-        let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
-        let q = self.num_heads * hd;
-        let kv = self.num_kv_heads * hd;
-        let attn = h * q
-            + 2 * h * kv
-            + q * h
-            + if self.qkv_bias { q + 2 * kv } else { 0 }
-            + if self.o_bias { h } else { 0 }
-            + if self.qk_norm { 2 * hd } else { 0 };
-        let mlp = 3 * h * i + if self.mlp_bias { 2 * i + h } else { 0 };
-        let layer = attn + mlp + 2 * h;
-        let head = if self.tie_word_embeddings {
-            0
-        } else {
-            self.vocab_size * h
-        };
-        self.vocab_size * h + self.num_layers * layer + h + head
-    }
-}
+pub use crate::positions::{Rope, attention_bias};
 
 /// Token embedding table `[vocab, hidden]`.
 #[derive(Module, Debug)]
@@ -197,62 +74,6 @@ impl RmsNorm {
 #[derive(Module, Debug)]
 pub struct LmHead {
     pub weight: Param<Tensor<2>>,
-}
-
-/// Rotary tables for one batch, `[B, 1, T, head_dim]`, shared by every layer.
-#[derive(Debug, Clone)]
-pub struct Rope {
-    cos: Tensor<4>,
-    sin: Tensor<4>,
-}
-
-impl Rope {
-    /// `cos/sin(position * inv_freq)` with the frequencies repeated for both halves (rotate-half convention).
-    pub fn new(position_ids: &Tensor<2, Int>, inv_freq: &[f32]) -> Self {
-        let device = position_ids.device();
-        let half = inv_freq.len();
-        let inv = Tensor::<1>::from_data(TensorData::new(inv_freq.to_vec(), [half]), &device)
-            .reshape([1, 1, half]);
-        let freqs = position_ids.clone().float().unsqueeze_dim::<3>(2) * inv; // [B, T, half]
-        let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).unsqueeze_dim::<4>(1);
-        Self {
-            cos: emb.clone().cos(),
-            sin: emb.sin(),
-        }
-    }
-
-    /// `x·cos + rotate_half(x)·sin` for `x: [B, heads, T, head_dim]`.
-    pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        let d = x.dims()[3];
-        let x1 = x.clone().narrow(3, 0, d / 2);
-        let x2 = x.clone().narrow(3, d / 2, d / 2);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
-    }
-}
-
-/// Additive attention bias `[B, 1, T, T]`: 0 where query `q` may see key `k` (same segment, `k <= q`, within the
-/// sliding window), a large negative elsewhere. The diagonal is always visible, so no row is fully masked and
-/// padding rows (segment 0) stay finite.
-pub fn attention_bias(segment_ids: &Tensor<2, Int>, sliding_window: Option<usize>) -> Tensor<4> {
-    let [b, t] = segment_ids.dims();
-    let device = segment_ids.device();
-    let seg_q = segment_ids.clone().unsqueeze_dim::<3>(2).expand([b, t, t]);
-    let seg_k = segment_ids.clone().unsqueeze_dim::<3>(1).expand([b, t, t]);
-    let idx = Tensor::<1, Int>::arange(0..t as i64, &device);
-    let q_idx = idx.clone().reshape([1, t, 1]).expand([b, t, t]);
-    let k_idx = idx.reshape([1, 1, t]).expand([b, t, t]);
-    let mut visible = seg_q
-        .equal(seg_k)
-        .bool_and(k_idx.clone().lower_equal(q_idx.clone()));
-    if let Some(w) = sliding_window {
-        visible = visible.bool_and((q_idx - k_idx).lower_elem(w as i64));
-    }
-    visible
-        .bool_not()
-        .float()
-        .mul_scalar(MASK_VALUE)
-        .unsqueeze_dim::<4>(1)
 }
 
 /// Multi-head attention with grouped KV heads.
@@ -555,14 +376,14 @@ pub struct Decoder {
     #[module(skip)]
     pub base_model_name_or_path: String,
     #[module(skip)]
-    inv_freq: Vec<f32>,
+    pub(crate) inv_freq: Vec<f32>,
     /// A separately loaded, frozen reference model for reference-based losses (`[loss] reference_model`); `None`:
     /// the reference is this model with its adapters disabled.
     #[module(skip)]
-    reference: Option<std::sync::Arc<Decoder>>,
+    pub(crate) reference: Option<std::sync::Arc<Decoder>>,
     /// Activation recomputation in training (`train.gradient_checkpointing`).
     #[module(skip)]
-    recompute: bool,
+    pub(crate) recompute: bool,
 }
 
 impl Decoder {
@@ -595,38 +416,6 @@ impl Decoder {
     pub fn with_gradient_checkpointing(mut self, on: bool) -> Self {
         self.recompute = on;
         self
-    }
-
-    /// One device seed per layer when a LoRA branch draws dropout masks, so that recomputing a layer draws the
-    /// same masks as its first forward pass did. The seeds come from the device's stream (seeded per optimizer
-    /// step by the trainer), so a run stays reproducible and resumable.
-    pub fn dropout_seeds(&self, device: &Device) -> Option<Vec<u64>> {
-        let dropout = self.layers.iter().any(|l| {
-            l.linears()
-                .iter()
-                .any(|(_, lin)| lin.lora_dropout.is_some())
-        });
-        if !dropout {
-            return None;
-        }
-        let draws = Tensor::<1>::random(
-            [self.layers.len()],
-            burn::tensor::Distribution::Uniform(0.0, 1.0),
-            device,
-        )
-        .into_data()
-        .convert::<f64>()
-        .try_into_vec::<f64>()
-        .unwrap_or_default();
-        Some(
-            (0..self.layers.len())
-                .map(|i| {
-                    draws
-                        .get(i)
-                        .map_or(i as u64, |u| (u * 2f64.powi(53)) as u64)
-                })
-                .collect(),
-        )
     }
 
     /// Uses `reference` (frozen here) as the reference model of reference-based losses instead of this model's
@@ -758,7 +547,7 @@ impl Decoder {
     /// position still gives the keys and values its attention reads, but queries, the output projection and the
     /// MLP run at the target rows alone (worth it once at least an eighth of the positions are not targets:
     /// prompts, windowed mode).
-    fn top_rows(
+    pub(crate) fn top_rows(
         &self,
         last: &DecoderLayer,
         x: Tensor<3>,
@@ -777,269 +566,5 @@ impl Decoder {
             .forward(last.forward(x, ctx))
             .reshape([b * t, h])
             .select(0, rows.clone())
-    }
-}
-
-/// What [`Decoder`]'s recomputing forward pass keeps for its backward pass: every layer's input below the top
-/// layer, and the top layer's input (the leaf its graph starts from).
-struct Recomputed<'a> {
-    model: &'a Decoder,
-    ctx: AttnContext,
-    input_ids: Tensor<2, Int>,
-    inputs: Vec<Tensor<3>>,
-    top: Tensor<3>,
-    seeds: Option<Vec<u64>>,
-}
-
-impl Recompute for Recomputed<'_> {
-    fn backward(self: Box<Self>, rows: Tensor<2>, grad: Tensor<2>, sink: &mut dyn GradSink) {
-        let Recomputed {
-            model,
-            ctx,
-            input_ids,
-            inputs,
-            top,
-            seeds,
-        } = *self;
-        // d(sum(y * g))/dy = g: each piece's graph is entered with the gradient of its output.
-        let mut grads = rows.mul(grad).sum().backward();
-        let mut g = top.grad_remove(&mut grads);
-        sink.graph(&mut grads);
-        drop(grads);
-        for (i, x) in inputs.into_iter().enumerate().rev() {
-            let Some(gy) = g.take() else { return };
-            if let Some(s) = &seeds {
-                x.device().seed(s[i]);
-            }
-            let x = x.require_grad();
-            let y = model.layers[i].forward(x.clone(), &ctx);
-            let mut grads = y.mul(Tensor::from_inner(gy)).sum().backward();
-            g = x.grad_remove(&mut grads);
-            sink.graph(&mut grads);
-        }
-        // The embedding last (trainable only in full fine-tuning): the rows of its gradient the batch's tokens
-        // select.
-        let weight = &model.embed_tokens.weight;
-        if let Some(gx) = g
-            && weight.is_require_grad()
-        {
-            let [b, t, h] = gx.dims();
-            let shape = [weight.val().dims()[0], h];
-            // The untracked gradient as it came: a tracked tensor would push the accumulator off its host path.
-            let rows = gx.reshape([b * t, h]);
-            sink.rows(weight.id, input_ids.reshape([b * t]), rows, shape);
-        }
-    }
-}
-
-impl CausalLm for Decoder {
-    fn hidden_states(&self, input: &ModelInput) -> Tensor<3> {
-        let ctx = AttnContext::new(input, &self.inv_freq, self.spec.sliding_window, true);
-        let mut x = self.embed_tokens.forward(input.input_ids.clone());
-        for layer in &self.layers {
-            x = layer.forward(x, &ctx);
-        }
-        self.norm.forward(x)
-    }
-
-    fn hidden_states_at(
-        &self,
-        input: &ModelInput,
-        rows: &Tensor<1, Int>,
-        host_rows: &[usize],
-    ) -> Tensor<2> {
-        let ctx = AttnContext::new(input, &self.inv_freq, self.spec.sliding_window, true);
-        let mut x = self.embed_tokens.forward(input.input_ids.clone());
-        let Some((last, body)) = self.layers.split_last() else {
-            let [b, t, h] = x.dims();
-            return self
-                .norm
-                .forward(x)
-                .reshape([b * t, h])
-                .select(0, rows.clone());
-        };
-        for layer in body {
-            x = layer.forward(x, &ctx);
-        }
-        self.top_rows(last, x, &ctx, rows, host_rows)
-    }
-
-    fn hidden_states_at_recomputed(
-        &self,
-        input: &ModelInput,
-        rows: &Tensor<1, Int>,
-        host_rows: &[usize],
-    ) -> Option<(Tensor<2>, Box<dyn Recompute + '_>)> {
-        if !self.recompute || self.layers.len() < 2 {
-            return None;
-        }
-        let device = input.input_ids.device();
-        let seeds = self.dropout_seeds(&device);
-        let reseed = |i: usize| {
-            if let Some(s) = &seeds {
-                device.seed(s[i]);
-            }
-        };
-        let ctx = AttnContext::new(input, &self.inv_freq, self.spec.sliding_window, true);
-        let (last, body) = self.layers.split_last()?;
-        // Below the top layer: no graph at all (frozen copies of the layers on an untracked input), keeping only
-        // each layer's input.
-        let mut x = self
-            .embed_tokens
-            .clone()
-            .no_grad()
-            .forward(input.input_ids.clone());
-        let mut inputs = Vec::with_capacity(body.len());
-        for (i, layer) in body.iter().enumerate() {
-            inputs.push(x.clone());
-            reseed(i);
-            x = layer.clone().no_grad().forward(x, &ctx).detach();
-        }
-        // The top layer and the final norm keep their graph, from the top layer's input as a leaf.
-        let top = x.require_grad();
-        reseed(body.len());
-        let y = self.top_rows(last, top.clone(), &ctx, rows, host_rows);
-        Some((
-            y,
-            Box::new(Recomputed {
-                model: self,
-                ctx,
-                input_ids: input.input_ids.clone(),
-                inputs,
-                top,
-                seeds,
-            }),
-        ))
-    }
-
-    fn lm_head(&self, hidden: Tensor<2>) -> Tensor<2> {
-        hidden.matmul(self.head_weight())
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.spec.vocab_size
-    }
-
-    fn lm_head_weight(&self) -> Option<ytrainer_core::model::LmHeadWeight> {
-        use ytrainer_core::lm_loss::HeadLayout;
-        let (param, layout) = match &self.lm_head {
-            Some(head) => (&head.weight, HeadLayout::HiddenMajor),
-            None => (&self.embed_tokens.weight, HeadLayout::VocabMajor),
-        };
-        let weight = param.val();
-        Some(ytrainer_core::model::LmHeadWeight {
-            id: param.id,
-            trainable: weight.is_require_grad(),
-            weight,
-            layout,
-        })
-    }
-
-    fn adapters_disabled<R>(&self, f: impl FnOnce(&Self) -> R) -> Option<R> {
-        if let Some(reference) = &self.reference {
-            return Some(f(reference));
-        }
-        matches!(self.adapter, AdapterSpec::Lora(_))
-            .then(|| crate::lora::without_adapters(|| f(self)))
-    }
-
-    fn export(&self, dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>, String> {
-        match &self.adapter {
-            AdapterSpec::Lora(cfg) => {
-                crate::save::save_peft_adapter(self, cfg, &self.base_model_name_or_path, dir)
-            }
-            AdapterSpec::Full => crate::save::save_hf_checkpoint(self, &self.config, dir),
-        }
-        .map_err(|e| e.to_string())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{AdapterSpec, HfConfig, init_random};
-
-    /// The last layer computed at the target rows only gives the same hidden states and the same gradient for
-    /// every parameter as the whole layer followed by a selection (Qwen2 and Qwen3, whose q/k norms it also
-    /// covers; a packed batch with two segments).
-    #[test]
-    fn last_layer_at_target_rows_matches_the_full_layer() {
-        let device = Device::flex().autodiff();
-        for model_type in ["qwen2", "qwen3"] {
-            let json = serde_json::json!({
-                "model_type": model_type, "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
-                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-                "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-                "tie_word_embeddings": true,
-            });
-            let config = HfConfig::from_json_str(&json.to_string()).expect("config");
-            let model = init_random(&config, 3, &AdapterSpec::Full, &device).expect("model");
-            let (b, t) = (2, 20);
-            let ids: Vec<i64> = (0..b * t).map(|i| (i * 7 % 61) as i64).collect();
-            let pos: Vec<i64> = (0..b * t)
-                .map(|i| (if i < 30 { i % t } else { i - 30 }) as i64)
-                .collect();
-            let seg: Vec<i64> = (0..b * t).map(|i| if i < 30 { 1 } else { 2 }).collect();
-            let int =
-                |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [b, t]), &device);
-            let input = ModelInput {
-                input_ids: int(ids),
-                position_ids: int(pos),
-                segment_ids: int(seg),
-            };
-            // Answer-like targets: the second half of each row, so the fast path applies.
-            let host_rows: Vec<usize> = (0..b)
-                .flat_map(|r| (11..t).map(move |i| r * t + i))
-                .collect();
-            let rows = Tensor::<1, Int>::from_data(
-                TensorData::new(
-                    host_rows.iter().map(|&r| r as i64).collect::<Vec<_>>(),
-                    [host_rows.len()],
-                ),
-                &device,
-            );
-            let up = Tensor::<2>::from_data(
-                TensorData::new(
-                    (0..host_rows.len() * 32)
-                        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
-                        .collect::<Vec<_>>(),
-                    [host_rows.len(), 32],
-                ),
-                &device,
-            );
-            let got = model.hidden_states_at(&input, &rows, &host_rows);
-            let want = model
-                .hidden_states(&input)
-                .reshape([b * t, 32])
-                .select(0, rows.clone());
-            let diff = got
-                .clone()
-                .sub(want.clone())
-                .abs()
-                .max()
-                .into_scalar::<f32>();
-            assert!(diff < 1e-5, "{model_type}: hidden states differ by {diff}");
-            let g1 = got.mul(up.clone()).sum().backward();
-            let g2 = want.mul(up).sum().backward();
-            let mut checked = 0;
-            for (name, p) in [
-                ("embed", model.embed_tokens.weight.val()),
-                ("l0.q", model.layers[0].self_attn.q_proj.weight.val()),
-                ("l1.q", model.layers[1].self_attn.q_proj.weight.val()),
-                ("l1.k", model.layers[1].self_attn.k_proj.weight.val()),
-                ("l1.o", model.layers[1].self_attn.o_proj.weight.val()),
-                ("l1.down", model.layers[1].mlp.down_proj.weight.val()),
-            ] {
-                let (a, r) = (p.grad(&g1).expect("grad"), p.grad(&g2).expect("grad"));
-                let d = Tensor::<2>::from_inner(a)
-                    .sub(Tensor::from_inner(r))
-                    .abs()
-                    .max()
-                    .into_scalar::<f32>();
-                assert!(d < 1e-4, "{model_type}: {name} gradient differs by {d}");
-                checked += 1;
-            }
-            assert_eq!(checked, 6);
-        }
     }
 }

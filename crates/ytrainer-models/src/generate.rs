@@ -10,7 +10,8 @@
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
 
-use crate::decoder::{Decoder, Rope};
+use crate::decoder::Decoder;
+use crate::positions::Rope;
 
 /// Per-layer keys and values after RoPE, `[1, kv_heads, T, head_dim]` (not yet expanded for GQA), and the token
 /// ids they were computed from.

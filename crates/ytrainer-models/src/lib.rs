@@ -6,32 +6,44 @@
 //! - [`save_hf_checkpoint`] / [`save_peft_adapter`] / [`load_peft_adapter`] move results in and out of the
 //!   Python ecosystem.
 //!
-//! One file per concern: `config.rs` (config.json), `decoder.rs` (the shared network), `llama.rs` / `qwen2.rs` /
-//! `qwen3.rs` (how each architecture differs), `attention.rs` and `fused.rs` (fused CPU kernels with their own
-//! backward passes), `lora.rs`, `load.rs`, `save.rs`, `st.rs` (streaming safetensors).
+//! One file per concern:
+//! - the network: `decoder.rs` (the shared decoder), `positions.rs` (RoPE tables and the attention mask of the
+//!   tensor path), `lora.rs`, `config.rs` (config.json);
+//! - `arch/`: the `model_type` table (`mod.rs`), the switches it resolves to (`spec.rs`) and how each
+//!   architecture differs (`llama.rs`, `qwen2.rs`, `qwen3.rs`);
+//! - the trainer's contract: `causal_lm.rs` (`CausalLm` for the decoder), `recompute.rs` (gradient
+//!   checkpointing);
+//! - `attention.rs` and `fused.rs`: fused CPU kernels with their own backward passes;
+//! - `formats/`: `st.rs` (streaming safetensors), `load.rs`, `save.rs` (HF + PEFT), `export.rs` (dtype, shards);
+//! - `gguf/`: llama.cpp GGUF import; `generate.rs`: KV-cache generation.
+//!
+//! The modules moved into `arch/` and `formats/` stay reachable under their old paths (`ytrainer_models::llama`,
+//! `ytrainer_models::st`, ...).
 
+mod arch;
 pub mod attention;
+mod causal_lm;
 pub mod config;
 pub mod decoder;
 mod error;
-pub mod export;
+mod formats;
 pub mod fused;
 pub mod generate;
 pub mod gguf;
-pub mod llama;
-pub mod load;
 pub mod lora;
-pub mod qwen2;
-pub mod qwen3;
+mod positions;
+mod recompute;
 mod rng;
-pub mod save;
-pub mod st;
+
+pub use arch::{llama, qwen2, qwen3};
+pub use formats::{export, load, save, st};
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
 
+pub use arch::{ArchSpec, Architecture};
 pub use config::{HfConfig, RopeParameters, TokenIds};
-pub use decoder::{ArchSpec, Architecture, Decoder};
+pub use decoder::Decoder;
 pub use error::ModelError;
 pub use export::{ExportDtype, save_hf_checkpoint_as};
 pub use gguf::{convert_gguf, is_gguf, load_gguf};

@@ -1,11 +1,12 @@
 //! LoRA (Hu et al. 2021) as PEFT implements it, inside a linear layer usable for every projection.
 //!
 //! The adapted weight `W + s·A·B` is never formed: the forward pass computes `x·W + b + s·((x·A)·B)`, so the
-//! frozen base weight gets no gradient and only the two thin matrices are trained. (Burn's built-in
-//! `apply_lora` materialises the dense sum on every forward; see docs/burn-0.22-notes.md.)
+//! frozen base weight gets no gradient and only the two thin matrices are trained. (Burn 0.22's built-in
+//! `Module::apply_lora` materialises the dense `W + s·A·B` on every forward, with full-size weight gradients,
+//! and by default also adapts the embeddings and `lm_head`.)
 //!
 //! Layout: Burn stores linear weights `[in, out]` (the transpose of PyTorch), so `A` is `[in, r]` and `B` is
-//! `[r, out]`; PEFT's files hold `A` as `[r, in]` and `B` as `[out, r]` (see `save.rs`).
+//! `[r, out]`; PEFT's files hold `A` as `[r, in]` and `B` as `[out, r]` (see `formats/save.rs`).
 
 use burn::module::Param;
 use burn::nn::{Dropout, DropoutConfig};

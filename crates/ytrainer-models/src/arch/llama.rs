@@ -5,7 +5,7 @@
 //! - RoPE `default` or `llama3` frequency scaling (Llama 3.1+);
 //! - Mistral is the same network with an optional sliding attention window.
 
-use crate::decoder::{ArchSpec, Architecture};
+use super::spec::{ArchSpec, Architecture};
 use crate::{HfConfig, ModelError};
 
 pub fn spec(config: &HfConfig) -> Result<ArchSpec, ModelError> {

@@ -2,7 +2,7 @@
 //! `o_proj` and the MLP have no bias. The sliding window is off in every released checkpoint
 //! (`use_sliding_window: false`) and is not implemented.
 
-use crate::decoder::{ArchSpec, Architecture};
+use super::spec::{ArchSpec, Architecture};
 use crate::{HfConfig, ModelError};
 
 pub fn spec(config: &HfConfig) -> Result<ArchSpec, ModelError> {

@@ -2,7 +2,7 @@
 //! applied before RoPE; no q/k/v bias unless `attention_bias`; an explicit `head_dim` (128 in transformers'
 //! `Qwen3Config` when absent), so `num_heads * head_dim` may differ from `hidden_size`.
 
-use crate::decoder::{ArchSpec, Architecture};
+use super::spec::{ArchSpec, Architecture};
 use crate::{HfConfig, ModelError};
 
 /// transformers' `Qwen3Config.head_dim` default.

@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 use burn::module::Param;
 use burn::prelude::*;
 
-use crate::decoder::{ArchSpec, Attention, Decoder, DecoderLayer, Embedding, LmHead, Mlp, RmsNorm};
+use super::st::SafetensorsReader;
+use crate::arch::ArchSpec;
+use crate::decoder::{Attention, Decoder, DecoderLayer, Embedding, LmHead, Mlp, RmsNorm};
 use crate::lora::{AdapterSpec, LoraLinear};
 use crate::rng::InitRng;
-use crate::st::SafetensorsReader;
 use crate::{HfConfig, ModelError};
 
 /// Where the builder gets tensors from. Values are in HF layout (`[out, in]` for linear weights).

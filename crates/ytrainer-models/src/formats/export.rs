@@ -11,9 +11,9 @@ use safetensors::Dtype;
 use safetensors::tensor::TensorInfo;
 use serde_json::json;
 
+use super::save::hf_tensors;
+use super::st::PendingTensor;
 use crate::decoder::Decoder;
-use crate::save::hf_tensors;
-use crate::st::PendingTensor;
 use crate::{HfConfig, ModelError};
 
 /// Storage dtype of an exported checkpoint.

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use serde_json::{Value, json};
 
+use super::load::transpose;
+use super::st::{PendingTensor, SafetensorsReader, write_f32};
 use crate::decoder::{Decoder, RmsNorm};
-use crate::load::transpose;
 use crate::lora::{AdapterSpec, LoraConfig};
-use crate::st::{PendingTensor, SafetensorsReader, write_f32};
 use crate::{HfConfig, ModelError};
 
 /// File names PEFT reads.
@@ -68,6 +68,18 @@ pub fn save_hf_checkpoint(
     let weights_path = dir.join("model.safetensors");
     write_f32(&weights_path, hf_tensors(model))?;
     Ok(vec![config_path, weights_path])
+}
+
+/// What a trained model exports (`CausalLm::export`): a PEFT adapter when LoRA was trained, else the full HF
+/// checkpoint with the config it was loaded with.
+pub(crate) fn export_trained(model: &Decoder, dir: &Path) -> Result<Vec<PathBuf>, String> {
+    match &model.adapter {
+        AdapterSpec::Lora(cfg) => {
+            save_peft_adapter(model, cfg, &model.base_model_name_or_path, dir)
+        }
+        AdapterSpec::Full => save_hf_checkpoint(model, &model.config, dir),
+    }
+    .map_err(|e| e.to_string())
 }
 
 /// Every tensor of the HF checkpoint of `model` (LoRA merged), produced lazily, in HF names and layout.
