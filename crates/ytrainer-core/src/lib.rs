@@ -13,6 +13,7 @@ pub mod model;
 pub mod optim;
 pub mod preference;
 pub mod prof;
+pub mod registry;
 pub mod rng;
 pub mod step;
 pub mod tensorboard;
