@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use ytrainer_core::burn::prelude::*;
 use ytrainer_core::loss::{
@@ -57,8 +57,21 @@ fn rustc_lib(src: &str) -> PathBuf {
     rustc_lib_cfg(src, None)
 }
 
-/// A single-file cdylib compiled with rustc and `--cfg CFG` (the library is named `SRC_CFG`).
+/// A single-file cdylib compiled with rustc and `--cfg CFG` (the library is named `SRC_CFG`). Built once per
+/// test binary: tests run in parallel, and one must not load a library another is rewriting.
 fn rustc_lib_cfg(src: &str, cfg: Option<&str>) -> PathBuf {
+    static BUILT: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    let key = format!("{src} {cfg:?}");
+    if let Some(p) = built.get(&key) {
+        return p.clone();
+    }
+    let out = compile_rustc_lib(src, cfg);
+    built.insert(key, out.clone());
+    out
+}
+
+fn compile_rustc_lib(src: &str, cfg: Option<&str>) -> PathBuf {
     let dir = target_dir().join("rustc");
     std::fs::create_dir_all(&dir).unwrap();
     let stem = cfg.map_or(src.to_string(), |c| format!("{src}_{c}"));
