@@ -261,7 +261,7 @@ fn misbehaving_external_plugins_stop_the_run_with_the_plugin_named() {
 
 #[test]
 fn curve_prints_the_nlirg_golden_points_and_draws() {
-    // nlirg-spec.md §1 golden values (6 significant digits; the curve runs in f32).
+    // NLIRG golden values (docs/losses.md, `nlirg`: 6 significant digits; the curve runs in f32).
     let golden = [
         (0.0, 0.115067),
         (0.5, 0.233259),

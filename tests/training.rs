@@ -183,7 +183,7 @@ fn weighted_loss_and_counters_match_hand_computation() {
         "{} vs {wl}",
         c.weighted_sum
     );
-    // the three normalisations of the spec, §2
+    // the three normalisations (docs/losses.md, "Normalisation")
     assert_eq!(
         Normalize::Tokens.denominator(c.tokens as f64, c.nonzero, c.weight_sum),
         tokens as f64

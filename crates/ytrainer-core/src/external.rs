@@ -1,7 +1,9 @@
 //! External loss plugins: shared libraries built with the `ytrainer-plugin` SDK, loaded through `libloading`.
 //!
 //! Loading checks, in order: the file is a loadable shared library, it exports `ytrainer_plugin_entry`, the
-//! entry returns a vtable whose ABI version equals ours, and its strings and parameter table are well formed.
+//! entry returns a vtable whose ABI version we speak (2 or 3: the version is the vtable's first field, read before
+//! anything else, and only that version's layout is read after it), its needs are ones that version can express,
+//! and its strings and parameter table are well formed.
 //! Each failure is a [`PluginError::Load`] naming the file and what to do. Libraries stay loaded for the life
 //! of the process (instances keep them alive), so the `'static` metadata taken from them stays valid.
 //!
@@ -14,7 +16,8 @@ use std::sync::Arc;
 
 use burn::prelude::*;
 use ytrainer_plugin::{
-    ABI_VERSION, ENTRY_SYMBOL, EntryFn, RawBatch, RawError, RawPairBatch, RawStr, RawVTable, status,
+    ABI_VERSION, ENTRY_SYMBOL, EntryFn, MIN_ABI_VERSION, RawBatch, RawError, RawPairBatch, RawStr,
+    RawVTable, needs_bits, status,
 };
 
 use crate::loss::{
@@ -24,7 +27,9 @@ use crate::loss::{
 
 /// A loaded plugin library.
 pub struct ExternalLib {
-    vtable: *const RawVTable,
+    /// The library's vtable in the current layout: a copy of a version-3 vtable, or a version-2 one upgraded
+    /// (no top-k entropy). Its pointers point into the library.
+    vtable: RawVTable,
     path: PathBuf,
     name: &'static str,
     // Declared last: dropped after everything that points into it.
@@ -39,8 +44,7 @@ unsafe impl Sync for ExternalLib {}
 
 impl ExternalLib {
     fn vt(&self) -> &RawVTable {
-        // SAFETY: checked non-null and version-matched at load; valid while `_lib` is loaded.
-        unsafe { &*self.vtable }
+        &self.vtable
     }
 }
 
@@ -119,15 +123,14 @@ pub fn load(path: &Path) -> Result<(LossPluginInfo, Arc<ExternalLib>), PluginErr
     }
     // SAFETY: every ABI version starts with the `u32` version field, so reading it is valid for any version.
     let version = unsafe { std::ptr::read(vt_ptr as *const u32) };
-    if version != ABI_VERSION {
-        return Err(err(format!(
-            "plugin ABI version {version}, but this ytrainer speaks version {ABI_VERSION}; rebuild the plugin \
-             against the ytrainer-plugin crate of this ytrainer ({})",
-            env!("CARGO_PKG_VERSION")
-        )));
-    }
-    // SAFETY: version matches, so the layout is ours.
-    let vt = unsafe { &*vt_ptr };
+    let vt: RawVTable = match version {
+        // SAFETY: the version says which layout the library built; read exactly that one.
+        2 => unsafe { &*(vt_ptr as *const ytrainer_plugin::v2::RawVTable) }.upgrade(),
+        // SAFETY: as above; version 3 is the current layout.
+        3 => unsafe { *vt_ptr },
+        _ => return Err(err(unsupported_version(version))),
+    };
+    check_needs(&vt).map_err(err)?;
     // SAFETY: the strings point into the library, which stays loaded.
     let text = |s: RawStr, what: &str| {
         unsafe { s.as_str() }
@@ -180,12 +183,73 @@ pub fn load(path: &Path) -> Result<(LossPluginInfo, Arc<ExternalLib>), PluginErr
         build: |_| unreachable_build(),
     };
     let ext = ExternalLib {
-        vtable: vt_ptr,
+        vtable: vt,
         path: path.to_path_buf(),
         name,
         _lib: lib,
     };
     Ok((info, Arc::new(ext)))
+}
+
+/// The reason a library with ABI version `version` (not one we speak) is refused.
+pub fn unsupported_version(version: u32) -> String {
+    let rebuild = format!(
+        "rebuild the plugin against the ytrainer-plugin crate of this ytrainer ({})",
+        env!("CARGO_PKG_VERSION")
+    );
+    if version > ABI_VERSION {
+        format!(
+            "plugin ABI version {version} is newer than this ytrainer, which speaks versions \
+             {MIN_ABI_VERSION} to {ABI_VERSION}; update ytrainer, or {rebuild}"
+        )
+    } else {
+        format!(
+            "plugin ABI version {version}, but this ytrainer speaks versions {MIN_ABI_VERSION} to \
+             {ABI_VERSION}; {rebuild}"
+        )
+    }
+}
+
+/// Checks that the vtable asks only for statistics its ABI version can express, with a usable top-k `k`.
+fn check_needs(vt: &RawVTable) -> Result<(), String> {
+    let (version, needs, k) = (vt.abi_version, vt.needs, vt.top_k_entropy);
+    let beyond = needs & !needs_bits::known(version);
+    if beyond != 0 {
+        let newer = needs_bits::known(ABI_VERSION) & beyond;
+        let what = needs_bits::names(beyond);
+        return Err(if newer == beyond {
+            format!(
+                "the plugin asks for {what} (needs bits {beyond:#x}), which ABI version {version} cannot express \
+                 (it is new in version {ABI_VERSION}); rebuild the plugin against the ytrainer-plugin crate of \
+                 this ytrainer ({})",
+                env!("CARGO_PKG_VERSION")
+            )
+        } else {
+            format!(
+                "the plugin asks for {what} (needs bits {beyond:#x}), which this ytrainer does not provide \
+                 (ABI version {version} knows {:#x}: {}); build the plugin against the ytrainer-plugin crate of \
+                 this ytrainer ({})",
+                needs_bits::known(version),
+                needs_bits::names(needs_bits::known(version)),
+                env!("CARGO_PKG_VERSION")
+            )
+        });
+    }
+    let wants_top_k = needs & needs_bits::TOP_K_ENTROPY != 0;
+    if wants_top_k && k < 2 {
+        return Err(format!(
+            "the plugin asks for top-k entropy with k = {k}; k must be at least 2 (`Needs {{ top_k_entropy: K, \
+             ..Needs::NONE }}` with K >= 2)"
+        ));
+    }
+    if !wants_top_k && k != 0 {
+        return Err(format!(
+            "the plugin sets top_k_entropy = {k} without the top-k entropy needs bit ({:#x}); build it with \
+             `export_plugin!` so the two agree",
+            needs_bits::TOP_K_ENTROPY
+        ));
+    }
+    Ok(())
 }
 
 // External entries are built through `instantiate`; the registry never calls their `build`.
@@ -246,21 +310,11 @@ pub fn instantiate(lib: &Arc<ExternalLib>, params: &Params) -> Result<LossFn, Pl
                 lib: lib.clone(),
                 ptr: inst,
             },
-            needs_reference: vt.needs & ytrainer_plugin::needs_bits::REFERENCE_LOSS != 0,
+            needs_reference: vt.needs & needs_bits::REFERENCE_LOSS != 0,
         })));
     }
-    let n = Needs {
-        entropy: vt.needs & ytrainer_plugin::needs_bits::ENTROPY != 0,
-        position: vt.needs & ytrainer_plugin::needs_bits::POSITION != 0,
-        sample: vt.needs & ytrainer_plugin::needs_bits::SAMPLE != 0,
-        reference_loss: vt.needs & ytrainer_plugin::needs_bits::REFERENCE_LOSS != 0,
-        top_k_entropy: 0,
-    };
-    let normalize = match vt.normalize {
-        0 => Normalize::Nonzero,
-        2 => Normalize::Weights,
-        _ => Normalize::Tokens,
-    };
+    let n = Needs::from_raw(vt.needs, vt.top_k_entropy);
+    let normalize = Normalize::from_raw(vt.normalize);
     Ok(LossFn::Token(Box::new(ExternalReweighter {
         inst: Instance {
             lib: lib.clone(),
@@ -348,6 +402,8 @@ impl ExternalReweighter {
             sample: ptr_u(extra.sample),
             step,
             progress,
+            // A version-2 library reads only the fields before this one (see `ytrainer_plugin::v2`).
+            top_k_entropy: ptr_f(extra.top_k_entropy),
         };
         let mut out = vec![0f32; n];
         // SAFETY: arrays hold `n` values (or are null), `out` has room for `n`, the instance is ours.
@@ -364,6 +420,8 @@ impl ExternalReweighter {
 pub struct HostExtras<'a> {
     /// Predictive entropy.
     pub entropy: Option<&'a [f32]>,
+    /// Normalised top-k entropy.
+    pub top_k_entropy: Option<&'a [f32]>,
     /// Reference-model loss.
     pub reference_loss: Option<&'a [f32]>,
     /// Position ids.
@@ -411,9 +469,14 @@ impl TokenReweighter for ExternalReweighter {
     fn try_weights(&self, stats: &TokenStats) -> Result<Tensor<1>, String> {
         let loss = tensor_to_vec(stats.loss.clone());
         let entropy = stats.entropy.clone().map(tensor_to_vec);
+        // Only what the plugin's needs ask for: a version-2 library never asks for (nor reads) top-k entropy.
+        let top_k_entropy = (self.needs.top_k_entropy > 0)
+            .then(|| stats.top_k_entropy.clone().map(tensor_to_vec))
+            .flatten();
         let reference = stats.reference_loss.clone().map(tensor_to_vec);
         let extra = HostExtras {
             entropy: entropy.as_deref(),
+            top_k_entropy: top_k_entropy.as_deref(),
             reference_loss: reference.as_deref(),
             position: stats.position.as_deref(),
             sample: stats.sample.as_deref(),

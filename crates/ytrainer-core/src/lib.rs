@@ -14,6 +14,7 @@ pub mod observe;
 pub mod optim;
 pub mod preference;
 pub mod prof;
+pub mod registry;
 pub mod rng;
 pub mod sft;
 pub mod step;

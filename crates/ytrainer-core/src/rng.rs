@@ -1,8 +1,14 @@
 //! The one small PRNG the project writes itself, and the per-step seed.
 //!
-//! Plans, shuffles, benchmark batches and sampling use SplitMix64 (Steele et al. 2014) rather than a dependency's
+//! Preference plans, shuffles, benchmark batches, sampling and weight initialisation (ytrainer-models' `InitRng`
+//! is this generator with per-tensor seeding) use SplitMix64 (Steele et al. 2014) rather than a dependency's
 //! generator so that a seed means the same stream forever: a resumed run, a re-run benchmark and a documented
 //! generation all reproduce exactly, whatever version of `rand` is in the lock file.
+//!
+//! One stream does not come from here: the SFT epoch plan (`ytrainer_data::batch::plan_epoch`, in the data crate,
+//! which sits below this one) shuffles with ChaCha8 (`rand_chacha`, pinned). It is a different algorithm, not a
+//! copy of this one, and moving it onto SplitMix64 would change every plan (and the resume of every run planned
+//! with it), so it stays as it is. LoRA dropout draws on the device, seeded by [`step_seed`].
 
 /// SplitMix64: a 64-bit state advanced by the golden-ratio increment, output through a fixed mixer.
 #[derive(Debug, Clone)]

@@ -62,7 +62,7 @@ impl StepCounters {
     }
 }
 
-/// Zone of a loss value given the three borders (spec §1, telemetry).
+/// Zone of a loss value given the three borders (0 learned ... 3 noise; docs/losses.md, "Telemetry zones").
 pub fn zone(l: f32, borders: &[f64; 3]) -> usize {
     let l = l as f64;
     if !l.is_finite() || l >= borders[2] {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use ytrainer_core::burn::prelude::*;
 use ytrainer_core::loss::{
@@ -54,18 +54,48 @@ fn misbehave_pair() -> &'static Path {
 
 /// A single-file cdylib compiled with rustc.
 fn rustc_lib(src: &str) -> PathBuf {
+    rustc_lib_cfg(src, None)
+}
+
+/// A single-file cdylib compiled with rustc and `--cfg CFG` (the library is named `SRC_CFG`). Built once per
+/// test binary: tests run in parallel, and one must not load a library another is rewriting.
+fn rustc_lib_cfg(src: &str, cfg: Option<&str>) -> PathBuf {
+    static BUILT: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    let key = format!("{src} {cfg:?}");
+    if let Some(p) = built.get(&key) {
+        return p.clone();
+    }
+    let out = compile_rustc_lib(src, cfg);
+    built.insert(key, out.clone());
+    out
+}
+
+fn compile_rustc_lib(src: &str, cfg: Option<&str>) -> PathBuf {
     let dir = target_dir().join("rustc");
     std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join(dylib(src));
+    let stem = cfg.map_or(src.to_string(), |c| format!("{src}_{c}"));
+    let out = dir.join(dylib(&stem));
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let st = Command::new(rustc)
-        .args(["--crate-type", "cdylib", "--edition", "2024", "-o"])
+    let mut cmd = Command::new(rustc);
+    cmd.args(["--crate-type", "cdylib", "--edition", "2024", "-o"])
         .arg(&out)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{src}.rs")))
-        .status()
-        .expect("run rustc");
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{src}.rs")));
+    if let Some(c) = cfg {
+        cmd.args(["--cfg", c]);
+    }
+    let st = cmd.status().expect("run rustc");
     assert!(st.success());
     out
+}
+
+/// `load_err` for a library that must fail, as the exact `loss plugin library PATH: REASON` message.
+fn expect_load_error(path: &Path, reason: &str) {
+    let path = path.canonicalize().unwrap();
+    assert_eq!(
+        load_err(&path),
+        format!("loss plugin library {}: {reason}", path.display())
+    );
 }
 
 fn load_err(path: &Path) -> String {
@@ -165,7 +195,7 @@ fn malformed_libraries() {
 
     let e = load_err(&rustc_lib("abi_mismatch"));
     assert!(
-        e.contains("plugin ABI version 999") && e.contains("speaks version 2"),
+        e.contains("plugin ABI version 999") && e.contains("speaks versions 2 to 3"),
         "{e}"
     );
 
@@ -254,4 +284,118 @@ fn pairwise_plugin_failures_name_the_plugin() {
         e.contains("`misbehave-pair`") && e.contains("panicked: pair loss exploded"),
         "{e}"
     );
+}
+
+/// The exact messages for a version the host does not speak and for needs a version cannot express.
+#[test]
+fn unsupported_versions_and_needs_are_refused_with_exact_messages() {
+    let v = env!("CARGO_PKG_VERSION");
+    let rebuild =
+        format!("rebuild the plugin against the ytrainer-plugin crate of this ytrainer ({v})");
+    expect_load_error(
+        &rustc_lib("abi_mismatch"),
+        &format!(
+            "plugin ABI version 999 is newer than this ytrainer, which speaks versions 2 to 3; update \
+             ytrainer, or {rebuild}"
+        ),
+    );
+    expect_load_error(
+        &rustc_lib_cfg("abi_mismatch", Some("old")),
+        &format!("plugin ABI version 1, but this ytrainer speaks versions 2 to 3; {rebuild}"),
+    );
+    expect_load_error(
+        &rustc_lib_cfg("handwritten", Some("v2_top_k")),
+        &format!(
+            "the plugin asks for top-k entropy (needs bits 0x10), which ABI version 2 cannot express (it is \
+             new in version 3); {rebuild}"
+        ),
+    );
+    expect_load_error(
+        &rustc_lib_cfg("handwritten", Some("v3_unknown_need")),
+        &format!(
+            "the plugin asks for unknown bits 0x20 (needs bits 0x20), which this ytrainer does not provide \
+             (ABI version 3 knows 0x1f: entropy, position, sample, reference loss, top-k entropy); build the \
+             plugin against the ytrainer-plugin crate of this ytrainer ({v})"
+        ),
+    );
+    expect_load_error(
+        &rustc_lib_cfg("handwritten", Some("v3_k1")),
+        "the plugin asks for top-k entropy with k = 1; k must be at least 2 (`Needs { top_k_entropy: K, \
+         ..Needs::NONE }` with K >= 2)",
+    );
+}
+
+/// A plugin built against the version-2 SDK (here its raw vtable, written by hand) still loads and gets what it
+/// asked for through the version-2 prefix of the batch.
+#[test]
+fn abi_v2_plugin_still_loads_and_works() {
+    let lib = rustc_lib("handwritten");
+    let r = Registry::discover_with(&[lib]).unwrap();
+    let LossFn::Token(p) = r.build("handwritten", &BTreeMap::new()).unwrap().0 else {
+        panic!("a token plugin")
+    };
+    let n = p.needs();
+    assert!(n.entropy && n.position && !n.sample && !n.reference_loss);
+    assert_eq!(n.top_k_entropy, 0);
+    assert_eq!(
+        p.default_normalize(),
+        ytrainer_core::loss::Normalize::Tokens
+    );
+    let d = Device::flex();
+    let mut s = stats(&d);
+    s.entropy = Some(tensor_from_slice(&[0.25, 0.5, 0.75], &d));
+    // Present in the statistics, but a version-2 plugin neither asks for it nor can read it.
+    s.top_k_entropy = Some(tensor_from_slice(&[0.9, 0.9, 0.9], &d));
+    let w = tensor_to_vec(p.try_weights(&s).unwrap());
+    assert_eq!(w, vec![303.0, 406.5, 710.0]);
+}
+
+/// A version-3 plugin that asks for the top-k entropy receives exactly the values of `step::top_k_entropy`.
+#[test]
+fn abi_v3_plugin_gets_the_top_k_entropy_of_the_step() {
+    use ytrainer_core::burn::tensor::activation::log_softmax;
+    use ytrainer_core::step::{entropy, top_k_entropy};
+
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    let lib = LIB.get_or_init(|| build_fixture("top-k-echo"));
+    let r = Registry::discover_with(std::slice::from_ref(lib)).unwrap();
+    let plugin = |mode: f64| {
+        let mut p = BTreeMap::new();
+        p.insert("mode".to_string(), mode);
+        match r.build("top-k-echo", &p).unwrap().0 {
+            LossFn::Token(p) => p,
+            LossFn::Pairwise(_) => panic!("a token plugin"),
+        }
+    };
+    let p = plugin(0.0);
+    let n = p.needs();
+    assert_eq!(n.top_k_entropy, 3);
+    assert!(n.entropy && !n.position && !n.sample && !n.reference_loss);
+    assert_eq!(n.describe(), "loss, entropy, top-3 entropy, step, progress");
+
+    // Rows: the top 3 equally likely (normalised entropy 1), one token with nearly all the mass (about 0), and
+    // something in between.
+    let d = Device::flex();
+    let logits: Vec<f32> = vec![
+        2.0, 2.0, 2.0, -1.0, -3.0, //
+        9.0, -9.0, -9.0, -9.0, -9.0, //
+        1.0, 0.5, -0.25, 0.0, 0.75,
+    ];
+    let lp = log_softmax(
+        Tensor::<2>::from_data(TensorData::new(logits, [3, 5]), &d),
+        1,
+    );
+    let want = top_k_entropy(lp.clone(), 3);
+    let want_v = tensor_to_vec(want.clone());
+    assert!(
+        (want_v[0] - 1.0).abs() < 1e-6 && want_v[1] < 1e-3 && want_v[2] > 0.5 && want_v[2] < 1.0
+    );
+    let mut s = TokenStats::from_loss(tensor_from_slice(&[0.5, 1.5, 2.5], &d));
+    s.top_k_entropy = Some(want);
+    s.entropy = Some(entropy(lp));
+    let got = tensor_to_vec(p.try_weights(&s).unwrap());
+    assert_eq!(got, want_v);
+    // The full entropy travels beside it, unchanged.
+    let got = tensor_to_vec(plugin(1.0).try_weights(&s).unwrap());
+    assert_eq!(got, tensor_to_vec(s.entropy.clone().unwrap()));
 }

@@ -211,7 +211,7 @@ fn empty_row() -> Example {
     }
 }
 
-/// How an epoch's supervised tokens become optimizer steps (spec §3).
+/// How an epoch's supervised tokens become optimizer steps (docs/losses.md, "One-pass and windowed training").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {
     /// Every supervised token in one forward/backward; steps are filled up to `tokens_per_step`.

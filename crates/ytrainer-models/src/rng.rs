@@ -1,17 +1,18 @@
 //! A small seeded generator for weight initialisation.
 //!
-//! Our own (SplitMix64 + Box-Muller) rather than the device RNG so that the same seed gives the same weights on
-//! every backend and every Burn version: LoRA inits and the `tiny` preset must be reproducible across machines.
+//! Our own (core's SplitMix64, [`ytrainer_core::rng`], + Box-Muller) rather than the device RNG so that the same
+//! seed gives the same weights on every backend and every Burn version: LoRA inits and the `tiny` preset must be
+//! reproducible across machines.
 
-/// SplitMix64: tiny, fast, statistically fine for initialisation.
+use ytrainer_core::rng::SplitMix64;
+
+/// Core's SplitMix64 with per-tensor seeding and the uniform / normal draws of initialisation.
 #[derive(Debug, Clone)]
-pub struct InitRng {
-    state: u64,
-}
+pub struct InitRng(SplitMix64);
 
 impl InitRng {
     pub fn new(seed: u64) -> Self {
-        Self { state: seed }
+        Self(SplitMix64::new(seed))
     }
 
     /// A generator for one named tensor, independent of the order in which tensors are initialised.
@@ -28,16 +29,12 @@ impl InitRng {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
-    /// Uniform in [0, 1).
+    /// Uniform in [0, 1) (53 bits; scaling by `2^-53` is exact, so it equals `(bits >> 11) / 2^53`).
     pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        self.0.next_f64()
     }
 
     /// `n` values uniform in [low, high).
@@ -61,5 +58,33 @@ impl InitRng {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Streams recorded from the generator's own SplitMix64 before it became core's: LoRA inits and the `tiny`
+    /// preset's weights must not change.
+    #[test]
+    fn streams_are_unchanged() {
+        let mut r = InitRng::for_tensor(42, "model.layers.0.self_attn.q_proj.lora_A");
+        assert_eq!(r.next_u64(), 2930647907834696648);
+        let u: Vec<u32> = r
+            .uniform(3, -0.5, 0.5)
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        assert_eq!(u, [3198256385, 1039817741, 1049118126]);
+        let n: Vec<u32> = InitRng::for_tensor(7, "embed")
+            .normal(3, 0.0, 0.02)
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        assert_eq!(n, [3148771515, 1000717482, 3149931298]);
+        let mut r = InitRng::new(1234567);
+        assert_eq!(r.next_u64(), 6457827717110365317);
+        assert_eq!(r.next_f64().to_bits(), 4595424208203033092);
     }
 }

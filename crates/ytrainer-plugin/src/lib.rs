@@ -32,7 +32,8 @@
 //!
 //! The library exports one symbol, [`ENTRY_SYMBOL`] (`ytrainer_plugin_entry`), an
 //! `extern "C" fn() -> *const RawVTable`. The vtable's **first field is the ABI version**, so a host can read it
-//! before trusting any other field; a host refuses a library whose version differs from its own. Everything
+//! before trusting any other field, and then reads only the layout of that version; a host refuses a version it
+//! does not speak. Everything
 //! crossing the boundary is `#[repr(C)]`: strings are (pointer, length) UTF-8, arrays are (pointer, length),
 //! parameters reach the constructor as a flat JSON object of numbers (`{"a":1.0,"b":2.5}`), and the weight
 //! function reads host slices and fills a host slice. Errors come back as a status code plus a message written
@@ -41,14 +42,32 @@
 //! `panic = "unwind"`; with `panic = "abort"` a panic ends the process.
 //!
 //! The vtable and its strings must stay valid while the library is loaded (they are `'static` here).
+//!
+//! Version 3 only appends: [`RawVTable::top_k_entropy`] (the `k` of [`needs_bits::TOP_K_ENTROPY`]) after the
+//! version-2 fields, and [`RawBatch::top_k_entropy`] after the version-2 batch fields. The version-2 layouts are
+//! kept in [`v2`] and are checked at compile time to be exact prefixes of the version-3 ones, so a host reads a
+//! version-2 vtable through [`v2::RawVTable`] and may hand a version-2 plugin a version-3 batch (it reads the
+//! prefix it knows).
+//!
+//! # One vocabulary
+//!
+//! [`Normalize`], [`Needs`], [`ParamSpec`] (alias [`Param`]) and [`Params`] are the plain types of the loss
+//! contract, defined here once: the engine (`ytrainer_core::loss`) re-exports them for its built-in plugins. The
+//! optional `serde` feature (off by default, so a plugin still builds with no dependencies) derives the
+//! serialisation the engine needs for its config and reports.
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 /// Version of the binary interface described by [`RawVTable`], [`RawBatch`] and [`RawPairBatch`]. Bumped on any
-/// layout change (2: pairwise plugins, the `kind` and `pair_loss` fields).
-pub const ABI_VERSION: u32 = 2;
+/// layout change (2: pairwise plugins, the `kind` and `pair_loss` fields; 3: top-k entropy, the vtable's
+/// `top_k_entropy` and the batch's `top_k_entropy` fields, appended after the version-2 fields).
+pub const ABI_VERSION: u32 = 3;
+
+/// The oldest ABI version a host of this SDK still loads ([`v2`]: its plugins keep working unchanged).
+pub const MIN_ABI_VERSION: u32 = 2;
 
 /// Values of [`RawVTable::kind`].
 pub mod kind {
@@ -84,6 +103,39 @@ pub mod needs_bits {
     pub const SAMPLE: u32 = 4;
     /// Cross-entropy of each target under the reference model (LoRA runs: the base with adapters off).
     pub const REFERENCE_LOSS: u32 = 8;
+    /// ABI version 3: entropy of the renormalised top-`k` distribution divided by `ln k` (in [0, 1]); `k` is
+    /// [`super::RawVTable::top_k_entropy`] (at least 2).
+    pub const TOP_K_ENTROPY: u32 = 16;
+
+    /// Every bit ABI version `version` can express (0 for a version without a `needs` field).
+    pub const fn known(version: u32) -> u32 {
+        match version {
+            2 => ENTROPY | POSITION | SAMPLE | REFERENCE_LOSS,
+            3 => ENTROPY | POSITION | SAMPLE | REFERENCE_LOSS | TOP_K_ENTROPY,
+            _ => 0,
+        }
+    }
+
+    /// The names of the bits in `bits`, for messages (`"entropy, top-k entropy"`; unknown bits as hex).
+    pub fn names(bits: u32) -> String {
+        let mut v = Vec::new();
+        for (b, name) in [
+            (ENTROPY, "entropy"),
+            (POSITION, "position"),
+            (SAMPLE, "sample"),
+            (REFERENCE_LOSS, "reference loss"),
+            (TOP_K_ENTROPY, "top-k entropy"),
+        ] {
+            if bits & b != 0 {
+                v.push(name.to_string());
+            }
+        }
+        let unknown = bits & !known(super::ABI_VERSION);
+        if unknown != 0 {
+            v.push(format!("unknown bits {unknown:#x}"));
+        }
+        v.join(", ")
+    }
 }
 
 /// A borrowed UTF-8 string across the boundary.
@@ -171,7 +223,7 @@ impl RawError {
 }
 
 /// The per-token statistics of one micro-batch, `n` supervised tokens in target order. Optional arrays are null
-/// unless the plugin declared the matching [`needs_bits`].
+/// unless the plugin declared the matching [`needs_bits`]. The fields up to `progress` are [`v2::RawBatch`].
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct RawBatch {
@@ -191,6 +243,8 @@ pub struct RawBatch {
     pub step: u64,
     /// Training progress in `[0, 1]`.
     pub progress: f64,
+    /// ABI version 3: normalised top-k entropy of each target, or null.
+    pub top_k_entropy: *const f32,
 }
 
 /// One micro-batch of preference pairs, `n` pairs. Log-probabilities are sums over each completion's tokens (or
@@ -219,11 +273,12 @@ pub struct RawPairBatch {
     pub progress: f64,
 }
 
-/// What the entry function returns. Field order is part of the ABI; `abi_version` comes first.
+/// What the entry function returns (ABI version 3). Field order is part of the ABI; `abi_version` comes first,
+/// and the fields up to `destroy` are [`v2::RawVTable`].
 #[repr(C)]
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct RawVTable {
-    /// Must equal the host's [`ABI_VERSION`].
+    /// [`ABI_VERSION`] of the SDK the plugin was built with; the host reads the rest only if it speaks it.
     pub abi_version: u32,
     /// [`kind`]: which entry point the plugin implements.
     pub kind: u32,
@@ -264,23 +319,166 @@ pub struct RawVTable {
     ) -> i32,
     /// Frees an instance made by `create`.
     pub destroy: unsafe extern "C" fn(instance: *mut c_void),
+    /// ABI version 3: the `k` of [`needs_bits::TOP_K_ENTROPY`] (at least 2 when that bit is set, else 0).
+    pub top_k_entropy: u32,
 }
 
-/// A parameter declaration.
-#[derive(Debug, Clone, Copy)]
-pub struct Param {
-    /// Config key.
+/// The layouts of ABI version 2, which a host still loads. Each is an exact prefix of its version-3 successor
+/// (checked at compile time below), so version 3 changed nothing a version-2 plugin reads.
+pub mod v2 {
+    use super::{RawPairBatch, RawParam, RawStr, c_void};
+
+    /// The version-2 vtable: [`super::RawVTable`] without `top_k_entropy`.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy)]
+    pub struct RawVTable {
+        /// 2.
+        pub abi_version: u32,
+        /// See [`super::RawVTable::kind`].
+        pub kind: u32,
+        /// [`super::needs_bits`] up to `REFERENCE_LOSS`.
+        pub needs: u32,
+        /// See [`super::RawVTable::normalize`].
+        pub normalize: u32,
+        /// See [`super::RawVTable::name`].
+        pub name: RawStr,
+        /// See [`super::RawVTable::description`].
+        pub description: RawStr,
+        /// See [`super::RawVTable::formula`].
+        pub formula: RawStr,
+        /// See [`super::RawVTable::params`].
+        pub params: *const RawParam,
+        /// See [`super::RawVTable::n_params`].
+        pub n_params: usize,
+        /// See [`super::RawVTable::create`].
+        pub create: unsafe extern "C" fn(
+            params_json: RawStr,
+            out: *mut *mut c_void,
+            err: *mut super::RawError,
+        ) -> i32,
+        /// Reads a [`RawBatch`] (a version-3 batch starts with one).
+        pub weights: unsafe extern "C" fn(
+            instance: *mut c_void,
+            batch: *const RawBatch,
+            out: *mut f32,
+            err: *mut super::RawError,
+        ) -> i32,
+        /// See [`super::RawVTable::pair_loss`].
+        pub pair_loss: unsafe extern "C" fn(
+            instance: *mut c_void,
+            batch: *const RawPairBatch,
+            loss: *mut f32,
+            d_chosen: *mut f32,
+            d_rejected: *mut f32,
+            err: *mut super::RawError,
+        ) -> i32,
+        /// See [`super::RawVTable::destroy`].
+        pub destroy: unsafe extern "C" fn(instance: *mut c_void),
+    }
+
+    /// The version-2 batch: [`super::RawBatch`] without `top_k_entropy`.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy)]
+    pub struct RawBatch {
+        /// Number of tokens.
+        pub n: usize,
+        /// Cross-entropy of each token.
+        pub loss: *const f32,
+        /// Predictive entropy, or null.
+        pub entropy: *const f32,
+        /// Reference-model cross-entropy, or null.
+        pub reference_loss: *const f32,
+        /// Position id of each target, or null.
+        pub position: *const u32,
+        /// Example index of each target, or null.
+        pub sample: *const u32,
+        /// Optimizer step (0-based).
+        pub step: u64,
+        /// Training progress in `[0, 1]`.
+        pub progress: f64,
+    }
+
+    impl RawVTable {
+        /// The version-3 vtable with the same entries and no top-k entropy. The function pointers are taken as
+        /// they are: a version-2 `weights` reads only the version-2 prefix of the batch it is given.
+        pub fn upgrade(&self) -> super::RawVTable {
+            super::RawVTable {
+                abi_version: self.abi_version,
+                kind: self.kind,
+                needs: self.needs,
+                normalize: self.normalize,
+                name: self.name,
+                description: self.description,
+                formula: self.formula,
+                params: self.params,
+                n_params: self.n_params,
+                create: self.create,
+                // SAFETY: the two signatures differ only in the batch pointer's type, and a version-3 batch
+                // starts with the version-2 batch (checked below), so the callee reads what it expects.
+                weights: unsafe {
+                    std::mem::transmute::<
+                        unsafe extern "C" fn(
+                            *mut c_void,
+                            *const RawBatch,
+                            *mut f32,
+                            *mut super::RawError,
+                        ) -> i32,
+                        unsafe extern "C" fn(
+                            *mut c_void,
+                            *const super::RawBatch,
+                            *mut f32,
+                            *mut super::RawError,
+                        ) -> i32,
+                    >(self.weights)
+                },
+                pair_loss: self.pair_loss,
+                destroy: self.destroy,
+                top_k_entropy: 0,
+            }
+        }
+    }
+
+    // Version 3 only appends: every version-2 field sits at the same offset in the version-3 layout.
+    macro_rules! same_offsets {
+        ($old:ty, $new:ty: $($f:ident),*) => {
+            $(const _: () = assert!(
+                std::mem::offset_of!($old, $f) == std::mem::offset_of!($new, $f)
+            );)*
+            const _: () = assert!(std::mem::size_of::<$old>() <= std::mem::size_of::<$new>());
+        };
+    }
+    same_offsets!(RawVTable, super::RawVTable: abi_version, kind, needs, normalize, name, description,
+        formula, params, n_params, create, weights, pair_loss, destroy);
+    same_offsets!(RawBatch, super::RawBatch: n, loss, entropy, reference_loss, position, sample, step,
+        progress);
+    const _: () = assert!(
+        std::mem::offset_of!(super::RawVTable, top_k_entropy) >= std::mem::size_of::<RawVTable>()
+    );
+    const _: () = assert!(
+        std::mem::offset_of!(super::RawBatch, top_k_entropy) >= std::mem::size_of::<RawBatch>()
+    );
+}
+
+/// A parameter declaration: its config key, default and one line of help. The SDK's [`Param`] and the engine's
+/// `ytrainer_core::loss::ParamSpec` are this one type.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct ParamSpec {
+    /// Config key under `[loss.params]`.
     pub name: &'static str,
-    /// Default value.
+    /// Value used when the config does not set it.
     pub default: f64,
-    /// One line of help.
+    /// One line for `ytrainer plugins list`.
     pub help: &'static str,
 }
 
-impl Param {
+/// The SDK's name for [`ParamSpec`].
+pub type Param = ParamSpec;
+
+impl ParamSpec {
     /// Declares a parameter.
     pub const fn new(name: &'static str, default: f64, help: &'static str) -> Self {
-        Param {
+        ParamSpec {
             name,
             default,
             help,
@@ -288,80 +486,180 @@ impl Param {
     }
 }
 
-/// How the host normalises the weighted loss of a step when the user does not choose.
+/// How the weighted token losses of one optimizer step are normalised (docs/losses.md, "Normalisation"); a
+/// plugin's default, used unless the user sets `[loss] normalize`.
+///
+/// The denominator is always computed over the whole accumulated step, never per micro-batch: HF Trainer's
+/// per-micro-batch averaging made the loss depend on how a step was split, which is a bug, not a feature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum Normalize {
-    /// Tokens with a non-zero weighted loss.
+    /// Divide by the number of tokens with `w * l != 0` (the reference NLIRG SFT behaviour): a step of easy
+    /// tokens yields a proportionally smaller gradient.
     Nonzero,
-    /// All supervised tokens.
+    /// Divide by all supervised tokens of the step (TRL / HF `num_items_in_batch`).
     Tokens,
-    /// The sum of the weights.
+    /// Divide by the sum of the weights (a weighted mean).
     Weights,
 }
 
-/// Optional statistics a plugin reads (each costs the host some work, so ask only for what you use).
+impl Normalize {
+    /// The denominator for a step given its accumulated counters. Never zero: an empty step divides by one.
+    pub fn denominator(self, tokens: f64, nonzero: f64, weight_sum: f64) -> f64 {
+        let d = match self {
+            Normalize::Nonzero => nonzero,
+            Normalize::Tokens => tokens,
+            Normalize::Weights => weight_sum,
+        };
+        if d > 0.0 && d.is_finite() { d } else { 1.0 }
+    }
+
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Normalize::Nonzero => "nonzero",
+            Normalize::Tokens => "tokens",
+            Normalize::Weights => "weights",
+        }
+    }
+
+    /// The value of [`RawVTable::normalize`].
+    pub const fn to_raw(self) -> u32 {
+        match self {
+            Normalize::Nonzero => 0,
+            Normalize::Tokens => 1,
+            Normalize::Weights => 2,
+        }
+    }
+
+    /// From [`RawVTable::normalize`]; an unknown value means [`Normalize::Tokens`].
+    pub const fn from_raw(v: u32) -> Normalize {
+        match v {
+            0 => Normalize::Nonzero,
+            2 => Normalize::Weights,
+            _ => Normalize::Tokens,
+        }
+    }
+}
+
+/// Statistics a token plugin may ask the host for besides the loss, step and progress. The host computes only
+/// what the plugin asks for, because entropy costs a full pass over the vocabulary and reference losses a second
+/// forward pass. Write it as `Needs { entropy: true, ..Needs::NONE }`, so that fields added later keep it
+/// compiling.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Needs {
-    /// [`Batch::entropy`].
+    /// Predictive entropy of the distribution that predicts each target ([`Batch::entropy`]).
     pub entropy: bool,
-    /// [`Batch::position`].
-    pub position: bool,
-    /// [`Batch::sample`].
-    pub sample: bool,
-    /// [`Batch::reference_loss`].
+    /// Entropy of the renormalised top-K distribution divided by `ln K` (in [0, 1]); `0` = not needed, else
+    /// at least 2 ([`Batch::top_k_entropy`]; external plugins: ABI version 3).
+    pub top_k_entropy: usize,
+    /// Cross-entropy of each target under the reference model (LoRA: the base model with adapters disabled;
+    /// [`Batch::reference_loss`]).
     pub reference_loss: bool,
+    /// Position id of each target in its row ([`Batch::position`]).
+    pub position: bool,
+    /// Index of the example each target belongs to ([`Batch::sample`]).
+    pub sample: bool,
 }
 
 impl Needs {
     /// Nothing beyond the loss, step and progress.
     pub const NONE: Needs = Needs {
         entropy: false,
+        top_k_entropy: 0,
+        reference_loss: false,
         position: false,
         sample: false,
-        reference_loss: false,
     };
 
-    /// As [`needs_bits`].
+    /// As [`needs_bits`] (`k` of the top-k entropy goes separately, in [`RawVTable::top_k_entropy`]).
     pub const fn bits(self) -> u32 {
         ((self.entropy as u32) * needs_bits::ENTROPY)
             | ((self.position as u32) * needs_bits::POSITION)
             | ((self.sample as u32) * needs_bits::SAMPLE)
             | ((self.reference_loss as u32) * needs_bits::REFERENCE_LOSS)
+            | ((self.top_k_entropy > 0) as u32 * needs_bits::TOP_K_ENTROPY)
     }
 
-    /// From [`needs_bits`].
-    pub const fn from_bits(b: u32) -> Needs {
+    /// From [`needs_bits`] and the `k` of the top-k entropy (read only when its bit is set).
+    pub const fn from_raw(b: u32, top_k_entropy: u32) -> Needs {
         Needs {
             entropy: b & needs_bits::ENTROPY != 0,
+            top_k_entropy: if b & needs_bits::TOP_K_ENTROPY != 0 {
+                top_k_entropy as usize
+            } else {
+                0
+            },
+            reference_loss: b & needs_bits::REFERENCE_LOSS != 0,
             position: b & needs_bits::POSITION != 0,
             sample: b & needs_bits::SAMPLE != 0,
-            reference_loss: b & needs_bits::REFERENCE_LOSS != 0,
         }
+    }
+
+    /// Human-readable list for `ytrainer plugins describe` (`loss` is always provided).
+    pub fn describe(&self) -> String {
+        let mut v = vec!["loss".to_string()];
+        if self.entropy {
+            v.push("entropy".into());
+        }
+        if self.top_k_entropy > 0 {
+            v.push(format!("top-{} entropy", self.top_k_entropy));
+        }
+        if self.reference_loss {
+            v.push("reference-model loss".into());
+        }
+        if self.position {
+            v.push("position".into());
+        }
+        if self.sample {
+            v.push("sample id".into());
+        }
+        v.push("step".into());
+        v.push("progress".into());
+        v.join(", ")
     }
 }
 
-/// Parameter values as the constructor receives them: every declared parameter, defaults filled in by the host.
+/// Validated plugin parameters as a plugin's constructor receives them: every declared parameter present
+/// (defaults filled in by the host), nothing undeclared, by name.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Params(Vec<(String, f64)>);
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct Params(BTreeMap<String, f64>);
 
 impl Params {
     /// The value of a declared parameter.
     ///
     /// # Panics
-    /// On a name the plugin did not declare (a programming error; caught at the boundary and reported).
+    /// Only on a programming error: asking for a name the plugin did not declare (an external plugin's panic is
+    /// caught at the boundary and reported).
     pub fn get(&self, name: &str) -> f64 {
         self.try_get(name)
-            .unwrap_or_else(|| panic!("plugin asked for undeclared parameter `{name}`"))
+            .unwrap_or_else(|| panic!("loss plugin asked for undeclared parameter `{name}`"))
     }
 
     /// The value, if present.
     pub fn try_get(&self, name: &str) -> Option<f64> {
-        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
+        self.0.get(name).copied()
     }
 
-    /// All values in the order received.
+    /// All values, by name.
+    pub fn values(&self) -> &BTreeMap<String, f64> {
+        &self.0
+    }
+
+    /// All values, in name order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, f64)> {
         self.0.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+
+    /// Parameters from already validated values (the host's registry does the validating).
+    pub fn from_map(values: BTreeMap<String, f64>) -> Params {
+        Params(values)
     }
 
     /// Parses the flat JSON object of numbers the host sends (`{"a":1.0,"b":-2e-3}`).
@@ -373,7 +671,7 @@ impl Params {
             .and_then(|r| r.strip_suffix('}'))
             .ok_or_else(bad)?
             .trim();
-        let mut out = Vec::new();
+        let mut out = BTreeMap::new();
         if inner.is_empty() {
             return Ok(Params(out));
         }
@@ -385,7 +683,7 @@ impl Params {
                 .and_then(|k| k.strip_suffix('"'))
                 .ok_or_else(bad)?;
             let v: f64 = v.trim().parse().map_err(|_| bad())?;
-            out.push((k.to_string(), v));
+            out.insert(k.to_string(), v);
         }
         Ok(Params(out))
     }
@@ -418,6 +716,8 @@ pub struct Batch<'a> {
     pub loss: &'a [f32],
     /// Predictive entropy, when declared in [`Plugin::NEEDS`].
     pub entropy: Option<&'a [f32]>,
+    /// Normalised top-k entropy (in [0, 1]), when [`Needs::top_k_entropy`] is declared.
+    pub top_k_entropy: Option<&'a [f32]>,
     /// Reference-model cross-entropy, when declared.
     pub reference_loss: Option<&'a [f32]>,
     /// Position id of each target, when declared.
@@ -593,11 +893,7 @@ pub mod __private {
                 abi_version: ABI_VERSION,
                 kind: kind::TOKEN,
                 needs: P::NEEDS.bits(),
-                normalize: match P::NORMALIZE {
-                    Normalize::Nonzero => 0,
-                    Normalize::Tokens => 1,
-                    Normalize::Weights => 2,
-                },
+                normalize: P::NORMALIZE.to_raw(),
                 name: RawStr::from_static(P::NAME),
                 description: RawStr::from_static(P::DESCRIPTION),
                 formula: RawStr::from_static(P::FORMULA),
@@ -607,6 +903,7 @@ pub mod __private {
                 weights: weights::<P>,
                 pair_loss: no_pair_loss,
                 destroy: destroy::<P>,
+                top_k_entropy: u32::try_from(P::NEEDS.top_k_entropy).unwrap_or(u32::MAX),
             },
             _params: params,
         }
@@ -646,6 +943,7 @@ pub mod __private {
                 weights: no_weights,
                 pair_loss: pair_loss::<P>,
                 destroy: destroy::<P>,
+                top_k_entropy: 0,
             },
             _params: params,
         }
@@ -840,6 +1138,7 @@ pub mod __private {
             let batch = Batch {
                 loss: unsafe { host_array(b.loss, n) }.unwrap_or(&[]),
                 entropy: unsafe { host_array(b.entropy, n) },
+                top_k_entropy: unsafe { host_array(b.top_k_entropy, n) },
                 reference_loss: unsafe { host_array(b.reference_loss, n) },
                 position: unsafe { host_array(b.position, n) },
                 sample: unsafe { host_array(b.sample, n) },
@@ -884,11 +1183,23 @@ mod tests {
     fn needs_bits_round_trip() {
         let n = Needs {
             entropy: true,
+            top_k_entropy: 20,
+            reference_loss: true,
             position: false,
             sample: true,
-            reference_loss: true,
         };
-        assert_eq!(Needs::from_bits(n.bits()), n);
+        assert_eq!(Needs::from_raw(n.bits(), 20), n);
+        assert_eq!(n.bits() & !needs_bits::known(ABI_VERSION), 0);
+        assert_eq!(Needs::from_raw(Needs::NONE.bits(), 7), Needs::NONE);
+        assert_eq!(Needs::NONE, Needs::default());
+    }
+
+    #[test]
+    fn normalize_raw_round_trip() {
+        for n in [Normalize::Nonzero, Normalize::Tokens, Normalize::Weights] {
+            assert_eq!(Normalize::from_raw(n.to_raw()), n);
+        }
+        assert_eq!(Normalize::from_raw(99), Normalize::Tokens);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The NLIRG weight curve: the one place its math lives (spec §1).
+//! The NLIRG weight curve: the one place its math lives (the formula, defaults and golden weights are in
+//! docs/losses.md, `nlirg`).
 //!
 //! The curve rises with the token's loss up to `split` (tokens the model already knows barely move it), then
 //! falls (very hard tokens are attenuated to protect general ability) and drops to zero at `cutoff`

@@ -1,5 +1,5 @@
-//! NLIRG curve against the spec's golden values (nlirg-spec.md §1), on plain numbers and on device tensors in f32,
-//! plus the plugin contract (registration, parameter validation, normalisation default).
+//! NLIRG curve against its golden values (the table in docs/losses.md, `nlirg`), on plain numbers and on device
+//! tensors in f32, plus the plugin contract (registration, parameter validation, normalisation default).
 
 use std::collections::BTreeMap;
 
