@@ -100,7 +100,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     for i in 0..warmup + a.steps {
         if i == warmup {
             ytrainer_core::step::profile_start();
-            ytrainer_core::prof::start();
+            ytrainer_kernels::prof::start();
         }
         let mb = random_batch(a.batch, a.seq, vocab, i as u64);
         let t0 = Instant::now();
@@ -134,7 +134,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let mode = format!("{:?}", a.mode).to_lowercase();
     let [fwd, head, back, micro] = ytrainer_core::step::profile_read();
     let per = |x: f64| 1000.0 * x / a.steps.max(1) as f64;
-    let ops = ytrainer_core::prof::read();
+    let ops = ytrainer_kernels::prof::read();
     let ops_json: serde_json::Map<String, serde_json::Value> = ops
         .iter()
         .map(|(name, s, _)| (name.to_string(), serde_json::json!(per(*s))))
@@ -254,7 +254,7 @@ fn bench_windowed(a: &BenchArgs, n: usize) -> Result<()> {
         let mut acc = GradAccumulator::default();
         if profile {
             ytrainer_core::step::profile_start();
-            ytrainer_core::prof::start();
+            ytrainer_kernels::prof::start();
         }
         let mut optim_s = 0.0;
         let t0 = Instant::now();
@@ -275,7 +275,7 @@ fn bench_windowed(a: &BenchArgs, n: usize) -> Result<()> {
             for (p, v) in phases.iter_mut().zip([fwd, head, back, optim_s]) {
                 *p += v;
             }
-            for (i, (name, s, _)) in ytrainer_core::prof::read().into_iter().enumerate() {
+            for (i, (name, s, _)) in ytrainer_kernels::prof::read().into_iter().enumerate() {
                 match kernels.get_mut(i) {
                     Some(k) => k.1 += s,
                     None => kernels.push((name, s)),

@@ -4,7 +4,6 @@ pub use burn;
 
 pub mod checkpoint;
 pub mod config;
-pub mod cpu;
 pub mod device;
 pub mod external;
 pub mod lm_loss;
@@ -13,7 +12,6 @@ pub mod model;
 pub mod observe;
 pub mod optim;
 pub mod preference;
-pub mod prof;
 pub mod registry;
 pub mod rng;
 pub mod sft;

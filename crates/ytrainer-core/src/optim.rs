@@ -12,6 +12,9 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::prelude::*;
 use burn::tensor::Gradients;
 use serde::{Deserialize, Serialize};
+#[cfg(test)]
+use ytrainer_kernels::host::host_f32;
+use ytrainer_kernels::host::{AdamWConsts, Moments, host_add, host_add_rows};
 
 /// AdamW hyper-parameters (PyTorch semantics).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -139,94 +142,6 @@ impl GradAccumulator {
     }
 }
 
-/// `a + b`, on the CPU backend as one multi-threaded pass into `a`'s buffer (Flex adds on one thread, and the
-/// tied embedding's two gradients, from the LM head and from the input side, are vocabulary-sized).
-fn host_add(a: Tensor<1>, b: Tensor<1>) -> Tensor<1> {
-    use rayon::prelude::*;
-    if !crate::lm_loss::host_head_enabled() || b.dims() != a.dims() {
-        return a.add(b);
-    }
-    let (Some(mut af), Some(bf)) = (host_f32(&a), host_f32(&b)) else {
-        return a.add(b);
-    };
-    drop((a, b));
-    let bs = bf.as_slice::<f32>().expect("contiguous, checked above");
-    crate::cpu::flex_f32_mut(&mut af)
-        .expect("f32, checked above")
-        .par_chunks_mut(1 << 16)
-        .zip(bs.par_chunks(1 << 16))
-        .for_each(|(x, y)| {
-            for (x, &y) in x.iter_mut().zip(y) {
-                *x += y;
-            }
-        });
-    Tensor::from_primitive::<burn_flex::Flex>(af)
-}
-
-/// [`GradAccumulator::add_rows`] on the host: the rows scattered into the previous gradient's own buffer (or into
-/// zeros written by both cores), keeping it a CPU tensor the host AdamW pass takes. Hands the inputs back when
-/// either is not a contiguous f32 CPU tensor, an id is out of range, or `YTRAINER_FUSED=0` asks for the tensor
-/// path (what every other backend takes).
-#[allow(clippy::type_complexity, clippy::result_large_err)]
-fn host_add_rows(
-    prev: Option<Tensor<1>>,
-    ids: &Tensor<1, Int>,
-    rows: Tensor<2>,
-    [r, c]: [usize; 2],
-) -> Result<Tensor<1>, (Option<Tensor<1>>, Tensor<2>)> {
-    if !crate::lm_loss::host_head_enabled() {
-        return Err((prev, rows));
-    }
-    let [n, rc] = rows.dims();
-    if rc != c {
-        return Err((prev, rows));
-    }
-    let rows_flat = rows.clone().reshape([n * c]);
-    let Some(rf) = host_f32(&rows_flat) else {
-        return Err((prev, rows));
-    };
-    let mut base = match &prev {
-        Some(p) => match host_f32(p) {
-            Some(f) if p.dims()[0] == r * c => f,
-            _ => return Err((prev, rows)),
-        },
-        None => {
-            burn_flex::FlexTensor::from_data(TensorData::new(crate::cpu::zeros(r * c), [r * c]))
-        }
-    };
-    let idx: Vec<i64> = ids
-        .clone()
-        .into_data()
-        .convert::<i64>()
-        .try_into_vec::<i64>()
-        .unwrap_or_default();
-    if idx.len() != n || idx.iter().any(|&i| i < 0 || i as usize >= r) {
-        return Err((prev, rows));
-    }
-    drop((prev, rows, rows_flat));
-    let src = rf.as_slice::<f32>().expect("contiguous, checked above");
-    let dst = crate::cpu::flex_f32_mut(&mut base).expect("f32, checked above");
-    for (k, &i) in idx.iter().enumerate() {
-        let i = i as usize;
-        for (d, &s) in dst[i * c..(i + 1) * c]
-            .iter_mut()
-            .zip(&src[k * c..(k + 1) * c])
-        {
-            *d += s;
-        }
-    }
-    Ok(Tensor::from_primitive::<burn_flex::Flex>(base))
-}
-
-/// The primitive of `t` when it is a contiguous f32 tensor on the CPU backend (what the host passes need; the
-/// check on the slice also checks the dtype), else `None`.
-fn host_f32(t: &Tensor<1>) -> Option<burn_flex::FlexTensor> {
-    t.clone()
-        .try_into_primitive::<burn_flex::Flex>()
-        .ok()
-        .filter(|f| f.as_slice::<f32>().is_some())
-}
-
 /// Per-parameter Adam moments, keyed by module path (stable across model reloads).
 #[derive(Debug, Clone, Default)]
 pub struct AdamWState {
@@ -331,7 +246,33 @@ impl ModuleMapper for Update<'_> {
     }
 }
 
-type Moments = Option<(Tensor<1>, Tensor<1>)>;
+/// The host AdamW pass of `ytrainer-kernels` with this update's scalars; hands the inputs back where it does not
+/// apply (another backend, another float type, `YTRAINER_FUSED=0`).
+#[allow(clippy::type_complexity, clippy::result_large_err)]
+fn host_update(
+    u: &Update<'_>,
+    p: Tensor<1>,
+    g: Tensor<1>,
+    prev: Moments,
+    decay: bool,
+) -> Result<(Tensor<1>, Tensor<1>, Tensor<1>), (Tensor<1>, Tensor<1>, Moments)> {
+    let c = u.config;
+    let k = AdamWConsts {
+        b1: c.beta1 as f32,
+        b2: c.beta2 as f32,
+        ob1: (1.0 - c.beta1) as f32,
+        ob2: (1.0 - c.beta2) as f32,
+        gs: u.grad_scale as f32,
+        keep: (1.0 - u.lr * c.weight_decay) as f32,
+        bc1: u.bc1 as f32,
+        bc2: u.bc2 as f32,
+        eps: c.eps as f32,
+        lr: u.lr as f32,
+        fresh: prev.is_none(),
+        decay,
+    };
+    ytrainer_kernels::host::adamw_update(p, g, prev, k)
+}
 
 impl Update<'_> {
     /// The update as tensor ops: any backend, any float type.
@@ -369,132 +310,6 @@ impl Update<'_> {
             .mul_scalar(self.lr);
         (p.sub(update), m, v)
     }
-}
-
-/// The same update as one multi-threaded pass over `p`, `g` and both moments, in place, when all four are
-/// contiguous f32 tensors on the CPU backend. As tensor ops it is a dozen passes over parameter-sized buffers,
-/// each on one thread (Flex runs element-wise ops sequentially); here it is one pass on every core. The
-/// arithmetic is the tensor path's, in the same order. Hands the inputs back otherwise.
-// The tensors handed back on the fallback path are moved, not copied; boxing them buys nothing.
-#[allow(clippy::type_complexity, clippy::result_large_err)]
-fn host_update(
-    u: &Update<'_>,
-    p: Tensor<1>,
-    g: Tensor<1>,
-    prev: Moments,
-    decay: bool,
-) -> Result<(Tensor<1>, Tensor<1>, Tensor<1>), (Tensor<1>, Tensor<1>, Moments)> {
-    use burn_flex::{Flex, FlexTensor};
-    use rayon::prelude::*;
-    if !crate::lm_loss::host_head_enabled() {
-        return Err((p, g, prev));
-    }
-    let n = p.dims()[0];
-    let (Some(pf), Some(gf)) = (host_f32(&p), host_f32(&g)) else {
-        return Err((p, g, prev));
-    };
-    let moments = match &prev {
-        Some((m, v)) => match (host_f32(m), host_f32(v)) {
-            (Some(mf), Some(vf)) => Some((mf, vf)),
-            _ => return Err((p, g, prev)),
-        },
-        None => None,
-    };
-    let len = |f: &FlexTensor| f.as_slice::<f32>().map_or(0, |s| s.len());
-    if len(&pf) != n
-        || len(&gf) != n
-        || moments
-            .as_ref()
-            .is_some_and(|(m, v)| len(m) != n || len(v) != n)
-    {
-        return Err((p, g, prev));
-    }
-    // Only the primitives remain, so each buffer is unshared and is written in place (no copy on write).
-    drop((p, g, prev));
-    let fresh = moments.is_none();
-    let (mut mf, mut vf) = moments.unwrap_or_else(|| {
-        let zeros = || FlexTensor::from_data(TensorData::new(crate::cpu::zeros(n), [n]));
-        (zeros(), zeros())
-    });
-    let mut pf = pf;
-    let c = u.config;
-    const CHUNK: usize = 1 << 14;
-    let gsl = gf.as_slice::<f32>().expect("contiguous, checked above");
-    let f32_mut = |t| crate::cpu::flex_f32_mut(t).expect("contiguous f32, checked above");
-    let (ps, ms, vs) = (f32_mut(&mut pf), f32_mut(&mut mf), f32_mut(&mut vf));
-    let k = AdamWConsts {
-        b1: c.beta1 as f32,
-        b2: c.beta2 as f32,
-        ob1: (1.0 - c.beta1) as f32,
-        ob2: (1.0 - c.beta2) as f32,
-        gs: u.grad_scale as f32,
-        keep: (1.0 - u.lr * c.weight_decay) as f32,
-        bc1: u.bc1 as f32,
-        bc2: u.bc2 as f32,
-        eps: c.eps as f32,
-        lr: u.lr as f32,
-        fresh,
-        decay,
-    };
-    ps.par_chunks_mut(CHUNK)
-        .zip(ms.par_chunks_mut(CHUNK))
-        .zip(vs.par_chunks_mut(CHUNK))
-        .zip(gsl.par_chunks(CHUNK))
-        .for_each(|(((p, m), v), g)| adamw_chunk(p, m, v, g, &k));
-    let t = |f: FlexTensor| Tensor::<1>::from_primitive::<Flex>(f);
-    Ok((t(pf), t(mf), t(vf)))
-}
-
-/// The scalars of one parameter's AdamW update (see [`host_update`]).
-struct AdamWConsts {
-    b1: f32,
-    b2: f32,
-    ob1: f32,
-    ob2: f32,
-    gs: f32,
-    keep: f32,
-    bc1: f32,
-    bc2: f32,
-    eps: f32,
-    lr: f32,
-    fresh: bool,
-    decay: bool,
-}
-
-/// One chunk of the update, built for the CPU's widest vectors (`cpu::simd_dispatch!`): its divisions and square
-/// root made the baseline (SSE2) build compute-bound at ~10 GB/s, a third of what two cores can stream. Rust never
-/// contracts `a * b + c` into an FMA, so every build gives the tensor path's results bit for bit.
-fn adamw_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: &AdamWConsts) {
-    #[inline(always)]
-    fn body(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: &AdamWConsts) {
-        let n = p.len().min(m.len()).min(v.len()).min(g.len());
-        let (p, m, v, g) = (&mut p[..n], &mut m[..n], &mut v[..n], &g[..n]);
-        // The two flags are hoisted out of the loop so that each of the four loops vectorises on its own.
-        macro_rules! run {
-            ($fresh:expr, $decay:expr) => {
-                for i in 0..n {
-                    let gi = g[i] * k.gs;
-                    if $fresh {
-                        m[i] = gi * k.ob1;
-                        v[i] = (gi * gi) * k.ob2;
-                    } else {
-                        m[i] = m[i] * k.b1 + gi * k.ob1;
-                        v[i] = v[i] * k.b2 + (gi * gi) * k.ob2;
-                    }
-                    let pi = if $decay { p[i] * k.keep } else { p[i] };
-                    let denom = (v[i] / k.bc2).sqrt() + k.eps;
-                    p[i] = pi - ((m[i] / k.bc1) / denom) * k.lr;
-                }
-            };
-        }
-        match (k.fresh, k.decay) {
-            (true, true) => run!(true, true),
-            (true, false) => run!(true, false),
-            (false, true) => run!(false, true),
-            (false, false) => run!(false, false),
-        }
-    }
-    crate::simd_dispatch!(body, (p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: &AdamWConsts) -> ())
 }
 
 /// Learning-rate schedule kinds.
@@ -695,7 +510,7 @@ mod tests {
         acc.add_rows(id, ids(vec![3]), rows(vec![0.5, 0.5, 0.5], 1), [r, c]);
         let g = acc.get(&id).unwrap().clone();
         // (`YTRAINER_FUSED=0` runs the same check through the tensor op every other backend takes.)
-        if crate::lm_loss::host_head_enabled() {
+        if ytrainer_kernels::enabled() {
             assert!(host_f32(&g).is_some(), "the sum stays on the host path");
         }
         let got = g.into_data().try_to_vec::<f32>().unwrap();

@@ -181,13 +181,7 @@ impl AttnContext {
         sliding_window: Option<usize>,
         fused: bool,
     ) -> Self {
-        let on_cpu = {
-            use burn_autodiff::Autodiff;
-            use burn_flex::Flex;
-            let p = &input.position_ids;
-            p.clone().try_into_primitive::<Flex>().is_ok()
-                || p.clone().try_into_primitive::<Autodiff<Flex>>().is_ok()
-        };
+        let on_cpu = ytrainer_kernels::on_host(&input.position_ids);
         let enabled =
             fused && on_cpu && std::env::var("YTRAINER_FUSED_ATTENTION").as_deref() != Ok("0");
         let fused = enabled

@@ -21,22 +21,21 @@
 //! `ytrainer_models::st`, ...).
 
 mod arch;
-pub mod attention;
 mod causal_lm;
 pub mod config;
 pub mod decoder;
 mod error;
 mod formats;
-pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod lora;
-mod positions;
 mod recompute;
 mod rng;
 
 pub use arch::{llama, qwen2, qwen3};
+// The CPU kernels the network calls live in `ytrainer-kernels`; these keep their old paths.
 pub use formats::{export, load, save, st};
+pub use ytrainer_kernels::{attention, fused, positions};
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;

@@ -7,6 +7,7 @@
 //! the tensor versions in `decoder.rs` stay the reference and the path for other backends, and the tests below
 //! check values and gradients against them.
 
+use crate::cpu::{self, matmul, matmul_new};
 use burn::prelude::*;
 use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
@@ -15,26 +16,20 @@ use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, NodeGuard, Ops, OpsKind};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
-use ytrainer_core::cpu::{self, matmul, matmul_new};
 
 /// Rows handed to one rayon task: enough work to amortise scheduling, small enough to balance two cores.
 const ROWS_PER_TASK: usize = 16;
 
-/// Whether the fused CPU ops are allowed (`YTRAINER_FUSED=0` turns them off for A/B measurements).
-pub(crate) fn enabled() -> bool {
-    use std::sync::OnceLock;
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("YTRAINER_FUSED").as_deref() != Ok("0"))
-}
+use crate::enabled;
 
 /// Whether every tensor is f32: the kernels compute in f32 and must decide before recording an autodiff step
 /// (another dtype keeps the tensor path).
-pub(crate) fn all_f32<const D: usize>(ts: &[&Tensor<D>]) -> bool {
+pub fn all_f32<const D: usize>(ts: &[&Tensor<D>]) -> bool {
     ts.iter().all(|t| t.dtype() == burn::tensor::DType::F32)
 }
 
 /// f32 contents of a Flex tensor, copied only when it is not contiguous.
-pub(crate) fn host(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
+pub fn host(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
     match t.as_slice::<f32>() {
         Some(s) => Some(std::borrow::Cow::Borrowed(s)),
         None => {
@@ -105,7 +100,7 @@ pub fn rms_norm<const D: usize>(x: &Tensor<D>, w: &Tensor<1>, eps: f64) -> Optio
 
 /// The normalised output and `rsqrt(mean(x^2) + eps)` per row.
 fn rms_forward(x: &FlexTensor, w: &FlexTensor, eps: f32) -> Option<(FlexTensor, Vec<f32>)> {
-    let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::RmsNorm);
+    let _span = crate::prof::span(crate::prof::Op::RmsNorm);
     let shape = x.layout().shape().as_slice().to_vec();
     let (xs, ws) = (host(x)?, host(w)?);
     let hdim = *shape.last()?;
@@ -144,7 +139,7 @@ fn rms_forward_rows(
             }
         }
     }
-    ytrainer_core::simd_dispatch!(body, (y: &mut [std::mem::MaybeUninit<f32>], inv: &mut [f32], x: &[f32], w: &[f32], eps: f32) -> ())
+    crate::simd_dispatch!(body, (y: &mut [std::mem::MaybeUninit<f32>], inv: &mut [f32], x: &[f32], w: &[f32], eps: f32) -> ())
 }
 
 /// RMSNorm's backward over whole rows: `d` holds `dy` and is overwritten with `dx`; returns these rows' share of
@@ -167,7 +162,7 @@ fn rms_backward_rows(d: &mut [f32], x: &[f32], inv: &[f32], w: &[f32]) -> Vec<f3
         }
         dw
     }
-    ytrainer_core::simd_dispatch!(body, (d: &mut [f32], x: &[f32], inv: &[f32], w: &[f32]) -> Vec<f32>)
+    crate::simd_dispatch!(body, (d: &mut [f32], x: &[f32], inv: &[f32], w: &[f32]) -> Vec<f32>)
 }
 
 #[derive(Debug)]
@@ -184,7 +179,7 @@ impl Backward<Flex, 2> for RmsNormBackward {
     type State = std::sync::Arc<RmsState>;
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::RmsNorm);
+        let _span = crate::prof::span(crate::prof::Op::RmsNorm);
         let [nx, nw] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
         let s = ops.state;
@@ -257,7 +252,7 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 fn swiglu_forward(g: &FlexTensor, u: &FlexTensor) -> Option<FlexTensor> {
-    let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::Swiglu);
+    let _span = crate::prof::span(crate::prof::Op::Swiglu);
     let shape = g.layout().shape().as_slice().to_vec();
     let (gs, us) = (host(g)?, host(u)?);
     if gs.len() != us.len() {
@@ -284,7 +279,7 @@ fn swiglu_chunk(y: &mut [std::mem::MaybeUninit<f32>], g: &[f32], u: &[f32]) {
             o.write(a * sigmoid(a) * b);
         }
     }
-    ytrainer_core::simd_dispatch!(body, (y: &mut [std::mem::MaybeUninit<f32>], g: &[f32], u: &[f32]) -> ())
+    crate::simd_dispatch!(body, (y: &mut [std::mem::MaybeUninit<f32>], g: &[f32], u: &[f32]) -> ())
 }
 
 /// Overwrites the saved gate `g` and up `u` values with their gradients `dg`, `du` (each element is read before
@@ -299,7 +294,7 @@ fn swiglu_backward_chunk(g: &mut [f32], u: &mut [f32], dy: &[f32]) {
             g[i] = d * b * s * (1.0 + a * (1.0 - s));
         }
     }
-    ytrainer_core::simd_dispatch!(body, (g: &mut [f32], u: &mut [f32], dy: &[f32]) -> ())
+    crate::simd_dispatch!(body, (g: &mut [f32], u: &mut [f32], dy: &[f32]) -> ())
 }
 
 #[derive(Debug)]
@@ -309,7 +304,7 @@ impl Backward<Flex, 2> for SwigluBackward {
     type State = (FlexTensor, FlexTensor);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::Swiglu);
+        let _span = crate::prof::span(crate::prof::Op::Swiglu);
         let [ng, nu] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
         let dys = host(&dy).expect("f32 gradient");
@@ -456,7 +451,7 @@ fn linear_forward(
     lora: Option<(&FlexTensor, &FlexTensor, f32)>,
     keep: bool,
 ) -> Option<(FlexTensor, Option<FlexTensor>)> {
-    let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::LinearForward);
+    let _span = crate::prof::span(crate::prof::Op::LinearForward);
     let mut shape = x.layout().shape().as_slice().to_vec();
     let [d_in, d_out] = w.layout().shape().dims::<2>();
     if shape.last() != Some(&d_in) || d_in == 0 {
@@ -480,7 +475,7 @@ fn linear_forward(
     // alone it would leave the pool's other thread idle, beside it that thread takes over part of the large one.
     let thin_t = |need: bool| {
         lora.as_ref().filter(|_| need).map(|(as_, _, r, _)| {
-            let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
+            let _lora = crate::prof::span(crate::prof::Op::LoraProducts);
             matmul_new(&xs, as_, (n, *r, d_in), false, false, 1.0)
         })
     };
@@ -488,7 +483,7 @@ fn linear_forward(
         Some((as_, bs, r, scale)) if merge_pays(n, d_in) => {
             // y = x·(W + s·A·B): one large product instead of the base product plus two thin ones.
             let merged = {
-                let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
+                let _lora = crate::prof::span(crate::prof::Op::LoraProducts);
                 merged_weight(&ws, as_, bs, (d_in, d_out, *r), *scale)
             };
             let (y, t) = rayon::join(
@@ -582,7 +577,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
     type State = std::sync::Arc<LinearState>;
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::LinearBackward);
+        let _span = crate::prof::span(crate::prof::Op::LinearBackward);
         let s = ops.state;
         // Parents in the order `linear` recorded them: x, W, [bias], [A, B].
         let mut parents = ops.parents.into_iter();
@@ -623,13 +618,13 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
             || {
                 let (_, b_host, _) = lora.as_ref()?;
                 (na.is_some() || (nx.is_some() && !merged_dx)).then(|| {
-                    let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
+                    let _lora = crate::prof::span(crate::prof::Op::LoraProducts);
                     matmul_new(&dys, b_host, (n, r, d_out), false, true, 1.0)
                 })
             },
             || {
                 let (a_host, b_host, _) = lora.as_ref().filter(|_| merged_dx)?;
-                let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
+                let _lora = crate::prof::span(crate::prof::Op::LoraProducts);
                 Some(merged_weight(
                     &ws,
                     a_host,
@@ -648,8 +643,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
                 None => {
                     let mut dx = matmul_new(&dys, &ws, (n, d_in, d_out), false, true, 1.0);
                     if let (Some((a_host, _, _)), Some(u)) = (&lora, &u) {
-                        let _lora =
-                            ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
+                        let _lora = crate::prof::span(crate::prof::Op::LoraProducts);
                         matmul(&mut dx, u, a_host, (n, d_in, r), false, true, true, s.scale);
                     }
                     dx
@@ -659,7 +653,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
         };
         let da = || {
             let (node, u) = (na?, u.as_ref()?);
-            let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
+            let _lora = crate::prof::span(crate::prof::Op::LoraProducts);
             Some((node, matmul_new(&xs, u, (d_in, r, n), true, false, s.scale)))
         };
         let db = || {
@@ -668,7 +662,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
                 s.t.as_ref()
                     .expect("x·A kept when the LoRA branch is tracked");
             let ts = host(t).expect("f32 x·A");
-            let _lora = ytrainer_core::prof::span(ytrainer_core::prof::Op::LoraProducts);
+            let _lora = crate::prof::span(crate::prof::Op::LoraProducts);
             Some((
                 node,
                 matmul_new(&ts, &dys, (r, d_out, n), true, false, s.scale),

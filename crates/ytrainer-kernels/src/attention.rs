@@ -23,8 +23,8 @@ use burn_autodiff::ops::{Backward, Ops};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
+use crate::cpu::{self, zeros};
 use crate::fused::host;
-use ytrainer_core::cpu::{self, zeros};
 
 /// Query rows per block of the causal tiling: a block of queries only needs the keys up to its last row.
 const BLOCK: usize = 64;
@@ -447,7 +447,7 @@ fn forward(
     mask: &Arc<AttnMask>,
     queries: &Arc<Queries>,
 ) -> Option<(Saved, FlexTensor)> {
-    let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::AttentionForward);
+    let _span = crate::prof::span(crate::prof::Op::AttentionForward);
     let q_shape = q.layout().shape().as_slice().to_vec();
     let (q, k, v) = (host(q)?, host(k)?, host(v)?);
     let (t, dd, h, kv) = (d.t, d.d, d.h, d.kv);
@@ -550,7 +550,7 @@ fn forward(
 /// Gradients with respect to q (in the queries' order), k and v (`[B, T, KV, D]`), all before RoPE, from the
 /// output's gradient.
 fn backward(d: Dims, s: &Saved, grad: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let _span = ytrainer_core::prof::span(ytrainer_core::prof::Op::AttentionBackward);
+    let _span = crate::prof::span(crate::prof::Op::AttentionBackward);
     let (t, dd, h, kv) = (d.t, d.d, d.h, d.kv);
     let group = h / kv;
     let gd = group * dd;
