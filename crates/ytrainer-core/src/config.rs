@@ -166,27 +166,8 @@ pub enum TrainingType {
     Cpt,
 }
 
-/// Overlong-sample policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Overlong {
-    /// Cut at `max_seq_len`.
-    Truncate,
-    /// Drop the sample.
-    Skip,
-}
-
-/// Supervision policy for conversations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TrainOn {
-    /// Every assistant turn.
-    AllAssistant,
-    /// Only the final assistant turn.
-    LastAssistant,
-    /// Every token.
-    Everything,
-}
+// The data crate's own policies, so the config and the data pipeline cannot drift apart.
+pub use ytrainer_data::{Overlong, TrainOn};
 
 impl Default for DataSection {
     fn default() -> Self {

@@ -15,8 +15,9 @@ use crate::formats::{Record, RecordKind};
 use crate::template::ChatTemplate;
 use crate::tokenize::{Example, TokenizerWrapper, TrainOn, tokenize_chat, tokenize_text};
 
-/// What to do with a sequence longer than `max_seq_len`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What to do with a sequence longer than `max_seq_len` (`[data] overlong` in a run config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Overlong {
     /// Keep the first `max_seq_len` tokens (and whatever targets they hold).
     #[default]

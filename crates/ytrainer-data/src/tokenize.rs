@@ -20,8 +20,9 @@ use crate::error::DataError;
 use crate::formats::{Message, Origin};
 use crate::template::ChatTemplate;
 
-/// Which assistant turns are supervised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Which assistant turns are supervised (`[data] train_on` in a run config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TrainOn {
     /// Every assistant turn (default).
     #[default]

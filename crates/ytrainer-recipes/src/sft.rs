@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use ytrainer_core::config::{Overlong, RunConfig, TrainMode, TrainOn, TrainingType};
+use ytrainer_core::config::{RunConfig, TrainMode, TrainingType};
 use ytrainer_core::loss::{Params, TokenReweighter};
 use ytrainer_core::model::CausalLm;
 use ytrainer_core::observe::Observer;
@@ -38,15 +38,8 @@ pub struct SftReport {
 pub fn data_options(cfg: &RunConfig) -> DataOptions {
     DataOptions {
         max_seq_len: cfg.data.max_seq_len,
-        overlong: match cfg.data.overlong {
-            Overlong::Truncate => ytrainer_data::Overlong::Truncate,
-            Overlong::Skip => ytrainer_data::Overlong::Skip,
-        },
-        train_on: match cfg.data.train_on {
-            TrainOn::AllAssistant => ytrainer_data::TrainOn::AllAssistant,
-            TrainOn::LastAssistant => ytrainer_data::TrainOn::LastAssistant,
-            TrainOn::Everything => ytrainer_data::TrainOn::Everything,
-        },
+        overlong: cfg.data.overlong,
+        train_on: cfg.data.train_on,
         cpt: cfg.data.training_type == TrainingType::Cpt,
         template_vars: cfg
             .data
