@@ -10,7 +10,7 @@
 //!
 //! The math is transformers' eager attention: `softmax(rope(q) rope(k)^T / sqrt(d) + mask) v`, with the mask of
 //! [`crate::positions::attention_bias`] (same segment, causal, optional sliding window). The tensor implementation in
-//! `decoder.rs` remains the reference and the path for other backends; `tests/attention.rs`-style parity is in this
+//! `ytrainer-models`' `decoder.rs` remains the reference and the path for other backends; `tests/attention.rs`-style parity is in this
 //! file's tests (values and gradients against it).
 
 use std::sync::Arc;

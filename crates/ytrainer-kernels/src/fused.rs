@@ -4,7 +4,7 @@
 //! their derivatives), and `silu(g) * u` is three forward (with a scalar libm `exp`) and six backward, each a
 //! full pass over memory with its own allocation and autodiff node. Here each is one multi-threaded pass forward
 //! and one backward. The formulas are transformers' (`LlamaRMSNorm`: `w * x * rsqrt(mean(x^2) + eps)`; `silu`);
-//! the tensor versions in `decoder.rs` stay the reference and the path for other backends, and the tests below
+//! the tensor versions in `ytrainer-models`' `decoder.rs` stay the reference and the path for other backends, and the tests below
 //! check values and gradients against them.
 
 use crate::cpu::{self, matmul, matmul_new};

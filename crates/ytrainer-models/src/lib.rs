@@ -7,13 +7,13 @@
 //!   Python ecosystem.
 //!
 //! One file per concern:
-//! - the network: `decoder.rs` (the shared decoder), `positions.rs` (RoPE tables and the attention mask of the
-//!   tensor path), `lora.rs`, `config.rs` (config.json);
+//! - the network: `decoder.rs` (the shared decoder), `lora.rs`, `config.rs` (config.json);
 //! - `arch/`: the `model_type` table (`mod.rs`), the switches it resolves to (`spec.rs`) and how each
 //!   architecture differs (`llama.rs`, `qwen2.rs`, `qwen3.rs`);
 //! - the trainer's contract: `causal_lm.rs` (`CausalLm` for the decoder), `recompute.rs` (gradient
 //!   checkpointing);
-//! - `attention.rs` and `fused.rs`: fused CPU kernels with their own backward passes;
+//! - the CPU kernels it calls (attention, RMSNorm, SwiGLU, linear) and the RoPE / mask tables of the tensor path
+//!   live in `ytrainer-kernels` (re-exported as `attention`, `fused`, `positions`);
 //! - `formats/`: `st.rs` (streaming safetensors), `load.rs`, `save.rs` (HF + PEFT), `export.rs` (dtype, shards);
 //! - `gguf/`: llama.cpp GGUF import; `generate.rs`: KV-cache generation.
 //!
