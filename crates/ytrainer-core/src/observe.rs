@@ -8,7 +8,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::trainer::TrainError;
+use crate::error::TrainError;
 
 /// Which stream a record belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,52 +14,13 @@ use std::time::Instant;
 use burn::prelude::*;
 use serde::Serialize;
 
-use crate::checkpoint::{self, CheckpointError, TrainerState};
+use crate::checkpoint::{self, TrainerState};
 use crate::config::TrainSection;
 use crate::model::CausalLm;
 use crate::observe::{JsonlSink, Observer, Progress, Sink, Stream, TensorboardSink};
 use crate::optim::{AdamW, AdamWConfig, GradAccumulator, lr_at};
-use crate::step::StepError;
 
-/// Errors that stop a run.
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    /// Checkpoint problem.
-    #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
-    /// Plugin misbehaved.
-    #[error("step {step}: {source}")]
-    Plugin {
-        /// Optimizer step.
-        step: usize,
-        /// Cause.
-        source: StepError,
-    },
-    /// Output could not be written.
-    #[error("{path}: {message}")]
-    Output {
-        /// File.
-        path: PathBuf,
-        /// Cause.
-        message: String,
-    },
-    /// Resume does not match this run.
-    #[error("cannot resume from {path}: {message}")]
-    Resume {
-        /// Checkpoint.
-        path: PathBuf,
-        /// What differs.
-        message: String,
-    },
-    /// The data could not be planned into steps.
-    #[error(transparent)]
-    Data(#[from] ytrainer_data::DataError),
-    /// Nothing to train on.
-    #[error(
-        "the training data yields no optimizer step (no supervised tokens); check `[data] train_on` and the data file"
-    )]
-    NoSteps,
-}
+pub use crate::error::TrainError;
 
 /// Where an optimizer step stands, handed to the objective.
 #[derive(Debug, Clone, Copy)]

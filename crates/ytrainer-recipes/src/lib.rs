@@ -7,6 +7,7 @@
 //! function here with an [`Observer`](ytrainer_core::observe::Observer) for progress, and prints the report.
 //! Nothing here prints: messages go to the observer.
 
+pub mod common;
 pub mod config;
 pub mod error;
 pub mod eval;

@@ -17,8 +17,8 @@ use ytrainer_data::{PairExample, PairRecord, load_pairs, tokenize_pair};
 use ytrainer_models::{AdapterSpec, load_peft_adapter, load_pretrained};
 
 use crate::bail;
+use crate::common::{Ran, RunOptions};
 use crate::error::{Context, Result};
-use crate::run::{RunOptions, RunReport};
 use crate::source::{pad_id, resolve_model_dir, tokenizer_and_template, training_device};
 
 /// What a preference run did.
@@ -123,10 +123,10 @@ pub fn run_preference(
     params: &Params,
     opts: &RunOptions,
     observer: &mut dyn Observer,
-) -> Result<RunReport> {
+) -> Result<Ran<PrefReport>> {
     cfg.loss.normalize = None;
     if opts.dry_run {
-        return Ok(RunReport::DryRun(Box::new(cfg)));
+        return Ok(Ran::DryRun(Box::new(cfg)));
     }
     if cfg.train.precision != Precision::F32 {
         bail!(
@@ -143,7 +143,7 @@ pub fn run_preference(
             cfg.loss.name
         );
     }
-    let (out, train_file) = crate::run::output_and_train_file(&cfg)?;
+    let (out, train_file) = crate::common::output_and_train_file(&cfg)?;
     let model_dir = resolve_model_dir(&cfg, &out, &train_file, &mut |m| observer.notice(m))?;
     let (tok, template) = tokenizer_and_template(&cfg, &model_dir)?;
     let template = template.with_context(|| {
@@ -158,7 +158,7 @@ pub fn run_preference(
     let (train_records, mut eval_records) = if cfg.data.eval.is_some() {
         (loaded.pairs, Vec::new())
     } else {
-        crate::sft::split_eval(loaded.pairs, cfg.data.eval_fraction)
+        crate::common::split_eval(loaded.pairs, cfg.data.eval_fraction)
     };
     if let Some(e) = &cfg.data.eval {
         let l = load_pairs(e)?;
@@ -181,7 +181,7 @@ pub fn run_preference(
     }
 
     let device = training_device(&cfg)?;
-    let adapter = crate::run::adapter_spec(&cfg);
+    let adapter = crate::common::adapter_spec(&cfg);
     let (mut model, _) = load_pretrained(&model_dir, &adapter, &device)?;
     if let Some(init) = &cfg.adapter.init_from {
         model = load_peft_adapter(model, init)?;
@@ -240,11 +240,11 @@ pub fn run_preference(
         save_every: cfg.output.save_every_steps,
         save_total_limit: cfg.output.save_total_limit,
         eval_every: cfg.eval.every_steps,
-        resume: crate::run::resume_dir(opts)?,
-        fingerprint: crate::run::fingerprint(&cfg),
+        resume: crate::common::resume_dir(opts)?,
+        fingerprint: crate::common::fingerprint(&cfg),
         device: &device,
     };
-    crate::run::write_resolved_config(&cfg, &out)?;
+    crate::common::write_resolved_config(&cfg, &out)?;
     observer.notice(&format!(
         "preference training {} with `{}` ({}) on {} pairs from {}, on {} in precision {}",
         model_dir.display(),
@@ -261,7 +261,7 @@ pub fn run_preference(
         cfg.train.precision
     ));
     let (model, summary) = train_pairs(model, &setup, observer)?;
-    let (final_dir, files) = crate::run::export_final(&model, &cfg, &model_dir, &out)?;
+    let (final_dir, files) = crate::common::export_final(&model, &cfg, &model_dir, &out)?;
     fs::write(
         out.join("summary.json"),
         serde_json::to_string_pretty(&serde_json::json!({
@@ -270,7 +270,7 @@ pub fn run_preference(
             "exported": files,
         }))?,
     )?;
-    Ok(RunReport::Preference(Box::new(PrefReport {
+    Ok(Ran::Trained(Box::new(PrefReport {
         summary,
         pairs: pairs.len(),
         eval_pairs: eval_pairs.len(),

@@ -15,8 +15,8 @@ use ytrainer_data::{
 use ytrainer_models::{AdapterSpec, load_peft_adapter, load_pretrained};
 
 use crate::bail;
+use crate::common::{Ran, RunOptions};
 use crate::error::{Context, Result};
-use crate::run::{RunOptions, RunReport};
 use crate::source::{pad_id, resolve_model_dir, tokenizer_and_template, training_device};
 
 /// What a token-weighted run did.
@@ -50,24 +50,6 @@ pub fn data_options(cfg: &RunConfig) -> DataOptions {
     }
 }
 
-/// Splits off a deterministic eval fraction: every k-th record, so the split does not depend on file order
-/// (shuffled data stays shuffled, sorted data is sampled evenly).
-pub fn split_eval<T>(records: Vec<T>, fraction: f64) -> (Vec<T>, Vec<T>) {
-    if fraction <= 0.0 || records.len() < 2 {
-        return (records, Vec::new());
-    }
-    let k = (1.0 / fraction).round().max(2.0) as usize;
-    let (mut train, mut eval) = (Vec::new(), Vec::new());
-    for (i, r) in records.into_iter().enumerate() {
-        if i % k == k - 1 {
-            eval.push(r);
-        } else {
-            train.push(r);
-        }
-    }
-    (train, eval)
-}
-
 /// The batch planner's options from the config.
 pub fn batch_options(cfg: &RunConfig, pad_id: u32) -> BatchOptions {
     BatchOptions {
@@ -93,16 +75,16 @@ pub fn run_sft(
     params: &Params,
     opts: &RunOptions,
     observer: &mut dyn Observer,
-) -> Result<RunReport> {
+) -> Result<Ran<SftReport>> {
     let normalize = cfg
         .loss
         .normalize
         .unwrap_or_else(|| plugin.default_normalize());
     cfg.loss.normalize = Some(normalize);
     if opts.dry_run {
-        return Ok(RunReport::DryRun(Box::new(cfg)));
+        return Ok(Ran::DryRun(Box::new(cfg)));
     }
-    let (out, train_file) = crate::run::output_and_train_file(&cfg)?;
+    let (out, train_file) = crate::common::output_and_train_file(&cfg)?;
     let model_dir = resolve_model_dir(&cfg, &out, &train_file, &mut |m| observer.notice(m))?;
 
     // Data.
@@ -116,7 +98,7 @@ pub fn run_sft(
         );
     }
     let (train_records, mut eval_records): (Vec<Record>, Vec<Record>) =
-        split_eval(loaded.records, cfg.data.eval_fraction);
+        crate::common::split_eval(loaded.records, cfg.data.eval_fraction);
     if let Some(e) = &cfg.data.eval {
         let l = load_records(e)?;
         warnings.extend(l.warnings.iter().map(|w| w.to_string()));
@@ -139,7 +121,7 @@ pub fn run_sft(
 
     // Model.
     let device = training_device(&cfg)?;
-    let adapter = crate::run::adapter_spec(&cfg);
+    let adapter = crate::common::adapter_spec(&cfg);
     let (mut model, _hf) = load_pretrained(&model_dir, &adapter, &device)?;
     if let Some(init) = &cfg.adapter.init_from {
         model = load_peft_adapter(model, init)?;
@@ -174,7 +156,7 @@ pub fn run_sft(
         );
     }
 
-    crate::run::write_resolved_config(&cfg, &out)?;
+    crate::common::write_resolved_config(&cfg, &out)?;
 
     let setup = TrainSetup {
         train: &cfg.train,
@@ -188,8 +170,8 @@ pub fn run_sft(
         output_dir: &out,
         save_every: cfg.output.save_every_steps,
         save_total_limit: cfg.output.save_total_limit,
-        resume: crate::run::resume_dir(opts)?,
-        fingerprint: crate::run::fingerprint(&cfg),
+        resume: crate::common::resume_dir(opts)?,
+        fingerprint: crate::common::fingerprint(&cfg),
         device: &device,
     };
     let s = &prepared.stats;
@@ -213,9 +195,9 @@ pub fn run_sft(
     let (model, summary) = sft::train(model, &setup, observer)?;
 
     // Final export: what the user takes to the rest of the ecosystem.
-    let (final_dir, files) = crate::run::export_final(&model, &cfg, &model_dir, &out)?;
+    let (final_dir, files) = crate::common::export_final(&model, &cfg, &model_dir, &out)?;
     write_summary(&out, &summary, s, &warnings, &files)?;
-    Ok(RunReport::Sft(Box::new(SftReport {
+    Ok(Ran::Trained(Box::new(SftReport {
         summary,
         data: s.clone(),
         warnings,

@@ -1,0 +1,185 @@
+//! What every kind of run shares: the plugin registry, options, the adapter spec, the resume checkpoint, the
+//! config fingerprint, the resolved config and the final export. The run recipes (`sft`, `preference`) use it;
+//! [`crate::run`] dispatches between them.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use ytrainer_core::config::{AdapterKind, RunConfig};
+use ytrainer_core::loss::Registry;
+use ytrainer_models::{AdapterSpec, LoraConfig};
+
+use crate::error::{Context, Result};
+
+/// Environment variable with extra plugin paths (separated like `PATH`).
+pub const PLUGIN_PATH_ENV: &str = "YTRAINER_PLUGIN_PATH";
+
+/// Every external plugin path in force: `cli_dirs` (the `--plugin-dir` flags), then `YTRAINER_PLUGIN_PATH`,
+/// then `config` (`[loss] plugins`).
+pub fn plugin_paths(cli_dirs: &[PathBuf], config: &[PathBuf]) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = cli_dirs.to_vec();
+    if let Some(env) = std::env::var_os(PLUGIN_PATH_ENV) {
+        v.extend(std::env::split_paths(&env).filter(|p| !p.as_os_str().is_empty()));
+    }
+    v.extend(config.iter().cloned());
+    v
+}
+
+/// The plugin registry of a run: built-ins plus external plugins from every plugin path.
+pub fn registry(cli_dirs: &[PathBuf], config: &[PathBuf]) -> Result<Registry> {
+    let paths = plugin_paths(cli_dirs, config);
+    Registry::discover_with(&paths).context("loading external loss plugins")
+}
+
+/// How to run, beyond the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue from this checkpoint (or run directory: its latest checkpoint).
+    pub resume: Option<PathBuf>,
+    /// Resolve and validate everything that needs no model, then stop.
+    pub dry_run: bool,
+    /// External plugin directories named outside the config (`--plugin-dir`).
+    pub plugin_dirs: Vec<PathBuf>,
+}
+
+/// What a run recipe did: stopped after validation (`dry_run`) or trained and exported.
+#[derive(Debug)]
+pub enum Ran<R> {
+    /// The config as it would run (defaults and the plugin's normalisation filled in).
+    DryRun(Box<RunConfig>),
+    /// The run's report.
+    Trained(Box<R>),
+}
+
+/// Everything that determines the training trajectory, as canonical JSON: resume must match it, and on a
+/// mismatch the trainer names the keys that differ. The device is left out on purpose (a run may continue on
+/// other hardware), as are eval and output settings.
+pub fn fingerprint(cfg: &RunConfig) -> String {
+    let mut train = serde_json::to_value(&cfg.train).unwrap_or_default();
+    if let Some(t) = train.as_object_mut() {
+        t.remove("device");
+    }
+    serde_json::json!({
+        "model": cfg.model, "adapter": cfg.adapter, "data": cfg.data, "loss": cfg.loss, "train": train,
+    })
+    .to_string()
+}
+
+/// The adapter the config asks for.
+pub fn adapter_spec(cfg: &RunConfig) -> AdapterSpec {
+    match cfg.adapter.kind {
+        AdapterKind::Full => AdapterSpec::Full,
+        AdapterKind::Lora => AdapterSpec::Lora(LoraConfig {
+            r: cfg.adapter.r,
+            alpha: cfg.adapter.alpha,
+            dropout: cfg.adapter.dropout,
+            target_modules: cfg.adapter.target_modules.clone(),
+            use_rslora: cfg.adapter.use_rslora,
+            init_seed: cfg.train.seed,
+        }),
+    }
+}
+
+/// The checkpoint `--resume` names, resolved (a run directory means its latest checkpoint).
+pub(crate) fn resume_dir(opts: &RunOptions) -> Result<Option<PathBuf>> {
+    Ok(match &opts.resume {
+        Some(p) => Some(ytrainer_core::checkpoint::resolve_resume(p)?),
+        None => None,
+    })
+}
+
+/// Writes the resolved config beside the metrics, with absolute paths so it can be fed back as `--config`.
+pub fn write_resolved_config(cfg: &RunConfig, out: &Path) -> Result<()> {
+    let mut resolved = cfg.clone();
+    for p in [
+        &mut resolved.model.path,
+        &mut resolved.data.train,
+        &mut resolved.data.eval,
+        &mut resolved.adapter.init_from,
+        &mut resolved.preference.reference,
+        &mut resolved.loss.reference_model,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if let Ok(abs) = std::path::absolute(&*p) {
+            *p = abs;
+        }
+    }
+    if let Ok(abs) = std::path::absolute(&resolved.output.dir) {
+        resolved.output.dir = abs;
+    }
+    let path = out.join("config.resolved.toml");
+    fs::write(&path, toml::to_string_pretty(&resolved)?)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Copies the tokenizer files a loader of the exported model needs (`generation_config.json` too for a full
+/// model; an adapter takes it from its base).
+pub fn copy_tokenizer_files(from: &Path, to: &Path, full: bool) -> Result<()> {
+    let names: &[&str] = if full {
+        &[
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "generation_config.json",
+            "special_tokens_map.json",
+        ]
+    } else {
+        &[
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "special_tokens_map.json",
+        ]
+    };
+    for n in names {
+        let src: PathBuf = from.join(n);
+        if src.exists() {
+            fs::copy(&src, to.join(n)).with_context(|| format!("cannot copy {}", src.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates the run directory and returns it with the training file.
+pub(crate) fn output_and_train_file(cfg: &RunConfig) -> Result<(PathBuf, PathBuf)> {
+    let out = cfg.output.dir.clone();
+    fs::create_dir_all(&out)
+        .with_context(|| format!("cannot create output directory {}", out.display()))?;
+    let train_file = cfg.data.train.clone().context("no training data")?;
+    Ok((out, train_file))
+}
+
+/// Exports the trained model to `<out>/final` with its tokenizer files; returns the directory and the files.
+pub(crate) fn export_final<M: ytrainer_core::model::CausalLm>(
+    model: &M,
+    cfg: &RunConfig,
+    model_dir: &Path,
+    out: &Path,
+) -> Result<(PathBuf, Vec<PathBuf>)> {
+    let final_dir = out.join("final");
+    let files = model
+        .export(&final_dir)
+        .map_err(|e| crate::invalid!("exporting the trained model: {e}"))?;
+    copy_tokenizer_files(model_dir, &final_dir, cfg.adapter.kind == AdapterKind::Full)?;
+    Ok((final_dir, files))
+}
+
+/// Splits off a deterministic eval fraction: every k-th record, so the split does not depend on file order
+/// (shuffled data stays shuffled, sorted data is sampled evenly).
+pub fn split_eval<T>(records: Vec<T>, fraction: f64) -> (Vec<T>, Vec<T>) {
+    if fraction <= 0.0 || records.len() < 2 {
+        return (records, Vec::new());
+    }
+    let k = (1.0 / fraction).round().max(2.0) as usize;
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    for (i, r) in records.into_iter().enumerate() {
+        if i % k == k - 1 {
+            eval.push(r);
+        } else {
+            train.push(r);
+        }
+    }
+    (train, eval)
+}
