@@ -10,9 +10,12 @@
 pub mod config;
 pub mod error;
 pub mod eval;
+pub mod generate;
 pub mod preference;
 pub mod preset;
+pub mod render;
 pub mod run;
+pub mod score;
 pub mod sft;
 pub mod source;
 pub mod sweep;
