@@ -1,7 +1,8 @@
-//! Flag parsing shared by the inference commands (`score`, `sort`, `render`, `generate`, `chat`); loading a model
-//! for them lives in `ytrainer_recipes::source`.
+//! Flag parsing shared by the inference commands (`score`, `sort`, `render`, `generate`, `chat`); the work
+//! behind them lives in `ytrainer_recipes` (`source`, `score`, `render`, `generate`).
 
 use anyhow::{Result, anyhow, bail};
+use ytrainer_data::TrainOn;
 
 /// Parses `NAME=VALUE` template variables: the value as JSON when it parses, else as a string.
 pub fn parse_vars(vars: &[String]) -> Result<serde_json::Map<String, serde_json::Value>> {
@@ -19,4 +20,16 @@ pub fn parse_vars(vars: &[String]) -> Result<serde_json::Map<String, serde_json:
         out.insert(k.to_string(), parsed);
     }
     Ok(out)
+}
+
+/// Parses `--train-on`.
+pub fn parse_train_on(s: &str) -> Result<TrainOn> {
+    Ok(match s {
+        "all_assistant" => TrainOn::AllAssistant,
+        "last_assistant" => TrainOn::LastAssistant,
+        "everything" => TrainOn::Everything,
+        other => {
+            bail!("--train-on `{other}`: expected all_assistant, last_assistant or everything")
+        }
+    })
 }
