@@ -7,6 +7,7 @@
 //! function here with an [`Observer`](ytrainer_core::observe::Observer) for progress, and prints the report.
 //! Nothing here prints: messages go to the observer.
 
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod eval;
@@ -14,6 +15,7 @@ pub mod preference;
 pub mod preset;
 pub mod run;
 pub mod sft;
+pub mod sort;
 pub mod source;
 pub mod sweep;
 
