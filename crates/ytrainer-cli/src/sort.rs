@@ -1,31 +1,16 @@
-//! `ytrainer sort`: rank a corpus by how the model reacts to each sample (per-token loss and entropy), to find
-//! label errors and noise before training. The scores are `ytrainer_data::quality` (pure functions); this file
-//! streams records, batches them by length, runs one forward pass per batch and writes the ranked records.
-//!
-//! Memory stays bounded in the number of records: records are read a chunk at a time; each scored record goes to
-//! a temporary file next to `--out` and only `(score, offset, length)` stays in memory; the ranked output is then
-//! copied from that file in order.
+//! `ytrainer sort`: flags -> [`ytrainer_recipes::sort::sort`] (score, rank, write the ranked records and the
+//! report) -> a progress bar over the data file and the summary line on stderr.
 
-use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::PathBuf;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{Map, Value, json};
-use ytrainer_core::loss::tensor_to_vec;
-use ytrainer_core::step::{entropy, head_stats, target_log_probs, to_device, token_ce};
-use ytrainer_data::quality::{Analysis, QualityMode, TokenClass, analyze};
-use ytrainer_data::stream::{RecordStream, StreamItem};
-use ytrainer_data::{
-    BatchOptions, DataError, DataOptions, Example, Message, Mode, Overlong, Record, RecordKind,
-    TrainOn, plan_epoch, prepare,
-};
+use ytrainer_data::TrainOn;
+use ytrainer_data::quality::QualityMode;
+use ytrainer_recipes::sort::{Selection, SortObserver, SortSettings};
 
 use crate::interop::parse_vars;
-use ytrainer_recipes::source::{Loaded, inference_device, load_for_inference};
 
 /// `ytrainer sort`
 #[derive(Debug, Args)]
@@ -88,34 +73,6 @@ pub struct SortArgs {
     pub device: String,
 }
 
-/// Where a scored record sits in the temporary file.
-struct Entry {
-    score: f64,
-    index: usize,
-    offset: u64,
-    len: u32,
-}
-
-/// What the report shows of one record.
-struct ReportItem {
-    score: f64,
-    index: usize,
-    origin: String,
-    prompt: String,
-    /// Answer text pieces; `Some(class)` marks an error span.
-    answer: Vec<(String, Option<&'static str>)>,
-    summary: String,
-}
-
-/// Removes the temporary file on every exit path.
-struct TempFile(PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 fn train_on(s: &str) -> Result<TrainOn> {
     Ok(match s {
         "all_assistant" => TrainOn::AllAssistant,
@@ -127,624 +84,81 @@ fn train_on(s: &str) -> Result<TrainOn> {
     })
 }
 
-fn check_percent(flag: &str, p: Option<f64>) -> Result<()> {
-    if let Some(p) = p
-        && !(0.0..=100.0).contains(&p)
-    {
-        bail!("{flag} {p}: expected a percentage between 0 and 100");
-    }
-    Ok(())
-}
+/// A bar over the data file's bytes, with records and records/s in its message.
+#[derive(Default)]
+struct Bar(Option<ProgressBar>);
 
-/// One record of a chunk, tokenized (or why not).
-struct Prepared {
-    item: StreamItem,
-    example: Option<Example>,
-    truncated: bool,
-    /// Why there is nothing to score.
-    skipped: Option<String>,
-}
+impl SortObserver for Bar {
+    fn start(&mut self, total_bytes: u64) {
+        let bar = ProgressBar::new(total_bytes.max(1));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {percent}% (eta {eta}) {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        self.0 = Some(bar);
+    }
 
-fn prepare_one(item: StreamItem, l: &Loaded, opts: &DataOptions) -> Result<Prepared> {
-    let record = match &item.record {
-        Ok(r) => r.clone(),
-        Err(reason) => {
-            let skipped = Some(format!("dropped by the loader: {reason}"));
-            return Ok(Prepared {
-                item,
-                example: None,
-                truncated: false,
-                skipped,
-            });
-        }
-    };
-    Ok(match tokenize(record, l, opts)? {
-        Some((example, truncated)) => Prepared {
-            item,
-            truncated,
-            example: Some(example),
-            skipped: None,
-        },
-        None => Prepared {
-            item,
-            example: None,
-            truncated: false,
-            skipped: Some(
-                "no supervised token within --max-seq-len (answer empty or cut off)".into(),
-            ),
-        },
-    })
-}
-
-/// One record as the trainer tokenizes it, and whether it was cut to --max-seq-len; `None` when no supervised
-/// token is left.
-fn tokenize(record: Record, l: &Loaded, opts: &DataOptions) -> Result<Option<(Example, bool)>> {
-    match prepare(&[record], &l.tok, l.template.as_ref(), opts) {
-        Ok(mut p) => Ok(p.examples.pop().map(|ex| (ex, p.stats.truncated > 0))),
-        Err(DataError::EmptyDataset { .. }) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Loss and (with `need_entropy`; else an empty series) entropy of every supervised token of every example, one
-/// forward pass per length-bucketed batch.
-fn score_chunk(
-    l: &Loaded,
-    examples: &[Example],
-    need_entropy: bool,
-    batch: &BatchOptions,
-    device: &ytrainer_core::burn::prelude::Device,
-) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
-    let mut series = vec![(Vec::new(), Vec::new()); examples.len()];
-    // Sort by length so each batch pads little; `plan_epoch` without shuffling keeps this order.
-    let mut order: Vec<usize> = (0..examples.len()).collect();
-    order.sort_by_key(|&i| (examples[i].len(), i));
-    let sorted: Vec<Example> = order.iter().map(|&i| examples[i].clone()).collect();
-    let steps = plan_epoch(&sorted, batch, 0)?;
-    for mb in steps.iter().flat_map(|s| &s.micro_batches) {
-        let b = to_device(mb, device);
-        if b.n == 0 {
-            continue;
-        }
-        // Loss and entropy from the head's row statistics, a bounded number of logits rows at a time (no
-        // `[targets, vocab]` log-probability tensor).
-        let (ce, ent) = match head_stats(&l.model, &b, need_entropy) {
-            Some(stats) => (stats.ce, stats.entropy.unwrap_or_default()),
-            None => {
-                let lp = target_log_probs(&l.model, &b);
-                let ce = tensor_to_vec(token_ce(lp.clone(), b.targets.clone()));
-                let ent = if need_entropy {
-                    tensor_to_vec(entropy(lp))
-                } else {
-                    Vec::new()
-                };
-                (ce, ent)
-            }
-        };
-        if ce.len() != b.n || (need_entropy && ent.len() != b.n) {
-            bail!(
-                "internal: {} targets but {} losses / {} entropies",
-                b.n,
-                ce.len(),
-                ent.len()
-            );
-        }
-        // Targets come row-major, each row's in position order: `samples[k]` is the (sorted) example of target k.
-        for k in 0..b.n {
-            let s = &mut series[order[b.samples[k] as usize]];
-            s.0.push(ce[k]);
-            if need_entropy {
-                s.1.push(ent[k]);
-            }
-        }
-    }
-    for (ex, s) in examples.iter().zip(&series) {
-        if s.0.len() != ex.num_targets() {
-            bail!(
-                "internal: an example has {} supervised tokens but {} were scored",
-                ex.num_targets(),
-                s.0.len()
-            );
-        }
-    }
-    Ok(series)
-}
-
-/// The record with every non-assistant message emptied (same template, same answers), for the `ifd` mode's
-/// second pass; `None` when there is no prompt text to remove.
-fn prompt_free(r: &Record) -> Option<Record> {
-    let RecordKind::Chat { messages } = &r.kind else {
-        return None;
-    };
-    let prompt = |m: &Message| m.role != "assistant";
-    if !messages
-        .iter()
-        .any(|m| prompt(m) && !m.content.trim().is_empty())
-    {
-        return None;
-    }
-    let messages = messages
-        .iter()
-        .map(|m| {
-            if prompt(m) {
-                Message::new(&m.role, "")
-            } else {
-                m.clone()
-            }
-        })
-        .collect();
-    Some(Record {
-        origin: r.origin.clone(),
-        kind: RecordKind::Chat { messages },
-    })
-}
-
-/// Losses of the answer tokens of each example's prompt-free variant (`None`: no prompt, or nothing left to
-/// score within --max-seq-len), in `with_ex` order.
-fn prompt_free_losses(
-    l: &Loaded,
-    chunk: &[Prepared],
-    with_ex: &[usize],
-    opts: &DataOptions,
-    batch: &BatchOptions,
-    device: &ytrainer_core::burn::prelude::Device,
-) -> Result<Vec<Option<Vec<f32>>>> {
-    let mut examples = Vec::new();
-    let mut slot = Vec::with_capacity(with_ex.len());
-    for &i in with_ex {
-        let variant = chunk[i].item.record.as_ref().ok().and_then(prompt_free);
-        let ex = match variant {
-            Some(r) => tokenize(r, l, opts)?.map(|(ex, _)| ex),
-            None => None,
-        };
-        slot.push(ex.map(|ex| {
-            examples.push(ex);
-            examples.len() - 1
-        }));
-    }
-    let series = score_chunk(l, &examples, false, batch, device)?;
-    Ok(slot
-        .into_iter()
-        .map(|k| k.map(|k| series[k].0.clone()))
-        .collect())
-}
-
-fn answer_ids(ex: &Example) -> Vec<u32> {
-    ex.input_ids
-        .iter()
-        .zip(&ex.targets)
-        .skip(1)
-        .filter(|&(_, &t)| t)
-        .map(|(&id, _)| id)
-        .collect()
-}
-
-fn round(v: f64) -> f64 {
-    (v * 1e6).round() / 1e6
-}
-
-fn quality_json(a: &Analysis, mode: QualityMode, ids: &[u32], l: &Loaded, p: &Prepared) -> Value {
-    let mut classes = Map::new();
-    for c in TokenClass::ALL {
-        classes.insert(c.name().into(), json!(a.class_counts[c as usize]));
-    }
-    let spans: Vec<Value> = a
-        .spans
-        .iter()
-        .map(|s| {
-            json!({
-                "start": s.start,
-                "end": s.end,
-                "text": l.tok.decode(&ids[s.start.min(ids.len())..s.end.min(ids.len())], false).unwrap_or_default(),
-                "class": s.class.name(),
-                "max_abs_d": round(s.max_abs_d),
-                "mean_loss": round(s.mean_loss),
-            })
-        })
-        .collect();
-    let mut q = json!({
-        "mode": mode.name(),
-        "score": round(a.score(mode)),
-        "n_tokens": a.n,
-        "mean_loss": round(a.mean_loss),
-        "mean_entropy": round(a.mean_entropy),
-        "classes": classes,
-        "confident_wrong": a.confident_wrong,
-        "uncertain_wrong": a.uncertain_wrong,
-        "pearson": a.pearson.map(round),
-        "scores": {
-            "filtered": round(a.score(QualityMode::Filtered)),
-            "similarity": round(a.score(QualityMode::Similarity)),
-            "divergence": round(a.score(QualityMode::Divergence)),
-        },
-        "spans": spans,
-    });
-    if mode == QualityMode::Ifd {
-        q["scores"]["ifd"] = json!(round(a.score(QualityMode::Ifd)));
-        q["mean_loss_without_prompt"] = json!(a.mean_loss_without_prompt.map(round));
-    }
-    let reason = p.skipped.clone().or_else(|| a.reason(mode));
-    if let Some(r) = reason {
-        q["reason"] = json!(r);
-    }
-    if p.truncated {
-        q["truncated"] = json!(true);
-    }
-    q
-}
-
-fn excerpt(s: &str, n: usize) -> String {
-    let s = s.trim();
-    match s.char_indices().nth(n) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_string(),
-    }
-}
-
-fn report_item(
-    a: &Analysis,
-    score: f64,
-    ids: &[u32],
-    l: &Loaded,
-    p: &Prepared,
-    reason: Option<String>,
-) -> ReportItem {
-    let prompt = match &p.item.record {
-        Ok(r) => match &r.kind {
-            RecordKind::Chat { messages } => messages
-                .iter()
-                .rev()
-                .find(|m| m.role == "user")
-                .map(|m| excerpt(&m.content, 400))
-                .unwrap_or_default(),
-            RecordKind::Text { .. } => String::new(),
-        },
-        Err(_) => String::new(),
-    };
-    let mut answer = Vec::new();
-    let mut at = 0;
-    let dec = |a: usize, b: usize| l.tok.decode(&ids[a..b], false).unwrap_or_default();
-    for s in &a.spans {
-        let (s0, s1) = (s.start.min(ids.len()), s.end.min(ids.len()));
-        if s0 > at {
-            answer.push((dec(at, s0), None));
-        }
-        answer.push((dec(s0, s1), Some(s.class.name())));
-        at = s1;
-    }
-    if at < ids.len() {
-        answer.push((dec(at, ids.len()), None));
-    }
-    let nonzero: Vec<String> = TokenClass::ALL
-        .into_iter()
-        .filter(|&c| c != TokenClass::Normal && a.class_counts[c as usize] > 0)
-        .map(|c| format!("{} {}", c.name(), a.class_counts[c as usize]))
-        .collect();
-    let mut summary = format!(
-        "{} answer tokens, mean loss {:.3}, mean entropy {:.3}",
-        a.n, a.mean_loss, a.mean_entropy
-    );
-    if !nonzero.is_empty() {
-        summary.push_str(&format!("; {}", nonzero.join(", ")));
-    }
-    if let Some(r) = reason {
-        summary.push_str(&format!("; {r}"));
-    }
-    ReportItem {
-        score,
-        index: p.item.origin.index,
-        origin: p.item.origin.to_string(),
-        prompt,
-        answer,
-        summary,
-    }
-}
-
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-fn write_report(
-    path: &Path,
-    items: &[ReportItem],
-    mode: QualityMode,
-    data: &Path,
-    total: usize,
-) -> Result<()> {
-    let html = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case("html") || e.eq_ignore_ascii_case("htm"));
-    let mut o = String::new();
-    let title = format!(
-        "ytrainer sort: the {} most suspicious of {total} records in {} (mode {mode})",
-        items.len(),
-        data.display()
-    );
-    let answer_html = |it: &ReportItem| -> String {
-        it.answer
-            .iter()
-            .map(|(t, c)| match c {
-                Some(c) => format!("<mark title=\"{c}\">{}</mark>", html_escape(t)),
-                None => html_escape(t),
-            })
-            .collect()
-    };
-    if html {
-        o.push_str(&format!(
-            "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{0}</title>\n<style>body{{font-family:sans-serif;max-width:60em;margin:auto}}pre{{white-space:pre-wrap;background:#f6f6f6;padding:.5em}}mark{{background:#ffb3b3}}</style></head><body>\n<h1>{0}</h1>\n<p>Error spans are <mark>marked</mark> (hover for their class).</p>\n",
-            html_escape(&title)
-        ));
-        for (r, it) in items.iter().enumerate() {
-            o.push_str(&format!(
-                "<h2>{}. score {:.4} &mdash; {} (record {})</h2>\n<p>{}</p>\n<p><b>Prompt</b></p><pre>{}</pre>\n<p><b>Answer</b></p><pre>{}</pre>\n",
-                r + 1,
-                it.score,
-                html_escape(&it.origin),
-                it.index,
-                html_escape(&it.summary),
-                html_escape(&it.prompt),
-                answer_html(it)
-            ));
-        }
-        o.push_str("</body></html>\n");
-    } else {
-        o.push_str(&format!(
-            "# {title}\n\nError spans are marked `<mark>` (their class in the title).\n\n"
-        ));
-        for (r, it) in items.iter().enumerate() {
-            let quote =
-                |s: &str| -> String { s.lines().map(|l| format!("> {l}\n")).collect::<String>() };
-            o.push_str(&format!(
-                "## {}. score {:.4} — {} (record {})\n\n{}\n\n**Prompt**\n\n{}\n**Answer**\n\n{}\n",
-                r + 1,
-                it.score,
-                it.origin,
-                it.index,
-                it.summary,
-                quote(&html_escape(&it.prompt)),
-                quote(&answer_html(it)),
+    fn chunk(&mut self, bytes_read: u64, records: usize, seconds: f64) {
+        if let Some(bar) = &self.0 {
+            bar.set_position(bytes_read);
+            bar.set_message(format!(
+                "{records} records, {:.1} records/s",
+                records as f64 / seconds.max(1e-9)
             ));
         }
     }
-    std::fs::write(path, o).with_context(|| format!("cannot write {}", path.display()))
+
+    fn scored(&mut self) {
+        if let Some(bar) = self.0.take() {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 /// `ytrainer sort`
 pub fn sort(a: SortArgs) -> Result<()> {
-    check_percent("--keep-top", a.keep_top)?;
-    check_percent("--drop-top", a.drop_top)?;
-    if a.threshold.is_some_and(|x| !x.is_finite()) {
-        bail!("--threshold must be a finite number");
-    }
-    if a.chunk == 0 || a.batch_size == 0 || a.batch_tokens == 0 {
-        bail!("--chunk, --batch-size and --batch-tokens must be at least 1");
-    }
-    if let Some(r) = &a.report {
-        let ext = r
-            .extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        if !matches!(ext.as_str(), "md" | "markdown" | "html" | "htm") {
-            bail!(
-                "--report {}: expected a .md or .html file name",
-                r.display()
-            );
-        }
-    }
-    if a.mode == QualityMode::Ifd && a.train_on == "everything" {
-        bail!(
-            "--mode ifd compares the answer's loss with and without its prompt, but --train-on everything \
-             scores the prompt too: use all_assistant or last_assistant"
-        );
-    }
-    let opts = DataOptions {
-        max_seq_len: a.max_seq_len,
-        overlong: Overlong::Truncate,
+    let selection = match (a.keep_top, a.drop_top, a.threshold) {
+        (Some(p), _, _) => Selection::KeepTop(p),
+        (_, Some(p), _) => Selection::DropTop(p),
+        (_, _, Some(x)) => Selection::Threshold(x),
+        _ => Selection::All,
+    };
+    let settings = SortSettings {
         train_on: train_on(&a.train_on)?,
-        cpt: false,
         template_vars: parse_vars(&a.vars)?,
+        model: a.model,
+        adapter: a.adapter,
+        data: a.data,
+        out: a.out,
+        mode: a.mode,
+        ascending: a.ascending,
+        selection,
+        report: a.report,
+        report_top: a.report_top,
+        max_seq_len: a.max_seq_len,
+        batch_tokens: a.batch_tokens,
+        batch_size: a.batch_size,
+        chunk: a.chunk,
+        device: a.device,
     };
-    let batch = BatchOptions {
-        seed: 0,
-        shuffle: false,
-        micro_batch_tokens: a.batch_tokens,
-        max_micro_batch_size: a.batch_size,
-        tokens_per_step: 1,
-        mode: Mode::OnePass,
-        pad_id: 0,
-    };
-    let stream = RecordStream::open(&a.data)?;
-    let device = inference_device(&a.device)?;
-    let l = load_for_inference(&a.model, a.adapter.as_deref(), &device)?;
-
-    let out_dir = a
-        .out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !out_dir.is_dir() {
-        bail!(
-            "--out {}: the directory {} does not exist",
-            a.out.display(),
-            out_dir.display()
-        );
-    }
-    let file_name = a
-        .out
-        .file_name()
-        .ok_or_else(|| anyhow!("--out {}: not a file name", a.out.display()))?
-        .to_string_lossy()
-        .to_string();
-    let tmp = TempFile(out_dir.join(format!(".{file_name}.scored-{}", std::process::id())));
-    let mut scored = BufWriter::new(
-        File::create(&tmp.0).with_context(|| format!("cannot create {}", tmp.0.display()))?,
-    );
-
-    let bar = ProgressBar::new(stream.total_bytes().max(1));
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {percent}% (eta {eta}) {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let start = Instant::now();
-    let mut entries: Vec<Entry> = Vec::new();
-    let mut report: Vec<ReportItem> = Vec::new();
-    let (mut offset, mut tokens, mut degenerate) = (0u64, 0usize, 0usize);
-    let mut stream = stream.peekable();
-    while stream.peek().is_some() {
-        let mut chunk = Vec::with_capacity(a.chunk);
-        for item in stream.by_ref().take(a.chunk) {
-            chunk.push(prepare_one(item?, &l, &opts)?);
-        }
-        let bytes = chunk.last().map(|p| p.item.bytes_read).unwrap_or(0);
-        let with_ex: Vec<usize> = (0..chunk.len())
-            .filter(|&i| chunk[i].example.is_some())
-            .collect();
-        let examples: Vec<Example> = with_ex
-            .iter()
-            .filter_map(|&i| chunk[i].example.clone())
-            .collect();
-        let series = score_chunk(&l, &examples, true, &batch, &device)?;
-        let free = if a.mode == QualityMode::Ifd {
-            prompt_free_losses(&l, &chunk, &with_ex, &opts, &batch, &device)?
-        } else {
-            Vec::new()
-        };
-        let mut series_of = vec![None; chunk.len()];
-        for (k, &i) in with_ex.iter().enumerate() {
-            series_of[i] = Some(k);
-        }
-        for (i, mut p) in chunk.into_iter().enumerate() {
-            let (ids, analysis) = match series_of[i] {
-                Some(k) => {
-                    let ex = &examples[k];
-                    let mut analysis = analyze(&series[k].0, &series[k].1);
-                    if let Some(free) = free.get(k) {
-                        analysis.set_prompt_free(&series[k].0, free.as_deref());
-                    }
-                    (answer_ids(ex), analysis)
-                }
-                None => (Vec::new(), analyze(&[], &[])),
-            };
-            tokens += analysis.n;
-            let score = analysis.score(a.mode);
-            let q = quality_json(&analysis, a.mode, &ids, &l, &p);
-            if q.get("reason").is_some() {
-                degenerate += 1;
-            }
-            if a.report.is_some() {
-                let reason = q.get("reason").and_then(|r| r.as_str()).map(str::to_string);
-                report.push(report_item(&analysis, score, &ids, &l, &p, reason));
-                if report.len() > 2 * a.report_top.max(1) {
-                    report.sort_by(|x, y| y.score.total_cmp(&x.score).then(x.index.cmp(&y.index)));
-                    report.truncate(a.report_top);
-                }
-            }
-            p.item.object.insert("quality".into(), q);
-            let line = serde_json::to_string(&p.item.object)?;
-            scored.write_all(line.as_bytes())?;
-            scored.write_all(b"\n")?;
-            entries.push(Entry {
-                score,
-                index: p.item.origin.index,
-                offset,
-                len: line.len() as u32,
-            });
-            offset += line.len() as u64 + 1;
-        }
-        bar.set_position(bytes);
-        let secs = start.elapsed().as_secs_f64().max(1e-9);
-        bar.set_message(format!(
-            "{} records, {:.1} records/s",
-            entries.len(),
-            entries.len() as f64 / secs
-        ));
-    }
-    bar.finish_and_clear();
-    scored.flush()?;
-    drop(scored);
-    let secs = start.elapsed().as_secs_f64();
-
-    // Most suspicious first; ties keep the file order.
-    entries.sort_by(|x, y| y.score.total_cmp(&x.score).then(x.index.cmp(&y.index)));
-    let n = entries.len();
-    let mut order: Vec<(usize, &Entry)> = entries
-        .iter()
-        .enumerate()
-        .map(|(r, e)| (r + 1, e))
-        .collect();
-    if a.ascending {
-        order.reverse();
-    }
-    let count = |p: f64| ((p / 100.0) * n as f64).round() as usize;
-    let selected: Vec<(usize, &Entry)> = if let Some(p) = a.keep_top {
-        order.into_iter().take(count(p)).collect()
-    } else if let Some(p) = a.drop_top {
-        order.into_iter().skip(count(p)).collect()
-    } else if let Some(x) = a.threshold {
-        order.into_iter().filter(|(_, e)| e.score <= x).collect()
-    } else {
-        order
-    };
-
-    let json_array = a
-        .out
-        .extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
-    let part = out_dir.join(format!(".{file_name}.part-{}", std::process::id()));
-    let part_guard = TempFile(part.clone());
-    {
-        let mut src =
-            File::open(&tmp.0).with_context(|| format!("cannot read {}", tmp.0.display()))?;
-        let mut w = BufWriter::new(
-            File::create(&part).with_context(|| format!("cannot create {}", part.display()))?,
-        );
-        if json_array {
-            w.write_all(b"[\n")?;
-        }
-        let mut buf = Vec::new();
-        for (k, (rank, e)) in selected.iter().enumerate() {
-            buf.resize(e.len as usize, 0);
-            src.seek(SeekFrom::Start(e.offset))?;
-            src.read_exact(&mut buf)?;
-            let mut obj: Map<String, Value> = serde_json::from_slice(&buf)?;
-            if let Some(q) = obj.get_mut("quality").and_then(|q| q.as_object_mut()) {
-                q.insert("rank".into(), json!(rank));
-            }
-            if json_array && k > 0 {
-                w.write_all(b",\n")?;
-            }
-            serde_json::to_writer(&mut w, &obj)?;
-            if !json_array {
-                w.write_all(b"\n")?;
-            }
-        }
-        if json_array {
-            w.write_all(b"\n]\n")?;
-        }
-        w.flush()?;
-    }
-    std::fs::rename(&part, &a.out).with_context(|| format!("cannot write {}", a.out.display()))?;
-    drop(part_guard);
-
-    if let Some(r) = &a.report {
-        report.sort_by(|x, y| y.score.total_cmp(&x.score).then(x.index.cmp(&y.index)));
-        report.truncate(a.report_top);
-        write_report(r, &report, a.mode, &a.data, n)?;
-    }
+    let mut bar = Bar::default();
+    let r = ytrainer_recipes::sort::sort(&settings, &mut bar);
+    bar.scored();
+    let r = r?;
+    let secs = r.seconds;
     eprintln!(
-        "scored {n} records ({tokens} answer tokens, {degenerate} with a reason) in {secs:.1}s: {:.2} records/s, {:.0} tokens/s; wrote {} records to {}{}",
-        n as f64 / secs.max(1e-9),
-        tokens as f64 / secs.max(1e-9),
-        selected.len(),
-        a.out.display(),
-        a.report
+        "scored {} records ({} answer tokens, {} with a reason) in {secs:.1}s: {:.2} records/s, {:.0} tokens/s; wrote {} records to {}{}",
+        r.records,
+        r.answer_tokens,
+        r.with_reason,
+        r.records as f64 / secs.max(1e-9),
+        r.answer_tokens as f64 / secs.max(1e-9),
+        r.written,
+        settings.out.display(),
+        settings
+            .report
             .as_ref()
             .map(|r| format!(", report {}", r.display()))
             .unwrap_or_default()

@@ -22,6 +22,9 @@ pub enum RecipeError {
     /// The training loop.
     #[error(transparent)]
     Train(#[from] ytrainer_core::trainer::TrainError),
+    /// One training step outside the loop (`bench`): the plugin's weights, a missing reference model.
+    #[error(transparent)]
+    Step(#[from] ytrainer_core::step::StepError),
     /// Checkpoints (`--resume`).
     #[error(transparent)]
     Checkpoint(#[from] ytrainer_core::checkpoint::CheckpointError),

@@ -1,12 +1,15 @@
 //! Runs as library functions, the layer between the engine crates and every front end (the `ytrainer`
 //! binary, sweeps, tests, a future board or Python binding): load a model from any source ([`source`]), make
 //! the `tiny` preset ([`preset`]), resolve a config with overrides ([`config`]), train with any objective and
-//! export ([`run`], [`sft`], [`preference`]), evaluate ([`eval`]), run sweep trials ([`sweep`]).
+//! export ([`run`], [`sft`], [`preference`], sharing [`common`]), evaluate ([`eval`]), run sweep trials
+//! ([`sweep`]), and the analysis commands: per-token scores ([`score`]), rendering ([`render`]), generation and
+//! chat ([`generate`]), corpus ranking ([`sort`]), throughput benchmarks ([`bench`]).
 //!
 //! A front end parses its flags into a [`RunConfig`](ytrainer_core::config::RunConfig) or overrides, calls one
 //! function here with an [`Observer`](ytrainer_core::observe::Observer) for progress, and prints the report.
 //! Nothing here prints: messages go to the observer.
 
+pub mod bench;
 pub mod common;
 pub mod config;
 pub mod error;
@@ -18,6 +21,7 @@ pub mod render;
 pub mod run;
 pub mod score;
 pub mod sft;
+pub mod sort;
 pub mod source;
 pub mod sweep;
 

@@ -1,0 +1,755 @@
+//! Ranking a corpus by how a model reacts to each sample (per-token loss and entropy), to find label errors and
+//! noise before training: the work behind `ytrainer sort`. The scores are `ytrainer_data::quality` (pure
+//! functions); this module streams records, batches them by length, runs one forward pass per batch, ranks the
+//! records and writes the ranked file and the report of the most suspicious ones.
+//!
+//! Memory stays bounded in the number of records: records are read a chunk at a time; each scored record goes to
+//! a temporary file next to the output and only `(score, offset, length)` stays in memory; the ranked output is
+//! then copied from that file in order.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{Map, Value, json};
+use ytrainer_core::burn::prelude::Device;
+use ytrainer_core::loss::tensor_to_vec;
+use ytrainer_core::observe::Silent;
+use ytrainer_core::step::{entropy, head_stats, target_log_probs, to_device, token_ce};
+use ytrainer_data::quality::{Analysis, QualityMode, TokenClass, analyze};
+use ytrainer_data::stream::{RecordStream, StreamItem};
+use ytrainer_data::{
+    BatchOptions, DataError, DataOptions, Example, Message, Mode, Overlong, Record, RecordKind,
+    TrainOn, plan_epoch, prepare,
+};
+
+use crate::error::{Context, Result};
+use crate::source::{Loaded, inference_device, load_for_inference};
+use crate::{bail, invalid};
+
+/// Which part of the ranked order is written. One choice only: combining them would make the written share
+/// depend on the order they apply in.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Selection {
+    /// Every record.
+    #[default]
+    All,
+    /// Only the first P percent of the ranked order (`--keep-top`).
+    KeepTop(f64),
+    /// All but the first P percent of the ranked order (`--drop-top`).
+    DropTop(f64),
+    /// Every record whose score is at most X (`--threshold`).
+    Threshold(f64),
+}
+
+/// What to score and where the ranking goes. The messages of [`sort`]'s checks name the `ytrainer sort` flag
+/// each field comes from, since that is where a user sets them.
+#[derive(Debug, Clone)]
+pub struct SortSettings {
+    /// Hugging Face model directory or `.gguf` file.
+    pub model: PathBuf,
+    /// PEFT LoRA adapter applied on top of the model.
+    pub adapter: Option<PathBuf>,
+    /// SFT data file (any record layout the trainer reads).
+    pub data: PathBuf,
+    /// Ranked output: a JSON array when it ends in `.json`, JSON Lines otherwise.
+    pub out: PathBuf,
+    /// The score records are ranked by.
+    pub mode: QualityMode,
+    /// Cleanest first instead of most suspicious first.
+    pub ascending: bool,
+    /// Which part of the ranked order is written.
+    pub selection: Selection,
+    /// Report of the most suspicious records with their error spans marked (`.md` or `.html`).
+    pub report: Option<PathBuf>,
+    /// How many records the report lists.
+    pub report_top: usize,
+    /// What is supervised (scored) in chat data.
+    pub train_on: TrainOn,
+    /// Longest sample in tokens (longer ones are truncated and marked `truncated`).
+    pub max_seq_len: usize,
+    /// Most padded tokens in one forward pass.
+    pub batch_tokens: usize,
+    /// Most samples in one forward pass.
+    pub batch_size: usize,
+    /// Records read (and batched by length) at a time.
+    pub chunk: usize,
+    /// Chat-template variables.
+    pub template_vars: Map<String, Value>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+}
+
+/// What [`sort`] did, for the front end's summary line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SortReport {
+    /// Records scored (every record of the file, scorable or not).
+    pub records: usize,
+    /// Supervised (answer) tokens scored.
+    pub answer_tokens: usize,
+    /// Records whose quality carries a `reason` (nothing to score, or a degenerate score).
+    pub with_reason: usize,
+    /// Seconds spent reading and scoring, before ranking and writing.
+    pub seconds: f64,
+    /// Records written to the output after the selection.
+    pub written: usize,
+}
+
+/// Progress of [`sort`]. Scoring dominates its time and advances through the file, so progress is counted in
+/// bytes of the data file.
+pub trait SortObserver {
+    /// Once the model is loaded, before the first record, with the data file's size in bytes.
+    fn start(&mut self, _total_bytes: u64) {}
+    /// After each chunk: bytes of the data file read, records scored and seconds spent so far.
+    fn chunk(&mut self, _bytes_read: u64, _records: usize, _seconds: f64) {}
+    /// Every record is scored; ranking and writing follow.
+    fn scored(&mut self) {}
+}
+
+impl SortObserver for Silent {}
+
+/// Where a scored record sits in the temporary file.
+struct Entry {
+    score: f64,
+    index: usize,
+    offset: u64,
+    len: u32,
+}
+
+/// What the report shows of one record.
+struct ReportItem {
+    score: f64,
+    index: usize,
+    origin: String,
+    prompt: String,
+    /// Answer text pieces; `Some(class)` marks an error span.
+    answer: Vec<(String, Option<&'static str>)>,
+    summary: String,
+}
+
+/// Removes the temporary file on every exit path.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn check_percent(flag: &str, p: f64) -> Result<()> {
+    if !(0.0..=100.0).contains(&p) {
+        bail!("{flag} {p}: expected a percentage between 0 and 100");
+    }
+    Ok(())
+}
+
+/// Refuses settings that cannot work before the model is loaded, which can take minutes.
+fn check(s: &SortSettings) -> Result<()> {
+    match s.selection {
+        Selection::KeepTop(p) => check_percent("--keep-top", p)?,
+        Selection::DropTop(p) => check_percent("--drop-top", p)?,
+        Selection::Threshold(x) if !x.is_finite() => {
+            bail!("--threshold must be a finite number")
+        }
+        Selection::Threshold(_) | Selection::All => {}
+    }
+    if s.chunk == 0 || s.batch_size == 0 || s.batch_tokens == 0 {
+        bail!("--chunk, --batch-size and --batch-tokens must be at least 1");
+    }
+    if let Some(r) = &s.report {
+        let ext = r
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if !matches!(ext.as_str(), "md" | "markdown" | "html" | "htm") {
+            bail!(
+                "--report {}: expected a .md or .html file name",
+                r.display()
+            );
+        }
+    }
+    if s.mode == QualityMode::Ifd && s.train_on == TrainOn::Everything {
+        bail!(
+            "--mode ifd compares the answer's loss with and without its prompt, but --train-on everything \
+             scores the prompt too: use all_assistant or last_assistant"
+        );
+    }
+    Ok(())
+}
+
+/// One record of a chunk, tokenized (or why not).
+struct Prepared {
+    item: StreamItem,
+    example: Option<Example>,
+    truncated: bool,
+    /// Why there is nothing to score.
+    skipped: Option<String>,
+}
+
+fn prepare_one(item: StreamItem, l: &Loaded, opts: &DataOptions) -> Result<Prepared> {
+    let record = match &item.record {
+        Ok(r) => r.clone(),
+        Err(reason) => {
+            let skipped = Some(format!("dropped by the loader: {reason}"));
+            return Ok(Prepared {
+                item,
+                example: None,
+                truncated: false,
+                skipped,
+            });
+        }
+    };
+    Ok(match tokenize(record, l, opts)? {
+        Some((example, truncated)) => Prepared {
+            item,
+            truncated,
+            example: Some(example),
+            skipped: None,
+        },
+        None => Prepared {
+            item,
+            example: None,
+            truncated: false,
+            skipped: Some(
+                "no supervised token within --max-seq-len (answer empty or cut off)".into(),
+            ),
+        },
+    })
+}
+
+/// One record as the trainer tokenizes it, and whether it was cut to the longest sample; `None` when no
+/// supervised token is left.
+fn tokenize(record: Record, l: &Loaded, opts: &DataOptions) -> Result<Option<(Example, bool)>> {
+    match prepare(&[record], &l.tok, l.template.as_ref(), opts) {
+        Ok(mut p) => Ok(p.examples.pop().map(|ex| (ex, p.stats.truncated > 0))),
+        Err(DataError::EmptyDataset { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Loss and (with `need_entropy`; else an empty series) entropy of every supervised token of every example, one
+/// forward pass per length-bucketed batch.
+fn score_chunk(
+    l: &Loaded,
+    examples: &[Example],
+    need_entropy: bool,
+    batch: &BatchOptions,
+    device: &Device,
+) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+    let mut series = vec![(Vec::new(), Vec::new()); examples.len()];
+    // Sort by length so each batch pads little; `plan_epoch` without shuffling keeps this order.
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| (examples[i].len(), i));
+    let sorted: Vec<Example> = order.iter().map(|&i| examples[i].clone()).collect();
+    let steps = plan_epoch(&sorted, batch, 0)?;
+    for mb in steps.iter().flat_map(|s| &s.micro_batches) {
+        let b = to_device(mb, device);
+        if b.n == 0 {
+            continue;
+        }
+        // Loss and entropy from the head's row statistics, a bounded number of logits rows at a time (no
+        // `[targets, vocab]` log-probability tensor).
+        let (ce, ent) = match head_stats(&l.model, &b, need_entropy) {
+            Some(stats) => (stats.ce, stats.entropy.unwrap_or_default()),
+            None => {
+                let lp = target_log_probs(&l.model, &b);
+                let ce = tensor_to_vec(token_ce(lp.clone(), b.targets.clone()));
+                let ent = if need_entropy {
+                    tensor_to_vec(entropy(lp))
+                } else {
+                    Vec::new()
+                };
+                (ce, ent)
+            }
+        };
+        if ce.len() != b.n || (need_entropy && ent.len() != b.n) {
+            bail!(
+                "internal: {} targets but {} losses / {} entropies",
+                b.n,
+                ce.len(),
+                ent.len()
+            );
+        }
+        // Targets come row-major, each row's in position order: `samples[k]` is the (sorted) example of target k.
+        for k in 0..b.n {
+            let s = &mut series[order[b.samples[k] as usize]];
+            s.0.push(ce[k]);
+            if need_entropy {
+                s.1.push(ent[k]);
+            }
+        }
+    }
+    for (ex, s) in examples.iter().zip(&series) {
+        if s.0.len() != ex.num_targets() {
+            bail!(
+                "internal: an example has {} supervised tokens but {} were scored",
+                ex.num_targets(),
+                s.0.len()
+            );
+        }
+    }
+    Ok(series)
+}
+
+/// The record with every non-assistant message emptied (same template, same answers), for the `ifd` mode's
+/// second pass; `None` when there is no prompt text to remove.
+fn prompt_free(r: &Record) -> Option<Record> {
+    let RecordKind::Chat { messages } = &r.kind else {
+        return None;
+    };
+    let prompt = |m: &Message| m.role != "assistant";
+    if !messages
+        .iter()
+        .any(|m| prompt(m) && !m.content.trim().is_empty())
+    {
+        return None;
+    }
+    let messages = messages
+        .iter()
+        .map(|m| {
+            if prompt(m) {
+                Message::new(&m.role, "")
+            } else {
+                m.clone()
+            }
+        })
+        .collect();
+    Some(Record {
+        origin: r.origin.clone(),
+        kind: RecordKind::Chat { messages },
+    })
+}
+
+/// Losses of the answer tokens of each example's prompt-free variant (`None`: no prompt, or nothing left to
+/// score within the longest sample), in `with_ex` order.
+fn prompt_free_losses(
+    l: &Loaded,
+    chunk: &[Prepared],
+    with_ex: &[usize],
+    opts: &DataOptions,
+    batch: &BatchOptions,
+    device: &Device,
+) -> Result<Vec<Option<Vec<f32>>>> {
+    let mut examples = Vec::new();
+    let mut slot = Vec::with_capacity(with_ex.len());
+    for &i in with_ex {
+        let variant = chunk[i].item.record.as_ref().ok().and_then(prompt_free);
+        let ex = match variant {
+            Some(r) => tokenize(r, l, opts)?.map(|(ex, _)| ex),
+            None => None,
+        };
+        slot.push(ex.map(|ex| {
+            examples.push(ex);
+            examples.len() - 1
+        }));
+    }
+    let series = score_chunk(l, &examples, false, batch, device)?;
+    Ok(slot
+        .into_iter()
+        .map(|k| k.map(|k| series[k].0.clone()))
+        .collect())
+}
+
+fn answer_ids(ex: &Example) -> Vec<u32> {
+    ex.input_ids
+        .iter()
+        .zip(&ex.targets)
+        .skip(1)
+        .filter(|&(_, &t)| t)
+        .map(|(&id, _)| id)
+        .collect()
+}
+
+/// Six decimals keep the output diffable across platforms whose last float bits differ.
+fn round(v: f64) -> f64 {
+    (v * 1e6).round() / 1e6
+}
+
+fn quality_json(a: &Analysis, mode: QualityMode, ids: &[u32], l: &Loaded, p: &Prepared) -> Value {
+    let mut classes = Map::new();
+    for c in TokenClass::ALL {
+        classes.insert(c.name().into(), json!(a.class_counts[c as usize]));
+    }
+    let spans: Vec<Value> = a
+        .spans
+        .iter()
+        .map(|s| {
+            json!({
+                "start": s.start,
+                "end": s.end,
+                "text": l.tok.decode(&ids[s.start.min(ids.len())..s.end.min(ids.len())], false).unwrap_or_default(),
+                "class": s.class.name(),
+                "max_abs_d": round(s.max_abs_d),
+                "mean_loss": round(s.mean_loss),
+            })
+        })
+        .collect();
+    let mut q = json!({
+        "mode": mode.name(),
+        "score": round(a.score(mode)),
+        "n_tokens": a.n,
+        "mean_loss": round(a.mean_loss),
+        "mean_entropy": round(a.mean_entropy),
+        "classes": classes,
+        "confident_wrong": a.confident_wrong,
+        "uncertain_wrong": a.uncertain_wrong,
+        "pearson": a.pearson.map(round),
+        "scores": {
+            "filtered": round(a.score(QualityMode::Filtered)),
+            "similarity": round(a.score(QualityMode::Similarity)),
+            "divergence": round(a.score(QualityMode::Divergence)),
+        },
+        "spans": spans,
+    });
+    if mode == QualityMode::Ifd {
+        q["scores"]["ifd"] = json!(round(a.score(QualityMode::Ifd)));
+        q["mean_loss_without_prompt"] = json!(a.mean_loss_without_prompt.map(round));
+    }
+    let reason = p.skipped.clone().or_else(|| a.reason(mode));
+    if let Some(r) = reason {
+        q["reason"] = json!(r);
+    }
+    if p.truncated {
+        q["truncated"] = json!(true);
+    }
+    q
+}
+
+fn excerpt(s: &str, n: usize) -> String {
+    let s = s.trim();
+    match s.char_indices().nth(n) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+fn report_item(
+    a: &Analysis,
+    score: f64,
+    ids: &[u32],
+    l: &Loaded,
+    p: &Prepared,
+    reason: Option<String>,
+) -> ReportItem {
+    let prompt = match &p.item.record {
+        Ok(r) => match &r.kind {
+            RecordKind::Chat { messages } => messages
+                .iter()
+                .rev()
+                .find(|m| m.role == "user")
+                .map(|m| excerpt(&m.content, 400))
+                .unwrap_or_default(),
+            RecordKind::Text { .. } => String::new(),
+        },
+        Err(_) => String::new(),
+    };
+    let mut answer = Vec::new();
+    let mut at = 0;
+    let dec = |a: usize, b: usize| l.tok.decode(&ids[a..b], false).unwrap_or_default();
+    for s in &a.spans {
+        let (s0, s1) = (s.start.min(ids.len()), s.end.min(ids.len()));
+        if s0 > at {
+            answer.push((dec(at, s0), None));
+        }
+        answer.push((dec(s0, s1), Some(s.class.name())));
+        at = s1;
+    }
+    if at < ids.len() {
+        answer.push((dec(at, ids.len()), None));
+    }
+    let nonzero: Vec<String> = TokenClass::ALL
+        .into_iter()
+        .filter(|&c| c != TokenClass::Normal && a.class_counts[c as usize] > 0)
+        .map(|c| format!("{} {}", c.name(), a.class_counts[c as usize]))
+        .collect();
+    let mut summary = format!(
+        "{} answer tokens, mean loss {:.3}, mean entropy {:.3}",
+        a.n, a.mean_loss, a.mean_entropy
+    );
+    if !nonzero.is_empty() {
+        summary.push_str(&format!("; {}", nonzero.join(", ")));
+    }
+    if let Some(r) = reason {
+        summary.push_str(&format!("; {r}"));
+    }
+    ReportItem {
+        score,
+        index: p.item.origin.index,
+        origin: p.item.origin.to_string(),
+        prompt,
+        answer,
+        summary,
+    }
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+fn write_report(
+    path: &Path,
+    items: &[ReportItem],
+    mode: QualityMode,
+    data: &Path,
+    total: usize,
+) -> Result<()> {
+    let html = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("html") || e.eq_ignore_ascii_case("htm"));
+    let mut o = String::new();
+    let title = format!(
+        "ytrainer sort: the {} most suspicious of {total} records in {} (mode {mode})",
+        items.len(),
+        data.display()
+    );
+    let answer_html = |it: &ReportItem| -> String {
+        it.answer
+            .iter()
+            .map(|(t, c)| match c {
+                Some(c) => format!("<mark title=\"{c}\">{}</mark>", html_escape(t)),
+                None => html_escape(t),
+            })
+            .collect()
+    };
+    if html {
+        o.push_str(&format!(
+            "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{0}</title>\n<style>body{{font-family:sans-serif;max-width:60em;margin:auto}}pre{{white-space:pre-wrap;background:#f6f6f6;padding:.5em}}mark{{background:#ffb3b3}}</style></head><body>\n<h1>{0}</h1>\n<p>Error spans are <mark>marked</mark> (hover for their class).</p>\n",
+            html_escape(&title)
+        ));
+        for (r, it) in items.iter().enumerate() {
+            o.push_str(&format!(
+                "<h2>{}. score {:.4} &mdash; {} (record {})</h2>\n<p>{}</p>\n<p><b>Prompt</b></p><pre>{}</pre>\n<p><b>Answer</b></p><pre>{}</pre>\n",
+                r + 1,
+                it.score,
+                html_escape(&it.origin),
+                it.index,
+                html_escape(&it.summary),
+                html_escape(&it.prompt),
+                answer_html(it)
+            ));
+        }
+        o.push_str("</body></html>\n");
+    } else {
+        o.push_str(&format!(
+            "# {title}\n\nError spans are marked `<mark>` (their class in the title).\n\n"
+        ));
+        for (r, it) in items.iter().enumerate() {
+            let quote =
+                |s: &str| -> String { s.lines().map(|l| format!("> {l}\n")).collect::<String>() };
+            o.push_str(&format!(
+                "## {}. score {:.4} — {} (record {})\n\n{}\n\n**Prompt**\n\n{}\n**Answer**\n\n{}\n",
+                r + 1,
+                it.score,
+                it.origin,
+                it.index,
+                it.summary,
+                quote(&html_escape(&it.prompt)),
+                quote(&answer_html(it)),
+            ));
+        }
+    }
+    std::fs::write(path, o).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Scores every record of `s.data`, writes the selected part of the ranking to `s.out` (replacing it only once
+/// complete) and, when asked, the report. Every record is written with a `quality` object (its scores, rank,
+/// error spans and, when it could not be scored, the reason), so the output can be filtered again without
+/// rescoring.
+pub fn sort(s: &SortSettings, observer: &mut dyn SortObserver) -> Result<SortReport> {
+    check(s)?;
+    let opts = DataOptions {
+        max_seq_len: s.max_seq_len,
+        overlong: Overlong::Truncate,
+        train_on: s.train_on,
+        cpt: false,
+        template_vars: s.template_vars.clone(),
+    };
+    let batch = BatchOptions {
+        seed: 0,
+        shuffle: false,
+        micro_batch_tokens: s.batch_tokens,
+        max_micro_batch_size: s.batch_size,
+        tokens_per_step: 1,
+        mode: Mode::OnePass,
+        pad_id: 0,
+    };
+    let stream = RecordStream::open(&s.data)?;
+    let device = inference_device(&s.device)?;
+    let l = load_for_inference(&s.model, s.adapter.as_deref(), &device)?;
+
+    let out_dir = s
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !out_dir.is_dir() {
+        bail!(
+            "--out {}: the directory {} does not exist",
+            s.out.display(),
+            out_dir.display()
+        );
+    }
+    let file_name = s
+        .out
+        .file_name()
+        .ok_or_else(|| invalid!("--out {}: not a file name", s.out.display()))?
+        .to_string_lossy()
+        .to_string();
+    let tmp = TempFile(out_dir.join(format!(".{file_name}.scored-{}", std::process::id())));
+    let mut scored = BufWriter::new(
+        File::create(&tmp.0).with_context(|| format!("cannot create {}", tmp.0.display()))?,
+    );
+
+    observer.start(stream.total_bytes());
+    let start = Instant::now();
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut report: Vec<ReportItem> = Vec::new();
+    let (mut offset, mut tokens, mut degenerate) = (0u64, 0usize, 0usize);
+    let mut stream = stream.peekable();
+    while stream.peek().is_some() {
+        let mut chunk = Vec::with_capacity(s.chunk);
+        for item in stream.by_ref().take(s.chunk) {
+            chunk.push(prepare_one(item?, &l, &opts)?);
+        }
+        let bytes = chunk.last().map(|p| p.item.bytes_read).unwrap_or(0);
+        let with_ex: Vec<usize> = (0..chunk.len())
+            .filter(|&i| chunk[i].example.is_some())
+            .collect();
+        let examples: Vec<Example> = with_ex
+            .iter()
+            .filter_map(|&i| chunk[i].example.clone())
+            .collect();
+        let series = score_chunk(&l, &examples, true, &batch, &device)?;
+        let free = if s.mode == QualityMode::Ifd {
+            prompt_free_losses(&l, &chunk, &with_ex, &opts, &batch, &device)?
+        } else {
+            Vec::new()
+        };
+        let mut series_of = vec![None; chunk.len()];
+        for (k, &i) in with_ex.iter().enumerate() {
+            series_of[i] = Some(k);
+        }
+        for (i, mut p) in chunk.into_iter().enumerate() {
+            let (ids, analysis) = match series_of[i] {
+                Some(k) => {
+                    let ex = &examples[k];
+                    let mut analysis = analyze(&series[k].0, &series[k].1);
+                    if let Some(free) = free.get(k) {
+                        analysis.set_prompt_free(&series[k].0, free.as_deref());
+                    }
+                    (answer_ids(ex), analysis)
+                }
+                None => (Vec::new(), analyze(&[], &[])),
+            };
+            tokens += analysis.n;
+            let score = analysis.score(s.mode);
+            let q = quality_json(&analysis, s.mode, &ids, &l, &p);
+            if q.get("reason").is_some() {
+                degenerate += 1;
+            }
+            if s.report.is_some() {
+                let reason = q.get("reason").and_then(|r| r.as_str()).map(str::to_string);
+                report.push(report_item(&analysis, score, &ids, &l, &p, reason));
+                // Keeps the report's candidates bounded like the rest of the memory.
+                if report.len() > 2 * s.report_top.max(1) {
+                    report.sort_by(|x, y| y.score.total_cmp(&x.score).then(x.index.cmp(&y.index)));
+                    report.truncate(s.report_top);
+                }
+            }
+            p.item.object.insert("quality".into(), q);
+            let line = serde_json::to_string(&p.item.object)?;
+            scored.write_all(line.as_bytes())?;
+            scored.write_all(b"\n")?;
+            entries.push(Entry {
+                score,
+                index: p.item.origin.index,
+                offset,
+                len: line.len() as u32,
+            });
+            offset += line.len() as u64 + 1;
+        }
+        observer.chunk(bytes, entries.len(), start.elapsed().as_secs_f64());
+    }
+    observer.scored();
+    scored.flush()?;
+    drop(scored);
+    let seconds = start.elapsed().as_secs_f64();
+
+    // Most suspicious first; ties keep the file order.
+    entries.sort_by(|x, y| y.score.total_cmp(&x.score).then(x.index.cmp(&y.index)));
+    let n = entries.len();
+    let mut order: Vec<(usize, &Entry)> = entries
+        .iter()
+        .enumerate()
+        .map(|(r, e)| (r + 1, e))
+        .collect();
+    if s.ascending {
+        order.reverse();
+    }
+    let count = |p: f64| ((p / 100.0) * n as f64).round() as usize;
+    let selected: Vec<(usize, &Entry)> = match s.selection {
+        Selection::KeepTop(p) => order.into_iter().take(count(p)).collect(),
+        Selection::DropTop(p) => order.into_iter().skip(count(p)).collect(),
+        Selection::Threshold(x) => order.into_iter().filter(|(_, e)| e.score <= x).collect(),
+        Selection::All => order,
+    };
+
+    let json_array = s
+        .out
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    let part = out_dir.join(format!(".{file_name}.part-{}", std::process::id()));
+    let part_guard = TempFile(part.clone());
+    {
+        let mut src =
+            File::open(&tmp.0).with_context(|| format!("cannot read {}", tmp.0.display()))?;
+        let mut w = BufWriter::new(
+            File::create(&part).with_context(|| format!("cannot create {}", part.display()))?,
+        );
+        if json_array {
+            w.write_all(b"[\n")?;
+        }
+        let mut buf = Vec::new();
+        for (k, (rank, e)) in selected.iter().enumerate() {
+            buf.resize(e.len as usize, 0);
+            src.seek(SeekFrom::Start(e.offset))?;
+            src.read_exact(&mut buf)?;
+            let mut obj: Map<String, Value> = serde_json::from_slice(&buf)?;
+            if let Some(q) = obj.get_mut("quality").and_then(|q| q.as_object_mut()) {
+                q.insert("rank".into(), json!(rank));
+            }
+            if json_array && k > 0 {
+                w.write_all(b",\n")?;
+            }
+            serde_json::to_writer(&mut w, &obj)?;
+            if !json_array {
+                w.write_all(b"\n")?;
+            }
+        }
+        if json_array {
+            w.write_all(b"\n]\n")?;
+        }
+        w.flush()?;
+    }
+    std::fs::rename(&part, &s.out).with_context(|| format!("cannot write {}", s.out.display()))?;
+    drop(part_guard);
+
+    if let Some(r) = &s.report {
+        report.sort_by(|x, y| y.score.total_cmp(&x.score).then(x.index.cmp(&y.index)));
+        report.truncate(s.report_top);
+        write_report(r, &report, s.mode, &s.data, n)?;
+    }
+    Ok(SortReport {
+        records: n,
+        answer_tokens: tokens,
+        with_reason: degenerate,
+        seconds,
+        written: selected.len(),
+    })
+}
