@@ -154,15 +154,7 @@ pub struct PluginsArgs {
     pub command: PluginsCommand,
 }
 
-/// Output formats.
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Default)]
-pub enum Format {
-    /// Human-readable table.
-    #[default]
-    Text,
-    /// Machine-readable JSON.
-    Json,
-}
+pub use crate::format::Format;
 
 /// `ytrainer plugins ...`
 #[derive(Debug, Subcommand)]

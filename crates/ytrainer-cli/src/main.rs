@@ -7,6 +7,7 @@ mod config_file;
 mod convert;
 mod curve_cmd;
 mod eval_cmd;
+mod format;
 mod generate;
 mod interop;
 mod merge;

@@ -11,7 +11,7 @@ use ytrainer_recipes::render::{
     RecordRender, RenderedRecord, TemplateRender, render_record, render_template,
 };
 
-use crate::cli::Format;
+use crate::format::Format;
 use crate::interop::{parse_train_on, parse_vars};
 
 /// `ytrainer render`

@@ -5,8 +5,6 @@
 
 use std::path::PathBuf;
 
-use crate::formats::Origin;
-
 /// Every failure of this crate. User input never panics; it ends up here.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -64,4 +62,22 @@ pub enum DataError {
     /// A configuration value is out of range.
     #[error("invalid option: {0}")]
     InvalidOption(String),
+}
+
+/// Where a record came from, so every message about it can point at the file. It lives with the errors that
+/// carry it; `formats` re-exports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The data file.
+    pub file: PathBuf,
+    /// 1-based line where the record starts.
+    pub line: usize,
+    /// 0-based position of the record in the file, counting dropped records too.
+    pub index: usize,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
 }

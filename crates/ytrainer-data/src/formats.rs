@@ -15,27 +15,12 @@
 //! empty, a conversation with no assistant turn.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{Map, Value};
 
 use crate::error::DataError;
-
-/// Where a record came from, so every message about it can point at the file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Origin {
-    pub file: PathBuf,
-    /// 1-based line where the record starts.
-    pub line: usize,
-    /// 0-based position of the record in the file, counting dropped records too.
-    pub index: usize,
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.file.display(), self.line)
-    }
-}
+pub use crate::error::Origin;
 
 /// One chat turn. `role` is normalised to `system`, `user`, `assistant` or `tool`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
