@@ -265,3 +265,58 @@ fn dpo_with_gradient_checkpointing_trains_like_the_plain_run() {
     // The updates are not zero: the third step's rewards moved away from the step-0 identity.
     assert!(plain[2]["rewards/margin"].as_f64().unwrap().abs() > 0.0);
 }
+
+/// Preference runs go through the same loop as SFT: checkpoints are pruned to `save_total_limit`, and periodic
+/// evaluations reach `eval.jsonl` and the console.
+#[test]
+fn preference_runs_share_the_loops_checkpoint_pruning_and_eval_cadence() {
+    let d = TempDir::new("dpo-loop");
+    let data = small_pairs(d.path(), 4);
+    let out = d.path().join("run");
+    let o = ytrainer(&[
+        "run",
+        "--model",
+        &s(&assets().join("tiny-qwen2")),
+        "--data",
+        &s(&data),
+        "--loss",
+        "dpo",
+        "--max-steps",
+        "4",
+        "--epochs",
+        "4",
+        "--save-every",
+        "1",
+        "--eval-every",
+        "2",
+        "--set",
+        "preference.pairs_per_step=2",
+        "--set",
+        "output.save_total_limit=2",
+        "--output-dir",
+        &s(&out),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut kept: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["checkpoint-3", "checkpoint-4"]);
+    let evals: Vec<u64> = jsonl(&out.join("eval.jsonl"))
+        .iter()
+        .map(|e| e["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, [0, 2, 4]);
+    let err = stderr(&o);
+    assert!(err.contains("eval @ step 2: loss "), "{err}");
+    assert!(
+        err.contains(&format!(
+            "checkpoint written: {}",
+            out.join("checkpoint-4").display()
+        )),
+        "{err}"
+    );
+}
