@@ -16,6 +16,7 @@ use ytrainer_core::observe::Silent;
 use ytrainer_core::optim::GradAccumulator;
 use ytrainer_core::sft::{self, TrainSetup};
 use ytrainer_core::step::{StepContext, StepCounters, eval_micro_batch, train_micro_batch};
+use ytrainer_core::trainer::LoopSetup;
 use ytrainer_data::{BatchOptions, Example, MicroBatch};
 use ytrainer_models::{AdapterSpec, Decoder, LoraConfig, load_pretrained};
 use ytrainer_plugin_ce as _;
@@ -316,25 +317,30 @@ fn non_finite_loss_skips_the_update_and_never_reaches_a_checkpoint() {
         ..TrainSection::default()
     };
     let plugin = nlirg();
+    let batch = BatchOptions {
+        tokens_per_step: 15,
+        max_micro_batch_size: 1,
+        ..BatchOptions::default()
+    };
+    let device = device();
     let setup = TrainSetup {
-        train: &train,
-        batch: BatchOptions {
-            tokens_per_step: 15,
-            max_micro_batch_size: 1,
-            ..BatchOptions::default()
+        run: LoopSetup {
+            train: &train,
+            seed: batch.seed,
+            output_dir: d.path(),
+            eval_every: 0,
+            save_every: 1,
+            save_total_limit: 0,
+            resume: None,
+            fingerprint: "x".into(),
+            device: &device,
         },
+        batch,
         train_examples: &examples,
         eval_examples: &[],
-        eval_every: 0,
         plugin: plugin.as_ref(),
         normalize: Normalize::Nonzero,
         zone_borders: [1.45, 6.6, 15.0],
-        output_dir: d.path(),
-        save_every: 1,
-        save_total_limit: 0,
-        resume: None,
-        fingerprint: "x".into(),
-        device: &device(),
     };
     let (m, summary) = sft::train(m, &setup, &mut Silent).unwrap();
     assert_eq!(summary.steps, 2);

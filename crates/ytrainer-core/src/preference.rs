@@ -2,13 +2,12 @@
 //! pass, the reference model's from the same base with adapters disabled (or precomputed), a pairwise plugin
 //! turning them into per-pair losses, and the same optimizer, checkpoints and metrics channel as SFT.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use burn::prelude::*;
 use serde::Serialize;
 use ytrainer_data::{Example, MicroBatch, PairExample};
 
-use crate::config::TrainSection;
 use crate::loss::{PairStats, PairwiseObjective, tensor_to_vec};
 use crate::model::CausalLm;
 use crate::observe::{Observer, Progress};
@@ -29,10 +28,10 @@ pub enum Reference {
     None,
 }
 
-/// Everything the preference loop needs besides the model.
+/// Everything a preference run needs besides the model: the loop's settings and the objective's own.
 pub struct PrefSetup<'a> {
-    /// Optimisation settings (learning rate, schedule, AdamW, clipping, epochs, max_steps, seed, shuffle).
-    pub train: &'a TrainSection,
+    /// Optimisation (epochs, max_steps, seed, shuffle too), run directory, checkpoints, resume and device.
+    pub run: LoopSetup<'a>,
     /// Training pairs.
     pub pairs: &'a [PairExample],
     /// Evaluation pairs (may be empty).
@@ -55,20 +54,6 @@ pub struct PrefSetup<'a> {
     pub average_log_prob: bool,
     /// Pad token.
     pub pad_id: u32,
-    /// Run directory.
-    pub output_dir: &'a Path,
-    /// Checkpoint every N steps (0 = only at the end).
-    pub save_every: usize,
-    /// Checkpoints to keep (0 = all).
-    pub save_total_limit: usize,
-    /// Evaluate every N steps (0 = before and after only).
-    pub eval_every: usize,
-    /// Resume from this checkpoint.
-    pub resume: Option<PathBuf>,
-    /// Canonical JSON of the training-relevant config.
-    pub fingerprint: String,
-    /// Device.
-    pub device: &'a Device,
 }
 
 /// One line of `metrics.jsonl` for preference training (TRL's metric names).
@@ -299,7 +284,7 @@ fn shuffled(n: usize, seed: u64, epoch: usize, shuffle: bool) -> Vec<usize> {
 
 /// The step plan: `(epoch, pair indices)` per optimizer step.
 pub fn plan(n_pairs: usize, setup: &PrefSetup<'_>) -> Vec<(usize, Vec<usize>)> {
-    let t = setup.train;
+    let t = setup.run.train;
     let mut steps = Vec::new();
     for epoch in 0..t.epochs.max(1) {
         let order = shuffled(n_pairs, t.seed, epoch, t.shuffle);
@@ -344,7 +329,7 @@ fn pair_micro_batch<M: CausalLm>(
     acc: &mut Acc,
     (step, progress): (usize, f64),
 ) -> Result<(), String> {
-    let device = setup.device;
+    let device = setup.run.device;
     let chunk: Vec<&PairExample> = idx.iter().map(|&i| &pairs[i]).collect();
     let p = chunk.len();
     let mb = pair_batch(&chunk, setup.pad_id);
@@ -641,18 +626,8 @@ pub fn train_pairs<M: CausalLm>(
     setup: &PrefSetup<'_>,
     observer: &mut dyn Observer,
 ) -> Result<(M, PrefSummary), TrainError> {
-    let lp = LoopSetup {
-        train: setup.train,
-        seed: setup.train.seed,
-        output_dir: setup.output_dir,
-        eval_every: setup.eval_every,
-        save_every: setup.save_every,
-        save_total_limit: setup.save_total_limit,
-        resume: setup.resume.clone(),
-        fingerprint: setup.fingerprint.clone(),
-        device: setup.device,
-    };
-    let (model, r) = crate::trainer::train(model, &PairObjective::new(setup), &lp, observer)?;
+    let (model, r) =
+        crate::trainer::train(model, &PairObjective::new(setup), &setup.run, observer)?;
     Ok((
         model,
         PrefSummary {

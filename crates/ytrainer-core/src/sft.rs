@@ -2,7 +2,7 @@
 //! data crate plans steps of micro-batches, [`crate::step::train_micro_batch`] turns each into `sum(w * ce)`
 //! gradients, and the step is normalised once over all its tokens (the plugin's [`Normalize`]).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use burn::prelude::*;
 use serde::Serialize;
@@ -96,36 +96,22 @@ impl EvalLine for EvalMetrics {
     }
 }
 
-/// Everything an SFT run needs besides the model.
+/// Everything an SFT run needs besides the model: the loop's settings and the objective's own.
 pub struct TrainSetup<'a> {
-    /// Optimisation settings.
-    pub train: &'a TrainSection,
+    /// Optimisation, run directory, checkpoints, resume and device (`run.seed` is the batch plan's seed).
+    pub run: LoopSetup<'a>,
     /// Batch planning.
     pub batch: BatchOptions,
     /// Training examples.
     pub train_examples: &'a [Example],
     /// Evaluation examples (may be empty).
     pub eval_examples: &'a [Example],
-    /// Evaluate every N steps (0 = before and after only).
-    pub eval_every: usize,
     /// The token plugin.
     pub plugin: &'a dyn TokenReweighter,
     /// Normalisation in force.
     pub normalize: Normalize,
     /// Telemetry zone borders.
     pub zone_borders: [f64; 3],
-    /// Run directory.
-    pub output_dir: &'a Path,
-    /// Checkpoint every N steps (0 = only at the end).
-    pub save_every: usize,
-    /// Checkpoints to keep (0 = all).
-    pub save_total_limit: usize,
-    /// Checkpoint to resume from.
-    pub resume: Option<PathBuf>,
-    /// Fingerprint of the training-relevant config (resume must match).
-    pub fingerprint: String,
-    /// Device.
-    pub device: &'a Device,
 }
 
 /// What a finished run reports.
@@ -233,7 +219,7 @@ impl<M: CausalLm> Objective<M> for TokenObjective<'_> {
         plan(
             self.setup.train_examples,
             &self.setup.batch,
-            self.setup.train,
+            self.setup.run.train,
         )
     }
 
@@ -252,13 +238,12 @@ impl<M: CausalLm> Objective<M> for TokenObjective<'_> {
         };
         let mut c = StepCounters::default();
         for mb in &step.micro_batches {
-            let mc =
-                train_micro_batch(model, mb, s.plugin, ctx, grads, s.device).map_err(|source| {
-                    TrainError::Plugin {
-                        step: at.index,
-                        source,
-                    }
-                })?;
+            let mc = train_micro_batch(model, mb, s.plugin, ctx, grads, s.run.device).map_err(
+                |source| TrainError::Plugin {
+                    step: at.index,
+                    source,
+                },
+            )?;
             c.merge(&mc);
             if mc.nonfinite > 0 {
                 break;
@@ -308,7 +293,7 @@ impl<M: CausalLm> Objective<M> for TokenObjective<'_> {
             s.eval_examples,
             &s.batch,
             s.zone_borders,
-            s.device,
+            s.run.device,
             step,
         ))
     }
@@ -321,18 +306,8 @@ pub fn train<M: CausalLm>(
     setup: &TrainSetup<'_>,
     observer: &mut dyn Observer,
 ) -> Result<(M, TrainSummary), TrainError> {
-    let lp = LoopSetup {
-        train: setup.train,
-        seed: setup.batch.seed,
-        output_dir: setup.output_dir,
-        eval_every: setup.eval_every,
-        save_every: setup.save_every,
-        save_total_limit: setup.save_total_limit,
-        resume: setup.resume.clone(),
-        fingerprint: setup.fingerprint.clone(),
-        device: setup.device,
-    };
-    let (model, r) = crate::trainer::train(model, &TokenObjective::new(setup), &lp, observer)?;
+    let (model, r) =
+        crate::trainer::train(model, &TokenObjective::new(setup), &setup.run, observer)?;
     Ok((
         model,
         TrainSummary {

@@ -13,6 +13,7 @@ use ytrainer_core::observe::Observer;
 use ytrainer_core::preference::{
     PrefSetup, PrefSummary, Reference, base_reference, precompute_reference, train_pairs,
 };
+use ytrainer_core::trainer::LoopSetup;
 use ytrainer_data::{PairExample, PairRecord, load_pairs, tokenize_pair};
 use ytrainer_models::{AdapterSpec, load_peft_adapter, load_pretrained};
 
@@ -224,7 +225,17 @@ pub fn run_preference(
 
     let beta = params.values().get("beta").copied().unwrap_or(1.0);
     let setup = PrefSetup {
-        train: &cfg.train,
+        run: LoopSetup {
+            train: &cfg.train,
+            seed: cfg.train.seed,
+            output_dir: &out,
+            eval_every: cfg.eval.every_steps,
+            save_every: cfg.output.save_every_steps,
+            save_total_limit: cfg.output.save_total_limit,
+            resume: crate::common::resume_dir(opts)?,
+            fingerprint: crate::common::fingerprint(&cfg),
+            device: &device,
+        },
         pairs: &pairs,
         eval_pairs: &eval_pairs,
         eval_reference,
@@ -236,13 +247,6 @@ pub fn run_preference(
         sft_weight: pc.sft_weight,
         average_log_prob: pc.average_log_prob,
         pad_id,
-        output_dir: &out,
-        save_every: cfg.output.save_every_steps,
-        save_total_limit: cfg.output.save_total_limit,
-        eval_every: cfg.eval.every_steps,
-        resume: crate::common::resume_dir(opts)?,
-        fingerprint: crate::common::fingerprint(&cfg),
-        device: &device,
     };
     crate::common::write_resolved_config(&cfg, &out)?;
     observer.notice(&format!(

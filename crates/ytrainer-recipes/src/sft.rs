@@ -9,6 +9,7 @@ use ytrainer_core::loss::{Params, TokenReweighter};
 use ytrainer_core::model::CausalLm;
 use ytrainer_core::observe::Observer;
 use ytrainer_core::sft::{self, TrainSetup, TrainSummary};
+use ytrainer_core::trainer::LoopSetup;
 use ytrainer_data::{
     BatchOptions, DataOptions, DataStats, Example, Mode, Record, load_records, prepare,
 };
@@ -159,20 +160,23 @@ pub fn run_sft(
     crate::common::write_resolved_config(&cfg, &out)?;
 
     let setup = TrainSetup {
-        train: &cfg.train,
+        run: LoopSetup {
+            train: &cfg.train,
+            seed: cfg.train.seed,
+            output_dir: &out,
+            eval_every: cfg.eval.every_steps,
+            save_every: cfg.output.save_every_steps,
+            save_total_limit: cfg.output.save_total_limit,
+            resume: crate::common::resume_dir(opts)?,
+            fingerprint: crate::common::fingerprint(&cfg),
+            device: &device,
+        },
         batch: batch_options(&cfg, pad_id(&tok)),
         train_examples: &prepared.examples,
         eval_examples: &eval_examples,
-        eval_every: cfg.eval.every_steps,
         plugin: plugin.as_ref(),
         normalize,
         zone_borders: cfg.loss.zone_borders,
-        output_dir: &out,
-        save_every: cfg.output.save_every_steps,
-        save_total_limit: cfg.output.save_total_limit,
-        resume: crate::common::resume_dir(opts)?,
-        fingerprint: crate::common::fingerprint(&cfg),
-        device: &device,
     };
     let s = &prepared.stats;
     let mut loss_desc: Vec<String> = params
