@@ -1,13 +1,15 @@
-//! What every kind of run shares: the plugin registry, options, the adapter spec, the resume checkpoint, the
-//! config fingerprint, the resolved config and the final export. The run recipes (`sft`, `preference`) use it;
+//! What every kind of run shares: the plugin registry, options, the adapter spec, the policy model, the loop
+//! settings with the resume checkpoint and the config fingerprint, the resolved config and the final export. The run recipes (`sft`, `preference`) use it;
 //! [`crate::run`] dispatches between them.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use ytrainer_core::burn::prelude::Device;
 use ytrainer_core::config::{AdapterKind, RunConfig};
 use ytrainer_core::loss::Registry;
-use ytrainer_models::{AdapterSpec, LoraConfig};
+use ytrainer_core::trainer::LoopSetup;
+use ytrainer_models::{AdapterSpec, Decoder, LoraConfig, load_peft_adapter, load_pretrained};
 
 use crate::error::{Context, Result};
 
@@ -80,11 +82,38 @@ pub fn adapter_spec(cfg: &RunConfig) -> AdapterSpec {
     }
 }
 
-/// The checkpoint `--resume` names, resolved (a run directory means its latest checkpoint).
-pub(crate) fn resume_dir(opts: &RunOptions) -> Result<Option<PathBuf>> {
-    Ok(match &opts.resume {
+/// The policy to train: the model directory's weights with the config's adapter (and its `init_from`
+/// weights), on `device`, with gradient checkpointing as configured.
+pub(crate) fn load_policy(cfg: &RunConfig, model_dir: &Path, device: &Device) -> Result<Decoder> {
+    let (mut model, _) = load_pretrained(model_dir, &adapter_spec(cfg), device)?;
+    if let Some(init) = &cfg.adapter.init_from {
+        model = load_peft_adapter(model, init)?;
+    }
+    Ok(model.with_gradient_checkpointing(cfg.train.gradient_checkpointing))
+}
+
+/// The loop's settings of a run: optimisation, run directory, eval and checkpoint cadence, the fingerprint, and
+/// the checkpoint `--resume` names (a run directory means its latest checkpoint).
+pub(crate) fn loop_setup<'a>(
+    cfg: &'a RunConfig,
+    out: &'a Path,
+    opts: &RunOptions,
+    device: &'a Device,
+) -> Result<LoopSetup<'a>> {
+    let resume = match &opts.resume {
         Some(p) => Some(ytrainer_core::checkpoint::resolve_resume(p)?),
         None => None,
+    };
+    Ok(LoopSetup {
+        train: &cfg.train,
+        seed: cfg.train.seed,
+        output_dir: out,
+        eval_every: cfg.eval.every_steps,
+        save_every: cfg.output.save_every_steps,
+        save_total_limit: cfg.output.save_total_limit,
+        resume,
+        fingerprint: fingerprint(cfg),
+        device,
     })
 }
 

@@ -13,9 +13,8 @@ use ytrainer_core::observe::Observer;
 use ytrainer_core::preference::{
     PrefSetup, PrefSummary, Reference, base_reference, precompute_reference, train_pairs,
 };
-use ytrainer_core::trainer::LoopSetup;
 use ytrainer_data::{PairExample, PairRecord, load_pairs, tokenize_pair};
-use ytrainer_models::{AdapterSpec, load_peft_adapter, load_pretrained};
+use ytrainer_models::{AdapterSpec, load_pretrained};
 
 use crate::bail;
 use crate::common::{Ran, RunOptions};
@@ -182,12 +181,7 @@ pub fn run_preference(
     }
 
     let device = training_device(&cfg)?;
-    let adapter = crate::common::adapter_spec(&cfg);
-    let (mut model, _) = load_pretrained(&model_dir, &adapter, &device)?;
-    if let Some(init) = &cfg.adapter.init_from {
-        model = load_peft_adapter(model, init)?;
-    }
-    model = model.with_gradient_checkpointing(cfg.train.gradient_checkpointing);
+    let model = crate::common::load_policy(&cfg, &model_dir, &device)?;
     let pad_id = pad_id(&tok);
     let pc = &cfg.preference;
     let micro = pc.micro_pairs.max(1);
@@ -225,17 +219,7 @@ pub fn run_preference(
 
     let beta = params.values().get("beta").copied().unwrap_or(1.0);
     let setup = PrefSetup {
-        run: LoopSetup {
-            train: &cfg.train,
-            seed: cfg.train.seed,
-            output_dir: &out,
-            eval_every: cfg.eval.every_steps,
-            save_every: cfg.output.save_every_steps,
-            save_total_limit: cfg.output.save_total_limit,
-            resume: crate::common::resume_dir(opts)?,
-            fingerprint: crate::common::fingerprint(&cfg),
-            device: &device,
-        },
+        run: crate::common::loop_setup(&cfg, &out, opts, &device)?,
         pairs: &pairs,
         eval_pairs: &eval_pairs,
         eval_reference,

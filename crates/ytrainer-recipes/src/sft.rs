@@ -9,11 +9,10 @@ use ytrainer_core::loss::{Params, TokenReweighter};
 use ytrainer_core::model::CausalLm;
 use ytrainer_core::observe::Observer;
 use ytrainer_core::sft::{self, TrainSetup, TrainSummary};
-use ytrainer_core::trainer::LoopSetup;
 use ytrainer_data::{
     BatchOptions, DataOptions, DataStats, Example, Mode, Record, load_records, prepare,
 };
-use ytrainer_models::{AdapterSpec, load_peft_adapter, load_pretrained};
+use ytrainer_models::{AdapterSpec, load_pretrained};
 
 use crate::bail;
 use crate::common::{Ran, RunOptions};
@@ -122,12 +121,7 @@ pub fn run_sft(
 
     // Model.
     let device = training_device(&cfg)?;
-    let adapter = crate::common::adapter_spec(&cfg);
-    let (mut model, _hf) = load_pretrained(&model_dir, &adapter, &device)?;
-    if let Some(init) = &cfg.adapter.init_from {
-        model = load_peft_adapter(model, init)?;
-    }
-    model = model.with_gradient_checkpointing(cfg.train.gradient_checkpointing);
+    let mut model = crate::common::load_policy(&cfg, &model_dir, &device)?;
     if let Some(path) = &cfg.loss.reference_model {
         let dir = crate::source::model_dir_for_run(
             path.clone(),
@@ -160,17 +154,7 @@ pub fn run_sft(
     crate::common::write_resolved_config(&cfg, &out)?;
 
     let setup = TrainSetup {
-        run: LoopSetup {
-            train: &cfg.train,
-            seed: cfg.train.seed,
-            output_dir: &out,
-            eval_every: cfg.eval.every_steps,
-            save_every: cfg.output.save_every_steps,
-            save_total_limit: cfg.output.save_total_limit,
-            resume: crate::common::resume_dir(opts)?,
-            fingerprint: crate::common::fingerprint(&cfg),
-            device: &device,
-        },
+        run: crate::common::loop_setup(&cfg, &out, opts, &device)?,
         batch: batch_options(&cfg, pad_id(&tok)),
         train_examples: &prepared.examples,
         eval_examples: &eval_examples,
