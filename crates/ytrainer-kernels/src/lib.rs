@@ -17,6 +17,8 @@ pub mod head;
 pub mod host;
 pub mod positions;
 pub mod prof;
+pub mod quant;
+pub mod quant_linear;
 
 use burn::prelude::*;
 

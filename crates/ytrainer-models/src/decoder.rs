@@ -494,7 +494,21 @@ impl Decoder {
     /// a fresh LoRA branch is attached to each targeted projection.
     pub fn with_adapter(self, adapter: &AdapterSpec) -> Result<Self, ModelError> {
         let mut model = match adapter {
-            AdapterSpec::Full => self.set_require_grad(true),
+            AdapterSpec::Full => {
+                if let Some((name, q)) = self
+                    .named_linears()
+                    .into_iter()
+                    .find_map(|(n, l)| l.quant.as_ref().map(|q| (n, q.kind)))
+                {
+                    return Err(ModelError::Invalid(format!(
+                        "full fine-tuning needs an f32 base, but `{name}` is kept quantised ({}); train a LoRA \
+                         adapter on the quantised base, or pass --dequantize-base (config `model.dequantize_base \
+                         = true`) to load it in f32",
+                        q.name()
+                    )));
+                }
+                self.set_require_grad(true)
+            }
             AdapterSpec::Lora(cfg) => {
                 check_lora_config(cfg)?;
                 let mut matched = false;

@@ -13,6 +13,8 @@ use burn::nn::{Dropout, DropoutConfig};
 use burn::prelude::*;
 use burn::tensor::module::linear;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use ytrainer_kernels::quant::QuantWeight;
 
 use crate::rng::InitRng;
 
@@ -109,8 +111,13 @@ pub enum AdapterSpec {
 /// path ends with `bias` (no weight decay), LoRA matrices are `lora_a` / `lora_b`.
 #[derive(Module, Debug)]
 pub struct LoraLinear {
-    /// `[in, out]`; frozen when a LoRA branch is attached.
+    /// `[in, out]`; frozen when a LoRA branch is attached. Empty (`[0, 0]`) when the base is `quant`.
     pub weight: Param<Tensor<2>>,
+    /// The frozen base weight kept quantised (QLoRA): then `weight` is empty and every product with the base
+    /// dequantises it tile by tile (`ytrainer-kernels`' `quant.rs`). Not a module parameter: it is never trained
+    /// and never saved in a checkpoint.
+    #[module(skip)]
+    pub quant: Option<Arc<QuantWeight>>,
     /// `[out]`.
     pub bias: Option<Param<Tensor<1>>>,
     /// `[in, r]`, initialised U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming-uniform with a = sqrt(5)).
@@ -127,6 +134,7 @@ impl LoraLinear {
     pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
         Self {
             weight: Param::from_tensor(weight),
+            quant: None,
             bias: bias.map(Param::from_tensor),
             lora_a: None,
             lora_b: None,
@@ -135,12 +143,43 @@ impl LoraLinear {
         }
     }
 
+    /// A frozen linear layer whose weight stays quantised (`[out, in]` rows of blocks).
+    pub fn quantized(weight: QuantWeight, bias: Option<Tensor<1>>, device: &Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::zeros([0, 0], device)).set_require_grad(false),
+            quant: Some(Arc::new(weight)),
+            bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)),
+            lora_a: None,
+            lora_b: None,
+            lora_dropout: None,
+            scaling: 0.0,
+        }
+    }
+
     pub fn d_in(&self) -> usize {
-        self.weight.lazy_shape().as_slice()[0]
+        match &self.quant {
+            Some(q) => q.cols,
+            None => self.weight.lazy_shape().as_slice()[0],
+        }
     }
 
     pub fn d_out(&self) -> usize {
-        self.weight.lazy_shape().as_slice()[1]
+        match &self.quant {
+            Some(q) => q.rows,
+            None => self.weight.lazy_shape().as_slice()[1],
+        }
+    }
+
+    /// The base weight in Burn layout `[in, out]`, dequantised when it is kept quantised (detached then).
+    pub fn base_weight(&self) -> Tensor<2> {
+        match &self.quant {
+            Some(q) => {
+                let device = self.weight.lazy_device();
+                Tensor::<2>::from_data(TensorData::new(q.dequantize(), [q.rows, q.cols]), &device)
+                    .transpose()
+            }
+            None => self.weight.val(),
+        }
     }
 
     pub fn has_lora(&self) -> bool {
@@ -163,6 +202,7 @@ impl LoraLinear {
     pub fn with_lora(self, a: Tensor<2>, b: Tensor<2>, scaling: f64, dropout: f64) -> Self {
         Self {
             weight: self.weight.set_require_grad(false),
+            quant: self.quant,
             bias: self.bias.map(|b| b.set_require_grad(false)),
             lora_a: Some(Param::from_tensor(a)),
             lora_b: Some(Param::from_tensor(b)),
@@ -174,6 +214,9 @@ impl LoraLinear {
     /// `x·W + b + s·(dropout(x)·A)·B` over the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let adapters_on = !ADAPTERS_OFF.with(|c| c.get());
+        if let Some(q) = &self.quant {
+            return self.forward_quantized(q, x, adapters_on);
+        }
         if self.lora_dropout.is_none() || !adapters_on {
             let (weight, bias) = (self.weight.val(), self.bias.as_ref().map(|b| b.val()));
             let (a, b) = (
@@ -195,26 +238,69 @@ impl LoraLinear {
         let base = |x: Tensor<D>| linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()));
         match (&self.lora_a, &self.lora_b) {
             (Some(a), Some(b)) if !ADAPTERS_OFF.with(|c| c.get()) => {
-                let h = match &self.lora_dropout {
-                    Some(dropout) => dropout.forward(x.clone()),
-                    None => x.clone(),
-                };
-                // The scale goes on the thin `B` (`[r, out]`), not on the `[N, out]` update: same result, one
-                // full-size pass less forward and backward.
-                let update = linear(
-                    linear(h, a.val(), None),
-                    b.val().mul_scalar(self.scaling),
-                    None,
-                );
+                let update = self.lora_update(a, b, x.clone());
                 base(x) + update
             }
             _ => base(x),
         }
     }
 
+    /// `s·(dropout(x)·A)·B` as tensor operations.
+    fn lora_update<const D: usize>(
+        &self,
+        a: &Param<Tensor<2>>,
+        b: &Param<Tensor<2>>,
+        x: Tensor<D>,
+    ) -> Tensor<D> {
+        let h = match &self.lora_dropout {
+            Some(dropout) => dropout.forward(x),
+            None => x,
+        };
+        // The scale goes on the thin `B` (`[r, out]`), not on the `[N, out]` update: same result, one
+        // full-size pass less forward and backward.
+        linear(
+            linear(h, a.val(), None),
+            b.val().mul_scalar(self.scaling),
+            None,
+        )
+    }
+
+    /// The forward pass over a quantised base: one fused CPU operation (base tiles + LoRA without dropout), or,
+    /// on other backends, the base dequantised for this layer and the tensor formula.
+    fn forward_quantized<const D: usize>(
+        &self,
+        q: &Arc<QuantWeight>,
+        x: Tensor<D>,
+        adapters_on: bool,
+    ) -> Tensor<D> {
+        let bias = self.bias.as_ref().map(|b| b.val());
+        let lora = match (&self.lora_a, &self.lora_b) {
+            (Some(a), Some(b)) if adapters_on => Some((a, b)),
+            _ => None,
+        };
+        let fused_lora = lora.filter(|_| self.lora_dropout.is_none());
+        let (a_val, b_val) = (
+            fused_lora.map(|(a, _)| a.val()),
+            fused_lora.map(|(_, b)| b.val()),
+        );
+        let parts = match (&a_val, &b_val) {
+            (Some(a), Some(b)) => Some((a, b, self.scaling as f32)),
+            _ => None,
+        };
+        let y = ytrainer_kernels::quant_linear::quant_linear(&x, q, bias.as_ref(), parts);
+        let (y, lora_done) = match y {
+            Some(y) => (y, fused_lora.is_some()),
+            None => (linear(x.clone(), self.base_weight(), bias), false),
+        };
+        match lora {
+            Some((a, b)) if !lora_done => y + self.lora_update(a, b, x),
+            _ => y,
+        }
+    }
+
     /// `W + s·A·B` in Burn layout `[in, out]`, detached (for export; never used in training).
     pub fn merged_weight(&self) -> Tensor<2> {
-        let w = self.weight.val().detach();
+        let w = self.base_weight().detach();
         match (&self.lora_a, &self.lora_b) {
             (Some(a), Some(b)) => {
                 w + a

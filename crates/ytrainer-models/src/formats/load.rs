@@ -16,11 +16,70 @@ use crate::decoder::{Attention, Decoder, DecoderLayer, Embedding, LmHead, Mlp, R
 use crate::lora::{AdapterSpec, LoraLinear};
 use crate::rng::InitRng;
 use crate::{HfConfig, ModelError};
+use ytrainer_kernels::quant::{QuantKind, QuantWeight};
 
 /// Where the builder gets tensors from. Values are in HF layout (`[out, in]` for linear weights).
 pub(crate) trait WeightSource {
     fn contains(&self, name: &str) -> bool;
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError>;
+    /// The tensor in its stored encoding, when the source keeps linear weights quantised (a GGUF read for
+    /// QLoRA); `None` means: read it with [`WeightSource::get`].
+    fn quantized(
+        &mut self,
+        _name: &str,
+        _shape: &[usize],
+    ) -> Result<Option<QuantWeight>, ModelError> {
+        Ok(None)
+    }
+}
+
+/// How the frozen base's linear weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BaseWeights {
+    /// f32 tensors (trainable: full fine-tuning, or LoRA over an f32 base).
+    #[default]
+    F32,
+    /// As stored in a quantised GGUF (memory-mapped blocks; F32 tensors stay f32).
+    Stored,
+    /// Quantised on load to this encoding (`q8_0`, `q4_0`, `nf4`): QLoRA over an f16/bf16/f32 checkpoint.
+    Quantize(QuantKind),
+}
+
+impl BaseWeights {
+    /// Parses `q8_0` / `q4_0` / `nf4` (the `--quantize-base` values).
+    pub fn parse_quantize(s: &str) -> Option<Self> {
+        Some(Self::Quantize(match s.to_ascii_lowercase().as_str() {
+            "q8_0" => QuantKind::Q8_0,
+            "q4_0" => QuantKind::Q4_0,
+            "nf4" => QuantKind::Nf4,
+            _ => return None,
+        }))
+    }
+}
+
+/// [`load_pretrained`] with the base's linear weights held as `base` says (only LoRA can train over a
+/// quantised base).
+pub fn load_pretrained_with(
+    dir: &Path,
+    adapter: &AdapterSpec,
+    device: &Device,
+    base: BaseWeights,
+) -> Result<(Decoder, HfConfig), ModelError> {
+    let mut config = HfConfig::from_file(&dir.join("config.json"))?;
+    let mut spec = ArchSpec::from_config(&config)?;
+    let mut source = CheckpointSource::open(dir)?;
+    if !spec.tie_word_embeddings && !source.contains("lm_head.weight") {
+        spec.tie_word_embeddings = true;
+        config.tie_word_embeddings = Some(true);
+    }
+    let quantize = match base {
+        BaseWeights::Quantize(kind) => Some(kind),
+        _ => None,
+    };
+    let mut model = build_with(spec, config.clone(), &mut source, device, quantize)?;
+    model.base_model_name_or_path = dir.display().to_string();
+    let model = model.with_adapter(adapter)?;
+    Ok((model, config))
 }
 
 /// Loads `config.json` and `model.safetensors` (or the shards listed in `model.safetensors.index.json`) from
@@ -33,17 +92,7 @@ pub fn load_pretrained(
     adapter: &AdapterSpec,
     device: &Device,
 ) -> Result<(Decoder, HfConfig), ModelError> {
-    let mut config = HfConfig::from_file(&dir.join("config.json"))?;
-    let mut spec = ArchSpec::from_config(&config)?;
-    let mut source = CheckpointSource::open(dir)?;
-    if !spec.tie_word_embeddings && !source.contains("lm_head.weight") {
-        spec.tie_word_embeddings = true;
-        config.tie_word_embeddings = Some(true);
-    }
-    let mut model = build(spec, config.clone(), &mut source, device)?;
-    model.base_model_name_or_path = dir.display().to_string();
-    let model = model.with_adapter(adapter)?;
-    Ok((model, config))
+    load_pretrained_with(dir, adapter, device, BaseWeights::F32)
 }
 
 /// A randomly initialised model (normal(0, `initializer_range` = 0.02 by default) for linears and embeddings,
@@ -176,6 +225,8 @@ pub(crate) fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 struct Builder<'a> {
     source: &'a mut dyn WeightSource,
     device: &'a Device,
+    /// Quantise linear weights on load to this encoding (rows that are not whole blocks stay f32).
+    quantize: Option<QuantKind>,
 }
 
 impl Builder<'_> {
@@ -218,11 +269,21 @@ impl Builder<'_> {
         d_out: usize,
         bias: bool,
     ) -> Result<LoraLinear, ModelError> {
-        let weight = self.linear_weight(&format!("{prefix}.weight"), d_in, d_out)?;
+        let name = format!("{prefix}.weight");
         let bias = match bias {
             true => Some(self.vector(&format!("{prefix}.bias"), d_out)?),
             false => None,
         };
+        if let Some(q) = self.source.quantized(&name, &[d_out, d_in])? {
+            return Ok(LoraLinear::quantized(q, bias, self.device));
+        }
+        if let Some(kind) = self.quantize.filter(|k| d_in.is_multiple_of(k.block().0)) {
+            let values = self.source.get(&name, &[d_out, d_in])?;
+            let q = QuantWeight::encode(kind, &values, d_out, d_in)
+                .expect("whole blocks checked above");
+            return Ok(LoraLinear::quantized(q, bias, self.device));
+        }
+        let weight = self.linear_weight(&name, d_in, d_out)?;
         Ok(LoraLinear::new(weight, bias))
     }
 
@@ -240,7 +301,21 @@ pub(crate) fn build(
     source: &mut dyn WeightSource,
     device: &Device,
 ) -> Result<Decoder, ModelError> {
-    let mut b = Builder { source, device };
+    build_with(spec, config, source, device, None)
+}
+
+pub(crate) fn build_with(
+    spec: ArchSpec,
+    config: HfConfig,
+    source: &mut dyn WeightSource,
+    device: &Device,
+    quantize: Option<QuantKind>,
+) -> Result<Decoder, ModelError> {
+    let mut b = Builder {
+        source,
+        device,
+        quantize,
+    };
     let (h, hd, eps) = (spec.hidden_size, spec.head_dim, spec.rms_norm_eps);
     let (q_dim, kv_dim) = (spec.num_heads * hd, spec.num_kv_heads * hd);
     let embed_tokens = Embedding {

@@ -8,14 +8,15 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use serde_json::json;
 
-use super::file::{GgufFile, GgufValue};
+use super::file::{GgufFile, GgufTensor, GgufValue};
 use super::tokenizer::gguf_tokenizer;
 use crate::arch::ArchSpec;
 use crate::decoder::Decoder;
-use crate::formats::load::{WeightSource, build};
+use crate::formats::load::{BaseWeights, WeightSource, build_with};
 use crate::formats::st::{PendingTensor, write_f32};
 use crate::lora::AdapterSpec;
 use crate::{HfConfig, ModelError};
+use ytrainer_kernels::quant::{QuantKind, QuantWeight};
 
 /// GGUF tensor name -> Hugging Face parameter name (`None` for names with no HF counterpart).
 pub fn hf_name(gguf: &str) -> Option<String> {
@@ -99,22 +100,23 @@ pub(crate) struct GgufSource<'a> {
     gguf: &'a GgufFile,
     /// `Some((n_head, n_kv_head))` when q/k rows must be un-permuted (the `llama` architecture).
     permuted: Option<(usize, usize)>,
+    /// Hand quantised linear weights to the builder as they are stored (QLoRA) instead of dequantising them.
+    keep_quantized: bool,
 }
 
 impl<'a> GgufSource<'a> {
     pub(crate) fn new(gguf: &'a GgufFile, config: &HfConfig) -> Result<Self, ModelError> {
         let permuted = (gguf.architecture()? == "llama")
             .then(|| (config.num_attention_heads, config.num_kv_heads()));
-        Ok(Self { gguf, permuted })
-    }
-}
-
-impl WeightSource for GgufSource<'_> {
-    fn contains(&self, name: &str) -> bool {
-        gguf_name(name).is_some_and(|g| self.gguf.tensor(&g).is_some())
+        Ok(Self {
+            gguf,
+            permuted,
+            keep_quantized: false,
+        })
     }
 
-    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+    /// The tensor behind an HF name, its shape checked.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<(String, &'a GgufTensor), ModelError> {
         let g = gguf_name(name).unwrap_or_else(|| name.to_string());
         let t = self
             .gguf
@@ -132,6 +134,61 @@ impl WeightSource for GgufSource<'_> {
                 found,
             });
         }
+        Ok((g, t))
+    }
+}
+
+/// Where llama.cpp's per-head q/k permutation put each HF row: HF row `dst` is GGUF row `order[dst]`.
+pub fn unpermute_order(rows: usize, n_head: usize) -> Vec<usize> {
+    let hd = rows / n_head.max(1);
+    let half = hd / 2;
+    let mut order = (0..rows).collect::<Vec<_>>();
+    for h in 0..n_head {
+        for j in 0..half {
+            for c in 0..2 {
+                order[h * hd + c * half + j] = h * hd + 2 * j + c;
+            }
+        }
+    }
+    order
+}
+
+impl WeightSource for GgufSource<'_> {
+    fn contains(&self, name: &str) -> bool {
+        gguf_name(name).is_some_and(|g| self.gguf.tensor(&g).is_some())
+    }
+
+    fn quantized(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Option<QuantWeight>, ModelError> {
+        if !self.keep_quantized || shape.len() != 2 {
+            return Ok(None);
+        }
+        let (g, t) = self.tensor(name, shape)?;
+        let Some(kind) = QuantKind::from_ggml(t.ty.0) else {
+            // F32 stays f32; a type ytrainer cannot read is reported by `get`, naming it.
+            return Ok(None);
+        };
+        let bytes = self.gguf.mapped(t)?;
+        let q = QuantWeight::new(kind, shape[0], shape[1], bytes).map_err(|e| {
+            self.gguf
+                .err(format!("tensor `{g}` ({}): {e}", kind.name()))
+        })?;
+        Ok(Some(match self.permuted {
+            Some((nh, _)) if g.contains(".attn_q.") => {
+                q.with_row_order(&unpermute_order(shape[0], nh))
+            }
+            Some((_, nkv)) if g.contains(".attn_k.") => {
+                q.with_row_order(&unpermute_order(shape[0], nkv))
+            }
+            _ => q,
+        }))
+    }
+
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let (g, t) = self.tensor(name, shape)?;
         let values = self.gguf.read_f32(t)?;
         let cols = if shape.len() == 2 { shape[1] } else { 1 };
         Ok(match self.permuted {
@@ -274,11 +331,27 @@ pub fn load_gguf(
     adapter: &AdapterSpec,
     device: &Device,
 ) -> Result<(Decoder, HfConfig), ModelError> {
+    load_gguf_with(path, adapter, device, BaseWeights::F32)
+}
+
+/// [`load_gguf`] with the linear weights held as `base` says: [`BaseWeights::Stored`] keeps every quantised
+/// (or half-precision) projection in its GGUF blocks, memory-mapped (QLoRA; embeddings and norms are f32).
+pub fn load_gguf_with(
+    path: &Path,
+    adapter: &AdapterSpec,
+    device: &Device,
+    base: BaseWeights,
+) -> Result<(Decoder, HfConfig), ModelError> {
     let gguf = GgufFile::open(path)?;
     let config = hf_config(&gguf)?;
     let spec = ArchSpec::from_config(&config)?;
     let mut source = GgufSource::new(&gguf, &config)?;
-    let mut model = build(spec, config.clone(), &mut source, device)?;
+    source.keep_quantized = base == BaseWeights::Stored;
+    let quantize = match base {
+        BaseWeights::Quantize(kind) => Some(kind),
+        _ => None,
+    };
+    let mut model = build_with(spec, config.clone(), &mut source, device, quantize)?;
     model.base_model_name_or_path = path.display().to_string();
     Ok((model.with_adapter(adapter)?, config))
 }

@@ -120,6 +120,8 @@ pub struct GgufFile {
     pub metadata: BTreeMap<String, GgufValue>,
     pub tensors: Vec<GgufTensor>,
     data_start: u64,
+    /// The whole file memory-mapped, made on the first [`GgufFile::mapped`] and shared by every tensor.
+    map: std::sync::OnceLock<std::sync::Arc<memmap2::Mmap>>,
 }
 
 struct Cursor<'a> {
@@ -284,6 +286,7 @@ impl GgufFile {
             metadata,
             tensors,
             data_start,
+            map: std::sync::OnceLock::new(),
         };
         for t in &gguf.tensors {
             let Some(nbytes) = gguf.nbytes(t) else {
@@ -333,6 +336,37 @@ impl GgufFile {
         self.get("general.architecture")
             .and_then(GgufValue::as_str)
             .ok_or_else(|| self.err("metadata `general.architecture` is missing".into()))
+    }
+
+    /// A tensor's encoded bytes, read in place from the memory-mapped file (the range was checked against the
+    /// file size by [`GgufFile::open`]). The mapping is read-only and private; the file must not be rewritten
+    /// while a model built from it is alive, as with llama.cpp's own mmap loading.
+    pub fn mapped(&self, t: &GgufTensor) -> Result<ytrainer_kernels::quant::Bytes, ModelError> {
+        let nbytes = self.nbytes(t).ok_or_else(|| {
+            self.err(format!(
+                "tensor `{}` has type {}, which ytrainer cannot read",
+                t.name,
+                t.ty.name()
+            ))
+        })?;
+        let map = match self.map.get() {
+            Some(m) => m.clone(),
+            None => {
+                let f = File::open(&self.path).map_err(|e| ModelError::io(&self.path, e))?;
+                // SAFETY: the mapping is read-only; like every mmap-based model loader, we rely on the file not
+                // being truncated or rewritten while it is in use.
+                let m =
+                    unsafe { memmap2::Mmap::map(&f) }.map_err(|e| ModelError::io(&self.path, e))?;
+                self.map.get_or_init(|| std::sync::Arc::new(m)).clone()
+            }
+        };
+        let start = self.data_start + t.offset;
+        ytrainer_kernels::quant::Bytes::new(map, start as usize, nbytes as usize).ok_or_else(|| {
+            self.err(format!(
+                "tensor `{}` ({nbytes} bytes at offset {start}) lies outside the file",
+                t.name
+            ))
+        })
     }
 
     /// Reads one tensor and dequantises it to f32 (row-major, GGUF order).

@@ -10,6 +10,8 @@ use burn::tensor::Gradients;
 use burn::tensor::activation::log_softmax;
 use ytrainer_core::model::ModelInput;
 
+pub mod gguf_writer;
+
 pub const ASSETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/assets");
 
 pub fn tiny_qwen2() -> PathBuf {
