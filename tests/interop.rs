@@ -876,3 +876,146 @@ fn sentencepiece_gguf_converts_and_scores_like_the_shipped_tokenizer() {
         }
     }
 }
+
+/// Runs ytrainer from the repository root with `YTRAINER_CACHE` pointing into a test directory.
+fn ytrainer_cached(cache: &Path, args: &[&str]) -> std::process::Output {
+    let o = std::process::Command::new(bin())
+        .args(args)
+        .current_dir(root())
+        .env("YTRAINER_CACHE", cache)
+        .output()
+        .expect("failed to start ytrainer");
+    assert!(
+        o.status.success(),
+        "ytrainer {args:?} failed:\n{}",
+        stderr(&o)
+    );
+    o
+}
+
+/// LoRA on the SmolLM2 Q4_1 GGUF trains on the quantised blocks (QLoRA) and follows the same per-step losses
+/// and gradient norms as the same run over the dequantised f32 base (`--dequantize-base`); only the
+/// tokenizer, config and template land in the cache, and no f32 copy of the weights is written anywhere.
+#[test]
+fn qlora_on_a_gguf_follows_the_dequantized_run() {
+    let tmp = TempDir::new("qlora-run");
+    let data = tmp.path().join("d.jsonl");
+    let recs: Vec<String> = [
+        (
+            "What is a compiler?",
+            "A program that translates source code into machine code.",
+        ),
+        ("Name a prime number.", "Seven is a prime number."),
+        ("What colour is the sky?", "On a clear day the sky is blue."),
+        ("Say hello.", "Hello! How can I help you today?"),
+    ]
+    .iter()
+    .map(|(q, a)| {
+        json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+            .to_string()
+    })
+    .collect();
+    std::fs::write(&data, recs.join("\n")).unwrap();
+    let cache = tmp.path().join("cache");
+    let run = |dir: &str, extra: &[&str]| -> Vec<Value> {
+        let out = tmp.path().join(dir);
+        let mut args = vec![
+            "run",
+            "--model",
+            &*Box::leak(s(&gguf()).into_boxed_str()),
+            "--data",
+            &*Box::leak(s(&data).into_boxed_str()),
+            "--loss",
+            "nlirg",
+            "--max-steps",
+            "2",
+            "--max-seq-len",
+            "64",
+            "--output-dir",
+            &*Box::leak(s(&out).into_boxed_str()),
+        ];
+        args.extend_from_slice(extra);
+        ytrainer_cached(&cache, &args);
+        jsonl(&out.join("metrics.jsonl"))
+            .into_iter()
+            .filter(|l| l.get("step").is_some() && l.get("loss").is_some())
+            .collect()
+    };
+    let quant = run("q", &[]);
+    let f32_run = run("f", &["--dequantize-base"]);
+    assert_eq!(quant.len(), 2, "{quant:?}");
+    assert_eq!(quant.len(), f32_run.len());
+    for (a, b) in quant.iter().zip(&f32_run) {
+        for key in ["loss", "grad_norm"] {
+            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-4 * y.abs().max(1.0),
+                "step {}: {key} {x} (quantised base) vs {y} (f32 base)",
+                a["step"]
+            );
+        }
+    }
+    // The quantised run converted only the tokenizer and config; the f32 run added the weights.
+    let entries: Vec<PathBuf> = std::fs::read_dir(cache.join("gguf"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let dir = &entries[0];
+    assert!(dir.join("config.json").is_file() && dir.join("tokenizer.json").is_file());
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "written by --dequantize-base"
+    );
+    let run_bytes: u64 = walk(&tmp.path().join("q"))
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(
+        run_bytes < 200 << 20,
+        "the QLoRA run directory holds {run_bytes} bytes: a copy of the base?"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// `--quantize-base` is checked before anything loads: an unknown kind, a GGUF base and full fine-tuning are
+/// refused with the key and what to do.
+#[test]
+fn quantize_base_bad_values_are_refused() {
+    let tiny = s(&assets().join("tiny-qwen2"));
+    let gg = s(&gguf());
+    let data = s(&root().join("examples/quickstart/train.jsonl"));
+    let base = |model: &str, extra: &[&str]| {
+        let mut a = vec!["run", "--model", model, "--data", &data, "--max-steps", "1"];
+        a.extend_from_slice(extra);
+        a.iter().map(|x| x.to_string()).collect::<Vec<_>>()
+    };
+    let go = |v: Vec<String>| ytrainer(&v.iter().map(|x| x.as_str()).collect::<Vec<_>>());
+    assert_user_error(
+        &go(base(&tiny, &["--quantize-base", "q3_k"])),
+        "[model] quantize_base = \"q3_k\": expected \"q8_0\", \"q4_0\" or \"nf4\"",
+    );
+    assert_user_error(
+        &go(base(&gg, &["--quantize-base", "q8_0"])),
+        "is a GGUF file, which trains on its own quantisation; remove quantize_base",
+    );
+    assert_user_error(
+        &go(base(
+            &tiny,
+            &["--quantize-base", "nf4", "--adapter", "full"],
+        )),
+        "needs a LoRA adapter",
+    );
+}

@@ -121,6 +121,13 @@ pub struct RunArgs {
     /// LoRA rank [adapter.r].
     #[arg(long)]
     pub lora_r: Option<usize>,
+    /// Load a quantised GGUF base in f32 instead of training LoRA over its quantised blocks
+    /// [model.dequantize_base].
+    #[arg(long)]
+    pub dequantize_base: bool,
+    /// Quantise a Hugging Face base on load for LoRA (QLoRA): `q8_0`, `q4_0` or `nf4` [model.quantize_base].
+    #[arg(long, value_name = "KIND")]
+    pub quantize_base: Option<String>,
     /// LoRA alpha [adapter.alpha].
     #[arg(long)]
     pub lora_alpha: Option<f64>,

@@ -79,6 +79,12 @@ pub fn overrides(args: &RunArgs) -> Result<Vec<Override>> {
     if let Some(v) = args.lora_r {
         set("adapter.r", Value::Integer(v as i64));
     }
+    if args.dequantize_base {
+        set("model.dequantize_base", Value::Boolean(true));
+    }
+    if let Some(v) = &args.quantize_base {
+        set("model.quantize_base", Value::String(v.clone()));
+    }
     if let Some(v) = args.lora_alpha {
         set("adapter.alpha", Value::Float(v));
     }

@@ -76,6 +76,19 @@ pub struct ModelSection {
     pub preset: Option<String>,
     /// Seed of the preset's initialisation.
     pub seed: u64,
+    /// LoRA over a quantised GGUF keeps the base in its GGUF blocks (QLoRA); `true` dequantises it to f32 instead
+    /// (about 6x the memory for a 4-bit file, no dequantisation inside the products).
+    #[serde(skip_serializing_if = "is_false")]
+    pub dequantize_base: bool,
+    /// Quantise a Hugging Face base on load for LoRA: `q8_0`, `q4_0` or `nf4` (QLoRA's 4-bit NormalFloat).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantize_base: Option<String>,
+}
+
+/// Keeps keys that were added later out of the serialised config when they are off, so the fingerprints of
+/// existing runs (and their `--resume`) do not change.
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// `[adapter]`

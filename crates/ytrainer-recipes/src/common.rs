@@ -9,9 +9,13 @@ use ytrainer_core::burn::prelude::Device;
 use ytrainer_core::config::{AdapterKind, RunConfig};
 use ytrainer_core::loss::Registry;
 use ytrainer_core::trainer::LoopSetup;
-use ytrainer_models::{AdapterSpec, Decoder, LoraConfig, load_peft_adapter, load_pretrained};
+use ytrainer_models::{
+    AdapterSpec, BaseWeights, Decoder, LoraConfig, is_gguf, load_gguf_with, load_peft_adapter,
+    load_pretrained_with,
+};
 
 use crate::error::{Context, Result};
+use crate::{bail, invalid};
 
 /// Environment variable with extra plugin paths (separated like `PATH`).
 pub const PLUGIN_PATH_ENV: &str = "YTRAINER_PLUGIN_PATH";
@@ -85,11 +89,52 @@ pub fn adapter_spec(cfg: &RunConfig) -> AdapterSpec {
 /// The policy to train: the model directory's weights with the config's adapter (and its `init_from`
 /// weights), on `device`, with gradient checkpointing as configured.
 pub(crate) fn load_policy(cfg: &RunConfig, model_dir: &Path, device: &Device) -> Result<Decoder> {
-    let (mut model, _) = load_pretrained(model_dir, &adapter_spec(cfg), device)?;
+    let base = base_weights(cfg)?;
+    let spec = adapter_spec(cfg);
+    let (mut model, _) = match (base, &cfg.model.path) {
+        (BaseWeights::Stored, Some(gguf)) => load_gguf_with(gguf, &spec, device, base)?,
+        _ => load_pretrained_with(model_dir, &spec, device, base)?,
+    };
     if let Some(init) = &cfg.adapter.init_from {
         model = load_peft_adapter(model, init)?;
     }
     Ok(model.with_gradient_checkpointing(cfg.train.gradient_checkpointing))
+}
+
+/// How a run holds its base's linear weights: LoRA over a quantised GGUF keeps its blocks (QLoRA) unless
+/// `[model] dequantize_base`; `[model] quantize_base` quantises a Hugging Face base on load; everything else is f32.
+pub fn base_weights(cfg: &RunConfig) -> Result<BaseWeights> {
+    let gguf = cfg
+        .model
+        .path
+        .as_deref()
+        .filter(|p| p.is_file() && is_gguf(p));
+    if let Some(q) = &cfg.model.quantize_base {
+        let base = BaseWeights::parse_quantize(q).ok_or_else(|| {
+            invalid!("[model] quantize_base = {q:?}: expected \"q8_0\", \"q4_0\" or \"nf4\"")
+        })?;
+        if cfg.adapter.kind == AdapterKind::Full {
+            bail!(
+                "[model] quantize_base = {q:?} needs a LoRA adapter: full fine-tuning trains the base weights, \
+                 which must stay f32; remove quantize_base or set [adapter] type = \"lora\""
+            );
+        }
+        if let Some(g) = gguf {
+            bail!(
+                "[model] quantize_base = {q:?} applies to a Hugging Face base, but {} is a GGUF file, which \
+                 trains on its own quantisation; remove quantize_base",
+                g.display()
+            );
+        }
+        return Ok(base);
+    }
+    Ok(
+        if gguf.is_some() && cfg.adapter.kind == AdapterKind::Lora && !cfg.model.dequantize_base {
+            BaseWeights::Stored
+        } else {
+            BaseWeights::F32
+        },
+    )
 }
 
 /// The loop's settings of a run: optimisation, run directory, eval and checkpoint cadence, the fingerprint, and

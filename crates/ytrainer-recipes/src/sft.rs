@@ -123,11 +123,8 @@ pub fn run_sft(
     let device = training_device(&cfg)?;
     let mut model = crate::common::load_policy(&cfg, &model_dir, &device)?;
     if let Some(path) = &cfg.loss.reference_model {
-        let dir = crate::source::model_dir_for_run(
-            path.clone(),
-            &out.join("reference-model"),
-            &mut |m| observer.notice(m),
-        )?;
+        let dir =
+            crate::source::model_dir_for_run(path.clone(), true, &mut |m| observer.notice(m))?;
         let (reference, _) = load_pretrained(&dir, &AdapterSpec::Full, &device)
             .with_context(|| format!("loading [loss] reference_model {}", path.display()))?;
         if reference.vocab_size() != model.vocab_size() {

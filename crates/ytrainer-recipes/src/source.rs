@@ -1,5 +1,5 @@
-//! Where a model comes from: a Hugging Face directory, a llama.cpp `.gguf` file (converted once per run
-//! directory for training, read directly for inference) or the self-made `tiny` preset; with its tokenizer
+//! Where a model comes from: a Hugging Face directory, a llama.cpp `.gguf` file (its config and tokenizer converted
+//! once into the cache for training, its weights read in place) or the self-made `tiny` preset; with its tokenizer
 //! (EOS taken from the chat template's end-of-turn token) and chat template.
 
 use std::path::{Path, PathBuf};
@@ -10,7 +10,8 @@ use ytrainer_core::device::Precision;
 use ytrainer_data::{ChatTemplate, TokenizerWrapper};
 use ytrainer_models::gguf::{GgufFile, gguf_tokenizer};
 use ytrainer_models::{
-    AdapterSpec, Decoder, HfConfig, is_gguf, load_gguf, load_peft_adapter, load_pretrained,
+    AdapterSpec, BaseWeights, Decoder, HfConfig, is_gguf, load_gguf, load_peft_adapter,
+    load_pretrained,
 };
 
 use crate::error::{Context, Result};
@@ -117,42 +118,121 @@ pub fn load_for_inference(model: &Path, adapter: Option<&Path>, device: &Device)
     })
 }
 
-/// For training: a `.gguf` model is converted once into `<out>/base-model-gguf/` (reused while the GGUF's size
-/// and modification time are unchanged); a directory is returned as is. `notice` hears what is being done.
+/// The folder converted GGUF files are cached in: `$YTRAINER_CACHE`, else `$XDG_CACHE_HOME/ytrainer`, else
+/// `~/.cache/ytrainer` (the current directory's `.ytrainer-cache` when there is no home).
+pub fn cache_dir() -> PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    env("YTRAINER_CACHE")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("ytrainer")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache").join("ytrainer")))
+        .unwrap_or_else(|| PathBuf::from(".ytrainer-cache"))
+}
+
+/// A 64-bit digest of a file's bytes (word-wise multiply-xor mixing over the memory-mapped file: gigabytes per
+/// second), remembered per (path, size, mtime) so an unchanged file is read only once.
+fn content_key(file: &Path, cache: &Path) -> Result<String> {
+    let meta =
+        std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let canonical = file.canonicalize().unwrap_or(file.to_path_buf());
+    let stamp = format!(
+        "{}\n{}\n{:?}\n",
+        canonical.display(),
+        meta.len(),
+        meta.modified().ok()
+    );
+    let stamp_file = cache
+        .join("stamps")
+        .join(format!("{:016x}", mix_bytes(stamp.as_bytes())));
+    if let Some(key) = std::fs::read_to_string(&stamp_file)
+        .ok()
+        .and_then(|s| s.strip_prefix(&stamp).map(str::to_string))
+    {
+        return Ok(key);
+    }
+    let f = std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
+    // SAFETY: read-only mapping of a model file for hashing; a file rewritten meanwhile gives a wrong key, which
+    // the stamp (size, mtime) then no longer matches.
+    let map = unsafe { memmap2::Mmap::map(&f) }
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    let key = format!("{:016x}{:016x}", mix_bytes(&map), map.len());
+    let _ = std::fs::create_dir_all(stamp_file.parent().expect("has a parent"));
+    let _ = std::fs::write(&stamp_file, format!("{stamp}{key}"));
+    Ok(key)
+}
+
+fn mix_bytes(bytes: &[u8]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h = K ^ bytes.len() as u64;
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        let v = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+        h = (h ^ v).wrapping_mul(K).rotate_left(29);
+    }
+    for &b in words.remainder() {
+        h = (h ^ b as u64).wrapping_mul(K);
+    }
+    h ^ (h >> 32)
+}
+
+/// For training: a `.gguf` model's config and tokenizer files (and, when `with_weights`, its weights as f32
+/// safetensors) are converted once per file content into the cache ([`cache_dir`]) and reused by every run; a
+/// directory is returned as is. LoRA over the quantised GGUF reads the weights from the GGUF itself, so its runs
+/// never write an f32 copy. `notice` hears what is being done.
 pub fn model_dir_for_run(
     model: PathBuf,
-    out: &Path,
+    with_weights: bool,
     notice: &mut dyn FnMut(&str),
 ) -> Result<PathBuf> {
     if !model.is_file() || !is_gguf(&model) {
         return Ok(model);
     }
-    let meta =
-        std::fs::metadata(&model).with_context(|| format!("cannot read {}", model.display()))?;
-    let stamp = format!(
-        "{}\n{}\n{:?}\n",
-        model.canonicalize().unwrap_or(model.clone()).display(),
-        meta.len(),
-        meta.modified().ok()
-    );
-    let dir = out.join("base-model-gguf");
-    let marker = dir.join(".gguf-source");
-    if std::fs::read_to_string(&marker).ok().as_deref() == Some(stamp.as_str())
-        && dir.join("model.safetensors").is_file()
-    {
+    let cache = cache_dir();
+    let key = content_key(&model, &cache)?;
+    let stem = model
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let dir = cache.join("gguf").join(format!("{stem}-{}", &key[..16]));
+    let marker = |weights: bool| {
+        dir.join(if weights {
+            ".complete-weights"
+        } else {
+            ".complete"
+        })
+    };
+    if marker(with_weights).is_file() || marker(true).is_file() {
         return Ok(dir);
     }
     notice(&format!(
-        "converting {} to {}",
+        "converting {} ({}) into the cache {}",
         model.display(),
+        if with_weights {
+            "config, tokenizer and f32 weights"
+        } else {
+            "config and tokenizer; the weights stay in the GGUF"
+        },
         dir.display()
     ));
-    let _ = std::fs::remove_dir_all(&dir);
-    let report = ytrainer_models::convert_gguf(&model, &dir)?;
+    // Written beside and renamed into place, so a run killed mid-conversion (or a second run converting the same
+    // file) never sees a half-written folder.
+    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let report = ytrainer_models::gguf::convert_gguf_with(&model, &tmp, with_weights)?;
     for w in &report.warnings {
         notice(&format!("warning: {w}"));
     }
-    std::fs::write(&marker, stamp).with_context(|| format!("cannot write {}", marker.display()))?;
+    for m in [false, with_weights] {
+        let p = tmp.join(if m { ".complete-weights" } else { ".complete" });
+        std::fs::write(&p, format!("{}\n", model.display()))
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), dir.display()))?;
     Ok(dir)
 }
 
@@ -186,7 +266,8 @@ pub fn resolve_model_dir(
         }
         (None, None) => bail!("no model given"),
     };
-    let model_dir = model_dir_for_run(model_dir, out, notice)?;
+    let with_weights = crate::common::base_weights(cfg)? != BaseWeights::Stored;
+    let model_dir = model_dir_for_run(model_dir, with_weights, notice)?;
     if !model_dir.join("config.json").exists() {
         bail!(
             "{}: not a Hugging Face model directory (no config.json); pass the directory that holds config.json, \

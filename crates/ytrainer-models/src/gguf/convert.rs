@@ -413,6 +413,16 @@ pub struct ConvertReport {
 /// tokenizer can be rebuilt `tokenizer.json` + `tokenizer_config.json` (with the chat template) and
 /// `chat_template.jinja`. Tensors are dequantised and written one at a time.
 pub fn convert_gguf(path: &Path, out: &Path) -> Result<ConvertReport, ModelError> {
+    convert_gguf_with(path, out, true)
+}
+
+/// [`convert_gguf`], writing the f32 `model.safetensors` only when `weights` (a run that trains LoRA over the
+/// quantised GGUF needs only the config and the tokenizer files beside it).
+pub fn convert_gguf_with(
+    path: &Path,
+    out: &Path,
+    weights: bool,
+) -> Result<ConvertReport, ModelError> {
     let gguf = GgufFile::open(path)?;
     let config = hf_config(&gguf)?;
     let spec = ArchSpec::from_config(&config)?;
@@ -452,7 +462,22 @@ pub fn convert_gguf(path: &Path, out: &Path) -> Result<ConvertReport, ModelError
         .map_err(|e| ModelError::io(&config_path, e))?;
     report.files.push(config_path);
 
-    let source = RefCell::new(GgufSource::new(&gguf, &config)?);
+    if weights {
+        write_weights(&gguf, &config, expected, out, &mut report)?;
+    }
+    write_tokenizer_files(&gguf, &config, out, &mut report)?;
+    Ok(report)
+}
+
+/// `model.safetensors` (f32), tensor by tensor.
+fn write_weights(
+    gguf: &GgufFile,
+    config: &HfConfig,
+    expected: Vec<(String, Vec<usize>)>,
+    out: &Path,
+    report: &mut ConvertReport,
+) -> Result<(), ModelError> {
+    let source = RefCell::new(GgufSource::new(gguf, config)?);
     let failure: RefCell<Option<ModelError>> = RefCell::new(None);
     let pending: Vec<PendingTensor<'_>> = expected
         .into_iter()
@@ -478,8 +503,17 @@ pub fn convert_gguf(path: &Path, out: &Path) -> Result<ConvertReport, ModelError
         return Err(e);
     }
     report.files.push(weights_path);
+    Ok(())
+}
 
-    match gguf_tokenizer(&gguf) {
+/// `tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja` and `generation_config.json`.
+fn write_tokenizer_files(
+    gguf: &GgufFile,
+    config: &HfConfig,
+    out: &Path,
+    report: &mut ConvertReport,
+) -> Result<(), ModelError> {
+    match gguf_tokenizer(gguf) {
         Ok(tok) => {
             let p = out.join("tokenizer.json");
             std::fs::write(&p, &tok.tokenizer_json).map_err(|e| ModelError::io(&p, e))?;
@@ -512,5 +546,5 @@ pub fn convert_gguf(path: &Path, out: &Path) -> Result<ConvertReport, ModelError
     )
     .map_err(|e| ModelError::io(&p, e))?;
     report.files.push(p);
-    Ok(report)
+    Ok(())
 }

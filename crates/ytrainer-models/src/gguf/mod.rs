@@ -20,8 +20,8 @@ mod file;
 mod tokenizer;
 
 pub use convert::{
-    ConvertReport, convert_gguf, gguf_name, hf_config, hf_name, load_gguf, load_gguf_with,
-    unpermute_order, unpermute_rows,
+    ConvertReport, convert_gguf, convert_gguf_with, gguf_name, hf_config, hf_name, load_gguf,
+    load_gguf_with, unpermute_order, unpermute_rows,
 };
 pub use dequant::{GgmlType, dequantize};
 pub use file::{GgufFile, GgufTensor, GgufValue, is_gguf};
