@@ -20,6 +20,7 @@ use ytrainer_core::trainer::LoopSetup;
 use ytrainer_data::{BatchOptions, Example, MicroBatch};
 use ytrainer_models::{AdapterSpec, Decoder, LoraConfig, load_pretrained};
 use ytrainer_plugin_ce as _;
+use ytrainer_plugin_eaft as _;
 use ytrainer_plugin_nlirg::Curve;
 
 const IDS: [[u32; 16]; 2] = [
@@ -491,5 +492,58 @@ fn gradients_are_bit_identical_from_run_to_run() {
                 "{path}: gradients differ between identical runs"
             );
         }
+    }
+}
+
+/// A micro-batch whose logits exceed the head's chunk runs the head chunk by chunk (statistics first, then each
+/// chunk's logits again for the gradient) and gives the same counters and gradients as the whole head, for a
+/// trainable (full fine-tuning) head and for a plugin that reads the top-k entropy of the logits.
+#[test]
+fn chunked_head_gives_the_whole_head_gradients() {
+    for (adapter, loss) in [(AdapterSpec::Full, "nlirg"), (lora(), "eaft")] {
+        let m = model(&adapter);
+        let plugin = match Registry::discover()
+            .build(loss, &BTreeMap::new())
+            .unwrap()
+            .0
+        {
+            LossFn::Token(p) => p,
+            LossFn::Pairwise(_) => unreachable!(),
+        };
+        let mask = |r: usize, p: usize| if r == 0 { p > 2 } else { p % 3 != 0 };
+        let run = |floats: usize| {
+            let mut acc = GradAccumulator::default();
+            let c = ytrainer_core::step::with_head_chunk_floats(floats, || {
+                train_micro_batch(
+                    &m,
+                    &micro_batch(&[0, 1], mask),
+                    plugin.as_ref(),
+                    ctx(),
+                    &mut acc,
+                    &device(),
+                )
+                .unwrap()
+            });
+            (c, acc)
+        };
+        let vocab = ytrainer_core::model::CausalLm::vocab_size(&m);
+        let (whole, g_whole) = run(usize::MAX);
+        // 4 rows per chunk: the last chunk is partial.
+        let (chunked, g_chunked) = run(4 * vocab);
+        assert!(
+            whole.tokens > 8 && whole.tokens % 4 != 0,
+            "{}",
+            whole.tokens
+        );
+        assert_eq!(whole.tokens, chunked.tokens);
+        assert_eq!(whole.correct, chunked.correct);
+        assert_eq!(whole.ce_sum, chunked.ce_sum, "{loss}");
+        assert!(
+            (whole.weighted_sum - chunked.weighted_sum).abs() <= 1e-6 * whole.weighted_sum.abs()
+        );
+        let params = ytrainer_core::checkpoint::trainable_params(&m);
+        assert!(!params.is_empty());
+        let (a, b) = (g_whole.global_norm(1.0), g_chunked.global_norm(1.0));
+        assert!(a > 0.0 && ((a - b) / a).abs() < 1e-5, "{loss}: {a} vs {b}");
     }
 }

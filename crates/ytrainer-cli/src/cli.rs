@@ -106,6 +106,10 @@ pub struct RunArgs {
     /// about one more forward pass of compute [train.gradient_checkpointing].
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Peak memory to plan for, e.g. `700MB`, `8GB` or `auto` (half of the available memory, the default):
+    /// the micro-batch shrinks and recomputation switches on to fit [train.memory_budget].
+    #[arg(long, value_name = "SIZE")]
+    pub memory_budget: Option<String>,
     /// Supervised tokens per optimizer step [train.tokens_per_step].
     #[arg(long)]
     pub tokens_per_step: Option<usize>,

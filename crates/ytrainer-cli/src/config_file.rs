@@ -64,6 +64,9 @@ pub fn overrides(args: &RunArgs) -> Result<Vec<Override>> {
     if args.gradient_checkpointing {
         set("train.gradient_checkpointing", Value::Boolean(true));
     }
+    if let Some(v) = &args.memory_budget {
+        set("train.memory_budget", Value::String(v.clone()));
+    }
     if let Some(v) = args.tokens_per_step {
         set("train.tokens_per_step", Value::Integer(v as i64));
     }

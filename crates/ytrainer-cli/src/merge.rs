@@ -29,27 +29,7 @@ pub struct MergeArgs {
     pub max_shard_size: String,
 }
 
-/// `5GB`, `500MB`, `2GiB`, `1000000` -> bytes.
-pub fn parse_size(s: &str) -> Option<u64> {
-    let t = s.trim().to_ascii_uppercase();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().ok()?;
-    let mult: f64 = match unit.trim() {
-        "" | "B" => 1.0,
-        "KB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "KIB" => 1024.0,
-        "MIB" => 1024.0 * 1024.0,
-        "GIB" => 1024.0 * 1024.0 * 1024.0,
-        _ => return None,
-    };
-    let v = n * mult;
-    (v >= 1.0).then_some(v as u64)
-}
+pub use ytrainer_recipes::memory::parse_size;
 
 /// `ytrainer merge`
 pub fn merge(a: MergeArgs) -> Result<()> {

@@ -281,6 +281,10 @@ pub struct TrainSection {
     /// Activation recomputation: keep only each decoder layer's input in the forward pass and recompute the
     /// layer in the backward pass (less memory, about one more forward pass of compute).
     pub gradient_checkpointing: bool,
+    /// Peak memory the run may plan for (`"700MB"`, `"8GB"`, `"auto"`); unset means `auto`, half of the memory
+    /// available at start. The micro-batch is lowered and recomputation switched on to fit it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_budget: Option<String>,
 }
 
 /// Step modes.
@@ -318,6 +322,7 @@ impl Default for TrainSection {
             device: "cpu".to_string(),
             precision: crate::device::Precision::F32,
             gradient_checkpointing: false,
+            memory_budget: None,
         }
     }
 }

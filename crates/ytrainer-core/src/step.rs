@@ -259,13 +259,14 @@ pub fn train_micro_batch<M: CausalLm>(
             let w = head.weight.clone().detach().inner();
             // Only the top-k entropy reads the logits after their statistics; otherwise the buffer may hold the
             // softmax numerators the gradient is made from.
-            let out = head_out(
+            let out = head_out_chunked(
                 rows.clone().detach().inner(),
                 &w,
                 head.layout,
                 &batch.target_ids,
                 needs.entropy,
                 needs.top_k_entropy > 0,
+                needs.top_k_entropy,
             );
             (
                 Graph::Fused {
@@ -285,21 +286,22 @@ pub fn train_micro_batch<M: CausalLm>(
         }
     };
     // CE, entropy and argmax from the host statistics when the logits are on the CPU, else from log-probs.
+    let from_stats = |stats: &[ytrainer_kernels::cpu::RowStats]| {
+        let ce: Vec<f32> = stats.iter().map(|s| s.ce).collect();
+        let entropy = needs.entropy.then(|| {
+            let e: Vec<f32> = stats.iter().map(|s| s.entropy).collect();
+            Tensor::<1>::from_data(TensorData::new(e, [batch.n]), &device.clone().inner())
+        });
+        let correct = stats
+            .iter()
+            .zip(&batch.target_ids)
+            .filter(|(s, t)| s.argmax as usize == **t)
+            .count();
+        (ce, entropy, correct)
+    };
     let (ce_host, entropy, correct) = match &head_out {
-        HeadOut::Host(host) => {
-            let ce: Vec<f32> = host.stats.iter().map(|s| s.ce).collect();
-            let entropy = needs.entropy.then(|| {
-                let e: Vec<f32> = host.stats.iter().map(|s| s.entropy).collect();
-                Tensor::<1>::from_data(TensorData::new(e, [batch.n]), &device.clone().inner())
-            });
-            let correct = host
-                .stats
-                .iter()
-                .zip(&batch.target_ids)
-                .filter(|(s, t)| s.argmax as usize == **t)
-                .count();
-            (ce, entropy, correct)
-        }
+        HeadOut::Host(host) => from_stats(&host.stats),
+        HeadOut::Chunked { stats, .. } => from_stats(stats),
         HeadOut::Tensor(lp) => {
             let ce = tensor_to_vec(token_ce(lp.clone(), batch.targets.clone().inner()));
             // Back in the model's float type: the plugin combines it with tensors made in that type.
@@ -313,6 +315,9 @@ pub fn train_micro_batch<M: CausalLm>(
     };
     let top_k_entropy = (needs.top_k_entropy > 0).then(|| match &head_out {
         HeadOut::Host(host) => top_k_entropy(host.log_probs(), needs.top_k_entropy),
+        HeadOut::Chunked { top_k_entropy, .. } => top_k_entropy
+            .clone()
+            .expect("asked for in head_out_chunked"),
         HeadOut::Tensor(lp) => {
             crate::lm_loss::narrow(top_k_entropy(lp.clone(), needs.top_k_entropy), model_dtype)
         }
@@ -399,28 +404,65 @@ pub fn train_micro_batch<M: CausalLm>(
             w: head_w,
             recompute,
         } => {
-            let g = match head_out {
-                HeadOut::Host(host) => host.into_grad(&w_host),
-                HeadOut::Tensor(lp) => crate::lm_loss::narrow(
-                    crate::lm_loss::ce_grad_from_log_probs(
-                        lp,
-                        batch.targets.clone().inner(),
-                        crate::lm_loss::widen(w),
-                    ),
-                    model_dtype,
-                ),
+            let plain_rows = rows.clone().detach().inner();
+            let dh = match head_out {
+                HeadOut::Chunked { chunk, .. } => {
+                    // Chunk by chunk: the logits again, their gradient in place, and back through the head.
+                    let mut dhs = Vec::new();
+                    let mut start = 0;
+                    while start < batch.n {
+                        let end = (start + chunk).min(batch.n);
+                        let part = plain_rows.clone().slice(start..end);
+                        let z = crate::lm_loss::logits(part.clone(), &head_w, head.layout);
+                        let Ok(host) =
+                            HostLogits::try_new_for_grad(z, &batch.target_ids[start..end], false)
+                        else {
+                            unreachable!("the forward pass ran these chunks on the CPU backend")
+                        };
+                        let g = host.into_grad(&w_host[start..end]);
+                        let (dh, dw) = crate::lm_loss::head_grads(
+                            g,
+                            part,
+                            &head_w,
+                            head.layout,
+                            head.trainable,
+                        );
+                        if let Some(dw) = dw {
+                            acc.add(head.id.clone(), dw);
+                        }
+                        dhs.push(dh);
+                        start = end;
+                    }
+                    Tensor::cat(dhs, 0)
+                }
+                whole => {
+                    let g = match whole {
+                        HeadOut::Host(host) => host.into_grad(&w_host),
+                        HeadOut::Tensor(lp) => crate::lm_loss::narrow(
+                            crate::lm_loss::ce_grad_from_log_probs(
+                                lp,
+                                batch.targets.clone().inner(),
+                                crate::lm_loss::widen(w),
+                            ),
+                            model_dtype,
+                        ),
+                        HeadOut::Chunked { .. } => unreachable!("matched above"),
+                    };
+                    let (dh, dw) = crate::lm_loss::head_grads(
+                        g,
+                        plain_rows,
+                        &head_w,
+                        head.layout,
+                        head.trainable,
+                    );
+                    // The head's weight gradient first: a tied embedding's input-side rows are then added
+                    // into it in place.
+                    if let Some(dw) = dw {
+                        acc.add(head.id.clone(), dw);
+                    }
+                    dh
+                }
             };
-            let (dh, dw) = crate::lm_loss::head_grads(
-                g,
-                rows.clone().detach().inner(),
-                &head_w,
-                head.layout,
-                head.trainable,
-            );
-            // The head's weight gradient first: a tied embedding's input-side rows are then added into it in place.
-            if let Some(dw) = dw {
-                acc.add(head.id, dw);
-            }
             match recompute {
                 Some(recompute) => recompute.backward(
                     rows,
@@ -473,6 +515,15 @@ pub fn profile_read() -> [f64; 4] {
 pub enum HeadOut {
     /// Per-row CE / entropy / argmax and the logits (or the softmax numerators) in a host buffer.
     Host(HostLogits),
+    /// Per-row statistics of a head run [`HEAD_CHUNK_FLOATS`] logits at a time (a micro-batch whose logits would
+    /// be larger); the backward pass recomputes each chunk's logits, so no `[N, vocab]` buffer ever exists.
+    Chunked {
+        stats: Vec<ytrainer_kernels::cpu::RowStats>,
+        /// The top-k entropy per row, when the plugin asks for it.
+        top_k_entropy: Option<Tensor<1>>,
+        /// Rows per chunk.
+        chunk: usize,
+    },
     /// Log-probabilities `[N, vocab]`, in f32.
     Tensor(Tensor<2>),
 }
@@ -499,6 +550,70 @@ pub fn head_out(
         Ok(host) => HeadOut::Host(host),
         Err(z) => HeadOut::Tensor(log_softmax(crate::lm_loss::widen(z), 1)),
     }
+}
+
+/// Logits (floats) the training head holds at once: above this, a micro-batch's head runs in row chunks (one more
+/// head GEMM per chunk in the backward pass, about 5% of a SmolLM2 step, instead of `N x vocab x 4` bytes).
+pub const HEAD_CHUNK_FLOATS: usize = 16 << 20;
+
+std::thread_local! {
+    static HEAD_CHUNK: std::cell::Cell<usize> = const { std::cell::Cell::new(HEAD_CHUNK_FLOATS) };
+}
+
+/// Runs `f` with the head chunked at `floats` logits on this thread (tests compare chunkings on a tiny
+/// vocabulary; the default is [`HEAD_CHUNK_FLOATS`]).
+pub fn with_head_chunk_floats<R>(floats: usize, f: impl FnOnce() -> R) -> R {
+    let old = HEAD_CHUNK.with(|c| c.replace(floats.max(1)));
+    let r = f();
+    HEAD_CHUNK.with(|c| c.set(old));
+    r
+}
+
+/// [`head_out`] for training: when the rows' logits exceed [`HEAD_CHUNK_FLOATS`] and live on the CPU, only
+/// their statistics are kept ([`HeadOut::Chunked`]); `top_k` > 0 computes the top-k entropy per chunk.
+pub fn head_out_chunked(
+    rows: burn::tensor::Tensor<2>,
+    w: &burn::tensor::Tensor<2>,
+    layout: crate::model::HeadLayout,
+    target_ids: &[usize],
+    entropy: bool,
+    keep_logits: bool,
+    top_k: usize,
+) -> HeadOut {
+    let n = target_ids.len();
+    let vocab = match layout {
+        crate::model::HeadLayout::VocabMajor => w.dims()[0],
+        crate::model::HeadLayout::HiddenMajor => w.dims()[1],
+    };
+    let chunk = (HEAD_CHUNK.with(|c| c.get()) / vocab.max(1)).max(1);
+    if n > chunk {
+        let mut stats = Vec::with_capacity(n);
+        let mut top = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let end = (start + chunk).min(n);
+            let z = crate::lm_loss::logits(rows.clone().slice(start..end), w, layout);
+            match HostLogits::try_new(z, &target_ids[start..end], entropy) {
+                Ok(host) => {
+                    if top_k > 0 {
+                        top.push(top_k_entropy(host.log_probs(), top_k));
+                    }
+                    stats.extend_from_slice(&host.stats);
+                }
+                // Not the CPU backend: the tensor path below, whole.
+                Err(_) => break,
+            }
+            start = end;
+        }
+        if start >= n {
+            return HeadOut::Chunked {
+                stats,
+                top_k_entropy: (top_k > 0).then(|| Tensor::cat(top, 0)),
+                chunk,
+            };
+        }
+    }
+    head_out(rows, w, layout, target_ids, entropy, keep_logits)
 }
 
 /// Moves the gradients of a recomputing backward pass into the step's accumulator as they are made.

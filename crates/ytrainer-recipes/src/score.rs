@@ -356,6 +356,48 @@ fn token_stats(l: &Loaded, batch: &DeviceBatch, top_k: usize) -> TokenStats {
                 .detach()
                 .inner();
             let w = head.weight.detach().inner();
+            // Large batches go through the head a chunk of rows at a time, so no `[n, vocab]` buffer is whole.
+            let vocab = l.model.vocab_size().max(1);
+            let chunk = (ytrainer_core::step::HEAD_CHUNK_FLOATS / vocab).max(1);
+            if n > chunk {
+                let mut out = TokenStats {
+                    ce: Vec::with_capacity(n),
+                    entropy: Vec::with_capacity(n),
+                    rank: Vec::with_capacity(n),
+                    top: (top_k > 0).then(Vec::new),
+                };
+                let mut start = 0;
+                while start < n {
+                    let end = (start + chunk).min(n);
+                    let ids = &batch.target_ids[start..end];
+                    match head_out(
+                        rows.clone().slice(start..end),
+                        &w,
+                        head.layout,
+                        ids,
+                        true,
+                        true,
+                    ) {
+                        HeadOut::Host(host) => {
+                            for (i, &t) in ids.iter().enumerate() {
+                                let row = host.row(i);
+                                let x = row[t];
+                                out.rank.push(row.iter().filter(|&&y| y > x).count() as i64);
+                                if let Some(top) = out.top.as_mut() {
+                                    top.push(top_k_of(row, top_k, host.stats[i].lse));
+                                }
+                            }
+                            out.ce.extend(host.stats.iter().map(|s| s.ce));
+                            out.entropy.extend(host.stats.iter().map(|s| s.entropy));
+                        }
+                        _ => break,
+                    }
+                    start = end;
+                }
+                if start >= n {
+                    return out;
+                }
+            }
             head_out(rows, &w, head.layout, &batch.target_ids, true, true)
         }
         None => HeadOut::Tensor(target_log_probs(&l.model, batch)),
@@ -382,6 +424,7 @@ fn token_stats(l: &Loaded, batch: &DeviceBatch, top_k: usize) -> TokenStats {
             };
         }
         HeadOut::Tensor(lp) => lp,
+        HeadOut::Chunked { .. } => unreachable!("head_out never chunks"),
     };
     let ce = tensor_to_vec(token_ce(lp.clone(), batch.targets.clone()));
     let ent = tensor_to_vec(entropy(lp.clone()));

@@ -82,8 +82,11 @@ pub fn run_sft(
         .unwrap_or_else(|| plugin.default_normalize());
     cfg.loss.normalize = Some(normalize);
     if opts.dry_run {
+        crate::memory::budget(&cfg)?;
         return Ok(Ran::DryRun(Box::new(cfg)));
     }
+    // Read before anything loads: `auto` is a share of what is available to this run.
+    let budget = crate::memory::budget(&cfg)?;
     let (out, train_file) = crate::common::output_and_train_file(&cfg)?;
     let model_dir = resolve_model_dir(&cfg, &out, &train_file, &mut |m| observer.notice(m))?;
 
@@ -148,11 +151,22 @@ pub fn run_sft(
         );
     }
 
+    let memory = crate::memory::plan(
+        &cfg,
+        &crate::memory::ModelFootprint::of(&model),
+        &prepared.examples,
+        budget,
+    )?;
+    observer.notice(&memory.describe());
+    let model = model.with_gradient_checkpointing(memory.gradient_checkpointing);
+    let mut batch = batch_options(&cfg, pad_id(&tok));
+    batch.micro_batch_tokens = memory.micro_batch_tokens;
+
     crate::common::write_resolved_config(&cfg, &out)?;
 
     let setup = TrainSetup {
         run: crate::common::loop_setup(&cfg, &out, opts, &device)?,
-        batch: batch_options(&cfg, pad_id(&tok)),
+        batch,
         train_examples: &prepared.examples,
         eval_examples: &eval_examples,
         plugin: plugin.as_ref(),
