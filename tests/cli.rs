@@ -410,3 +410,43 @@ fn dry_run_prints_resolved_config_with_overrides() {
     );
     assert_eq!(cfg["adapter"]["type"].as_str(), Some("full"));
 }
+
+/// The memory plan: a budget too small for one sequence is refused before training with what one sequence
+/// needs; a bad size names the key; a budget that fits prints the plan and trains.
+#[test]
+fn memory_budget_plans_or_refuses() {
+    let d = TempDir::new("budget");
+    let run = |budget: &str, out: &str| {
+        ytrainer(&[
+            "run",
+            "--preset",
+            "tiny",
+            "--data",
+            "examples/quickstart/train.jsonl",
+            "--max-steps",
+            "1",
+            "--memory-budget",
+            budget,
+            "--output-dir",
+            &s(&d.path().join(out)),
+        ])
+    };
+    let o = run("1MB", "a");
+    assert_user_error(
+        &o,
+        "the memory budget 1 MB (--memory-budget) is too small: one sequence of ",
+    );
+    assert_user_error(&o, "even with gradient checkpointing");
+    assert_user_error(
+        &run("lots", "b"),
+        "[train] memory_budget = \"lots\": expected a size such as \"700MB\", \"8GB\" or \"2GiB\", or \"auto\"",
+    );
+    let o = run("4GB", "c");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("memory plan: micro-batches of up to 4096 padded tokens, gradient checkpointing off, estimated peak")
+            && err.contains("of a 4.00 GB budget (--memory-budget)"),
+        "{err}"
+    );
+}
