@@ -1023,3 +1023,206 @@ fn quantize_base_bad_values_are_refused() {
         "needs a LoRA adapter",
     );
 }
+
+/// Per-token losses of `model` on fixed ids (the first 2 rows of the SmolLM2 reference ids).
+fn token_losses(model: &Path, tmp: &Path, tag: &str) -> Vec<f64> {
+    let idsf = tmp.join("ids.json");
+    std::fs::write(&idsf, reference()["input_ids"].to_string()).unwrap();
+    let out = tmp.join(format!("{tag}.jsonl"));
+    ok(&[
+        "score",
+        "--model",
+        &s(model),
+        "--ids-json",
+        &s(&idsf),
+        "--out",
+        &s(&out),
+    ]);
+    jsonl(&out)
+        .iter()
+        .flat_map(|l| {
+            l["tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["loss"].as_f64().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// `export --to x.gguf`: the SmolLM2 GGUF (llama: q/k rows permuted back into llama.cpp's order, tokenizer
+/// metadata carried over) exported in f32 re-imports to the same per-token losses bit for bit; the tiny Qwen2
+/// checkpoint (tokenizer rebuilt from tokenizer.json, q/k/v biases) in f16 and q8_0 within their rounding.
+#[test]
+fn gguf_export_round_trips() {
+    let tmp = TempDir::new("gguf-export");
+    let out = tmp.path().join("smol-f32.gguf");
+    let o = ok(&[
+        "export",
+        "--model",
+        &s(&gguf()),
+        "--to",
+        &s(&out),
+        "--type",
+        "f32",
+    ]);
+    assert!(stdout(&o).contains("(f32, 272 tensors,"), "{}", stdout(&o));
+    let a = token_losses(&gguf(), tmp.path(), "src");
+    let b = token_losses(&out, tmp.path(), "f32");
+    assert_eq!(a.len(), 28);
+    assert_eq!(a, b, "f32 export changed the model");
+    let src = ytrainer_models::gguf::GgufFile::open(&gguf()).unwrap();
+    let back = ytrainer_models::gguf::GgufFile::open(&out).unwrap();
+    for (k, v) in src
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer."))
+    {
+        assert_eq!(back.metadata.get(k), Some(v), "{k}");
+    }
+
+    let tiny = assets().join("tiny-qwen2");
+    let idsf = tmp.path().join("tiny-ids.json");
+    std::fs::write(&idsf, "[[1, 5, 9, 200, 17, 42, 7, 300, 11, 3, 99, 64]]").unwrap();
+    let mean = |m: &Path| -> f64 {
+        let o = tmp.path().join("tiny.jsonl");
+        ok(&[
+            "score",
+            "--model",
+            &s(m),
+            "--ids-json",
+            &s(&idsf),
+            "--out",
+            &s(&o),
+        ]);
+        jsonl(&o)[0]["mean_loss"].as_f64().unwrap()
+    };
+    let base = mean(&tiny);
+    for (ty, tol) in [("f16", 1e-4), ("q8_0", 1e-2)] {
+        let p = tmp.path().join(format!("tiny-{ty}.gguf"));
+        ok(&["export", "--model", &s(&tiny), "--to", &s(&p), "--type", ty]);
+        let m = mean(&p);
+        assert!(((m - base) / base).abs() < tol, "{ty}: {m} vs {base}");
+        assert!(ty == "f16" || m != base, "q8_0 should round something");
+    }
+}
+
+/// `export --lora-gguf`: a trained LoRA adapter as llama.cpp's LoRA GGUF (A `[r, in]`, B `[out, r]` per
+/// projection, alpha in the metadata), and the export command's input errors.
+#[test]
+fn lora_gguf_export_and_errors() {
+    let tmp = TempDir::new("lora-gguf");
+    let tiny = assets().join("tiny-qwen2");
+    let run = tmp.path().join("run");
+    ok(&[
+        "run",
+        "--model",
+        &s(&tiny),
+        "--data",
+        "examples/quickstart/train.jsonl",
+        "--max-steps",
+        "1",
+        "--lora-r",
+        "4",
+        "--output-dir",
+        &s(&run),
+    ]);
+    let out = tmp.path().join("adapter.gguf");
+    ok(&[
+        "export",
+        "--model",
+        &s(&tiny),
+        "--adapter",
+        &s(&run.join("final")),
+        "--lora-gguf",
+        &s(&out),
+    ]);
+    let g = ytrainer_models::gguf::GgufFile::open(&out).unwrap();
+    assert_eq!(g.metadata["general.type"].as_str(), Some("adapter"));
+    assert_eq!(g.metadata["adapter.type"].as_str(), Some("lora"));
+    assert!(g.metadata["adapter.lora.alpha"].as_f64().unwrap() > 0.0);
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny.join("config.json")).unwrap()).unwrap();
+    let (hidden, layers) = (
+        cfg["hidden_size"].as_u64().unwrap(),
+        cfg["num_hidden_layers"].as_u64().unwrap() as usize,
+    );
+    let a = g
+        .tensors
+        .iter()
+        .find(|t| t.name == "blk.0.attn_q.weight.lora_a")
+        .unwrap();
+    let b = g
+        .tensors
+        .iter()
+        .find(|t| t.name == "blk.0.attn_q.weight.lora_b")
+        .unwrap();
+    assert_eq!(a.shape(), vec![4, hidden as usize]);
+    assert_eq!(b.shape()[1], 4);
+    assert_eq!(g.tensors.len() % (2 * layers), 0);
+
+    // The merged model as a GGUF scores like base + adapter.
+    let merged = tmp.path().join("merged.gguf");
+    ok(&[
+        "export",
+        "--model",
+        &s(&tiny),
+        "--adapter",
+        &s(&run.join("final")),
+        "--to",
+        &s(&merged),
+        "--type",
+        "f32",
+    ]);
+    let idsf = tmp.path().join("ids.json");
+    std::fs::write(&idsf, "[[1, 5, 9, 200, 17, 42, 7, 300, 11, 3, 99, 64]]").unwrap();
+    let mean = |extra: &[&str]| -> f64 {
+        let o = tmp.path().join("s.jsonl");
+        let mut args = vec![
+            "score",
+            "--ids-json",
+            &*Box::leak(s(&idsf).into_boxed_str()),
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--out", &*Box::leak(s(&o).into_boxed_str())]);
+        ok(&args);
+        jsonl(&o)[0]["mean_loss"].as_f64().unwrap()
+    };
+    let with_adapter = mean(&[
+        "--model",
+        &*Box::leak(s(&tiny).into_boxed_str()),
+        "--adapter",
+        &*Box::leak(s(&run.join("final")).into_boxed_str()),
+    ]);
+    let from_gguf = mean(&["--model", &*Box::leak(s(&merged).into_boxed_str())]);
+    assert!(
+        ((with_adapter - from_gguf) / with_adapter).abs() < 1e-6,
+        "{with_adapter} vs {from_gguf}"
+    );
+    assert_ne!(
+        with_adapter,
+        mean(&["--model", &*Box::leak(s(&tiny).into_boxed_str())])
+    );
+
+    assert_user_error(
+        &ytrainer(&[
+            "export",
+            "--model",
+            &s(&tiny),
+            "--to",
+            &s(&out),
+            "--type",
+            "q3_k",
+        ]),
+        "--type `q3_k`: expected f32, f16, q8_0 or q4_0",
+    );
+    assert_user_error(
+        &ytrainer(&["export", "--model", &s(&tiny)]),
+        "nothing to write: give --to FILE.gguf (the merged model) and/or --lora-gguf FILE.gguf (the adapter)",
+    );
+    assert_user_error(
+        &ytrainer(&["export", "--model", &s(&tiny), "--lora-gguf", &s(&out)]),
+        "--lora-gguf writes an adapter: give it with --adapter DIR",
+    );
+}

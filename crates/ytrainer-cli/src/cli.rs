@@ -46,6 +46,8 @@ pub enum Command {
     Chat(Box<crate::generate::ChatArgs>),
     /// Merge a LoRA adapter into its base and write a full Hugging Face checkpoint (f32 / bf16 / f16).
     Merge(crate::merge::MergeArgs),
+    /// Write a model (LoRA merged) as a llama.cpp GGUF (f32 / f16 / q8_0 / q4_0), or an adapter as a LoRA GGUF.
+    Export(crate::export::ExportArgs),
     /// Score models on data sets: mean token loss, perplexity, token accuracy, supervised-only loss.
     Eval(EvalArgs),
     /// Run a sweep file: one training run per trial, evaluated before/after, tables and plots.

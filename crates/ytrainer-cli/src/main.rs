@@ -7,6 +7,7 @@ mod config_file;
 mod convert;
 mod curve_cmd;
 mod eval_cmd;
+mod export;
 mod format;
 mod generate;
 mod interop;
@@ -144,6 +145,7 @@ fn dispatch(args: cli::Cli) -> anyhow::Result<()> {
         cli::Command::Generate(a) => generate::generate(*a),
         cli::Command::Chat(a) => generate::chat(*a),
         cli::Command::Merge(a) => merge::merge(a),
+        cli::Command::Export(a) => export::export(a),
         cli::Command::Eval(a) => eval_cmd::eval(a),
         cli::Command::Sweep(a) => sweep_cmd::sweep(a),
         cli::Command::Plot(a) => sweep_cmd::plot(a),

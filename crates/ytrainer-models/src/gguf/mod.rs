@@ -16,6 +16,7 @@
 
 mod convert;
 mod dequant;
+mod export;
 mod file;
 mod tokenizer;
 
@@ -24,5 +25,6 @@ pub use convert::{
     load_gguf_with, unpermute_order, unpermute_rows,
 };
 pub use dequant::{GgmlType, dequantize};
+pub use export::{GgufExport, GgufType, TokenizerSource, export_gguf, export_lora_gguf};
 pub use file::{GgufFile, GgufTensor, GgufValue, is_gguf};
 pub use tokenizer::{GgufTokenizer, gguf_tokenizer};

@@ -7,7 +7,7 @@ use super::file::{GgufFile, GgufValue};
 use crate::ModelError;
 
 /// Byte-level BPE regexes of llama.cpp's `tokenizer.ggml.pre` values (llama-vocab.cpp), as HF pre-tokenizers.
-fn pre_tokenizer(pre: &str) -> Option<Value> {
+pub(crate) fn pre_tokenizer(pre: &str) -> Option<Value> {
     let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let split = |regex: &str| json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false});
     let seq = |items: Vec<Value>| json!({"type": "Sequence", "pretokenizers": items});
