@@ -82,6 +82,8 @@ pub struct ModelFootprint {
     pub weight_bytes: u64,
     /// Trainable parameters (each costs its value, its gradient and two Adam moments, f32).
     pub trainable: u64,
+    /// Whether the projections are held quantised (QLoRA).
+    pub quantized: bool,
 }
 
 impl ModelFootprint {
@@ -92,7 +94,9 @@ impl ModelFootprint {
             .unwrap_or(c.hidden_size / c.num_attention_heads.max(1));
         let kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
         let mut weight_bytes = 0u64;
+        let mut quantized = false;
         for (_, lin) in model.named_linears() {
+            quantized |= lin.quant.is_some();
             weight_bytes += match &lin.quant {
                 Some(q) => q.encoded_len() as u64,
                 None => (lin.d_in() * lin.d_out() * 4) as u64,
@@ -113,6 +117,7 @@ impl ModelFootprint {
             vocab: c.vocab_size,
             weight_bytes,
             trainable,
+            quantized,
         }
     }
 
@@ -279,11 +284,16 @@ pub fn plan(
             }
             None => bail!(
                 "the memory budget {} ({why}) is too small: one sequence of {longest} tokens needs about {} even \
-                 with gradient checkpointing ({} of it the model's weights); raise --memory-budget, lower \
-                 --max-seq-len, or train LoRA on a quantised base (--quantize-base q4_0 or a GGUF)",
+                 with gradient checkpointing ({} of it the model's weights); raise --memory-budget or lower \
+                 --max-seq-len{}",
                 human(limit),
                 human(peak(longest, true)),
                 human(fp.weight_bytes),
+                if fp.quantized {
+                    ""
+                } else {
+                    ", or train LoRA on a quantised base (--quantize-base q4_0, or a GGUF file)"
+                },
             ),
         },
     };
@@ -320,6 +330,7 @@ mod tests {
             vocab: 49152,
             weight_bytes: 66_400_000 + 49152 * 576 * 4,
             trainable: 4_884_480,
+            quantized: true,
         }
     }
 
