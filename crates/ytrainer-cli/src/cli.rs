@@ -152,6 +152,10 @@ pub struct RunArgs {
     /// Print the resolved configuration and exit without training.
     #[arg(long)]
     pub dry_run: bool,
+    /// Clear a non-empty output directory that is not this run's completely before training (without it such
+    /// a directory is refused and left untouched).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// `ytrainer plugins`

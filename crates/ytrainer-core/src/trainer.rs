@@ -302,7 +302,7 @@ pub fn train<M: CausalLm, O: Objective<M>>(
             })?;
             observer.notice(&format!("checkpoint written: {}", dir.display()));
             last_checkpoint = Some(dir);
-            prune(setup.output_dir, setup.save_total_limit);
+            checkpoint::prune(setup.output_dir, setup.save_total_limit, &setup.fingerprint);
         }
     }
     let eval_after = eval_and_emit(objective, &model, state.step, &mut sinks, observer)?;
@@ -389,7 +389,7 @@ fn start<M: CausalLm>(
 }
 
 /// Keys whose values differ between two canonical-JSON configs, as `section.key: old -> new`.
-fn config_diff(old: &str, new: &str) -> Vec<String> {
+pub fn config_diff(old: &str, new: &str) -> Vec<String> {
     fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
         match (a, b) {
             (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
@@ -424,16 +424,4 @@ fn config_diff(old: &str, new: &str) -> Vec<String> {
     let mut out = Vec::new();
     walk("", &a, &b, &mut out);
     out
-}
-
-fn prune(run_dir: &Path, keep: usize) {
-    if keep == 0 {
-        return;
-    }
-    let all = checkpoint::list(run_dir);
-    if all.len() > keep {
-        for (_, p) in &all[..all.len() - keep] {
-            let _ = fs::remove_dir_all(p);
-        }
-    }
 }

@@ -84,7 +84,7 @@ pub fn run_sft(
     if opts.dry_run {
         return Ok(Ran::DryRun(Box::new(cfg)));
     }
-    let (out, train_file) = crate::common::output_and_train_file(&cfg)?;
+    let (out, train_file) = crate::common::output_and_train_file(&cfg, opts)?;
     let model_dir = resolve_model_dir(&cfg, &out, &train_file, &mut |m| observer.notice(m))?;
 
     // Data.
