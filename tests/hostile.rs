@@ -216,6 +216,162 @@ fn merge_never_leaves_a_stale_model_file() {
     );
 }
 
+/// The names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_diverged_run_stops_with_the_cause_and_writes_no_weights() {
+    let d = TempDir::new("diverged");
+    let out = d.path().join("run");
+    // A loss weight of 1e30 makes every step's loss or gradient non-finite from the first step on.
+    let o = tiny(
+        &out,
+        &[
+            "--set",
+            "train.max_steps=20",
+            "--loss-param",
+            "a=1e30",
+            "--set",
+            "train.max_skipped_steps=3",
+        ],
+    );
+    assert_user_error(
+        &o,
+        "error: training diverged: steps 1 to 3 (3 in a row) had a non-finite loss or gradient and their updates \
+         were skipped ([train] max_skipped_steps = 3); no checkpoint or model was written. Lower [train] \
+         learning_rate (now 0.0002), keep [train] max_grad_norm > 0 (now 1), check the loss plugin's parameters \
+         and the data's weights, or raise [train] max_skipped_steps (0 = never stop)",
+    );
+    let n = names(&out);
+    assert!(
+        !n.iter()
+            .any(|x| x.starts_with("checkpoint-") || x.contains("final")),
+        "{n:?}"
+    );
+}
+
+#[test]
+fn an_exploding_learning_rate_stops_the_run_before_any_weight_is_written() {
+    let d = TempDir::new("lr");
+    let out = d.path().join("run");
+    let o = tiny(
+        &out,
+        &[
+            "--set",
+            "train.max_steps=20",
+            "--learning-rate",
+            "1e30",
+            "--set",
+            "train.max_skipped_steps=2",
+        ],
+    );
+    // Step 1 is applied and leaves weights near 1e30; from step 2 on every loss is non-finite.
+    assert_user_error(
+        &o,
+        "error: training diverged: steps 2 to 3 (2 in a row) had a non-finite loss or gradient and their updates \
+         were skipped ([train] max_skipped_steps = 2); no checkpoint or model was written. Lower [train] \
+         learning_rate (now 1e30), keep [train] max_grad_norm > 0 (now 1)",
+    );
+    let n = names(&out);
+    assert!(
+        !n.iter()
+            .any(|x| x.starts_with("checkpoint-") || x.contains("final")),
+        "{n:?}"
+    );
+}
+
+/// `[train] KEY = VALUE` (as a `--set`) is refused with the key, the value and the allowed range.
+#[test]
+fn out_of_range_settings_are_refused_with_key_value_and_range() {
+    let d = TempDir::new("ranges");
+    let cases: &[(&str, &str)] = &[
+        (
+            "train.min_lr_ratio=-1",
+            "[train] min_lr_ratio = -1: must be in [0, 1]",
+        ),
+        (
+            "train.weight_decay=1e6",
+            "[train] weight_decay = 1e6: must be in [0, 10]",
+        ),
+        (
+            "train.adam_beta1=1",
+            "[train] adam_beta1 = 1: must be in [0, 1)",
+        ),
+        (
+            "train.adam_beta2=-0.5",
+            "[train] adam_beta2 = -0.5: must be in [0, 1)",
+        ),
+        (
+            "train.adam_epsilon=-1e-8",
+            "[train] adam_epsilon = -1e-8: must be > 0 and finite",
+        ),
+        (
+            "train.max_grad_norm=-1",
+            "[train] max_grad_norm = -1: must be >= 0 and finite (0 = no clipping)",
+        ),
+        (
+            "train.max_grad_norm=nan",
+            "[train] max_grad_norm = NaN: must be >= 0 and finite (0 = no clipping)",
+        ),
+        (
+            "train.warmup_ratio=nan",
+            "[train] warmup_ratio = NaN: must be in [0, 1]",
+        ),
+        (
+            "train.warmup_ratio=1.5",
+            "[train] warmup_ratio = 1.5: must be in [0, 1]",
+        ),
+        (
+            "preference.pairs_per_step=0",
+            "[preference] pairs_per_step = 0: must be >= 1",
+        ),
+        (
+            "preference.micro_pairs=0",
+            "[preference] micro_pairs = 0: must be >= 1",
+        ),
+        (
+            "preference.sft_weight=-1",
+            "[preference] sft_weight = -1: must be >= 0 and finite",
+        ),
+        (
+            "adapter.alpha=0",
+            "[adapter] alpha = 0: must be > 0 and finite",
+        ),
+        (
+            "adapter.dropout=1",
+            "[adapter] dropout = 1: must be in [0, 1)",
+        ),
+        (
+            "train.learning_rate=inf",
+            "[train] learning_rate = inf: must be > 0 and finite",
+        ),
+    ];
+    for (set, msg) in cases {
+        let o = tiny(&d.path().join("run"), &["--set", set, "--dry-run"]);
+        assert_user_error(&o, &format!("error: {msg}"));
+    }
+    // A negative number after a flag is a value, not an unknown flag, and then out of range.
+    let o = tiny(
+        &d.path().join("run"),
+        &["--learning-rate", "-1", "--dry-run"],
+    );
+    assert_user_error(
+        &o,
+        "error: [train] learning_rate = -1: must be > 0 and finite",
+    );
+    assert!(
+        !d.path().join("run").exists(),
+        "a refused config wrote files"
+    );
+}
+
 fn trainer_state(fingerprint: &str) -> ytrainer_core::checkpoint::TrainerState {
     ytrainer_core::checkpoint::TrainerState {
         step: 1,

@@ -91,7 +91,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Peak learning rate [train.learning_rate].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub learning_rate: Option<f64>,
     /// `cpu`, `cuda` or `cuda:N` [train.device].
     #[arg(long)]
@@ -129,7 +129,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "KIND")]
     pub quantize_base: Option<String>,
     /// LoRA alpha [adapter.alpha].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lora_alpha: Option<f64>,
     /// Longest sample in tokens [data.max_seq_len].
     #[arg(long)]

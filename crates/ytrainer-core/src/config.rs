@@ -281,6 +281,9 @@ pub struct TrainSection {
     /// Activation recomputation: keep only each decoder layer's input in the forward pass and recompute the
     /// layer in the backward pass (less memory, about one more forward pass of compute).
     pub gradient_checkpointing: bool,
+    /// Stop the run with an error after this many consecutive steps whose loss or gradient was non-finite
+    /// (their updates are skipped); 0 = never stop.
+    pub max_skipped_steps: usize,
 }
 
 /// Step modes.
@@ -318,6 +321,7 @@ impl Default for TrainSection {
             device: "cpu".to_string(),
             precision: crate::device::Precision::F32,
             gradient_checkpointing: false,
+            max_skipped_steps: 10,
         }
     }
 }
@@ -360,5 +364,16 @@ impl Default for OutputSection {
             save_every_steps: 0,
             save_total_limit: 2,
         }
+    }
+}
+
+/// A number as messages show it: plain for ordinary magnitudes (`0.0002`, `-1`), scientific for very large or
+/// very small ones (`1e30`, `-1e-8`), `NaN` and `inf` as such.
+pub fn fmt_num(x: f64) -> String {
+    let a = x.abs();
+    if x.is_finite() && x != 0.0 && !(1e-4..1e6).contains(&a) {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
     }
 }

@@ -65,11 +65,13 @@ pub enum Ran<R> {
 
 /// Everything that determines the training trajectory, as canonical JSON: resume must match it, and on a
 /// mismatch the trainer names the keys that differ. The device is left out on purpose (a run may continue on
-/// other hardware), as are eval and output settings.
+/// other hardware), as are eval and output settings and `max_skipped_steps`.
 pub fn fingerprint(cfg: &RunConfig) -> String {
     let mut train = serde_json::to_value(&cfg.train).unwrap_or_default();
     if let Some(t) = train.as_object_mut() {
         t.remove("device");
+        // When to give up on a diverged run does not change the trajectory.
+        t.remove("max_skipped_steps");
     }
     serde_json::json!({
         "model": cfg.model, "adapter": cfg.adapter, "data": cfg.data, "loss": cfg.loss, "train": train,

@@ -69,7 +69,12 @@ fn marker_fingerprint(dir: &Path) -> Option<String> {
 /// when resuming, or when its earlier attempt stopped before writing a checkpoint. Everything else is refused
 /// without touching a file.
 pub(crate) fn claim_run_dir(out: &Path, fingerprint: &str, opts: &RunOptions) -> Result<()> {
-    let names = entries(out, &opts.own_files)?;
+    // A directory holding nothing but a run marker belongs to an attempt that stopped before writing anything
+    // else (a setting refused after the claim): it counts as empty.
+    let names: Vec<String> = entries(out, &opts.own_files)?
+        .into_iter()
+        .filter(|n| n != RUN_MARKER)
+        .collect();
     let refuse = |what: String| {
         invalid!(
             "output directory {d} {what}; nothing in it was changed: pass `--overwrite` to clear it completely \
