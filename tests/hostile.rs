@@ -431,3 +431,236 @@ fn pruning_and_resume_see_only_this_runs_checkpoints() {
     }
     assert_eq!(resolve_resume(d).unwrap(), d.join("checkpoint-6"));
 }
+
+/// A GGUF file with `general.alignment = alignment` (when given) and f32 / typed tensors at explicit offsets:
+/// `(name, dims fastest-first, type, offset)`; the data section is `data_len` zero bytes.
+fn gguf_file(
+    path: &Path,
+    alignment: Option<u32>,
+    tensors: &[(&str, &[u64], u32, u64)], // (name, dims fastest-first, type, offset)
+    data_len: usize,
+) {
+    fn put_str(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((alignment.is_some() as u64).to_le_bytes());
+    if let Some(a) = alignment {
+        put_str(&mut out, "general.alignment");
+        out.extend(4u32.to_le_bytes()); // u32
+        out.extend(a.to_le_bytes());
+    }
+    for (name, dims, ty, offset) in tensors {
+        put_str(&mut out, name);
+        out.extend((dims.len() as u32).to_le_bytes());
+        for d in *dims {
+            out.extend(d.to_le_bytes());
+        }
+        out.extend(ty.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+    }
+    let a = alignment.filter(|a| a.is_power_of_two()).unwrap_or(32) as usize;
+    while !out.len().is_multiple_of(a) {
+        out.push(0);
+    }
+    out.extend(vec![0u8; data_len]);
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn corrupt_gguf_containers_are_refused_naming_the_tensor() {
+    let d = TempDir::new("gguf");
+    let f = d.path().join("bad.gguf");
+    let to = d.path().join("hf");
+    type Entry<'a> = (&'a str, &'a [u64], u32, u64);
+    let cases: Vec<(Option<u32>, Vec<Entry>, &str)> = vec![
+        (
+            Some(0),
+            vec![("a", &[16], 0, 0)],
+            "metadata `general.alignment` = 0: must be a power of two (GGUF's default is 32); the file is corrupt",
+        ),
+        (
+            Some(3),
+            vec![("a", &[16], 0, 0)],
+            "metadata `general.alignment` = 3: must be a power of two (GGUF's default is 32); the file is corrupt",
+        ),
+        (
+            Some(32),
+            vec![("a", &[16], 0, 0), ("b", &[16], 0, 80)],
+            "tensor `b`: offset 80 is not a multiple of the alignment 32; the file is corrupt",
+        ),
+        (
+            None,
+            vec![("a", &[16], 0, 0), ("b", &[16], 0, 32)],
+            "tensors `a` (bytes 0..64 of the data section) and `b` (bytes 32..96) overlap; the file is corrupt",
+        ),
+        (
+            None,
+            vec![("a", &[16], 0, 0), ("q", &[16, 2], 8, 64)],
+            "tensor `q` (Q8_0, shape [2, 16]): 16 values per row is not a multiple of Q8_0's block of 32 values; \
+             the file is corrupt",
+        ),
+        (
+            None,
+            vec![("a", &[16], 0, 0), ("a", &[16], 0, 64)],
+            "tensor `a` appears twice in the directory; the file is corrupt",
+        ),
+        (
+            None,
+            vec![("a", &[16], 0, 0), ("b", &[16], 0, 4096)],
+            "truncated file: tensor `b` (F32, 64 bytes at offset 4096) ends at byte",
+        ),
+    ];
+    for (alignment, tensors, msg) in cases {
+        gguf_file(&f, alignment, &tensors, 256);
+        let o = ytrainer(&["convert", "--from", &s(&f), "--to", &s(&to)]);
+        assert_user_error(&o, &format!("error: {}: {msg}", f.display()));
+        assert_eq!(names(d.path()), vec!["bad.gguf".to_string()], "{msg}");
+    }
+}
+
+/// tiny-qwen2's weights and tokenizer (linked) under a `config.json` edited by `edit`.
+fn tiny_qwen2_with(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let src = assets().join("tiny-qwen2");
+    std::fs::create_dir_all(dir).unwrap();
+    for n in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        if src.join(n).exists() {
+            std::os::unix::fs::symlink(src.join(n), dir.join(n)).unwrap();
+        }
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    dir.to_path_buf()
+}
+
+fn score(model: &Path, adapter: Option<&Path>, d: &Path) -> Output {
+    let ids = d.join("ids.json");
+    std::fs::write(&ids, "[[1, 50, 300, 7000, 12]]").unwrap();
+    let out = d.join("scores.jsonl");
+    let mut args = vec![
+        "score".to_string(),
+        "--model".into(),
+        s(model),
+        "--ids-json".into(),
+        s(&ids),
+        "--out".into(),
+        s(&out),
+    ];
+    if let Some(a) = adapter {
+        args.extend(["--adapter".to_string(), s(a)]);
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ytrainer(&refs)
+}
+
+#[test]
+fn weights_that_do_not_match_their_config_are_refused() {
+    let d = TempDir::new("mismatch");
+    // Fewer layers than the weights hold: the last layer's tensors would be dropped silently.
+    let m = tiny_qwen2_with(&d.path().join("three"), |c| {
+        c["num_hidden_layers"] = 3.into()
+    });
+    let o = score(&m, None, d.path());
+    assert_user_error(
+        &o,
+        &format!(
+            "error: {}: the weights do not match config.json: 12 tensors are not used by the model it describes: \
+             `model.layers.3.input_layernorm.weight`, `model.layers.3.mlp.down_proj.weight`, \
+             `model.layers.3.mlp.gate_proj.weight`, `model.layers.3.mlp.up_proj.weight`, \
+             `model.layers.3.post_attention_layernorm.weight`, and 7 more (config.json describes 3 layers, hidden \
+             size 256, intermediate size 704, 4 heads / 2 KV heads); use the config.json that belongs to these \
+             weights",
+            m.join("model.safetensors").display()
+        ),
+    );
+    // More layers than the weights hold.
+    let m = tiny_qwen2_with(&d.path().join("five"), |c| {
+        c["num_hidden_layers"] = 5.into()
+    });
+    let o = score(&m, None, d.path());
+    assert_user_error(
+        &o,
+        &format!(
+            "error: {}: the weights do not match config.json: 12 expected tensors are missing: \
+             `model.layers.4.self_attn.q_proj.weight`, `model.layers.4.self_attn.k_proj.weight`, \
+             `model.layers.4.self_attn.v_proj.weight`, `model.layers.4.self_attn.o_proj.weight`, \
+             `model.layers.4.self_attn.q_proj.bias`, and 7 more (config.json describes 5 layers",
+            m.join("model.safetensors").display()
+        ),
+    );
+    // An untied head that is not there must not be tied silently.
+    let m = tiny_qwen2_with(&d.path().join("untied"), |c| {
+        c["tie_word_embeddings"] = false.into()
+    });
+    let o = score(&m, None, d.path());
+    assert_user_error(
+        &o,
+        &format!(
+            "error: {}: field `tie_word_embeddings`: false, but {} has no `lm_head.weight`; set it to true if the \
+             head shares the embeddings, or use the checkpoint that holds the head",
+            m.join("config.json").display(),
+            m.join("model.safetensors").display()
+        ),
+    );
+}
+
+#[test]
+fn an_adapter_with_nan_values_is_refused_by_merge_and_score() {
+    let d = TempDir::new("nanadapter");
+    let adapter = d.path().join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    std::fs::write(
+        adapter.join("adapter_config.json"),
+        serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+            "lora_dropout": 0.0})
+        .to_string(),
+    )
+    .unwrap();
+    let mut tensors = Vec::new();
+    for l in 0..4 {
+        let p = format!("base_model.model.model.layers.{l}.self_attn.q_proj");
+        let mut a = vec![0.01f32; 2 * 256];
+        if l == 2 {
+            a[7] = f32::NAN;
+        }
+        tensors.push(ytrainer_models::st::PendingTensor::new(
+            format!("{p}.lora_A.weight"),
+            vec![2, 256],
+            move || a,
+        ));
+        tensors.push(ytrainer_models::st::PendingTensor::new(
+            format!("{p}.lora_B.weight"),
+            vec![256, 2],
+            || vec![0.01f32; 256 * 2],
+        ));
+    }
+    ytrainer_models::st::write_f32(&adapter.join("adapter_model.safetensors"), tensors).unwrap();
+    let msg = format!(
+        "{}: tensor `base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight` holds 1 NaN or \
+         infinite values (of 512); the adapter is corrupt or comes from a diverged run, so it is not applied",
+        adapter.join("adapter_model.safetensors").display()
+    );
+    let base = assets().join("tiny-qwen2");
+    let merged = d.path().join("merged");
+    let o = ytrainer(&[
+        "merge",
+        "--model",
+        &s(&base),
+        "--adapter",
+        &s(&adapter),
+        "--out",
+        &s(&merged),
+    ]);
+    assert_user_error(&o, &msg);
+    assert!(!merged.exists());
+    assert_user_error(&score(&base, Some(&adapter), d.path()), &msg);
+}

@@ -32,7 +32,13 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
     let start = Instant::now();
     // Written beside --to and moved into place whole: no file of an earlier checkpoint survives.
     let tmp = ytrainer_recipes::outdir::staging_dir(&a.to)?;
-    let mut report = ytrainer_models::convert_gguf(&a.from, &tmp)?;
+    let mut report = match ytrainer_models::convert_gguf(&a.from, &tmp) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e.into());
+        }
+    };
     ytrainer_recipes::outdir::commit_dir(&tmp, &a.to)?;
     report.files = ytrainer_recipes::outdir::rebase_files(report.files, &tmp, &a.to);
     for w in &report.warnings {
