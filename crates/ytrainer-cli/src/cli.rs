@@ -93,7 +93,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Peak learning rate [train.learning_rate].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub learning_rate: Option<f64>,
     /// `cpu`, `cuda` or `cuda:N` [train.device].
     #[arg(long)]
@@ -135,7 +135,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "KIND")]
     pub quantize_base: Option<String>,
     /// LoRA alpha [adapter.alpha].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lora_alpha: Option<f64>,
     /// Longest sample in tokens [data.max_seq_len].
     #[arg(long)]
@@ -158,6 +158,10 @@ pub struct RunArgs {
     /// Print the resolved configuration and exit without training.
     #[arg(long)]
     pub dry_run: bool,
+    /// Clear a non-empty output directory that is not this run's completely before training (without it such
+    /// a directory is refused and left untouched).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// `ytrainer plugins`

@@ -15,6 +15,9 @@ pub struct ConvertArgs {
     /// Output directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json, ...).
     #[arg(long)]
     pub to: PathBuf,
+    /// Replace a non-empty --to directory completely (without it such a directory is refused).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// `ytrainer convert`
@@ -25,8 +28,19 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
             a.from.display()
         );
     }
+    ytrainer_recipes::outdir::check_replaceable(&a.to, a.overwrite, "--to")?;
     let start = Instant::now();
-    let report = ytrainer_models::convert_gguf(&a.from, &a.to)?;
+    // Written beside --to and moved into place whole: no file of an earlier checkpoint survives.
+    let tmp = ytrainer_recipes::outdir::staging_dir(&a.to)?;
+    let mut report = match ytrainer_models::convert_gguf(&a.from, &tmp) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e.into());
+        }
+    };
+    ytrainer_recipes::outdir::commit_dir(&tmp, &a.to)?;
+    report.files = ytrainer_recipes::outdir::rebase_files(report.files, &tmp, &a.to);
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }

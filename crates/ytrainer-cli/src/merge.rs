@@ -27,6 +27,9 @@ pub struct MergeArgs {
     /// Largest shard, e.g. `5GB`, `500MB` (decimal units, as transformers); larger checkpoints are sharded.
     #[arg(long, default_value = "5GB")]
     pub max_shard_size: String,
+    /// Replace a non-empty --out directory completely (without it such a directory is refused).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub use ytrainer_recipes::memory::parse_size;
@@ -44,8 +47,17 @@ pub fn merge(a: MergeArgs) -> Result<()> {
     if a.out.exists() && a.out.canonicalize().ok() == a.model.canonicalize().ok() {
         bail!("--out must differ from --model (refusing to overwrite the base model)");
     }
+    ytrainer_recipes::outdir::check_replaceable(&a.out, a.overwrite, "--out")?;
     let device = inference_device("cpu")?;
     let l = load_for_inference(&a.model, a.adapter.as_deref(), &device)?;
+    // Written beside --out and moved into place whole, so no file of an earlier checkpoint survives (a stale
+    // `model.safetensors` next to new shards would be loaded instead of them).
+    let target = a.out.clone();
+    let tmp = ytrainer_recipes::outdir::staging_dir(&target)?;
+    let a = MergeArgs {
+        out: tmp.clone(),
+        ..a
+    };
     let files = save_hf_checkpoint_as(&l.model, &l.config, &a.out, dtype, max)?;
     // Tokenizer files: copied from the model directory, or rebuilt from the GGUF metadata.
     if is_gguf(&a.model) {
@@ -75,8 +87,9 @@ pub fn merge(a: MergeArgs) -> Result<()> {
             }
         }
     }
-    println!("wrote {} ({}):", a.out.display(), dtype.torch_name());
-    for f in files {
+    ytrainer_recipes::outdir::commit_dir(&tmp, &target)?;
+    println!("wrote {} ({}):", target.display(), dtype.torch_name());
+    for f in ytrainer_recipes::outdir::rebase_files(files, &tmp, &target) {
         println!("  {}", f.display());
     }
     Ok(())

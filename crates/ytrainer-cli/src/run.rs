@@ -24,6 +24,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         resume: args.resume.clone(),
         dry_run: args.dry_run,
         plugin_dirs: crate::plugins_cmd::cli_plugin_dirs(),
+        overwrite: args.overwrite,
+        own_files: Vec::new(),
     };
     let mut bar = Bar::new();
     let report = ytrainer_recipes::run(cfg, &opts, &mut bar);

@@ -273,7 +273,9 @@ pub fn save<M: Module>(
         );
     }
     write_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
-    let state_json = serde_json::json!({ "trainer": state, "optimizer_step": optim.step });
+    let state_json = serde_json::json!({
+        "writer": WRITER, "trainer": state, "optimizer_step": optim.step,
+    });
     let p = tmp.join("trainer_state.json");
     fs::write(
         &p,
@@ -344,7 +346,23 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded, CheckpointError> {
     })
 }
 
-/// Checkpoint directories under `run_dir`, oldest first.
+/// The `writer` field of every `trainer_state.json` ytrainer writes: what tells its checkpoints from another
+/// tool's (a Hugging Face Trainer's `checkpoint-N/trainer_state.json` has none).
+pub const WRITER: &str = "ytrainer";
+
+/// The trainer state of `dir` when it is a checkpoint ytrainer wrote (its `trainer_state.json` says
+/// `"writer": "ytrainer"` and holds a trainer state); `None` for anything else.
+pub fn ytrainer_state(dir: &Path) -> Option<TrainerState> {
+    let text = fs::read_to_string(dir.join("trainer_state.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    if v.get("writer")?.as_str()? != WRITER {
+        return None;
+    }
+    serde_json::from_value(v.get("trainer")?.clone()).ok()
+}
+
+/// The checkpoints ytrainer wrote under `run_dir` (`checkpoint-N` with a ytrainer `trainer_state.json`), oldest
+/// first. Other tools' `checkpoint-N` directories are not listed.
 pub fn list(run_dir: &Path) -> Vec<(usize, PathBuf)> {
     let mut out: Vec<(usize, PathBuf)> = fs::read_dir(run_dir)
         .into_iter()
@@ -353,14 +371,34 @@ pub fn list(run_dir: &Path) -> Vec<(usize, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
             let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path()
-                .join("trainer_state.json")
-                .exists()
-                .then(|| (step, e.path()))
+            ytrainer_state(&e.path()).map(|_| (step, e.path()))
         })
         .collect();
     out.sort();
     out
+}
+
+/// Removes the oldest checkpoints of this run beyond `keep` (0 = keep all) and returns them. Only checkpoints
+/// ytrainer wrote with this run's `fingerprint` count: another tool's checkpoint or another run's is never
+/// removed.
+pub fn prune(run_dir: &Path, keep: usize, fingerprint: &str) -> Vec<PathBuf> {
+    if keep == 0 {
+        return Vec::new();
+    }
+    let own: Vec<PathBuf> = list(run_dir)
+        .into_iter()
+        .filter(|(_, p)| ytrainer_state(p).is_some_and(|s| s.config_fingerprint == fingerprint))
+        .map(|(_, p)| p)
+        .collect();
+    let mut removed = Vec::new();
+    if own.len() > keep {
+        for p in &own[..own.len() - keep] {
+            if fs::remove_dir_all(p).is_ok() {
+                removed.push(p.clone());
+            }
+        }
+    }
+    removed
 }
 
 /// Resolves `--resume DIR`: a checkpoint directory itself, or a run directory (its latest checkpoint).

@@ -285,6 +285,9 @@ pub struct TrainSection {
     /// available at start. The micro-batch is lowered and recomputation switched on to fit it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_budget: Option<String>,
+    /// Stop the run with an error after this many consecutive steps whose loss or gradient was non-finite
+    /// (their updates are skipped); 0 = never stop.
+    pub max_skipped_steps: usize,
 }
 
 /// Step modes.
@@ -323,6 +326,7 @@ impl Default for TrainSection {
             precision: crate::device::Precision::F32,
             gradient_checkpointing: false,
             memory_budget: None,
+            max_skipped_steps: 10,
         }
     }
 }
@@ -365,5 +369,16 @@ impl Default for OutputSection {
             save_every_steps: 0,
             save_total_limit: 2,
         }
+    }
+}
+
+/// A number as messages show it: plain for ordinary magnitudes (`0.0002`, `-1`), scientific for very large or
+/// very small ones (`1e30`, `-1e-8`), `NaN` and `inf` as such.
+pub fn fmt_num(x: f64) -> String {
+    let a = x.abs();
+    if x.is_finite() && x != 0.0 && !(1e-4..1e6).contains(&a) {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
     }
 }

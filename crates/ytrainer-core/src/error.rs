@@ -39,6 +39,9 @@ pub enum TrainError {
     /// The data could not be planned into steps.
     #[error(transparent)]
     Data(#[from] ytrainer_data::DataError),
+    /// Non-finite losses, gradients or weights: the run stopped before writing them anywhere.
+    #[error("training diverged: {0}")]
+    Diverged(String),
     /// Nothing to train on.
     #[error(
         "the training data yields no optimizer step (no supervised tokens); check `[data] train_on` and the data file"

@@ -233,7 +233,9 @@ pub fn train<M: CausalLm, O: Objective<M>>(
     observer.start(total, state.step);
     let mut grads = GradAccumulator::default();
     let mut last_applied = None;
-    let mut last_checkpoint = None;
+    let mut last_checkpoint: Option<PathBuf> = None;
+    // First step of the current run of consecutive skipped steps.
+    let mut skipping_since: Option<usize> = None;
     for (index, (epoch, unit)) in steps.iter().enumerate().skip(state.step) {
         let ts = Instant::now();
         // Reseeding per step makes any randomness inside the step (LoRA dropout) a function of (seed, step), so a
@@ -289,6 +291,26 @@ pub fn train<M: CausalLm, O: Objective<M>>(
         observer.step(&m.progress());
         if !skipped {
             last_applied = Some(m);
+            skipping_since = None;
+        } else {
+            let first = *skipping_since.get_or_insert(index);
+            let n = index + 1 - first;
+            if tr.max_skipped_steps > 0 && n >= tr.max_skipped_steps {
+                let steps = if n == 1 {
+                    format!("step {} had", index + 1)
+                } else {
+                    format!("steps {} to {} ({n} in a row) had", first + 1, index + 1)
+                };
+                return Err(diverged(
+                    &format!(
+                        "{steps} a non-finite loss or gradient and their updates were skipped ([train] \
+                         max_skipped_steps = {})",
+                        tr.max_skipped_steps
+                    ),
+                    tr,
+                    last_checkpoint.as_deref(),
+                ));
+            }
         }
 
         let done = index + 1 == total;
@@ -297,12 +319,23 @@ pub fn train<M: CausalLm, O: Objective<M>>(
         }
         if (setup.save_every > 0 && (index + 1) % setup.save_every == 0) || done {
             let dir = setup.output_dir.join(format!("checkpoint-{}", index + 1));
-            checkpoint::save(&dir, &model, &optim.state, &state, |tmp| {
+            let saved = checkpoint::save(&dir, &model, &optim.state, &state, |tmp| {
                 model.export(&tmp.join("export")).map(|_| ())
-            })?;
+            });
+            if let Err(checkpoint::CheckpointError::NonFinite { param, .. }) = &saved {
+                return Err(diverged(
+                    &format!(
+                        "the update of step {} left parameter `{param}` NaN or infinite",
+                        index + 1
+                    ),
+                    tr,
+                    last_checkpoint.as_deref(),
+                ));
+            }
+            saved?;
             observer.notice(&format!("checkpoint written: {}", dir.display()));
             last_checkpoint = Some(dir);
-            prune(setup.output_dir, setup.save_total_limit);
+            checkpoint::prune(setup.output_dir, setup.save_total_limit, &setup.fingerprint);
         }
     }
     let eval_after = eval_and_emit(objective, &model, state.step, &mut sinks, observer)?;
@@ -389,7 +422,7 @@ fn start<M: CausalLm>(
 }
 
 /// Keys whose values differ between two canonical-JSON configs, as `section.key: old -> new`.
-fn config_diff(old: &str, new: &str) -> Vec<String> {
+pub fn config_diff(old: &str, new: &str) -> Vec<String> {
     fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
         match (a, b) {
             (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
@@ -426,14 +459,20 @@ fn config_diff(old: &str, new: &str) -> Vec<String> {
     out
 }
 
-fn prune(run_dir: &Path, keep: usize) {
-    if keep == 0 {
-        return;
-    }
-    let all = checkpoint::list(run_dir);
-    if all.len() > keep {
-        for (_, p) in &all[..all.len() - keep] {
-            let _ = fs::remove_dir_all(p);
-        }
-    }
+/// The error of a diverged run: the cause, what was (not) written, and what to change.
+fn diverged(cause: &str, tr: &TrainSection, last_checkpoint: Option<&Path>) -> TrainError {
+    let written = match last_checkpoint {
+        None => "no checkpoint or model was written".to_string(),
+        Some(c) => format!(
+            "nothing was written after {} (the last checkpoint, with finite weights)",
+            c.display()
+        ),
+    };
+    TrainError::Diverged(format!(
+        "{cause}; {written}. Lower [train] learning_rate (now {}), keep [train] max_grad_norm > 0 (now {}), \
+         check the loss plugin's parameters and the data's weights, or raise [train] max_skipped_steps \
+         (0 = never stop)",
+        crate::config::fmt_num(tr.learning_rate),
+        crate::config::fmt_num(tr.max_grad_norm)
+    ))
 }

@@ -77,6 +77,11 @@ pub enum ModelError {
     #[error("{}: {message}", path.display())]
     Gguf { path: PathBuf, message: String },
 
+    /// A checkpoint's tensors do not match the model its `config.json` describes (the message lists the first
+    /// tensors missing or left over).
+    #[error("{}: the weights do not match config.json: {message}", path.display())]
+    WeightsMismatch { path: PathBuf, message: String },
+
     /// A PEFT adapter cannot be used with this model.
     #[error("{}: {message}", path.display())]
     Adapter { path: PathBuf, message: String },

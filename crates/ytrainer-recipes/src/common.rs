@@ -46,6 +46,12 @@ pub struct RunOptions {
     pub dry_run: bool,
     /// External plugin directories named outside the config (`--plugin-dir`).
     pub plugin_dirs: Vec<PathBuf>,
+    /// Clear a non-empty output directory that is not this run's completely before training (`--overwrite`);
+    /// without it such a directory is refused.
+    pub overwrite: bool,
+    /// Files the caller put in the output directory for this run (a sweep trial's `config.toml`): not
+    /// foreign, never removed.
+    pub own_files: Vec<PathBuf>,
 }
 
 /// What a run recipe did: stopped after validation (`dry_run`) or trained and exported.
@@ -59,11 +65,13 @@ pub enum Ran<R> {
 
 /// Everything that determines the training trajectory, as canonical JSON: resume must match it, and on a
 /// mismatch the trainer names the keys that differ. The device is left out on purpose (a run may continue on
-/// other hardware), as are eval and output settings.
+/// other hardware), as are eval and output settings and `max_skipped_steps`.
 pub fn fingerprint(cfg: &RunConfig) -> String {
     let mut train = serde_json::to_value(&cfg.train).unwrap_or_default();
     if let Some(t) = train.as_object_mut() {
         t.remove("device");
+        // When to give up on a diverged run does not change the trajectory.
+        t.remove("max_skipped_steps");
     }
     serde_json::json!({
         "model": cfg.model, "adapter": cfg.adapter, "data": cfg.data, "loss": cfg.loss, "train": train,
@@ -216,12 +224,15 @@ pub fn copy_tokenizer_files(from: &Path, to: &Path, full: bool) -> Result<()> {
     Ok(())
 }
 
-/// Creates the run directory and returns it with the training file.
-pub(crate) fn output_and_train_file(cfg: &RunConfig) -> Result<(PathBuf, PathBuf)> {
+/// Claims the run directory (refusing one that is not this run's, see [`crate::outdir::claim_run_dir`]) and
+/// returns it with the training file.
+pub(crate) fn output_and_train_file(
+    cfg: &RunConfig,
+    opts: &RunOptions,
+) -> Result<(PathBuf, PathBuf)> {
     let out = cfg.output.dir.clone();
-    fs::create_dir_all(&out)
-        .with_context(|| format!("cannot create output directory {}", out.display()))?;
     let train_file = cfg.data.train.clone().context("no training data")?;
+    crate::outdir::claim_run_dir(&out, &fingerprint(cfg), opts)?;
     Ok((out, train_file))
 }
 
@@ -232,11 +243,15 @@ pub(crate) fn export_final<M: ytrainer_core::model::CausalLm>(
     model_dir: &Path,
     out: &Path,
 ) -> Result<(PathBuf, Vec<PathBuf>)> {
+    // Written beside `final` and moved into place whole: no file of an earlier export survives next to this one.
     let final_dir = out.join("final");
+    let tmp = crate::outdir::staging_dir(&final_dir)?;
     let files = model
-        .export(&final_dir)
+        .export(&tmp)
         .map_err(|e| crate::invalid!("exporting the trained model: {e}"))?;
-    copy_tokenizer_files(model_dir, &final_dir, cfg.adapter.kind == AdapterKind::Full)?;
+    copy_tokenizer_files(model_dir, &tmp, cfg.adapter.kind == AdapterKind::Full)?;
+    crate::outdir::commit_dir(&tmp, &final_dir)?;
+    let files = crate::outdir::rebase_files(files, &tmp, &final_dir);
     Ok((final_dir, files))
 }
 

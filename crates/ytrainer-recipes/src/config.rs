@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use toml::{Table, Value};
-use ytrainer_core::config::RunConfig;
+use ytrainer_core::config::{RunConfig, fmt_num};
 use ytrainer_core::loss::nearest;
 
 use crate::error::{Context, Result};
@@ -81,6 +81,7 @@ pub const KEYS: &[(&str, &[&str])] = &[
             "precision",
             "gradient_checkpointing",
             "memory_budget",
+            "max_skipped_steps",
         ],
     ),
     ("eval", &["every_steps", "max_samples"]),
@@ -325,10 +326,8 @@ fn validate(cfg: &RunConfig) -> Result<()> {
     if cfg.data.train.is_none() {
         bail!("no training data given: pass `--data FILE` or set `[data] train` in the config");
     }
+    check_ranges(cfg)?;
     let t = &cfg.train;
-    if t.learning_rate <= 0.0 || !t.learning_rate.is_finite() {
-        bail!("[train] learning_rate = {}: must be > 0", t.learning_rate);
-    }
     if t.mode == ytrainer_core::config::TrainMode::Windowed && t.token_batch == 0 {
         bail!("[train] token_batch = 0: windowed mode needs a window of at least 1 target token");
     }
@@ -344,10 +343,134 @@ fn validate(cfg: &RunConfig) -> Result<()> {
             cfg.data.max_seq_len
         );
     }
-    if !(0.0..1.0).contains(&cfg.data.eval_fraction) {
+    Ok(())
+}
+
+/// The allowed range of a numeric key, checked and named in the message.
+#[derive(Clone, Copy)]
+enum Range {
+    /// `> 0` and finite.
+    Positive,
+    /// `>= 0` and finite.
+    NonNegative,
+    /// `[0, hi]`.
+    Closed(f64),
+    /// `[0, 1)`.
+    UnitOpen,
+}
+
+impl Range {
+    fn contains(self, x: f64) -> bool {
+        match self {
+            Range::Positive => x > 0.0 && x.is_finite(),
+            Range::NonNegative => x >= 0.0 && x.is_finite(),
+            Range::Closed(hi) => (0.0..=hi).contains(&x),
+            Range::UnitOpen => (0.0..1.0).contains(&x),
+        }
+    }
+    fn describe(self) -> String {
+        match self {
+            Range::Positive => "must be > 0 and finite".into(),
+            Range::NonNegative => "must be >= 0 and finite".into(),
+            Range::Closed(hi) => format!("must be in [0, {}]", fmt_num(hi)),
+            Range::UnitOpen => "must be in [0, 1)".into(),
+        }
+    }
+}
+
+/// Every numeric key's range: `[section] key = value: must be ...`.
+fn check_ranges(cfg: &RunConfig) -> Result<()> {
+    let (t, a, p) = (&cfg.train, &cfg.adapter, &cfg.preference);
+    let floats: [(&str, &str, f64, Range, &str); 12] = [
+        (
+            "train",
+            "learning_rate",
+            t.learning_rate,
+            Range::Positive,
+            "",
+        ),
+        (
+            "train",
+            "min_lr_ratio",
+            t.min_lr_ratio,
+            Range::Closed(1.0),
+            "",
+        ),
+        (
+            "train",
+            "warmup_ratio",
+            t.warmup_ratio,
+            Range::Closed(1.0),
+            "",
+        ),
+        // Decoupled decay shrinks each weight by learning_rate * weight_decay per step; beyond 10 it only
+        // destroys the model.
+        (
+            "train",
+            "weight_decay",
+            t.weight_decay,
+            Range::Closed(10.0),
+            "",
+        ),
+        ("train", "adam_beta1", t.adam_beta1, Range::UnitOpen, ""),
+        ("train", "adam_beta2", t.adam_beta2, Range::UnitOpen, ""),
+        ("train", "adam_epsilon", t.adam_epsilon, Range::Positive, ""),
+        (
+            "train",
+            "max_grad_norm",
+            t.max_grad_norm,
+            Range::NonNegative,
+            " (0 = no clipping)",
+        ),
+        ("adapter", "alpha", a.alpha, Range::Positive, ""),
+        ("adapter", "dropout", a.dropout, Range::UnitOpen, ""),
+        (
+            "data",
+            "eval_fraction",
+            cfg.data.eval_fraction,
+            Range::UnitOpen,
+            "",
+        ),
+        (
+            "preference",
+            "sft_weight",
+            p.sft_weight,
+            Range::NonNegative,
+            "",
+        ),
+    ];
+    for (section, key, v, range, note) in floats {
+        if !range.contains(v) {
+            bail!(
+                "[{section}] {key} = {}: {}{note}",
+                fmt_num(v),
+                range.describe()
+            );
+        }
+    }
+    for (key, v) in [
+        ("pairs_per_step", p.pairs_per_step),
+        ("micro_pairs", p.micro_pairs),
+    ] {
+        if v == 0 {
+            bail!("[preference] {key} = 0: must be >= 1");
+        }
+    }
+    for (k, v) in &cfg.loss.params {
+        if !v.is_finite() {
+            bail!(
+                "[loss.params] {k} = {}: must be a finite number",
+                fmt_num(*v)
+            );
+        }
+    }
+    let z = cfg.loss.zone_borders;
+    if !(z.iter().all(|x| x.is_finite()) && z[0] < z[1] && z[1] < z[2]) {
         bail!(
-            "[data] eval_fraction = {}: must be in [0, 1)",
-            cfg.data.eval_fraction
+            "[loss] zone_borders = [{}, {}, {}]: must be three finite, increasing losses",
+            fmt_num(z[0]),
+            fmt_num(z[1]),
+            fmt_num(z[2])
         );
     }
     Ok(())
@@ -385,7 +508,7 @@ mod tests {
             "[model]\npreset = \"tiny\"\n[data]\ntrain = \"x.jsonl\"\n[train]\nlerning_rate = 1e-3\n",
         );
         let e = resolve(Some(&f.0), &[]).unwrap_err().to_string();
-        assert!(e.ends_with(":6: unknown key `lerning_rate` in [train] (did you mean `learning_rate`?); valid keys in [train]: mode, token_batch, epochs, max_steps, learning_rate, lr_scheduler, warmup_steps, warmup_ratio, min_lr_ratio, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm, tokens_per_step, micro_batch_tokens, max_micro_batch_size, seed, shuffle, device, precision, gradient_checkpointing, memory_budget"), "{e}");
+        assert!(e.ends_with(":6: unknown key `lerning_rate` in [train] (did you mean `learning_rate`?); valid keys in [train]: mode, token_batch, epochs, max_steps, learning_rate, lr_scheduler, warmup_steps, warmup_ratio, min_lr_ratio, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm, tokens_per_step, micro_batch_tokens, max_micro_batch_size, seed, shuffle, device, precision, gradient_checkpointing, memory_budget, max_skipped_steps"), "{e}");
     }
 
     #[test]
@@ -439,8 +562,13 @@ mod tests {
 
     #[test]
     fn keys_table_matches_config_structs() {
-        // Serialising the default config lists every field; KEYS must list the same ones.
-        let v = toml::Value::try_from(RunConfig::default()).unwrap();
+        // Serialising a config with every optional key set lists every field; KEYS must list the same ones.
+        let mut c = RunConfig::default();
+        c.model.dequantize_base = true;
+        c.model.quantize_base = Some("nf4".into());
+        c.loss.plugins = vec!["p".into()];
+        c.loss.reference_model = Some("r".into());
+        let v = toml::Value::try_from(c).unwrap();
         for (section, keys) in KEYS {
             let t = v.get(section).and_then(|t| t.as_table()).unwrap();
             for k in t.keys() {

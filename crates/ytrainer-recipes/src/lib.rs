@@ -16,6 +16,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod memory;
+pub mod outdir;
 pub mod preference;
 pub mod preset;
 pub mod render;

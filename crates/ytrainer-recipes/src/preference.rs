@@ -143,7 +143,7 @@ pub fn run_preference(
             cfg.loss.name
         );
     }
-    let (out, train_file) = crate::common::output_and_train_file(&cfg)?;
+    let (out, train_file) = crate::common::output_and_train_file(&cfg, opts)?;
     let model_dir = resolve_model_dir(&cfg, &out, &train_file, &mut |m| observer.notice(m))?;
     let (tok, template) = tokenizer_and_template(&cfg, &model_dir)?;
     let template = template.with_context(|| {

@@ -87,7 +87,7 @@ pub fn run_sft(
     }
     // Read before anything loads: `auto` is a share of what is available to this run.
     let budget = crate::memory::budget(&cfg)?;
-    let (out, train_file) = crate::common::output_and_train_file(&cfg)?;
+    let (out, train_file) = crate::common::output_and_train_file(&cfg, opts)?;
     let model_dir = resolve_model_dir(&cfg, &out, &train_file, &mut |m| observer.notice(m))?;
 
     // Data.

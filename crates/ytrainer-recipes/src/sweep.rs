@@ -93,6 +93,7 @@ impl LibraryRunner {
         let cfg = crate::config::resolve(Some(&path), &[])?;
         let opts = RunOptions {
             plugin_dirs: self.plugin_dirs.clone(),
+            own_files: vec![path.clone()],
             ..RunOptions::default()
         };
         let mut observer = (self.observer)();

@@ -69,9 +69,22 @@ pub fn load_pretrained_with(
     let mut spec = ArchSpec::from_config(&config)?;
     let mut source = CheckpointSource::open(dir)?;
     if !spec.tie_word_embeddings && !source.contains("lm_head.weight") {
+        if config.tie_word_embeddings == Some(false) {
+            return Err(ModelError::ConfigField {
+                path: dir.join("config.json"),
+                field: "tie_word_embeddings".into(),
+                message: format!(
+                    "false, but {} has no `lm_head.weight`; set it to true if the head shares the embeddings, or \
+                     use the checkpoint that holds the head",
+                    source.described_as.display()
+                ),
+            });
+        }
+        // No `tie_word_embeddings` key and no head: the head is the embeddings (what such checkpoints mean).
         spec.tie_word_embeddings = true;
         config.tie_word_embeddings = Some(true);
     }
+    source.check_names(&spec)?;
     let quantize = match base {
         BaseWeights::Quantize(kind) => Some(kind),
         _ => None,
@@ -162,6 +175,79 @@ impl CheckpointSource {
             readers: BTreeMap::new(),
             described_as: index,
         })
+    }
+}
+
+impl CheckpointSource {
+    /// Every tensor the model described by `spec` needs is present and every tensor present is used (besides
+    /// RoPE's `inv_freq` buffers and a copy of a tied head), or an error listing the first few of each.
+    fn check_names(&self, spec: &ArchSpec) -> Result<(), ModelError> {
+        let expected: Vec<String> = crate::gguf::expected_tensors(spec)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let first = |names: &[&str]| {
+            let mut v: Vec<String> = names.iter().take(5).map(|n| format!("`{n}`")).collect();
+            if names.len() > 5 {
+                v.push(format!("and {} more", names.len() - 5));
+            }
+            v.join(", ")
+        };
+        let sizes = format!(
+            "config.json describes {} layers, hidden size {}, intermediate size {}, {} heads / {} KV heads",
+            spec.num_layers,
+            spec.hidden_size,
+            spec.intermediate_size,
+            spec.num_heads,
+            spec.num_kv_heads
+        );
+        let missing: Vec<&str> = expected
+            .iter()
+            .filter(|n| !self.location.contains_key(*n))
+            .map(String::as_str)
+            .collect();
+        if let [name] = missing.as_slice() {
+            return Err(ModelError::MissingTensor {
+                name: name.to_string(),
+                file: self.described_as.clone(),
+            });
+        }
+        if !missing.is_empty() {
+            return Err(ModelError::WeightsMismatch {
+                path: self.described_as.clone(),
+                message: format!(
+                    "{} expected tensors are missing: {} ({sizes}); use the config.json that belongs to these \
+                     weights",
+                    missing.len(),
+                    first(&missing)
+                ),
+            });
+        }
+        let expected: std::collections::HashSet<&str> =
+            expected.iter().map(String::as_str).collect();
+        let mut unused: Vec<&str> = self
+            .location
+            .keys()
+            .map(String::as_str)
+            .filter(|n| {
+                let allowed = n.ends_with(".rotary_emb.inv_freq")
+                    || (spec.tie_word_embeddings && *n == "lm_head.weight");
+                !(expected.contains(n) || allowed)
+            })
+            .collect();
+        unused.sort();
+        if !unused.is_empty() {
+            return Err(ModelError::WeightsMismatch {
+                path: self.described_as.clone(),
+                message: format!(
+                    "{} tensors are not used by the model it describes: {} ({sizes}); use the config.json that \
+                     belongs to these weights",
+                    unused.len(),
+                    first(&unused)
+                ),
+            });
+        }
+        Ok(())
     }
 }
 

@@ -357,6 +357,17 @@ pub fn load_peft_adapter(model: Decoder, dir: &Path) -> Result<Decoder, ModelErr
                         in_memory
                     };
                     let values = reader.read_f32(&key, &[rows, cols])?;
+                    let bad = values.iter().filter(|x| !x.is_finite()).count();
+                    if bad > 0 {
+                        return Err(ModelError::Adapter {
+                            path: weights_path.clone(),
+                            message: format!(
+                                "tensor `{key}` holds {bad} NaN or infinite values (of {}); the adapter is \
+                                 corrupt or comes from a diverged run, so it is not applied",
+                                values.len()
+                            ),
+                        });
+                    }
                     unused.remove(&key);
                     Ok(Tensor::from_data(
                         TensorData::new(transpose(&values, rows, cols), [cols, rows]),

@@ -357,7 +357,7 @@ pub fn load_gguf_with(
 }
 
 /// `(HF name, HF shape)` of every tensor the architecture reads, in the order `build` reads them.
-fn expected_tensors(spec: &ArchSpec) -> Vec<(String, Vec<usize>)> {
+pub(crate) fn expected_tensors(spec: &ArchSpec) -> Vec<(String, Vec<usize>)> {
     let (h, hd, i) = (spec.hidden_size, spec.head_dim, spec.intermediate_size);
     let (q, kv) = (spec.num_heads * hd, spec.num_kv_heads * hd);
     let mut out = vec![(

@@ -274,12 +274,21 @@ impl GgufFile {
                 offset,
             });
         }
-        let alignment = metadata
-            .get("general.alignment")
-            .and_then(GgufValue::as_u64)
-            .unwrap_or(32)
-            .max(1);
-        let data_start = c.pos.div_ceil(alignment) * alignment;
+        // As llama.cpp: the alignment is a power of two (default 32).
+        let alignment = match metadata.get("general.alignment") {
+            None => 32,
+            Some(v) => match v.as_u64() {
+                Some(a) if a.is_power_of_two() => a,
+                _ => {
+                    return Err(c.err(format!(
+                        "metadata `general.alignment` = {}: must be a power of two (GGUF's default is 32); the \
+                         file is corrupt",
+                        v.as_u64().map_or_else(|| format!("{v:?}"), |a| a.to_string())
+                    )));
+                }
+            },
+        };
+        let data_start = c.pos.div_ceil(alignment).saturating_mul(alignment);
         let gguf = Self {
             path: path.to_path_buf(),
             version,
@@ -288,6 +297,7 @@ impl GgufFile {
             data_start,
             map: std::sync::OnceLock::new(),
         };
+        gguf.check_directory(alignment)?;
         for t in &gguf.tensors {
             let Some(nbytes) = gguf.nbytes(t) else {
                 continue; // unsupported types are reported when (and only if) the tensor is needed
@@ -308,6 +318,72 @@ impl GgufFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The tensor directory as llama.cpp validates it: unique names, offsets on the alignment, whole blocks per
+    /// row, sizes that fit in 64 bits, and no two tensors' bytes overlapping. Each error names the tensor.
+    fn check_directory(&self, alignment: u64) -> Result<(), ModelError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut ranges: Vec<(u64, u64, &str)> = Vec::new();
+        for t in &self.tensors {
+            if !seen.insert(t.name.as_str()) {
+                return Err(self.err(format!(
+                    "tensor `{}` appears twice in the directory; the file is corrupt",
+                    t.name
+                )));
+            }
+            if !t.offset.is_multiple_of(alignment) {
+                return Err(self.err(format!(
+                    "tensor `{}`: offset {} is not a multiple of the alignment {alignment}; the file is corrupt",
+                    t.name, t.offset
+                )));
+            }
+            let Some((bs, bb)) = t.ty.block() else {
+                continue; // unsupported types are reported when (and only if) the tensor is needed
+            };
+            let what = || {
+                format!(
+                    "tensor `{}` ({}, shape {:?})",
+                    t.name,
+                    t.ty.name(),
+                    t.shape()
+                )
+            };
+            if !t.dims[0].is_multiple_of(bs as u64) {
+                return Err(self.err(format!(
+                    "{}: {} values per row is not a multiple of {}'s block of {bs} values; the file is corrupt",
+                    what(),
+                    t.dims[0],
+                    t.ty.name()
+                )));
+            }
+            let nbytes = t
+                .dims
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d))
+                .and_then(|n| (n / bs as u64).checked_mul(bb as u64))
+                .and_then(|n| t.offset.checked_add(n).map(|end| (n, end)));
+            let Some((nbytes, end)) = nbytes else {
+                return Err(self.err(format!(
+                    "{}: the size does not fit in 64 bits; the file is corrupt",
+                    what()
+                )));
+            };
+            if nbytes > 0 {
+                ranges.push((t.offset, end, &t.name));
+            }
+        }
+        ranges.sort();
+        for w in ranges.windows(2) {
+            let ((s0, e0, a), (s1, e1, b)) = (w[0], w[1]);
+            if s1 < e0 {
+                return Err(self.err(format!(
+                    "tensors `{a}` (bytes {s0}..{e0} of the data section) and `{b}` (bytes {s1}..{e1}) overlap; \
+                     the file is corrupt"
+                )));
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn err(&self, message: String) -> ModelError {

@@ -20,6 +20,7 @@ mod export;
 mod file;
 mod tokenizer;
 
+pub(crate) use convert::expected_tensors;
 pub use convert::{
     ConvertReport, convert_gguf, convert_gguf_with, gguf_name, hf_config, hf_name, load_gguf,
     load_gguf_with, unpermute_order, unpermute_rows,
