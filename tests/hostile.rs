@@ -664,3 +664,36 @@ fn an_adapter_with_nan_values_is_refused_by_merge_and_score() {
     assert!(!merged.exists());
     assert_user_error(&score(&base, Some(&adapter), d.path()), &msg);
 }
+
+#[test]
+fn kto_style_records_are_refused_not_trained_as_sft() {
+    let d = TempDir::new("kto");
+    let f = d.path().join("kto.jsonl");
+    let rec = |answer: &str, label: bool| {
+        serde_json::json!({"messages": [{"role": "user", "content": "Say hello."},
+            {"role": "assistant", "content": answer}], "label": label})
+        .to_string()
+    };
+    std::fs::write(&f, [rec("Hello!", true), rec("Go away.", false)].join("\n")).unwrap();
+    let out = d.path().join("run");
+    let mut args = vec!["run", "--preset", "tiny", "--data"];
+    let (fs, outs) = (s(&f), s(&out));
+    args.extend([
+        fs.as_str(),
+        "--max-steps",
+        "1",
+        "--output-dir",
+        outs.as_str(),
+    ]);
+    let o = ytrainer(&args);
+    assert_user_error(
+        &o,
+        &format!(
+            "{}:2: field \"label\" = false marks an undesirable completion (KTO-style data); ytrainer has no KTO \
+             objective and would train it as a good answer: drop the records labelled false (and the \"label\" \
+             field) to train SFT on the others, or pair answers as \"chosen\" / \"rejected\" for --loss dpo",
+            f.display()
+        ),
+    );
+    assert!(!out.join("checkpoint-1").exists());
+}

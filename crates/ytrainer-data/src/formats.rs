@@ -537,6 +537,21 @@ fn empty_warning(key: &str, format: &str) -> String {
 }
 
 pub(crate) fn convert(format: Format, origin: &Origin, obj: &Map<String, Value>) -> Converted {
+    // KTO-style data marks each completion desirable or not; trained as SFT, the undesirable ones would be
+    // learned as good answers.
+    for key in ["label", "kto_tag"] {
+        if obj.get(key) == Some(&Value::Bool(false)) {
+            return Err(record_err(
+                origin,
+                format!(
+                    "field \"{key}\" = false marks an undesirable completion (KTO-style data); ytrainer has no KTO \
+                     objective and would train it as a good answer: drop the records labelled false (and the \
+                     \"{key}\" field) to train SFT on the others, or pair answers as \"chosen\" / \"rejected\" \
+                     for --loss dpo"
+                ),
+            ));
+        }
+    }
     match format {
         Format::Messages => convert_messages(origin, obj),
         Format::Alpaca => convert_alpaca(origin, obj),
