@@ -147,6 +147,15 @@ fn unknown_loss_plugin() {
         &o,
         "unknown loss plugin `nlrig` (did you mean `nlirg`?); available: ",
     );
+    assert!(
+        stderr(&o).contains(
+            "An external plugin is loaded from `--plugin-dir DIR`, the YTRAINER_PLUGIN_PATH environment \
+             variable (paths separated by `:`) or `[loss] plugins = [\"path\"]` of the run config; \
+             `ytrainer plugins list` shows what was found"
+        ),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -409,4 +418,158 @@ fn dry_run_prints_resolved_config_with_overrides() {
         "untouched keys keep the file's value"
     );
     assert_eq!(cfg["adapter"]["type"].as_str(), Some("full"));
+}
+
+/// `--dry-run` plans the data as the loop will and says what it cannot honour: a default micro-batch (4,096
+/// padded tokens) already holds more than a 1,024-token step budget, and 200 steps need more than two epochs.
+#[test]
+fn dry_run_prints_the_plan_and_warns_about_sizes_it_cannot_honour() {
+    let o = ytrainer(&[
+        "run",
+        "--model",
+        &s(&assets().join("tiny-qwen2")),
+        "--data",
+        &s(&assets().join("corpora/instruct/alpaca_en_demo.json")),
+        "--tokens-per-step",
+        "1024",
+        "--epochs",
+        "2",
+        "--max-steps",
+        "200",
+        "--dry-run",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg: toml::Table = stdout(&o).parse().unwrap();
+    assert_eq!(cfg["train"]["max_steps"].as_integer(), Some(200));
+    let err = stderr(&o);
+    assert!(
+        err.contains("plan: 122 optimizer steps (max_steps 200): 2 epoch(s) of 61 steps\n"),
+        "{err}"
+    );
+    assert!(err.contains("  per step: "), "{err}");
+    assert!(
+        err.contains(
+            "warning: max_steps = 200 cannot be reached: the data makes only 122 steps in 2 epoch(s) (61 per \
+             epoch); the run stops after 122."
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "warning: tokens_per_step = 1024 cannot be honoured: one micro-batch (up to micro_batch_tokens = \
+             4096 padded tokens, max_micro_batch_size = 16 rows) already holds "
+        ),
+        "{err}"
+    );
+    // With micro-batches below the budget the steps come close to it and nothing is said.
+    let o = ytrainer(&[
+        "run",
+        "--model",
+        &s(&assets().join("tiny-qwen2")),
+        "--data",
+        &s(&assets().join("corpora/instruct/alpaca_en_demo.json")),
+        "--tokens-per-step",
+        "1024",
+        "--set",
+        "train.micro_batch_tokens=512",
+        "--dry-run",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
+}
+
+/// With stderr redirected, a run prints plain `step i/N` lines with loss, tokens/s and ETA (and the plan), no
+/// escape codes even with `-v`; the summary says when the data ran out before `max_steps`.
+#[test]
+fn off_a_terminal_training_prints_plain_progress_lines_without_colour() {
+    let d = TempDir::new("plain");
+    let o = std::process::Command::new(bin())
+        .args([
+            "-v",
+            "run",
+            "--preset",
+            "tiny",
+            "--data",
+            "examples/quickstart/eval.jsonl",
+            "--max-steps",
+            "50",
+            "--max-seq-len",
+            "64",
+            "--tokens-per-step",
+            "256",
+            "--output-dir",
+            &s(d.path()),
+        ])
+        .current_dir(root())
+        .env("YTRAINER_PROGRESS_SECS", "0")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        !err.contains('\u{1b}'),
+        "escape codes off a terminal:\n{err:?}"
+    );
+    assert!(
+        err.contains("plan: 2 optimizer steps (max_steps 50): 1 epoch(s) of 2 steps"),
+        "{err}"
+    );
+    for step in ["step 1/2 loss ", "step 2/2 loss "] {
+        let line = err
+            .lines()
+            .find(|l| l.starts_with(step))
+            .unwrap_or_else(|| panic!("{err}"));
+        assert!(
+            line.contains(" tok/s elapsed ") && line.contains(" eta "),
+            "{line}"
+        );
+    }
+    assert!(
+        stdout(&o).contains(
+            "  note: max_steps 50 not reached: the data ran out after 2 steps (1 epoch(s)); raise --epochs for more"
+        ),
+        "{}",
+        stdout(&o)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["plan"]["total_steps"], 2);
+}
+
+/// Every key the config schema has (optional ones set, so that they serialise) is accepted by the key check:
+/// `[model] dequantize_base` in a file was refused as unknown while `--dequantize-base` worked.
+#[test]
+fn every_schema_key_is_a_valid_key() {
+    let mut cfg = ytrainer_core::config::RunConfig::default();
+    cfg.model.path = Some("m".into());
+    cfg.model.preset = Some("tiny".into());
+    cfg.model.dequantize_base = true;
+    cfg.model.quantize_base = Some("nf4".into());
+    cfg.model.base_model_id = Some("org/name".into());
+    cfg.adapter.init_from = Some("a".into());
+    cfg.data.train = Some("t".into());
+    cfg.data.eval = Some("e".into());
+    cfg.loss.normalize = Some(ytrainer_core::loss::Normalize::Tokens);
+    cfg.loss.reference_model = Some("r".into());
+    cfg.preference.reference = Some("r".into());
+    let doc: toml::Table = toml::to_string(&cfg).unwrap().parse().unwrap();
+    for (section, value) in &doc {
+        let keys = ytrainer_recipes::config::KEYS
+            .iter()
+            .find(|(s, _)| s == section)
+            .unwrap_or_else(|| panic!("section [{section}] missing from KEYS"))
+            .1;
+        for key in value.as_table().unwrap().keys() {
+            assert!(
+                keys.contains(&key.as_str()),
+                "[{section}] {key} missing from KEYS"
+            );
+        }
+    }
+    let text = toml::to_string(&cfg).unwrap();
+    let d = TempDir::new("keys");
+    let f = d.path().join("all.toml");
+    std::fs::write(&f, text).unwrap();
+    ytrainer_recipes::config::resolve(Some(&f), &[]).unwrap();
 }

@@ -189,7 +189,12 @@ fn sort_keeps_records_and_attaches_the_right_scores() {
         let mut a = common_args(mode, out);
         a.extend(extra.iter().map(|x| x.to_string()));
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        ok(&a);
+        let o = ok(&a);
+        // Off a terminal, progress comes as plain lines (the first and last at least), never escape codes.
+        let err = stderr(&o);
+        assert!(err.contains("sort: 100% of the file, "), "{err}");
+        assert!(err.contains(" records/s, elapsed "), "{err}");
+        assert!(!err.contains('\u{1b}'), "{err:?}");
         if out.extension().is_some_and(|e| e == "json") {
             serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
         } else {

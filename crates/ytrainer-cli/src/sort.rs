@@ -84,12 +84,20 @@ fn train_on(s: &str) -> Result<TrainOn> {
     })
 }
 
-/// A bar over the data file's bytes, with records and records/s in its message.
+/// A bar over the data file's bytes, with records and records/s in its message; off a terminal, plain lines at an
+/// interval (percent of the file, records, records/s, elapsed, ETA).
 #[derive(Default)]
-struct Bar(Option<ProgressBar>);
+struct Bar {
+    bar: Option<ProgressBar>,
+    plain: Option<(crate::progress::Plain, u64)>,
+}
 
 impl SortObserver for Bar {
     fn start(&mut self, total_bytes: u64) {
+        if !crate::progress::stderr_is_terminal() {
+            self.plain = Some((crate::progress::Plain::new(), total_bytes.max(1)));
+            return;
+        }
         let bar = ProgressBar::new(total_bytes.max(1));
         bar.set_style(
             ProgressStyle::with_template(
@@ -97,21 +105,38 @@ impl SortObserver for Bar {
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        self.0 = Some(bar);
+        self.bar = Some(bar);
     }
 
     fn chunk(&mut self, bytes_read: u64, records: usize, seconds: f64) {
-        if let Some(bar) = &self.0 {
+        if let Some(bar) = &self.bar {
             bar.set_position(bytes_read);
             bar.set_message(format!(
                 "{records} records, {:.1} records/s",
                 records as f64 / seconds.max(1e-9)
             ));
         }
+        if let Some((when, total)) = &mut self.plain
+            && when.due(bytes_read >= *total)
+        {
+            let frac = (bytes_read as f64 / *total as f64).clamp(0.0, 1.0);
+            let eta = if frac > 0.0 {
+                seconds / frac * (1.0 - frac)
+            } else {
+                0.0
+            };
+            eprintln!(
+                "sort: {:.0}% of the file, {records} records scored, {:.1} records/s, elapsed {} eta {}",
+                100.0 * frac,
+                records as f64 / seconds.max(1e-9),
+                crate::progress::clock(seconds),
+                crate::progress::clock(eta)
+            );
+        }
     }
 
     fn scored(&mut self) {
-        if let Some(bar) = self.0.take() {
+        if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
     }

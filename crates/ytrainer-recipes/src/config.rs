@@ -15,7 +15,17 @@ use crate::{bail, invalid};
 
 /// Every valid key per section, for suggestions (kept in step with `ytrainer_core::config`; a test checks it).
 pub const KEYS: &[(&str, &[&str])] = &[
-    ("model", &["path", "preset", "seed"]),
+    (
+        "model",
+        &[
+            "path",
+            "preset",
+            "seed",
+            "dequantize_base",
+            "quantize_base",
+            "base_model_id",
+        ],
+    ),
     (
         "adapter",
         &[

@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod plan;
 pub mod preference;
 pub mod preset;
 pub mod render;
