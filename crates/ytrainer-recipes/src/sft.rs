@@ -130,7 +130,18 @@ pub fn run_sft(
     // Model.
     let device = training_device(&cfg)?;
     let mut model = crate::common::load_policy(&cfg, &model_dir, &device)?;
-    if let Some(path) = &cfg.loss.reference_model {
+    let reference_model = match &cfg.loss.reference_model {
+        Some(path) if !plugin.needs().reference_loss => {
+            observer.notice(&format!(
+                "[loss] reference_model {} is not loaded: loss `{}` does not use a reference model",
+                path.display(),
+                cfg.loss.name
+            ));
+            None
+        }
+        other => other.as_ref(),
+    };
+    if let Some(path) = reference_model {
         let dir =
             crate::source::model_dir_for_run(path.clone(), true, &mut |m| observer.notice(m))?;
         let (reference, _) = load_pretrained(&dir, &AdapterSpec::Full, &device)
