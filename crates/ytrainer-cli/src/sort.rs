@@ -27,11 +27,12 @@ pub struct SortArgs {
     /// Ranked output: a JSON array when it ends in `.json`, JSON Lines otherwise.
     #[arg(long)]
     pub out: PathBuf,
-    /// filtered (high-loss tokens, confident ones count double), similarity (-Pearson(entropy, loss)),
-    /// divergence (z(loss) - z(entropy) anomalies and error spans) or ifd (perplexity of the answer with its
-    /// prompt over without it: finds answers that belong to another prompt; one more, shorter forward pass).
-    #[arg(long, default_value = "divergence")]
-    pub mode: QualityMode,
+    /// ifd (default: perplexity of the answer with its prompt over without it, finds answers that belong to
+    /// another prompt; one more, shorter forward pass), filtered (high-loss tokens, confident ones count
+    /// double), similarity (-Pearson(entropy, loss)) or divergence (z(loss) - z(entropy) anomalies and error
+    /// spans). With `--train-on everything` the default is divergence (ifd needs a prompt to leave out).
+    #[arg(long)]
+    pub mode: Option<QualityMode>,
     /// Cleanest first instead of most suspicious first.
     #[arg(long)]
     pub ascending: bool,
@@ -150,14 +151,20 @@ pub fn sort(a: SortArgs) -> Result<()> {
         (_, _, Some(x)) => Selection::Threshold(x),
         _ => Selection::All,
     };
+    let train_on = train_on(&a.train_on)?;
+    let mode = a.mode.unwrap_or(if train_on == TrainOn::Everything {
+        QualityMode::Divergence
+    } else {
+        QualityMode::Ifd
+    });
     let settings = SortSettings {
-        train_on: train_on(&a.train_on)?,
+        train_on,
         template_vars: parse_vars(&a.vars)?,
         model: a.model,
         adapter: a.adapter,
         data: a.data,
         out: a.out,
-        mode: a.mode,
+        mode,
         ascending: a.ascending,
         selection,
         report: a.report,
@@ -174,10 +181,10 @@ pub fn sort(a: SortArgs) -> Result<()> {
     let r = r?;
     let secs = r.seconds;
     eprintln!(
-        "scored {} records ({} answer tokens, {} with a reason) in {secs:.1}s: {:.2} records/s, {:.0} tokens/s; wrote {} records to {}{}",
+        "scored {} records ({} answer tokens, {} unscored) in {secs:.1}s: {:.2} records/s, {:.0} tokens/s; wrote {} records to {}{}",
         r.records,
         r.answer_tokens,
-        r.with_reason,
+        r.unscored,
         r.records as f64 / secs.max(1e-9),
         r.answer_tokens as f64 / secs.max(1e-9),
         r.written,
@@ -188,5 +195,18 @@ pub fn sort(a: SortArgs) -> Result<()> {
             .map(|r| format!(", report {}", r.display()))
             .unwrap_or_default()
     );
+    if r.unscored > 0 {
+        eprintln!(
+            "{} records could not be scored in mode {} (`quality.unscored`, the reason in `quality.reason`: \
+             prompt longer than --max-seq-len, too few answer tokens, ...); they are not ranked{}",
+            r.unscored,
+            settings.mode.name(),
+            if settings.selection == Selection::All {
+                " and are written after the ranked records"
+            } else {
+                " and are left out by the selection"
+            }
+        );
+    }
     Ok(())
 }
