@@ -1194,3 +1194,74 @@ fn exported_adapter_names_its_base_by_an_absolute_path_or_the_given_id() {
     assert_eq!(named, id);
     assert!(card.contains(&format!("base_model: {id}")), "{card}");
 }
+
+/// `generate` starts from the model's `generation_config.json` as transformers does (`do_sample` with its
+/// temperature / top-p / repetition penalty / length, top-k 50 when unset), says so on stderr, and every flag
+/// wins over the file; a broken file is an error naming it.
+#[test]
+fn generation_reads_generation_config_defaults_and_flags_override_them() {
+    let tmp = TempDir::new("gen-config");
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    let tiny = assets().join("tiny-qwen2");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ] {
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(tiny.join(f), model.join(f)).unwrap();
+    }
+    let gen_cfg = model.join("generation_config.json");
+    std::fs::write(
+        &gen_cfg,
+        r#"{"do_sample": true, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.3, "max_new_tokens": 5}"#,
+    )
+    .unwrap();
+    let generate = |m: &Path, extra: &[&str]| -> (Value, String) {
+        let mut args = vec![
+            "generate",
+            "--model",
+            &*Box::leak(s(m).into_boxed_str()),
+            "--prompt",
+            "Hello",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let o = ok(&args);
+        (serde_json::from_str(stdout(&o).trim()).unwrap(), stderr(&o))
+    };
+    let (out, err) = generate(&model, &[]);
+    assert_eq!(out["new_tokens"], 5, "max_new_tokens from the file");
+    assert!(
+        err.contains(&format!(
+            "sampling: temperature 0.7, top-k 50, top-p 0.9, repetition penalty 1.3, at most 5 new tokens \
+             (temperature, top_p, repetition_penalty, max_new_tokens, do_sample from {})",
+            gen_cfg.display()
+        )),
+        "{err}"
+    );
+    // Same seed, same sample.
+    assert_eq!(generate(&model, &[]).0["output_ids"], out["output_ids"]);
+    // Flags win: greedy with the file's penalty equals the plain model run greedily with that penalty.
+    let (greedy, err) = generate(&model, &["--temperature", "0", "--max-new-tokens", "3"]);
+    assert!(
+        err.contains("sampling: greedy, repetition penalty 1.3, at most 3 new tokens"),
+        "{err}"
+    );
+    let (plain, err) = generate(
+        &tiny,
+        &["--max-new-tokens", "3", "--repetition-penalty", "1.3"],
+    );
+    assert!(
+        err.contains("sampling: greedy, repetition penalty 1.3, at most 3 new tokens\n"),
+        "{err}"
+    );
+    assert_eq!(greedy["output_ids"], plain["output_ids"]);
+    // A file that does not parse names itself.
+    std::fs::write(&gen_cfg, r#"{"temperature": "hot"}"#).unwrap();
+    let o = ytrainer(&["generate", "--model", &s(&model), "--prompt", "Hello"]);
+    assert_user_error(&o, &format!("{}: invalid type", gen_cfg.display()));
+}
