@@ -573,3 +573,177 @@ fn every_schema_key_is_a_valid_key() {
     std::fs::write(&f, text).unwrap();
     ytrainer_recipes::config::resolve(Some(&f), &[]).unwrap();
 }
+
+/// The fenced blocks of README.md and docs/*.md, as `(file, line, info string, text)`.
+fn doc_blocks() -> Vec<(String, usize, String, String)> {
+    let mut files = vec![root().join("README.md")];
+    let mut docs: Vec<_> = std::fs::read_dir(root().join("docs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .collect();
+    docs.sort();
+    files.extend(docs);
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let name = f.strip_prefix(root()).unwrap().display().to_string();
+        let mut open: Option<(usize, String, String)> = None;
+        for (i, line) in text.lines().enumerate() {
+            let fence = line.trim_start().strip_prefix("```");
+            match (&mut open, fence) {
+                (None, Some(info)) => open = Some((i + 1, info.trim().to_string(), String::new())),
+                (Some(_), Some(_)) => {
+                    let (at, info, body) = open.take().unwrap();
+                    out.push((name.clone(), at, info, body));
+                }
+                (Some((_, _, body)), None) => {
+                    body.push_str(line);
+                    body.push('\n');
+                }
+                (None, None) => {}
+            }
+        }
+    }
+    out
+}
+
+/// Every ```toml block of the docs is what it claims to be, so the docs cannot drift from the config schema:
+/// a plain `toml` block is a run config (`ytrainer run --config` resolves it: keys, types, values), `toml sweep`
+/// a sweep file (every trial's config resolves), `toml cargo` / `toml fragment` at least valid TOML.
+#[test]
+fn every_toml_block_in_the_docs_is_a_valid_config() {
+    let d = TempDir::new("doc-toml");
+    let mut counts = std::collections::BTreeMap::new();
+    for (file, line, info, body) in doc_blocks() {
+        let mut words = info.split_whitespace();
+        if words.next() != Some("toml") {
+            continue;
+        }
+        let kind = words.next().unwrap_or("config").to_string();
+        let at = format!("{file}:{line} (```{info})");
+        let table: toml::Table = body
+            .parse()
+            .unwrap_or_else(|e| panic!("{at}: not valid TOML: {e}"));
+        match kind.as_str() {
+            "config" => {
+                let f = d.path().join("doc.toml");
+                std::fs::write(&f, &body).unwrap();
+                ytrainer_recipes::config::resolve(Some(&f), &[])
+                    .unwrap_or_else(|e| panic!("{at}: not a valid run config: {e}"));
+            }
+            "sweep" => {
+                // A named base file is given an empty stand-in; the axes must make valid trial configs.
+                if let Some(toml::Value::String(base)) = table.get("base") {
+                    std::fs::write(
+                        d.path().join(base),
+                        "[model]\npreset = \"tiny\"\n[data]\ntrain = \"train.jsonl\"\n",
+                    )
+                    .unwrap();
+                }
+                let sw = ytrainer_sweep::Sweep::parse(&body, d.path(), "doc")
+                    .unwrap_or_else(|e| panic!("{at}: not a valid sweep file: {e:#}"));
+                let trials = sw.trials();
+                assert!(!trials.is_empty(), "{at}: no trials");
+                for t in &trials {
+                    let cfg = sw.trial_config(t, &d.path().join("trial")).unwrap();
+                    let f = d.path().join("trial.toml");
+                    std::fs::write(&f, toml::to_string(&cfg).unwrap()).unwrap();
+                    ytrainer_recipes::config::resolve(Some(&f), &[])
+                        .unwrap_or_else(|e| panic!("{at}: trial {}: {e}", t.id));
+                }
+            }
+            "cargo" | "fragment" => {}
+            other => {
+                panic!("{at}: unknown toml block kind `{other}` (config, sweep, cargo, fragment)")
+            }
+        }
+        *counts.entry(kind).or_insert(0) += 1;
+    }
+    assert!(counts.get("config").is_some_and(|&n| n >= 1), "{counts:?}");
+    assert!(counts.get("sweep").is_some_and(|&n| n >= 1), "{counts:?}");
+}
+
+/// Every `ytrainer ...` command line in a ```sh block of the docs names a real subcommand, and every `--flag` on
+/// it exists in that subcommand's `--help`: renamed or removed flags cannot linger in the docs.
+#[test]
+fn every_shell_command_in_the_docs_uses_real_flags() {
+    let mut help = std::collections::HashMap::new();
+    let mut help_of = |sub: &str| -> String {
+        help.entry(sub.to_string())
+            .or_insert_with(|| {
+                let mut args: Vec<&str> = sub.split(' ').filter(|s| !s.is_empty()).collect();
+                args.push("--help");
+                let o = ytrainer(&args);
+                assert!(o.status.success(), "ytrainer {sub} --help: {}", stderr(&o));
+                stdout(&o)
+            })
+            .clone()
+    };
+    let mut checked = 0;
+    for (file, line, info, body) in doc_blocks() {
+        if info != "sh" {
+            continue;
+        }
+        // Continuation lines join their command.
+        let joined = body.replace("\\\n", " ");
+        // A line may chain commands (`&&`, `;`, a ` | ` pipe); `a|b` without spaces is an alternation.
+        let commands = joined
+            .lines()
+            .flat_map(|l| l.split('#').next().unwrap().split("&&"))
+            .flat_map(|c| c.split(';'))
+            .flat_map(|c| c.split(" | "))
+            .map(str::to_string)
+            .collect::<Vec<_>>();
+        for cmd in &commands {
+            let words: Vec<&str> = cmd.split_whitespace().collect();
+            let Some(start) = words
+                .iter()
+                .position(|w| *w == "ytrainer" || w.ends_with("/ytrainer"))
+            else {
+                continue;
+            };
+            let mut rest = words[start + 1..].iter().peekable();
+            // Global flags before the subcommand.
+            while let Some(w) = rest.peek() {
+                match **w {
+                    "-v" | "--verbose" => {
+                        rest.next();
+                    }
+                    "--plugin-dir" => {
+                        rest.next();
+                        rest.next();
+                    }
+                    _ => break,
+                }
+            }
+            let Some(sub) = rest.next() else { continue };
+            let sub = if *sub == "plugins" {
+                format!("plugins {}", rest.next().unwrap_or(&"list"))
+            } else {
+                sub.to_string()
+            };
+            // `score|eval|...` stands for each of them: a flag must exist in all.
+            let rest: Vec<&&str> = rest.collect();
+            for sub in sub.split('|') {
+                let h = help_of(sub);
+                for w in &rest {
+                    for flag in w
+                        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                        .filter(|t| t.starts_with("--") && t.len() > 2)
+                    {
+                        let global = ["--plugin-dir", "--verbose", "--help"].contains(&flag);
+                        assert!(
+                            global
+                                || h.contains(&format!("{flag} "))
+                                || h.contains(&format!("{flag}\n")),
+                            "{file}:{line}: `ytrainer {sub}` has no flag `{flag}`:\n{cmd}"
+                        );
+                    }
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "only {checked} commands checked");
+}
