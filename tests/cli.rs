@@ -147,6 +147,15 @@ fn unknown_loss_plugin() {
         &o,
         "unknown loss plugin `nlrig` (did you mean `nlirg`?); available: ",
     );
+    assert!(
+        stderr(&o).contains(
+            "An external plugin is loaded from `--plugin-dir DIR`, the YTRAINER_PLUGIN_PATH environment \
+             variable (paths separated by `:`) or `[loss] plugins = [\"path\"]` of the run config; \
+             `ytrainer plugins list` shows what was found"
+        ),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -409,6 +418,386 @@ fn dry_run_prints_resolved_config_with_overrides() {
         "untouched keys keep the file's value"
     );
     assert_eq!(cfg["adapter"]["type"].as_str(), Some("full"));
+}
+
+/// `--dry-run` plans the data as the loop will and says what it cannot honour: a default micro-batch (4,096
+/// padded tokens) already holds more than a 1,024-token step budget, and 200 steps need more than two epochs.
+#[test]
+fn dry_run_prints_the_plan_and_warns_about_sizes_it_cannot_honour() {
+    let o = ytrainer(&[
+        "run",
+        "--model",
+        &s(&assets().join("tiny-qwen2")),
+        "--data",
+        &s(&assets().join("corpora/instruct/alpaca_en_demo.json")),
+        "--tokens-per-step",
+        "1024",
+        "--epochs",
+        "2",
+        "--max-steps",
+        "200",
+        "--dry-run",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg: toml::Table = stdout(&o).parse().unwrap();
+    assert_eq!(cfg["train"]["max_steps"].as_integer(), Some(200));
+    let err = stderr(&o);
+    assert!(
+        err.contains("plan: 122 optimizer steps (max_steps 200): 2 epoch(s) of 61 steps\n"),
+        "{err}"
+    );
+    assert!(err.contains("  per step: "), "{err}");
+    assert!(
+        err.contains(
+            "warning: max_steps = 200 cannot be reached: the data makes only 122 steps in 2 epoch(s) (61 per \
+             epoch); the run stops after 122."
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "warning: tokens_per_step = 1024 cannot be honoured: one micro-batch (up to micro_batch_tokens = \
+             4096 padded tokens, max_micro_batch_size = 16 rows) already holds "
+        ),
+        "{err}"
+    );
+    // With micro-batches below the budget the steps come close to it and nothing is said.
+    let o = ytrainer(&[
+        "run",
+        "--model",
+        &s(&assets().join("tiny-qwen2")),
+        "--data",
+        &s(&assets().join("corpora/instruct/alpaca_en_demo.json")),
+        "--tokens-per-step",
+        "1024",
+        "--set",
+        "train.micro_batch_tokens=512",
+        "--dry-run",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
+}
+
+/// With stderr redirected, a run prints plain `step i/N` lines with loss, tokens/s and ETA (and the plan), no
+/// escape codes even with `-v`; the summary says when the data ran out before `max_steps`.
+#[test]
+fn off_a_terminal_training_prints_plain_progress_lines_without_colour() {
+    let d = TempDir::new("plain");
+    let o = std::process::Command::new(bin())
+        .args([
+            "-v",
+            "run",
+            "--preset",
+            "tiny",
+            "--data",
+            "examples/quickstart/eval.jsonl",
+            "--max-steps",
+            "50",
+            "--max-seq-len",
+            "64",
+            "--tokens-per-step",
+            "256",
+            "--output-dir",
+            &s(d.path()),
+        ])
+        .current_dir(root())
+        .env("YTRAINER_PROGRESS_SECS", "0")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        !err.contains('\u{1b}'),
+        "escape codes off a terminal:\n{err:?}"
+    );
+    assert!(
+        err.contains("plan: 2 optimizer steps (max_steps 50): 1 epoch(s) of 2 steps"),
+        "{err}"
+    );
+    for step in ["step 1/2 loss ", "step 2/2 loss "] {
+        let line = err
+            .lines()
+            .find(|l| l.starts_with(step))
+            .unwrap_or_else(|| panic!("{err}"));
+        assert!(
+            line.contains(" tok/s elapsed ") && line.contains(" eta "),
+            "{line}"
+        );
+    }
+    assert!(
+        stdout(&o).contains(
+            "  note: max_steps 50 not reached: the data ran out after 2 steps (1 epoch(s)); raise --epochs for more"
+        ),
+        "{}",
+        stdout(&o)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["plan"]["total_steps"], 2);
+}
+
+/// Every key the config schema has (optional ones set, so that they serialise) is accepted by the key check:
+/// `[model] dequantize_base` in a file was refused as unknown while `--dequantize-base` worked.
+#[test]
+fn every_schema_key_is_a_valid_key() {
+    let mut cfg = ytrainer_core::config::RunConfig::default();
+    cfg.model.path = Some("m".into());
+    cfg.model.preset = Some("tiny".into());
+    cfg.model.dequantize_base = true;
+    cfg.model.quantize_base = Some("nf4".into());
+    cfg.model.base_model_id = Some("org/name".into());
+    cfg.adapter.init_from = Some("a".into());
+    cfg.data.train = Some("t".into());
+    cfg.data.eval = Some("e".into());
+    cfg.loss.normalize = Some(ytrainer_core::loss::Normalize::Tokens);
+    cfg.loss.reference_model = Some("r".into());
+    cfg.preference.reference = Some("r".into());
+    let doc: toml::Table = toml::to_string(&cfg).unwrap().parse().unwrap();
+    for (section, value) in &doc {
+        let keys = ytrainer_recipes::config::KEYS
+            .iter()
+            .find(|(s, _)| s == section)
+            .unwrap_or_else(|| panic!("section [{section}] missing from KEYS"))
+            .1;
+        for key in value.as_table().unwrap().keys() {
+            assert!(
+                keys.contains(&key.as_str()),
+                "[{section}] {key} missing from KEYS"
+            );
+        }
+    }
+    let text = toml::to_string(&cfg).unwrap();
+    let d = TempDir::new("keys");
+    let f = d.path().join("all.toml");
+    std::fs::write(&f, text).unwrap();
+    ytrainer_recipes::config::resolve(Some(&f), &[]).unwrap();
+}
+
+/// The fenced blocks of README.md and docs/*.md, as `(file, line, info string, text)`.
+fn doc_blocks() -> Vec<(String, usize, String, String)> {
+    let mut files = vec![root().join("README.md")];
+    let mut docs: Vec<_> = std::fs::read_dir(root().join("docs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .collect();
+    docs.sort();
+    files.extend(docs);
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let name = f.strip_prefix(root()).unwrap().display().to_string();
+        let mut open: Option<(usize, String, String)> = None;
+        for (i, line) in text.lines().enumerate() {
+            let fence = line.trim_start().strip_prefix("```");
+            match (&mut open, fence) {
+                (None, Some(info)) => open = Some((i + 1, info.trim().to_string(), String::new())),
+                (Some(_), Some(_)) => {
+                    let (at, info, body) = open.take().unwrap();
+                    out.push((name.clone(), at, info, body));
+                }
+                (Some((_, _, body)), None) => {
+                    body.push_str(line);
+                    body.push('\n');
+                }
+                (None, None) => {}
+            }
+        }
+    }
+    out
+}
+
+/// Every ```toml block of the docs is what it claims to be, so the docs cannot drift from the config schema:
+/// a plain `toml` block is a run config (`ytrainer run --config` resolves it: keys, types, values), `toml sweep`
+/// a sweep file (every trial's config resolves), `toml cargo` / `toml fragment` at least valid TOML.
+#[test]
+fn every_toml_block_in_the_docs_is_a_valid_config() {
+    let d = TempDir::new("doc-toml");
+    let mut counts = std::collections::BTreeMap::new();
+    for (file, line, info, body) in doc_blocks() {
+        let mut words = info.split_whitespace();
+        if words.next() != Some("toml") {
+            continue;
+        }
+        let kind = words.next().unwrap_or("config").to_string();
+        let at = format!("{file}:{line} (```{info})");
+        let table: toml::Table = body
+            .parse()
+            .unwrap_or_else(|e| panic!("{at}: not valid TOML: {e}"));
+        match kind.as_str() {
+            "config" => {
+                let f = d.path().join("doc.toml");
+                std::fs::write(&f, &body).unwrap();
+                ytrainer_recipes::config::resolve(Some(&f), &[])
+                    .unwrap_or_else(|e| panic!("{at}: not a valid run config: {e}"));
+            }
+            "sweep" => {
+                // A named base file is given an empty stand-in; the axes must make valid trial configs.
+                if let Some(toml::Value::String(base)) = table.get("base") {
+                    std::fs::write(
+                        d.path().join(base),
+                        "[model]\npreset = \"tiny\"\n[data]\ntrain = \"train.jsonl\"\n",
+                    )
+                    .unwrap();
+                }
+                let sw = ytrainer_sweep::Sweep::parse(&body, d.path(), "doc")
+                    .unwrap_or_else(|e| panic!("{at}: not a valid sweep file: {e:#}"));
+                let trials = sw.trials();
+                assert!(!trials.is_empty(), "{at}: no trials");
+                for t in &trials {
+                    let cfg = sw.trial_config(t, &d.path().join("trial")).unwrap();
+                    let f = d.path().join("trial.toml");
+                    std::fs::write(&f, toml::to_string(&cfg).unwrap()).unwrap();
+                    ytrainer_recipes::config::resolve(Some(&f), &[])
+                        .unwrap_or_else(|e| panic!("{at}: trial {}: {e}", t.id));
+                }
+            }
+            "cargo" | "fragment" => {}
+            other => {
+                panic!("{at}: unknown toml block kind `{other}` (config, sweep, cargo, fragment)")
+            }
+        }
+        *counts.entry(kind).or_insert(0) += 1;
+    }
+    assert!(counts.get("config").is_some_and(|&n| n >= 1), "{counts:?}");
+    assert!(counts.get("sweep").is_some_and(|&n| n >= 1), "{counts:?}");
+}
+
+/// Every `ytrainer ...` command line in a ```sh block of the docs names a real subcommand, and every `--flag` on
+/// it exists in that subcommand's `--help`: renamed or removed flags cannot linger in the docs.
+#[test]
+fn every_shell_command_in_the_docs_uses_real_flags() {
+    let mut help = std::collections::HashMap::new();
+    let mut help_of = |sub: &str| -> String {
+        help.entry(sub.to_string())
+            .or_insert_with(|| {
+                let mut args: Vec<&str> = sub.split(' ').filter(|s| !s.is_empty()).collect();
+                args.push("--help");
+                let o = ytrainer(&args);
+                assert!(o.status.success(), "ytrainer {sub} --help: {}", stderr(&o));
+                stdout(&o)
+            })
+            .clone()
+    };
+    let mut checked = 0;
+    for (file, line, info, body) in doc_blocks() {
+        if info != "sh" {
+            continue;
+        }
+        // Continuation lines join their command.
+        let joined = body.replace("\\\n", " ");
+        // A line may chain commands (`&&`, `;`, a ` | ` pipe); `a|b` without spaces is an alternation.
+        let commands = joined
+            .lines()
+            .flat_map(|l| l.split('#').next().unwrap().split("&&"))
+            .flat_map(|c| c.split(';'))
+            .flat_map(|c| c.split(" | "))
+            .map(str::to_string)
+            .collect::<Vec<_>>();
+        for cmd in &commands {
+            let words: Vec<&str> = cmd.split_whitespace().collect();
+            let Some(start) = words
+                .iter()
+                .position(|w| *w == "ytrainer" || w.ends_with("/ytrainer"))
+            else {
+                continue;
+            };
+            let mut rest = words[start + 1..].iter().peekable();
+            // Global flags before the subcommand.
+            while let Some(w) = rest.peek() {
+                match **w {
+                    "-v" | "--verbose" => {
+                        rest.next();
+                    }
+                    "--plugin-dir" => {
+                        rest.next();
+                        rest.next();
+                    }
+                    _ => break,
+                }
+            }
+            let Some(sub) = rest.next() else { continue };
+            let sub = if *sub == "plugins" {
+                format!("plugins {}", rest.next().unwrap_or(&"list"))
+            } else {
+                sub.to_string()
+            };
+            // `score|eval|...` stands for each of them: a flag must exist in all.
+            let rest: Vec<&&str> = rest.collect();
+            for sub in sub.split('|') {
+                let h = help_of(sub);
+                for w in &rest {
+                    for flag in w
+                        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                        .filter(|t| t.starts_with("--") && t.len() > 2)
+                    {
+                        let global = ["--plugin-dir", "--verbose", "--help"].contains(&flag);
+                        assert!(
+                            global
+                                || h.contains(&format!("{flag} "))
+                                || h.contains(&format!("{flag}\n")),
+                            "{file}:{line}: `ytrainer {sub}` has no flag `{flag}`:\n{cmd}"
+                        );
+                    }
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "only {checked} commands checked");
+}
+
+/// `--batch-size` (examples per micro-batch) and `--grad-accum` (micro-batches per step) plan steps the way a
+/// transformers user counts them; for preference training they set pairs per micro-batch and per step.
+#[test]
+fn batch_size_and_grad_accum_make_steps_of_examples() {
+    let o = ytrainer(&[
+        "run",
+        "--model",
+        &s(&assets().join("tiny-qwen2")),
+        "--data",
+        &s(&assets().join("corpora/instruct/alpaca_en_demo.json")),
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--max-seq-len",
+        "512",
+        "--dry-run",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg: toml::Table = stdout(&o).parse().unwrap();
+    assert_eq!(cfg["train"]["batch_size"].as_integer(), Some(4));
+    assert_eq!(cfg["train"]["grad_accum"].as_integer(), Some(2));
+    let err = stderr(&o);
+    // 999 records: 250 micro-batches of 4 (the last of 3), 125 steps of 2.
+    assert!(
+        err.contains("plan: 125 optimizer steps: 1 epoch(s) of 125 steps\n"),
+        "{err}"
+    );
+    assert!(
+        err.contains(" supervised tokens in 2 micro-batch(es); 3-4 (mean 4) rows per micro-batch"),
+        "{err}"
+    );
+    let o = ytrainer(&[
+        "run",
+        "--model",
+        &s(&assets().join("tiny-qwen2")),
+        "--data",
+        &s(&assets().join("corpora/preference/dpo_en_demo.json")),
+        "--loss",
+        "dpo",
+        "--batch-size",
+        "3",
+        "--grad-accum",
+        "2",
+        "--dry-run",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg: toml::Table = stdout(&o).parse().unwrap();
+    assert_eq!(cfg["preference"]["micro_pairs"].as_integer(), Some(3));
+    assert_eq!(cfg["preference"]["pairs_per_step"].as_integer(), Some(6));
 }
 
 /// The memory plan: a budget too small for one sequence is refused before training with what one sequence

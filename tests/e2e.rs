@@ -37,6 +37,12 @@ fn quickstart_lowers_eval_loss_and_exports_a_hf_checkpoint() {
     ] {
         assert!(d.path().join("final").join(f).exists(), "final/{f} missing");
     }
+    // RoPE in both spellings: the preset's rope_theta (10000) at the top level and in rope_parameters.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("final/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["rope_theta"], 10000.0, "{cfg}");
+    assert_eq!(cfg["rope_parameters"]["rope_theta"], 10000.0, "{cfg}");
     // metrics.jsonl carries the documented fields on every step
     let m = jsonl(&d.path().join("metrics.jsonl"));
     assert_eq!(m.len() as u64, sm["summary"]["steps"].as_u64().unwrap());

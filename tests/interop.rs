@@ -76,6 +76,13 @@ fn gguf_convert_writes_hf_dir_and_identical_tokenizer() {
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["rope_parameters"]["rope_theta"], 100000.0);
+    assert_eq!(
+        cfg["rope_theta"], 100000.0,
+        "top-level spelling for transformers 4.x readers"
+    );
     let tc: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
             .unwrap();
@@ -147,6 +154,25 @@ fn gguf_convert_writes_hf_dir_and_identical_tokenizer() {
         &s(&b),
     ]);
     assert_eq!(jsonl(&a), jsonl(&b));
+
+    // `eval` takes the GGUF as run / score do, and measures what it measures on the converted directory.
+    let eval = |model: &Path| -> Value {
+        let o = ok(&[
+            "eval",
+            "--model",
+            &s(model),
+            "--data",
+            "examples/quickstart/eval.jsonl",
+            "--max-samples",
+            "4",
+            "--format",
+            "json",
+        ]);
+        serde_json::from_str(&stdout(&o)).unwrap()
+    };
+    let (on_gguf, on_dir) = (eval(&gguf()), eval(&out));
+    assert!(on_gguf["datasets"][0]["supervised_loss"].as_f64().unwrap() > 0.0);
+    assert_eq!(on_gguf["datasets"], on_dir["datasets"]);
 }
 
 #[test]
@@ -452,6 +478,9 @@ fn merge_equals_base_plus_adapter_in_f32_and_shards_bf16() {
     let cfg: Value =
         serde_json::from_str(&std::fs::read_to_string(half.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["dtype"], "bfloat16");
+    // RoPE in transformers 5's and transformers 4's spelling (tiny-qwen2 has only rope_parameters).
+    assert_eq!(cfg["rope_parameters"]["rope_theta"], 1e6);
+    assert_eq!(cfg["rope_theta"], 1e6);
     let h = tmp.path().join("h.jsonl");
     ok(&[
         "score",
@@ -820,6 +849,57 @@ fn sentencepiece_gguf_converts_and_scores_like_the_shipped_tokenizer() {
         (tc["bos_token"].as_str(), tc["eos_token"].as_str()),
         (Some("<s>"), Some("</s>"))
     );
+    // `merge` from the GGUF (no adapter) writes what `convert` writes, and lists every file it wrote.
+    let merged = tmp.path().join("merged");
+    let o = ok(&["merge", "--model", &s(&gguf), "--out", &s(&merged)]);
+    let listed: Vec<String> = stdout(&o)
+        .lines()
+        .skip(1)
+        .map(|l| l.trim().to_string())
+        .collect();
+    let mut names: Vec<String> = std::fs::read_dir(&merged)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    let mut converted: Vec<String> = std::fs::read_dir(&hf)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    converted.sort();
+    assert_eq!(names, converted);
+    assert!(
+        names.contains(&"generation_config.json".to_string()),
+        "{names:?}"
+    );
+    let mut listed_names: Vec<String> = listed
+        .iter()
+        .map(|l| {
+            Path::new(l)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .to_string()
+        })
+        .collect();
+    listed_names.sort();
+    assert_eq!(
+        listed_names,
+        names,
+        "merge lists every file it wrote:\n{}",
+        stdout(&o)
+    );
+    for f in [
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert_eq!(
+            std::fs::read_to_string(merged.join(f)).unwrap(),
+            std::fs::read_to_string(hf.join(f)).unwrap(),
+            "{f}"
+        );
+    }
     // The same weights with the shipped tokenizer.
     let shipped = tmp.path().join("shipped");
     std::fs::create_dir_all(&shipped).unwrap();
@@ -1022,6 +1102,172 @@ fn quantize_base_bad_values_are_refused() {
         )),
         "needs a LoRA adapter",
     );
+}
+
+/// Runs ytrainer in `cwd`.
+fn ytrainer_in(cwd: &Path, args: &[&str]) -> std::process::Output {
+    let o = std::process::Command::new(bin())
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("failed to start ytrainer");
+    assert!(
+        o.status.success(),
+        "ytrainer {args:?} in {} failed:\n{}",
+        cwd.display(),
+        stderr(&o)
+    );
+    o
+}
+
+/// A LoRA run given its base as a path relative to the directory it ran in exports an adapter whose
+/// `base_model_name_or_path` is absolute, so the adapter loads onto it from any other directory;
+/// `--base-model-id` records a hub id instead (in `adapter_config.json` and the model card).
+#[test]
+fn exported_adapter_names_its_base_by_an_absolute_path_or_the_given_id() {
+    let tmp = TempDir::new("adapter-base");
+    let work = tmp.path().join("work");
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(assets().join("tiny-qwen2"), work.join("base")).unwrap();
+    let data = s(&root().join("examples/quickstart/train.jsonl"));
+    let train = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--model",
+            "base",
+            "--data",
+            &data,
+            "--max-steps",
+            "1",
+            "--max-seq-len",
+            "64",
+            "--set",
+            "eval.max_samples=2",
+            "--output-dir",
+            out,
+        ];
+        args.extend_from_slice(extra);
+        ytrainer_in(&work, &args);
+        let text =
+            std::fs::read_to_string(work.join(out).join("final/adapter_config.json")).unwrap();
+        let cfg: Value = serde_json::from_str(&text).unwrap();
+        let card = std::fs::read_to_string(work.join(out).join("final/README.md")).unwrap();
+        (
+            cfg["base_model_name_or_path"].as_str().unwrap().to_string(),
+            card,
+        )
+    };
+    let (base, card) = train("run", &[]);
+    let base_path = Path::new(&base);
+    assert!(base_path.is_absolute(), "relative base recorded: {base}");
+    assert_eq!(
+        base_path,
+        assets().join("tiny-qwen2").canonicalize().unwrap(),
+        "the base's real location"
+    );
+    assert!(base_path.join("config.json").is_file());
+    assert!(card.contains(&format!("base_model: {base}")), "{card}");
+    // From another working directory, the recorded base and the adapter load together.
+    let adapter = s(&work.join("run/final"));
+    let o = ytrainer_in(
+        &elsewhere,
+        &[
+            "eval",
+            "--model",
+            &base,
+            "--adapter",
+            &adapter,
+            "--data",
+            &data,
+            "--window",
+            "64",
+            "--max-samples",
+            "2",
+            "--format",
+            "json",
+        ],
+    );
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(v["datasets"][0]["loss"].as_f64().unwrap().is_finite());
+
+    let id = "HuggingFaceTB/SmolLM2-135M-Instruct";
+    let (named, card) = train("named", &["--base-model-id", id]);
+    assert_eq!(named, id);
+    assert!(card.contains(&format!("base_model: {id}")), "{card}");
+}
+
+/// `generate` starts from the model's `generation_config.json` as transformers does (`do_sample` with its
+/// temperature / top-p / repetition penalty / length, top-k 50 when unset), says so on stderr, and every flag
+/// wins over the file; a broken file is an error naming it.
+#[test]
+fn generation_reads_generation_config_defaults_and_flags_override_them() {
+    let tmp = TempDir::new("gen-config");
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    let tiny = assets().join("tiny-qwen2");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ] {
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(tiny.join(f), model.join(f)).unwrap();
+    }
+    let gen_cfg = model.join("generation_config.json");
+    std::fs::write(
+        &gen_cfg,
+        r#"{"do_sample": true, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.3, "max_new_tokens": 5}"#,
+    )
+    .unwrap();
+    let generate = |m: &Path, extra: &[&str]| -> (Value, String) {
+        let mut args = vec![
+            "generate",
+            "--model",
+            &*Box::leak(s(m).into_boxed_str()),
+            "--prompt",
+            "Hello",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let o = ok(&args);
+        (serde_json::from_str(stdout(&o).trim()).unwrap(), stderr(&o))
+    };
+    let (out, err) = generate(&model, &[]);
+    assert_eq!(out["new_tokens"], 5, "max_new_tokens from the file");
+    assert!(
+        err.contains(&format!(
+            "sampling: temperature 0.7, top-k 50, top-p 0.9, repetition penalty 1.3, at most 5 new tokens \
+             (temperature, top_p, repetition_penalty, max_new_tokens, do_sample from {})",
+            gen_cfg.display()
+        )),
+        "{err}"
+    );
+    // Same seed, same sample.
+    assert_eq!(generate(&model, &[]).0["output_ids"], out["output_ids"]);
+    // Flags win: greedy with the file's penalty equals the plain model run greedily with that penalty.
+    let (greedy, err) = generate(&model, &["--temperature", "0", "--max-new-tokens", "3"]);
+    assert!(
+        err.contains("sampling: greedy, repetition penalty 1.3, at most 3 new tokens"),
+        "{err}"
+    );
+    let (plain, err) = generate(
+        &tiny,
+        &["--max-new-tokens", "3", "--repetition-penalty", "1.3"],
+    );
+    assert!(
+        err.contains("sampling: greedy, repetition penalty 1.3, at most 3 new tokens\n"),
+        "{err}"
+    );
+    assert_eq!(greedy["output_ids"], plain["output_ids"]);
+    // A file that does not parse names itself.
+    std::fs::write(&gen_cfg, r#"{"temperature": "hot"}"#).unwrap();
+    let o = ytrainer(&["generate", "--model", &s(&model), "--prompt", "Hello"]);
+    assert_user_error(&o, &format!("{}: invalid type", gen_cfg.display()));
 }
 
 /// Per-token losses of `model` on fixed ids (the first 2 rows of the SmolLM2 reference ids).

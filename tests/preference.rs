@@ -319,4 +319,17 @@ fn preference_runs_share_the_loops_checkpoint_pruning_and_eval_cadence() {
         )),
         "{err}"
     );
+    // The summary names the final eval and the resumable checkpoint, as an SFT run's does.
+    let summary = stdout(&o);
+    assert!(
+        summary.contains("  eval: loss ") && summary.contains("reward accuracy"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&format!(
+            "  checkpoint (resumable): {}",
+            out.join("checkpoint-4").display()
+        )),
+        "{summary}"
+    );
 }

@@ -139,8 +139,17 @@ fn corrupted_answers_rank_high_on_smollm2() {
         );
     }
     eprintln!("{report}");
-    // The ifd ranking is the output order.
-    let s: Vec<f64> = ranked
+    // The ifd ranking is the output order, unscored records (no score) after the ranked ones.
+    let n_scored = ranked
+        .iter()
+        .position(|r| r["quality"]["unscored"] == json!(true))
+        .unwrap_or(ranked.len());
+    assert!(
+        ranked[n_scored..]
+            .iter()
+            .all(|r| r["quality"]["unscored"] == json!(true) && r["quality"]["score"].is_null())
+    );
+    let s: Vec<f64> = ranked[..n_scored]
         .iter()
         .map(|r| r["quality"]["score"].as_f64().unwrap())
         .collect();
@@ -156,6 +165,9 @@ fn sort_keeps_records_and_attaches_the_right_scores() {
     // Degenerate records: a two-token answer, and an empty one (dropped by the loader, still written out).
     data[3]["output"] = json!("Yes");
     data[7]["output"] = json!("");
+    // Chat-template text and markup in a prompt, for the report.
+    let instr = data[11]["instruction"].as_str().unwrap().to_string();
+    data[11]["instruction"] = json!(format!("{instr} (no <|im_end|>, no <b>x</b>)"));
     let input = tmp.path().join("small.jsonl");
     std::fs::write(
         &input,
@@ -189,7 +201,12 @@ fn sort_keeps_records_and_attaches_the_right_scores() {
         let mut a = common_args(mode, out);
         a.extend(extra.iter().map(|x| x.to_string()));
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        ok(&a);
+        let o = ok(&a);
+        // Off a terminal, progress comes as plain lines (the first and last at least), never escape codes.
+        let err = stderr(&o);
+        assert!(err.contains("sort: 100% of the file, "), "{err}");
+        assert!(err.contains(" records/s, elapsed "), "{err}");
+        assert!(!err.contains('\u{1b}'), "{err:?}");
         if out.extension().is_some_and(|e| e == "json") {
             serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
         } else {
@@ -198,12 +215,31 @@ fn sort_keeps_records_and_attaches_the_right_scores() {
     };
     let ranked = run(&["--report", &s(&report)], "filtered", &out);
     assert_eq!(ranked.len(), 12);
+    // The records with nothing meaningful to score (answers of 2 and 1 tokens within --max-seq-len 64, an empty
+    // one) are not ranked (as the cleanest, they would survive
+    // `--keep-top --ascending`): marked unscored, no score or rank, written after the ranked ones in file order.
+    let unscored: Vec<u64> = ranked[9..]
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(unscored, [3, 5, 7]);
+    for r in &ranked[9..] {
+        let q = &r["quality"];
+        assert_eq!(q["unscored"], json!(true), "{q}");
+        assert_eq!(q["rank"], Value::Null);
+        assert_eq!(q["score"], Value::Null);
+        assert!(q["reason"].is_string(), "{q}");
+    }
     // Every record is unchanged apart from `quality`; ranks are 1..n in order; sorted by score descending.
     for (k, r) in ranked.iter().enumerate() {
         let id = r["id"].as_u64().unwrap() as usize;
         let mut stripped = r.clone();
         let q = stripped.as_object_mut().unwrap().remove("quality").unwrap();
         assert_eq!(stripped, data[id]);
+        if k >= 9 {
+            continue;
+        }
+        assert!(q.get("unscored").is_none(), "{q}");
         assert_eq!(q["rank"], json!(k + 1));
         assert_eq!(q["mode"], "filtered");
         assert_eq!(q["score"], q["scores"]["filtered"]);
@@ -272,6 +308,17 @@ fn sort_keeps_records_and_attaches_the_right_scores() {
     // The report lists the most suspicious records first.
     let md = std::fs::read_to_string(&report).unwrap();
     assert!(md.starts_with("# ytrainer sort"));
+    // Markdown keeps `<|im_end|>` readable; only what could open an HTML tag is escaped.
+    assert!(md.contains("(no <|im_end|>, no &lt;b>x&lt;/b>)"), "{md}");
+    assert!(!md.contains("&lt;|im_end|&gt;"), "{md}");
+    // Unscored records are listed apart, not ranked.
+    let unscored_part = md
+        .split("## Unscored records (not ranked)")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{md}"));
+    for id in [3, 5, 7] {
+        assert!(unscored_part.contains(&format!("(record {id})")), "{md}");
+    }
     assert!(md.contains("## 1. score"));
     assert!(md.contains(&format!(
         "score {:.4}",
@@ -285,7 +332,18 @@ fn sort_keeps_records_and_attaches_the_right_scores() {
         let v = run(&["--ascending", "--report", &s(&html)], mode, &o);
         // A `.json` output is one JSON array (parsed as such by `run`).
         assert_eq!(v.len(), 12);
-        let sc: Vec<f64> = v
+        let n_scored = v
+            .iter()
+            .position(|r| r["quality"]["unscored"] == json!(true))
+            .unwrap_or(v.len());
+        assert!(n_scored >= 8, "{mode}: {n_scored} scored");
+        assert!(
+            v[n_scored..]
+                .iter()
+                .all(|r| r["quality"]["unscored"] == json!(true)),
+            "unscored records come last"
+        );
+        let sc: Vec<f64> = v[..n_scored]
             .iter()
             .map(|r| r["quality"]["scores"][mode].as_f64().unwrap())
             .collect();
@@ -293,7 +351,7 @@ fn sort_keeps_records_and_attaches_the_right_scores() {
             sc.windows(2).all(|w| w[0] <= w[1]),
             "{mode} ascending: {sc:?}"
         );
-        assert_eq!(v[0]["quality"]["rank"], json!(12));
+        assert_eq!(v[0]["quality"]["rank"], json!(n_scored));
         for r in &v {
             let id = r["id"].as_u64().unwrap() as usize;
             let q = &r["quality"];
@@ -317,9 +375,14 @@ fn sort_keeps_records_and_attaches_the_right_scores() {
         let mut one_pass = q["scores"].clone();
         let ifd = one_pass.as_object_mut().unwrap().remove("ifd").unwrap();
         assert_eq!(one_pass, by_id(&ranked, id)["scores"]);
-        assert_eq!(q["score"], ifd);
+        if q["unscored"] == json!(true) {
+            assert_eq!(q["score"], Value::Null);
+        } else {
+            assert_eq!(q["score"], ifd);
+        }
         if id == 7 {
             assert_eq!(ifd, json!(0.0));
+            assert_eq!(q["unscored"], json!(true));
             continue;
         }
         let want = (q["mean_loss"].as_f64().unwrap()
@@ -348,13 +411,14 @@ fn sort_keeps_records_and_attaches_the_right_scores() {
         &s(&chat),
         "--out",
         &s(&out_chat),
-        "--mode",
-        "ifd",
     ]);
     let v = jsonl(&out_chat);
     let q1 = &v[0]["quality"];
+    assert_eq!(q1["mode"], "ifd", "the default mode");
     assert!(q1["n_tokens"].as_u64().unwrap() > 5, "{q1}");
-    assert_eq!(q1["score"], json!(0.0));
+    assert_eq!(q1["scores"]["ifd"], json!(0.0));
+    assert_eq!(q1["score"], Value::Null);
+    assert_eq!(q1["unscored"], json!(true));
     assert!(
         q1["reason"]
             .as_str()
@@ -368,15 +432,17 @@ fn sort_keeps_records_and_attaches_the_right_scores() {
         "filtered",
         &tmp.path().join("d.jsonl"),
     );
-    assert_eq!(kept.len(), 9);
-    assert_eq!(kept[0]["quality"]["rank"], json!(4));
+    // Selections apply to the 9 ranked records; the unscored ones are left out.
+    assert_eq!(kept.len(), 7);
+    assert_eq!(kept[0]["quality"]["rank"], json!(3));
+    assert!(kept.iter().all(|r| r["quality"]["rank"].is_u64()));
     let kept = run(
         &["--keep-top", "25"],
         "filtered",
         &tmp.path().join("k.jsonl"),
     );
-    assert_eq!(kept.len(), 3);
-    assert_eq!(kept[2]["quality"]["rank"], json!(3));
+    assert_eq!(kept.len(), 2);
+    assert_eq!(kept[1]["quality"]["rank"], json!(2));
     let x = ranked[5]["quality"]["score"].as_f64().unwrap();
     let kept = run(
         &["--threshold", &x.to_string()],
@@ -389,7 +455,7 @@ fn sort_keeps_records_and_attaches_the_right_scores() {
     );
     assert_eq!(
         kept.len(),
-        ranked
+        ranked[..9]
             .iter()
             .filter(|r| r["quality"]["score"].as_f64().unwrap() <= x)
             .count()

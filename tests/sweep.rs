@@ -366,3 +366,59 @@ fn evaluate_equals_the_reference_per_token_mean() {
     );
     assert!((m.eval_loss - r["mean_loss"].as_f64().unwrap()).abs() < 1e-4);
 }
+
+/// Every path of a sweep's base config (`[loss] plugins`, `loss.reference_model`, ...) is resolved against the
+/// sweep file, as a run config's are against its file, so the trial configs written to `configs/` name the same
+/// files; `--dry-run` loads each trial's plugins (a wrong plugin path fails there, not in the first trial), and
+/// a `ce` trial does not load the `reference_model` it does not use.
+#[test]
+fn sweep_resolves_every_path_against_the_sweep_file_and_dry_run_loads_plugins() {
+    let tmp = TempDir::new("sweep-paths");
+    let sub = tmp.path().join("sub");
+    fs::create_dir_all(sub.join("plugins")).unwrap();
+    let qs = root().join("examples/quickstart");
+    let sweep = |plugins: &str| {
+        let f = sub.join("sweep.toml");
+        fs::write(
+            &f,
+            format!(
+                "name = \"paths\"\noutput = \"out\"\nlearn = [\"{eval}\"]\neval = {{ window = 64, max_samples = 4 }}\n\
+                 [base]\nmodel = {{ preset = \"tiny\" }}\nadapter = {{ type = \"full\" }}\n\
+                 data = {{ train = \"{eval}\", max_seq_len = 64 }}\n\
+                 loss = {{ plugins = [\"{plugins}\"], reference_model = \"no-such-reference\" }}\n\
+                 train = {{ max_steps = 1, tokens_per_step = 256 }}\noutput = {{ save_every_steps = 0 }}\n\
+                 [axes]\nloss = [\"ce\"]\n",
+                eval = s(&qs.join("eval.jsonl")),
+            ),
+        )
+        .unwrap();
+        f
+    };
+    // A plugin path that does not exist next to the sweep file fails the dry run, naming the resolved path.
+    let o = ytrainer(&["sweep", &s(&sweep("missing-plugins")), "--dry-run"]);
+    assert_user_error(&o, &s(&sub.join("missing-plugins")));
+    assert!(!sub.join("out").exists(), "a dry run writes nothing");
+    // An existing (empty) plugin folder: the dry run passes, and the sweep runs its `ce` trial.
+    let f = sweep("plugins");
+    let o = ytrainer(&["sweep", &s(&f), "--dry-run"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = ytrainer(&["sweep", &s(&f)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("reference_model") && stderr(&o).contains("is not loaded: loss `ce`"),
+        "{}",
+        stderr(&o)
+    );
+    let written: toml::Table = fs::read_to_string(sub.join("out/configs/ce.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        written["loss"]["plugins"].as_array().unwrap()[0].as_str(),
+        Some(s(&sub.join("plugins")).as_str())
+    );
+    assert_eq!(
+        written["loss"]["reference_model"].as_str(),
+        Some(s(&sub.join("no-such-reference")).as_str())
+    );
+}

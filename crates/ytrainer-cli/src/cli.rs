@@ -134,6 +134,10 @@ pub struct RunArgs {
     /// Quantise a Hugging Face base on load for LoRA (QLoRA): `q8_0`, `q4_0` or `nf4` [model.quantize_base].
     #[arg(long, value_name = "KIND")]
     pub quantize_base: Option<String>,
+    /// Hub id of the base model (e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`) recorded as the exported adapter's
+    /// `base_model_name_or_path` instead of the base's absolute path [model.base_model_id].
+    #[arg(long, value_name = "ID")]
+    pub base_model_id: Option<String>,
     /// LoRA alpha [adapter.alpha].
     #[arg(long, allow_negative_numbers = true)]
     pub lora_alpha: Option<f64>,
@@ -344,7 +348,7 @@ pub struct InitArgs {
 /// `ytrainer eval`
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Hugging Face model directory.
+    /// Hugging Face model directory or llama.cpp `.gguf` file (dequantised to f32).
     #[arg(long)]
     pub model: PathBuf,
     /// PEFT LoRA adapter directory applied on top of --model.

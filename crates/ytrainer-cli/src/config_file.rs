@@ -88,6 +88,9 @@ pub fn overrides(args: &RunArgs) -> Result<Vec<Override>> {
     if let Some(v) = &args.quantize_base {
         set("model.quantize_base", Value::String(v.clone()));
     }
+    if let Some(v) = &args.base_model_id {
+        set("model.base_model_id", Value::String(v.clone()));
+    }
     if let Some(v) = args.lora_alpha {
         set("adapter.alpha", Value::Float(v));
     }

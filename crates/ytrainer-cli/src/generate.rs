@@ -3,49 +3,67 @@
 //! stdin.
 
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
 use ytrainer_recipes::generate::{
-    ChatModel, ChatSettings, GenerateSettings, Generation, SamplingSettings, generation_json,
+    ChatModel, ChatSettings, GenerateSettings, Generation, GenerationConfig, SamplingFlags,
+    SamplingSettings, generation_json,
 };
 
 use crate::interop::parse_vars;
 
-/// Sampling flags shared by `generate` and `chat`.
+/// Sampling flags shared by `generate` and `chat`. A flag left out takes the model's `generation_config.json`
+/// (as transformers does: `do_sample`, `temperature`, `top_k`, `top_p`, `repetition_penalty`,
+/// `max_new_tokens`), else the default in brackets.
 #[derive(Debug, Args, Clone)]
 pub struct SamplingArgs {
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    /// Keep the K most likely tokens (0 = all).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// Nucleus sampling threshold (1.0 = off).
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f64,
-    /// Penalty on tokens already in the context (1.0 = off; transformers' definition).
-    #[arg(long, default_value_t = 1.0)]
-    pub repetition_penalty: f64,
-    /// Maximum number of new tokens.
-    #[arg(long, default_value_t = 256)]
-    pub max_new_tokens: usize,
+    /// 0 = greedy [generation_config.json, else greedy].
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Keep the K most likely tokens, 0 = all [generation_config.json; 50 when it samples; else 0].
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling threshold, 1.0 = off [generation_config.json, else 1.0].
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Penalty on tokens already in the context, 1.0 = off; transformers' definition; 1.1-1.3 stops a small
+    /// model looping [generation_config.json, else 1.0].
+    #[arg(long)]
+    pub repetition_penalty: Option<f64>,
+    /// Maximum number of new tokens [generation_config.json, else 256].
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
 impl SamplingArgs {
-    fn settings(&self) -> SamplingSettings {
-        SamplingSettings {
+    /// The settings for `model`: these flags over its `generation_config.json`; says on stderr what was used
+    /// and what came from the file.
+    fn settings(&self, model: &Path) -> Result<SamplingSettings> {
+        let flags = SamplingFlags {
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
             repetition_penalty: self.repetition_penalty,
             max_new_tokens: self.max_new_tokens,
             seed: self.seed,
-        }
+        };
+        let (settings, from_file) = flags.resolve(&GenerationConfig::of_model(model)?);
+        let source = if from_file.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({} from {})",
+                from_file.join(", "),
+                model.join("generation_config.json").display()
+            )
+        };
+        eprintln!("sampling: {}{source}", settings.describe());
+        Ok(settings)
     }
 }
 
@@ -127,7 +145,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         chat: a.chat,
         system: a.system.clone(),
         vars: parse_vars(&a.vars)?,
-        sampling: a.sampling.settings(),
+        sampling: a.sampling.settings(&a.model)?,
         device: a.device.clone(),
     })?;
     let prompts = generation.prompts();
@@ -161,7 +179,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         adapter: a.adapter.clone(),
         system: a.system.clone(),
         vars: parse_vars(&a.vars)?,
-        sampling: a.sampling.settings(),
+        sampling: a.sampling.settings(&a.model)?,
         device: a.device.clone(),
     })?;
     eprintln!(

@@ -96,6 +96,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: escape codes in a redirected log file are noise.
+        .with_ansi(progress::stderr_is_terminal())
         .without_time()
         .init();
     plugins_cmd::set_cli_plugin_dirs(args.plugin_dirs.clone());

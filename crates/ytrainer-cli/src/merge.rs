@@ -58,20 +58,14 @@ pub fn merge(a: MergeArgs) -> Result<()> {
         out: tmp.clone(),
         ..a
     };
-    let files = save_hf_checkpoint_as(&l.model, &l.config, &a.out, dtype, max)?;
-    // Tokenizer files: copied from the model directory, or rebuilt from the GGUF metadata.
+    let mut files = save_hf_checkpoint_as(&l.model, &l.config, &a.out, dtype, max)?;
+    // Tokenizer files: rebuilt from the GGUF metadata (as `convert` writes them), or copied from the directory.
     if is_gguf(&a.model) {
-        let gguf = ytrainer_models::gguf::GgufFile::open(&a.model)?;
-        match ytrainer_models::gguf::gguf_tokenizer(&gguf) {
-            Ok(t) => {
-                std::fs::write(a.out.join("tokenizer.json"), &t.tokenizer_json)?;
-                std::fs::write(
-                    a.out.join("tokenizer_config.json"),
-                    t.tokenizer_config_json(),
-                )?;
-            }
-            Err(e) => eprintln!("warning: no tokenizer written: {e}"),
+        let report = ytrainer_models::gguf::write_gguf_tokenizer_files(&a.model, &a.out)?;
+        for w in &report.warnings {
+            eprintln!("warning: {w}");
         }
+        files.extend(report.files);
     } else {
         for n in [
             "tokenizer.json",
@@ -82,8 +76,10 @@ pub fn merge(a: MergeArgs) -> Result<()> {
         ] {
             let src = a.model.join(n);
             if src.is_file() {
-                std::fs::copy(&src, a.out.join(n))
+                let dst = a.out.join(n);
+                std::fs::copy(&src, &dst)
                     .with_context(|| format!("cannot copy {}", src.display()))?;
+                files.push(dst);
             }
         }
     }

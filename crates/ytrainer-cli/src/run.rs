@@ -50,6 +50,13 @@ fn print_sft(r: &SftReport) {
             summary.skipped_steps
         );
     }
+    let plan = &r.plan;
+    if plan.max_steps > 0 && summary.steps < plan.max_steps {
+        println!(
+            "  note: max_steps {} not reached: the data ran out after {} steps ({} epoch(s)); raise --epochs for more",
+            plan.max_steps, summary.steps, plan.epochs
+        );
+    }
     match (&summary.eval_before, &summary.eval_after) {
         (Some(b), Some(a)) => println!(
             "  eval loss: {:.4} -> {:.4} (token accuracy {:.3} -> {:.3})",
@@ -85,11 +92,25 @@ fn print_preference(r: &PrefReport) {
         "done: {} optimizer steps on {} pairs in {:.1}s",
         summary.steps, r.pairs, summary.seconds
     );
-    if let (Some(b), Some(a)) = (&summary.eval_before, &summary.eval_after) {
+    if summary.skipped_steps > 0 {
         println!(
+            "  skipped updates (non-finite loss/gradient): {}",
+            summary.skipped_steps
+        );
+    }
+    match (&summary.eval_before, &summary.eval_after) {
+        (Some(b), Some(a)) => println!(
             "  eval: loss {:.4} -> {:.4}, reward accuracy {:.3} -> {:.3}, margin {:.4} -> {:.4}",
             b.eval_loss, a.eval_loss, b.accuracy, a.accuracy, b.margin, a.margin
-        );
+        ),
+        (None, Some(a)) => println!(
+            "  eval after: loss {:.4}, reward accuracy {:.3}, margin {:.4}",
+            a.eval_loss, a.accuracy, a.margin
+        ),
+        _ => println!(
+            "  eval: none ({} eval pairs; set [data] eval or eval_fraction)",
+            r.eval_pairs
+        ),
     }
     println!(
         "  pairs: {}; truncated {}, warnings {}",
@@ -104,5 +125,8 @@ fn print_preference(r: &PrefReport) {
         "  metrics: {}",
         r.output_dir.join("metrics.jsonl").display()
     );
+    if let Some(c) = &summary.last_checkpoint {
+        println!("  checkpoint (resumable): {}", c.display());
+    }
     println!("  exported model: {}", r.final_dir.display());
 }

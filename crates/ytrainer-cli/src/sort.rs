@@ -27,11 +27,12 @@ pub struct SortArgs {
     /// Ranked output: a JSON array when it ends in `.json`, JSON Lines otherwise.
     #[arg(long)]
     pub out: PathBuf,
-    /// filtered (high-loss tokens, confident ones count double), similarity (-Pearson(entropy, loss)),
-    /// divergence (z(loss) - z(entropy) anomalies and error spans) or ifd (perplexity of the answer with its
-    /// prompt over without it: finds answers that belong to another prompt; one more, shorter forward pass).
-    #[arg(long, default_value = "divergence")]
-    pub mode: QualityMode,
+    /// ifd (default: perplexity of the answer with its prompt over without it, finds answers that belong to
+    /// another prompt; one more, shorter forward pass), filtered (high-loss tokens, confident ones count
+    /// double), similarity (-Pearson(entropy, loss)) or divergence (z(loss) - z(entropy) anomalies and error
+    /// spans). With `--train-on everything` the default is divergence (ifd needs a prompt to leave out).
+    #[arg(long)]
+    pub mode: Option<QualityMode>,
     /// Cleanest first instead of most suspicious first.
     #[arg(long)]
     pub ascending: bool,
@@ -84,12 +85,20 @@ fn train_on(s: &str) -> Result<TrainOn> {
     })
 }
 
-/// A bar over the data file's bytes, with records and records/s in its message.
+/// A bar over the data file's bytes, with records and records/s in its message; off a terminal, plain lines at an
+/// interval (percent of the file, records, records/s, elapsed, ETA).
 #[derive(Default)]
-struct Bar(Option<ProgressBar>);
+struct Bar {
+    bar: Option<ProgressBar>,
+    plain: Option<(crate::progress::Plain, u64)>,
+}
 
 impl SortObserver for Bar {
     fn start(&mut self, total_bytes: u64) {
+        if !crate::progress::stderr_is_terminal() {
+            self.plain = Some((crate::progress::Plain::new(), total_bytes.max(1)));
+            return;
+        }
         let bar = ProgressBar::new(total_bytes.max(1));
         bar.set_style(
             ProgressStyle::with_template(
@@ -97,21 +106,38 @@ impl SortObserver for Bar {
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        self.0 = Some(bar);
+        self.bar = Some(bar);
     }
 
     fn chunk(&mut self, bytes_read: u64, records: usize, seconds: f64) {
-        if let Some(bar) = &self.0 {
+        if let Some(bar) = &self.bar {
             bar.set_position(bytes_read);
             bar.set_message(format!(
                 "{records} records, {:.1} records/s",
                 records as f64 / seconds.max(1e-9)
             ));
         }
+        if let Some((when, total)) = &mut self.plain
+            && when.due(bytes_read >= *total)
+        {
+            let frac = (bytes_read as f64 / *total as f64).clamp(0.0, 1.0);
+            let eta = if frac > 0.0 {
+                seconds / frac * (1.0 - frac)
+            } else {
+                0.0
+            };
+            eprintln!(
+                "sort: {:.0}% of the file, {records} records scored, {:.1} records/s, elapsed {} eta {}",
+                100.0 * frac,
+                records as f64 / seconds.max(1e-9),
+                crate::progress::clock(seconds),
+                crate::progress::clock(eta)
+            );
+        }
     }
 
     fn scored(&mut self) {
-        if let Some(bar) = self.0.take() {
+        if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
     }
@@ -125,14 +151,20 @@ pub fn sort(a: SortArgs) -> Result<()> {
         (_, _, Some(x)) => Selection::Threshold(x),
         _ => Selection::All,
     };
+    let train_on = train_on(&a.train_on)?;
+    let mode = a.mode.unwrap_or(if train_on == TrainOn::Everything {
+        QualityMode::Divergence
+    } else {
+        QualityMode::Ifd
+    });
     let settings = SortSettings {
-        train_on: train_on(&a.train_on)?,
+        train_on,
         template_vars: parse_vars(&a.vars)?,
         model: a.model,
         adapter: a.adapter,
         data: a.data,
         out: a.out,
-        mode: a.mode,
+        mode,
         ascending: a.ascending,
         selection,
         report: a.report,
@@ -149,10 +181,10 @@ pub fn sort(a: SortArgs) -> Result<()> {
     let r = r?;
     let secs = r.seconds;
     eprintln!(
-        "scored {} records ({} answer tokens, {} with a reason) in {secs:.1}s: {:.2} records/s, {:.0} tokens/s; wrote {} records to {}{}",
+        "scored {} records ({} answer tokens, {} unscored) in {secs:.1}s: {:.2} records/s, {:.0} tokens/s; wrote {} records to {}{}",
         r.records,
         r.answer_tokens,
-        r.with_reason,
+        r.unscored,
         r.records as f64 / secs.max(1e-9),
         r.answer_tokens as f64 / secs.max(1e-9),
         r.written,
@@ -163,5 +195,18 @@ pub fn sort(a: SortArgs) -> Result<()> {
             .map(|r| format!(", report {}", r.display()))
             .unwrap_or_default()
     );
+    if r.unscored > 0 {
+        eprintln!(
+            "{} records could not be scored in mode {} (`quality.unscored`, the reason in `quality.reason`: \
+             prompt longer than --max-seq-len, too few answer tokens, ...); they are not ranked{}",
+            r.unscored,
+            settings.mode.name(),
+            if settings.selection == Selection::All {
+                " and are written after the ranked records"
+            } else {
+                " and are left out by the selection"
+            }
+        );
+    }
     Ok(())
 }

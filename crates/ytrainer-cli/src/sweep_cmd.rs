@@ -71,6 +71,13 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
     }
     let trials = sw.trials();
     if a.dry_run {
+        // The same checks as before a real sweep (each trial's config resolved, its loss plugin loaded and built
+        // with its parameters), on configs written to a scratch folder: a dry run leaves the sweep folder alone.
+        let scratch =
+            std::env::temp_dir().join(format!("ytrainer-sweep-dry-run-{}", std::process::id()));
+        let checked = validate_trials(&sw, &trials, &scratch);
+        let _ = fs::remove_dir_all(&scratch);
+        checked?;
         println!(
             "sweep `{}`: {} trials -> {}",
             sw.name,
@@ -104,7 +111,7 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
     // `--devices` skip this: their parent has checked every trial, and concurrent workers rewriting the shared
     // `configs/` files would read each other's half-written files.
     if a.shard.is_none() {
-        validate_trials(&sw, &trials)?;
+        validate_trials(&sw, &trials, &sw.output.join("configs"))?;
     }
     let shard = match &a.shard {
         Some(s) => Some(parse_shard(s)?),
@@ -168,9 +175,10 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
 }
 
 /// Writes each trial's run config to `configs/<id>.toml` and checks that it resolves and its loss builds.
-fn validate_trials(sw: &Sweep, trials: &[Trial]) -> Result<()> {
-    let configs = sw.output.join("configs");
-    fs::create_dir_all(&configs).with_context(|| format!("cannot create {}", configs.display()))?;
+/// Writes each trial's config into `configs`, resolves it like `ytrainer run --config` and builds its loss plugin
+/// (external plugins loaded) with its parameters.
+fn validate_trials(sw: &Sweep, trials: &[Trial], configs: &Path) -> Result<()> {
+    fs::create_dir_all(configs).with_context(|| format!("cannot create {}", configs.display()))?;
     for t in trials {
         let dir = ytrainer_sweep::results::trial_dir(&sw.output, t);
         let path = configs.join(format!("{}.toml", t.id));

@@ -83,6 +83,10 @@ pub struct ModelSection {
     /// Quantise a Hugging Face base on load for LoRA: `q8_0`, `q4_0` or `nf4` (QLoRA's 4-bit NormalFloat).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantize_base: Option<String>,
+    /// The base model's hub id (e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`), written as an exported adapter's
+    /// `base_model_name_or_path` instead of the absolute path of `path`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_model_id: Option<String>,
 }
 
 /// Keeps keys that were added later out of the serialised config when they are off, so the fingerprints of

@@ -135,7 +135,11 @@ impl fmt::Debug for LossFn {
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PluginError {
     /// No plugin of that name.
-    #[error("unknown loss plugin `{name}`{hint}; available: {available}")]
+    #[error(
+        "unknown loss plugin `{name}`{hint}; available: {available}. An external plugin is loaded from \
+         `--plugin-dir DIR`, the YTRAINER_PLUGIN_PATH environment variable (paths separated by `:`) or \
+         `[loss] plugins = [\"path\"]` of the run config; `ytrainer plugins list` shows what was found"
+    )]
     Unknown {
         /// Requested name.
         name: String,

@@ -151,9 +151,38 @@ impl HfConfig {
         serde_json::from_str(text)
     }
 
-    /// Serializes with 2-space indentation, as `save_pretrained` does.
+    /// Serializes with 2-space indentation, as `save_pretrained` does, with RoPE in both spellings
+    /// ([`HfConfig::with_both_rope_spellings`]).
     pub fn to_json_string(&self) -> String {
-        serde_json::to_string_pretty(self).expect("HfConfig always serializes")
+        serde_json::to_string_pretty(&self.with_both_rope_spellings())
+            .expect("HfConfig always serializes")
+    }
+
+    /// This config with its RoPE settings written the way both generations of readers expect: transformers 5's
+    /// `rope_parameters` and, as transformers 4 saved them, a top-level `rope_theta` (plus `rope_scaling` for a
+    /// scaled RoPE). A reader of only one spelling (transformers 4.x, llama.cpp's converter, some vLLM
+    /// versions read the top-level `rope_theta`) would otherwise silently fall back to its default base. Both
+    /// spellings carry the same values as [`HfConfig::rope`] resolves them; a config with neither stays so.
+    pub fn with_both_rope_spellings(&self) -> HfConfig {
+        let mut c = self.clone();
+        let params = c.rope_parameters.clone().or_else(|| c.rope_scaling.clone());
+        let theta = params.as_ref().and_then(|p| p.rope_theta).or(c.rope_theta);
+        let Some(theta) = theta else {
+            return c;
+        };
+        c.rope_theta = Some(theta);
+        let mut p = params.unwrap_or_default();
+        p.rope_theta = Some(theta);
+        if p.rope_type.is_none() {
+            p.rope_type = Some("default".into());
+        }
+        if p.rope_type.as_deref() != Some("default") && c.rope_scaling.is_none() {
+            let mut scaling = p.clone();
+            scaling.rope_theta = None;
+            c.rope_scaling = Some(scaling);
+        }
+        c.rope_parameters = Some(p);
+        c
     }
 
     /// The file this config came from, or `config.json` for one built in memory.

@@ -194,6 +194,7 @@ fn merged_hf_checkpoint_reloads_with_same_logits() {
     let (merged, config) = load_pretrained(&dir, &AdapterSpec::Full, &device).unwrap();
     assert_eq!(config.tie_word_embeddings, Some(true));
     assert_eq!(config.rope_parameters, model.config.rope_parameters);
+    assert_eq!(config.rope_theta, Some(1e6), "written at the top level too");
     let (ours, theirs) = (logits(&model, &device), logits(&merged, &device));
     let diff = max_abs_diff(&ours, &theirs);
     println!("merged checkpoint max abs logit diff: {diff:e}");
@@ -325,6 +326,75 @@ fn rope_theta_and_rope_parameters_are_equivalent() {
     other["rope_theta"] = 10000.0.into();
     let c = init_random(&tiny_config(other), 3, &AdapterSpec::Full, &device).unwrap();
     assert_ne!(logits(&a, &device), logits(&c, &device));
+}
+
+/// A saved config.json carries RoPE in both spellings, transformers 5's `rope_parameters` and transformers 4's
+/// top-level `rope_theta` (+ `rope_scaling` when scaled), whichever the source used, with equal values; and it
+/// reads back to the same RoPE.
+#[test]
+fn saved_config_writes_rope_theta_at_the_top_level_and_in_rope_parameters() {
+    let base = serde_json::json!({
+        "model_type": "llama", "vocab_size": 200, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6
+    });
+    let llama3 = serde_json::json!({
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192
+    });
+    let mut v5 = base.clone();
+    v5["rope_parameters"] = serde_json::json!({ "rope_theta": 100000.0, "rope_type": "default" });
+    let mut v4 = base.clone();
+    v4["rope_theta"] = 100000.0.into();
+    let mut v5_scaled = base.clone();
+    v5_scaled["rope_parameters"] = llama3.clone();
+    v5_scaled["rope_parameters"]["rope_theta"] = 500000.0.into();
+    let mut v4_scaled = base.clone();
+    v4_scaled["rope_theta"] = 500000.0.into();
+    v4_scaled["rope_scaling"] = llama3.clone();
+    for (name, src, theta, scaled) in [
+        ("v5", v5, 100000.0, false),
+        ("v4", v4, 100000.0, false),
+        ("v5 llama3", v5_scaled, 500000.0, true),
+        ("v4 llama3", v4_scaled, 500000.0, true),
+    ] {
+        let config = HfConfig::from_json_str(&src.to_string()).unwrap();
+        let written: serde_json::Value = serde_json::from_str(&config.to_json_string()).unwrap();
+        assert_eq!(written["rope_theta"], theta, "{name}: {written}");
+        assert_eq!(written["rope_parameters"]["rope_theta"], theta, "{name}");
+        let kind = if scaled { "llama3" } else { "default" };
+        assert_eq!(written["rope_parameters"]["rope_type"], kind, "{name}");
+        if scaled {
+            for k in [
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            ] {
+                assert_eq!(written["rope_parameters"][k], llama3[k], "{name}: {k}");
+                assert_eq!(written["rope_scaling"][k], llama3[k], "{name}: {k}");
+            }
+            assert_eq!(written["rope_scaling"]["rope_type"], "llama3", "{name}");
+        } else {
+            assert!(written.get("rope_scaling").is_none(), "{name}: {written}");
+        }
+        let back = HfConfig::from_json_str(&written.to_string()).unwrap();
+        assert_eq!(back.rope().unwrap(), config.rope().unwrap(), "{name}");
+        // Each spelling alone (what a reader of only one of them sees) resolves to the same RoPE.
+        let mut only_v4 = written.clone();
+        only_v4.as_object_mut().unwrap().remove("rope_parameters");
+        let mut only_v5 = written.clone();
+        for k in ["rope_theta", "rope_scaling"] {
+            only_v5.as_object_mut().unwrap().remove(k);
+        }
+        for alone in [only_v4, only_v5] {
+            let c = HfConfig::from_json_str(&alone.to_string()).unwrap();
+            assert_eq!(c.rope().unwrap(), config.rope().unwrap(), "{name}: {alone}");
+        }
+    }
+    // A config without any RoPE field keeps the class default implicit.
+    let plain = HfConfig::from_json_str(&base.to_string()).unwrap();
+    let written: serde_json::Value = serde_json::from_str(&plain.to_json_string()).unwrap();
+    assert!(written.get("rope_theta").is_none() && written.get("rope_parameters").is_none());
 }
 
 /// A copy of tiny-qwen2 with `edit` applied to its config and tensors dropped by `keep`.

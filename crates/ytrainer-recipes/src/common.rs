@@ -73,8 +73,12 @@ pub fn fingerprint(cfg: &RunConfig) -> String {
         // When to give up on a diverged run does not change the trajectory.
         t.remove("max_skipped_steps");
     }
+    let mut model = serde_json::to_value(&cfg.model).unwrap_or_default();
+    if let Some(m) = model.as_object_mut() {
+        m.remove("base_model_id");
+    }
     serde_json::json!({
-        "model": cfg.model, "adapter": cfg.adapter, "data": cfg.data, "loss": cfg.loss, "train": train,
+        "model": model, "adapter": cfg.adapter, "data": cfg.data, "loss": cfg.loss, "train": train,
     })
     .to_string()
 }
@@ -105,6 +109,9 @@ pub(crate) fn load_policy(cfg: &RunConfig, model_dir: &Path, device: &Device) ->
     };
     if let Some(init) = &cfg.adapter.init_from {
         model = load_peft_adapter(model, init)?;
+    }
+    if let Some(id) = &cfg.model.base_model_id {
+        model.base_model_name_or_path = id.clone();
     }
     Ok(model.with_gradient_checkpointing(cfg.train.gradient_checkpointing))
 }

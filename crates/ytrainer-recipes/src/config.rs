@@ -17,7 +17,14 @@ use crate::{bail, invalid};
 pub const KEYS: &[(&str, &[&str])] = &[
     (
         "model",
-        &["path", "preset", "seed", "dequantize_base", "quantize_base"],
+        &[
+            "path",
+            "preset",
+            "seed",
+            "dequantize_base",
+            "quantize_base",
+            "base_model_id",
+        ],
     ),
     (
         "adapter",
@@ -247,46 +254,24 @@ pub fn resolve(file: Option<&Path>, overrides: &[Override]) -> Result<RunConfig>
     Ok(cfg)
 }
 
+/// Makes the relative paths of a config file absolute against its folder: every key of
+/// [`ytrainer_sweep::spec::PATH_KEYS`], the list sweeps resolve too.
 fn rebase_paths(doc: &mut Table, base: &Path) {
-    // `[loss] plugins` is a list of paths.
-    if let Some(Value::Array(list)) = doc
-        .get_mut("loss")
-        .and_then(Value::as_table_mut)
-        .and_then(|t| t.get_mut("plugins"))
-    {
-        for v in list {
-            if let Value::String(s) = v
-                && Path::new(s.as_str()).is_relative()
-            {
-                *s = normalize(&base.join(s.as_str()))
-                    .to_string_lossy()
-                    .to_string();
-            }
-        }
-    }
-    let fix = |v: &mut Value| {
-        if let Value::String(s) = v {
-            let p = Path::new(s.as_str());
-            if p.is_relative() {
-                *s = normalize(&base.join(p)).to_string_lossy().to_string();
-            }
-        }
-    };
-    for (section, key) in [
-        ("model", "path"),
-        ("data", "train"),
-        ("data", "eval"),
-        ("adapter", "init_from"),
-        ("preference", "reference"),
-        ("loss", "reference_model"),
-        ("output", "dir"),
-    ] {
+    for key in ytrainer_sweep::spec::PATH_KEYS {
+        let (section, key) = key.split_once('.').expect("section.key");
         if let Some(v) = doc
             .get_mut(section)
             .and_then(Value::as_table_mut)
             .and_then(|t| t.get_mut(key))
         {
-            fix(v);
+            ytrainer_sweep::spec::map_path_value(v, &|s| {
+                let p = Path::new(s);
+                if p.is_relative() {
+                    normalize(&base.join(p)).to_string_lossy().to_string()
+                } else {
+                    s.to_string()
+                }
+            });
         }
     }
 }

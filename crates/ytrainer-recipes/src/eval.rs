@@ -11,7 +11,9 @@ use ytrainer_data::{
     BatchOptions, ChatTemplate, DataOptions, Mode, RecordKind, TokenizerWrapper, TrainOn,
     load_records, prepare,
 };
-use ytrainer_models::{AdapterSpec, Decoder, load_peft_adapter, load_pretrained};
+use ytrainer_models::{
+    AdapterSpec, Decoder, is_gguf, load_gguf, load_peft_adapter, load_pretrained,
+};
 use ytrainer_sweep::DatasetEval;
 
 use crate::error::{Context, Result};
@@ -39,34 +41,46 @@ pub struct Evaluator {
 }
 
 impl Evaluator {
-    /// Loads `model_dir` (a Hugging Face directory), with a PEFT adapter on top when given. The tokenizer and
-    /// chat template come from the adapter directory when it has them, else from the model directory.
+    /// Loads `model_dir` (a Hugging Face directory or a llama.cpp `.gguf` file, dequantised to f32), with a PEFT
+    /// adapter on top when given. The tokenizer and chat template come from the adapter directory when it has
+    /// them, else from the model (a GGUF's own metadata).
     pub fn load(model_dir: &Path, adapter: Option<&Path>, settings: EvalSettings) -> Result<Self> {
-        if !model_dir.join("config.json").exists() {
+        let gguf = model_dir.is_file() && is_gguf(model_dir);
+        if !gguf && !model_dir.join("config.json").exists() {
             bail!(
-                "{}: not a Hugging Face model directory (no config.json); pass the directory that holds \
-                 config.json, model.safetensors and tokenizer.json",
+                "{}: neither a .gguf file nor a Hugging Face model directory (no config.json); pass the directory \
+                 that holds config.json, model.safetensors and tokenizer.json, or a .gguf file",
                 model_dir.display()
             );
         }
         let device =
             ytrainer_core::device::select(&settings.device, 0).map_err(|e| invalid!("{e}"))?;
-        let (mut model, _) = load_pretrained(model_dir, &AdapterSpec::Full, &device)?;
+        let (mut model, _) = if gguf {
+            load_gguf(model_dir, &AdapterSpec::Full, &device)?
+        } else {
+            load_pretrained(model_dir, &AdapterSpec::Full, &device)?
+        };
         if let Some(a) = adapter {
             model = load_peft_adapter(model, a)
                 .with_context(|| format!("loading the adapter {}", a.display()))?;
         }
-        let tok_dir = adapter
-            .filter(|a| a.join("tokenizer.json").exists())
-            .unwrap_or(model_dir);
-        let mut tok = TokenizerWrapper::from_file(&tok_dir.join("tokenizer.json"))?;
-        let template = ChatTemplate::from_model_dir(tok_dir)
-            .or_else(|_| ChatTemplate::from_model_dir(model_dir))
-            .ok();
-        if let Some(eos) = template.as_ref().and_then(|t| t.eos_token()) {
-            let eos = eos.to_string();
-            tok.set_eos_token(&eos)?;
-        }
+        let own_tokenizer = adapter.filter(|a| a.join("tokenizer.json").exists());
+        let (tok, template) = match own_tokenizer {
+            Some(dir) => {
+                let mut tok = TokenizerWrapper::from_file(&dir.join("tokenizer.json"))?;
+                let template = ChatTemplate::from_model_dir(dir).ok().or_else(|| {
+                    crate::source::load_tokenizer(model_dir)
+                        .ok()
+                        .and_then(|t| t.1)
+                });
+                if let Some(eos) = template.as_ref().and_then(|t| t.eos_token()) {
+                    let eos = eos.to_string();
+                    tok.set_eos_token(&eos)?;
+                }
+                (tok, template)
+            }
+            None => crate::source::load_tokenizer(model_dir)?,
+        };
         let pad_id = crate::source::pad_id(&tok);
         Ok(Evaluator {
             model,

@@ -57,6 +57,142 @@ impl SamplingSettings {
     }
 }
 
+/// Sampling values given on the command line; `None` takes the model's `generation_config.json`, then the
+/// built-in default.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplingFlags {
+    pub temperature: Option<f64>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub max_new_tokens: Option<usize>,
+    pub seed: u64,
+}
+
+/// The sampling fields of a model directory's `generation_config.json` (what transformers' `generate` starts
+/// from). Absent file or field: `None`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+pub struct GenerationConfig {
+    #[serde(default)]
+    pub do_sample: Option<bool>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f64>,
+    #[serde(default)]
+    pub max_new_tokens: Option<usize>,
+}
+
+impl GenerationConfig {
+    /// `generation_config.json` of `model` (a directory; a `.gguf` file has none). A file that does not parse is
+    /// an error naming it.
+    pub fn of_model(model: &Path) -> Result<GenerationConfig> {
+        let path = model.join("generation_config.json");
+        if !model.is_dir() || !path.is_file() {
+            return Ok(GenerationConfig::default());
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| {
+            invalid!(
+                "{}: {e}; fix the file or delete it (sampling flags do not need it)",
+                path.display()
+            )
+        })
+    }
+}
+
+impl SamplingFlags {
+    /// The settings as transformers resolves them: a flag wins; else the model's `generation_config.json`
+    /// (`do_sample = false` or absent means greedy, as in transformers; with `do_sample = true` temperature
+    /// defaults to 1.0 and top-k to 50, transformers' defaults); else greedy, top-p 1, no penalty, 256 new
+    /// tokens. Returns the settings and, for each value taken from the file, its name.
+    pub fn resolve(&self, file: &GenerationConfig) -> (SamplingSettings, Vec<&'static str>) {
+        let sample = file.do_sample == Some(true);
+        let mut from_file = Vec::new();
+        let mut pick = |flag: Option<f64>, value: Option<f64>, name: &'static str, default: f64| {
+            flag.unwrap_or_else(|| match value {
+                Some(v) => {
+                    from_file.push(name);
+                    v
+                }
+                None => default,
+            })
+        };
+        let temperature = match (self.temperature, sample) {
+            (Some(t), _) => t,
+            (None, true) => pick(None, file.temperature, "temperature", 1.0),
+            (None, false) => 0.0,
+        };
+        let top_p = pick(self.top_p, file.top_p, "top_p", 1.0);
+        let repetition_penalty = pick(
+            self.repetition_penalty,
+            file.repetition_penalty,
+            "repetition_penalty",
+            1.0,
+        );
+        let top_k = self.top_k.unwrap_or_else(|| match file.top_k {
+            Some(k) => {
+                from_file.push("top_k");
+                k
+            }
+            None if sample => 50,
+            None => 0,
+        });
+        let max_new_tokens = self
+            .max_new_tokens
+            .unwrap_or_else(|| match file.max_new_tokens {
+                Some(n) => {
+                    from_file.push("max_new_tokens");
+                    n
+                }
+                None => 256,
+            });
+        if sample && self.temperature.is_none() {
+            from_file.push("do_sample");
+        }
+        (
+            SamplingSettings {
+                temperature,
+                top_k,
+                top_p,
+                repetition_penalty,
+                max_new_tokens,
+                seed: self.seed,
+            },
+            from_file,
+        )
+    }
+}
+
+impl SamplingSettings {
+    /// One line for people: `greedy` or `temperature 0.7, top-k 50, top-p 0.9`, with the penalty and length.
+    pub fn describe(&self) -> String {
+        let how = if self.temperature <= 0.0 || self.top_k == 1 {
+            "greedy".to_string()
+        } else {
+            format!(
+                "temperature {}, top-k {}, top-p {}",
+                self.temperature,
+                if self.top_k == 0 {
+                    "off".to_string()
+                } else {
+                    self.top_k.to_string()
+                },
+                self.top_p
+            )
+        };
+        format!(
+            "{how}, repetition penalty {}, at most {} new tokens",
+            self.repetition_penalty, self.max_new_tokens
+        )
+    }
+}
+
 /// Everything `ytrainer generate` needs.
 #[derive(Debug, Clone)]
 pub struct GenerateSettings {

@@ -17,6 +17,7 @@ pub mod eval;
 pub mod generate;
 pub mod memory;
 pub mod outdir;
+pub mod plan;
 pub mod preference;
 pub mod preset;
 pub mod render;

@@ -5,7 +5,7 @@ use std::fs;
 use std::path::Path;
 
 use ytrainer_core::device::Precision;
-use ytrainer_data::{Record, TokenizerWrapper, load_records};
+use ytrainer_data::{ChatTemplate, Record, TokenizerWrapper, load_records};
 use ytrainer_models::{AdapterSpec, HfConfig, init_random};
 
 use crate::error::{Context, Result};
@@ -50,11 +50,7 @@ pub fn create_preset(
     if preset != "tiny" {
         bail!("unknown preset `{preset}`; the only preset is `tiny`");
     }
-    let loaded = load_records(data)?;
-    let texts: Vec<String> = loaded.records.iter().map(record_text).collect();
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let specials = ytrainer_data::CHATML_SPECIAL_TOKENS;
-    let tokenizer_json = ytrainer_data::train_byte_level_bpe(&refs, TINY_VOCAB, &specials)?;
+    let tokenizer_json = tiny_tokenizer_json(data)?;
     fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     fs::write(out.join("tokenizer.json"), &tokenizer_json)
         .with_context(|| format!("cannot write {}", out.join("tokenizer.json").display()))?;
@@ -81,6 +77,30 @@ pub fn create_preset(
     let model = init_random(&config, seed, &AdapterSpec::Full, &device)?;
     ytrainer_models::save_hf_checkpoint(&model, &config, out)?;
     Ok(())
+}
+
+/// The `tiny` preset's tokenizer (`tokenizer.json` text): a byte-level BPE trained on `data`.
+fn tiny_tokenizer_json(data: &Path) -> Result<String> {
+    let loaded = load_records(data)?;
+    let texts: Vec<String> = loaded.records.iter().map(record_text).collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let specials = ytrainer_data::CHATML_SPECIAL_TOKENS;
+    Ok(ytrainer_data::train_byte_level_bpe(
+        &refs, TINY_VOCAB, &specials,
+    )?)
+}
+
+/// The tokenizer and chat template the `tiny` preset would get from `data`, made in memory (nothing written):
+/// what `--dry-run` plans with before the preset exists.
+pub fn tiny_tokenizer(data: &Path) -> Result<(TokenizerWrapper, ChatTemplate)> {
+    let mut tok = TokenizerWrapper::from_json_str(&tiny_tokenizer_json(data)?)?;
+    tok.set_eos_token("<|im_end|>")?;
+    let template = ChatTemplate::new(
+        ytrainer_data::CHATML_TEMPLATE,
+        None,
+        Some("<|im_end|>".to_string()),
+    )?;
+    Ok((tok, template))
 }
 
 fn record_text(r: &Record) -> String {

@@ -17,6 +17,7 @@ use ytrainer_models::{AdapterSpec, load_pretrained};
 use crate::bail;
 use crate::common::{Ran, RunOptions};
 use crate::error::{Context, Result};
+use crate::plan::RunPlan;
 use crate::source::{pad_id, resolve_model_dir, tokenizer_and_template, training_device};
 
 /// What a token-weighted run did.
@@ -32,6 +33,8 @@ pub struct SftReport {
     pub output_dir: PathBuf,
     /// The exported model (`<output dir>/final`).
     pub final_dir: PathBuf,
+    /// The step plan the run followed (steps, tokens and micro-batches per step, what could not be honoured).
+    pub plan: RunPlan,
 }
 
 /// The data crate's options from the config.
@@ -83,6 +86,11 @@ pub fn run_sft(
     cfg.loss.normalize = Some(normalize);
     if opts.dry_run {
         crate::memory::budget(&cfg)?;
+        if let Some(plan) = dry_run_plan(&cfg, observer)? {
+            for line in plan.lines() {
+                observer.notice(&line);
+            }
+        }
         return Ok(Ran::DryRun(Box::new(cfg)));
     }
     // Read before anything loads: `auto` is a share of what is available to this run.
@@ -125,7 +133,18 @@ pub fn run_sft(
     // Model.
     let device = training_device(&cfg)?;
     let mut model = crate::common::load_policy(&cfg, &model_dir, &device)?;
-    if let Some(path) = &cfg.loss.reference_model {
+    let reference_model = match &cfg.loss.reference_model {
+        Some(path) if !plugin.needs().reference_loss => {
+            observer.notice(&format!(
+                "[loss] reference_model {} is not loaded: loss `{}` does not use a reference model",
+                path.display(),
+                cfg.loss.name
+            ));
+            None
+        }
+        other => other.as_ref(),
+    };
+    if let Some(path) = reference_model {
         let dir =
             crate::source::model_dir_for_run(path.clone(), true, &mut |m| observer.notice(m))?;
         let (reference, _) = load_pretrained(&dir, &AdapterSpec::Full, &device)
@@ -164,6 +183,7 @@ pub fn run_sft(
 
     crate::common::write_resolved_config(&cfg, &out)?;
 
+    let plan = RunPlan::new(&prepared.examples, &batch, &cfg)?;
     let setup = TrainSetup {
         run: crate::common::loop_setup(&cfg, &out, opts, &device)?,
         batch,
@@ -191,18 +211,51 @@ pub fn run_sft(
         cfg.train.device,
         cfg.train.precision
     ));
+    for line in plan.lines() {
+        observer.notice(&line);
+    }
     let (model, summary) = sft::train(model, &setup, observer)?;
 
     // Final export: what the user takes to the rest of the ecosystem.
     let (final_dir, files) = crate::common::export_final(&model, &cfg, &model_dir, &out)?;
-    write_summary(&out, &summary, s, &warnings, &files)?;
+    write_summary(&out, &summary, s, &warnings, &files, &plan)?;
     Ok(Ran::Trained(Box::new(SftReport {
         summary,
         data: s.clone(),
         warnings,
         output_dir: out,
         final_dir,
+        plan,
     })))
+}
+
+/// `--dry-run`'s plan: the training data tokenized with the model's tokenizer (a directory's, a GGUF's metadata,
+/// or the one the `tiny` preset would train) and planned as the loop would; nothing is written. `None` (with a
+/// notice) when the config names no training data.
+fn dry_run_plan(cfg: &RunConfig, observer: &mut dyn Observer) -> Result<Option<RunPlan>> {
+    let Some(train_file) = &cfg.data.train else {
+        observer.notice("plan: no training data given ([data] train / --data)");
+        return Ok(None);
+    };
+    let (tok, template) = match (&cfg.model.path, &cfg.model.preset) {
+        (Some(p), _) if p.is_file() => crate::source::load_tokenizer(p)?,
+        (Some(p), _) => tokenizer_and_template(cfg, p)?,
+        (None, Some(_)) => {
+            let existing = cfg.output.dir.join("base-model");
+            if existing.join("tokenizer.json").is_file() {
+                tokenizer_and_template(cfg, &existing)?
+            } else {
+                let (tok, t) = crate::preset::tiny_tokenizer(train_file)?;
+                (tok, Some(t))
+            }
+        }
+        (None, None) => bail!("no model given"),
+    };
+    let records = load_records(train_file)?.records;
+    let (train_records, _) = crate::common::split_eval(records, cfg.data.eval_fraction);
+    let prepared = prepare(&train_records, &tok, template.as_ref(), &data_options(cfg))?;
+    let plan = RunPlan::new(&prepared.examples, &batch_options(cfg, pad_id(&tok)), cfg)?;
+    Ok(Some(plan))
 }
 
 fn write_summary(
@@ -211,9 +264,11 @@ fn write_summary(
     s: &DataStats,
     warnings: &[String],
     files: &[PathBuf],
+    plan: &RunPlan,
 ) -> Result<()> {
     let summary_json = serde_json::json!({
         "summary": summary,
+        "plan": plan,
         "data": {
             "examples": s.examples, "supervised_tokens": s.supervised_tokens, "truncated": s.truncated,
             "skipped_overlong": s.skipped_overlong, "skipped_no_targets": s.skipped_no_targets,

@@ -90,6 +90,10 @@ pub struct SortReport {
     pub answer_tokens: usize,
     /// Records whose quality carries a `reason` (nothing to score, or a degenerate score).
     pub with_reason: usize,
+    /// Records that could not be scored in the chosen mode (the ones with a `reason`): marked `unscored`, kept
+    /// out of the ranking and of `--keep-top` / `--drop-top` / `--threshold`; written after the ranked records
+    /// when every record is written.
+    pub unscored: usize,
     /// Seconds spent reading and scoring, before ranking and writing.
     pub seconds: f64,
     /// Records written to the output after the selection.
@@ -112,6 +116,8 @@ impl SortObserver for Silent {}
 /// Where a scored record sits in the temporary file.
 struct Entry {
     score: f64,
+    /// Nothing (or nothing meaningful) to score: kept out of the ranking.
+    unscored: bool,
     index: usize,
     offset: u64,
     len: u32,
@@ -409,7 +415,10 @@ fn quality_json(a: &Analysis, mode: QualityMode, ids: &[u32], l: &Loaded, p: &Pr
     }
     let reason = p.skipped.clone().or_else(|| a.reason(mode));
     if let Some(r) = reason {
+        // A record with nothing meaningful to score is not "clean": no score, no rank.
         q["reason"] = json!(r);
+        q["unscored"] = json!(true);
+        q["score"] = Value::Null;
     }
     if p.truncated {
         q["truncated"] = json!(true);
@@ -490,9 +499,29 @@ fn html_escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// Markdown keeps text as it is (`<|im_end|>` stays readable); only a `<` that could open an HTML tag is
+/// escaped, so record text cannot inject markup into a rendered report.
+fn md_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '<'
+            && chars
+                .peek()
+                .is_some_and(|n| n.is_ascii_alphabetic() || matches!(n, '/' | '!' | '?'))
+        {
+            out.push_str("&lt;");
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn write_report(
     path: &Path,
     items: &[ReportItem],
+    unscored: &[ReportItem],
     mode: QualityMode,
     data: &Path,
     total: usize,
@@ -507,12 +536,13 @@ fn write_report(
         items.len(),
         data.display()
     );
+    let escape = |t: &str| if html { html_escape(t) } else { md_escape(t) };
     let answer_html = |it: &ReportItem| -> String {
         it.answer
             .iter()
             .map(|(t, c)| match c {
-                Some(c) => format!("<mark title=\"{c}\">{}</mark>", html_escape(t)),
-                None => html_escape(t),
+                Some(c) => format!("<mark title=\"{c}\">{}</mark>", escape(t)),
+                None => escape(t),
             })
             .collect()
     };
@@ -533,6 +563,18 @@ fn write_report(
                 answer_html(it)
             ));
         }
+        if !unscored.is_empty() {
+            o.push_str("<h2>Unscored records (not ranked)</h2>\n<ul>\n");
+            for it in unscored {
+                o.push_str(&format!(
+                    "<li>{} (record {}): {}</li>\n",
+                    html_escape(&it.origin),
+                    it.index,
+                    html_escape(&it.summary)
+                ));
+            }
+            o.push_str("</ul>\n");
+        }
         o.push_str("</body></html>\n");
     } else {
         o.push_str(&format!(
@@ -548,9 +590,20 @@ fn write_report(
                 it.origin,
                 it.index,
                 it.summary,
-                quote(&html_escape(&it.prompt)),
+                quote(&md_escape(&it.prompt)),
                 quote(&answer_html(it)),
             ));
+        }
+        if !unscored.is_empty() {
+            o.push_str("## Unscored records (not ranked)\n\n");
+            for it in unscored {
+                o.push_str(&format!(
+                    "- {} (record {}): {}\n",
+                    it.origin,
+                    it.index,
+                    md_escape(&it.summary)
+                ));
+            }
         }
     }
     std::fs::write(path, o).with_context(|| format!("cannot write {}", path.display()))
@@ -609,6 +662,7 @@ pub fn sort(s: &SortSettings, observer: &mut dyn SortObserver) -> Result<SortRep
     let start = Instant::now();
     let mut entries: Vec<Entry> = Vec::new();
     let mut report: Vec<ReportItem> = Vec::new();
+    let mut unscored_report: Vec<ReportItem> = Vec::new();
     let (mut offset, mut tokens, mut degenerate) = (0u64, 0usize, 0usize);
     let mut stream = stream.peekable();
     while stream.peek().is_some() {
@@ -649,12 +703,20 @@ pub fn sort(s: &SortSettings, observer: &mut dyn SortObserver) -> Result<SortRep
             tokens += analysis.n;
             let score = analysis.score(s.mode);
             let q = quality_json(&analysis, s.mode, &ids, &l, &p);
-            if q.get("reason").is_some() {
+            let unscored = q.get("reason").is_some();
+            if unscored {
                 degenerate += 1;
             }
             if s.report.is_some() {
                 let reason = q.get("reason").and_then(|r| r.as_str()).map(str::to_string);
-                report.push(report_item(&analysis, score, &ids, &l, &p, reason));
+                let item = report_item(&analysis, score, &ids, &l, &p, reason);
+                if unscored {
+                    if unscored_report.len() < s.report_top {
+                        unscored_report.push(item);
+                    }
+                } else {
+                    report.push(item);
+                }
                 // Keeps the report's candidates bounded like the rest of the memory.
                 if report.len() > 2 * s.report_top.max(1) {
                     report.sort_by(|x, y| y.score.total_cmp(&x.score).then(x.index.cmp(&y.index)));
@@ -667,6 +729,7 @@ pub fn sort(s: &SortSettings, observer: &mut dyn SortObserver) -> Result<SortRep
             scored.write_all(b"\n")?;
             entries.push(Entry {
                 score,
+                unscored,
                 index: p.item.origin.index,
                 offset,
                 len: line.len() as u32,
@@ -680,23 +743,28 @@ pub fn sort(s: &SortSettings, observer: &mut dyn SortObserver) -> Result<SortRep
     drop(scored);
     let seconds = start.elapsed().as_secs_f64();
 
-    // Most suspicious first; ties keep the file order.
-    entries.sort_by(|x, y| y.score.total_cmp(&x.score).then(x.index.cmp(&y.index)));
-    let n = entries.len();
-    let mut order: Vec<(usize, &Entry)> = entries
+    // Most suspicious first; ties keep the file order. Unscored records take no part in the ranking.
+    let (mut ranked, unscored): (Vec<Entry>, Vec<Entry>) =
+        entries.into_iter().partition(|e| !e.unscored);
+    ranked.sort_by(|x, y| y.score.total_cmp(&x.score).then(x.index.cmp(&y.index)));
+    let n = ranked.len() + unscored.len();
+    let mut order: Vec<(Option<usize>, &Entry)> = ranked
         .iter()
         .enumerate()
-        .map(|(r, e)| (r + 1, e))
+        .map(|(r, e)| (Some(r + 1), e))
         .collect();
     if s.ascending {
         order.reverse();
     }
-    let count = |p: f64| ((p / 100.0) * n as f64).round() as usize;
-    let selected: Vec<(usize, &Entry)> = match s.selection {
+    let count = |p: f64| ((p / 100.0) * ranked.len() as f64).round() as usize;
+    let selected: Vec<(Option<usize>, &Entry)> = match s.selection {
         Selection::KeepTop(p) => order.into_iter().take(count(p)).collect(),
         Selection::DropTop(p) => order.into_iter().skip(count(p)).collect(),
         Selection::Threshold(x) => order.into_iter().filter(|(_, e)| e.score <= x).collect(),
-        Selection::All => order,
+        Selection::All => order
+            .into_iter()
+            .chain(unscored.iter().map(|e| (None, e)))
+            .collect(),
     };
 
     let json_array = s
@@ -743,12 +811,13 @@ pub fn sort(s: &SortSettings, observer: &mut dyn SortObserver) -> Result<SortRep
     if let Some(r) = &s.report {
         report.sort_by(|x, y| y.score.total_cmp(&x.score).then(x.index.cmp(&y.index)));
         report.truncate(s.report_top);
-        write_report(r, &report, s.mode, &s.data, n)?;
+        write_report(r, &report, &unscored_report, s.mode, &s.data, n)?;
     }
     Ok(SortReport {
         records: n,
         answer_tokens: tokens,
         with_reason: degenerate,
+        unscored: unscored.len(),
         seconds,
         written: selected.len(),
     })

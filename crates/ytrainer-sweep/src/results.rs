@@ -258,8 +258,13 @@ impl Stat {
             std: std(v),
         }
     }
-    fn show(&self) -> String {
-        format!("{:.4} ± {:.4}", self.mean, self.std)
+    /// `mean ± std`; with a single seed there is no spread to show, so `mean ± n/a` (not `± 0.0000`).
+    fn show(&self, n: usize) -> String {
+        if n < 2 {
+            format!("{:.4} ± n/a", self.mean)
+        } else {
+            format!("{:.4} ± {:.4}", self.mean, self.std)
+        }
     }
 }
 
@@ -373,7 +378,8 @@ pub fn results_md(
     };
     let mut s = format!(
         "# Sweep `{sweep_name}`\n\nDomain loss: mean token loss on the learn sets ({}; supervised tokens only for \
-         instruction data). General loss: on the retain sets ({}). Values are mean ± sample std over seeds; \
+         instruction data). General loss: on the retain sets ({}). Values are mean ± sample std over seeds (n/a for \
+         one seed); \
          gain = before - after on the domain, increase = after - before on general text; gain / forgetting is \
          mean gain divided by mean increase (n/a when general loss did not rise).\n\n",
         names(learn),
@@ -388,12 +394,12 @@ pub fn results_md(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.strategy,
             r.n,
-            r.domain_before.show(),
-            r.domain_after.show(),
-            r.domain_gain.show(),
-            r.general_before.show(),
-            r.general_after.show(),
-            r.general_increase.show(),
+            r.domain_before.show(r.n),
+            r.domain_after.show(r.n),
+            r.domain_gain.show(r.n),
+            r.general_before.show(r.n),
+            r.general_after.show(r.n),
+            r.general_increase.show(r.n),
             r.gain_per_forgetting
                 .map(|x| format!("{x:.2}"))
                 .unwrap_or_else(|| "n/a".into()),
@@ -478,6 +484,10 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| 3.75 |"), "{md}");
+        assert!(
+            md.contains("| noop | 1 | 3.0000 ± n/a | 3.0000 ± n/a | 0.0000 ± n/a |"),
+            "one seed has no spread: {md}"
+        );
         assert!(md.contains("| n/a |"), "{md}");
         assert!(md.contains("`learn.jsonl`"));
         let csv = results_csv(&rs);

@@ -24,14 +24,34 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use toml::{Table, Value};
 
-/// Keys of a run config that hold paths (made absolute against the file that names them).
+/// Every key of a run config that holds a path (made absolute against the file that names them): the one list
+/// both a run config (`ytrainer_recipes::config`) and a sweep file resolve, so a trial config written elsewhere
+/// (`configs/`, a trial folder) names the same files. `loss.plugins` is a list of paths.
 pub const PATH_KEYS: &[&str] = &[
     "model.path",
     "data.train",
     "data.eval",
     "adapter.init_from",
+    "preference.reference",
+    "loss.reference_model",
+    "loss.plugins",
     "output.dir",
 ];
+
+/// Rewrites a path value with `f`: a string, or each string of a list (`loss.plugins`).
+pub fn map_path_value(v: &mut Value, f: &dyn Fn(&str) -> String) {
+    match v {
+        Value::String(s) => *s = f(s),
+        Value::Array(list) => {
+            for item in list {
+                if let Value::String(s) = item {
+                    *s = f(s);
+                }
+            }
+        }
+        _ => {}
+    }
+}
 
 /// How axes combine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,9 +129,9 @@ pub fn absolutize(table: &mut Table, dir: &Path) {
     for key in PATH_KEYS {
         let (sec, k) = key.split_once('.').unwrap_or(("", key));
         if let Some(Value::Table(t)) = table.get_mut(sec)
-            && let Some(Value::String(s)) = t.get_mut(k)
+            && let Some(v) = t.get_mut(k)
         {
-            *s = abs(dir, s).to_string_lossy().to_string();
+            map_path_value(v, &|s| abs(dir, s).to_string_lossy().to_string());
         }
     }
 }
@@ -276,13 +296,11 @@ impl Sweep {
                 }
             }
         }
-        let value_path = |key: &str, v: Value| -> Value {
-            match v {
-                Value::String(s) if PATH_KEYS.contains(&key) => {
-                    Value::String(abs(dir, &s).to_string_lossy().to_string())
-                }
-                v => v,
+        let value_path = |key: &str, mut v: Value| -> Value {
+            if PATH_KEYS.contains(&key) {
+                map_path_value(&mut v, &|s| abs(dir, s).to_string_lossy().to_string());
             }
+            v
         };
         let mut dims = Vec::new();
         let mut seen = Vec::new();

@@ -146,7 +146,9 @@ fn registered_with_defaults_and_validation() {
     );
     assert_eq!(
         r.build("nlrig", &BTreeMap::new()).unwrap_err().to_string(),
-        "unknown loss plugin `nlrig` (did you mean `nlirg`?); available: nlirg"
+        "unknown loss plugin `nlrig` (did you mean `nlirg`?); available: nlirg. An external plugin is \
+         loaded from `--plugin-dir DIR`, the YTRAINER_PLUGIN_PATH environment variable (paths separated by \
+         `:`) or `[loss] plugins = [\"path\"]` of the run config; `ytrainer plugins list` shows what was found"
     );
 }
 

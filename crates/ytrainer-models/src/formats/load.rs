@@ -90,9 +90,19 @@ pub fn load_pretrained_with(
         _ => None,
     };
     let mut model = build_with(spec, config.clone(), &mut source, device, quantize)?;
-    model.base_model_name_or_path = dir.display().to_string();
+    model.base_model_name_or_path = absolute_display(dir);
     let model = model.with_adapter(adapter)?;
     Ok((model, config))
+}
+
+/// `path` as an absolute path (symlinks resolved where it exists), for `base_model_name_or_path`: a relative path
+/// only resolves from the directory training ran in, so PEFT could not load the adapter from anywhere else.
+pub fn absolute_display(path: &Path) -> String {
+    path.canonicalize()
+        .or_else(|_| std::path::absolute(path))
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
 }
 
 /// Loads `config.json` and `model.safetensors` (or the shards listed in `model.safetensors.index.json`) from

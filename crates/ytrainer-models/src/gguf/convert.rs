@@ -352,7 +352,7 @@ pub fn load_gguf_with(
         _ => None,
     };
     let mut model = build_with(spec, config.clone(), &mut source, device, quantize)?;
-    model.base_model_name_or_path = path.display().to_string();
+    model.base_model_name_or_path = crate::load::absolute_display(path);
     Ok((model.with_adapter(adapter)?, config))
 }
 
@@ -504,6 +504,17 @@ fn write_weights(
     }
     report.files.push(weights_path);
     Ok(())
+}
+
+/// Writes a GGUF's tokenizer files into `out` as [`convert_gguf`] does (`tokenizer.json`,
+/// `tokenizer_config.json`, `chat_template.jinja`, `generation_config.json`): for `merge`, which writes the weights
+/// itself. Returns the files written and the warnings (a tokenizer that could not be rebuilt).
+pub fn write_gguf_tokenizer_files(path: &Path, out: &Path) -> Result<ConvertReport, ModelError> {
+    let gguf = GgufFile::open(path)?;
+    let config = hf_config(&gguf)?;
+    let mut report = ConvertReport::default();
+    write_tokenizer_files(&gguf, &config, out, &mut report)?;
+    Ok(report)
 }
 
 /// `tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja` and `generation_config.json`.
