@@ -747,3 +747,55 @@ fn every_shell_command_in_the_docs_uses_real_flags() {
     }
     assert!(checked >= 20, "only {checked} commands checked");
 }
+
+/// `--batch-size` (examples per micro-batch) and `--grad-accum` (micro-batches per step) plan steps the way a
+/// transformers user counts them; for preference training they set pairs per micro-batch and per step.
+#[test]
+fn batch_size_and_grad_accum_make_steps_of_examples() {
+    let o = ytrainer(&[
+        "run",
+        "--model",
+        &s(&assets().join("tiny-qwen2")),
+        "--data",
+        &s(&assets().join("corpora/instruct/alpaca_en_demo.json")),
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--max-seq-len",
+        "512",
+        "--dry-run",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg: toml::Table = stdout(&o).parse().unwrap();
+    assert_eq!(cfg["train"]["batch_size"].as_integer(), Some(4));
+    assert_eq!(cfg["train"]["grad_accum"].as_integer(), Some(2));
+    let err = stderr(&o);
+    // 999 records: 250 micro-batches of 4 (the last of 3), 125 steps of 2.
+    assert!(
+        err.contains("plan: 125 optimizer steps: 1 epoch(s) of 125 steps\n"),
+        "{err}"
+    );
+    assert!(
+        err.contains(" supervised tokens in 2 micro-batch(es); 3-4 (mean 4) rows per micro-batch"),
+        "{err}"
+    );
+    let o = ytrainer(&[
+        "run",
+        "--model",
+        &s(&assets().join("tiny-qwen2")),
+        "--data",
+        &s(&assets().join("corpora/preference/dpo_en_demo.json")),
+        "--loss",
+        "dpo",
+        "--batch-size",
+        "3",
+        "--grad-accum",
+        "2",
+        "--dry-run",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg: toml::Table = stdout(&o).parse().unwrap();
+    assert_eq!(cfg["preference"]["micro_pairs"].as_integer(), Some(3));
+    assert_eq!(cfg["preference"]["pairs_per_step"].as_integer(), Some(6));
+}

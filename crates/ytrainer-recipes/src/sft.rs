@@ -53,14 +53,23 @@ pub fn data_options(cfg: &RunConfig) -> DataOptions {
     }
 }
 
-/// The batch planner's options from the config.
+/// The batch planner's options from the config. `batch_size` (examples per micro-batch) replaces the padded-token
+/// bound and makes steps of `grad_accum` (at least 1) micro-batches; `grad_accum` alone makes steps of that many
+/// token-bounded micro-batches.
 pub fn batch_options(cfg: &RunConfig, pad_id: u32) -> BatchOptions {
+    let t = &cfg.train;
+    let (micro_batch_tokens, max_micro_batch_size, micro_batches_per_step) = if t.batch_size > 0 {
+        (usize::MAX, t.batch_size, t.grad_accum.max(1))
+    } else {
+        (t.micro_batch_tokens, t.max_micro_batch_size, t.grad_accum)
+    };
     BatchOptions {
         seed: cfg.train.seed,
         shuffle: cfg.train.shuffle,
-        micro_batch_tokens: cfg.train.micro_batch_tokens,
-        max_micro_batch_size: cfg.train.max_micro_batch_size,
+        micro_batch_tokens,
+        max_micro_batch_size,
         tokens_per_step: cfg.train.tokens_per_step,
+        micro_batches_per_step,
         mode: match cfg.train.mode {
             TrainMode::OnePass => Mode::OnePass,
             TrainMode::Windowed => Mode::Windowed {
