@@ -115,6 +115,14 @@ pub struct RunArgs {
     /// Supervised tokens per optimizer step [train.tokens_per_step].
     #[arg(long)]
     pub tokens_per_step: Option<usize>,
+    /// Examples per micro-batch, as transformers' per_device_train_batch_size: replaces the padded-token bound
+    /// and makes each step --grad-accum micro-batches (default 1) instead of --tokens-per-step [train.batch_size].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step (gradient accumulation by count) instead of --tokens-per-step
+    /// [train.grad_accum].
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
     /// `one-pass` or `windowed` [train.mode].
     #[arg(long)]
     pub mode: Option<String>,

@@ -70,6 +70,12 @@ pub fn overrides(args: &RunArgs) -> Result<Vec<Override>> {
     if let Some(v) = args.tokens_per_step {
         set("train.tokens_per_step", Value::Integer(v as i64));
     }
+    if let Some(v) = args.batch_size {
+        set("train.batch_size", Value::Integer(v as i64));
+    }
+    if let Some(v) = args.grad_accum {
+        set("train.grad_accum", Value::Integer(v as i64));
+    }
     if let Some(v) = &args.mode {
         set("train.mode", Value::String(v.clone()));
     }

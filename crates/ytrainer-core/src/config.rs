@@ -95,6 +95,11 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
+/// As [`is_false`], for counts whose 0 means "off".
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
 /// `[adapter]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -274,6 +279,14 @@ pub struct TrainSection {
     pub micro_batch_tokens: usize,
     /// Rows per micro-batch at most.
     pub max_micro_batch_size: usize,
+    /// Examples per micro-batch (transformers' `per_device_train_batch_size`); > 0 replaces the padded-token
+    /// bound `micro_batch_tokens` and makes each step `grad_accum` (at least 1) micro-batches (0 = off).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (`gradient_accumulation_steps`); > 0 replaces `tokens_per_step`
+    /// (0 = off).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub grad_accum: usize,
     /// Seed for shuffling and adapter initialisation.
     pub seed: u64,
     /// Shuffle each epoch.
@@ -324,6 +337,8 @@ impl Default for TrainSection {
             tokens_per_step: 4096,
             micro_batch_tokens: 4096,
             max_micro_batch_size: 16,
+            batch_size: 0,
+            grad_accum: 0,
             seed: 42,
             shuffle: true,
             device: "cpu".to_string(),

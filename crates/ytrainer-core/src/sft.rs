@@ -169,6 +169,7 @@ pub fn evaluate<M: CausalLm>(
     let opts = BatchOptions {
         shuffle: false,
         tokens_per_step: usize::MAX / 4,
+        micro_batches_per_step: 0,
         mode: ytrainer_data::Mode::OnePass,
         ..opts.clone()
     };

@@ -235,6 +235,10 @@ pub struct BatchOptions {
     /// Supervised tokens per optimizer step: micro-batches are accumulated until the step holds
     /// at least this many (the last step of an epoch may hold fewer).
     pub tokens_per_step: usize,
+    /// When > 0, every step is this many micro-batches (gradient accumulation by count, as
+    /// `gradient_accumulation_steps` in transformers) and `tokens_per_step` is not used; the last step of an
+    /// epoch may hold fewer. One-pass mode only.
+    pub micro_batches_per_step: usize,
     pub mode: Mode,
     pub pad_id: u32,
 }
@@ -247,6 +251,7 @@ impl Default for BatchOptions {
             micro_batch_tokens: 8192,
             max_micro_batch_size: 16,
             tokens_per_step: 4096,
+            micro_batches_per_step: 0,
             mode: Mode::OnePass,
             pad_id: 0,
         }
@@ -334,6 +339,13 @@ impl BatchOptions {
         if self.max_micro_batch_size == 0 {
             return Err(DataError::InvalidOption(
                 "max_micro_batch_size must be at least 1".into(),
+            ));
+        }
+        if self.micro_batches_per_step > 0 && matches!(self.mode, Mode::Windowed { .. }) {
+            return Err(DataError::InvalidOption(
+                "grad_accum / batch_size apply to one-pass mode; windowed mode makes one step per window of \
+                 token_batch targets: remove them or use mode = \"one-pass\""
+                    .into(),
             ));
         }
         if self.micro_batch_tokens == 0 {
@@ -443,7 +455,12 @@ fn plan_one_pass(
     for mb in mbs {
         cur_targets += mb.num_targets();
         cur.push(mb);
-        if cur_targets >= opts.tokens_per_step {
+        let full = if opts.micro_batches_per_step > 0 {
+            cur.len() == opts.micro_batches_per_step
+        } else {
+            cur_targets >= opts.tokens_per_step
+        };
+        if full {
             steps.push(Step {
                 micro_batches: std::mem::take(&mut cur),
             });

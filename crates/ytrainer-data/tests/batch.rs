@@ -34,6 +34,7 @@ fn opts() -> BatchOptions {
         micro_batch_tokens: 128,
         max_micro_batch_size: 4,
         tokens_per_step: 50,
+        micro_batches_per_step: 0,
         mode: Mode::OnePass,
         pad_id: 99_999,
     }
@@ -185,6 +186,46 @@ fn windowed_trains_every_target_exactly_once_and_keeps_the_tail() {
             assert_eq!(ks, &expected);
         }
     }
+}
+
+/// Gradient accumulation by count: every step holds exactly `micro_batches_per_step` micro-batches (the last step
+/// of the epoch the rest), each of at most `max_micro_batch_size` rows; every example is trained once; windowed
+/// mode refuses it.
+#[test]
+fn micro_batches_per_step_makes_steps_of_that_many_micro_batches() {
+    let ex = synthetic(50);
+    let o = BatchOptions {
+        micro_batch_tokens: usize::MAX,
+        max_micro_batch_size: 4,
+        micro_batches_per_step: 3,
+        ..opts()
+    };
+    let steps = plan_epoch(&ex, &o, 0).unwrap();
+    // 50 examples in micro-batches of 4 rows: 13 micro-batches, steps of 3: 5 steps (the last holds 1).
+    let sizes: Vec<usize> = steps.iter().map(|s| s.micro_batches.len()).collect();
+    assert_eq!(sizes, [3, 3, 3, 3, 1]);
+    let rows: Vec<usize> = steps
+        .iter()
+        .flat_map(|s| s.micro_batches.iter().map(|m| m.batch))
+        .collect();
+    assert_eq!(rows.iter().filter(|&&r| r == 4).count(), 12);
+    assert_eq!(rows.iter().sum::<usize>(), 50);
+    let mut seen: Vec<usize> = steps
+        .iter()
+        .flat_map(|s| s.micro_batches.iter().flat_map(|m| m.examples.clone()))
+        .collect();
+    seen.sort();
+    assert_eq!(seen, (0..50).collect::<Vec<_>>());
+    let windowed = BatchOptions {
+        mode: Mode::Windowed { token_batch: 4 },
+        ..o
+    };
+    assert!(
+        plan_epoch(&ex, &windowed, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("grad_accum / batch_size apply to one-pass mode")
+    );
 }
 
 #[test]

@@ -309,6 +309,7 @@ pub fn bench_windowed(s: &BenchSettings, w: &WindowedSettings) -> Result<Windowe
         max_micro_batch_size: 1,
         tokens_per_step: n,
         mode: Mode::Windowed { token_batch: n },
+        micro_batches_per_step: 0,
         pad_id: 0,
     };
     let ours: Vec<MicroBatch> = plan_epoch(std::slice::from_ref(&example), &opts, 0)?

@@ -82,6 +82,8 @@ pub const KEYS: &[(&str, &[&str])] = &[
             "tokens_per_step",
             "micro_batch_tokens",
             "max_micro_batch_size",
+            "batch_size",
+            "grad_accum",
             "seed",
             "shuffle",
             "device",

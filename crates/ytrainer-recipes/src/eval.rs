@@ -100,6 +100,7 @@ impl Evaluator {
             max_micro_batch_size: 16,
             tokens_per_step: usize::MAX / 4,
             mode: Mode::OnePass,
+            micro_batches_per_step: 0,
             pad_id: self.pad_id,
         }
     }

@@ -125,6 +125,15 @@ pub fn run_preference(
     observer: &mut dyn Observer,
 ) -> Result<Ran<PrefReport>> {
     cfg.loss.normalize = None;
+    // Examples per micro-batch and accumulation by count mean pairs here: `[train] batch_size` pairs per forward
+    // pass, `grad_accum` of them per step.
+    let t = &cfg.train;
+    if t.batch_size > 0 {
+        cfg.preference.micro_pairs = t.batch_size;
+        cfg.preference.pairs_per_step = t.batch_size * t.grad_accum.max(1);
+    } else if t.grad_accum > 0 {
+        cfg.preference.pairs_per_step = cfg.preference.micro_pairs.max(1) * t.grad_accum;
+    }
     if opts.dry_run {
         return Ok(Ran::DryRun(Box::new(cfg)));
     }

@@ -53,14 +53,23 @@ pub fn data_options(cfg: &RunConfig) -> DataOptions {
     }
 }
 
-/// The batch planner's options from the config.
+/// The batch planner's options from the config. `batch_size` (examples per micro-batch) replaces the padded-token
+/// bound and makes steps of `grad_accum` (at least 1) micro-batches; `grad_accum` alone makes steps of that many
+/// token-bounded micro-batches.
 pub fn batch_options(cfg: &RunConfig, pad_id: u32) -> BatchOptions {
+    let t = &cfg.train;
+    let (micro_batch_tokens, max_micro_batch_size, micro_batches_per_step) = if t.batch_size > 0 {
+        (usize::MAX, t.batch_size, t.grad_accum.max(1))
+    } else {
+        (t.micro_batch_tokens, t.max_micro_batch_size, t.grad_accum)
+    };
     BatchOptions {
         seed: cfg.train.seed,
         shuffle: cfg.train.shuffle,
-        micro_batch_tokens: cfg.train.micro_batch_tokens,
-        max_micro_batch_size: cfg.train.max_micro_batch_size,
+        micro_batch_tokens,
+        max_micro_batch_size,
         tokens_per_step: cfg.train.tokens_per_step,
+        micro_batches_per_step,
         mode: match cfg.train.mode {
             TrainMode::OnePass => Mode::OnePass,
             TrainMode::Windowed => Mode::Windowed {
@@ -170,16 +179,24 @@ pub fn run_sft(
         );
     }
 
+    // `--batch-size` fixes the micro-batch in examples: the plan then only estimates its peak.
+    let mut plan_cfg = cfg.clone();
+    if cfg.train.batch_size > 0 {
+        plan_cfg.train.micro_batch_tokens = usize::MAX / 4;
+        plan_cfg.train.max_micro_batch_size = cfg.train.batch_size;
+    }
     let memory = crate::memory::plan(
-        &cfg,
+        &plan_cfg,
         &crate::memory::ModelFootprint::of(&model),
         &prepared.examples,
-        budget,
+        if cfg.train.batch_size > 0 { None } else { budget },
     )?;
     observer.notice(&memory.describe());
     let model = model.with_gradient_checkpointing(memory.gradient_checkpointing);
     let mut batch = batch_options(&cfg, pad_id(&tok));
-    batch.micro_batch_tokens = memory.micro_batch_tokens;
+    if cfg.train.batch_size == 0 {
+        batch.micro_batch_tokens = memory.micro_batch_tokens;
+    }
 
     crate::common::write_resolved_config(&cfg, &out)?;
 

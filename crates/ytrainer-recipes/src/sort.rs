@@ -628,6 +628,7 @@ pub fn sort(s: &SortSettings, observer: &mut dyn SortObserver) -> Result<SortRep
         micro_batch_tokens: s.batch_tokens,
         max_micro_batch_size: s.batch_size,
         tokens_per_step: 1,
+        micro_batches_per_step: 0,
         mode: Mode::OnePass,
         pad_id: 0,
     };
