@@ -39,6 +39,9 @@ pub enum TrainError {
     /// The data could not be planned into steps.
     #[error(transparent)]
     Data(#[from] ytrainer_data::DataError),
+    /// Data-parallel communication failed or the ranks disagree.
+    #[error(transparent)]
+    Distributed(#[from] crate::dist::DistError),
     /// Nothing to train on.
     #[error(
         "the training data yields no optimizer step (no supervised tokens); check `[data] train_on` and the data file"

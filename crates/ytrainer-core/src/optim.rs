@@ -126,6 +126,62 @@ impl GradAccumulator {
         sq.sqrt() * scale.abs()
     }
 
+    /// Sums the accumulated gradients over every rank of `dist`, in place. Parameter ids differ between
+    /// processes, so the gradients travel as one flat host buffer in the model's parameter order (every trainable
+    /// parameter, zeros where this rank has no gradient), followed by one presence flag per parameter: a
+    /// parameter no rank has a gradient for stays absent, exactly as in a single process. Returns the bytes
+    /// this rank contributed and the squared L2 norm of the summed gradient, taken over the buffer in parameter
+    /// order so that every rank computes the same bits (the map's own order differs between processes).
+    pub fn all_reduce<M: Module>(
+        &mut self,
+        model: &M,
+        dist: &dyn crate::dist::Collective,
+    ) -> Result<(usize, f64), crate::dist::DistError> {
+        struct List(Vec<(ParamId, usize, Device, burn::tensor::DType)>);
+        impl ModuleVisitor for List {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                if param.is_require_grad() {
+                    let t = param.val().inner();
+                    self.0
+                        .push((param.id, t.shape().num_elements(), t.device(), t.dtype()));
+                }
+            }
+        }
+        let mut list = List(Vec::new());
+        model.visit(&mut list);
+        let params = list.0;
+        let n: usize = params.iter().map(|p| p.1).sum();
+        let mut buf = vec![0f32; n + params.len()];
+        let mut off = 0;
+        for (i, (id, len, _, _)) in params.iter().enumerate() {
+            if let Some(g) = self.grads.remove(id) {
+                let host = g.into_data().convert::<f32>();
+                let v = host
+                    .as_slice::<f32>()
+                    .map_err(|e| crate::dist::DistError::Transport(format!("{e:?}")))?;
+                buf[off..off + len].copy_from_slice(v);
+                buf[n + i] = 1.0;
+            }
+            off += len;
+        }
+        debug_assert!(
+            self.grads.is_empty(),
+            "a gradient of a parameter that does not require one"
+        );
+        dist.all_reduce_f32(&mut buf)?;
+        let sum_sq: f64 = buf[..n].iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+        let mut off = 0;
+        for (i, (id, len, device, dtype)) in params.iter().enumerate() {
+            if buf[n + i] > 0.0 {
+                let data =
+                    TensorData::new(buf[off..off + len].to_vec(), [*len]).convert_dtype(*dtype);
+                self.grads.insert(*id, Tensor::from_data(data, device));
+            }
+            off += len;
+        }
+        Ok((buf.len() * std::mem::size_of::<f32>(), sum_sq))
+    }
+
     /// The accumulated (unscaled) gradient of a parameter, flattened.
     pub fn get(&self, id: &ParamId) -> Option<&Tensor<1>> {
         self.grads.get(id)

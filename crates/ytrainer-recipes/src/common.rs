@@ -46,6 +46,9 @@ pub struct RunOptions {
     pub dry_run: bool,
     /// External plugin directories named outside the config (`--plugin-dir`).
     pub plugin_dirs: Vec<PathBuf>,
+    /// The data-parallel group this process belongs to (one process by default; `mpirun` through the CLI's
+    /// `mpi` feature). Rank 0 alone writes files.
+    pub group: ytrainer_core::dist::Group,
 }
 
 /// What a run recipe did: stopped after validation (`dry_run`) or trained and exported.
@@ -142,7 +145,7 @@ pub fn base_weights(cfg: &RunConfig) -> Result<BaseWeights> {
 pub(crate) fn loop_setup<'a>(
     cfg: &'a RunConfig,
     out: &'a Path,
-    opts: &RunOptions,
+    opts: &'a RunOptions,
     device: &'a Device,
 ) -> Result<LoopSetup<'a>> {
     let resume = match &opts.resume {
@@ -159,6 +162,7 @@ pub(crate) fn loop_setup<'a>(
         resume,
         fingerprint: fingerprint(cfg),
         device,
+        dist: opts.group.get(),
     })
 }
 

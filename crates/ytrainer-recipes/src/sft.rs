@@ -148,7 +148,10 @@ pub fn run_sft(
         );
     }
 
-    crate::common::write_resolved_config(&cfg, &out)?;
+    let writer = opts.group.is_writer();
+    if writer {
+        crate::common::write_resolved_config(&cfg, &out)?;
+    }
 
     let setup = TrainSetup {
         run: crate::common::loop_setup(&cfg, &out, opts, &device)?,
@@ -179,9 +182,12 @@ pub fn run_sft(
     ));
     let (model, summary) = sft::train(model, &setup, observer)?;
 
-    // Final export: what the user takes to the rest of the ecosystem.
-    let (final_dir, files) = crate::common::export_final(&model, &cfg, &model_dir, &out)?;
-    write_summary(&out, &summary, s, &warnings, &files)?;
+    // Final export: what the user takes to the rest of the ecosystem (rank 0's: every rank holds the same).
+    let final_dir = out.join("final");
+    if writer {
+        let (_, files) = crate::common::export_final(&model, &cfg, &model_dir, &out)?;
+        write_summary(&out, &summary, s, &warnings, &files)?;
+    }
     Ok(Ran::Trained(Box::new(SftReport {
         summary,
         data: s.clone(),
