@@ -179,7 +179,7 @@ pub fn reduce_tally<T: Tally>(dist: &dyn Collective, t: &mut T) -> Result<(), Di
 }
 
 /// What the loop spent on communication: bytes summed and seconds inside collective calls.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct CommStats {
     /// Bytes this rank contributed to all-reduces (gradients and tallies).
     pub bytes: u64,
@@ -189,6 +189,8 @@ pub struct CommStats {
     pub wait_seconds: f64,
     /// Steps whose gradients were reduced.
     pub steps: usize,
+    /// Seconds of each such step's transfer (tally and gradients).
+    pub step_seconds: Vec<f64>,
 }
 
 impl CommStats {
@@ -199,6 +201,18 @@ impl CommStats {
         self.seconds += t.elapsed().as_secs_f64();
         self.bytes += bytes as u64;
         r
+    }
+
+    /// The median of the per-step transfer times: on a shared machine a few steps stall for a scheduler
+    /// time slice, which the mean would report as the typical cost.
+    pub fn median_step_seconds(&self) -> f64 {
+        let mut v = self.step_seconds.clone();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
     }
 }
 

@@ -359,11 +359,12 @@ pub fn train<M: CausalLm, O: Objective<M>>(
     let comm = (comm.steps > 0).then_some(comm);
     if let Some(c) = &comm {
         observer.notice(&format!(
-            "data-parallel over {} ranks ({}): per step {:.3} MB summed in {:.1} ms, {:.1} ms waiting for the \
-             slowest rank ({} steps)",
+            "data-parallel over {} ranks ({}): per step {:.3} MB summed in {:.1} ms (median; mean {:.1} ms), \
+             {:.1} ms waiting for the slowest rank ({} steps)",
             dist.world_size(),
             dist.describe(),
             c.bytes as f64 / c.steps as f64 / 1e6,
+            c.median_step_seconds() * 1e3,
             c.seconds / c.steps as f64 * 1e3,
             c.wait_seconds / c.steps as f64 * 1e3,
             c.steps
@@ -404,6 +405,7 @@ fn reduce_step<M: CausalLm, O: Objective<M>>(
     let t = Instant::now();
     dist.barrier()?;
     comm.wait_seconds += t.elapsed().as_secs_f64();
+    let before = comm.seconds;
     let bytes = tally.to_sums().len() * 8;
     comm.time(bytes, || reduce_tally(dist, &mut tally))?;
     let acc = objective.conclude(tally);
@@ -415,6 +417,7 @@ fn reduce_step<M: CausalLm, O: Objective<M>>(
     comm.seconds += t.elapsed().as_secs_f64();
     comm.bytes += bytes as u64;
     comm.steps += 1;
+    comm.step_seconds.push(comm.seconds - before);
     Ok((acc, Some(sq)))
 }
 
