@@ -155,10 +155,11 @@ fn weights_file(dir: &Path) -> PathBuf {
         .unwrap_or_else(|| panic!("no weights in {}", dir.display()))
 }
 
-/// The weights agree within 1e-5 relative, over the whole model and tensor by tensor. One kind of tensor gets
-/// 1e-4: the key projection's bias, whose gradient is zero in exact arithmetic (softmax ignores a shift shared
-/// by every key), so what it receives is rounding noise that Adam's normalisation blows up to full-size steps;
-/// any change of summation order (another thread count, another GEMM blocking) moves it as much.
+/// The weights agree within 1e-5 relative, over the whole model and tensor by tensor, with one exception: the
+/// key projections' biases get 1e-3. Their gradient is zero in exact arithmetic (softmax ignores a shift shared
+/// by every key), so what they receive is rounding noise, which Adam's normalisation turns into real steps and
+/// any change of summation order (here: gradients summed over ranks) changes; and their norm is tiny (~0.02 in
+/// tiny-qwen2), so a few 1e-6 of absolute difference read as 1e-4 relative. The whole-model bound covers them.
 fn assert_same_weights(a: &Path, b: &Path) {
     let wa = ytrainer_core::checkpoint::read_safetensors(&weights_file(a)).unwrap();
     let wb = ytrainer_core::checkpoint::read_safetensors(&weights_file(b)).unwrap();
@@ -175,7 +176,7 @@ fn assert_same_weights(a: &Path, b: &Path) {
         nall += n;
         let rel = (d / n.max(1e-30)).sqrt();
         let tol = if name.ends_with("k_proj.bias") {
-            1e-4
+            1e-3
         } else {
             1e-5
         };
@@ -229,9 +230,10 @@ fn rho1_and_truncation_on_2_ranks_equal_one_process() {
     parity("full", "truncation", &[3]);
 }
 
-#[test]
-fn dpo_lora_on_2_ranks_equals_one_process() {
-    let d = TempDir::new("dp-dpo");
+/// DPO on `ranks` against one process: `adapter` "lora" takes the reference from the base with adapters off at
+/// every micro-batch, "full" precomputes it once (every rank for all pairs; rank 0 writes the cache).
+fn dpo_parity(adapter: &str, ranks: usize) {
+    let d = TempDir::new(&format!("dp-dpo-{adapter}"));
     let data = small_pairs(d.path(), 12);
     let args = |out: &Path| -> Vec<String> {
         [
@@ -244,6 +246,8 @@ fn dpo_lora_on_2_ranks_equals_one_process() {
             &s(&data),
             "--loss",
             "dpo",
+            "--adapter",
+            adapter,
             "--max-steps",
             "3",
             "--learning-rate",
@@ -266,9 +270,9 @@ fn dpo_lora_on_2_ranks_equals_one_process() {
     let a = args(&single);
     let o = ytrainer(&a.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}", stderr(&o));
-    let par = d.path().join("np2");
+    let par = d.path().join(format!("np{ranks}"));
     let a = args(&par);
-    let o = mpirun(2, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    let o = mpirun(ranks, &a.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}", stderr(&o));
     assert_same_run(&single, &par, "loss");
     let (x, y) = (
@@ -280,6 +284,12 @@ fn dpo_lora_on_2_ranks_equals_one_process() {
             close(p[k].as_f64().unwrap(), q[k].as_f64().unwrap(), k);
         }
     }
+}
+
+#[test]
+fn dpo_lora_on_2_ranks_and_full_on_3_ranks_equal_one_process() {
+    dpo_parity("lora", 2);
+    dpo_parity("full", 3);
 }
 
 /// Each rank given another learning rate: every rank stops before step 1 with a message naming the rank and key.
