@@ -839,3 +839,23 @@ fn memory_budget_plans_or_refuses() {
         "{err}"
     );
 }
+
+/// A build without the `mpi` feature started by an MPI launcher with several processes refuses to train (each
+/// process would train alone into the same run directory) and says how to build it.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_build_without_mpi_refuses_to_run_under_an_mpi_launcher() {
+    let o = std::process::Command::new(bin())
+        .args([
+            "run",
+            "--config",
+            "examples/quickstart/sft-nlirg.toml",
+            "--dry-run",
+        ])
+        .current_dir(root())
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    assert_user_error(&o, "started by an MPI launcher with 2 processes");
+    assert!(stderr(&o).contains("--features mpi"), "{}", stderr(&o));
+}

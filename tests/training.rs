@@ -335,6 +335,7 @@ fn non_finite_loss_skips_the_update_and_never_reaches_a_checkpoint() {
             resume: None,
             fingerprint: "x".into(),
             device: &device,
+            dist: &ytrainer_core::dist::SINGLE,
         },
         batch,
         train_examples: &examples,
@@ -546,4 +547,182 @@ fn chunked_head_gives_the_whole_head_gradients() {
         let (a, b) = (g_whole.global_norm(1.0), g_chunked.global_norm(1.0));
         assert!(a > 0.0 && ((a - b) / a).abs() < 1e-5, "{loss}: {a} vs {b}");
     }
+}
+
+/// Every trainable parameter's accumulated gradient, flattened in the model's parameter order.
+fn flat_grads(acc: &GradAccumulator, m: &Decoder) -> Vec<f32> {
+    use ytrainer_core::burn::module::{Module, ModuleVisitor, Param};
+    struct Ids(Vec<(ytrainer_core::burn::module::ParamId, usize)>);
+    impl ModuleVisitor for Ids {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+            if p.is_require_grad() {
+                self.0.push((p.id, p.val().shape().num_elements()));
+            }
+        }
+    }
+    let mut ids = Ids(Vec::new());
+    m.visit(&mut ids);
+    let mut out = Vec::new();
+    for (id, n) in ids.0 {
+        match acc.get(&id) {
+            Some(g) => out.extend(tensor_to_vec(g.clone())),
+            None => out.extend(std::iter::repeat_n(0.0, n)),
+        }
+    }
+    out
+}
+
+fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
+    let (mut d, mut n) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        d += (f64::from(*x) - f64::from(*y)).powi(2);
+        n += f64::from(*y).powi(2);
+    }
+    (d / n.max(1e-30)).sqrt()
+}
+
+/// The data-parallel seam without a transport: a step's micro-batches split over two "ranks" (`Shard`), their
+/// tallies and gradients summed, gives the single-process step (normaliser, loss, gradient); normalising on each
+/// rank and averaging, what a per-rank normaliser does, is visibly wrong here because the ranks hold very
+/// different numbers of supervised tokens (15 + 7 against 3).
+#[test]
+fn a_step_split_over_ranks_equals_the_whole_step_and_a_per_rank_normaliser_would_not() {
+    use ytrainer_core::dist::{Shard, Tally};
+    use ytrainer_core::sft::TokenObjective;
+    use ytrainer_core::trainer::{Objective, StepAt, StepOutcome};
+
+    let m = model(&AdapterSpec::Full);
+    let examples = vec![
+        Example::single(IDS[0].to_vec(), (0..16).map(|p| p > 0).collect(), None),
+        Example::single(IDS[1].to_vec(), (0..16).map(|p| p >= 13).collect(), None),
+        Example::single(IDS[1][..8].to_vec(), (0..8).map(|p| p > 0).collect(), None),
+    ];
+    let train = TrainSection::default();
+    let batch = BatchOptions {
+        shuffle: false,
+        tokens_per_step: 1000,
+        max_micro_batch_size: 1,
+        ..BatchOptions::default()
+    };
+    let device = device();
+    let d = TempDir::new("shards");
+    let plugin = nlirg();
+    let setup = TrainSetup {
+        run: LoopSetup {
+            train: &train,
+            seed: 7,
+            output_dir: d.path(),
+            eval_every: 0,
+            save_every: 0,
+            save_total_limit: 0,
+            resume: None,
+            fingerprint: "x".into(),
+            device: &device,
+            dist: &ytrainer_core::dist::SINGLE,
+        },
+        batch,
+        train_examples: &examples,
+        eval_examples: &[],
+        plugin: plugin.as_ref(),
+        normalize: Normalize::Tokens,
+        zone_borders: [1.45, 6.6, 15.0],
+    };
+    let obj = TokenObjective::new(&setup);
+    let plan = Objective::<Decoder>::plan(&obj).unwrap();
+    assert_eq!(plan.len(), 1);
+    let step = &plan[0].1;
+    assert_eq!(step.micro_batches.len(), 3, "one micro-batch per example");
+    let at = |shard| StepAt {
+        index: 0,
+        total: 1,
+        epoch: 0,
+        seed: 7,
+        shard,
+    };
+    let outcome = |at| StepOutcome {
+        at,
+        lr: 0.0,
+        grad_norm: 0.0,
+        skipped: false,
+        seconds: 1.0,
+    };
+
+    let mut g_all = GradAccumulator::default();
+    let whole = Objective::<Decoder>::conclude(
+        &obj,
+        obj.accumulate(&m, step, at(Shard::ALL), &mut g_all)
+            .unwrap(),
+    );
+    let whole_loss = Objective::<Decoder>::metrics(&obj, &whole, &outcome(at(Shard::ALL))).loss;
+    let want = flat_grads(&g_all, &m);
+
+    let mut grads = Vec::new();
+    let mut tallies = Vec::new();
+    for rank in 0..2 {
+        let shard = Shard { rank, world: 2 };
+        let mut g = GradAccumulator::default();
+        tallies.push(obj.accumulate(&m, step, at(shard), &mut g).unwrap());
+        grads.push(flat_grads(&g, &m));
+    }
+    let sums: Vec<f64> = tallies[0]
+        .to_sums()
+        .iter()
+        .zip(tallies[1].to_sums())
+        .map(|(a, b)| a + b)
+        .collect();
+    let per_rank: Vec<_> = tallies
+        .into_iter()
+        .map(|t| Objective::<Decoder>::conclude(&obj, t))
+        .collect();
+    assert_eq!(
+        per_rank.iter().map(|a| a.tokens).collect::<Vec<_>>(),
+        [15 + 7, 3],
+        "rank 0 runs micro-batches 0 and 2, rank 1 micro-batch 1"
+    );
+
+    // Data-parallel: tallies and gradients summed over the ranks, then the step's own normaliser.
+    let mut global = Objective::<Decoder>::accumulate(
+        &obj,
+        &m,
+        step,
+        at(Shard { rank: 5, world: 6 }),
+        &mut GradAccumulator::default(),
+    )
+    .unwrap();
+    global.set_sums(&sums);
+    let global = Objective::<Decoder>::conclude(&obj, global);
+    assert_eq!(global.tokens, whole.tokens);
+    assert!((global.scale - whole.scale).abs() <= 1e-12 * whole.scale.abs());
+    let loss = Objective::<Decoder>::metrics(&obj, &global, &outcome(at(Shard::ALL))).loss;
+    assert!(
+        (loss - whole_loss).abs() <= 1e-6 * whole_loss.abs(),
+        "{loss} vs {whole_loss}"
+    );
+    let summed: Vec<f32> = grads[0].iter().zip(&grads[1]).map(|(a, b)| a + b).collect();
+    let scaled =
+        |v: &[f32], s: f64| -> Vec<f32> { v.iter().map(|x| (f64::from(*x) * s) as f32).collect() };
+    let want = scaled(&want, whole.scale);
+    let got = scaled(&summed, global.scale);
+    assert!(rel_diff(&got, &want) < 1e-5, "{}", rel_diff(&got, &want));
+
+    // A per-rank normaliser (each rank divides by its own tokens, the ranks average): another gradient and loss.
+    let averaged: Vec<f32> = scaled(&grads[0], per_rank[0].scale)
+        .iter()
+        .zip(scaled(&grads[1], per_rank[1].scale))
+        .map(|(a, b)| (a + b) / 2.0)
+        .collect();
+    assert!(
+        rel_diff(&averaged, &want) > 0.05,
+        "a per-rank normaliser should differ here, got {}",
+        rel_diff(&averaged, &want)
+    );
+    let rank_losses: Vec<f64> = per_rank
+        .iter()
+        .map(|a| Objective::<Decoder>::metrics(&obj, a, &outcome(at(Shard::ALL))).loss)
+        .collect();
+    let mean_of_means = (rank_losses[0] + rank_losses[1]) / 2.0;
+    assert!(
+        (mean_of_means - whole_loss).abs() > 1e-3,
+        "{mean_of_means} vs {whole_loss}"
+    );
 }

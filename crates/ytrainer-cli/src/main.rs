@@ -101,12 +101,36 @@ fn main() -> ExitCode {
         .without_time()
         .init();
     plugins_cmd::set_cli_plugin_dirs(args.plugin_dirs.clone());
+    // Under mpirun / srun the process joins its data-parallel group (MPI lives until `membership` drops).
+    let membership = match ytrainer_dist::join() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let world = membership.world_size();
+    let rank = membership.group.get().rank();
+    if world > 1 && !matches!(args.command, cli::Command::Run(_)) {
+        eprintln!(
+            "error: only `ytrainer run` trains data-parallel; start other commands without mpirun / srun"
+        );
+        membership.abort(2);
+        return ExitCode::FAILURE;
+    }
+    run::set_group(membership.group.clone());
     let result = on_worker(move || dispatch(args));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("error: {}", chain.join(": "));
+            if world > 1 {
+                eprintln!("error: rank {rank} of {world}: {}", chain.join(": "));
+                // The other ranks may wait for this one in a collective call: end them all now.
+                membership.abort(1);
+            } else {
+                eprintln!("error: {}", chain.join(": "));
+            }
             ExitCode::FAILURE
         }
     }

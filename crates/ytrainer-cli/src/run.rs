@@ -1,7 +1,10 @@
 //! `ytrainer run` and `ytrainer init`: flags -> [`ytrainer_recipes::run`] -> the summary printed.
 
+use std::sync::OnceLock;
+
 use anyhow::Result;
 use ytrainer_core::device::Precision;
+use ytrainer_core::dist::Group;
 use ytrainer_recipes::preference::PrefReport;
 use ytrainer_recipes::sft::SftReport;
 use ytrainer_recipes::{RunOptions, RunReport};
@@ -17,20 +20,40 @@ pub fn init_preset(a: InitArgs) -> Result<()> {
     Ok(())
 }
 
+static GROUP: OnceLock<Group> = OnceLock::new();
+
+/// The data-parallel group `main` joined (under `mpirun` / `srun` with the `mpi` feature).
+pub fn set_group(group: Group) {
+    let _ = GROUP.set(group);
+}
+
 /// `ytrainer run`
 pub fn run(args: RunArgs) -> Result<()> {
     let cfg = config_file::resolve(&args)?;
+    let group = GROUP.get().cloned().unwrap_or_default();
+    let writer = group.is_writer();
     let opts = RunOptions {
         resume: args.resume.clone(),
         dry_run: args.dry_run,
         plugin_dirs: crate::plugins_cmd::cli_plugin_dirs(),
         overwrite: args.overwrite,
         own_files: Vec::new(),
+        group,
     };
-    let mut bar = Bar::new();
-    let report = ytrainer_recipes::run(cfg, &opts, &mut bar);
-    drop(bar);
-    match report? {
+    // Rank 0 speaks for a data-parallel run; the other ranks only report errors.
+    let report = if writer {
+        let mut bar = Bar::new();
+        let report = ytrainer_recipes::run(cfg, &opts, &mut bar);
+        drop(bar);
+        report
+    } else {
+        ytrainer_recipes::run(cfg, &opts, &mut ytrainer_core::observe::Silent)
+    };
+    let report = report?;
+    if !writer {
+        return Ok(());
+    }
+    match report {
         RunReport::DryRun(cfg) => println!("{}", toml::to_string_pretty(&cfg)?),
         RunReport::Sft(r) => print_sft(&r),
         RunReport::Preference(r) => print_preference(&r),

@@ -42,6 +42,10 @@ pub enum TrainError {
     /// Non-finite losses, gradients or weights: the run stopped before writing them anywhere.
     #[error("training diverged: {0}")]
     Diverged(String),
+
+    /// Data-parallel communication failed or the ranks disagree.
+    #[error(transparent)]
+    Distributed(#[from] crate::dist::DistError),
     /// Nothing to train on.
     #[error(
         "the training data yields no optimizer step (no supervised tokens); check `[data] train_on` and the data file"

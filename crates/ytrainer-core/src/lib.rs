@@ -5,6 +5,7 @@ pub use burn;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod external;
 pub mod lm_loss;

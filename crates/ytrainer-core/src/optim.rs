@@ -116,14 +116,82 @@ impl GradAccumulator {
         self.grads.insert(id, sum);
     }
 
-    /// Global L2 norm of the accumulated gradients after multiplying them by `scale`.
+    /// Global L2 norm of the accumulated gradients after multiplying them by `scale`. Squares are summed in f64
+    /// (in fixed chunks, so the result does not depend on the thread count): an f32 sum over a large tensor is
+    /// off by ~1e-5, enough to move the clipping factor.
     pub fn global_norm(&self, scale: f64) -> f64 {
+        use rayon::prelude::*;
         let mut sq = 0.0f64;
         for g in self.grads.values() {
-            let s: f32 = g.clone().powi_scalar(2).sum().into_scalar::<f32>();
-            sq += s as f64;
+            sq += match ytrainer_kernels::host::host_f32(g) {
+                Some(f) => {
+                    let v = f.as_slice::<f32>().expect("f32, checked by host_f32");
+                    let parts: Vec<f64> = v.par_chunks(1 << 16).map(sum_sq_f64).collect();
+                    parts.iter().sum::<f64>()
+                }
+                None => {
+                    let s: f32 = g.clone().powi_scalar(2).sum().into_scalar::<f32>();
+                    s as f64
+                }
+            };
         }
         sq.sqrt() * scale.abs()
+    }
+
+    /// Sums the accumulated gradients over every rank of `dist`, in place. Parameter ids differ between
+    /// processes, so the gradients travel as one flat host buffer in the model's parameter order (every trainable
+    /// parameter, zeros where this rank has no gradient), followed by one presence flag per parameter: a
+    /// parameter no rank has a gradient for stays absent, exactly as in a single process. Returns the bytes
+    /// this rank contributed and the squared L2 norm of the summed gradient, taken over the buffer in parameter
+    /// order so that every rank computes the same bits (the map's own order differs between processes).
+    pub fn all_reduce<M: Module>(
+        &mut self,
+        model: &M,
+        dist: &dyn crate::dist::Collective,
+    ) -> Result<(usize, f64), crate::dist::DistError> {
+        struct List(Vec<(ParamId, usize, Device, burn::tensor::DType)>);
+        impl ModuleVisitor for List {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                if param.is_require_grad() {
+                    let t = param.val().inner();
+                    self.0
+                        .push((param.id, t.shape().num_elements(), t.device(), t.dtype()));
+                }
+            }
+        }
+        let mut list = List(Vec::new());
+        model.visit(&mut list);
+        let params = list.0;
+        let n: usize = params.iter().map(|p| p.1).sum();
+        let mut buf = vec![0f32; n + params.len()];
+        let mut off = 0;
+        for (i, (id, len, _, _)) in params.iter().enumerate() {
+            if let Some(g) = self.grads.remove(id) {
+                let host = g.into_data().convert::<f32>();
+                let v = host
+                    .as_slice::<f32>()
+                    .map_err(|e| crate::dist::DistError::Transport(format!("{e:?}")))?;
+                buf[off..off + len].copy_from_slice(v);
+                buf[n + i] = 1.0;
+            }
+            off += len;
+        }
+        debug_assert!(
+            self.grads.is_empty(),
+            "a gradient of a parameter that does not require one"
+        );
+        dist.all_reduce_f32(&mut buf)?;
+        let sum_sq = sum_sq_f64(&buf[..n]);
+        let mut off = 0;
+        for (i, (id, len, device, dtype)) in params.iter().enumerate() {
+            if buf[n + i] > 0.0 {
+                let data =
+                    TensorData::new(buf[off..off + len].to_vec(), [*len]).convert_dtype(*dtype);
+                self.grads.insert(*id, Tensor::from_data(data, device));
+            }
+            off += len;
+        }
+        Ok((buf.len() * std::mem::size_of::<f32>(), sum_sq))
     }
 
     /// The accumulated (unscaled) gradient of a parameter, flattened.
@@ -140,6 +208,11 @@ impl GradAccumulator {
     pub fn clear(&mut self) {
         self.grads.clear();
     }
+}
+
+/// `sum(x^2)` in f64, in order.
+fn sum_sq_f64(v: &[f32]) -> f64 {
+    v.iter().map(|&x| f64::from(x) * f64::from(x)).sum()
 }
 
 /// Per-parameter Adam moments, keyed by module path (stable across model reloads).
@@ -480,6 +553,27 @@ mod tests {
     /// Row gradients (an embedding's) scattered into the accumulated gradient: repeated ids add up, the result is
     /// the dense sum, and it stays a CPU tensor the host AdamW pass takes (a tracked or foreign tensor would push
     /// the update onto the slow tensor path), whether or not a previous gradient exists.
+    /// The global norm sums squares in f64: over 2^21 values of 0.1 an f32 sum drifts by far more than 1e-7
+    /// (it was what made a data-parallel run's grad norm differ from one process's by 1e-5).
+    #[test]
+    fn global_norm_is_exact_to_f64_rounding_on_large_tensors() {
+        let inner = Device::flex();
+        let n = 1 << 21;
+        let mut acc = GradAccumulator::default();
+        acc.add(
+            ParamId::new(),
+            Tensor::<1>::from_data(TensorData::new(vec![0.1f32; n], [n]), &inner),
+        );
+        acc.add(
+            ParamId::new(),
+            Tensor::<1>::from_data(TensorData::new(vec![-3.0f32, 4.0], [2]), &inner),
+        );
+        let x = f64::from(0.1f32);
+        let want = (n as f64 * x * x + 25.0).sqrt() * 0.5;
+        let got = acc.global_norm(-0.5);
+        assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");
+    }
+
     #[test]
     fn add_rows_scatters_into_the_accumulated_gradient_in_place() {
         let device = Device::flex().autodiff();

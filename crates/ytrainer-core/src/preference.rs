@@ -8,6 +8,7 @@ use burn::prelude::*;
 use serde::Serialize;
 use ytrainer_data::{Example, MicroBatch, PairExample};
 
+use crate::dist::{Shard, Tally};
 use crate::loss::{PairStats, PairwiseObjective, tensor_to_vec};
 use crate::model::CausalLm;
 use crate::observe::{Observer, Progress};
@@ -314,6 +315,40 @@ pub struct Acc {
     nonfinite: bool,
 }
 
+impl Tally for Acc {
+    fn to_sums(&self) -> Vec<f64> {
+        vec![
+            self.pairs as f64,
+            self.loss,
+            self.rc,
+            self.rr,
+            self.correct as f64,
+            self.margin,
+            self.lpc,
+            self.lpr,
+            self.weight,
+            self.tokens as f64,
+            f64::from(u8::from(self.nonfinite)),
+        ]
+    }
+
+    fn set_sums(&mut self, v: &[f64]) {
+        *self = Acc {
+            pairs: v[0] as usize,
+            loss: v[1],
+            rc: v[2],
+            rr: v[3],
+            correct: v[4] as usize,
+            margin: v[5],
+            lpc: v[6],
+            lpr: v[7],
+            weight: v[8],
+            tokens: v[9] as usize,
+            nonfinite: v[10] > 0.0,
+        };
+    }
+}
+
 /// Forward (and, when `train`, backward) of one micro-batch of pairs. Returns the statistics; gradients of
 /// `sum(weight * loss) / step_pairs + sft_weight * chosen_nll / step_chosen_tokens` go into `grads`.
 #[allow(clippy::too_many_arguments)]
@@ -456,12 +491,39 @@ pub fn evaluate<M: CausalLm>(
     reference: Option<&[(f32, f32)]>,
     step: usize,
 ) -> Result<Option<PrefEval>, TrainError> {
+    Ok(eval_acc(model, setup, pairs, reference, step, Shard::ALL)?.map(|a| eval_line(&a, step)))
+}
+
+/// The eval line of tallies summed over all eval pairs.
+pub fn eval_line(acc: &Acc, step: usize) -> PrefEval {
+    let n = acc.pairs.max(1) as f64;
+    PrefEval {
+        step,
+        eval_loss: acc.loss / acc.weight.max(1e-12),
+        accuracy: acc.correct as f64 / n,
+        margin: acc.margin / n,
+        eval_pairs: acc.pairs,
+    }
+}
+
+/// The tallies of `shard`'s micro-batches of eval pairs (no update); `None` when there are no pairs.
+pub fn eval_acc<M: CausalLm>(
+    model: &M,
+    setup: &PrefSetup<'_>,
+    pairs: &[PairExample],
+    reference: Option<&[(f32, f32)]>,
+    step: usize,
+    shard: Shard,
+) -> Result<Option<Acc>, TrainError> {
     if pairs.is_empty() {
         return Ok(None);
     }
     let mut acc = Acc::default();
     let all: Vec<usize> = (0..pairs.len()).collect();
-    for chunk in all.chunks(setup.micro_pairs.max(1)) {
+    for (i, chunk) in all.chunks(setup.micro_pairs.max(1)).enumerate() {
+        if !shard.owns(i) {
+            continue;
+        }
         pair_micro_batch(
             model,
             setup,
@@ -476,14 +538,7 @@ pub fn evaluate<M: CausalLm>(
         )
         .map_err(|e| plugin_error(step, e))?;
     }
-    let n = acc.pairs.max(1) as f64;
-    Ok(Some(PrefEval {
-        step,
-        eval_loss: acc.loss / acc.weight.max(1e-12),
-        accuracy: acc.correct as f64 / n,
-        margin: acc.margin / n,
-        eval_pairs: acc.pairs,
-    }))
+    Ok(Some(acc))
 }
 
 fn plugin_error(step: usize, message: String) -> TrainError {
@@ -545,6 +600,7 @@ impl EvalLine for PrefEval {
 impl<M: CausalLm> Objective<M> for PairObjective<'_> {
     type Unit = Vec<usize>;
     type Tally = Acc;
+    type EvalTally = Acc;
     type Metrics = PrefMetrics;
     type Eval = PrefEval;
 
@@ -558,14 +614,18 @@ impl<M: CausalLm> Objective<M> for PairObjective<'_> {
         idx: &Vec<usize>,
         at: StepAt,
         grads: &mut GradAccumulator,
-    ) -> Result<Accumulated<Acc>, TrainError> {
+    ) -> Result<Acc, TrainError> {
         let setup = self.setup;
         let chosen_tokens: usize = idx
             .iter()
             .map(|&i| setup.pairs[i].chosen.num_targets())
             .sum();
         let mut acc = Acc::default();
-        for chunk in idx.chunks(setup.micro_pairs.max(1)) {
+        for (i, chunk) in idx.chunks(setup.micro_pairs.max(1)).enumerate() {
+            if !at.shard.owns(i) {
+                continue;
+            }
+            at.seed_micro_batch(setup.run.device, i);
             pair_micro_batch(
                 model,
                 setup,
@@ -583,13 +643,18 @@ impl<M: CausalLm> Objective<M> for PairObjective<'_> {
                 break;
             }
         }
-        // The objective is already a mean over the step's pairs (and chosen tokens): nothing left to normalise.
-        Ok(Accumulated {
+        Ok(acc)
+    }
+
+    fn conclude(&self, acc: Acc) -> Accumulated<Acc> {
+        // The objective is already a mean over the step's pairs and chosen tokens, counted over the whole step
+        // (every rank sees the whole unit): nothing left to normalise.
+        Accumulated {
             scale: 1.0,
             nonfinite: acc.nonfinite,
             tokens: acc.tokens,
             tally: acc,
-        })
+        }
     }
 
     fn metrics(&self, a: &Accumulated<Acc>, o: &StepOutcome) -> PrefMetrics {
@@ -614,9 +679,20 @@ impl<M: CausalLm> Objective<M> for PairObjective<'_> {
         }
     }
 
-    fn evaluate(&self, model: &M, step: usize) -> Result<Option<PrefEval>, TrainError> {
+    fn evaluate(&self, model: &M, step: usize, shard: Shard) -> Result<Option<Acc>, TrainError> {
         let s = self.setup;
-        evaluate(model, s, s.eval_pairs, s.eval_reference.as_deref(), step)
+        eval_acc(
+            model,
+            s,
+            s.eval_pairs,
+            s.eval_reference.as_deref(),
+            step,
+            shard,
+        )
+    }
+
+    fn eval_line(&self, acc: &Acc, step: usize) -> PrefEval {
+        eval_line(acc, step)
     }
 }
 

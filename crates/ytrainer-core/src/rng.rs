@@ -46,6 +46,16 @@ pub fn step_seed(seed: u64, index: usize) -> u64 {
     seed.wrapping_add((index as u64).wrapping_mul(GOLDEN))
 }
 
+/// The device seed of micro-batch `i` of a step whose seed is `step_seed`: randomness inside a micro-batch
+/// (LoRA dropout) is a function of `(seed, step, micro-batch)`, whichever data-parallel rank runs it. The first
+/// micro-batch keeps the step's seed.
+pub fn micro_batch_seed(step_seed: u64, i: usize) -> u64 {
+    if i == 0 {
+        return step_seed;
+    }
+    SplitMix64::new(step_seed ^ (i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)).next_u64()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

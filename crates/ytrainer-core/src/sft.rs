@@ -9,6 +9,7 @@ use serde::Serialize;
 use ytrainer_data::{BatchOptions, Example, Step, plan_epoch};
 
 use crate::config::TrainSection;
+use crate::dist::{Shard, Tally};
 use crate::loss::{Normalize, TokenReweighter};
 use crate::model::CausalLm;
 use crate::observe::{Observer, Progress};
@@ -163,6 +164,31 @@ pub fn evaluate<M: CausalLm>(
     device: &Device,
     step: usize,
 ) -> Option<EvalMetrics> {
+    eval_counters(model, examples, opts, zone_borders, device, Shard::ALL)
+        .map(|c| eval_metrics(&c, step))
+}
+
+/// The eval line of counters summed over the whole eval set.
+pub fn eval_metrics(total: &StepCounters, step: usize) -> EvalMetrics {
+    let loss = total.mean_ce();
+    EvalMetrics {
+        step,
+        eval_loss: loss,
+        eval_perplexity: loss.exp(),
+        eval_token_accuracy: total.correct as f64 / total.tokens.max(1) as f64,
+        eval_tokens: total.tokens,
+    }
+}
+
+/// The counters of `shard`'s micro-batches of the eval set (no gradient); `None` when `examples` is empty.
+pub fn eval_counters<M: CausalLm>(
+    model: &M,
+    examples: &[Example],
+    opts: &BatchOptions,
+    zone_borders: [f64; 3],
+    device: &Device,
+    shard: Shard,
+) -> Option<StepCounters> {
     if examples.is_empty() {
         return None;
     }
@@ -177,19 +203,16 @@ pub fn evaluate<M: CausalLm>(
     let model = model.valid();
     let device = device.clone().inner();
     let mut total = StepCounters::default();
+    let mut i = 0;
     for s in plan_epoch(examples, &opts, 0).unwrap_or_default() {
         for mb in &s.micro_batches {
-            total.merge(&eval_micro_batch(&model, mb, zone_borders, &device));
+            if shard.owns(i) {
+                total.merge(&eval_micro_batch(&model, mb, zone_borders, &device));
+            }
+            i += 1;
         }
     }
-    let loss = total.mean_ce();
-    Some(EvalMetrics {
-        step,
-        eval_loss: loss,
-        eval_perplexity: loss.exp(),
-        eval_token_accuracy: total.correct as f64 / total.tokens.max(1) as f64,
-        eval_tokens: total.tokens,
-    })
+    Some(total)
 }
 
 /// The token-weighted objective: one plugin weighting every supervised token's cross-entropy.
@@ -203,6 +226,15 @@ pub struct TokenTally {
     denominator: f64,
 }
 
+impl Tally for TokenTally {
+    fn to_sums(&self) -> Vec<f64> {
+        self.counters.to_sums()
+    }
+    fn set_sums(&mut self, sums: &[f64]) {
+        self.counters.set_sums(sums);
+    }
+}
+
 impl<'a> TokenObjective<'a> {
     /// The objective of an SFT setup.
     pub fn new(setup: &'a TrainSetup<'a>) -> Self {
@@ -213,6 +245,7 @@ impl<'a> TokenObjective<'a> {
 impl<M: CausalLm> Objective<M> for TokenObjective<'_> {
     type Unit = Step;
     type Tally = TokenTally;
+    type EvalTally = StepCounters;
     type Metrics = StepMetrics;
     type Eval = EvalMetrics;
 
@@ -230,7 +263,7 @@ impl<M: CausalLm> Objective<M> for TokenObjective<'_> {
         step: &Step,
         at: StepAt,
         grads: &mut GradAccumulator,
-    ) -> Result<Accumulated<TokenTally>, TrainError> {
+    ) -> Result<TokenTally, TrainError> {
         let s = self.setup;
         let ctx = StepContext {
             step: at.index,
@@ -238,7 +271,11 @@ impl<M: CausalLm> Objective<M> for TokenObjective<'_> {
             zone_borders: s.zone_borders,
         };
         let mut c = StepCounters::default();
-        for mb in &step.micro_batches {
+        for (i, mb) in step.micro_batches.iter().enumerate() {
+            if !at.shard.owns(i) {
+                continue;
+            }
+            at.seed_micro_batch(s.run.device, i);
             let mc = train_micro_batch(model, mb, s.plugin, ctx, grads, s.run.device).map_err(
                 |source| TrainError::Plugin {
                     step: at.index,
@@ -250,10 +287,20 @@ impl<M: CausalLm> Objective<M> for TokenObjective<'_> {
                 break;
             }
         }
-        let denominator = s
-            .normalize
-            .denominator(c.tokens as f64, c.nonzero, c.weight_sum);
-        Ok(Accumulated {
+        Ok(TokenTally {
+            counters: c,
+            denominator: f64::NAN,
+        })
+    }
+
+    fn conclude(&self, tally: TokenTally) -> Accumulated<TokenTally> {
+        // The normaliser of the whole step: counters summed over every rank, never a rank's own.
+        let c = tally.counters;
+        let denominator =
+            self.setup
+                .normalize
+                .denominator(c.tokens as f64, c.nonzero, c.weight_sum);
+        Accumulated {
             scale: 1.0 / denominator,
             nonfinite: c.nonfinite > 0 || !c.ce_sum.is_finite(),
             tokens: c.tokens,
@@ -261,7 +308,7 @@ impl<M: CausalLm> Objective<M> for TokenObjective<'_> {
                 counters: c,
                 denominator,
             },
-        })
+        }
     }
 
     fn metrics(&self, acc: &Accumulated<TokenTally>, o: &StepOutcome) -> StepMetrics {
@@ -287,16 +334,25 @@ impl<M: CausalLm> Objective<M> for TokenObjective<'_> {
         }
     }
 
-    fn evaluate(&self, model: &M, step: usize) -> Result<Option<EvalMetrics>, TrainError> {
+    fn evaluate(
+        &self,
+        model: &M,
+        _step: usize,
+        shard: Shard,
+    ) -> Result<Option<StepCounters>, TrainError> {
         let s = self.setup;
-        Ok(evaluate(
+        Ok(eval_counters(
             model,
             s.eval_examples,
             &s.batch,
             s.zone_borders,
             s.run.device,
-            step,
+            shard,
         ))
+    }
+
+    fn eval_line(&self, tally: &StepCounters, step: usize) -> EvalMetrics {
+        eval_metrics(tally, step)
     }
 }
 

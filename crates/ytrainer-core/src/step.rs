@@ -62,6 +62,41 @@ impl StepCounters {
     }
 }
 
+impl crate::dist::Tally for StepCounters {
+    fn to_sums(&self) -> Vec<f64> {
+        let z = self.zones.map(|z| z as f64);
+        vec![
+            self.tokens as f64,
+            self.nonzero,
+            self.weight_sum,
+            self.ce_sum,
+            self.weighted_sum,
+            self.correct as f64,
+            z[0],
+            z[1],
+            z[2],
+            z[3],
+            f64::from(u8::from(self.entropy_sum.is_some())),
+            self.entropy_sum.unwrap_or(0.0),
+            self.nonfinite as f64,
+        ]
+    }
+
+    fn set_sums(&mut self, v: &[f64]) {
+        *self = StepCounters {
+            tokens: v[0] as usize,
+            nonzero: v[1],
+            weight_sum: v[2],
+            ce_sum: v[3],
+            weighted_sum: v[4],
+            correct: v[5] as usize,
+            zones: [v[6] as usize, v[7] as usize, v[8] as usize, v[9] as usize],
+            entropy_sum: (v[10] > 0.0).then_some(v[11]),
+            nonfinite: v[12] as usize,
+        };
+    }
+}
+
 /// Zone of a loss value given the three borders (0 learned ... 3 noise; docs/losses.md, "Telemetry zones").
 pub fn zone(l: f32, borders: &[f64; 3]) -> usize {
     let l = l as f64;

@@ -4,8 +4,11 @@
 //! pairwise preference training ([`crate::preference`]) are objectives; a new one (KTO, ...) is another
 //! implementation of the trait, not another loop.
 //!
-//! Data-parallel training reduces the accumulated gradient across replicas at exactly one place: after
-//! [`Objective::accumulate`] and before the global norm is taken.
+//! Data-parallel training ([`crate::dist`]) changes nothing here but the share of each step a rank runs and one
+//! place where the ranks meet: after [`Objective::accumulate`] the objective's tally and the gradients are summed
+//! over the ranks, and only then does the objective derive its normaliser ([`Objective::conclude`]) and the loop
+//! take the global norm, clip and update. Evaluation is sharded and summed the same way. Rank 0 alone writes
+//! metrics, event files and checkpoints.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -16,6 +19,7 @@ use serde::Serialize;
 
 use crate::checkpoint::{self, TrainerState};
 use crate::config::TrainSection;
+use crate::dist::{Collective, CommStats, Shard, Tally, reduce_tally};
 use crate::model::CausalLm;
 use crate::observe::{JsonlSink, Observer, Progress, Sink, Stream, TensorboardSink};
 use crate::optim::{AdamW, AdamWConfig, GradAccumulator, lr_at};
@@ -31,12 +35,22 @@ pub struct StepAt {
     pub total: usize,
     /// Epoch of this step (0-based).
     pub epoch: usize,
+    /// The step's device seed ([`crate::rng::step_seed`]).
+    pub seed: u64,
+    /// The share of the step's micro-batches this rank runs.
+    pub shard: Shard,
 }
 
 impl StepAt {
     /// Progress in `[0, 1)`: the fraction of planned steps done before this one.
     pub fn progress(&self) -> f64 {
         self.index as f64 / self.total.max(1) as f64
+    }
+
+    /// Seeds `device` for micro-batch `i` of the step (in plan order): LoRA dropout then draws the same on
+    /// whichever rank runs it.
+    pub fn seed_micro_batch(&self, device: &Device, i: usize) {
+        device.seed(crate::rng::micro_batch_seed(self.seed, i));
     }
 }
 
@@ -86,8 +100,10 @@ pub trait EvalLine: Serialize {
 pub trait Objective<M: CausalLm> {
     /// One optimizer step's share of the data (a planned [`ytrainer_data::Step`], a list of pair indices...).
     type Unit;
-    /// The tallies of one step's micro-batches.
-    type Tally;
+    /// The tallies of one step's micro-batches; summed over the data-parallel ranks.
+    type Tally: Tally;
+    /// The tallies of an evaluation; summed over the data-parallel ranks.
+    type EvalTally: Tally;
     /// One line of `metrics.jsonl`.
     type Metrics: StepLine;
     /// One line of `eval.jsonl`.
@@ -97,21 +113,35 @@ pub trait Objective<M: CausalLm> {
     /// data and settings: a resumed run rebuilds it and skips the steps already done.
     fn plan(&self) -> Result<Vec<(usize, Self::Unit)>, TrainError>;
 
-    /// Forward and backward of every micro-batch of `unit`; gradients go into `grads`. Stops early (and says
-    /// `nonfinite`) when a micro-batch produced a non-finite loss: NaN must never reach the optimizer.
+    /// Forward and backward of this rank's micro-batches of `unit` (those `at.shard` owns, each seeded with
+    /// [`StepAt::seed_micro_batch`]); gradients go into `grads`, unnormalised. Stops early when a micro-batch
+    /// produced a non-finite loss (the tally must say so): NaN must never reach the optimizer. Anything scaled
+    /// by a count of the whole step must use the global count, which every rank can derive from `unit`.
     fn accumulate(
         &self,
         model: &M,
         unit: &Self::Unit,
         at: StepAt,
         grads: &mut GradAccumulator,
-    ) -> Result<Accumulated<Self::Tally>, TrainError>;
+    ) -> Result<Self::Tally, TrainError>;
+
+    /// The normaliser, trained tokens and the non-finite verdict from the step's tally summed over every rank.
+    fn conclude(&self, tally: Self::Tally) -> Accumulated<Self::Tally>;
 
     /// The metrics line of a finished step.
     fn metrics(&self, acc: &Accumulated<Self::Tally>, outcome: &StepOutcome) -> Self::Metrics;
 
-    /// Evaluation without gradient at `step`; `None` when there is nothing to evaluate on.
-    fn evaluate(&self, model: &M, step: usize) -> Result<Option<Self::Eval>, TrainError>;
+    /// Evaluation without gradient over this rank's share of the eval data; `None` when there is nothing to
+    /// evaluate on (the same answer on every rank).
+    fn evaluate(
+        &self,
+        model: &M,
+        step: usize,
+        shard: Shard,
+    ) -> Result<Option<Self::EvalTally>, TrainError>;
+
+    /// The `eval.jsonl` line of an evaluation tally summed over every rank.
+    fn eval_line(&self, tally: &Self::EvalTally, step: usize) -> Self::Eval;
 }
 
 /// The objective-independent settings of a run.
@@ -134,6 +164,8 @@ pub struct LoopSetup<'a> {
     pub fingerprint: String,
     /// Device.
     pub device: &'a Device,
+    /// The data-parallel group ([`crate::dist::SINGLE`] for one process).
+    pub dist: &'a dyn Collective,
 }
 
 /// What the loop reports of a finished run.
@@ -155,6 +187,8 @@ pub struct LoopReport<S, E> {
     pub last_checkpoint: Option<PathBuf>,
     /// Wall-clock seconds of the loop.
     pub seconds: f64,
+    /// Communication of a data-parallel run (`None` in one process).
+    pub comm: Option<CommStats>,
 }
 
 /// The trained model with the loop's report.
@@ -177,20 +211,23 @@ fn emit(
     Ok(())
 }
 
-/// Evaluates, records the result everywhere and returns it.
+/// Evaluates (this rank's share, summed over the ranks), records the result everywhere and returns it.
 fn eval_and_emit<M: CausalLm, O: Objective<M>>(
     objective: &O,
     model: &M,
     step: usize,
+    dist: &dyn Collective,
     sinks: &mut [Box<dyn Sink>],
     observer: &mut dyn Observer,
 ) -> Result<Option<O::Eval>, TrainError> {
-    let e = objective.evaluate(model, step)?;
-    if let Some(e) = &e {
-        emit(sinks, Stream::Eval, e.step(), e)?;
-        observer.eval(e.step(), &e.summary());
-    }
-    Ok(e)
+    let Some(mut tally) = objective.evaluate(model, step, Shard::of(dist))? else {
+        return Ok(None);
+    };
+    reduce_tally(dist, &mut tally)?;
+    let e = objective.eval_line(&tally, step);
+    emit(sinks, Stream::Eval, e.step(), &e)?;
+    observer.eval(e.step(), &e.summary());
+    Ok(Some(e))
 }
 
 /// Trains `model` on `objective` and returns it with the report. Checkpoints go to `output_dir/checkpoint-N`,
@@ -207,6 +244,10 @@ pub fn train<M: CausalLm, O: Objective<M>>(
         return Err(TrainError::NoSteps);
     }
     let total = steps.len();
+    let dist = setup.dist;
+    crate::dist::check_same_plan(dist, total)?;
+    let (shard, writer) = (Shard::of(dist), dist.rank() == 0);
+    let mut comm = CommStats::default();
     let tr = setup.train;
     let Started {
         mut model,
@@ -219,15 +260,20 @@ pub fn train<M: CausalLm, O: Objective<M>>(
         message: e.to_string(),
     })?;
     let resumed = setup.resume.is_some();
-    let mut sinks: Vec<Box<dyn Sink>> = vec![
-        Box::new(JsonlSink::open(setup.output_dir, resumed)?),
-        Box::new(TensorboardSink::create(setup.output_dir)?),
-    ];
+    // Rank 0 alone writes records (every rank computes the same global figures).
+    let mut sinks: Vec<Box<dyn Sink>> = if writer {
+        vec![
+            Box::new(JsonlSink::open(setup.output_dir, resumed)?),
+            Box::new(TensorboardSink::create(setup.output_dir)?),
+        ]
+    } else {
+        Vec::new()
+    };
 
     let eval_before = if resumed {
         None
     } else {
-        eval_and_emit(objective, &model, 0, &mut sinks, observer)?
+        eval_and_emit(objective, &model, 0, dist, &mut sinks, observer)?
     };
 
     observer.start(total, state.step);
@@ -245,8 +291,11 @@ pub fn train<M: CausalLm, O: Objective<M>>(
             index,
             total,
             epoch: *epoch,
+            seed: crate::rng::step_seed(setup.seed, index),
+            shard,
         };
-        let acc = objective.accumulate(&model, unit, at, &mut grads)?;
+        let tally = objective.accumulate(&model, unit, at, &mut grads)?;
+        let (acc, reduced_sq) = reduce_step(objective, &model, tally, &mut grads, dist, &mut comm)?;
         let lr = lr_at(
             tr.lr_scheduler,
             tr.learning_rate,
@@ -255,10 +304,10 @@ pub fn train<M: CausalLm, O: Objective<M>>(
             warmup,
             tr.min_lr_ratio,
         );
-        let grad_norm = if grads.is_empty() {
-            0.0
-        } else {
-            grads.global_norm(acc.scale)
+        let grad_norm = match reduced_sq {
+            _ if grads.is_empty() => 0.0,
+            Some(sq) => sq.sqrt() * acc.scale.abs(),
+            None => grads.global_norm(acc.scale),
         };
         let skipped = acc.nonfinite || !grad_norm.is_finite();
         if skipped {
@@ -315,9 +364,10 @@ pub fn train<M: CausalLm, O: Objective<M>>(
 
         let done = index + 1 == total;
         if setup.eval_every > 0 && (index + 1) % setup.eval_every == 0 && !done {
-            eval_and_emit(objective, &model, index + 1, &mut sinks, observer)?;
+            eval_and_emit(objective, &model, index + 1, dist, &mut sinks, observer)?;
         }
-        if (setup.save_every > 0 && (index + 1) % setup.save_every == 0) || done {
+        // Every rank holds the same weights: rank 0's checkpoint is the run's, resumable with any number of ranks.
+        if writer && ((setup.save_every > 0 && (index + 1) % setup.save_every == 0) || done) {
             let dir = setup.output_dir.join(format!("checkpoint-{}", index + 1));
             let saved = checkpoint::save(&dir, &model, &optim.state, &state, |tmp| {
                 model.export(&tmp.join("export")).map(|_| ())
@@ -338,7 +388,21 @@ pub fn train<M: CausalLm, O: Objective<M>>(
             checkpoint::prune(setup.output_dir, setup.save_total_limit, &setup.fingerprint);
         }
     }
-    let eval_after = eval_and_emit(objective, &model, state.step, &mut sinks, observer)?;
+    let eval_after = eval_and_emit(objective, &model, state.step, dist, &mut sinks, observer)?;
+    let comm = (comm.steps > 0).then_some(comm);
+    if let Some(c) = &comm {
+        observer.notice(&format!(
+            "data-parallel over {} ranks ({}): per step {:.3} MB summed in {:.1} ms (median; mean {:.1} ms), \
+             {:.1} ms waiting for the slowest rank ({} steps)",
+            dist.world_size(),
+            dist.describe(),
+            c.bytes as f64 / c.steps as f64 / 1e6,
+            c.median_step_seconds() * 1e3,
+            c.seconds / c.steps as f64 * 1e3,
+            c.wait_seconds / c.steps as f64 * 1e3,
+            c.steps
+        ));
+    }
     Ok((
         model,
         LoopReport {
@@ -350,8 +414,44 @@ pub fn train<M: CausalLm, O: Objective<M>>(
             last_applied,
             last_checkpoint,
             seconds: t0.elapsed().as_secs_f64(),
+            comm,
         },
     ))
+}
+
+/// The one place where data-parallel ranks meet in a step: the objective's tally is summed over the ranks and
+/// concluded (normaliser, non-finite verdict), then, unless the step is skipped anyway, the gradients are summed;
+/// returns the concluded step and, in a group, the squared norm of the summed (unscaled) gradient. In one process
+/// it only concludes.
+fn reduce_step<M: CausalLm, O: Objective<M>>(
+    objective: &O,
+    model: &M,
+    mut tally: O::Tally,
+    grads: &mut GradAccumulator,
+    dist: &dyn Collective,
+    comm: &mut CommStats,
+) -> Result<(Accumulated<O::Tally>, Option<f64>), TrainError> {
+    if dist.world_size() <= 1 {
+        return Ok((objective.conclude(tally), None));
+    }
+    // Waiting for the slowest rank is timed apart from the transfer.
+    let t = Instant::now();
+    dist.barrier()?;
+    comm.wait_seconds += t.elapsed().as_secs_f64();
+    let before = comm.seconds;
+    let bytes = tally.to_sums().len() * 8;
+    comm.time(bytes, || reduce_tally(dist, &mut tally))?;
+    let acc = objective.conclude(tally);
+    if acc.nonfinite {
+        return Ok((acc, None));
+    }
+    let t = Instant::now();
+    let (bytes, sq) = grads.all_reduce(model, dist)?;
+    comm.seconds += t.elapsed().as_secs_f64();
+    comm.bytes += bytes as u64;
+    comm.steps += 1;
+    comm.step_seconds.push(comm.seconds - before);
+    Ok((acc, Some(sq)))
 }
 
 /// A loop's starting point: the model (restored on resume), optimizer, position and warmup length.

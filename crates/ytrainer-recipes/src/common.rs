@@ -52,6 +52,9 @@ pub struct RunOptions {
     /// Files the caller put in the output directory for this run (a sweep trial's `config.toml`): not
     /// foreign, never removed.
     pub own_files: Vec<PathBuf>,
+    /// The data-parallel group this process belongs to (one process by default; `mpirun` through the CLI's
+    /// `mpi` feature). Rank 0 alone writes files.
+    pub group: ytrainer_core::dist::Group,
 }
 
 /// What a run recipe did: stopped after validation (`dry_run`) or trained and exported.
@@ -157,7 +160,7 @@ pub fn base_weights(cfg: &RunConfig) -> Result<BaseWeights> {
 pub(crate) fn loop_setup<'a>(
     cfg: &'a RunConfig,
     out: &'a Path,
-    opts: &RunOptions,
+    opts: &'a RunOptions,
     device: &'a Device,
 ) -> Result<LoopSetup<'a>> {
     let resume = match &opts.resume {
@@ -174,6 +177,7 @@ pub(crate) fn loop_setup<'a>(
         resume,
         fingerprint: fingerprint(cfg),
         device,
+        dist: opts.group.get(),
     })
 }
 
@@ -239,7 +243,10 @@ pub(crate) fn output_and_train_file(
 ) -> Result<(PathBuf, PathBuf)> {
     let out = cfg.output.dir.clone();
     let train_file = cfg.data.train.clone().context("no training data")?;
-    crate::outdir::claim_run_dir(&out, &fingerprint(cfg), opts)?;
+    // Rank 0 alone writes, so it alone claims (another rank would find rank 0's files there).
+    if opts.group.is_writer() {
+        crate::outdir::claim_run_dir(&out, &fingerprint(cfg), opts)?;
+    }
     Ok((out, train_file))
 }
 

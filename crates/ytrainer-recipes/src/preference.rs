@@ -98,10 +98,12 @@ fn tokenize_all(
     Ok((out, truncated))
 }
 
-/// Reference log-probabilities of the training pairs, cached in the run directory (a resumed run reuses them).
+/// Reference log-probabilities of the training pairs, cached in the run directory (a resumed run reuses them;
+/// only the `writer`, rank 0 of a data-parallel run, writes the cache).
 fn reference_cache(
     path: &Path,
     pairs: &[PairExample],
+    writer: bool,
     compute: impl FnOnce() -> Vec<(f32, f32)>,
 ) -> Result<Vec<(f32, f32)>> {
     if let Ok(text) = fs::read_to_string(path)
@@ -111,6 +113,9 @@ fn reference_cache(
         return Ok(v);
     }
     let v = compute();
+    if !writer {
+        return Ok(v);
+    }
     fs::write(path, serde_json::to_string(&v)?)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(v)
@@ -194,6 +199,7 @@ pub fn run_preference(
     let pad_id = pad_id(&tok);
     let pc = &cfg.preference;
     let micro = pc.micro_pairs.max(1);
+    let writer = opts.group.is_writer();
 
     // Reference log-probabilities.
     let (reference, eval_reference) = if !objective.needs_reference() {
@@ -209,7 +215,7 @@ pub fn run_preference(
                 model.vocab_size()
             );
         }
-        let t = reference_cache(&out.join("reference_logps.json"), &pairs, || {
+        let t = reference_cache(&out.join("reference_logps.json"), &pairs, writer, || {
             precompute_reference(&ref_model, &pairs, micro, pad_id, &device)
         })?;
         let e = precompute_reference(&ref_model, &eval_pairs, micro, pad_id, &device);
@@ -217,7 +223,7 @@ pub fn run_preference(
     } else if pc.precompute_reference || cfg.adapter.kind == AdapterKind::Full {
         // For full fine-tuning the initial weights are the reference; computing their log-probs once avoids
         // keeping a second copy of the model.
-        let t = reference_cache(&out.join("reference_logps.json"), &pairs, || {
+        let t = reference_cache(&out.join("reference_logps.json"), &pairs, writer, || {
             base_reference(&model, &pairs, micro, pad_id, &device)
         })?;
         let e = base_reference(&model, &eval_pairs, micro, pad_id, &device);
@@ -241,7 +247,9 @@ pub fn run_preference(
         average_log_prob: pc.average_log_prob,
         pad_id,
     };
-    crate::common::write_resolved_config(&cfg, &out)?;
+    if writer {
+        crate::common::write_resolved_config(&cfg, &out)?;
+    }
     observer.notice(&format!(
         "preference training {} with `{}` ({}) on {} pairs from {}, on {} in precision {}",
         model_dir.display(),
@@ -258,7 +266,19 @@ pub fn run_preference(
         cfg.train.precision
     ));
     let (model, summary) = train_pairs(model, &setup, observer)?;
-    let (final_dir, files) = crate::common::export_final(&model, &cfg, &model_dir, &out)?;
+    let final_dir = out.join("final");
+    if !writer {
+        return Ok(Ran::Trained(Box::new(PrefReport {
+            summary,
+            pairs: pairs.len(),
+            eval_pairs: eval_pairs.len(),
+            truncated,
+            warnings,
+            output_dir: out,
+            final_dir,
+        })));
+    }
+    let (_, files) = crate::common::export_final(&model, &cfg, &model_dir, &out)?;
     fs::write(
         out.join("summary.json"),
         serde_json::to_string_pretty(&serde_json::json!({

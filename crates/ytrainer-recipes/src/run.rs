@@ -28,6 +28,19 @@ pub fn run(cfg: RunConfig, opts: &RunOptions, observer: &mut dyn Observer) -> Re
     // The loss plugin is checked first: a typo in its name or parameters must not cost a model load.
     let registry = registry(&opts.plugin_dirs, &cfg.loss.plugins)?;
     let (loss_fn, params) = registry.build(&cfg.loss.name, &cfg.loss.params)?;
+    // Data-parallel ranks first agree that they run one config; nothing else is exchanged before.
+    let dist = opts.group.get();
+    ytrainer_core::dist::check_same_config(dist, &fingerprint(&cfg))
+        .map_err(ytrainer_core::trainer::TrainError::from)?;
+    if dist.world_size() > 1 && !opts.dry_run && cfg.model.path.is_none() {
+        // A preset model is made once, by rank 0, in the run directory the ranks share.
+        if dist.rank() == 0 {
+            let (out, train_file) = crate::common::output_and_train_file(&cfg, opts)?;
+            crate::source::resolve_model_dir(&cfg, &out, &train_file, &mut |m| observer.notice(m))?;
+        }
+        dist.barrier()
+            .map_err(ytrainer_core::trainer::TrainError::from)?;
+    }
     match loss_fn {
         LossFn::Token(plugin) => Ok(
             match crate::sft::run_sft(cfg, plugin, &params, opts, observer)? {

@@ -189,7 +189,11 @@ pub fn run_sft(
         &plan_cfg,
         &crate::memory::ModelFootprint::of(&model),
         &prepared.examples,
-        if cfg.train.batch_size > 0 { None } else { budget },
+        if cfg.train.batch_size > 0 {
+            None
+        } else {
+            budget
+        },
     )?;
     observer.notice(&memory.describe());
     let model = model.with_gradient_checkpointing(memory.gradient_checkpointing);
@@ -198,7 +202,10 @@ pub fn run_sft(
         batch.micro_batch_tokens = memory.micro_batch_tokens;
     }
 
-    crate::common::write_resolved_config(&cfg, &out)?;
+    let writer = opts.group.is_writer();
+    if writer {
+        crate::common::write_resolved_config(&cfg, &out)?;
+    }
 
     let plan = RunPlan::new(&prepared.examples, &batch, &cfg)?;
     let setup = TrainSetup {
@@ -233,9 +240,12 @@ pub fn run_sft(
     }
     let (model, summary) = sft::train(model, &setup, observer)?;
 
-    // Final export: what the user takes to the rest of the ecosystem.
-    let (final_dir, files) = crate::common::export_final(&model, &cfg, &model_dir, &out)?;
-    write_summary(&out, &summary, s, &warnings, &files, &plan)?;
+    // Final export: what the user takes to the rest of the ecosystem (rank 0's: every rank holds the same).
+    let final_dir = out.join("final");
+    if writer {
+        let (_, files) = crate::common::export_final(&model, &cfg, &model_dir, &out)?;
+        write_summary(&out, &summary, s, &warnings, &files, &plan)?;
+    }
     Ok(Ran::Trained(Box::new(SftReport {
         summary,
         data: s.clone(),

@@ -1,0 +1,232 @@
+//! How a ytrainer process joins its data-parallel group: under `mpirun` / `srun` (detected from the launcher's
+//! environment) it initialises MPI and hands the training loop an [`ytrainer_core::dist::Collective`] over
+//! `MPI_COMM_WORLD`; otherwise it is the single process. The MPI part is the cargo feature `mpi` (the `mpi` crate
+//! over the system's MPI library, Open MPI from Debian here), so the default build needs no MPI.
+//!
+//! Sums are a reduce to rank 0 followed by a broadcast, not `MPI_Allreduce`: the standard does not promise that an
+//! all-reduce hands every rank the same bits, and replicas that differ by one rounding would drift apart.
+//! MPI's default error handler is fatal, so a failed or lost peer ends every rank (mpirun names the rank).
+
+use std::sync::Arc;
+
+use ytrainer_core::dist::{Collective, Group};
+
+/// The number of processes the launcher started, when this process was started by one (`mpirun` of Open MPI,
+/// MPICH's Hydra, Slurm's `srun` with PMI / PMIx).
+pub fn launcher_world_size() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_SIZE",
+        "SLURM_NTASKS",
+    ]
+    .iter()
+    .filter(|k| {
+        // Slurm sets SLURM_NTASKS in every job step's environment; only a task started by srun with MPI
+        // support (PMI / PMIx) is part of a group.
+        **k != "SLURM_NTASKS"
+            || std::env::var_os("PMIX_RANK").is_some()
+            || std::env::var_os("PMI_RANK").is_some()
+    })
+    .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+}
+
+/// Why a process could not join its group.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// Started by a launcher with several processes, but built without MPI.
+    #[error(
+        "this process was started by an MPI launcher with {0} processes, but this ytrainer was built without MPI \
+         support, so every process would train alone into the same run directory; build it with `cargo build \
+         --release -p ytrainer-cli --features mpi` (needs Open MPI: apt-get install openmpi-bin libopenmpi-dev \
+         libclang-dev), or run one process"
+    )]
+    NoMpi(usize),
+    /// MPI could not be initialised.
+    #[error("cannot initialise MPI: {0}")]
+    Init(String),
+}
+
+/// The group a process belongs to, and what must live until the process ends (MPI is finalised when it drops).
+pub struct Membership {
+    /// The group handed to runs.
+    pub group: Group,
+    #[cfg(feature = "mpi")]
+    mpi: Option<Arc<mpi_impl::Mpi>>,
+    #[cfg(feature = "mpi")]
+    _universe: Option<mpi::environment::Universe>,
+}
+
+impl Membership {
+    /// The single process.
+    pub fn single() -> Self {
+        Membership {
+            group: Group::default(),
+            #[cfg(feature = "mpi")]
+            mpi: None,
+            #[cfg(feature = "mpi")]
+            _universe: None,
+        }
+    }
+
+    /// Ends every rank of the group at once (after an error on this rank: the others may be waiting for it in a
+    /// collective call and would otherwise wait forever). Returns only in a single process.
+    pub fn abort(&self, code: i32) {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            m.abort(code);
+        }
+        let _ = code;
+    }
+
+    /// Number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.group.get().world_size()
+    }
+}
+
+/// Joins the launcher's group when started by one (MPI initialised, `MPI_THREAD_SERIALIZED`: collective calls
+/// come from the thread that runs the command, which need not be the main thread), else the single process.
+pub fn join() -> Result<Membership, JoinError> {
+    let Some(n) = launcher_world_size() else {
+        return Ok(Membership::single());
+    };
+    #[cfg(feature = "mpi")]
+    {
+        let _ = n;
+        mpi_impl::init()
+    }
+    #[cfg(not(feature = "mpi"))]
+    {
+        if n > 1 {
+            Err(JoinError::NoMpi(n))
+        } else {
+            Ok(Membership::single())
+        }
+    }
+}
+
+/// The group of a membership as a shareable collective (for tests and benchmarks).
+pub fn collective(m: &Membership) -> Arc<dyn Collective> {
+    m.group.0.clone()
+}
+
+#[cfg(feature = "mpi")]
+mod mpi_impl {
+    use std::sync::{Arc, Mutex, MutexGuard};
+
+    use mpi::collective::SystemOperation;
+    use mpi::environment::Threading;
+    use mpi::topology::SimpleCommunicator;
+    use mpi::traits::*;
+    use ytrainer_core::dist::{Collective, DistError, Group};
+
+    use super::{JoinError, Membership};
+
+    /// Counts per MPI call: element counts are C `int`s.
+    const CHUNK: usize = 1 << 28;
+
+    /// `MPI_COMM_WORLD`.
+    pub struct Mpi {
+        world: Mutex<SimpleCommunicator>,
+        rank: usize,
+        size: usize,
+        library: String,
+    }
+
+    // SAFETY: MPI was initialised with MPI_THREAD_SERIALIZED (checked in `init`): any thread may call MPI as long
+    // as no two do so at once, which the mutex around the communicator guarantees.
+    unsafe impl Send for Mpi {}
+    // SAFETY: as above; every use of the communicator goes through the mutex.
+    unsafe impl Sync for Mpi {}
+
+    pub(super) fn init() -> Result<Membership, JoinError> {
+        let (universe, threading) = mpi::initialize_with_threading(Threading::Serialized)
+            .ok_or_else(|| JoinError::Init("MPI was already initialised".into()))?;
+        if threading < Threading::Serialized {
+            return Err(JoinError::Init(format!(
+                "the MPI library offers thread level {threading:?}; ytrainer needs MPI_THREAD_SERIALIZED"
+            )));
+        }
+        let world = universe.world();
+        let library = mpi::environment::library_version()
+            .map(|v| v.split([',', '\n']).next().unwrap_or("").trim().to_string())
+            .unwrap_or_else(|_| "MPI".into());
+        let m = Arc::new(Mpi {
+            rank: world.rank() as usize,
+            size: world.size() as usize,
+            world: Mutex::new(world),
+            library,
+        });
+        Ok(Membership {
+            group: Group(m.clone()),
+            mpi: Some(m),
+            _universe: Some(universe),
+        })
+    }
+
+    impl Mpi {
+        fn world(&self) -> MutexGuard<'_, SimpleCommunicator> {
+            self.world.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        pub(super) fn abort(&self, code: i32) -> ! {
+            self.world().abort(code)
+        }
+
+        fn sum<T: Equivalence + Copy>(&self, buf: &mut [T]) {
+            let w = self.world();
+            let root = w.process_at_rank(0);
+            for chunk in buf.chunks_mut(CHUNK) {
+                if self.rank == 0 {
+                    let send = chunk.to_vec();
+                    root.reduce_into_root(&send[..], chunk, SystemOperation::sum());
+                } else {
+                    root.reduce_into(&chunk[..], SystemOperation::sum());
+                }
+                root.broadcast_into(chunk);
+            }
+        }
+    }
+
+    impl Collective for Mpi {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            self.size
+        }
+        fn all_reduce_f32(&self, buf: &mut [f32]) -> Result<(), DistError> {
+            self.sum(buf);
+            Ok(())
+        }
+        fn all_reduce_f64(&self, buf: &mut [f64]) -> Result<(), DistError> {
+            self.sum(buf);
+            Ok(())
+        }
+        fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<(), DistError> {
+            if root >= self.size {
+                return Err(DistError::Transport(format!(
+                    "broadcast from rank {root} in a group of {}",
+                    self.size
+                )));
+            }
+            let w = self.world();
+            let r = w.process_at_rank(root as i32);
+            let mut len = buf.len() as u64;
+            r.broadcast_into(&mut len);
+            buf.resize(len as usize, 0);
+            for chunk in buf.chunks_mut(CHUNK) {
+                r.broadcast_into(chunk);
+            }
+            Ok(())
+        }
+        fn barrier(&self) -> Result<(), DistError> {
+            self.world().barrier();
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            format!("MPI, {}", self.library)
+        }
+    }
+}
