@@ -463,7 +463,7 @@ pub fn train_micro_batch<M: CausalLm>(
                             head.trainable,
                         );
                         if let Some(dw) = dw {
-                            acc.add(head.id.clone(), dw);
+                            acc.add(head.id, dw);
                         }
                         dhs.push(dh);
                         start = end;
@@ -493,7 +493,7 @@ pub fn train_micro_batch<M: CausalLm>(
                     // The head's weight gradient first: a tied embedding's input-side rows are then added
                     // into it in place.
                     if let Some(dw) = dw {
-                        acc.add(head.id.clone(), dw);
+                        acc.add(head.id, dw);
                     }
                     dh
                 }
