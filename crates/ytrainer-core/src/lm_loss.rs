@@ -109,6 +109,32 @@ pub fn head_grads(
     (dh, dw)
 }
 
+/// The head over `rows` `chunk` rows at a time, each chunk's logits kept on the host ([`HostLogits::try_new`]) and
+/// handed to `f` with the chunk's first row; `false` as soon as the logits are not on the CPU backend (the caller
+/// then takes the tensor path for the whole batch and ignores what `f` saw).
+pub fn host_chunks(
+    rows: &Tensor<2>,
+    w: &Tensor<2>,
+    layout: HeadLayout,
+    target_ids: &[usize],
+    entropy: bool,
+    chunk: usize,
+    mut f: impl FnMut(usize, HostLogits),
+) -> bool {
+    let n = target_ids.len();
+    let mut start = 0;
+    while start < n {
+        let end = (start + chunk.max(1)).min(n);
+        let z = logits(rows.clone().slice(start..end), w, layout);
+        match HostLogits::try_new(z, &target_ids[start..end], entropy) {
+            Ok(host) => f(start, host),
+            Err(_) => return false,
+        }
+        start = end;
+    }
+    true
+}
+
 /// Forward statistics: CE (and entropy) per target row of `h` (`[N, hidden]`, plain tensors), `chunk` rows of
 /// logits at a time.
 pub fn head_forward(

@@ -440,6 +440,16 @@ pub fn train_micro_batch<M: CausalLm>(
             recompute,
         } => {
             let plain_rows = rows.clone().detach().inner();
+            // Back through the head from a logits gradient: `dh` for the body; the head's weight gradient first
+            // (a tied embedding's input-side rows are then added into it in place).
+            let mut head_back = |g: Tensor<2>, part: Tensor<2>| {
+                let (dh, dw) =
+                    crate::lm_loss::head_grads(g, part, &head_w, head.layout, head.trainable);
+                if let Some(dw) = dw {
+                    acc.add(head.id, dw);
+                }
+                dh
+            };
             let dh = match head_out {
                 HeadOut::Chunked { chunk, .. } => {
                     // Chunk by chunk: the logits again, their gradient in place, and back through the head.
@@ -454,49 +464,23 @@ pub fn train_micro_batch<M: CausalLm>(
                         else {
                             unreachable!("the forward pass ran these chunks on the CPU backend")
                         };
-                        let g = host.into_grad(&w_host[start..end]);
-                        let (dh, dw) = crate::lm_loss::head_grads(
-                            g,
-                            part,
-                            &head_w,
-                            head.layout,
-                            head.trainable,
-                        );
-                        if let Some(dw) = dw {
-                            acc.add(head.id, dw);
-                        }
-                        dhs.push(dh);
+                        dhs.push(head_back(host.into_grad(&w_host[start..end]), part));
                         start = end;
                     }
                     Tensor::cat(dhs, 0)
                 }
-                whole => {
-                    let g = match whole {
-                        HeadOut::Host(host) => host.into_grad(&w_host),
-                        HeadOut::Tensor(lp) => crate::lm_loss::narrow(
-                            crate::lm_loss::ce_grad_from_log_probs(
-                                lp,
-                                batch.targets.clone().inner(),
-                                crate::lm_loss::widen(w),
-                            ),
-                            model_dtype,
+                HeadOut::Host(host) => head_back(host.into_grad(&w_host), plain_rows),
+                HeadOut::Tensor(lp) => head_back(
+                    crate::lm_loss::narrow(
+                        crate::lm_loss::ce_grad_from_log_probs(
+                            lp,
+                            batch.targets.clone().inner(),
+                            crate::lm_loss::widen(w),
                         ),
-                        HeadOut::Chunked { .. } => unreachable!("matched above"),
-                    };
-                    let (dh, dw) = crate::lm_loss::head_grads(
-                        g,
-                        plain_rows,
-                        &head_w,
-                        head.layout,
-                        head.trainable,
-                    );
-                    // The head's weight gradient first: a tied embedding's input-side rows are then added
-                    // into it in place.
-                    if let Some(dw) = dw {
-                        acc.add(head.id, dw);
-                    }
-                    dh
-                }
+                        model_dtype,
+                    ),
+                    plain_rows,
+                ),
             };
             match recompute {
                 Some(recompute) => recompute.backward(
@@ -624,23 +608,15 @@ pub fn head_out_chunked(
     if n > chunk {
         let mut stats = Vec::with_capacity(n);
         let mut top = Vec::new();
-        let mut start = 0;
-        while start < n {
-            let end = (start + chunk).min(n);
-            let z = crate::lm_loss::logits(rows.clone().slice(start..end), w, layout);
-            match HostLogits::try_new(z, &target_ids[start..end], entropy) {
-                Ok(host) => {
-                    if top_k > 0 {
-                        top.push(top_k_entropy(host.log_probs(), top_k));
-                    }
-                    stats.extend_from_slice(&host.stats);
+        let on_host =
+            crate::lm_loss::host_chunks(&rows, w, layout, target_ids, entropy, chunk, |_, host| {
+                if top_k > 0 {
+                    top.push(top_k_entropy(host.log_probs(), top_k));
                 }
-                // Not the CPU backend: the tensor path below, whole.
-                Err(_) => break,
-            }
-            start = end;
-        }
-        if start >= n {
+                stats.extend_from_slice(&host.stats);
+            });
+        // Not the CPU backend: the tensor path below, whole.
+        if on_host {
             return HeadOut::Chunked {
                 stats,
                 top_k_entropy: (top_k > 0).then(|| Tensor::cat(top, 0)),

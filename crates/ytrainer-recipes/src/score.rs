@@ -366,35 +366,27 @@ fn token_stats(l: &Loaded, batch: &DeviceBatch, top_k: usize) -> TokenStats {
                     rank: Vec::with_capacity(n),
                     top: (top_k > 0).then(Vec::new),
                 };
-                let mut start = 0;
-                while start < n {
-                    let end = (start + chunk).min(n);
-                    let ids = &batch.target_ids[start..end];
-                    match head_out(
-                        rows.clone().slice(start..end),
-                        &w,
-                        head.layout,
-                        ids,
-                        true,
-                        true,
-                    ) {
-                        HeadOut::Host(host) => {
-                            for (i, &t) in ids.iter().enumerate() {
-                                let row = host.row(i);
-                                let x = row[t];
-                                out.rank.push(row.iter().filter(|&&y| y > x).count() as i64);
-                                if let Some(top) = out.top.as_mut() {
-                                    top.push(top_k_of(row, top_k, host.stats[i].lse));
-                                }
+                let on_host = ytrainer_core::lm_loss::host_chunks(
+                    &rows,
+                    &w,
+                    head.layout,
+                    &batch.target_ids,
+                    true,
+                    chunk,
+                    |start, host| {
+                        for (i, s) in host.stats.iter().enumerate() {
+                            let row = host.row(i);
+                            let x = row[batch.target_ids[start + i]];
+                            out.rank.push(row.iter().filter(|&&y| y > x).count() as i64);
+                            if let Some(top) = out.top.as_mut() {
+                                top.push(top_k_of(row, top_k, s.lse));
                             }
-                            out.ce.extend(host.stats.iter().map(|s| s.ce));
-                            out.entropy.extend(host.stats.iter().map(|s| s.entropy));
+                            out.ce.push(s.ce);
+                            out.entropy.push(s.entropy);
                         }
-                        _ => break,
-                    }
-                    start = end;
-                }
-                if start >= n {
+                    },
+                );
+                if on_host {
                     return out;
                 }
             }
