@@ -16,6 +16,7 @@ use ytrainer_kernels::quant::{QuantKind, encode};
 use super::convert::gguf_name;
 use super::file::{GgufFile, GgufValue};
 use crate::decoder::Decoder;
+use crate::formats::load::transpose;
 use crate::formats::save::hf_tensors;
 use crate::lora::LoraConfig;
 use crate::{AdapterSpec, ModelError};
@@ -461,16 +462,6 @@ pub fn export_lora_gguf(model: &Decoder, out: &Path) -> Result<GgufExport, Model
         ));
     }
     write_gguf(out, &meta, &tensors)
-}
-
-fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; v.len()];
-    for i in 0..rows {
-        for j in 0..cols {
-            out[j * rows + i] = v[i * cols + j];
-        }
-    }
-    out
 }
 
 fn put_str(o: &mut Vec<u8>, s: &str) {
