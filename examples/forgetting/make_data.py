@@ -4,6 +4,7 @@
 Domain (learn): FOLDOC term -> definition instruction pairs from ../shared/assets/corpora/domain_computing_foldoc.txt.
   train.jsonl       --train pairs, a --noise fraction of them with corrupted answers (label noise: another term's
                     definition, a truncated answer, or random general-English words)
+  train_noisy.jsonl / train_clean.jsonl  the corrupted / clean pairs of train.jsonl apart (noise fit is measured on them)
   learn_eval.jsonl  --eval held-out clean pairs (terms not in train.jsonl): the domain loss
 Retain (general English, held out): paragraphs of Shakespeare, fortunes and Wikipedia text.
   retain.txt        --retain-chars characters, blank-line separated paragraphs: the general loss
@@ -103,6 +104,9 @@ def main():
     n_noisy = round(a.noise * len(train))
     noisy = set(rng.sample(range(len(train)), n_noisy))
     kinds = {"shuffled": 0, "truncated": 0, "random": 0}
+    # The corrupted and the clean training pairs are also written apart (same records, same order) so that a
+    # trained model's loss on each can be measured: "noise fit" is the mean loss on train_noisy.jsonl.
+    noisy_out, clean_out = [], []
     with open(out / "train.jsonl", "w", encoding="utf-8") as f:
         for i, (term, d) in enumerate(train):
             answer = words(d, 0, a.max_words)
@@ -115,7 +119,11 @@ def main():
                     answer = " ".join(answer.split()[: rng.randint(1, 3)])
                 else:
                     answer = " ".join(rng.choice(vocab) for _ in range(rng.randint(12, 40)))
-            f.write(json.dumps(pair(term, answer), ensure_ascii=False) + "\n")
+            line = json.dumps(pair(term, answer), ensure_ascii=False) + "\n"
+            f.write(line)
+            (noisy_out if i in noisy else clean_out).append(line)
+    (out / "train_noisy.jsonl").write_text("".join(noisy_out), encoding="utf-8")
+    (out / "train_clean.jsonl").write_text("".join(clean_out), encoding="utf-8")
     with open(out / "learn_eval.jsonl", "w", encoding="utf-8") as f:
         for term, d in held:
             f.write(json.dumps(pair(term, words(d, 0, a.max_words)), ensure_ascii=False) + "\n")
