@@ -285,6 +285,7 @@ pub fn run_preference(
             "summary": summary,
             "data": { "pairs": pairs.len(), "eval_pairs": eval_pairs.len(), "truncated": truncated, "warnings": warnings },
             "exported": files,
+            "peak_rss_mb": crate::bench::peak_rss_mb(),
         }))?,
     )?;
     Ok(Ran::Trained(Box::new(PrefReport {

@@ -302,6 +302,8 @@ fn write_summary(
             "warnings": warnings,
         },
         "exported": files,
+        // The process's peak resident memory so far (Linux), to compare with the plan's estimate.
+        "peak_rss_mb": crate::bench::peak_rss_mb(),
     });
     fs::write(
         out.join("summary.json"),
