@@ -188,8 +188,11 @@ fn preference_memory_does_not_grow_with_the_number_of_pairs() {
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
         let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
-        v["peak_rss_mb"].as_f64().expect("peak_rss_mb in summary.json")
+            serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap())
+                .unwrap();
+        v["peak_rss_mb"]
+            .as_f64()
+            .expect("peak_rss_mb in summary.json")
     };
     let (small, large) = (peak(4), peak(24));
     assert!(
