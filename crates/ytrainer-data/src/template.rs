@@ -17,10 +17,19 @@ use crate::formats::Message;
 
 const NAME: &str = "chat";
 
+/// The work one rendering may do, in minijinja fuel: one unit per instruction, and one per 64 bytes of text or
+/// containers the template creates. A template comes with a model file, which is untrusted input: without a
+/// bound, nested `range(100000)` loops hang and a string doubled in a loop exhausts memory (issue 21). 10 M fuel
+/// is ~10 M instructions (about a second) or ~640 MB of created data, while the largest real conversations we
+/// render (thousands of turns, megabytes of text) need well under 1 M.
+pub const RENDER_FUEL: u64 = 10_000_000;
+
 /// A compiled chat template plus the special-token strings it may refer to.
 pub struct ChatTemplate {
     env: Environment<'static>,
     source: String,
+    /// Where the template came from (a file), named in rendering errors; `None` for a template given as a string.
+    origin: Option<String>,
     bos: Option<String>,
     eos: Option<String>,
 }
@@ -86,9 +95,11 @@ impl ChatTemplate {
         });
         env.add_template_owned(NAME, strip_generation_tags(source))
             .map_err(tmpl_err)?;
+        env.set_fuel(Some(RENDER_FUEL));
         Ok(ChatTemplate {
             env,
             source: source.to_string(),
+            origin: None,
             bos,
             eos,
         })
@@ -113,6 +124,11 @@ impl ChatTemplate {
                 .map(str::to_string),
             _ => None,
         };
+        let origin = if from_cfg.is_some() {
+            format!("{} (\"chat_template\")", cfg_path.display())
+        } else {
+            dir.join("chat_template.jinja").display().to_string()
+        };
         let source = match from_cfg {
             Some(s) => s,
             None => {
@@ -125,11 +141,22 @@ impl ChatTemplate {
                 })?
             }
         };
-        Self::new(
+        Ok(Self::new(
             &source,
             token_string(cfg.get("bos_token")),
             token_string(cfg.get("eos_token")),
         )
+        .map_err(|e| match e {
+            DataError::Template(m) => DataError::Template(format!("{origin}: {m}")),
+            other => other,
+        })?
+        .with_origin(origin))
+    }
+
+    /// Names where the template came from in rendering errors (a file path, a GGUF's metadata key).
+    pub fn with_origin(mut self, origin: impl Into<String>) -> Self {
+        self.origin = Some(origin.into());
+        self
     }
 
     pub fn source(&self) -> &str {
@@ -184,7 +211,24 @@ impl ChatTemplate {
         );
         let tmpl = self.env.get_template(NAME).map_err(tmpl_err)?;
         tmpl.render(JValue::from(minijinja::value::Serde(&ctx)))
-            .map_err(tmpl_err)
+            .map_err(|e| {
+                let origin = self.origin.as_ref().map(|o| format!("{o}: ")).unwrap_or_default();
+                if e.kind() == ErrorKind::OutOfFuel {
+                    DataError::Template(format!(
+                        "{origin}rendering stopped at its work limit ({RENDER_FUEL} fuel: about {RENDER_FUEL} \
+                         template instructions or {} MB of created text): the template loops or grows without \
+                         bound on this record ({} message(s)); a chat template is code that ships with the model, \
+                         so fix or replace it (e.g. a chat_template.jinja in the model directory)",
+                        RENDER_FUEL * 64 / 1_000_000,
+                        messages.len()
+                    ))
+                } else {
+                    match tmpl_err(e) {
+                        DataError::Template(m) => DataError::Template(format!("{origin}{m}")),
+                        other => other,
+                    }
+                }
+            })
     }
 }
 

@@ -212,3 +212,35 @@ fn every_collected_template_renders_a_simple_conversation() {
     );
     assert_eq!(no_system, ["google-gemma-2-2b-it"]);
 }
+
+/// Issue 21: a chat template ships with the model file, so it is untrusted. Nested loops that would run for
+/// hours and a string doubled until it fills memory both stop at the render's work limit with an error that
+/// names the template's file.
+#[test]
+fn hostile_templates_stop_at_the_work_limit_naming_the_file() {
+    let dir = std::env::temp_dir().join(format!("ytrainer-hostile-tmpl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let msgs = [Message::new("user", "hi")];
+    for (name, src) in [
+        (
+            "loops",
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        ),
+        (
+            "doubling",
+            "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}",
+        ),
+        ("repeat", "{{ 'x' * 100000000000 }}"),
+    ] {
+        std::fs::write(dir.join("chat_template.jinja"), src).unwrap();
+        let t = ChatTemplate::from_model_dir(&dir).unwrap();
+        let err = t.render(&msgs, false, &Map::new()).unwrap_err().to_string();
+        let expected = format!(
+            "chat template: {}: rendering stopped at its work limit (10000000 fuel",
+            dir.join("chat_template.jinja").display()
+        );
+        assert!(err.starts_with(&expected), "{name}: {err}");
+        assert!(err.contains("(1 message(s))"), "{name}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
