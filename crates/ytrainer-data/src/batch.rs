@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use crate::error::DataError;
 use crate::formats::{Record, RecordKind};
 use crate::template::ChatTemplate;
-use crate::tokenize::{Example, TokenizerWrapper, TrainOn, tokenize_chat, tokenize_text};
+use crate::tokenize::{Example, TokenizerWrapper, TrainOn, tokenize_chat_limited, tokenize_text};
 
 /// What to do with a sequence longer than `max_seq_len` (`[data] overlong` in a run config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -106,18 +106,30 @@ pub fn prepare(
                         message: "this is a chat record but no chat template is available; give the model's template (or use text records for continued pretraining)".into(),
                     });
                 };
-                tokenize_chat(tok, t, messages, opts.train_on, &opts.template_vars).map_err(
-                    |e| match e {
-                        DataError::PrefixMismatch { turn, .. } => DataError::PrefixMismatch {
-                            origin: rec.origin.to_string(),
-                            turn,
-                        },
-                        DataError::Template(m) => {
-                            DataError::Template(format!("{}: {m}", rec.origin))
-                        }
-                        other => other,
+                // Only the first max_seq_len tokens are kept (or the record is skipped as too long), so
+                // tokenizing stops after one more.
+                tokenize_chat_limited(
+                    tok,
+                    t,
+                    messages,
+                    opts.train_on,
+                    &opts.template_vars,
+                    Some(opts.max_seq_len),
+                )
+                .map_err(|e| match e {
+                    DataError::PrefixMismatch { turn, .. } => DataError::PrefixMismatch {
+                        origin: rec.origin.to_string(),
+                        turn,
                     },
-                )?
+                    DataError::Template(m) => DataError::Template(format!("{}: {m}", rec.origin)),
+                    other => other,
+                })?
+            }
+            RecordKind::Text { text } if !opts.cpt => {
+                // Supervised text records keep their first max_seq_len tokens, like chats.
+                let ids = tok.encode_prefix(text, opts.max_seq_len + 1)?;
+                let targets = vec![true; ids.len()];
+                Example::single(ids, targets, None)
             }
             RecordKind::Text { text } => {
                 let ex = tokenize_text(tok, text, opts.cpt)?;

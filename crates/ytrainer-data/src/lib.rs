@@ -28,5 +28,5 @@ pub use pairs::{LoadedPairs, PairExample, PairRecord, load_pairs, tokenize_pair}
 pub use template::ChatTemplate;
 pub use tokenize::{
     Example, RenderedChat, TokenizerWrapper, TrainOn, render_chat_spans, tokenize_chat,
-    tokenize_text,
+    tokenize_chat_limited, tokenize_text,
 };

@@ -157,6 +157,32 @@ impl TokenizerWrapper {
         Ok(())
     }
 
+    /// The first tokens of `text`: a prefix of `encode(text)` at least `n` tokens long (or all of it), without
+    /// encoding all of a huge text. A growing leading slice is encoded and only tokens ending well before the
+    /// cut are kept: pre-tokenization splits on words, so those are the full text's tokens (a single
+    /// "word" longer than the margin could still differ near the cut).
+    pub fn encode_prefix(&self, text: &str, n: usize) -> Result<Vec<u32>, DataError> {
+        const MARGIN: usize = 4096;
+        let mut cut = n.saturating_mul(8).max(64 * 1024);
+        while cut + MARGIN < text.len() {
+            let mut c = cut;
+            while !text.is_char_boundary(c) {
+                c -= 1;
+            }
+            let enc = self.inner.encode(&text[..c], false).map_err(tok_err)?;
+            let safe = enc
+                .get_offsets()
+                .iter()
+                .take_while(|o| o.1 + MARGIN <= c)
+                .count();
+            if safe >= n {
+                return Ok(enc.get_ids()[..safe].to_vec());
+            }
+            cut = cut.saturating_mul(4);
+        }
+        self.encode(text)
+    }
+
     /// Ids of `text`; special-token strings in it (e.g. `<|im_end|>`) become their ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, DataError> {
         Ok(self
@@ -208,15 +234,30 @@ pub fn render_chat_spans(
     vars: &Map<String, Value>,
 ) -> Result<RenderedChat, DataError> {
     let full = template.render(messages, false, vars)?;
+    let mut spans = Vec::new();
+    chat_spans(template, messages, train_on, vars, &full, &mut |r, sup| {
+        spans.push((r, sup));
+        Ok(true)
+    })?;
+    Ok(RenderedChat { text: full, spans })
+}
+
+/// Feeds the spans of `full` (the whole conversation's rendering) to `on_span` in order, until it returns
+/// `false`. Each assistant turn's span needs two renderings of the conversation up to it, so a caller that
+/// keeps only the first tokens stops early instead of paying for every turn (quadratic in the turns).
+fn chat_spans(
+    template: &ChatTemplate,
+    messages: &[Message],
+    train_on: TrainOn,
+    vars: &Map<String, Value>,
+    full: &str,
+    on_span: &mut dyn FnMut(std::ops::Range<usize>, bool) -> Result<bool, DataError>,
+) -> Result<(), DataError> {
     if train_on == TrainOn::Everything {
-        let n = full.len();
-        return Ok(RenderedChat {
-            text: full,
-            spans: vec![(0..n, true)],
-        });
+        on_span(0..full.len(), true)?;
+        return Ok(());
     }
     let last = messages.iter().rposition(|m| m.role == "assistant");
-    let mut spans = Vec::new();
     let mut cursor = 0;
     for (i, m) in messages.iter().enumerate() {
         if m.role != "assistant" || (train_on == TrainOn::LastAssistant && Some(i) != last) {
@@ -236,18 +277,18 @@ pub fn render_chat_spans(
         if start < cursor {
             return Err(mismatch());
         }
-        if start > cursor {
-            spans.push((cursor..start, false));
+        if start > cursor && !on_span(cursor..start, false)? {
+            return Ok(());
         }
-        if end > start {
-            spans.push((start..end, true));
+        if end > start && !on_span(start..end, true)? {
+            return Ok(());
         }
         cursor = end;
     }
     if cursor < full.len() {
-        spans.push((cursor..full.len(), false));
+        on_span(cursor..full.len(), false)?;
     }
-    Ok(RenderedChat { text: full, spans })
+    Ok(())
 }
 
 /// Tokenizes a conversation with its supervision mask.
@@ -258,14 +299,39 @@ pub fn tokenize_chat(
     train_on: TrainOn,
     vars: &Map<String, Value>,
 ) -> Result<Example, DataError> {
-    let r = render_chat_spans(template, messages, train_on, vars)?;
+    tokenize_chat_limited(tok, template, messages, train_on, vars, None)
+}
+
+/// [`tokenize_chat`], stopping once more than `keep` tokens are known: the caller keeps (or judges too long)
+/// only the first `keep`, so neither the rest of a huge record nor the remaining turns are tokenized (issue 21:
+/// a 10 MB record cost 2.3 GB, 8,000 turns 62 s). The first `keep` tokens equal the unlimited result's.
+pub fn tokenize_chat_limited(
+    tok: &TokenizerWrapper,
+    template: &ChatTemplate,
+    messages: &[Message],
+    train_on: TrainOn,
+    vars: &Map<String, Value>,
+    keep: Option<usize>,
+) -> Result<Example, DataError> {
+    let full = template.render(messages, false, vars)?;
     let mut ids = Vec::new();
     let mut targets = Vec::new();
-    for (range, sup) in &r.spans {
-        let seg = tok.encode(&r.text[range.clone()])?;
-        targets.extend(std::iter::repeat_n(*sup, seg.len()));
-        ids.extend(seg);
-    }
+    chat_spans(
+        template,
+        messages,
+        train_on,
+        vars,
+        &full,
+        &mut |range, sup| {
+            let seg = match keep {
+                Some(k) => tok.encode_prefix(&full[range], k + 1 - ids.len())?,
+                None => tok.encode(&full[range])?,
+            };
+            targets.extend(std::iter::repeat_n(sup, seg.len()));
+            ids.extend(seg);
+            Ok(keep.is_none_or(|k| ids.len() <= k))
+        },
+    )?;
     Ok(Example::single(ids, targets, None))
 }
 

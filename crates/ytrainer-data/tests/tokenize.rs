@@ -3,7 +3,7 @@ mod common;
 use serde_json::{Map, Value};
 use ytrainer_data::{
     ChatTemplate, Message, TokenizerWrapper, TrainOn, render_chat_spans, tokenize_chat,
-    tokenize_text,
+    tokenize_chat_limited, tokenize_text,
 };
 
 fn tokenizer_for(a: &std::path::Path, name: &str) -> TokenizerWrapper {
@@ -394,4 +394,64 @@ fn llama_cpp_llama_spm_vectors() {
     let a = assets_or_skip!();
     let (ok, n) = llama_cpp_vectors(&a.join("tokenizers/llama-spm"), "ggml-vocab-llama-spm");
     assert_eq!((ok, n), (46, 46));
+}
+
+/// Issue 21: a record far longer than `max_seq_len` is only tokenized as far as it is kept. The limited
+/// tokenization must give exactly the first tokens of the full one: for a long plain text (1 MB of the FOLDOC
+/// corpus) and for a many-turn conversation (which also stops rendering turns early).
+#[test]
+fn limited_tokenization_keeps_exactly_the_first_tokens() {
+    let a = assets_or_skip!();
+    let tok = TokenizerWrapper::from_file(&a.join("tokenizers/qwen2/tokenizer.json")).unwrap();
+    let text = std::fs::read_to_string(a.join("corpora/domain_computing_foldoc.txt")).unwrap();
+    let text = &text[..1_000_000];
+    let full = tok.encode(text).unwrap();
+    for n in [1, 100, 5_000, 20_000] {
+        let p = tok.encode_prefix(text, n).unwrap();
+        assert!(p.len() >= n && p.len() < full.len(), "{n}: {}", p.len());
+        assert_eq!(&p[..], &full[..p.len()], "n = {n}");
+    }
+    // shorter than the cut: the whole encoding
+    assert_eq!(
+        tok.encode_prefix(&text[..1000], 10).unwrap(),
+        tok.encode(&text[..1000]).unwrap()
+    );
+
+    let t = ChatTemplate::from_model_dir(&a.join("tiny-qwen2")).unwrap();
+    let mut msgs = Vec::new();
+    for i in 0..200 {
+        msgs.push(Message::new(
+            "user",
+            &format!(
+                "question {i}: {}",
+                text.get(i * 50..i * 50 + 40).unwrap_or("?")
+            ),
+        ));
+        msgs.push(Message::new(
+            "assistant",
+            &format!(
+                "answer {i}: {}",
+                text.get(i * 70..i * 70 + 60).unwrap_or("!")
+            ),
+        ));
+    }
+    let whole = tokenize_chat(&tok, &t, &msgs, TrainOn::AllAssistant, &Map::new()).unwrap();
+    for keep in [10, 300, 2_000] {
+        let ex = tokenize_chat_limited(
+            &tok,
+            &t,
+            &msgs,
+            TrainOn::AllAssistant,
+            &Map::new(),
+            Some(keep),
+        )
+        .unwrap();
+        assert!(
+            ex.input_ids.len() > keep && ex.input_ids.len() < whole.input_ids.len(),
+            "{keep}"
+        );
+        let n = ex.input_ids.len();
+        assert_eq!(&ex.input_ids[..], &whole.input_ids[..n], "keep = {keep}");
+        assert_eq!(&ex.targets[..], &whole.targets[..n], "keep = {keep}");
+    }
 }
