@@ -698,3 +698,89 @@ fn kto_style_records_are_refused_not_trained_as_sft() {
     );
     assert!(!out.join("checkpoint-1").exists());
 }
+
+/// Issue 21 item 10: after a kill, a run's logs hold steps past its last checkpoint and possibly a torn line.
+/// Resuming cuts `metrics.jsonl` / `eval.jsonl` back to the checkpoint's step, so every step is logged once
+/// and every line parses, and the TensorBoard events are rewritten into one file (not one more per start).
+#[test]
+fn resume_cuts_the_logs_back_to_the_checkpoint() {
+    let d = TempDir::new("logs");
+    let out = d.path().join("run");
+    let run = |extra: &[&str]| {
+        let mut a = vec![
+            "run",
+            "--preset",
+            "tiny",
+            "--data",
+            "examples/quickstart/train.jsonl",
+            "--max-steps",
+            "4",
+            "--tokens-per-step",
+            "64",
+            "--save-every",
+            "2",
+            "--eval-every",
+            "2",
+            "--set",
+            "eval.max_samples=4",
+            "--output-dir",
+        ];
+        let o = s(&out);
+        a.push(&o);
+        a.extend_from_slice(extra);
+        ok(&ytrainer(&a));
+    };
+    run(&[]);
+    let full = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let evals = std::fs::read_to_string(out.join("eval.jsonl")).unwrap();
+    // As if killed while writing step 4's line after checkpoint-2: checkpoint-4 and final never happened.
+    std::fs::remove_dir_all(out.join("checkpoint-4")).unwrap();
+    std::fs::remove_dir_all(out.join("final")).unwrap();
+    std::fs::write(
+        out.join("metrics.jsonl"),
+        format!("{full}{{\"step\": 5, \"loss\": 1."),
+    )
+    .unwrap();
+    run(&["--resume", &s(&out.join("checkpoint-2"))]);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every line parses"))
+        .collect();
+    let steps: Vec<u64> = lines.iter().map(|v| v["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [1, 2, 3, 4]);
+    // resume is exact, so the re-logged steps 3-4 have the first run's losses
+    let first: Vec<f64> = full
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    let again: Vec<f64> = lines.iter().map(|v| v["loss"].as_f64().unwrap()).collect();
+    assert_eq!(again, first);
+    let eval_steps = |t: &str| -> Vec<u64> {
+        t.lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let evals_after = std::fs::read_to_string(out.join("eval.jsonl")).unwrap();
+    assert_eq!(eval_steps(&evals_after), eval_steps(&evals));
+    assert_eq!(eval_steps(&evals), [0, 2, 4]);
+    let events = std::fs::read_dir(&out)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+        })
+        .count();
+    assert_eq!(events, 1);
+}

@@ -286,11 +286,33 @@ pub fn save<M: Module>(
         path: tmp.clone(),
         message,
     })?;
+    // Durable before visible: the files and the temporary directory reach the disk before the rename makes the
+    // checkpoint resumable, and the parent's entry after it (a power cut cannot leave a named, empty checkpoint).
+    sync_dir_and_files(&tmp).map_err(io(&tmp))?;
     if dir.exists() {
         fs::remove_dir_all(dir).map_err(io(dir))?;
     }
     fs::rename(&tmp, dir).map_err(io(dir))?;
+    if let Some(parent) = dir.parent() {
+        fs::File::open(parent)
+            .and_then(|f| f.sync_all())
+            .map_err(io(parent))?;
+    }
     Ok(())
+}
+
+/// fsyncs every file under `dir`, then `dir` itself.
+fn sync_dir_and_files(dir: &Path) -> std::io::Result<()> {
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let t = e.file_type()?;
+        if t.is_file() {
+            fs::File::open(e.path())?.sync_all()?;
+        } else if t.is_dir() {
+            sync_dir_and_files(&e.path())?;
+        }
+    }
+    fs::File::open(dir)?.sync_all()
 }
 
 /// A loaded checkpoint.

@@ -83,11 +83,52 @@ impl Jsonl {
     }
 
     fn write_line(&mut self, json: &str) -> Result<(), TrainError> {
-        writeln!(self.file, "{json}").map_err(|e| TrainError::Output {
-            path: self.path.clone(),
-            message: e.to_string(),
-        })
+        // One write per line, then fsync: a crash or a full disk loses at most the line being written, and a
+        // resume drops a partial line (`keep_through`).
+        writeln!(self.file, "{json}")
+            .and_then(|_| self.file.sync_data())
+            .map_err(|e| TrainError::Output {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })
     }
+}
+
+/// Rewrites a run's JSON-lines log for a resume from the checkpoint of `step`: only complete JSON objects whose
+/// `step` is at most `step` stay (a killed run logged steps after its last checkpoint, which the resumed run
+/// trains again, and may have left a torn last line). Returns the kept lines. A missing file is empty.
+pub fn keep_through(path: &Path, step: usize) -> Result<Vec<String>, TrainError> {
+    let err = |e: std::io::Error| TrainError::Output {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(err(e)),
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let kept: Vec<String> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+                v.get("step")
+                    .and_then(serde_json::Value::as_u64)
+                    .is_some_and(|s| s as usize <= step)
+            })
+        })
+        .map(str::to_string)
+        .collect();
+    let tmp = path.with_extension("jsonl.tmp");
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    fs::write(&tmp, body)
+        .and_then(|_| fs::File::open(&tmp)?.sync_all())
+        .and_then(|_| fs::rename(&tmp, path))
+        .map_err(err)?;
+    Ok(kept)
 }
 
 /// `metrics.jsonl` and `eval.jsonl` of a run directory.
@@ -97,11 +138,16 @@ pub struct JsonlSink {
 }
 
 impl JsonlSink {
-    /// Opens both files in `dir` (appending when resuming).
-    pub fn open(dir: &Path, append: bool) -> Result<Self, TrainError> {
+    /// Opens both files in `dir`: new, or, when resuming from the checkpoint of step `resume_at`, cut back to that
+    /// step ([`keep_through`]) and appended to.
+    pub fn open(dir: &Path, resume_at: Option<usize>) -> Result<Self, TrainError> {
+        if let Some(step) = resume_at {
+            keep_through(&dir.join("metrics.jsonl"), step)?;
+            keep_through(&dir.join("eval.jsonl"), step)?;
+        }
         Ok(JsonlSink {
-            steps: Jsonl::open(dir.join("metrics.jsonl"), append)?,
-            evals: Jsonl::open(dir.join("eval.jsonl"), append)?,
+            steps: Jsonl::open(dir.join("metrics.jsonl"), resume_at.is_some())?,
+            evals: Jsonl::open(dir.join("eval.jsonl"), resume_at.is_some())?,
         })
     }
 }
@@ -127,6 +173,42 @@ impl TensorboardSink {
                 path: dir.to_path_buf(),
                 message: format!("cannot create the TensorBoard event file: {e}"),
             })
+    }
+
+    /// For a resumed run: replaces the directory's event files by one that holds the records of the (already cut
+    /// back) `metrics.jsonl` and `eval.jsonl`, so each resume neither adds a file nor repeats steps.
+    pub fn resume(dir: &Path) -> Result<Self, TrainError> {
+        let entries = fs::read_dir(dir).map_err(|e| TrainError::Output {
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        for e in entries.flatten() {
+            if e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with("events.out.tfevents."))
+            {
+                fs::remove_file(e.path()).map_err(|err| TrainError::Output {
+                    path: e.path(),
+                    message: err.to_string(),
+                })?;
+            }
+        }
+        let mut sink = Self::create(dir)?;
+        for (name, stream) in [
+            ("metrics.jsonl", Stream::Step),
+            ("eval.jsonl", Stream::Eval),
+        ] {
+            let text = fs::read_to_string(dir.join(name)).unwrap_or_default();
+            for line in text.lines() {
+                let step = serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64));
+                if let Some(step) = step {
+                    sink.record(stream, step as usize, line)?;
+                }
+            }
+        }
+        Ok(sink)
     }
 }
 

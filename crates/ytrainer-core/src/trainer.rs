@@ -262,9 +262,14 @@ pub fn train<M: CausalLm, O: Objective<M>>(
     let resumed = setup.resume.is_some();
     // Rank 0 alone writes records (every rank computes the same global figures).
     let mut sinks: Vec<Box<dyn Sink>> = if writer {
+        let resume_at = resumed.then_some(state.step);
         vec![
-            Box::new(JsonlSink::open(setup.output_dir, resumed)?),
-            Box::new(TensorboardSink::create(setup.output_dir)?),
+            Box::new(JsonlSink::open(setup.output_dir, resume_at)?),
+            Box::new(if resumed {
+                TensorboardSink::resume(setup.output_dir)?
+            } else {
+                TensorboardSink::create(setup.output_dir)?
+            }),
         ]
     } else {
         Vec::new()
