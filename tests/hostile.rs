@@ -784,3 +784,43 @@ fn resume_cuts_the_logs_back_to_the_checkpoint() {
         .count();
     assert_eq!(events, 1);
 }
+
+/// Issue 21 item 13: a value of the wrong type names where it came from (file and line, or the `--set`), the
+/// key, and what the key takes; before, it said only `invalid value: integer -1, expected usize`.
+#[test]
+fn type_errors_name_the_file_line_or_set_and_the_key() {
+    let d = TempDir::new("types");
+    let cfg = d.path().join("sft.toml");
+    std::fs::write(
+        &cfg,
+        "[loss]\nname = \"ce\"\n\n[train]\nseed = 1\nmax_steps = -1\n",
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        let mut a = vec![
+            "run",
+            "--preset",
+            "tiny",
+            "--data",
+            "examples/quickstart/train.jsonl",
+            "--dry-run",
+        ];
+        a.extend_from_slice(extra);
+        ytrainer(&a)
+    };
+    assert_user_error(
+        &run(&["--config", &s(&cfg)]),
+        &format!(
+            "{}:6: [train] max_steps: invalid value: integer `-1`, expected usize (a whole number >= 0)",
+            cfg.display()
+        ),
+    );
+    assert_user_error(
+        &run(&["--set", "train.learning_rate=fast"]),
+        "--set train.learning_rate=\"fast\": [train] learning_rate: invalid type: string \"fast\", expected f64 (a number)",
+    );
+    assert_user_error(
+        &run(&["--set", "loss.params.a=x"]),
+        "--set loss.params.a=\"x\": [loss] params.a: invalid type: string \"x\", expected f64 (a number)",
+    );
+}

@@ -10,6 +10,7 @@ use toml::{Table, Value};
 use ytrainer_core::config::{RunConfig, fmt_num};
 use ytrainer_core::loss::nearest;
 
+use crate::RecipeError;
 use crate::error::{Context, Result};
 use crate::{bail, invalid};
 
@@ -243,17 +244,80 @@ pub fn resolve(file: Option<&Path>, overrides: &[Override]) -> Result<RunConfig>
         set_path(&mut doc, &o.key, o.value.clone())?;
     }
     check_keys(&doc, "--set", "")?;
-    let cfg: RunConfig = Value::Table(doc).try_into().map_err(|e: toml::de::Error| {
-        invalid!(
-            "{file}: {}",
-            e.message()
+    let cfg: RunConfig = serde_path_to_error::deserialize(Value::Table(doc)).map_err(
+        |e: serde_path_to_error::Error<toml::de::Error>| {
+            let path = e.path().to_string();
+            let message = e
+                .inner()
+                .message()
                 .replace("\n", " ")
                 .trim_end()
                 .trim_end_matches('.')
-        )
-    })?;
+                .to_string();
+            type_error(&file, &text, overrides, &path, &message)
+        },
+    )?;
     validate(&cfg)?;
     Ok(cfg)
+}
+
+/// A value of the wrong type, named by where it came from (the `--set` that gave it, or the file and line),
+/// its key, and what the key takes: `sft.toml:7: [train] max_steps: invalid value: integer `-1`, expected
+/// usize (a whole number >= 0)`.
+fn type_error(
+    file: &str,
+    text: &str,
+    overrides: &[Override],
+    path: &str,
+    message: &str,
+) -> RecipeError {
+    let (section, key) = path.split_once('.').unwrap_or((path, ""));
+    let key_name = if key.is_empty() {
+        format!("[{section}]")
+    } else {
+        format!("[{section}] {key}")
+    };
+    let origin = match overrides.iter().rev().find(|o| o.key == path) {
+        Some(o) => format!("--set {}={}", o.key, o.value),
+        None => match key_line(text, section, key) {
+            Some(line) => format!("{file}:{line}"),
+            None => file.to_string(),
+        },
+    };
+    let takes = [
+        ("expected usize", "a whole number >= 0"),
+        ("expected u64", "a whole number >= 0"),
+        ("expected u32", "a whole number >= 0"),
+        ("expected i64", "a whole number"),
+        ("expected f64", "a number"),
+        ("expected f32", "a number"),
+        ("expected a boolean", "true or false"),
+        ("expected a string", "a quoted string"),
+    ]
+    .iter()
+    .find(|(k, _)| message.contains(k))
+    .map(|(_, t)| format!(" ({t})"))
+    .unwrap_or_default();
+    invalid!("{origin}: {key_name}: {message}{takes}")
+}
+
+/// The 1-based line of `key = ...` inside `[section]` of a TOML text, if it is written there plainly.
+fn key_line(text: &str, section: &str, key: &str) -> Option<usize> {
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if let Some(h) = t.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            current = h.trim().to_string();
+            continue;
+        }
+        if current == section
+            && t.split_once('=')
+                .is_some_and(|(k, _)| k.trim().trim_matches('"') == key)
+        {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 /// Makes the relative paths of a config file absolute against its folder: every key of
@@ -571,7 +635,7 @@ mod tests {
         );
         let e = resolve(Some(&f.0), &[]).unwrap_err().to_string();
         assert!(
-            e.contains("invalid type: string \"two\", expected usize"),
+            e.ends_with(":6: [train] epochs: invalid type: string \"two\", expected usize (a whole number >= 0)"),
             "{e}"
         );
     }
