@@ -824,3 +824,29 @@ fn type_errors_name_the_file_line_or_set_and_the_key() {
         "--set loss.params.a=\"x\": [loss] params.a: invalid type: string \"x\", expected f64 (a number)",
     );
 }
+
+/// Issue 21 item 5: sizes from input are checked before anything is allocated from them. A config.json with
+/// 10^9 layers used to abort on a multi-terabyte allocation; `rms_norm_eps = 0` passed.
+#[test]
+fn absurd_model_sizes_are_errors_naming_the_field() {
+    let d = TempDir::new("absurd");
+    let m = tiny_qwen2_with(&d.path().join("layers"), |c| {
+        c["num_hidden_layers"] = 1_000_000_000.into()
+    });
+    assert_user_error(
+        &score(&m, None, d.path()),
+        &format!(
+            "error: {}: field `num_hidden_layers`: 1000000000 is beyond any supported model (at most 1024); check \
+             that this config belongs to the weights",
+            m.join("config.json").display()
+        ),
+    );
+    let m = tiny_qwen2_with(&d.path().join("eps"), |c| c["rms_norm_eps"] = 0.0.into());
+    assert_user_error(
+        &score(&m, None, d.path()),
+        &format!(
+            "error: {}: field `rms_norm_eps`: must be a positive number, got 0",
+            m.join("config.json").display()
+        ),
+    );
+}

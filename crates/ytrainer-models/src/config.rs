@@ -289,6 +289,33 @@ impl HfConfig {
                 return Err(self.field_error(field, "must be greater than 0"));
             }
         }
+        // Upper bounds far above any real decoder (Llama 3.1 405B: 126 layers, hidden 16384, intermediate 53248,
+        // 128 heads; the largest vocabularies ~260k), so that an absurd config is an error naming the field
+        // before anything is allocated from it, not a multi-terabyte allocation that aborts (issue 21 item 5).
+        for (field, value, limit) in [
+            ("vocab_size", self.vocab_size, 1usize << 24),
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("num_hidden_layers", self.num_hidden_layers, 1024),
+            ("num_attention_heads", self.num_attention_heads, 4096),
+            ("num_key_value_heads", self.num_kv_heads(), 4096),
+            ("head_dim", head_dim, 4096),
+        ] {
+            if value > limit {
+                return Err(self.field_error(
+                    field,
+                    format!(
+                        "{value} is beyond any supported model (at most {limit}); check that this config belongs to the weights"
+                    ),
+                ));
+            }
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(self.field_error(
+                "rms_norm_eps",
+                format!("must be a positive number, got {}", self.rms_norm_eps),
+            ));
+        }
         if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             return Err(self.field_error(
                 "num_key_value_heads",

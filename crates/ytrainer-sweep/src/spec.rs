@@ -53,6 +53,9 @@ pub fn map_path_value(v: &mut Value, f: &dyn Fn(&str) -> String) {
     }
 }
 
+/// The most trials one sweep may expand to (a year of 50-minute trials).
+pub const MAX_TRIALS: usize = 10_000;
+
 /// How axes combine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -367,6 +370,24 @@ impl Sweep {
                 );
             }
         }
+        // A grid multiplies: count before expanding, so a typo'd 100-value axis times four more is an error,
+        // not a 10^10-trial allocation that aborts (issue 21 item 5).
+        if mode == Mode::Grid {
+            let lens: Vec<usize> = dims.iter().map(Vec::len).collect();
+            let n = lens
+                .iter()
+                .chain(std::iter::once(&seeds.len().max(1)))
+                .try_fold(1usize, |a, &l| a.checked_mul(l));
+            if n.is_none_or(|n| n > MAX_TRIALS) {
+                bail!(
+                    "the grid has {} trials (axis lengths {lens:?} x {} seed(s)); ytrainer runs at most {MAX_TRIALS} \
+                     trials per sweep: shorten the axes, use `mode = \"one-at-a-time\"`, or split the sweep",
+                    n.map(|n| n.to_string())
+                        .unwrap_or_else(|| "more than 2^64".into()),
+                    seeds.len().max(1)
+                );
+            }
+        }
         Ok(Sweep {
             name,
             base,
@@ -523,6 +544,29 @@ mod tests {
 
     fn ids(s: &Sweep) -> Vec<String> {
         s.trials().into_iter().map(|t| t.id).collect()
+    }
+
+    #[test]
+    fn an_absurd_grid_is_refused_before_expanding() {
+        let vals: Vec<String> = (1..=100).map(|i| i.to_string()).collect();
+        let axis = |k: &str| format!("\"{k}\" = [{}]\n", vals.join(", "));
+        let text = format!(
+            "base = {{ model = {{ preset = \"tiny\" }}, data = {{ train = \"d/train.jsonl\" }} }}\nseeds = [1, 2]\n[axes]\n{}{}{}{}{}",
+            axis("train.max_steps"),
+            axis("train.warmup_steps"),
+            axis("adapter.r"),
+            axis("adapter.alpha"),
+            axis("train.epochs")
+        );
+        let e = Sweep::parse(&text, Path::new("/tmp"), "huge")
+            .err()
+            .expect("refused")
+            .to_string();
+        assert_eq!(
+            e,
+            "the grid has 20000000000 trials (axis lengths [100, 100, 100, 100, 100] x 2 seed(s)); ytrainer runs at \
+             most 10000 trials per sweep: shorten the axes, use `mode = \"one-at-a-time\"`, or split the sweep"
+        );
     }
 
     #[test]
