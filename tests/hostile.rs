@@ -850,3 +850,49 @@ fn absurd_model_sizes_are_errors_naming_the_field() {
         ),
     );
 }
+
+/// Issue 21 item 9: a resume is judged by what the files hold, not how they are named. The same training file
+/// by its absolute path resumes; the file edited in place is refused, naming it.
+#[test]
+fn resume_fingerprints_the_data_by_content_not_by_path() {
+    let d = TempDir::new("fingerprint");
+    let data = d.path().join("train.jsonl");
+    std::fs::copy(root().join("examples/quickstart/train.jsonl"), &data).unwrap();
+    let out = d.path().join("run");
+    let run = |data: &str, extra: &[&str]| {
+        let mut a = vec![
+            "run",
+            "--preset",
+            "tiny",
+            "--data",
+            data,
+            "--max-steps",
+            "2",
+            "--tokens-per-step",
+            "64",
+            "--save-every",
+            "1",
+            "--set",
+            "eval.max_samples=4",
+            "--output-dir",
+        ];
+        let o = s(&out);
+        a.push(&o);
+        a.extend_from_slice(extra);
+        ytrainer(&a)
+    };
+    ok(&run(&s(&data), &[]));
+    // the same file through another path (a `..` detour) is the same run
+    let detour = d.path().join("run/../train.jsonl");
+    ok(&run(&s(&detour), &["--resume", &s(&out)]));
+    // edited in place: refused, naming the file's content
+    let mut text = std::fs::read_to_string(&data).unwrap();
+    text.push_str(text.clone().lines().next().unwrap());
+    text.push('\n');
+    std::fs::write(&data, text).unwrap();
+    let o = run(&s(&data), &["--resume", &s(&out)]);
+    assert_user_error(
+        &o,
+        "holds a ytrainer run with other settings (data_content.train: ",
+    );
+}

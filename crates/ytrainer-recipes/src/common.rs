@@ -80,10 +80,45 @@ pub fn fingerprint(cfg: &RunConfig) -> String {
     if let Some(m) = model.as_object_mut() {
         m.remove("base_model_id");
     }
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "model": model, "adapter": cfg.adapter, "data": cfg.data, "loss": cfg.loss, "train": train,
-    })
-    .to_string()
+    });
+    // The same file named by another path (relative from elsewhere, through a link) is the same run; a training
+    // file edited in place is not (issue 21 item 9: the plan silently changed from 40 to 79-101 steps).
+    for key in ytrainer_sweep::spec::PATH_KEYS {
+        let (section, k) = key.split_once('.').expect("section.key");
+        if let Some(serde_json::Value::String(p)) = v.get_mut(section).and_then(|s| s.get_mut(k))
+            && let Ok(c) = std::fs::canonicalize(&*p)
+        {
+            *p = c.to_string_lossy().to_string();
+        }
+    }
+    let mut content = serde_json::Map::new();
+    for (name, path) in [("train", &cfg.data.train), ("eval", &cfg.data.eval)] {
+        if let Some(p) = path
+            && let Some(h) = file_hash(p)
+        {
+            content.insert(name.to_string(), h.into());
+        }
+    }
+    v["data_content"] = content.into();
+    v.to_string()
+}
+
+/// A content hash of a data file (`None` when it cannot be read: the loader reports that).
+fn file_hash(path: &Path) -> Option<String> {
+    let f = std::fs::File::open(path).ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    // SAFETY: read-only mapping of a data file for hashing; a file rewritten meanwhile changes the hash,
+    // which is what the fingerprint is for.
+    let map = unsafe { memmap2::Mmap::map(&f) }.ok()?;
+    Some(format!(
+        "{:016x}{:016x}",
+        crate::source::mix_bytes(&map),
+        map.len()
+    ))
 }
 
 /// The adapter the config asks for.

@@ -164,7 +164,7 @@ fn content_key(file: &Path, cache: &Path) -> Result<String> {
     Ok(key)
 }
 
-fn mix_bytes(bytes: &[u8]) -> u64 {
+pub(crate) fn mix_bytes(bytes: &[u8]) -> u64 {
     const K: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut h = K ^ bytes.len() as u64;
     let mut words = bytes.chunks_exact(8);
