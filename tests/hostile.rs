@@ -896,3 +896,37 @@ fn resume_fingerprints_the_data_by_content_not_by_path() {
         "holds a ytrainer run with other settings (data_content.train: ",
     );
 }
+
+/// Issue 21 item 9: a tampered checkpoint is refused. Its tensor files carry digests in `trainer_state.json`
+/// (a changed byte, e.g. swapped weights, is caught), and a step beyond the run's plan is an error.
+#[test]
+fn a_tampered_checkpoint_is_refused() {
+    let d = TempDir::new("tamper");
+    let out = d.path().join("run");
+    ok(&tiny(&out, &["--save-every", "1"]));
+    let ck = out.join("checkpoint-1");
+    let t = ck.join("trainable.safetensors");
+    let mut bytes = std::fs::read(&t).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&t, &bytes).unwrap();
+    assert_user_error(
+        &tiny(&out, &["--save-every", "1", "--resume", &s(&ck)]),
+        &format!(
+            "{}: its contents differ from what this checkpoint wrote (the digest in trainer_state.json): the file \
+             was modified or damaged after it was written; resume from another checkpoint",
+            t.display()
+        ),
+    );
+    bytes[last] ^= 0x40;
+    std::fs::write(&t, &bytes).unwrap();
+    let sp = ck.join("trainer_state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&sp).unwrap()).unwrap();
+    state["trainer"]["step"] = 1000.into();
+    std::fs::write(&sp, state.to_string()).unwrap();
+    assert_user_error(
+        &tiny(&out, &["--save-every", "1", "--resume", &s(&ck)]),
+        "the checkpoint is at step 1000 but this run's plan has 2 steps; resume from a checkpoint of this run",
+    );
+}

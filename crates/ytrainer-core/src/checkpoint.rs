@@ -273,8 +273,15 @@ pub fn save<M: Module>(
         );
     }
     write_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
+    // What the tensor files held when written: a resume refuses files changed since (edited, swapped, bit rot).
+    let mut files = serde_json::Map::new();
+    for name in ["trainable.safetensors", "optimizer.safetensors"] {
+        let p = tmp.join(name);
+        let bytes = fs::read(&p).map_err(io(&p))?;
+        files.insert(name.into(), file_digest(&bytes).into());
+    }
     let state_json = serde_json::json!({
-        "writer": WRITER, "trainer": state, "optimizer_step": optim.step,
+        "writer": WRITER, "trainer": state, "optimizer_step": optim.step, "files": files,
     });
     let p = tmp.join("trainer_state.json");
     fs::write(
@@ -299,6 +306,26 @@ pub fn save<M: Module>(
             .map_err(io(parent))?;
     }
     Ok(())
+}
+
+/// A fast, stable 64-bit hash of file contents (not cryptographic): the identity of a model file in the cache,
+/// of a training file in the run fingerprint, and of a checkpoint's tensor files in its `trainer_state.json`.
+pub fn content_hash(bytes: &[u8]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h = K ^ bytes.len() as u64;
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        let v = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+        h = (h ^ v).wrapping_mul(K).rotate_left(29);
+    }
+    for &b in words.remainder() {
+        h = (h ^ b as u64).wrapping_mul(K);
+    }
+    h ^ (h >> 32)
+}
+
+fn file_digest(bytes: &[u8]) -> String {
+    format!("{:016x}{:016x}", content_hash(bytes), bytes.len())
 }
 
 /// fsyncs every file under `dir`, then `dir` itself.
@@ -340,6 +367,21 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded, CheckpointError> {
             message: format!("field `trainer`: {e}"),
         })?;
     let optimizer_step = v["optimizer_step"].as_u64().unwrap_or(0);
+    if let Some(files) = v["files"].as_object() {
+        for (name, want) in files {
+            let p = dir.join(name);
+            let bytes = fs::read(&p).map_err(io(&p))?;
+            if want.as_str() != Some(file_digest(&bytes).as_str()) {
+                return Err(CheckpointError::Format {
+                    path: p,
+                    message: "its contents differ from what this checkpoint wrote (the digest in \
+                              trainer_state.json): the file was modified or damaged after it was written; resume \
+                              from another checkpoint"
+                        .into(),
+                });
+            }
+        }
+    }
     let params = read_safetensors(&dir.join("trainable.safetensors"))?;
     let mp = dir.join("optimizer.safetensors");
     let raw = read_safetensors(&mp)?;

@@ -508,6 +508,16 @@ fn start<M: CausalLm>(
                 ),
             });
         }
+        if loaded.state.step > total {
+            return Err(TrainError::Resume {
+                path: dir.to_path_buf(),
+                message: format!(
+                    "the checkpoint is at step {} but this run's plan has {total} steps; resume from a checkpoint \
+                     of this run",
+                    loaded.state.step
+                ),
+            });
+        }
         model =
             checkpoint::load_trainable(model, &loaded.params, &dir.join("trainable.safetensors"))?;
         optim.state = loaded.optim;

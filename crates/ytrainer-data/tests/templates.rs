@@ -248,6 +248,8 @@ fn hostile_templates_stop_at_the_work_limit_naming_the_file() {
 /// Found by the fuzz harness (tests/fuzz.rs): `{%}` made the generation-tag rewriter slice backwards and panic.
 #[test]
 fn an_overlapping_tag_is_a_template_error_not_a_panic() {
-    let e = ChatTemplate::new("a {%} b", None, None).unwrap_err().to_string();
+    let e = ChatTemplate::new("a {%} b", None, None)
+        .unwrap_err()
+        .to_string();
     assert!(e.starts_with("chat template: "), "{e}");
 }

@@ -35,7 +35,11 @@ fn mutate(rng: &mut SplitMix64, seed: &[u8], hot: usize) -> Vec<u8> {
                     3 => 0,
                     _ => rng.next_u64(),
                 };
-                let w = if rng.next_u64().is_multiple_of(2) { 8 } else { 4 };
+                let w = if rng.next_u64().is_multiple_of(2) {
+                    8
+                } else {
+                    4
+                };
                 let end = (at + w).min(b.len());
                 b[at..end].copy_from_slice(&v.to_le_bytes()[..end - at]);
             }

@@ -116,7 +116,7 @@ fn file_hash(path: &Path) -> Option<String> {
     let map = unsafe { memmap2::Mmap::map(&f) }.ok()?;
     Some(format!(
         "{:016x}{:016x}",
-        crate::source::mix_bytes(&map),
+        ytrainer_core::checkpoint::content_hash(&map),
         map.len()
     ))
 }

@@ -144,9 +144,10 @@ fn content_key(file: &Path, cache: &Path) -> Result<String> {
         meta.len(),
         meta.modified().ok()
     );
-    let stamp_file = cache
-        .join("stamps")
-        .join(format!("{:016x}", mix_bytes(stamp.as_bytes())));
+    let stamp_file = cache.join("stamps").join(format!(
+        "{:016x}",
+        ytrainer_core::checkpoint::content_hash(stamp.as_bytes())
+    ));
     if let Some(key) = std::fs::read_to_string(&stamp_file)
         .ok()
         .and_then(|s| s.strip_prefix(&stamp).map(str::to_string))
@@ -158,24 +159,14 @@ fn content_key(file: &Path, cache: &Path) -> Result<String> {
     // the stamp (size, mtime) then no longer matches.
     let map = unsafe { memmap2::Mmap::map(&f) }
         .with_context(|| format!("cannot read {}", file.display()))?;
-    let key = format!("{:016x}{:016x}", mix_bytes(&map), map.len());
+    let key = format!(
+        "{:016x}{:016x}",
+        ytrainer_core::checkpoint::content_hash(&map),
+        map.len()
+    );
     let _ = std::fs::create_dir_all(stamp_file.parent().expect("has a parent"));
     let _ = std::fs::write(&stamp_file, format!("{stamp}{key}"));
     Ok(key)
-}
-
-pub(crate) fn mix_bytes(bytes: &[u8]) -> u64 {
-    const K: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut h = K ^ bytes.len() as u64;
-    let mut words = bytes.chunks_exact(8);
-    for w in &mut words {
-        let v = u64::from_le_bytes(w.try_into().expect("8 bytes"));
-        h = (h ^ v).wrapping_mul(K).rotate_left(29);
-    }
-    for &b in words.remainder() {
-        h = (h ^ b as u64).wrapping_mul(K);
-    }
-    h ^ (h >> 32)
 }
 
 /// For training: a `.gguf` model's config and tokenizer files (and, when `with_weights`, its weights as f32
