@@ -33,6 +33,17 @@ pub enum DataError {
         message: String,
         hint: String,
     },
+    /// A CSV file could not be parsed.
+    #[error(
+        "{}:{line}: malformed CSV: {message}; the file must be CSV with a header row naming the fields and the \
+         same number of fields on every row (quote fields that hold commas)",
+        file.display()
+    )]
+    Csv {
+        file: PathBuf,
+        line: usize,
+        message: String,
+    },
     /// The first record matches none of the known layouts.
     #[error("{}:{line}: unknown record format (keys: {keys}); {hint}", file.display())]
     UnknownFormat {

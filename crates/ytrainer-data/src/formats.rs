@@ -419,11 +419,10 @@ fn split_csv(path: &Path, text: &str) -> Result<Vec<Raw>, DataError> {
 
 fn csv_error(path: &Path, e: &csv::Error) -> DataError {
     let line = e.position().map(|p| p.line() as usize).unwrap_or(1);
-    DataError::Json {
+    DataError::Csv {
         file: path.to_path_buf(),
         line,
-        message: format!("malformed CSV: {e}"),
-        hint: "the file must be CSV with a header row naming the fields".into(),
+        message: e.to_string(),
     }
 }
 
@@ -758,11 +757,14 @@ fn convert_messages(origin: &Origin, obj: &Map<String, Value>) -> Converted {
                 ),
             ));
         };
-        let content_key = if m.contains_key("content") {
-            "content"
-        } else {
-            "value"
-        };
+        // The layout's own name for the text, also when a turn lacks it: "content" beside "role" (messages),
+        // "value" beside "from" (ShareGPT).
+        let content_key =
+            if m.contains_key("content") || (role_key == "role" && !m.contains_key("value")) {
+                "content"
+            } else {
+                "value"
+            };
         let content = match m.get(content_key) {
             None | Some(Value::Null) => String::new(),
             Some(Value::String(s)) => s.clone(),
@@ -778,8 +780,13 @@ fn convert_messages(origin: &Origin, obj: &Map<String, Value>) -> Converted {
             }
         };
         if (role == "assistant" || role == "user") && content.trim().is_empty() {
+            let what = if m.contains_key(content_key) {
+                "is empty"
+            } else {
+                "is missing"
+            };
             return Ok(Err(format!(
-                "field \"{key}\"[{i}].{content_key} is empty; every {role} turn needs non-empty content (record dropped)"
+                "field \"{key}\"[{i}].{content_key} {what}; every {role} turn needs non-empty content (record dropped)"
             )));
         }
         // A system turn may only open a conversation; later ones are kept as they are (templates decide).

@@ -331,3 +331,41 @@ fn real_corpora_load() {
     let l = load_records(&a.join("corpora/preference/dpo_en_demo.json")).unwrap();
     assert_eq!(l.format, Format::Messages);
 }
+
+/// Issue 21 item 13: a turn without its text names the layout's own key and says "missing"; a CSV error is
+/// reported as CSV, not as "malformed JSON".
+#[test]
+fn missing_content_and_bad_csv_are_named_for_what_they_are() {
+    let l = parse_records(
+        Path::new("m.jsonl"),
+        "{\"messages\":[{\"role\":\"user\"},{\"role\":\"assistant\",\"content\":\"x\"}]}\n{\"messages\":[{\"role\":\"user\",\"content\":\"q\"},{\"role\":\"assistant\",\"content\":\"a\"}]}\n",
+    )
+    .unwrap();
+    let w: Vec<String> = l.warnings.iter().map(|w| w.to_string()).collect();
+    assert_eq!(
+        w,
+        [
+            "m.jsonl:1: field \"messages\"[0].content is missing; every user turn needs non-empty content (record dropped)"
+        ]
+    );
+    let l = parse_records(
+        Path::new("s.jsonl"),
+        "{\"conversations\":[{\"from\":\"human\",\"value\":\"q\"},{\"from\":\"gpt\",\"value\":\" \"}]}\n{\"conversations\":[{\"from\":\"human\",\"value\":\"q\"},{\"from\":\"gpt\",\"value\":\"a\"}]}\n",
+    )
+    .unwrap();
+    let w: Vec<String> = l.warnings.iter().map(|w| w.to_string()).collect();
+    assert_eq!(
+        w,
+        [
+            "s.jsonl:1: field \"conversations\"[1].value is empty; every assistant turn needs non-empty content (record dropped)"
+        ]
+    );
+    let e = parse_records(Path::new("b.csv"), "instruction,output\n\"unterminated,x\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("b.csv:2: malformed CSV: "), "{e}");
+    assert!(
+        e.ends_with("; the file must be CSV with a header row naming the fields and the same number of fields on every row (quote fields that hold commas)"),
+        "{e}"
+    );
+}
