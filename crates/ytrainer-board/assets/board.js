@@ -117,7 +117,7 @@ const Runs = {
   details: {},
   enter(params) {
     const sel = params.get('select');
-    if (sel) { this.selected = new Set([sel]); this.touched = true; }
+    if (sel) { this.selected = new Set(sel.split(',')); this.touched = true; }
     this.refresh();
     clearInterval(this.timer);
     this.timer = setInterval(() => { if (document.body.dataset.view === 'runs') this.refresh(); }, POLL_MS);
