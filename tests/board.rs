@@ -483,6 +483,41 @@ fn board_in_a_browser() {
         .map(|p| p["weight"].as_f64().unwrap())
         .collect();
 
+    // A LoRA run: its trained model is the base plus the adapter in final/.
+    let lora = runs.join("lora");
+    let o = quickstart(&lora, 2)
+        .args(["--adapter", "lora"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let score_losses = |args: &[&str]| -> Vec<f64> {
+        let mut all = vec![
+            "score",
+            "--data",
+            "examples/quickstart/train.jsonl",
+            "--max-seq-len",
+            "128",
+        ];
+        all.extend_from_slice(args);
+        let o = ytrainer(&all);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: Value = serde_json::from_str(stdout(&o).lines().next().unwrap()).unwrap();
+        v["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["loss"].as_f64().unwrap())
+            .collect()
+    };
+    let lora_after = score_losses(&[
+        "--model",
+        &s(&lora.join("base-model")),
+        "--adapter",
+        &s(&lora.join("final")),
+    ]);
+    let lora_before = score_losses(&["--model", &s(&lora.join("base-model"))]);
+    assert_ne!(lora_after, lora_before);
+
     // Bad inputs next to the good run.
     let cut = runs.join("truncated");
     std::fs::create_dir_all(&cut).unwrap();
@@ -694,6 +729,35 @@ fn board_in_a_browser() {
     browser.js("document.querySelector('#panel-a .tok.sup').dispatchEvent(new MouseEvent('mouseenter')); return 1");
     browser.screenshot("tokens");
 
+    // The LoRA run's record 0 after training (base + adapter) beside before training (the base alone).
+    browser.open(&format!(
+        "{url}#tokens?run=0:lora&record=0&a=after::&b=before::"
+    ));
+    browser.wait(
+        "the LoRA run's tokens",
+        "return ['#panel-a', '#panel-b'].every(p => document.querySelector(p).dataset.state === 'ready')",
+        120,
+    );
+    for (panel, want) in [("#panel-a", &lora_after), ("#panel-b", &lora_before)] {
+        let got = read(panel, "loss");
+        assert_eq!(got.len(), want.len(), "{panel}");
+        for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "{panel} token {i}: page loss {a}, ytrainer score {b}"
+            );
+        }
+    }
+    let summary = browser.js("return document.querySelector('#panel-b .summary').innerText");
+    assert!(
+        summary
+            .as_str()
+            .unwrap()
+            .starts_with("before training · nlirg"),
+        "{summary}"
+    );
+    browser.screenshot("tokens-lora-before-after");
+
     // A record out of range: a message in each panel.
     browser.open(&format!("{url}#tokens?run=0:quickstart&record=100000"));
     let err = browser.wait(
@@ -731,6 +795,46 @@ fn board_in_a_browser() {
         "{first_row}"
     );
     browser.screenshot("sweeps");
+    // A real mouse click (WebDriver actions) on the scatter's rightmost point (the largest gain: ce-s1) opens
+    // that trial's run.
+    let at = browser.js("const u = document.querySelector('.sweep .scatter')._u; \
+         const i = u.data[0].length - 1; \
+         const y = u.data.slice(1).map(s => s[i]).find(v => v != null); \
+         const r = u.over.getBoundingClientRect(); \
+         return [u.valToPos(u.data[0][i], 'x') - r.width / 2, u.valToPos(y, 'y') - r.height / 2]");
+    let over = browser.call(
+        "POST",
+        "element",
+        Some(json!({"using": "css selector", "value": ".sweep .scatter .u-over"})),
+    );
+    let element = over.as_object().unwrap().values().next().unwrap().clone();
+    let (dx, dy) = (
+        at[0].as_f64().unwrap().round() as i64,
+        at[1].as_f64().unwrap().round() as i64,
+    );
+    browser.call(
+        "POST",
+        "actions",
+        Some(json!({"actions": [{"type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"},
+            "actions": [
+                {"type": "pointerMove", "duration": 0, "origin": {"element-6066-11e4-a52e-4f735466cecf": element}, "x": dx, "y": dy},
+                {"type": "pointerDown", "button": 0},
+                {"type": "pointerUp", "button": 0}
+            ]}]})),
+    );
+    let hash = browser.wait(
+        "the click on the point",
+        "return location.hash.startsWith('#runs') && location.hash",
+        20,
+    );
+    assert_eq!(hash, "#runs?select=0%3Asweep-demo%2Ftrials%2Fce-s1");
+    browser.open(&format!("{url}#sweeps"));
+    browser.wait(
+        "the sweep again",
+        "return document.querySelector('.sweep-trials tbody tr')",
+        20,
+    );
+    browser.js("document.querySelectorAll('.sweep-trials th')[4].click(); return 1");
     browser.js("document.querySelector('.sweep-trials tbody tr').click(); return 1");
     browser.wait(
         "the trial's run",

@@ -214,6 +214,8 @@ const Runs = {
 const Tokens = {
   plugins: null,
   async enter(params) {
+    // What the panels show is stale until the new answers arrive.
+    for (const p of ['#panel-a', '#panel-b']) $(p).dataset.state = 'loading';
     try {
       const [runs, plugins] = await Promise.all([api('runs'), this.plugins ? this.plugins : api('plugins')]);
       this.plugins = plugins;
@@ -341,9 +343,11 @@ const Sweeps = {
     if (!xs.length) { box.replaceChildren(el('div', { class: 'empty' }, 'no finished trials yet')); return; }
     const u = new uPlot({
       title: 'domain gain (learning) vs general loss increase (forgetting)', width: Math.max(320, box.clientWidth || 560), height: 300,
-      scales: { x: { time: false } }, axes: [{ label: 'gain (domain loss drop)' }, { label: 'forgetting (general loss rise)' }],
+      // A margin around the points, so none sits on the plot's edge (where it could not be clicked).
+      scales: { x: { time: false, range: padded }, y: { range: padded } }, axes: [{ label: 'gain (domain loss drop)' }, { label: 'forgetting (general loss rise)' }],
       series: [{ label: 'gain' }, ...series],
     }, data, box);
+    box._u = u;
     u.over.addEventListener('click', () => {
       const idx = u.cursor.idx;
       if (idx == null) return;
@@ -351,6 +355,12 @@ const Sweeps = {
     });
   },
 };
+
+// A scale range 10% wider than the data on each side.
+function padded(u, min, max) {
+  const pad = max > min ? (max - min) * 0.1 : Math.abs(min) * 0.1 || 0.5;
+  return [min - pad, max + pad];
+}
 
 // A table whose columns sort on a click; a cell is a value or [sort key, text].
 function sortable(headers, rows, cls, link) {
