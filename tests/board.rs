@@ -556,13 +556,37 @@ fn board_in_a_browser() {
         std::fs::write(d.join("trial.json"), r.to_string()).unwrap();
     }
 
+    // A run whose training data is not UTF-8: its config points there, its base model is the quickstart's.
+    let bad_data = runs.join("bad-data");
+    std::fs::create_dir_all(&bad_data).unwrap();
+    std::os::unix::fs::symlink(run.join("base-model"), bad_data.join("base-model")).unwrap();
+    let latin1 = tmp.path().join("latin1.jsonl");
+    std::fs::write(
+        &latin1,
+        b"{\"messages\": [{\"role\": \"user\", \"content\": \"caf\xe9\"}]}\n",
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(run.join("config.resolved.toml"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            if l.starts_with("train = ") {
+                format!("train = {:?}", s(&latin1))
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(bad_data.join("config.resolved.toml"), config).unwrap();
+
     let (_board, url) = board(&[&runs], &[]);
     let browser = Browser::start();
 
     // 1. Runs: the quickstart run is listed as finished after 4 steps, with its strategy; damaged files are
     // messages on the page.
     let poll = format!("{url}?poll=300");
-    browser.open(&format!("{poll}#runs"));
+    browser.open(&format!("{poll}#runs?select=0:quickstart,0:truncated"));
     browser.wait(
         "the runs list",
         "return document.querySelector('#runs-table tr[data-run=\"0:quickstart\"]')",
@@ -602,7 +626,8 @@ fn board_in_a_browser() {
         "const c = document.querySelector('#chart-loss'); return c.dataset.points !== '0' && c.querySelector('canvas') ? Number(c.dataset.points) : 0",
         20,
     );
-    assert!(loss_points.as_f64().unwrap() >= 4.0, "{loss_points}");
+    // 4 steps of the quickstart run and the 3 whole lines of its truncated copy.
+    assert_eq!(loss_points.as_f64().unwrap(), 7.0, "{loss_points}");
     browser.screenshot("runs");
 
     // A run deleted while the page shows it: a message, not a blank page.
@@ -758,11 +783,27 @@ fn board_in_a_browser() {
     );
     browser.screenshot("tokens-lora-before-after");
 
+    // A data file that is not UTF-8: the loader's message (file and line) in the panel.
+    browser.open(&format!(
+        "{url}#tokens?run=0:bad-data&record=0&a=before::&b=before:ce:"
+    ));
+    let err = browser.wait(
+        "the non-UTF-8 data message",
+        "const t = document.querySelector('#panel-a .error').innerText; return t.includes('latin1') ? t : ''",
+        60,
+    );
+    let err = err.as_str().unwrap();
+    assert!(
+        err.contains("latin1.jsonl") && err.contains("UTF-8"),
+        "{err}"
+    );
+    browser.screenshot("tokens-non-utf8-data");
+
     // A record out of range: a message in each panel.
     browser.open(&format!("{url}#tokens?run=0:quickstart&record=100000"));
     let err = browser.wait(
         "the out-of-range message",
-        "return document.querySelector('#panel-a .error').innerText",
+        "const t = document.querySelector('#panel-a .error').innerText; return t.includes('out of range') ? t : ''",
         60,
     );
     assert!(
