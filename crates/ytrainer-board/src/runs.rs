@@ -3,7 +3,9 @@
 //! `metrics.jsonl` that is cut short (the run is writing it, or it was truncated), not JSON, or not UTF-8 is
 //! skipped with a warning naming the file and line.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Map, Value, json};
@@ -101,14 +103,56 @@ fn text_of(bytes: Vec<u8>, name: &str, warnings: &mut Vec<String>) -> Option<Str
     }
 }
 
+/// A parsed JSONL file: its rows and warnings.
+type Parsed = Arc<(Vec<Map<String, Value>>, Vec<String>)>;
+
+/// A parsed file with the length and modification time it had.
+type Stamped = (u64, Option<SystemTime>, Parsed);
+
+/// Parsed JSONL files by path, with the length and modification time they had: the page polls every run every
+/// few seconds, and only a file that changed (a training run's) is read and parsed again.
+static PARSED: Mutex<Option<HashMap<PathBuf, Stamped>>> = Mutex::new(None);
+
+/// `dir/name` parsed as JSONL (through `root`, so it lies inside the given folders); `None` when absent.
+fn jsonl_file(root: &Root, dir: &Path, name: &str) -> Result<Option<Parsed>> {
+    let Some(path) = root.contain(&dir.join(name))? else {
+        return Ok(None);
+    };
+    let Ok(meta) = std::fs::metadata(&path) else {
+        return Ok(None);
+    };
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    let stamp = (meta.len(), meta.modified().ok());
+    if let Some((len, modified, parsed)) = PARSED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .get(&path)
+        && (*len, *modified) == stamp
+    {
+        return Ok(Some(Arc::clone(parsed)));
+    }
+    let bytes = std::fs::read(&path).map_err(|e| {
+        BoardError::unusable(format!("cannot read {}: {e}", dir.join(name).display()))
+    })?;
+    let parsed: Parsed = Arc::new(read_jsonl(&bytes, name));
+    PARSED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(path, (stamp.0, stamp.1, Arc::clone(&parsed)));
+    Ok(Some(parsed))
+}
+
 fn read_run(root: &Root, dir: &Path) -> Result<RunFiles> {
     let mut warnings = Vec::new();
     let jsonl = |name: &str, warnings: &mut Vec<String>| -> Result<Vec<Map<String, Value>>> {
-        Ok(match root.read(dir, name)? {
-            Some(b) => {
-                let (rows, w) = read_jsonl(&b, name);
-                warnings.extend(w);
-                rows
+        Ok(match jsonl_file(root, dir, name)? {
+            Some(p) => {
+                warnings.extend(p.1.iter().cloned());
+                p.0.clone()
             }
             None => Vec::new(),
         })
