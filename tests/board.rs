@@ -556,6 +556,12 @@ fn board_in_a_browser() {
         std::fs::write(d.join("trial.json"), r.to_string()).unwrap();
     }
 
+    std::fs::create_dir_all(runs.join("data")).unwrap();
+    std::fs::copy(
+        root().join("examples/quickstart/train.jsonl"),
+        runs.join("data/train.jsonl"),
+    )
+    .unwrap();
     // A run whose training data is not UTF-8: its config points there, its base model is the quickstart's.
     let bad_data = runs.join("bad-data");
     std::fs::create_dir_all(&bad_data).unwrap();
@@ -782,6 +788,38 @@ fn board_in_a_browser() {
         "{summary}"
     );
     browser.screenshot("tokens-lora-before-after");
+
+    // The same model + adapter picked directly (no run), on a data file inside the folders.
+    browser.open(&format!(
+        "{url}#tokens?model=0:lora/base-model&adapter=0:lora/final&data=0:data/train.jsonl&record=0&a=after:ce:&b=before:ce:"
+    ));
+    browser.wait(
+        "the model + adapter tokens",
+        "return ['#panel-a', '#panel-b'].every(p => document.querySelector(p).dataset.state === 'ready')",
+        120,
+    );
+    assert_eq!(read("#panel-a", "loss").len(), lora_after.len());
+    for (panel, want) in [("#panel-a", &lora_after), ("#panel-b", &lora_before)] {
+        for (i, (a, b)) in read(panel, "loss").iter().zip(want.iter()).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "{panel} token {i}: page loss {a}, ytrainer score {b}"
+            );
+        }
+    }
+    // A model outside the folders is refused.
+    browser.open(&format!(
+        "{url}#tokens?model=0:../..&data=0:data/train.jsonl&record=0"
+    ));
+    let err = browser.wait(
+        "the refused model",
+        "const t = document.querySelector('#panel-a .error').innerText; return t.includes('refused') ? t : ''",
+        30,
+    );
+    assert!(
+        err.as_str().unwrap().contains("id `0:../..` refused"),
+        "{err}"
+    );
 
     // A data file that is not UTF-8: the loader's message (file and line) in the panel.
     browser.open(&format!(

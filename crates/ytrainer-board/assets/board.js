@@ -231,6 +231,11 @@ const Tokens = {
         s.replaceChildren(el('option', { value: '' }, "run's own"), ...tokenPlugins.map(p => el('option', { value: p.name }, p.name)));
         s.value = cur;
       }
+      // An address naming a run or a model says everything: fields it leaves out are cleared.
+      if (params.has('run') || params.has('model')) {
+        for (const k of ['model', 'adapter', 'data']) $(`#tok-${k}`).value = params.get(k) || '';
+      }
+      if ($('#tok-model').value) $('#tok-model-box').open = true;
       if (params.has('record')) $('#tok-record').value = params.get('record');
       if (params.has('split')) $('#tok-split').value = params.get('split');
       for (const [k, panel] of [['a', '#panel-a'], ['b', '#panel-b']]) {
@@ -244,10 +249,13 @@ const Tokens = {
       showError($('#panel-a .error'), e.message);
       return;
     }
-    if ($('#tok-run').value) this.show();
+    if ($('#tok-run').value || $('#tok-model').value) this.show();
   },
   async show() {
-    const base = { run: $('#tok-run').value, record: $('#tok-record').value, split: $('#tok-split').value };
+    const model = $('#tok-model').value.trim();
+    const base = model
+      ? { model, adapter: $('#tok-adapter').value.trim(), data: $('#tok-data').value.trim(), record: $('#tok-record').value }
+      : { run: $('#tok-run').value, record: $('#tok-record').value, split: $('#tok-split').value };
     await Promise.all(['#panel-a', '#panel-b'].map(p => this.panel($(p), base)));
   },
   async panel(box, base) {

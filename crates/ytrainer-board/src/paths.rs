@@ -89,9 +89,18 @@ pub fn run_id(index: usize, root: &Root, dir: &Path) -> String {
 /// Checks an id and returns its root and resolved folder. Refused: malformed ids (400), paths leading outside
 /// the root (403); a folder that does not exist (any more) is 404.
 pub fn resolve<'a>(roots: &'a [Root], id: &str) -> Result<(&'a Root, PathBuf)> {
+    checked(roots, id, true)
+}
+
+/// [`resolve`] for any file or folder (a model, an adapter, a data file), with the same checks.
+pub fn resolve_path<'a>(roots: &'a [Root], id: &str) -> Result<(&'a Root, PathBuf)> {
+    checked(roots, id, false)
+}
+
+fn checked<'a>(roots: &'a [Root], id: &str, run: bool) -> Result<(&'a Root, PathBuf)> {
     let malformed = |why: &str| {
         BoardError::bad(format!(
-            "run id `{id}` refused: {why}; ids look like `0:my-run` (folder number, then a path inside it)"
+            "id `{id}` refused: {why}; ids look like `0:my-run` (folder number, then a path inside it)"
         ))
     };
     let (n, rel) = id
@@ -128,9 +137,13 @@ pub fn resolve<'a>(roots: &'a [Root], id: &str) -> Result<(&'a Root, PathBuf)> {
         }
     }
     match root.contain(&path)? {
-        Some(p) if p.is_dir() => Ok((root, p)),
-        _ => Err(BoardError::not_found(format!(
+        Some(p) if p.is_dir() || (!run && p.is_file()) => Ok((root, p)),
+        _ if run => Err(BoardError::not_found(format!(
             "run `{id}` no longer exists: {} is gone (deleted or moved?); the runs list no longer shows it",
+            root.shown.join(rel).display()
+        ))),
+        _ => Err(BoardError::not_found(format!(
+            "`{id}`: {} does not exist",
             root.shown.join(rel).display()
         ))),
     }

@@ -17,7 +17,7 @@ use ytrainer_data::TrainOn;
 use ytrainer_recipes::render::{RecordRender, render_record};
 use ytrainer_recipes::score::{SampleScore, ScoreInput, ScoreSettings, Scorer};
 
-use crate::paths::{Root, resolve};
+use crate::paths::{Root, resolve, resolve_path};
 use crate::runs::toml_get;
 use crate::{BoardError, Result};
 
@@ -36,8 +36,8 @@ pub enum Stage {
 /// What the page asks for.
 #[derive(Debug, Clone)]
 pub struct TokenQuery {
-    /// Run id.
-    pub run: String,
+    /// Run id, or the model, adapter and data ids when there is no run.
+    pub run: Target,
     /// Sample index (as `ytrainer score` numbers them).
     pub record: usize,
     /// Model before or after training.
@@ -48,6 +48,22 @@ pub struct TokenQuery {
     pub strategy: Option<String>,
     /// Strategy parameters; with the run's own strategy and none given, the run's.
     pub params: BTreeMap<String, f64>,
+}
+
+/// Whose tokens: a run's, or a model (+ adapter) on a data file, each an id inside the given folders.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A run id.
+    Run(String),
+    /// Ids of a model folder or `.gguf` file, an optional PEFT adapter folder and a data file.
+    Model {
+        /// The model.
+        model: String,
+        /// The adapter.
+        adapter: Option<String>,
+        /// The data file.
+        data: String,
+    },
 }
 
 /// Parses `name=value,name=value`.
@@ -72,10 +88,20 @@ pub fn parse_params(s: &str) -> Result<BTreeMap<String, f64>> {
 impl TokenQuery {
     /// From `run`, `record`, `stage` (before|after), `split` (train|eval), `strategy`, `params`.
     pub fn from_query(q: &BTreeMap<String, String>) -> Result<TokenQuery> {
-        let run = q
-            .get("run")
-            .cloned()
-            .ok_or_else(|| BoardError::bad("/api/tokens: the `run` parameter is missing"))?;
+        let get = |k: &str| q.get(k).filter(|v| !v.is_empty()).cloned();
+        let run = match (get("run"), get("model"), get("data")) {
+            (Some(run), _, _) => Target::Run(run),
+            (None, Some(model), Some(data)) => Target::Model {
+                model,
+                adapter: get("adapter"),
+                data,
+            },
+            _ => {
+                return Err(BoardError::bad(
+                    "/api/tokens: give `run`, or `model` and `data` (and optionally `adapter`)",
+                ));
+            }
+        };
         let record = match q.get("record").map(|s| s.trim()) {
             None | Some("") => 0,
             Some(r) => r.parse().map_err(|_| {
@@ -430,14 +456,45 @@ pub fn view(
     device: &str,
     q: &TokenQuery,
 ) -> Result<Value> {
-    let (root, dir) = resolve(roots, &q.run)?;
-    let m = run_model(root, &dir)?;
+    let (m, dir, name) = match &q.run {
+        Target::Run(id) => {
+            let (root, dir) = resolve(roots, id)?;
+            (run_model(root, &dir)?, dir, format!("run `{id}`"))
+        }
+        Target::Model {
+            model,
+            adapter,
+            data,
+        } => {
+            let model = resolve_path(roots, model)?.1;
+            let adapter = adapter
+                .as_deref()
+                .map(|a| resolve_path(roots, a).map(|r| r.1))
+                .transpose()?;
+            let data = resolve_path(roots, data)?.1;
+            let m = RunModel {
+                base: model.clone(),
+                lora: adapter.is_some(),
+                trained: Some((model.clone(), adapter)),
+                train: Some(data),
+                eval: None,
+                max_seq_len: 4096,
+                train_on: TrainOn::default(),
+                template_vars: Default::default(),
+                loss: "ce".into(),
+                loss_params: BTreeMap::new(),
+                zone_borders: [1.45, 6.6, 15.0],
+                reference_model: None,
+            };
+            let name = format!("model {}", model.display());
+            (m, model, name)
+        }
+    };
     let data = if q.eval { &m.eval } else { &m.train }
         .clone()
         .ok_or_else(|| {
             BoardError::unusable(format!(
-                "run `{}` has no [data] {} file",
-                q.run,
+                "{name} has no [data] {} file",
                 if q.eval { "eval" } else { "train" }
             ))
         })?;
@@ -445,9 +502,8 @@ pub fn view(
         Stage::Before => (m.base.clone(), None),
         Stage::After => m.trained.clone().ok_or_else(|| {
             BoardError::unusable(format!(
-                "run `{}` has exported no model yet (no final/ and no checkpoint-N/export/ in {}); look at it \
+                "{name} has exported no model yet (no final/ and no checkpoint-N/export/ in {}); look at it \
                  `before` training, or wait for its first checkpoint",
-                q.run,
                 dir.display()
             ))
         })?,
@@ -559,7 +615,7 @@ pub fn view(
         Some(weights.iter().map(|&w| w as f64).sum::<f64>() / weights.len() as f64)
     };
     Ok(json!({
-        "run": q.run,
+        "run": name,
         "stage": match q.stage { Stage::Before => "before", Stage::After => "after" },
         "model": model.display().to_string(),
         "adapter": adapter.map(|a| a.display().to_string()),
