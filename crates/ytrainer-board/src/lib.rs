@@ -412,3 +412,89 @@ fn api_call(board: &Board, api: &str, q: &BTreeMap<String, String>) -> Result<Va
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_decoded_strictly() {
+        assert_eq!(percent_decode("0:%2e%2e%2F..", false).unwrap(), "0:../..");
+        assert_eq!(percent_decode("a+b%20c", true).unwrap(), "a b c");
+        assert_eq!(percent_decode("a+b", false).unwrap(), "a+b");
+        assert_eq!(percent_decode("%zz", false), None);
+        assert_eq!(percent_decode("%2", false), None);
+        // Decoded bytes that are not UTF-8.
+        assert_eq!(percent_decode("%ff%fe", false), None);
+        let q = parse_query("run=0%3Aa%2Fb&record=3&&flag").unwrap();
+        assert_eq!(q["run"], "0:a/b");
+        assert_eq!(q["record"], "3");
+        assert_eq!(q["flag"], "");
+        let e = parse_query("run=%c3%28").unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(
+            e.message.contains("malformed query parameter `run=%c3%28`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn only_loopback_addresses_count_as_local() {
+        for h in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "[::1]",
+            "localhost",
+            "LOCALHOST",
+        ] {
+            assert!(is_loopback(h), "{h}");
+        }
+        for h in [
+            "0.0.0.0",
+            "::",
+            "192.168.1.2",
+            "example.com",
+            "localhost.evil.com",
+            "",
+        ] {
+            assert!(!is_loopback(h), "{h}");
+        }
+    }
+
+    #[test]
+    fn off_loopback_needs_a_token() {
+        let o = BoardOptions {
+            roots: vec![std::env::temp_dir()],
+            host: "0.0.0.0".into(),
+            port: 0,
+            token: None,
+            plugin_dirs: Vec::new(),
+            device: "cpu".into(),
+        };
+        let e = bind(&o).err().unwrap();
+        assert!(
+            e.message
+                .starts_with("--host 0.0.0.0: the board would be reachable"),
+            "{e}"
+        );
+        let e = bind(&BoardOptions {
+            token: Some("a b".into()),
+            ..o.clone()
+        })
+        .err()
+        .unwrap();
+        assert!(e.message.starts_with("--token: use letters"), "{e}");
+        let e = bind(&BoardOptions {
+            host: "127.0.0.1".into(),
+            roots: vec!["/nonexistent-board-root".into()],
+            ..o
+        })
+        .err()
+        .unwrap();
+        assert!(
+            e.message.starts_with("RUNS_DIR /nonexistent-board-root: "),
+            "{e}"
+        );
+    }
+}
