@@ -147,12 +147,15 @@ impl Browser {
             .find_map(|b| which(b))
             .expect("chromium not found: install Debian's `chromium` (.ci/run does)");
         let port = free_port();
-        let child = Command::new(driver)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start chromedriver");
+        // Owned at once, so a failure below still ends chromedriver.
+        let driver = Proc(
+            Command::new(driver)
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start chromedriver"),
+        );
         let addr = format!("127.0.0.1:{port}");
         let t = Instant::now();
         while TcpStream::connect(&addr).is_err() {
@@ -175,7 +178,7 @@ impl Browser {
         let v: Value = serde_json::from_str(&body).unwrap();
         let session = v["value"]["sessionId"].as_str().unwrap().to_string();
         Browser {
-            _driver: Proc(child),
+            _driver: driver,
             addr,
             session,
         }
