@@ -763,6 +763,61 @@ fn board_in_a_browser() {
     browser.js("document.querySelector('#panel-a .tok.sup').dispatchEvent(new MouseEvent('mouseenter')); return 1");
     browser.screenshot("tokens");
 
+    // eaft weighs a token by the normalised entropy of its top-k distribution: the page's weights (k=5,
+    // alpha=2) against that entropy computed here from `ytrainer score --top-k 5`.
+    let o = ytrainer(&[
+        "score",
+        "--model",
+        &s(&run.join("final")),
+        "--data",
+        "examples/quickstart/train.jsonl",
+        "--max-seq-len",
+        "128",
+        "--top-k",
+        "5",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let scored: Value = serde_json::from_str(stdout(&o).lines().nth(record).unwrap()).unwrap();
+    let eaft: Vec<f64> = scored["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let lp: Vec<f64> = t["top"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p[1].as_f64().unwrap())
+                .collect();
+            let z: f64 = lp.iter().map(|l| l.exp()).sum();
+            let h: f64 = lp
+                .iter()
+                .map(|l| {
+                    let q = l.exp() / z;
+                    -q * q.ln()
+                })
+                .sum::<f64>()
+                / 5f64.ln();
+            h.clamp(0.0, 1.0).powi(2)
+        })
+        .collect();
+    browser.open(&format!(
+        "{url}#tokens?run=0:quickstart&record={record}&a=after::&b=after:eaft:k=5,alpha=2"
+    ));
+    browser.wait(
+        "the eaft panel",
+        "return document.querySelector('#panel-b').dataset.state === 'ready' && document.querySelector('#panel-b .summary').innerText.includes('eaft')",
+        120,
+    );
+    let page = read("#panel-b", "weight");
+    assert_eq!(page.len(), eaft.len());
+    for (i, (a, b)) in page.iter().zip(&eaft).enumerate() {
+        assert!(
+            (a - b).abs() < 1e-5,
+            "token {i}: page eaft weight {a}, from the top-5 log-probs {b}"
+        );
+    }
+
     // The LoRA run's record 0 after training (base + adapter) beside before training (the base alone).
     browser.open(&format!(
         "{url}#tokens?run=0:lora&record=0&a=after::&b=before::"
@@ -791,6 +846,30 @@ fn board_in_a_browser() {
         "{summary}"
     );
     browser.screenshot("tokens-lora-before-after");
+
+    // rho1 keeps the top 60% of tokens by excess loss over the reference, which for a LoRA run is its base
+    // model: the page's weights against that selection made here from the two `ytrainer score` outputs.
+    let n = lora_after.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    let excess: Vec<f32> = lora_after
+        .iter()
+        .zip(&lora_before)
+        .map(|(a, b)| *a as f32 - *b as f32)
+        .collect();
+    order.sort_by(|&a, &b| excess[b].total_cmp(&excess[a]).then(a.cmp(&b)));
+    let mut want = vec![0.0; n];
+    for &i in order.iter().take((0.6 * n as f64).ceil() as usize) {
+        want[i] = 1.0;
+    }
+    browser.open(&format!(
+        "{url}#tokens?run=0:lora&record=0&a=after:rho1:&b=before::"
+    ));
+    browser.wait(
+        "the rho1 panel",
+        "return document.querySelector('#panel-a').dataset.state === 'ready' && document.querySelector('#panel-a .summary').innerText.includes('rho1')",
+        120,
+    );
+    assert_eq!(read("#panel-a", "weight"), want);
 
     // The same model + adapter picked directly (no run), on a data file inside the folders.
     browser.open(&format!(
