@@ -1021,4 +1021,21 @@ fn board_in_a_browser() {
     );
     assert!(after.as_str().unwrap().contains("center=3"), "{after}");
     browser.screenshot("curves");
+
+    // An entropy-based plugin against the entropy axis: eaft's weight is h^alpha (alpha = 1 by default).
+    browser.open(&format!("{url}#curves?plugin=eaft&vs=entropy"));
+    let w = browser.wait(
+        "eaft's curve",
+        "const c = document.querySelector('#chart-curve'); return c.querySelector('canvas') && c.dataset.params.startsWith('k=') && c.dataset.points === '402' ? c.dataset.weights : ''",
+        20,
+    );
+    let w: Vec<f64> = serde_json::from_str(w.as_str().unwrap()).unwrap();
+    for (i, w) in w.iter().enumerate() {
+        assert!(
+            (w - i as f64 / 200.0).abs() < 1e-6,
+            "eaft at h = {}: {w}",
+            i as f64 / 200.0
+        );
+    }
+    browser.screenshot("curves-eaft-entropy");
 }

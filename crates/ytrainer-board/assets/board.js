@@ -415,9 +415,19 @@ const Curves = {
       sel.replaceChildren(...this.plugins.map(p => el('option', { value: p.name }, p.name)));
       sel.value = this.plugins.some(p => p.name === 'nlirg') ? 'nlirg' : (this.plugins[0] || {}).name;
       sel.addEventListener('change', () => { this.sliders(); this.draw(); });
-      for (const id of ['#curve-from', '#curve-to']) $(id).addEventListener('change', () => this.draw());
+      for (const id of ['#curve-from', '#curve-to', '#curve-entropy', '#curve-loss', '#curve-ref']) $(id).addEventListener('change', () => this.draw());
+      $('#curve-vs').addEventListener('change', () => {
+        $('#curve-from').value = 0;
+        $('#curve-to').value = $('#curve-vs').value === 'entropy' ? 1 : 20;
+        this.draw();
+      });
     }
     if (params.get('plugin')) sel.value = params.get('plugin');
+    if (params.get('vs')) {
+      $('#curve-vs').value = params.get('vs');
+      $('#curve-from').value = 0;
+      $('#curve-to').value = params.get('vs') === 'entropy' ? 1 : 20;
+    }
     this.sliders();
     this.draw();
   },
@@ -441,7 +451,11 @@ const Curves = {
     if (!p) return;
     const inputs = [...document.querySelectorAll('#curve-sliders input')];
     const params = inputs.map(i => `${i.dataset.param}=${i.value}`).join(',');
-    const range = { from: $('#curve-from').value, to: $('#curve-to').value };
+    const vs = $('#curve-vs').value;
+    const range = {
+      from: $('#curve-from').value, to: $('#curve-to').value, vs,
+      entropy: $('#curve-entropy').value, loss: $('#curve-loss').value, reference_loss: $('#curve-ref').value,
+    };
     const seq = (this.seq = (this.seq || 0) + 1);
     try {
       const [now, def] = await Promise.all([
@@ -453,7 +467,8 @@ const Curves = {
       const box = $('#chart-curve');
       box.dataset.params = params;
       box.dataset.weights = JSON.stringify(now.weight.slice(0, 5));
-      drawChart(box, `${p.name}: weight vs token loss`, 'loss (nats)',
+      drawChart(box, `${p.name}: weight vs ${vs === 'entropy' ? 'normalised entropy' : 'token loss'}`,
+        vs === 'entropy' ? 'normalised entropy' : 'loss (nats)',
         [{ label: `${p.name} (sliders)`, stroke: COLORS[0], width: 2 }, { label: `${p.name} (defaults)`, stroke: '#999', dash: [5, 4] }],
         [[now.x, now.weight], [def.x, def.weight]], { height: 360, ylabel: 'weight' });
     } catch (e) {

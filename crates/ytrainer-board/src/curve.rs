@@ -38,7 +38,8 @@ fn number(q: &BTreeMap<String, String>, k: &str, default: f64) -> Result<f64> {
     }
 }
 
-/// `/api/curve?plugin=..&params=..&from=0&to=20&points=201&entropy=1&reference_loss=0`.
+/// `/api/curve?plugin=..&params=..&from=0&to=20&points=201&vs=loss|entropy&entropy=1&loss=2&reference_loss=0`
+/// (the defaults of `ytrainer curve`).
 pub fn curve(registry: &Registry, q: &BTreeMap<String, String>) -> Result<Value> {
     let name = q
         .get("plugin")
@@ -56,6 +57,16 @@ pub fn curve(registry: &Registry, q: &BTreeMap<String, String>) -> Result<Value>
         number(q, "entropy", 1.0)?,
         number(q, "reference_loss", 0.0)?,
     );
+    let loss_at = number(q, "loss", 2.0)?;
+    let vs_entropy = match q.get("vs").map(String::as_str) {
+        None | Some("") | Some("loss") => false,
+        Some("entropy") => true,
+        Some(v) => {
+            return Err(BoardError::bad(format!(
+                "`vs={v}`: the x axis is `loss` or `entropy`"
+            )));
+        }
+    };
     let (f, resolved) = registry
         .build(name, &params)
         .map_err(|e| BoardError::bad(format!("plugin `{name}`: {e}")))?;
@@ -72,9 +83,15 @@ pub fn curve(registry: &Registry, q: &BTreeMap<String, String>) -> Result<Value>
     let col = |v: f64| tensor_from_slice(&vec![v as f32; n], &device);
     let xs32: Vec<f32> = xs.iter().map(|&x| x as f32).collect();
     let needs = p.needs();
-    let mut stats = TokenStats::from_loss(tensor_from_slice(&xs32, &device));
-    stats.entropy = needs.entropy.then(|| col(entropy));
-    stats.top_k_entropy = (needs.top_k_entropy > 0).then(|| col(entropy.clamp(0.0, 1.0)));
+    // The x values are the losses, or (`vs=entropy`) the entropies with the loss held at `loss`.
+    let (loss, ent) = if vs_entropy {
+        (col(loss_at), tensor_from_slice(&xs32, &device))
+    } else {
+        (tensor_from_slice(&xs32, &device), col(entropy))
+    };
+    let mut stats = TokenStats::from_loss(loss);
+    stats.entropy = needs.entropy.then(|| ent.clone());
+    stats.top_k_entropy = (needs.top_k_entropy > 0).then(|| ent.clone().clamp(0.0, 1.0));
     stats.reference_loss = needs.reference_loss.then(|| col(reference));
     stats.position = needs.position.then(|| vec![0; n]);
     stats.sample = needs.sample.then(|| (0..n as u32).collect());
