@@ -440,7 +440,7 @@ const Curves = {
       const d = s.default;
       const span = Math.max(1, Math.abs(d) * 2);
       const [lo, hi] = d >= 0 ? [0, span] : [-span, span];
-      const input = el('input', { type: 'range', min: lo, max: hi, step: (hi - lo) / 400, value: d, 'data-param': s.name });
+      const input = el('input', { type: 'range', min: lo, max: hi, step: 'any', value: d, 'data-param': s.name });
       const shown = el('span', { class: 'value' }, String(d));
       input.addEventListener('input', () => { shown.textContent = Number(input.value).toPrecision(4); this.draw(); });
       return el('label', { title: s.help }, `${s.name} `, input, shown, el('span', { class: 'hint' }, ` ${s.help}`));
