@@ -54,6 +54,8 @@ pub enum Command {
     Sweep(SweepArgs),
     /// Draw a run directory's curves (metrics.jsonl, eval.jsonl) to PNG and SVG in RUN_DIR/plots.
     Plot(PlotArgs),
+    /// Serve a local, read-only web page of runs (live curves), sweeps, per-token losses and weights.
+    Board(crate::board_cmd::BoardArgs),
 }
 
 /// `ytrainer run`

@@ -2,6 +2,7 @@
 //! paragraph on stderr and a non-zero exit code, never as a panic or a backtrace.
 
 mod bench;
+mod board_cmd;
 mod cli;
 mod config_file;
 mod convert;
@@ -119,7 +120,13 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     run::set_group(membership.group.clone());
-    let result = on_worker(move || dispatch(args));
+    // The board's server waits on its socket for as long as it runs: not on one of rayon's workers, which the
+    // scoring its requests start needs.
+    let result = if matches!(args.command, cli::Command::Board(_)) {
+        dispatch(args)
+    } else {
+        on_worker(move || dispatch(args))
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -175,5 +182,6 @@ fn dispatch(args: cli::Cli) -> anyhow::Result<()> {
         cli::Command::Eval(a) => eval_cmd::eval(a),
         cli::Command::Sweep(a) => sweep_cmd::sweep(a),
         cli::Command::Plot(a) => sweep_cmd::plot(a),
+        cli::Command::Board(a) => board_cmd::board(a),
     }
 }
