@@ -444,6 +444,17 @@ fn board_refuses_paths_outside_its_folders_and_needs_a_token_off_loopback() {
 
 #[test]
 fn board_in_a_browser() {
+    // CI installs the browser (.ci/run) and must run this test; a newcomer's `cargo test` on a machine without
+    // Chromium says what it skipped instead of failing.
+    if (which("chromedriver").is_none() || which("chromium").is_none())
+        && std::env::var("CI").as_deref() != Ok("true")
+    {
+        eprintln!(
+            "board_in_a_browser skipped: no chromium / chromedriver on PATH (install Debian's `chromium` and \
+             `chromium-driver`, as .ci/run does; with CI=true this is a failure)"
+        );
+        return;
+    }
     let tmp = TempDir::new("board");
     let runs = tmp.path().join("runs");
     std::fs::create_dir_all(&runs).unwrap();
