@@ -16,7 +16,20 @@ fn plugins_list_json_shows_builtins_with_parameters() {
         .map(|p| p["name"].as_str().unwrap())
         .collect();
     // Every built-in token reweighter is linked into the binary (other plugins may be listed too).
-    for n in ["ce", "dft", "eaft", "focal", "nlirg", "rho1", "truncation"] {
+    for n in [
+        "ce",
+        "dft",
+        "eaft",
+        "focal",
+        "nlirg",
+        "rho1",
+        "truncation",
+        "chord",
+        "bll",
+        "profit",
+        "iwsft",
+        "asft",
+    ] {
         assert!(names.contains(&n), "{n} missing from {names:?}");
     }
     let mut sorted = names.clone();

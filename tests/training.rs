@@ -19,7 +19,9 @@ use ytrainer_core::step::{StepContext, StepCounters, eval_micro_batch, train_mic
 use ytrainer_core::trainer::LoopSetup;
 use ytrainer_data::{BatchOptions, Example, MicroBatch};
 use ytrainer_models::{AdapterSpec, Decoder, LoraConfig, load_pretrained};
+use ytrainer_plugin_asft as _;
 use ytrainer_plugin_ce as _;
+use ytrainer_plugin_dft as _;
 use ytrainer_plugin_eaft as _;
 use ytrainer_plugin_nlirg::Curve;
 
@@ -547,6 +549,91 @@ fn chunked_head_gives_the_whole_head_gradients() {
         let (a, b) = (g_whole.global_norm(1.0), g_chunked.global_norm(1.0));
         assert!(a > 0.0 && ((a - b) / a).abs() < 1e-5, "{loss}: {a} vs {b}");
     }
+}
+
+/// ASFT's KL anchor (`asft`, `TokenReweighter::kl_anchor`): the trainer's loss value and gradients of
+/// `sum_i sg(p_i) ce_i + alpha sum_i KL(p_ref(.|i) || p(.|i))` equal the formula differentiated by autodiff on the
+/// model's own log-probabilities (reference: the base, adapters off), on the whole host head and on the chunked
+/// head; and the anchor does change the gradient (the LoRA weights are nudged so the policy is not the base).
+#[test]
+fn asft_kl_anchor_matches_autodiff_on_the_whole_and_chunked_head() {
+    use ytrainer_core::burn::module::{Module, ModuleMapper, Param};
+    use ytrainer_core::model::CausalLm;
+    use ytrainer_core::step::{target_log_probs, to_device, token_ce};
+    struct Nudge;
+    impl ModuleMapper for Nudge {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if !p.val().is_require_grad() {
+                return p;
+            }
+            p.map(|t| {
+                let d = t.device();
+                Tensor::from_data(t.detach().add_scalar(0.05).into_data(), &d).require_grad()
+            })
+        }
+    }
+    let m = model(&lora()).map(&mut Nudge);
+    let alpha = 0.5;
+    let build = |name: &str, params: &[(&str, f64)]| {
+        let p: BTreeMap<String, f64> = params.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        match Registry::discover().build(name, &p).unwrap().0 {
+            LossFn::Token(p) => p,
+            LossFn::Pairwise(_) => unreachable!(),
+        }
+    };
+    let asft = build("asft", &[("alpha", alpha)]);
+    let dft = build("dft", &[]);
+    let mask = |r: usize, p: usize| if r == 0 { p > 2 } else { !p.is_multiple_of(3) };
+    let mb = micro_batch(&[0, 1], mask);
+    let dev = device();
+    let run = |plugin: &dyn TokenReweighter, floats: usize| {
+        let mut acc = GradAccumulator::default();
+        let c = ytrainer_core::step::with_head_chunk_floats(floats, || {
+            train_micro_batch(&m, &mb, plugin, ctx(), &mut acc, &dev).unwrap()
+        });
+        (c, flat_grads(&acc, &m))
+    };
+
+    // The formula, by autodiff through the model's log-probabilities.
+    let batch = to_device(&mb, &dev);
+    let lp = target_log_probs(&m, &batch);
+    let rlp = m
+        .adapters_disabled(|b| target_log_probs(b, &batch).detach())
+        .unwrap();
+    let ce = token_ce(lp.clone(), batch.targets.clone());
+    let p = ce.clone().detach().neg().exp();
+    let kl = rlp.clone().exp().mul(rlp.sub(lp)).sum();
+    let kl_value = f64::from(kl.clone().detach().into_scalar::<f32>());
+    let loss = ce.mul(p).sum().add(kl.mul_scalar(alpha));
+    let value = f64::from(loss.clone().detach().into_scalar::<f32>());
+    let mut g = loss.backward();
+    let mut acc = GradAccumulator::default();
+    acc.accumulate(&m, &mut g);
+    let want = flat_grads(&acc, &m);
+    assert!(
+        kl_value > 1e-3,
+        "the nudge must move the policy off the base: KL {kl_value}"
+    );
+
+    let vocab = CausalLm::vocab_size(&m);
+    for floats in [usize::MAX, 4 * vocab] {
+        let (c, got) = run(asft.as_ref(), floats);
+        assert!(
+            (c.weighted_sum - value).abs() <= 1e-5 * value.abs(),
+            "chunk {floats}: {} vs {value}",
+            c.weighted_sum
+        );
+        let d = rel_diff(&got, &want);
+        assert!(d < 1e-4, "chunk {floats}: relative gradient difference {d}");
+    }
+    // Without the anchor (plain dft) the gradient is visibly different.
+    let (c, plain) = run(dft.as_ref(), usize::MAX);
+    assert!((value - c.weighted_sum - alpha * kl_value).abs() <= 1e-5 * value.abs());
+    assert!(
+        rel_diff(&plain, &want) > 1e-3,
+        "{}",
+        rel_diff(&plain, &want)
+    );
 }
 
 /// Every trainable parameter's accumulated gradient, flattened in the model's parameter order.

@@ -79,6 +79,15 @@ pub trait TokenReweighter: Send + Sync {
     fn try_weights(&self, stats: &TokenStats) -> Result<Tensor<1>, String> {
         Ok(self.weights(stats))
     }
+    /// The weight `beta` of a **KL anchor** the trainer adds at every supervised position:
+    /// `sum_i w_i ce_i + beta * sum_i KL(p_ref(.|i) || p(.|i))`, the full-vocabulary KL from the reference model
+    /// (the base with adapters disabled, or `[loss] reference_model`) to the policy, as ASFT does. A token weight
+    /// cannot express it (its gradient with respect to the logits is `beta (p - p_ref)`, not a multiple of
+    /// `p - onehot`), so the trainer computes it from the reference's log-probabilities; `0` (the default) adds
+    /// nothing and costs nothing. Built-in plugins only (the C ABI has no field for it).
+    fn kl_anchor(&self) -> f64 {
+        0.0
+    }
 }
 
 /// Sequence-level statistics of a batch of preference pairs (sums of target log-probabilities).
