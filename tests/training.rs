@@ -103,6 +103,7 @@ fn micro_batch(rows: &[usize], mask: impl Fn(usize, usize) -> bool + Copy) -> Mi
             .flat_map(|&r| (0..t).map(move |p| p > 0 && mask(r, p)))
             .collect::<Vec<bool>>(),
         examples: rows.to_vec(),
+        weights: Default::default(),
     }
 }
 
@@ -202,6 +203,90 @@ fn weighted_loss_and_counters_match_hand_computation() {
     );
     // a step whose weights are all zero divides by 1, not by 0
     assert_eq!(Normalize::Nonzero.denominator(5.0, 0.0, 0.0), 1.0);
+}
+
+/// Data weights (record and message `weight`, carried by `MicroBatch::weights`) multiply the plugin's weights:
+/// every counter, and so every normaliser, sees `d_i * w_i`. Row 0 (8 targets) has data weight 0.5, row 1 (6 targets) has
+/// 2.0 on positions 10-12 and 1 elsewhere; a zero data weight (row 0, position 5) counts as a token but not as
+/// nonzero. The gradient of a batch weighted 2 everywhere is exactly twice the unweighted one.
+#[test]
+fn data_weights_multiply_the_plugin_weights_in_every_counter() {
+    let m = model(&lora());
+    let plugin = nlirg();
+    let mask = |r: usize, p: usize| if r == 0 { p % 2 == 1 } else { p >= 10 };
+    let data_w = |r: usize, p: usize| -> f32 {
+        match (r, p) {
+            (0, 5) => 0.0,
+            (0, _) => 0.5,
+            (1, 10..=12) => 2.0,
+            _ => 1.0,
+        }
+    };
+    let mut mb = micro_batch(&[0, 1], mask);
+    mb.weights = ytrainer_data::Weights(
+        (0..2)
+            .flat_map(|r| (0..16).map(move |p| data_w(r, p)))
+            .collect(),
+    );
+    let mut acc = GradAccumulator::default();
+    let c = train_micro_batch(&m, &mb, plugin.as_ref(), ctx(), &mut acc, &device()).unwrap();
+    let curve = Curve::default();
+    let (mut tokens, mut wsum, mut wl, mut nonzero) = (0usize, 0.0, 0.0, 0.0);
+    for (r, losses) in REF_LOSS.iter().enumerate() {
+        for p in 1..16 {
+            if mask(r, p) {
+                let l = losses[p - 1];
+                let w = curve.weight(l) * f64::from(data_w(r, p));
+                tokens += 1;
+                wsum += w;
+                wl += w * l;
+                if w * l != 0.0 {
+                    nonzero += 1.0;
+                }
+            }
+        }
+    }
+    assert_eq!((c.tokens, tokens), (14, 14));
+    assert_eq!((c.nonzero, nonzero), (13.0, 13.0));
+    assert!(
+        (c.weight_sum - wsum).abs() < 1e-4,
+        "{} vs {wsum}",
+        c.weight_sum
+    );
+    assert!(
+        (c.weighted_sum - wl).abs() / wl < 1e-5,
+        "{} vs {wl}",
+        c.weighted_sum
+    );
+    let den = |n: Normalize| n.denominator(c.tokens as f64, c.nonzero, c.weight_sum);
+    assert_eq!(den(Normalize::Tokens), 14.0);
+    assert_eq!(den(Normalize::Nonzero), 13.0);
+    assert_eq!(den(Normalize::Weights), c.weight_sum);
+    // The logged step loss under each normaliser, `sum(d w ce) / denominator`, by hand.
+    for (n, d) in [
+        (Normalize::Tokens, 14.0),
+        (Normalize::Nonzero, 13.0),
+        (Normalize::Weights, wsum),
+    ] {
+        assert!(
+            (c.weighted_sum / den(n) - wl / d).abs() < 1e-4 * (wl / d),
+            "{n:?}"
+        );
+    }
+
+    // Weight 2 everywhere: twice the gradient of the unweighted batch.
+    let plain = micro_batch(&[0, 1], mask);
+    let mut doubled = plain.clone();
+    doubled.weights = ytrainer_data::Weights(vec![2.0; 32]);
+    let grads = |mb: &MicroBatch| {
+        let mut acc = GradAccumulator::default();
+        train_micro_batch(&m, mb, plugin.as_ref(), ctx(), &mut acc, &device()).unwrap();
+        flat_grads(&acc, &m)
+    };
+    let (g1, g2) = (grads(&plain), grads(&doubled));
+    let twice: Vec<f32> = g1.iter().map(|x| 2.0 * x).collect();
+    assert!(rel_diff(&g2, &twice) < 1e-6, "{}", rel_diff(&g2, &twice));
+    assert!(g1.iter().any(|x| *x != 0.0));
 }
 
 /// Gradient accumulation must not change the step: two micro-batches (row 0, then row 1) give the same

@@ -154,6 +154,7 @@ pub fn pair_batch(pairs: &[&PairExample], pad_id: u32) -> MicroBatch {
         segment_ids: vec![0; b * seq],
         target_mask: vec![false; b * seq],
         examples: (0..b).collect(),
+        weights: Default::default(),
     };
     for (r, e) in rows.iter().enumerate() {
         let o = r * seq;

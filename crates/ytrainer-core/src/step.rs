@@ -129,6 +129,8 @@ pub struct DeviceBatch {
     pub positions: Vec<u32>,
     /// Example index of each target (host), in target order.
     pub samples: Vec<u32>,
+    /// Data weight of each target (record and message `weight`s), in target order; `None` when all are 1.
+    pub data_weights: Option<Vec<f32>>,
 }
 
 /// Moves a micro-batch to `device`, listing target positions in row-major order.
@@ -142,8 +144,10 @@ pub fn to_device(mb: &MicroBatch, device: &Device) -> DeviceBatch {
     let mut targets = Vec::new();
     let mut positions = Vec::new();
     let mut samples = Vec::new();
+    let mut data_weights = Vec::new();
     for (p, &is_target) in mb.target_mask.iter().enumerate() {
         if is_target && p % t != 0 {
+            data_weights.push(mb.weights.get(p));
             rows.push((p - 1) as i64);
             targets.push(mb.input_ids[p] as i64);
             positions.push(mb.position_ids.get(p).copied().unwrap_or(0));
@@ -166,6 +170,10 @@ pub fn to_device(mb: &MicroBatch, device: &Device) -> DeviceBatch {
         n,
         positions,
         samples,
+        data_weights: data_weights
+            .iter()
+            .any(|&w| w != 1.0)
+            .then_some(data_weights),
     }
 }
 
@@ -424,13 +432,28 @@ pub fn train_micro_batch<M: CausalLm>(
         progress: ctx.progress,
     };
     let w = plugin.try_weights(&stats).map_err(StepError::Plugin)?;
-    let w_host = tensor_to_vec(w.clone());
+    let mut w_host = tensor_to_vec(w.clone());
     if w_host.len() != batch.n {
         return Err(StepError::BadWeight {
             what: format!("{} weights for {} tokens", w_host.len(), batch.n),
             index: 0,
         });
     }
+    // The data's weights (record and message `weight`) multiply the plugin's; every counter below, and so every
+    // normaliser, sees the product. A message of weight 0 never gets here: its tokens are not targets.
+    let w = match &batch.data_weights {
+        Some(d) => {
+            for (a, b) in w_host.iter_mut().zip(d) {
+                *a *= b;
+            }
+            let dev = w.device();
+            w.mul(Tensor::from_data(
+                TensorData::new(d.clone(), [batch.n]),
+                &dev,
+            ))
+        }
+        None => w,
+    };
     for (i, (&wi, &li)) in w_host.iter().zip(&ce_host).enumerate() {
         if !wi.is_finite() || wi < 0.0 {
             let what = if wi.is_nan() {

@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use crate::error::DataError;
 use crate::formats::{Record, RecordKind};
 use crate::template::ChatTemplate;
-use crate::tokenize::{Example, TokenizerWrapper, TrainOn, tokenize_chat, tokenize_text};
+use crate::tokenize::{Example, TokenizerWrapper, TrainOn, tokenize_chat_weighted, tokenize_text};
 
 /// What to do with a sequence longer than `max_seq_len` (`[data] overlong` in a run config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -106,21 +106,39 @@ pub fn prepare(
                         message: "this is a chat record but no chat template is available; give the model's template (or use text records for continued pretraining)".into(),
                     });
                 };
-                tokenize_chat(tok, t, messages, opts.train_on, &opts.template_vars).map_err(
-                    |e| match e {
-                        DataError::PrefixMismatch { turn, .. } => DataError::PrefixMismatch {
-                            origin: rec.origin.to_string(),
-                            turn,
-                        },
-                        DataError::Template(m) => {
-                            DataError::Template(format!("{}: {m}", rec.origin))
-                        }
-                        other => other,
+                tokenize_chat_weighted(
+                    tok,
+                    t,
+                    messages,
+                    &rec.weights,
+                    opts.train_on,
+                    &opts.template_vars,
+                )
+                .map_err(|e| match e {
+                    DataError::PrefixMismatch { turn, .. } => DataError::PrefixMismatch {
+                        origin: rec.origin.to_string(),
+                        turn,
                     },
-                )?
+                    DataError::Template(m) => DataError::Template(format!("{}: {m}", rec.origin)),
+                    other => other,
+                })?
             }
             RecordKind::Text { text } => {
-                let ex = tokenize_text(tok, text, opts.cpt)?;
+                let mut ex = tokenize_text(tok, text, opts.cpt)?;
+                let w = rec.weights.record();
+                if w != 1.0 {
+                    if opts.cpt {
+                        return Err(DataError::Record {
+                            origin: rec.origin.clone(),
+                            message: format!(
+                                "field \"weight\" = {w}: continued-pretraining documents are packed into shared \
+                                 rows, so a per-document weight is not supported; remove the field (or drop the \
+                                 document)"
+                            ),
+                        });
+                    }
+                    ex.weights = crate::weights::Weights(vec![w; ex.len()]);
+                }
                 if opts.cpt {
                     let mut ex = ex;
                     ex.origin = Some(rec.origin.clone());
@@ -209,6 +227,7 @@ fn empty_row() -> Example {
         position_ids: Vec::new(),
         segment_ids: Vec::new(),
         origin: None,
+        weights: Default::default(),
     }
 }
 
@@ -273,6 +292,8 @@ pub struct MicroBatch {
     pub target_mask: Vec<bool>,
     /// Indices into the example slice, one per row.
     pub examples: Vec<usize>,
+    /// Data weight of each position as a target (`batch * seq`, row-major); empty = every weight 1.
+    pub weights: crate::weights::Weights,
 }
 
 impl MicroBatch {
@@ -297,7 +318,11 @@ impl MicroBatch {
             segment_ids: vec![0; batch * seq],
             target_mask: vec![false; batch * seq],
             examples: rows.to_vec(),
+            weights: Default::default(),
         };
+        if rows.iter().any(|&i| !examples[i].weights.is_uniform()) {
+            mb.weights = crate::weights::Weights(vec![1.0; batch * seq]);
+        }
         for (r, &i) in rows.iter().enumerate() {
             let ex = &examples[i];
             let n = ex.len().min(seq);
@@ -307,6 +332,11 @@ impl MicroBatch {
             mb.segment_ids[o..o + n].copy_from_slice(&ex.segment_ids[..n]);
             let t = masks.as_ref().map(|m| &m[r]).unwrap_or(&ex.targets);
             mb.target_mask[o..o + n].copy_from_slice(&t[..n]);
+            if !mb.weights.0.is_empty() {
+                for j in 0..n {
+                    mb.weights.0[o + j] = ex.weights.get(j);
+                }
+            }
         }
         mb
     }

@@ -50,6 +50,8 @@ pub enum RecordKind {
 pub struct Record {
     pub origin: Origin,
     pub kind: RecordKind,
+    /// The record's `weight` and its messages' (all 1 when absent).
+    pub weights: crate::weights::RecordWeights,
 }
 
 /// The record layout detected from a file's first record.
@@ -224,7 +226,18 @@ pub fn parse_records(path: &Path, text: &str) -> Result<LoadedRecords, DataError
             index,
         };
         match convert(format, &origin, &obj)? {
-            Ok(kind) => records.push(Record { origin, kind }),
+            Ok(kind) => {
+                let weights = crate::weights::read_weights(
+                    &origin,
+                    &obj,
+                    matches!(kind, RecordKind::Chat { .. }),
+                )?;
+                records.push(Record {
+                    origin,
+                    kind,
+                    weights,
+                })
+            }
             Err(message) => warnings.push(DataWarning { origin, message }),
         }
     }

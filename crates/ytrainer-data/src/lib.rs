@@ -13,6 +13,7 @@ pub mod quality;
 pub mod stream;
 pub mod template;
 pub mod tokenize;
+pub mod weights;
 
 pub use batch::{
     BatchOptions, DataOptions, DataStats, MicroBatch, Mode, Overlong, Prepared, Step,
@@ -28,5 +29,6 @@ pub use pairs::{LoadedPairs, PairExample, PairRecord, load_pairs, tokenize_pair}
 pub use template::ChatTemplate;
 pub use tokenize::{
     Example, RenderedChat, TokenizerWrapper, TrainOn, render_chat_spans, tokenize_chat,
-    tokenize_text,
+    tokenize_chat_weighted, tokenize_text,
 };
+pub use weights::{RecordWeights, Weights, read_weights};

@@ -45,6 +45,8 @@ pub struct Example {
     /// 1, 2, 3, ... per packed document; all 1 for a single sequence. 0 is reserved for padding.
     pub segment_ids: Vec<u32>,
     pub origin: Option<Origin>,
+    /// Data weight of each token as a target (the record's `weight` times its message's); empty = all 1.
+    pub weights: crate::weights::Weights,
 }
 
 impl Example {
@@ -60,6 +62,7 @@ impl Example {
             position_ids: (0..n as u32).collect(),
             segment_ids: vec![1; n],
             origin,
+            weights: Default::default(),
         }
     }
 
@@ -81,6 +84,7 @@ impl Example {
         self.targets.truncate(n);
         self.position_ids.truncate(n);
         self.segment_ids.truncate(n);
+        self.weights.0.truncate(n);
     }
 }
 
@@ -198,6 +202,8 @@ impl TokenizerWrapper {
 pub struct RenderedChat {
     pub text: String,
     pub spans: Vec<(std::ops::Range<usize>, bool)>,
+    /// For each span, the message it supervises (`None` for unsupervised spans and `TrainOn::Everything`).
+    pub span_messages: Vec<Option<usize>>,
 }
 
 /// Renders `messages` and locates the supervised character spans (see the module docs).
@@ -213,10 +219,12 @@ pub fn render_chat_spans(
         return Ok(RenderedChat {
             text: full,
             spans: vec![(0..n, true)],
+            span_messages: vec![None],
         });
     }
     let last = messages.iter().rposition(|m| m.role == "assistant");
     let mut spans = Vec::new();
+    let mut span_messages = Vec::new();
     let mut cursor = 0;
     for (i, m) in messages.iter().enumerate() {
         if m.role != "assistant" || (train_on == TrainOn::LastAssistant && Some(i) != last) {
@@ -238,16 +246,23 @@ pub fn render_chat_spans(
         }
         if start > cursor {
             spans.push((cursor..start, false));
+            span_messages.push(None);
         }
         if end > start {
             spans.push((start..end, true));
+            span_messages.push(Some(i));
         }
         cursor = end;
     }
     if cursor < full.len() {
         spans.push((cursor..full.len(), false));
+        span_messages.push(None);
     }
-    Ok(RenderedChat { text: full, spans })
+    Ok(RenderedChat {
+        text: full,
+        spans,
+        span_messages,
+    })
 }
 
 /// Tokenizes a conversation with its supervision mask.
@@ -267,6 +282,36 @@ pub fn tokenize_chat(
         ids.extend(seg);
     }
     Ok(Example::single(ids, targets, None))
+}
+
+/// [`tokenize_chat`] with data weights: each supervised token gets `record_weight` times its message's weight
+/// (`message_weights[i]` for message `i`, 1 when missing); a message of weight 0 is not supervised at all.
+pub fn tokenize_chat_weighted(
+    tok: &TokenizerWrapper,
+    template: &ChatTemplate,
+    messages: &[Message],
+    weights: &crate::weights::RecordWeights,
+    train_on: TrainOn,
+    vars: &Map<String, Value>,
+) -> Result<Example, DataError> {
+    let r = render_chat_spans(template, messages, train_on, vars)?;
+    let mut ids = Vec::new();
+    let mut targets = Vec::new();
+    let mut w = Vec::new();
+    for ((range, sup), msg) in r.spans.iter().zip(&r.span_messages) {
+        let seg = tok.encode(&r.text[range.clone()])?;
+        let mw = msg.map_or(1.0, |i| weights.messages.get(i));
+        let train = *sup && mw > 0.0;
+        targets.extend(std::iter::repeat_n(train, seg.len()));
+        let tw = if train { weights.record() * mw } else { 1.0 };
+        w.extend(std::iter::repeat_n(tw, seg.len()));
+        ids.extend(seg);
+    }
+    let mut ex = Example::single(ids, targets, None);
+    if w.iter().any(|&x| x != 1.0) {
+        ex.weights = crate::weights::Weights(w);
+    }
+    Ok(ex)
 }
 
 /// Tokenizes a plain document; every token after the first is supervised.
