@@ -93,7 +93,7 @@ fn dpo_step_zero_is_ln2_and_a_short_run_learns_the_pairs() {
 fn every_pairwise_objective_trains_a_step() {
     let d = TempDir::new("dpo-all");
     let data = small_pairs(d.path(), 4);
-    for loss in ["cdpo", "ipo", "hinge", "simpo", "dpo-nlirg"] {
+    for loss in ["cdpo", "ipo", "hinge", "simpo", "dpo-nlirg", "orpo"] {
         let out = d.path().join(loss);
         let o = ytrainer(&[
             "run",

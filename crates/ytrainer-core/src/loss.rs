@@ -121,6 +121,12 @@ pub trait PairwiseObjective: Send + Sync {
     fn try_loss(&self, stats: &PairStats) -> Result<(Tensor<1>, Option<Tensor<1>>), String> {
         Ok(self.loss(stats))
     }
+    /// Weight of an NLL term on the chosen completions that is part of the objective itself (ORPO's `L_SFT`): the
+    /// trainer adds it to `[preference] sft_weight`, and computes it as that term is, the mean NLL over the step's
+    /// chosen tokens (TRL's `policy_nll_loss`). Default 0.
+    fn sft_weight(&self) -> f64 {
+        0.0
+    }
 }
 
 /// A constructed plugin instance.

@@ -243,7 +243,7 @@ pub fn run_preference(
         reference,
         pairs_per_step: pc.pairs_per_step,
         micro_pairs: micro,
-        sft_weight: pc.sft_weight,
+        sft_weight: pc.sft_weight + objective.sft_weight(),
         average_log_prob: pc.average_log_prob,
         pad_id,
     };

@@ -23,6 +23,10 @@ pub enum Objective {
     Hinge { beta: f64 },
     /// SimPO (Meng et al. 2024), no reference: `-log s(b (pc/|c| - pr/|r|) - gamma)`.
     Simpo { beta: f64, gamma: f64 },
+    /// ORPO's odds-ratio term (Hong et al. 2024), no reference, on per-token mean log-probs `c = pc/|c|`,
+    /// `r = pr/|r|`: `-b log s((c - r) - (log(1 - e^c) - log(1 - e^r)))`; its NLL term comes from
+    /// [`PairwiseObjective::sft_weight`].
+    Orpo { beta: f64 },
 }
 
 impl Objective {
@@ -88,6 +92,15 @@ impl Objective {
                     .sub_scalar(gamma);
                 log_sigmoid(z).neg()
             }
+            Objective::Orpo { beta } => {
+                let c = s.policy_chosen.clone().div(s.chosen_len.clone());
+                let r = s.policy_rejected.clone().div(s.rejected_len.clone());
+                // log(1 - e^x) for x < 0; the clamp only guards x = 0 (a probability-1 completion), where the odds
+                // are infinite.
+                let log1m = |x: Tensor<1>| x.exp().neg().add_scalar(1.0).clamp_min(1e-30).log();
+                let log_odds = c.clone().sub(r.clone()).sub(log1m(c).sub(log1m(r)));
+                log_sigmoid(log_odds).mul_scalar(-beta)
+            }
         }
     }
 }
@@ -96,10 +109,18 @@ struct Plain(Objective);
 
 impl PairwiseObjective for Plain {
     fn needs_reference(&self) -> bool {
-        !matches!(self.0, Objective::Simpo { .. })
+        !matches!(self.0, Objective::Simpo { .. } | Objective::Orpo { .. })
     }
     fn loss(&self, s: &PairStats) -> (Tensor<1>, Option<Tensor<1>>) {
         (self.0.loss(s), None)
+    }
+    fn sft_weight(&self) -> f64 {
+        // ORPO = NLL(chosen) + beta * odds-ratio term.
+        if matches!(self.0, Objective::Orpo { .. }) {
+            1.0
+        } else {
+            0.0
+        }
     }
 }
 
@@ -187,6 +208,12 @@ fn build_simpo(p: &Params) -> Result<LossFn, PluginError> {
     }))))
 }
 
+fn build_orpo(p: &Params) -> Result<LossFn, PluginError> {
+    Ok(LossFn::Pairwise(Box::new(Plain(Objective::Orpo {
+        beta: beta("orpo", p)?,
+    }))))
+}
+
 fn build_dpo_nlirg(p: &Params) -> Result<LossFn, PluginError> {
     let curve = Curve {
         x0: p.get("x0"),
@@ -241,6 +268,16 @@ inventory::submit! {
             ParamSpec { name: "gamma", default: 1.0, help: "target reward gap" },
         ],
         build: build_simpo,
+    }
+}
+inventory::submit! {
+    LossPluginInfo {
+        name: "orpo",
+        description: "ORPO: NLL of the chosen completion plus beta * odds-ratio loss on mean log-probs, no reference model",
+        kind: PluginKind::Pairwise,
+        formula: "loss = NLL(chosen tokens) - beta log sigmoid((c - r) - (log(1 - e^c) - log(1 - e^r))), c = pc/|c|, r = pr/|r|",
+        params: &[ParamSpec { name: "beta", default: 0.1, help: "weight of the odds-ratio term (the paper's lambda; TRL's beta)" }],
+        build: build_orpo,
     }
 }
 inventory::submit! {

@@ -90,6 +90,37 @@ fn simpo_no_reference() {
 }
 
 #[test]
+fn orpo_odds_ratio_against_trl_formula() {
+    // TRL's odds_ratio_loss on mean log-probs: log_odds = (c - r) - (log1p(-e^c) - log1p(-e^r)),
+    // loss = -beta logsigmoid(log_odds) = beta softplus(-log_odds).
+    // pair 0: c = -10/4 = -2.5, r = -12/2 = -6: (3.5) - (log(1 - e^-2.5) - log(1 - e^-6)) = 3.583168654
+    // pair 1: c = -20/5 = -4, r = -15/5 = -3: (-1) - (log(1 - e^-4) - log(1 - e^-3)) = -1.032583734
+    let lo = |c: f64, r: f64| (c - r) - ((-(c.exp())).ln_1p() - (-(r.exp())).ln_1p());
+    assert!((lo(-2.5, -6.0) - 3.583_168_654).abs() < 1e-8);
+    assert!((lo(-4.0, -3.0) + 1.032_583_734).abs() < 1e-8);
+    close(
+        &run("orpo", &[]).0,
+        &[
+            0.1 * softplus(-3.583_168_654),
+            0.1 * softplus(1.032_583_734),
+        ],
+    );
+    close(
+        &run("orpo", &[("beta", 0.5)]).0,
+        &[0.013_704_221, 0.668_593_076],
+    );
+    // Reference-free, and its NLL term (weight 1) is the trainer's SFT term on the chosen tokens.
+    let (f, _) = Registry::discover()
+        .build("orpo", &BTreeMap::new())
+        .unwrap();
+    let LossFn::Pairwise(o) = f else {
+        panic!("orpo is pairwise")
+    };
+    assert!(!o.needs_reference());
+    assert_eq!(o.sft_weight(), 1.0);
+}
+
+#[test]
 fn dpo_nlirg_weights_pairs_by_their_loss() {
     let (l, w) = run("dpo-nlirg", &[]);
     close(&l, &[softplus(-0.2), softplus(0.3)]);
