@@ -109,6 +109,9 @@ pub struct PairStats {
     pub step: usize,
     /// Training progress in `[0, 1]`.
     pub progress: f64,
+    /// KTO data: 1 where the "chosen" completion is desirable, 0 where it is undesirable (the "rejected" side is
+    /// then the mismatched completion of KTO's KL estimate); `None` for preference pairs.
+    pub desirable: Option<Tensor<1>>,
 }
 
 /// A pairwise (preference) objective.
@@ -126,6 +129,11 @@ pub trait PairwiseObjective: Send + Sync {
     /// chosen tokens (TRL's `policy_nll_loss`). Default 0.
     fn sft_weight(&self) -> f64 {
         0.0
+    }
+    /// Whether the objective trains unpaired, labelled completions (KTO): the run then loads its data with
+    /// `ytrainer_data::load_kto` and fills [`PairStats::desirable`].
+    fn unpaired(&self) -> bool {
+        false
     }
 }
 

@@ -412,6 +412,13 @@ fn pair_micro_batch<M: CausalLm>(
         rejected_len: len_t(p..2 * p),
         step,
         progress,
+        desirable: chunk.iter().any(|e| e.label.is_some()).then(|| {
+            let d: Vec<f32> = chunk
+                .iter()
+                .map(|e| f32::from(u8::from(e.label.unwrap_or(true))))
+                .collect();
+            Tensor::from_data(TensorData::new(d, [p]), device)
+        }),
     };
     let (loss, plugin_w) = setup.objective.try_loss(&stats)?;
     let data_w: Vec<f32> = chunk.iter().map(|e| e.weight as f32).collect();

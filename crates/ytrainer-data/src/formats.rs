@@ -557,10 +557,10 @@ pub(crate) fn convert(format: Format, origin: &Origin, obj: &Map<String, Value>)
             return Err(record_err(
                 origin,
                 format!(
-                    "field \"{key}\" = false marks an undesirable completion (KTO-style data); ytrainer has no KTO \
-                     objective and would train it as a good answer: drop the records labelled false (and the \
-                     \"{key}\" field) to train SFT on the others, or pair answers as \"chosen\" / \"rejected\" \
-                     for --loss dpo"
+                    "field \"{key}\" = false marks an undesirable completion (KTO-style data), which SFT would \
+                     train as a good answer: train these records with --loss kto, or drop the records labelled false \
+                     (and the \"{key}\" field) to train SFT on the others, or pair answers as \"chosen\" / \
+                     \"rejected\" for --loss dpo"
                 ),
             ));
         }

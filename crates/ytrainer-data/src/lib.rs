@@ -8,6 +8,7 @@ pub mod batch;
 pub mod bpe;
 pub mod error;
 pub mod formats;
+pub mod kto;
 pub mod pairs;
 pub mod quality;
 pub mod stream;
@@ -25,6 +26,7 @@ pub use formats::{
     Container, DataWarning, Format, LoadedRecords, Message, Origin, Record, RecordKind,
     load_records, parse_records,
 };
+pub use kto::load_kto;
 pub use pairs::{LoadedPairs, PairExample, PairRecord, load_pairs, tokenize_pair};
 pub use template::ChatTemplate;
 pub use tokenize::{

@@ -18,6 +18,7 @@ fn stats(d: &Device) -> PairStats {
         rejected_len: tensor_from_slice(&[2.0, 5.0], d),
         step: 0,
         progress: 0.0,
+        desirable: None,
     }
 }
 
@@ -118,6 +119,48 @@ fn orpo_odds_ratio_against_trl_formula() {
     };
     assert!(!o.needs_reference());
     assert_eq!(o.sft_weight(), 1.0);
+}
+
+#[test]
+fn kto_against_trl_formula() {
+    // TRL's kto_loss: z = clamp(mean(pKL - rKL), min=0) detached; desirable: 1 - sigmoid(beta (logratio - z)),
+    // undesirable: 1 - sigmoid(beta (z - logratio)); each times its class weight.
+    let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+    let kto = |rr: [f32; 2], params: &[(&str, f64)]| {
+        let d = Device::flex();
+        let mut s = stats(&d);
+        // pair 0 desirable, pair 1 undesirable; logratios pc - rc = [1, -2]
+        s.desirable = Some(tensor_from_slice(&[1.0, 0.0], &d));
+        s.reference_rejected = Some(tensor_from_slice(&rr, &d));
+        let p: BTreeMap<String, f64> = params.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let (f, _) = Registry::discover().build("kto", &p).unwrap();
+        let LossFn::Pairwise(o) = f else {
+            panic!("kto is pairwise")
+        };
+        assert!(o.unpaired() && o.needs_reference());
+        tensor_to_vec(o.loss(&s).0)
+    };
+    // rr = [-13, -17]: pKL - rKL = [-12 + 13, -15 + 17] = [1, 2], mean 1.5 = z
+    close(
+        &kto([-13.0, -17.0], &[]),
+        &[1.0 - sig(0.1 * (1.0 - 1.5)), 1.0 - sig(0.1 * (1.5 + 2.0))],
+    );
+    // a negative mean is clamped to 0: rr = [-11, -16] gives [-1, 1], mean 0; rr = [-5, -16]: [-7, 1] -> 0
+    close(
+        &kto([-5.0, -16.0], &[("beta", 0.5)]),
+        &[1.0 - sig(0.5), 1.0 - sig(1.0)],
+    );
+    // class weights
+    close(
+        &kto(
+            [-13.0, -17.0],
+            &[("desirable_weight", 2.0), ("undesirable_weight", 0.5)],
+        ),
+        &[
+            2.0 * (1.0 - sig(0.1 * (1.0 - 1.5))),
+            0.5 * (1.0 - sig(0.1 * (1.5 + 2.0))),
+        ],
+    );
 }
 
 #[test]
