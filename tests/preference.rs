@@ -417,3 +417,47 @@ fn kto_step_zero_matches_trl_on_the_demo_file() {
         ),
     );
 }
+
+/// The logged `loss` holds the SFT term the gradient has (ORPO's NLL, `[preference] sft_weight`): at step 0 of a
+/// fresh LoRA the DPO term is ln 2, so with `sft_weight = s` the loss is `ln 2 + s * NLL` (NLL = mean over the
+/// chosen tokens, > 0) and doubling `s` doubles the excess; `orpo` includes its NLL term with weight 1.
+#[test]
+fn the_logged_loss_includes_the_sft_term() {
+    let d = TempDir::new("sft-term");
+    let data = small_pairs(d.path(), 4);
+    let run = |name: &str, loss: &str, sft: &str| {
+        let out = d.path().join(name);
+        let o = ytrainer(&[
+            "run",
+            "--model",
+            &s(&assets().join("tiny-qwen2")),
+            "--data",
+            &s(&data),
+            "--loss",
+            loss,
+            "--max-steps",
+            "1",
+            "--set",
+            "preference.pairs_per_step=4",
+            "--set",
+            &format!("preference.sft_weight={sft}"),
+            "--output-dir",
+            &s(&out),
+        ]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        jsonl(&out.join("metrics.jsonl"))[0]["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let ln2 = std::f64::consts::LN_2;
+    let (a, b) = (
+        run("half", "dpo", "0.5") - ln2,
+        run("one", "dpo", "1.0") - ln2,
+    );
+    assert!(a > 0.1, "{a}");
+    assert!((b - 2.0 * a).abs() < 1e-5 * b, "{a} {b}");
+    // ORPO's own NLL term is that of sft_weight = 1: orpo with sft_weight 0 minus its odds-ratio part (< 0.1 ln 2
+    // + margin at step 0) is about the NLL, i.e. b.
+    let orpo = run("orpo", "orpo", "0.0");
+    assert!(orpo > b && orpo < b + 0.2, "{orpo} vs NLL {b}");
+}
