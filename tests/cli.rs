@@ -16,7 +16,20 @@ fn plugins_list_json_shows_builtins_with_parameters() {
         .map(|p| p["name"].as_str().unwrap())
         .collect();
     // Every built-in token reweighter is linked into the binary (other plugins may be listed too).
-    for n in ["ce", "dft", "eaft", "focal", "nlirg", "rho1", "truncation"] {
+    for n in [
+        "ce",
+        "dft",
+        "eaft",
+        "focal",
+        "nlirg",
+        "rho1",
+        "truncation",
+        "chord",
+        "bll",
+        "profit",
+        "iwsft",
+        "asft",
+    ] {
         assert!(names.contains(&n), "{n} missing from {names:?}");
     }
     let mut sorted = names.clone();
@@ -858,4 +871,70 @@ fn a_build_without_mpi_refuses_to_run_under_an_mpi_launcher() {
         .unwrap();
     assert_user_error(&o, "started by an MPI launcher with 2 processes");
     assert!(stderr(&o).contains("--features mpi"), "{}", stderr(&o));
+}
+
+/// `render` shows the data weights: `[weight W]` after each weighted supervised run in text, a `weight` per token
+/// in JSON (the record's `weight` times the message's); a weight-0 turn is shown unsupervised.
+#[test]
+fn render_shows_record_and_message_weights() {
+    let d = TempDir::new("render-weights");
+    let data = d.path().join("w.jsonl");
+    std::fs::write(
+        &data,
+        concat!(
+            r#"{"weight": 2.0, "messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "let me think", "weight": 0.25}, "#,
+            r#"{"role": "user", "content": "q2"}, {"role": "assistant", "content": "the answer"}, {"role": "user", "content": "q3"}, "#,
+            r#"{"role": "assistant", "content": "ignored", "weight": 0}]}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let tiny = s(&assets().join("tiny-qwen2"));
+    let o = ytrainer(&["render", "--model", &tiny, "--data", &s(&data)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("\u{ab}let me think<|im_end|>\u{bb}[weight 0.5]"),
+        "{out}"
+    );
+    assert!(
+        out.contains("\u{ab}the answer<|im_end|>\u{bb}[weight 2]"),
+        "{out}"
+    );
+    assert!(!out.contains("\u{ab}ignored"), "{out}");
+    let o = ytrainer(&[
+        "render",
+        "--model",
+        &tiny,
+        "--data",
+        &s(&data),
+        "--format",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let sup: Vec<(String, f64)> = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["supervised"] == true)
+        .map(|t| {
+            (
+                t["piece"].as_str().unwrap().to_string(),
+                t["weight"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, f64)> = [
+        ("let", 0.5),
+        (" me", 0.5),
+        (" think", 0.5),
+        ("<|im_end|>", 0.5),
+        ("the", 2.0),
+        (" answer", 2.0),
+        ("<|im_end|>", 2.0),
+    ]
+    .iter()
+    .map(|(p, w)| (p.to_string(), *w))
+    .collect();
+    assert_eq!(sup, want);
 }

@@ -690,9 +690,10 @@ fn kto_style_records_are_refused_not_trained_as_sft() {
     assert_user_error(
         &o,
         &format!(
-            "{}:2: field \"label\" = false marks an undesirable completion (KTO-style data); ytrainer has no KTO \
-             objective and would train it as a good answer: drop the records labelled false (and the \"label\" \
-             field) to train SFT on the others, or pair answers as \"chosen\" / \"rejected\" for --loss dpo",
+            "{}:2: field \"label\" = false marks an undesirable completion (KTO-style data), which SFT would \
+             train as a good answer: train these records with --loss kto, or drop the records labelled false (and \
+             the \"label\" field) to train SFT on the others, or pair answers as \"chosen\" / \"rejected\" for \
+             --loss dpo",
             f.display()
         ),
     );

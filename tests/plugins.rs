@@ -352,6 +352,11 @@ fn reference_and_entropy_builtins_train() {
         ("rho1", "ratio=0.5"),
         ("eaft", "k=8"),
         ("truncation", "per_sample=1"),
+        ("iwsft", "clip=4"),
+        ("asft", "alpha=0.2"),
+        ("chord", ""),
+        ("bll", "k=10"),
+        ("profit", "tau=0.05"),
     ] {
         let run = d.path().join(loss);
         let mut args = vec!["--loss", loss];
@@ -366,6 +371,12 @@ fn reference_and_entropy_builtins_train() {
     let o = tiny_run(
         &d.path().join("rho1-full"),
         &["--loss", "rho1", "--adapter", "full"],
+    );
+    assert_user_error(&o, "needs reference-model losses");
+    // So does asft's KL anchor.
+    let o = tiny_run(
+        &d.path().join("asft-full"),
+        &["--loss", "asft", "--adapter", "full"],
     );
     assert_user_error(&o, "needs reference-model losses");
     // ... unless a separate reference model is named: then full fine-tuning trains with it.

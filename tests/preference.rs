@@ -93,7 +93,7 @@ fn dpo_step_zero_is_ln2_and_a_short_run_learns_the_pairs() {
 fn every_pairwise_objective_trains_a_step() {
     let d = TempDir::new("dpo-all");
     let data = small_pairs(d.path(), 4);
-    for loss in ["cdpo", "ipo", "hinge", "simpo", "dpo-nlirg"] {
+    for loss in ["cdpo", "ipo", "hinge", "simpo", "dpo-nlirg", "orpo"] {
         let out = d.path().join(loss);
         let o = ytrainer(&[
             "run",
@@ -245,6 +245,7 @@ fn sequence_log_probs_equal_summed_token_log_probs() {
                 chosen: (*ex).clone(),
                 rejected: (*ex).clone(),
                 weight: 1.0,
+                label: None,
             }],
             8189,
         );
@@ -379,4 +380,131 @@ fn preference_runs_share_the_loops_checkpoint_pruning_and_eval_cadence() {
         )),
         "{summary}"
     );
+}
+
+/// KTO on LLaMA-Factory's `kto_en_demo.json` (its 3 shortest desirable and 3 shortest undesirable records): with a
+/// fresh LoRA (B = 0) the policy is the reference, so every log-ratio and the KL estimate are 0, and TRL's KTO loss
+/// is `lambda_d (1 - sigmoid(0)) = lambda_d / 2` per desirable completion and `lambda_u / 2` per undesirable one:
+/// 0.5 with the default weights, `(3 * 2 * 0.5 + 3 * 0.5) / 6 = 0.75` with `desirable_weight = 2`. Records without
+/// a label are an error naming the record.
+#[test]
+fn kto_step_zero_matches_trl_on_the_demo_file() {
+    let d = TempDir::new("kto");
+    let all: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(assets().join("corpora/preference/kto_en_demo.json")).unwrap(),
+    )
+    .unwrap();
+    let pick = |label: bool| {
+        let mut v: Vec<&serde_json::Value> = all.iter().filter(|r| r["label"] == label).collect();
+        v.sort_by_key(|r| r["messages"].to_string().len());
+        v.into_iter()
+            .take(3)
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+    };
+    let mut lines = pick(true);
+    lines.extend(pick(false));
+    let data = d.path().join("kto.jsonl");
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let out = d.path().join(name);
+        let mut args = vec![
+            "run".to_string(),
+            "--model".into(),
+            s(&assets().join("tiny-qwen2")),
+            "--data".into(),
+            s(&data),
+            "--loss".into(),
+            "kto".into(),
+            "--max-steps".into(),
+            "1".into(),
+            "--set".into(),
+            "preference.pairs_per_step=6".into(),
+            "--output-dir".into(),
+            s(&out),
+        ];
+        args.extend(extra.iter().map(|x| x.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = ytrainer(&refs);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        jsonl(&out.join("metrics.jsonl"))
+    };
+    let m = run("plain", &[]);
+    assert!(
+        (m[0]["loss"].as_f64().unwrap() - 0.5).abs() < 1e-6,
+        "{}",
+        m[0]
+    );
+    assert_eq!(m[0]["pairs"], 6);
+    let m = run("weighted", &["--loss-param", "desirable_weight=2"]);
+    assert!(
+        (m[0]["loss"].as_f64().unwrap() - 0.75).abs() < 1e-6,
+        "{}",
+        m[0]
+    );
+
+    let bad = d.path().join("bad.jsonl");
+    std::fs::write(&bad, lines[0].replace("\"label\":true", "\"tag\":true")).unwrap();
+    let o = ytrainer(&[
+        "run",
+        "--model",
+        &s(&assets().join("tiny-qwen2")),
+        "--data",
+        &s(&bad),
+        "--loss",
+        "kto",
+        "--output-dir",
+        &s(&d.path().join("bad")),
+    ]);
+    assert_user_error(
+        &o,
+        &format!(
+            "{}:1: field \"label\" is missing; every KTO record needs",
+            bad.display()
+        ),
+    );
+}
+
+/// The logged `loss` holds the SFT term the gradient has (ORPO's NLL, `[preference] sft_weight`): at step 0 of a
+/// fresh LoRA the DPO term is ln 2, so with `sft_weight = s` the loss is `ln 2 + s * NLL` (NLL = mean over the
+/// chosen tokens, > 0) and doubling `s` doubles the excess; `orpo` includes its NLL term with weight 1.
+#[test]
+fn the_logged_loss_includes_the_sft_term() {
+    let d = TempDir::new("sft-term");
+    let data = small_pairs(d.path(), 4);
+    let run = |name: &str, loss: &str, sft: &str| {
+        let out = d.path().join(name);
+        let o = ytrainer(&[
+            "run",
+            "--model",
+            &s(&assets().join("tiny-qwen2")),
+            "--data",
+            &s(&data),
+            "--loss",
+            loss,
+            "--max-steps",
+            "1",
+            "--set",
+            "preference.pairs_per_step=4",
+            "--set",
+            &format!("preference.sft_weight={sft}"),
+            "--output-dir",
+            &s(&out),
+        ]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        jsonl(&out.join("metrics.jsonl"))[0]["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let ln2 = std::f64::consts::LN_2;
+    let (a, b) = (
+        run("half", "dpo", "0.5") - ln2,
+        run("one", "dpo", "1.0") - ln2,
+    );
+    assert!(a > 0.1, "{a}");
+    assert!((b - 2.0 * a).abs() < 1e-5 * b, "{a} {b}");
+    // ORPO's own NLL term is that of sft_weight = 1: orpo with sft_weight 0 minus its odds-ratio part (< 0.1 ln 2
+    // + margin at step 0) is about the NLL, i.e. b.
+    let orpo = run("orpo", "orpo", "0.0");
+    assert!(orpo > b && orpo < b + 0.2, "{orpo} vs NLL {b}");
 }

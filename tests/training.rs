@@ -19,7 +19,9 @@ use ytrainer_core::step::{StepContext, StepCounters, eval_micro_batch, train_mic
 use ytrainer_core::trainer::LoopSetup;
 use ytrainer_data::{BatchOptions, Example, MicroBatch};
 use ytrainer_models::{AdapterSpec, Decoder, LoraConfig, load_pretrained};
+use ytrainer_plugin_asft as _;
 use ytrainer_plugin_ce as _;
+use ytrainer_plugin_dft as _;
 use ytrainer_plugin_eaft as _;
 use ytrainer_plugin_nlirg::Curve;
 
@@ -101,6 +103,7 @@ fn micro_batch(rows: &[usize], mask: impl Fn(usize, usize) -> bool + Copy) -> Mi
             .flat_map(|&r| (0..t).map(move |p| p > 0 && mask(r, p)))
             .collect::<Vec<bool>>(),
         examples: rows.to_vec(),
+        weights: Default::default(),
     }
 }
 
@@ -200,6 +203,90 @@ fn weighted_loss_and_counters_match_hand_computation() {
     );
     // a step whose weights are all zero divides by 1, not by 0
     assert_eq!(Normalize::Nonzero.denominator(5.0, 0.0, 0.0), 1.0);
+}
+
+/// Data weights (record and message `weight`, carried by `MicroBatch::weights`) multiply the plugin's weights:
+/// every counter, and so every normaliser, sees `d_i * w_i`. Row 0 (8 targets) has data weight 0.5, row 1 (6 targets) has
+/// 2.0 on positions 10-12 and 1 elsewhere; a zero data weight (row 0, position 5) counts as a token but not as
+/// nonzero. The gradient of a batch weighted 2 everywhere is exactly twice the unweighted one.
+#[test]
+fn data_weights_multiply_the_plugin_weights_in_every_counter() {
+    let m = model(&lora());
+    let plugin = nlirg();
+    let mask = |r: usize, p: usize| if r == 0 { p % 2 == 1 } else { p >= 10 };
+    let data_w = |r: usize, p: usize| -> f32 {
+        match (r, p) {
+            (0, 5) => 0.0,
+            (0, _) => 0.5,
+            (1, 10..=12) => 2.0,
+            _ => 1.0,
+        }
+    };
+    let mut mb = micro_batch(&[0, 1], mask);
+    mb.weights = ytrainer_data::Weights(
+        (0..2)
+            .flat_map(|r| (0..16).map(move |p| data_w(r, p)))
+            .collect(),
+    );
+    let mut acc = GradAccumulator::default();
+    let c = train_micro_batch(&m, &mb, plugin.as_ref(), ctx(), &mut acc, &device()).unwrap();
+    let curve = Curve::default();
+    let (mut tokens, mut wsum, mut wl, mut nonzero) = (0usize, 0.0, 0.0, 0.0);
+    for (r, losses) in REF_LOSS.iter().enumerate() {
+        for p in 1..16 {
+            if mask(r, p) {
+                let l = losses[p - 1];
+                let w = curve.weight(l) * f64::from(data_w(r, p));
+                tokens += 1;
+                wsum += w;
+                wl += w * l;
+                if w * l != 0.0 {
+                    nonzero += 1.0;
+                }
+            }
+        }
+    }
+    assert_eq!((c.tokens, tokens), (14, 14));
+    assert_eq!((c.nonzero, nonzero), (13.0, 13.0));
+    assert!(
+        (c.weight_sum - wsum).abs() < 1e-4,
+        "{} vs {wsum}",
+        c.weight_sum
+    );
+    assert!(
+        (c.weighted_sum - wl).abs() / wl < 1e-5,
+        "{} vs {wl}",
+        c.weighted_sum
+    );
+    let den = |n: Normalize| n.denominator(c.tokens as f64, c.nonzero, c.weight_sum);
+    assert_eq!(den(Normalize::Tokens), 14.0);
+    assert_eq!(den(Normalize::Nonzero), 13.0);
+    assert_eq!(den(Normalize::Weights), c.weight_sum);
+    // The logged step loss under each normaliser, `sum(d w ce) / denominator`, by hand.
+    for (n, d) in [
+        (Normalize::Tokens, 14.0),
+        (Normalize::Nonzero, 13.0),
+        (Normalize::Weights, wsum),
+    ] {
+        assert!(
+            (c.weighted_sum / den(n) - wl / d).abs() < 1e-4 * (wl / d),
+            "{n:?}"
+        );
+    }
+
+    // Weight 2 everywhere: twice the gradient of the unweighted batch.
+    let plain = micro_batch(&[0, 1], mask);
+    let mut doubled = plain.clone();
+    doubled.weights = ytrainer_data::Weights(vec![2.0; 32]);
+    let grads = |mb: &MicroBatch| {
+        let mut acc = GradAccumulator::default();
+        train_micro_batch(&m, mb, plugin.as_ref(), ctx(), &mut acc, &device()).unwrap();
+        flat_grads(&acc, &m)
+    };
+    let (g1, g2) = (grads(&plain), grads(&doubled));
+    let twice: Vec<f32> = g1.iter().map(|x| 2.0 * x).collect();
+    assert!(rel_diff(&g2, &twice) < 1e-6, "{}", rel_diff(&g2, &twice));
+    assert!(g1.iter().any(|x| *x != 0.0));
 }
 
 /// Gradient accumulation must not change the step: two micro-batches (row 0, then row 1) give the same
@@ -547,6 +634,91 @@ fn chunked_head_gives_the_whole_head_gradients() {
         let (a, b) = (g_whole.global_norm(1.0), g_chunked.global_norm(1.0));
         assert!(a > 0.0 && ((a - b) / a).abs() < 1e-5, "{loss}: {a} vs {b}");
     }
+}
+
+/// ASFT's KL anchor (`asft`, `TokenReweighter::kl_anchor`): the trainer's loss value and gradients of
+/// `sum_i sg(p_i) ce_i + alpha sum_i KL(p_ref(.|i) || p(.|i))` equal the formula differentiated by autodiff on the
+/// model's own log-probabilities (reference: the base, adapters off), on the whole host head and on the chunked
+/// head; and the anchor does change the gradient (the LoRA weights are nudged so the policy is not the base).
+#[test]
+fn asft_kl_anchor_matches_autodiff_on_the_whole_and_chunked_head() {
+    use ytrainer_core::burn::module::{Module, ModuleMapper, Param};
+    use ytrainer_core::model::CausalLm;
+    use ytrainer_core::step::{target_log_probs, to_device, token_ce};
+    struct Nudge;
+    impl ModuleMapper for Nudge {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if !p.val().is_require_grad() {
+                return p;
+            }
+            p.map(|t| {
+                let d = t.device();
+                Tensor::from_data(t.detach().add_scalar(0.05).into_data(), &d).require_grad()
+            })
+        }
+    }
+    let m = model(&lora()).map(&mut Nudge);
+    let alpha = 0.5;
+    let build = |name: &str, params: &[(&str, f64)]| {
+        let p: BTreeMap<String, f64> = params.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        match Registry::discover().build(name, &p).unwrap().0 {
+            LossFn::Token(p) => p,
+            LossFn::Pairwise(_) => unreachable!(),
+        }
+    };
+    let asft = build("asft", &[("alpha", alpha)]);
+    let dft = build("dft", &[]);
+    let mask = |r: usize, p: usize| if r == 0 { p > 2 } else { !p.is_multiple_of(3) };
+    let mb = micro_batch(&[0, 1], mask);
+    let dev = device();
+    let run = |plugin: &dyn TokenReweighter, floats: usize| {
+        let mut acc = GradAccumulator::default();
+        let c = ytrainer_core::step::with_head_chunk_floats(floats, || {
+            train_micro_batch(&m, &mb, plugin, ctx(), &mut acc, &dev).unwrap()
+        });
+        (c, flat_grads(&acc, &m))
+    };
+
+    // The formula, by autodiff through the model's log-probabilities.
+    let batch = to_device(&mb, &dev);
+    let lp = target_log_probs(&m, &batch);
+    let rlp = m
+        .adapters_disabled(|b| target_log_probs(b, &batch).detach())
+        .unwrap();
+    let ce = token_ce(lp.clone(), batch.targets.clone());
+    let p = ce.clone().detach().neg().exp();
+    let kl = rlp.clone().exp().mul(rlp.sub(lp)).sum();
+    let kl_value = f64::from(kl.clone().detach().into_scalar::<f32>());
+    let loss = ce.mul(p).sum().add(kl.mul_scalar(alpha));
+    let value = f64::from(loss.clone().detach().into_scalar::<f32>());
+    let mut g = loss.backward();
+    let mut acc = GradAccumulator::default();
+    acc.accumulate(&m, &mut g);
+    let want = flat_grads(&acc, &m);
+    assert!(
+        kl_value > 1e-3,
+        "the nudge must move the policy off the base: KL {kl_value}"
+    );
+
+    let vocab = CausalLm::vocab_size(&m);
+    for floats in [usize::MAX, 4 * vocab] {
+        let (c, got) = run(asft.as_ref(), floats);
+        assert!(
+            (c.weighted_sum - value).abs() <= 1e-5 * value.abs(),
+            "chunk {floats}: {} vs {value}",
+            c.weighted_sum
+        );
+        let d = rel_diff(&got, &want);
+        assert!(d < 1e-4, "chunk {floats}: relative gradient difference {d}");
+    }
+    // Without the anchor (plain dft) the gradient is visibly different.
+    let (c, plain) = run(dft.as_ref(), usize::MAX);
+    assert!((value - c.weighted_sum - alpha * kl_value).abs() <= 1e-5 * value.abs());
+    assert!(
+        rel_diff(&plain, &want) > 1e-3,
+        "{}",
+        rel_diff(&plain, &want)
+    );
 }
 
 /// Every trainable parameter's accumulated gradient, flattened in the model's parameter order.

@@ -27,12 +27,17 @@ use clap::Parser;
 
 // Keep the built-in plugins linked: a crate nothing references is dropped together with its `inventory`
 // registrations.
+use ytrainer_plugin_asft as _;
+use ytrainer_plugin_bll as _;
 use ytrainer_plugin_ce as _;
+use ytrainer_plugin_chord as _;
 use ytrainer_plugin_dft as _;
 use ytrainer_plugin_dpo as _;
 use ytrainer_plugin_eaft as _;
 use ytrainer_plugin_focal as _;
+use ytrainer_plugin_iwsft as _;
 use ytrainer_plugin_nlirg as _;
+use ytrainer_plugin_profit as _;
 use ytrainer_plugin_rho1 as _;
 use ytrainer_plugin_truncation as _;
 

@@ -91,7 +91,15 @@ pub fn describe(name: &str, format: Format) -> Result<()> {
     // Needs and normalisation belong to an instance: build one with the defaults.
     let (needs, normalize) = match registry.build(name, &BTreeMap::new()) {
         Ok((LossFn::Token(p), _)) => (
-            Some(p.needs().describe()),
+            Some(if p.kl_anchor() > 0.0 {
+                format!(
+                    "{}, reference-model log-probabilities (KL anchor, weight {})",
+                    p.needs().describe(),
+                    p.kl_anchor()
+                )
+            } else {
+                p.needs().describe()
+            }),
             Some(p.default_normalize().as_str()),
         ),
         _ => (None, None),

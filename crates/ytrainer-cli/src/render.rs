@@ -98,7 +98,8 @@ pub fn render(a: RenderArgs) -> Result<()> {
     Ok(())
 }
 
-/// The text, then the tokens with the supervised runs in green on a terminal, between guillemets elsewhere.
+/// The text, then the tokens with the supervised runs in green on a terminal, between guillemets elsewhere; a
+/// supervised run whose data weight is not 1 is followed by `[weight W]`.
 fn print_text(r: &RenderedRecord, color: bool) {
     println!("=== rendered text (record {}, {}) ===", r.record, r.origin);
     println!("{}", r.text);
@@ -114,20 +115,28 @@ fn print_text(r: &RenderedRecord, color: bool) {
     );
     let mut out = String::new();
     let mut open = false;
-    for (p, &t) in r.pieces.iter().zip(&r.supervised) {
-        if t != open {
-            out.push_str(match (t, color) {
-                (true, true) => "\x1b[32m",
-                (false, true) => "\x1b[0m",
-                (true, false) => "\u{ab}",
-                (false, false) => "\u{bb}",
-            });
-            open = t;
+    let mut run_weight = 1.0f32;
+    let close = |out: &mut String, w: f32| {
+        out.push_str(if color { "\x1b[0m" } else { "\u{bb}" });
+        if w != 1.0 {
+            out.push_str(&format!("[weight {w}]"));
+        }
+    };
+    for (i, (p, &t)) in r.pieces.iter().zip(&r.supervised).enumerate() {
+        let w = if t { r.weight(i) } else { 1.0 };
+        if open && (!t || w != run_weight) {
+            close(&mut out, run_weight);
+            open = false;
+        }
+        if t && !open {
+            out.push_str(if color { "\x1b[32m" } else { "\u{ab}" });
+            open = true;
+            run_weight = w;
         }
         out.push_str(p);
     }
     if open {
-        out.push_str(if color { "\x1b[0m" } else { "\u{bb}" });
+        close(&mut out, run_weight);
     }
     println!("{out}");
 }

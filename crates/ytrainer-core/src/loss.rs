@@ -79,6 +79,15 @@ pub trait TokenReweighter: Send + Sync {
     fn try_weights(&self, stats: &TokenStats) -> Result<Tensor<1>, String> {
         Ok(self.weights(stats))
     }
+    /// The weight `beta` of a **KL anchor** the trainer adds at every supervised position:
+    /// `sum_i w_i ce_i + beta * sum_i KL(p_ref(.|i) || p(.|i))`, the full-vocabulary KL from the reference model
+    /// (the base with adapters disabled, or `[loss] reference_model`) to the policy, as ASFT does. A token weight
+    /// cannot express it (its gradient with respect to the logits is `beta (p - p_ref)`, not a multiple of
+    /// `p - onehot`), so the trainer computes it from the reference's log-probabilities; `0` (the default) adds
+    /// nothing and costs nothing. Built-in plugins only (the C ABI has no field for it).
+    fn kl_anchor(&self) -> f64 {
+        0.0
+    }
 }
 
 /// Sequence-level statistics of a batch of preference pairs (sums of target log-probabilities).
@@ -100,6 +109,9 @@ pub struct PairStats {
     pub step: usize,
     /// Training progress in `[0, 1]`.
     pub progress: f64,
+    /// KTO data: 1 where the "chosen" completion is desirable, 0 where it is undesirable (the "rejected" side is
+    /// then the mismatched completion of KTO's KL estimate); `None` for preference pairs.
+    pub desirable: Option<Tensor<1>>,
 }
 
 /// A pairwise (preference) objective.
@@ -111,6 +123,17 @@ pub trait PairwiseObjective: Send + Sync {
     /// [`PairwiseObjective::loss`] for objectives that can fail (external plugins); the message names the plugin.
     fn try_loss(&self, stats: &PairStats) -> Result<(Tensor<1>, Option<Tensor<1>>), String> {
         Ok(self.loss(stats))
+    }
+    /// Weight of an NLL term on the chosen completions that is part of the objective itself (ORPO's `L_SFT`): the
+    /// trainer adds it to `[preference] sft_weight`, and computes it as that term is, the mean NLL over the step's
+    /// chosen tokens (TRL's `policy_nll_loss`). Default 0.
+    fn sft_weight(&self) -> f64 {
+        0.0
+    }
+    /// Whether the objective trains unpaired, labelled completions (KTO): the run then loads its data with
+    /// `ytrainer_data::load_kto` and fills [`PairStats::desirable`].
+    fn unpaired(&self) -> bool {
+        false
     }
 }
 

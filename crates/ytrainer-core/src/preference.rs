@@ -154,6 +154,7 @@ pub fn pair_batch(pairs: &[&PairExample], pad_id: u32) -> MicroBatch {
         segment_ids: vec![0; b * seq],
         target_mask: vec![false; b * seq],
         examples: (0..b).collect(),
+        weights: Default::default(),
     };
     for (r, e) in rows.iter().enumerate() {
         let o = r * seq;
@@ -318,6 +319,9 @@ pub struct Acc {
     weight: f64,
     tokens: usize,
     nonfinite: bool,
+    /// Summed NLL of the chosen completions (only when the run has an SFT term) and their token count.
+    nll: f64,
+    chosen_tokens: usize,
 }
 
 impl Tally for Acc {
@@ -334,6 +338,8 @@ impl Tally for Acc {
             self.weight,
             self.tokens as f64,
             f64::from(u8::from(self.nonfinite)),
+            self.nll,
+            self.chosen_tokens as f64,
         ]
     }
 
@@ -350,6 +356,8 @@ impl Tally for Acc {
             weight: v[8],
             tokens: v[9] as usize,
             nonfinite: v[10] > 0.0,
+            nll: v[11],
+            chosen_tokens: v[12] as usize,
         };
     }
 }
@@ -416,6 +424,13 @@ fn pair_micro_batch<M: CausalLm>(
         rejected_len: len_t(p..2 * p),
         step,
         progress,
+        desirable: chunk.iter().any(|e| e.label.is_some()).then(|| {
+            let d: Vec<f32> = chunk
+                .iter()
+                .map(|e| f32::from(u8::from(e.label.unwrap_or(true))))
+                .collect();
+            Tensor::from_data(TensorData::new(d, [p]), device)
+        }),
     };
     let (loss, plugin_w) = setup.objective.try_loss(&stats)?;
     let data_w: Vec<f32> = chunk.iter().map(|e| e.weight as f32).collect();
@@ -456,6 +471,13 @@ fn pair_micro_batch<M: CausalLm>(
     }
     acc.pairs += p;
     acc.tokens += counts.iter().sum::<usize>();
+    let n_chosen: usize = counts[..p].iter().sum();
+    acc.chosen_tokens += n_chosen;
+    if setup.sft_weight > 0.0 && n_chosen > 0 {
+        // The SFT term's value for the logged loss (its gradient is added below).
+        let lp = tensor_to_vec(token_lp.clone().slice(0..n_chosen).detach().inner());
+        acc.nll -= lp.iter().map(|&x| f64::from(x)).sum::<f64>();
+    }
     let Some(grads) = grads else { return Ok(()) };
     if acc.nonfinite {
         return Ok(());
@@ -673,7 +695,8 @@ impl<M: CausalLm> Objective<M> for PairObjective<'_> {
         PrefMetrics {
             step: o.at.index + 1,
             epoch: o.at.epoch,
-            loss: acc.loss / n,
+            // The pair term plus the SFT term (ORPO's NLL, RPO's), as the gradient has it.
+            loss: acc.loss / n + self.setup.sft_weight * acc.nll / acc.chosen_tokens.max(1) as f64,
             rewards_chosen: acc.rc / n,
             rewards_rejected: acc.rr / n,
             rewards_accuracy: acc.correct as f64 / n,

@@ -129,6 +129,8 @@ pub struct DeviceBatch {
     pub positions: Vec<u32>,
     /// Example index of each target (host), in target order.
     pub samples: Vec<u32>,
+    /// Data weight of each target (record and message `weight`s), in target order; `None` when all are 1.
+    pub data_weights: Option<Vec<f32>>,
 }
 
 /// Moves a micro-batch to `device`, listing target positions in row-major order.
@@ -142,8 +144,10 @@ pub fn to_device(mb: &MicroBatch, device: &Device) -> DeviceBatch {
     let mut targets = Vec::new();
     let mut positions = Vec::new();
     let mut samples = Vec::new();
+    let mut data_weights = Vec::new();
     for (p, &is_target) in mb.target_mask.iter().enumerate() {
         if is_target && p % t != 0 {
+            data_weights.push(mb.weights.get(p));
             rows.push((p - 1) as i64);
             targets.push(mb.input_ids[p] as i64);
             positions.push(mb.position_ids.get(p).copied().unwrap_or(0));
@@ -166,6 +170,10 @@ pub fn to_device(mb: &MicroBatch, device: &Device) -> DeviceBatch {
         n,
         positions,
         samples,
+        data_weights: data_weights
+            .iter()
+            .any(|&w| w != 1.0)
+            .then_some(data_weights),
     }
 }
 
@@ -269,6 +277,17 @@ pub fn train_micro_batch<M: CausalLm>(
     let t_start = std::time::Instant::now();
     let mut t_head = t_start;
     let needs = plugin.needs();
+    // ASFT's KL anchor: the reference's log-probabilities at the target rows (f32, no graph).
+    let anchor = plugin.kl_anchor();
+    let ref_lp: Option<Tensor<2>> = if anchor > 0.0 {
+        Some(
+            model
+                .adapters_disabled(|m| target_log_probs(m, &batch).detach().inner())
+                .ok_or(StepError::NoReference)?,
+        )
+    } else {
+        None
+    };
     // The float type of the model's tensors (and of every tensor made from host values on this device).
     let model_dtype: burn::tensor::DType = device.settings().float_dtype.into();
     let (graph, head_out) = match model.lm_head_weight() {
@@ -300,7 +319,7 @@ pub fn train_micro_batch<M: CausalLm>(
                 head.layout,
                 &batch.target_ids,
                 needs.entropy,
-                needs.top_k_entropy > 0,
+                needs.top_k_entropy > 0 || ref_lp.is_some(),
                 needs.top_k_entropy,
             );
             (
@@ -316,8 +335,9 @@ pub fn train_micro_batch<M: CausalLm>(
         None => {
             let log_probs = target_log_probs(model, &batch);
             let lp = log_probs.clone().detach().inner();
+            let anchor_lp = ref_lp.is_some().then(|| log_probs.clone());
             let ce = token_ce(log_probs, batch.targets.clone());
-            (Graph::Autodiff { ce }, HeadOut::Tensor(lp))
+            (Graph::Autodiff { ce, anchor_lp }, HeadOut::Tensor(lp))
         }
     };
     // CE, entropy and argmax from the host statistics when the logits are on the CPU, else from log-probs.
@@ -388,6 +408,18 @@ pub fn train_micro_batch<M: CausalLm>(
         return Ok(counters);
     }
     counters.ce_sum = ce_host.iter().map(|&x| x as f64).sum();
+    // The anchor's value, `beta * sum_i KL_i`, joins the weighted sum (the logged loss); a chunked head has no
+    // log-probabilities yet: its chunks add theirs in the backward pass below.
+    if let Some(r) = &ref_lp {
+        let lp = match &head_out {
+            HeadOut::Host(host) => Some(crate::lm_loss::widen(host.log_probs())),
+            HeadOut::Tensor(lp) => Some(lp.clone()),
+            HeadOut::Chunked { .. } => None,
+        };
+        if let Some(lp) = lp {
+            counters.weighted_sum += anchor * kl_from_reference(r.clone(), lp);
+        }
+    }
 
     let stats = TokenStats {
         loss: Tensor::from_data(TensorData::new(ce_host.clone(), [batch.n]), device),
@@ -400,13 +432,28 @@ pub fn train_micro_batch<M: CausalLm>(
         progress: ctx.progress,
     };
     let w = plugin.try_weights(&stats).map_err(StepError::Plugin)?;
-    let w_host = tensor_to_vec(w.clone());
+    let mut w_host = tensor_to_vec(w.clone());
     if w_host.len() != batch.n {
         return Err(StepError::BadWeight {
             what: format!("{} weights for {} tokens", w_host.len(), batch.n),
             index: 0,
         });
     }
+    // The data's weights (record and message `weight`) multiply the plugin's; every counter below, and so every
+    // normaliser, sees the product. A message of weight 0 never gets here: its tokens are not targets.
+    let w = match &batch.data_weights {
+        Some(d) => {
+            for (a, b) in w_host.iter_mut().zip(d) {
+                *a *= b;
+            }
+            let dev = w.device();
+            w.mul(Tensor::from_data(
+                TensorData::new(d.clone(), [batch.n]),
+                &dev,
+            ))
+        }
+        None => w,
+    };
     for (i, (&wi, &li)) in w_host.iter().zip(&ce_host).enumerate() {
         if !wi.is_finite() || wi < 0.0 {
             let what = if wi.is_nan() {
@@ -423,13 +470,36 @@ pub fn train_micro_batch<M: CausalLm>(
         }
     }
     let w = w.detach().inner();
+    // With the anchor, the logits' gradient is `(w + beta) (p - onehot) - beta (p_ref - onehot)`
+    // `= w (p - onehot) + beta (p - p_ref)`.
+    let w_grad: Vec<f32> = w_host.iter().map(|&x| x + anchor as f32).collect();
+    let anchor_grad = |range: std::ops::Range<usize>| -> Option<Tensor<2>> {
+        let r = ref_lp.as_ref()?.clone().slice(range.clone());
+        let n = range.len();
+        let t = batch.targets.clone().inner().slice(range);
+        let b = Tensor::<1>::from_data(
+            TensorData::new(vec![anchor as f32; n], [n]),
+            (&r.device(), burn::tensor::DType::F32),
+        );
+        Some(crate::lm_loss::ce_grad_from_log_probs(r, t, b))
+    };
+    let minus_anchor = |g: Tensor<2>, range: std::ops::Range<usize>| match anchor_grad(range) {
+        Some(a) => crate::lm_loss::narrow(crate::lm_loss::widen(g).sub(a), model_dtype),
+        None => g,
+    };
     if profiling() {
         record(1, t_head);
     }
     let t_back = std::time::Instant::now();
     match graph {
-        Graph::Autodiff { ce } => {
-            let loss = ce.mul(Tensor::from_inner(crate::lm_loss::widen(w))).sum();
+        Graph::Autodiff { ce, anchor_lp } => {
+            let mut loss = ce.mul(Tensor::from_inner(crate::lm_loss::widen(w))).sum();
+            if let (Some(lp), Some(r)) = (anchor_lp, &ref_lp) {
+                // KL(p_ref || p) = sum_v p_ref (log p_ref - log p), differentiated through `log p`.
+                let r = Tensor::from_inner(r.clone());
+                let kl = r.clone().exp().mul(r.sub(lp)).sum();
+                loss = loss.add(kl.mul_scalar(anchor));
+            }
             let mut grads = loss.backward();
             acc.accumulate(model, &mut grads);
         }
@@ -459,25 +529,43 @@ pub fn train_micro_batch<M: CausalLm>(
                         let end = (start + chunk).min(batch.n);
                         let part = plain_rows.clone().slice(start..end);
                         let z = crate::lm_loss::logits(part.clone(), &head_w, head.layout);
-                        let Ok(host) =
-                            HostLogits::try_new_for_grad(z, &batch.target_ids[start..end], false)
-                        else {
+                        let ids = &batch.target_ids[start..end];
+                        let host = if ref_lp.is_some() {
+                            HostLogits::try_new(z, ids, false)
+                        } else {
+                            HostLogits::try_new_for_grad(z, ids, false)
+                        };
+                        let Ok(host) = host else {
                             unreachable!("the forward pass ran these chunks on the CPU backend")
                         };
-                        dhs.push(head_back(host.into_grad(&w_host[start..end]), part));
+                        if let Some(r) = &ref_lp {
+                            counters.weighted_sum += anchor
+                                * kl_from_reference(
+                                    r.clone().slice(start..end),
+                                    crate::lm_loss::widen(host.log_probs()),
+                                );
+                        }
+                        let g = minus_anchor(host.into_grad(&w_grad[start..end]), start..end);
+                        dhs.push(head_back(g, part));
                         start = end;
                     }
                     Tensor::cat(dhs, 0)
                 }
-                HeadOut::Host(host) => head_back(host.into_grad(&w_host), plain_rows),
+                HeadOut::Host(host) => head_back(
+                    minus_anchor(host.into_grad(&w_grad), 0..batch.n),
+                    plain_rows,
+                ),
                 HeadOut::Tensor(lp) => head_back(
-                    crate::lm_loss::narrow(
-                        crate::lm_loss::ce_grad_from_log_probs(
-                            lp,
-                            batch.targets.clone().inner(),
-                            crate::lm_loss::widen(w),
+                    minus_anchor(
+                        crate::lm_loss::narrow(
+                            crate::lm_loss::ce_grad_from_log_probs(
+                                lp,
+                                batch.targets.clone().inner(),
+                                crate::lm_loss::widen(w).add_scalar(anchor),
+                            ),
+                            model_dtype,
                         ),
-                        model_dtype,
+                        0..batch.n,
                     ),
                     plain_rows,
                 ),
@@ -654,7 +742,11 @@ impl<M: CausalLm> crate::model::GradSink for AccumulatorSink<'_, M> {
 #[allow(clippy::large_enum_variant)]
 enum Graph<'m> {
     /// Autodiff through the head and `log_softmax`: per-token CE with gradient.
-    Autodiff { ce: Tensor<1> },
+    Autodiff {
+        ce: Tensor<1>,
+        /// The log-probabilities with their graph, kept when the plugin asks for a KL anchor.
+        anchor_lp: Option<Tensor<2>>,
+    },
     /// Closed-form head gradient injected at the hidden rows.
     Fused {
         rows: Tensor<2>,
@@ -663,6 +755,13 @@ enum Graph<'m> {
         /// The backward half of a forward pass with activation recomputation, when the model runs one.
         recompute: Option<Box<dyn crate::model::Recompute + 'm>>,
     },
+}
+
+/// `sum_i KL(p_ref(.|i) || p(.|i)) = sum_i sum_v p_ref (log p_ref - log p)` over the rows of two `[N, vocab]` f32
+/// log-probability tensors (no graph).
+pub fn kl_from_reference(ref_lp: Tensor<2>, lp: Tensor<2>) -> f64 {
+    let kl = ref_lp.clone().exp().mul(ref_lp.sub(lp)).sum();
+    f64::from(kl.into_scalar::<f32>())
 }
 
 /// Forward only: counters of one micro-batch under plain CE (evaluation).

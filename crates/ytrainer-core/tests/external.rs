@@ -246,6 +246,7 @@ fn pairwise_plugin_gets_the_statistics_and_its_derivatives_become_gradients() {
         rejected_len: tensor_from_slice(&[5.0, 6.0], &device),
         step: 2,
         progress: 0.25,
+        desirable: None,
     };
     let (loss, w) = obj.try_loss(&stats).unwrap();
     assert!(w.is_none());
@@ -271,6 +272,7 @@ fn pairwise_plugin_failures_name_the_plugin() {
         rejected_len: tensor_from_slice(&[5.0, 6.0], &device),
         step: 0,
         progress: 0.0,
+        desirable: None,
     };
     let e = pair_plugin(1.0).try_loss(&stats).unwrap_err();
     assert!(

@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use crate::error::DataError;
 use crate::formats::{Record, RecordKind};
 use crate::template::ChatTemplate;
-use crate::tokenize::{Example, TokenizerWrapper, TrainOn, tokenize_chat_limited, tokenize_text};
+use crate::tokenize::{Example, TokenizerWrapper, TrainOn, tokenize_chat_weighted, tokenize_text};
 
 /// What to do with a sequence longer than `max_seq_len` (`[data] overlong` in a run config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -108,10 +108,11 @@ pub fn prepare(
                 };
                 // Only the first max_seq_len tokens are kept (or the record is skipped as too long), so
                 // tokenizing stops after one more.
-                tokenize_chat_limited(
+                tokenize_chat_weighted(
                     tok,
                     t,
                     messages,
+                    &rec.weights,
                     opts.train_on,
                     &opts.template_vars,
                     Some(opts.max_seq_len),
@@ -129,17 +130,29 @@ pub fn prepare(
                 // Supervised text records keep their first max_seq_len tokens, like chats.
                 let ids = tok.encode_prefix(text, opts.max_seq_len + 1)?;
                 let targets = vec![true; ids.len()];
-                Example::single(ids, targets, None)
-            }
-            RecordKind::Text { text } => {
-                let ex = tokenize_text(tok, text, opts.cpt)?;
-                if opts.cpt {
-                    let mut ex = ex;
-                    ex.origin = Some(rec.origin.clone());
-                    docs.push(ex);
-                    continue;
+                let mut ex = Example::single(ids, targets, None);
+                let w = rec.weights.record();
+                if w != 1.0 {
+                    ex.weights = crate::weights::Weights(vec![w; ex.len()]);
                 }
                 ex
+            }
+            RecordKind::Text { text } => {
+                let w = rec.weights.record();
+                if w != 1.0 {
+                    return Err(DataError::Record {
+                        origin: rec.origin.clone(),
+                        message: format!(
+                            "field \"weight\" = {w}: continued-pretraining documents are packed into shared \
+                             rows, so a per-document weight is not supported; remove the field (or drop the \
+                             document)"
+                        ),
+                    });
+                }
+                let mut ex = tokenize_text(tok, text, true)?;
+                ex.origin = Some(rec.origin.clone());
+                docs.push(ex);
+                continue;
             }
         };
         ex.origin = Some(rec.origin.clone());
@@ -221,6 +234,7 @@ fn empty_row() -> Example {
         position_ids: Vec::new(),
         segment_ids: Vec::new(),
         origin: None,
+        weights: Default::default(),
     }
 }
 
@@ -285,6 +299,8 @@ pub struct MicroBatch {
     pub target_mask: Vec<bool>,
     /// Indices into the example slice, one per row.
     pub examples: Vec<usize>,
+    /// Data weight of each position as a target (`batch * seq`, row-major); empty = every weight 1.
+    pub weights: crate::weights::Weights,
 }
 
 impl MicroBatch {
@@ -309,7 +325,11 @@ impl MicroBatch {
             segment_ids: vec![0; batch * seq],
             target_mask: vec![false; batch * seq],
             examples: rows.to_vec(),
+            weights: Default::default(),
         };
+        if rows.iter().any(|&i| !examples[i].weights.is_uniform()) {
+            mb.weights = crate::weights::Weights(vec![1.0; batch * seq]);
+        }
         for (r, &i) in rows.iter().enumerate() {
             let ex = &examples[i];
             let n = ex.len().min(seq);
@@ -319,6 +339,11 @@ impl MicroBatch {
             mb.segment_ids[o..o + n].copy_from_slice(&ex.segment_ids[..n]);
             let t = masks.as_ref().map(|m| &m[r]).unwrap_or(&ex.targets);
             mb.target_mask[o..o + n].copy_from_slice(&t[..n]);
+            if !mb.weights.0.is_empty() {
+                for j in 0..n {
+                    mb.weights.0[o + j] = ex.weights.get(j);
+                }
+            }
         }
         mb
     }

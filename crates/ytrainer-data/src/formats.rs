@@ -50,6 +50,8 @@ pub enum RecordKind {
 pub struct Record {
     pub origin: Origin,
     pub kind: RecordKind,
+    /// The record's `weight` and its messages' (all 1 when absent).
+    pub weights: crate::weights::RecordWeights,
 }
 
 /// The record layout detected from a file's first record.
@@ -224,7 +226,18 @@ pub fn parse_records(path: &Path, text: &str) -> Result<LoadedRecords, DataError
             index,
         };
         match convert(format, &origin, &obj)? {
-            Ok(kind) => records.push(Record { origin, kind }),
+            Ok(kind) => {
+                let weights = crate::weights::read_weights(
+                    &origin,
+                    &obj,
+                    matches!(kind, RecordKind::Chat { .. }),
+                )?;
+                records.push(Record {
+                    origin,
+                    kind,
+                    weights,
+                })
+            }
             Err(message) => warnings.push(DataWarning { origin, message }),
         }
     }
@@ -543,10 +556,10 @@ pub(crate) fn convert(format: Format, origin: &Origin, obj: &Map<String, Value>)
             return Err(record_err(
                 origin,
                 format!(
-                    "field \"{key}\" = false marks an undesirable completion (KTO-style data); ytrainer has no KTO \
-                     objective and would train it as a good answer: drop the records labelled false (and the \
-                     \"{key}\" field) to train SFT on the others, or pair answers as \"chosen\" / \"rejected\" \
-                     for --loss dpo"
+                    "field \"{key}\" = false marks an undesirable completion (KTO-style data), which SFT would \
+                     train as a good answer: train these records with --loss kto, or drop the records labelled false \
+                     (and the \"{key}\" field) to train SFT on the others, or pair answers as \"chosen\" / \
+                     \"rejected\" for --loss dpo"
                 ),
             ));
         }

@@ -8,11 +8,13 @@ pub mod batch;
 pub mod bpe;
 pub mod error;
 pub mod formats;
+pub mod kto;
 pub mod pairs;
 pub mod quality;
 pub mod stream;
 pub mod template;
 pub mod tokenize;
+pub mod weights;
 
 pub use batch::{
     BatchOptions, DataOptions, DataStats, MicroBatch, Mode, Overlong, Prepared, Step,
@@ -24,9 +26,11 @@ pub use formats::{
     Container, DataWarning, Format, LoadedRecords, Message, Origin, Record, RecordKind,
     load_records, parse_records,
 };
+pub use kto::load_kto;
 pub use pairs::{LoadedPairs, PairExample, PairRecord, load_pairs, tokenize_pair};
 pub use template::ChatTemplate;
 pub use tokenize::{
     Example, RenderedChat, TokenizerWrapper, TrainOn, render_chat_spans, tokenize_chat,
-    tokenize_chat_limited, tokenize_text,
+    tokenize_chat_limited, tokenize_chat_weighted, tokenize_text,
 };
+pub use weights::{RecordWeights, Weights, read_weights};

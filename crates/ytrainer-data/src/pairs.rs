@@ -34,6 +34,9 @@ pub struct PairRecord {
     pub rejected: String,
     /// Loss weight of the pair (default 1).
     pub weight: f64,
+    /// KTO data ([`crate::kto::load_kto`]): whether `chosen` is a desirable completion; `rejected` is then the
+    /// mismatched completion KTO's KL estimate reads. `None` for preference pairs.
+    pub label: Option<bool>,
 }
 
 /// A loaded pair file.
@@ -217,6 +220,7 @@ fn convert(
         chosen,
         rejected,
         weight,
+        label: None,
     }))
 }
 
@@ -262,6 +266,8 @@ pub struct PairExample {
     pub rejected: Example,
     /// Loss weight.
     pub weight: f64,
+    /// KTO: whether `chosen` is desirable (see [`PairRecord::label`]).
+    pub label: Option<bool>,
 }
 
 /// Tokenizes a pair with the chat template.
@@ -287,5 +293,6 @@ pub fn tokenize_pair(
         chosen: side(&pair.chosen)?,
         rejected: side(&pair.rejected)?,
         weight: pair.weight,
+        label: pair.label,
     })
 }

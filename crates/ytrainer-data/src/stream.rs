@@ -307,6 +307,7 @@ impl Iterator for RecordStream {
             let record = convert(format, &origin, &raw.1)?.map(|kind| Record {
                 origin: origin.clone(),
                 kind,
+                weights: Default::default(),
             });
             Ok(Some(StreamItem {
                 origin,

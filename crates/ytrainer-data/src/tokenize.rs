@@ -45,6 +45,8 @@ pub struct Example {
     /// 1, 2, 3, ... per packed document; all 1 for a single sequence. 0 is reserved for padding.
     pub segment_ids: Vec<u32>,
     pub origin: Option<Origin>,
+    /// Data weight of each token as a target (the record's `weight` times its message's); empty = all 1.
+    pub weights: crate::weights::Weights,
 }
 
 impl Example {
@@ -60,6 +62,7 @@ impl Example {
             position_ids: (0..n as u32).collect(),
             segment_ids: vec![1; n],
             origin,
+            weights: Default::default(),
         }
     }
 
@@ -81,6 +84,7 @@ impl Example {
         self.targets.truncate(n);
         self.position_ids.truncate(n);
         self.segment_ids.truncate(n);
+        self.weights.0.truncate(n);
     }
 }
 
@@ -224,6 +228,8 @@ impl TokenizerWrapper {
 pub struct RenderedChat {
     pub text: String,
     pub spans: Vec<(std::ops::Range<usize>, bool)>,
+    /// For each span, the message it supervises (`None` for unsupervised spans and `TrainOn::Everything`).
+    pub span_messages: Vec<Option<usize>>,
 }
 
 /// Renders `messages` and locates the supervised character spans (see the module docs).
@@ -235,12 +241,29 @@ pub fn render_chat_spans(
 ) -> Result<RenderedChat, DataError> {
     let full = template.render(messages, false, vars)?;
     let mut spans = Vec::new();
-    chat_spans(template, messages, train_on, vars, &full, &mut |r, sup| {
-        spans.push((r, sup));
-        Ok(true)
-    })?;
-    Ok(RenderedChat { text: full, spans })
+    let mut span_messages = Vec::new();
+    chat_spans(
+        template,
+        messages,
+        train_on,
+        vars,
+        &full,
+        &mut |r, sup, msg| {
+            spans.push((r, sup));
+            span_messages.push(msg);
+            Ok(true)
+        },
+    )?;
+    Ok(RenderedChat {
+        text: full,
+        spans,
+        span_messages,
+    })
 }
+
+/// A span of the rendering: its byte range, whether it is supervised, and the message it supervises.
+type OnSpan<'a> =
+    dyn FnMut(std::ops::Range<usize>, bool, Option<usize>) -> Result<bool, DataError> + 'a;
 
 /// Feeds the spans of `full` (the whole conversation's rendering) to `on_span` in order, until it returns
 /// `false`. Each assistant turn's span needs two renderings of the conversation up to it, so a caller that
@@ -251,10 +274,10 @@ fn chat_spans(
     train_on: TrainOn,
     vars: &Map<String, Value>,
     full: &str,
-    on_span: &mut dyn FnMut(std::ops::Range<usize>, bool) -> Result<bool, DataError>,
+    on_span: &mut OnSpan<'_>,
 ) -> Result<(), DataError> {
     if train_on == TrainOn::Everything {
-        on_span(0..full.len(), true)?;
+        on_span(0..full.len(), true, None)?;
         return Ok(());
     }
     let last = messages.iter().rposition(|m| m.role == "assistant");
@@ -277,16 +300,16 @@ fn chat_spans(
         if start < cursor {
             return Err(mismatch());
         }
-        if start > cursor && !on_span(cursor..start, false)? {
+        if start > cursor && !on_span(cursor..start, false, None)? {
             return Ok(());
         }
-        if end > start && !on_span(start..end, true)? {
+        if end > start && !on_span(start..end, true, Some(i))? {
             return Ok(());
         }
         cursor = end;
     }
     if cursor < full.len() {
-        on_span(cursor..full.len(), false)?;
+        on_span(cursor..full.len(), false, None)?;
     }
     Ok(())
 }
@@ -313,26 +336,50 @@ pub fn tokenize_chat_limited(
     vars: &Map<String, Value>,
     keep: Option<usize>,
 ) -> Result<Example, DataError> {
+    let none = crate::weights::RecordWeights::default();
+    tokenize_chat_weighted(tok, template, messages, &none, train_on, vars, keep)
+}
+
+/// [`tokenize_chat_limited`] with data weights: each supervised token gets `record_weight` times its message's
+/// weight (`message_weights[i]` for message `i`, 1 when missing); a message of weight 0 is not supervised at all.
+pub fn tokenize_chat_weighted(
+    tok: &TokenizerWrapper,
+    template: &ChatTemplate,
+    messages: &[Message],
+    weights: &crate::weights::RecordWeights,
+    train_on: TrainOn,
+    vars: &Map<String, Value>,
+    keep: Option<usize>,
+) -> Result<Example, DataError> {
     let full = template.render(messages, false, vars)?;
     let mut ids = Vec::new();
     let mut targets = Vec::new();
+    let mut w = Vec::new();
     chat_spans(
         template,
         messages,
         train_on,
         vars,
         &full,
-        &mut |range, sup| {
+        &mut |range, sup, msg| {
             let seg = match keep {
                 Some(k) => tok.encode_prefix(&full[range], k + 1 - ids.len())?,
                 None => tok.encode(&full[range])?,
             };
-            targets.extend(std::iter::repeat_n(sup, seg.len()));
+            let mw = msg.map_or(1.0, |i| weights.messages.get(i));
+            let train = sup && mw > 0.0;
+            targets.extend(std::iter::repeat_n(train, seg.len()));
+            let tw = if train { weights.record() * mw } else { 1.0 };
+            w.extend(std::iter::repeat_n(tw, seg.len()));
             ids.extend(seg);
             Ok(keep.is_none_or(|k| ids.len() <= k))
         },
     )?;
-    Ok(Example::single(ids, targets, None))
+    let mut ex = Example::single(ids, targets, None);
+    if w.iter().any(|&x| x != 1.0) {
+        ex.weights = crate::weights::Weights(w);
+    }
+    Ok(ex)
 }
 
 /// Tokenizes a plain document; every token after the first is supervised.

@@ -359,6 +359,7 @@ fn prepare_prefix_mismatch_names_the_record() {
                 Message::new("assistant", "d"),
             ],
         },
+        weights: Default::default(),
     };
     let e = prepare(&[rec], &tok, Some(&t), &DataOptions::default())
         .unwrap_err()
@@ -387,6 +388,7 @@ fn cpt_packs_documents_without_crossing_segments() {
             kind: RecordKind::Text {
                 text: d.to_string(),
             },
+            weights: Default::default(),
         })
         .collect();
     let eos = tok.eos_id().unwrap();
@@ -501,4 +503,135 @@ fn prepare_then_plan_on_real_data_conserves_supervised_tokens() {
         let planned: usize = plan.iter().map(|s| s.num_targets()).sum();
         assert_eq!(planned, p.stats.supervised_tokens, "{mode:?}");
     }
+}
+
+/// Data weights: a record's `weight` and each message's `"weight"` (messages and ShareGPT spellings) reach the
+/// prepared example's per-token weights; a message of weight 0 leaves the supervision mask; bad weights are
+/// errors naming the file, line and field.
+#[test]
+fn record_and_message_weights_reach_the_tokens_and_zero_drops_the_turn() {
+    use ytrainer_data::{parse_records, render_chat_spans};
+    let a = assets_or_skip!();
+    let (tok, t) = tiny(&a);
+    let text = concat!(
+        r#"{"weight": 2.0, "system": "S", "messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "let me think", "weight": 0.25}, {"role": "user", "content": "q2"}, {"role": "assistant", "content": "the answer"}]}"#,
+        "\n",
+        r#"{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "skip me", "weight": 0}, {"from": "human", "value": "q3"}, {"from": "gpt", "value": "keep"}]}"#,
+        "\n",
+        r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}"#,
+        "\n"
+    );
+    let path = std::path::Path::new("w.jsonl");
+    let l = parse_records(path, text).unwrap();
+    assert_eq!(l.records[0].weights.record(), 2.0);
+    // The system field opens the message list, so it takes index 0.
+    assert_eq!(
+        l.records[0].weights.messages.0,
+        vec![1.0, 1.0, 0.25, 1.0, 1.0]
+    );
+    assert_eq!(l.records[1].weights.messages.0, vec![1.0, 0.0, 1.0, 1.0]);
+    assert!(l.records[2].weights.is_uniform());
+
+    let opts = DataOptions {
+        max_seq_len: 4096,
+        ..Default::default()
+    };
+    let weighted = prepare(&l.records, &tok, Some(&t), &opts).unwrap();
+    let mut plain_records = l.records.clone();
+    for r in &mut plain_records {
+        r.weights = Default::default();
+    }
+    let plain = prepare(&plain_records, &tok, Some(&t), &opts).unwrap();
+    // Tokens of each supervised span, by message.
+    let span_tokens = |i: usize| -> Vec<(usize, usize)> {
+        let RecordKind::Chat { messages } = &l.records[i].kind else {
+            unreachable!()
+        };
+        let r =
+            render_chat_spans(&t, messages, TrainOn::AllAssistant, &Default::default()).unwrap();
+        r.spans
+            .iter()
+            .zip(&r.span_messages)
+            .filter(|((_, sup), _)| *sup)
+            .map(|((range, _), m)| {
+                (
+                    m.unwrap(),
+                    tok.encode(&r.text[range.clone()]).unwrap().len(),
+                )
+            })
+            .collect()
+    };
+
+    // Record 0: same mask as unweighted; "let me think" targets weigh 2 * 0.25, "the answer" targets 2.
+    let (w0, p0) = (&weighted.examples[0], &plain.examples[0]);
+    assert_eq!(w0.targets, p0.targets);
+    let spans = span_tokens(0);
+    assert_eq!(spans.iter().map(|s| s.0).collect::<Vec<_>>(), vec![2, 4]);
+    let got: Vec<f32> = (0..w0.len())
+        .filter(|&i| w0.targets[i])
+        .map(|i| w0.weights.get(i))
+        .collect();
+    let want: Vec<f32> = std::iter::repeat_n(0.5, spans[0].1)
+        .chain(std::iter::repeat_n(2.0, spans[1].1))
+        .collect();
+    assert_eq!(got, want);
+
+    // Record 1: the weight-0 turn is not supervised; the rest keeps weight 1 (so no weights are stored).
+    let (w1, p1) = (&weighted.examples[1], &plain.examples[1]);
+    let spans = span_tokens(1);
+    assert_eq!(spans[0].0, 1);
+    assert_eq!(w1.num_targets(), p1.num_targets() - spans[0].1);
+    assert!(w1.weights.is_uniform());
+    assert_eq!(
+        weighted.stats.supervised_tokens,
+        plain.stats.supervised_tokens - spans[0].1
+    );
+
+    // The micro-batch carries the weights at the target positions.
+    let plan = plan_epoch(&weighted.examples, &BatchOptions::default(), 0).unwrap();
+    let mb = plan
+        .iter()
+        .flat_map(|s| &s.micro_batches)
+        .find(|mb| mb.examples.contains(&0))
+        .unwrap();
+    let row = mb.examples.iter().position(|&e| e == 0).unwrap();
+    let w: Vec<f32> = (0..mb.seq)
+        .filter(|&j| mb.target_mask[row * mb.seq + j])
+        .map(|j| mb.weights.get(row * mb.seq + j))
+        .collect();
+    assert_eq!(w, want);
+
+    // Bad weights name the file, line and field.
+    let err = |text: &str| parse_records(path, text).unwrap_err().to_string();
+    assert_eq!(
+        err(
+            r#"{"weight": -1, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}"#
+        ),
+        "w.jsonl:1: field \"weight\" = -1: a weight must be a finite number >= 0 (1 = normal, 0 = not trained); fix or remove it"
+    );
+    assert_eq!(
+        err(
+            r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": "high"}]}"#
+        ),
+        "w.jsonl:1: field \"messages[1].weight\" = \"high\": a weight must be a finite number >= 0 (1 = normal, 0 = not trained); fix or remove it"
+    );
+    // Continued pretraining packs documents into shared rows: a per-document weight is refused.
+    let docs = parse_records(path, "{\"text\": \"one two\", \"weight\": 3}\n").unwrap();
+    let e = prepare(
+        &docs.records,
+        &tok,
+        None,
+        &DataOptions {
+            cpt: true,
+            ..opts.clone()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with(
+            "w.jsonl:1: field \"weight\" = 3: continued-pretraining documents are packed"
+        ),
+        "{e}"
+    );
 }

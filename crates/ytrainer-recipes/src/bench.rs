@@ -188,6 +188,7 @@ fn random_batch(b: usize, t: usize, vocab: usize, seed: u64) -> MicroBatch {
         segment_ids: vec![1; b * t],
         target_mask: (0..b * t).map(|p| p % t != 0).collect(),
         examples: (0..b).collect(),
+        weights: Default::default(),
     }
 }
 
@@ -324,6 +325,7 @@ pub fn bench_windowed(s: &BenchSettings, w: &WindowedSettings) -> Result<Windowe
         segment_ids: vec![1; len],
         target_mask: (0..len).map(|t| t > 0).collect(),
         examples: vec![0],
+        weights: Default::default(),
     };
     let seed_way: Vec<MicroBatch> = ours.iter().map(|_| full.clone()).collect();
     // Our side's phase and kernel totals over its timed rounds (`[forward, head, backward, optimizer]`).

@@ -13,7 +13,7 @@ use ytrainer_core::observe::Observer;
 use ytrainer_core::preference::{
     PrefSetup, PrefSummary, Reference, base_reference, precompute_reference, train_pairs,
 };
-use ytrainer_data::{PairExample, PairRecord, load_pairs, tokenize_pair};
+use ytrainer_data::{PairExample, PairRecord, load_kto, load_pairs, tokenize_pair};
 use ytrainer_models::{AdapterSpec, load_pretrained};
 
 use crate::bail;
@@ -167,7 +167,15 @@ pub fn run_preference(
         )
     })?;
 
-    let loaded = load_pairs(&train_file)?;
+    // KTO reads unpaired, labelled completions; the DPO family reads pairs.
+    let load = |path: &std::path::Path| {
+        if objective.unpaired() {
+            load_kto(path)
+        } else {
+            load_pairs(path)
+        }
+    };
+    let loaded = load(&train_file)?;
     let mut warnings: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
     let (train_records, mut eval_records) = if cfg.data.eval.is_some() {
         (loaded.pairs, Vec::new())
@@ -175,7 +183,7 @@ pub fn run_preference(
         crate::common::split_eval(loaded.pairs, cfg.data.eval_fraction)
     };
     if let Some(e) = &cfg.data.eval {
-        let l = load_pairs(e)?;
+        let l = load(e)?;
         warnings.extend(l.warnings.iter().map(|w| w.to_string()));
         eval_records = l.pairs;
     }
@@ -243,7 +251,7 @@ pub fn run_preference(
         reference,
         pairs_per_step: pc.pairs_per_step,
         micro_pairs: micro,
-        sft_weight: pc.sft_weight,
+        sft_weight: pc.sft_weight + objective.sft_weight(),
         average_log_prob: pc.average_log_prob,
         pad_id,
     };

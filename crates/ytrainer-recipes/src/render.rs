@@ -67,6 +67,8 @@ pub struct RenderedRecord {
     pub pieces: Vec<String>,
     /// Whether each token is supervised.
     pub supervised: Vec<bool>,
+    /// Each token's data weight as a target (the record's `weight` times its message's); empty when all are 1.
+    pub weights: Vec<f32>,
 }
 
 impl RenderedRecord {
@@ -75,14 +77,26 @@ impl RenderedRecord {
         self.supervised.iter().filter(|&&t| t).count()
     }
 
-    /// The JSON object `ytrainer render --format json` prints.
+    /// Token `i`'s data weight (1 when the record carries none).
+    pub fn weight(&self, i: usize) -> f32 {
+        self.weights.get(i).copied().unwrap_or(1.0)
+    }
+
+    /// The JSON object `ytrainer render --format json` prints (tokens carry a `weight` when the data gives any).
     pub fn to_json(&self) -> serde_json::Value {
         let tokens: Vec<_> = self
             .ids
             .iter()
             .zip(&self.pieces)
             .zip(&self.supervised)
-            .map(|((id, p), t)| json!({"id": id, "piece": p, "supervised": t}))
+            .enumerate()
+            .map(|(i, ((id, p), t))| {
+                if self.weights.is_empty() {
+                    json!({"id": id, "piece": p, "supervised": t})
+                } else {
+                    json!({"id": id, "piece": p, "supervised": t, "weight": self.weight(i)})
+                }
+            })
             .collect();
         json!({"record": self.record, "origin": self.origin, "text": self.text,
                "n_tokens": self.ids.len(), "n_supervised": self.n_supervised(), "tokens": tokens})
@@ -190,5 +204,10 @@ pub fn render_record(s: &RecordRender) -> Result<RenderedRecord> {
         ids: ex.input_ids.clone(),
         pieces,
         supervised: ex.targets.clone(),
+        weights: if ex.weights.is_uniform() {
+            Vec::new()
+        } else {
+            (0..ex.len()).map(|i| ex.weights.get(i)).collect()
+        },
     })
 }

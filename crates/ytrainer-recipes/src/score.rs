@@ -317,6 +317,7 @@ fn micro_batch(ex: &Example, index: usize) -> MicroBatch {
         segment_ids: ex.segment_ids.clone(),
         target_mask: ex.targets.clone(),
         examples: vec![index],
+        weights: Default::default(),
     }
 }
 

@@ -143,7 +143,7 @@ pub fn run_sft(
     let device = training_device(&cfg)?;
     let mut model = crate::common::load_policy(&cfg, &model_dir, &device)?;
     let reference_model = match &cfg.loss.reference_model {
-        Some(path) if !plugin.needs().reference_loss => {
+        Some(path) if !plugin.needs().reference_loss && plugin.kl_anchor() == 0.0 => {
             observer.notice(&format!(
                 "[loss] reference_model {} is not loaded: loss `{}` does not use a reference model",
                 path.display(),

@@ -325,6 +325,7 @@ fn prompt_free(r: &Record) -> Option<Record> {
     Some(Record {
         origin: r.origin.clone(),
         kind: RecordKind::Chat { messages },
+        weights: r.weights.clone(),
     })
 }
 

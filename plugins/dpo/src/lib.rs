@@ -5,7 +5,7 @@
 //! `|c|`, `|r|` completion lengths in tokens, `m = (pc - rc) - (pr - rr)` the implicit-reward margin.
 
 use ytrainer_core::burn::prelude::*;
-use ytrainer_core::burn::tensor::activation::log_sigmoid;
+use ytrainer_core::burn::tensor::activation::{log_sigmoid, sigmoid};
 use ytrainer_core::loss::{
     LossFn, LossPluginInfo, PairStats, PairwiseObjective, ParamSpec, Params, PluginError,
     PluginKind,
@@ -23,6 +23,18 @@ pub enum Objective {
     Hinge { beta: f64 },
     /// SimPO (Meng et al. 2024), no reference: `-log s(b (pc/|c| - pr/|r|) - gamma)`.
     Simpo { beta: f64, gamma: f64 },
+    /// ORPO's odds-ratio term (Hong et al. 2024), no reference, on per-token mean log-probs `c = pc/|c|`,
+    /// `r = pr/|r|`: `-b log s((c - r) - (log(1 - e^c) - log(1 - e^r)))`; its NLL term comes from
+    /// [`PairwiseObjective::sft_weight`].
+    Orpo { beta: f64 },
+    /// KTO (Ethayarajh et al. 2024) on unpaired completions, as TRL: with `z = max(0, mean(pr - rr))` (detached)
+    /// the KL estimate from the mismatched completions of the micro-batch, a desirable completion costs
+    /// `lambda_d (1 - s(b ((pc - rc) - z)))`, an undesirable one `lambda_u (1 - s(b (z - (pc - rc))))`.
+    Kto {
+        beta: f64,
+        desirable_weight: f64,
+        undesirable_weight: f64,
+    },
 }
 
 impl Objective {
@@ -88,6 +100,41 @@ impl Objective {
                     .sub_scalar(gamma);
                 log_sigmoid(z).neg()
             }
+            Objective::Orpo { beta } => {
+                let c = s.policy_chosen.clone().div(s.chosen_len.clone());
+                let r = s.policy_rejected.clone().div(s.rejected_len.clone());
+                // log(1 - e^x) for x < 0; the clamp only guards x = 0 (a probability-1 completion), where the odds
+                // are infinite.
+                let log1m = |x: Tensor<1>| x.exp().neg().add_scalar(1.0).clamp_min(1e-30).log();
+                let log_odds = c.clone().sub(r.clone()).sub(log1m(c).sub(log1m(r)));
+                log_sigmoid(log_odds).mul_scalar(-beta)
+            }
+            Objective::Kto {
+                beta,
+                desirable_weight,
+                undesirable_weight,
+            } => {
+                let (rc, rr) = refs();
+                let p = s.policy_chosen.dims()[0];
+                let kl = s
+                    .policy_rejected
+                    .clone()
+                    .sub(rr)
+                    .mean()
+                    .clamp_min(0.0)
+                    .detach()
+                    .expand([p]);
+                let logratio = s.policy_chosen.clone().sub(rc);
+                let sig = |z: Tensor<1>| sigmoid(z.mul_scalar(beta)).neg().add_scalar(1.0);
+                let good = sig(logratio.clone().sub(kl.clone())).mul_scalar(desirable_weight);
+                let bad = sig(kl.sub(logratio)).mul_scalar(undesirable_weight);
+                // Preference pairs carry no labels: every "chosen" counts as desirable.
+                let d = s
+                    .desirable
+                    .clone()
+                    .unwrap_or_else(|| s.policy_chosen.clone().detach().ones_like());
+                good.mul(d.clone()).add(bad.mul(d.neg().add_scalar(1.0)))
+            }
         }
     }
 }
@@ -96,10 +143,21 @@ struct Plain(Objective);
 
 impl PairwiseObjective for Plain {
     fn needs_reference(&self) -> bool {
-        !matches!(self.0, Objective::Simpo { .. })
+        !matches!(self.0, Objective::Simpo { .. } | Objective::Orpo { .. })
     }
     fn loss(&self, s: &PairStats) -> (Tensor<1>, Option<Tensor<1>>) {
         (self.0.loss(s), None)
+    }
+    fn unpaired(&self) -> bool {
+        matches!(self.0, Objective::Kto { .. })
+    }
+    fn sft_weight(&self) -> f64 {
+        // ORPO = NLL(chosen) + beta * odds-ratio term.
+        if matches!(self.0, Objective::Orpo { .. }) {
+            1.0
+        } else {
+            0.0
+        }
     }
 }
 
@@ -187,6 +245,31 @@ fn build_simpo(p: &Params) -> Result<LossFn, PluginError> {
     }))))
 }
 
+fn build_orpo(p: &Params) -> Result<LossFn, PluginError> {
+    Ok(LossFn::Pairwise(Box::new(Plain(Objective::Orpo {
+        beta: beta("orpo", p)?,
+    }))))
+}
+
+fn build_kto(p: &Params) -> Result<LossFn, PluginError> {
+    let (d, u) = (p.get("desirable_weight"), p.get("undesirable_weight"));
+    for (name, v) in [("desirable_weight", d), ("undesirable_weight", u)] {
+        if !(v > 0.0 && v.is_finite()) {
+            return Err(bad(
+                "kto",
+                name,
+                v,
+                "must be a finite number > 0 (TRL's default 1; raise the weight of the rarer class)",
+            ));
+        }
+    }
+    Ok(LossFn::Pairwise(Box::new(Plain(Objective::Kto {
+        beta: beta("kto", p)?,
+        desirable_weight: d,
+        undesirable_weight: u,
+    }))))
+}
+
 fn build_dpo_nlirg(p: &Params) -> Result<LossFn, PluginError> {
     let curve = Curve {
         x0: p.get("x0"),
@@ -241,6 +324,30 @@ inventory::submit! {
             ParamSpec { name: "gamma", default: 1.0, help: "target reward gap" },
         ],
         build: build_simpo,
+    }
+}
+inventory::submit! {
+    LossPluginInfo {
+        name: "kto",
+        description: "KTO: unpaired desirable / undesirable completions (\"label\"), prospect-theoretic loss against a KL baseline",
+        kind: PluginKind::Pairwise,
+        formula: "z = max(0, mean(pKL - rKL)) (detached); desirable: lambda_d (1 - sigmoid(beta ((pc - rc) - z))); undesirable: lambda_u (1 - sigmoid(beta (z - (pc - rc))))",
+        params: &[
+            BETA,
+            ParamSpec { name: "desirable_weight", default: 1.0, help: "lambda_d: weight of desirable completions' losses" },
+            ParamSpec { name: "undesirable_weight", default: 1.0, help: "lambda_u: weight of undesirable completions' losses" },
+        ],
+        build: build_kto,
+    }
+}
+inventory::submit! {
+    LossPluginInfo {
+        name: "orpo",
+        description: "ORPO: NLL of the chosen completion plus beta * odds-ratio loss on mean log-probs, no reference model",
+        kind: PluginKind::Pairwise,
+        formula: "loss = NLL(chosen tokens) - beta log sigmoid((c - r) - (log(1 - e^c) - log(1 - e^r))), c = pc/|c|, r = pr/|r|",
+        params: &[ParamSpec { name: "beta", default: 0.1, help: "weight of the odds-ratio term (the paper's lambda; TRL's beta)" }],
+        build: build_orpo,
     }
 }
 inventory::submit! {

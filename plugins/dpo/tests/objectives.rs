@@ -18,6 +18,7 @@ fn stats(d: &Device) -> PairStats {
         rejected_len: tensor_from_slice(&[2.0, 5.0], d),
         step: 0,
         progress: 0.0,
+        desirable: None,
     }
 }
 
@@ -87,6 +88,79 @@ fn hinge() {
 fn simpo_no_reference() {
     // z = beta (pc/|c| - pr/|r|) - gamma; pair 0: 2*(-2.5 + 6) - 1 = 6; pair 1: 2*(-4 + 3) - 1 = -3
     close(&run("simpo", &[]).0, &[softplus(-6.0), softplus(3.0)]);
+}
+
+#[test]
+fn orpo_odds_ratio_against_trl_formula() {
+    // TRL's odds_ratio_loss on mean log-probs: log_odds = (c - r) - (log1p(-e^c) - log1p(-e^r)),
+    // loss = -beta logsigmoid(log_odds) = beta softplus(-log_odds).
+    // pair 0: c = -10/4 = -2.5, r = -12/2 = -6: (3.5) - (log(1 - e^-2.5) - log(1 - e^-6)) = 3.583168654
+    // pair 1: c = -20/5 = -4, r = -15/5 = -3: (-1) - (log(1 - e^-4) - log(1 - e^-3)) = -1.032583734
+    let lo = |c: f64, r: f64| (c - r) - ((-(c.exp())).ln_1p() - (-(r.exp())).ln_1p());
+    assert!((lo(-2.5, -6.0) - 3.583_168_654).abs() < 1e-8);
+    assert!((lo(-4.0, -3.0) + 1.032_583_734).abs() < 1e-8);
+    close(
+        &run("orpo", &[]).0,
+        &[
+            0.1 * softplus(-3.583_168_654),
+            0.1 * softplus(1.032_583_734),
+        ],
+    );
+    close(
+        &run("orpo", &[("beta", 0.5)]).0,
+        &[0.013_704_221, 0.668_593_076],
+    );
+    // Reference-free, and its NLL term (weight 1) is the trainer's SFT term on the chosen tokens.
+    let (f, _) = Registry::discover()
+        .build("orpo", &BTreeMap::new())
+        .unwrap();
+    let LossFn::Pairwise(o) = f else {
+        panic!("orpo is pairwise")
+    };
+    assert!(!o.needs_reference());
+    assert_eq!(o.sft_weight(), 1.0);
+}
+
+#[test]
+fn kto_against_trl_formula() {
+    // TRL's kto_loss: z = clamp(mean(pKL - rKL), min=0) detached; desirable: 1 - sigmoid(beta (logratio - z)),
+    // undesirable: 1 - sigmoid(beta (z - logratio)); each times its class weight.
+    let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+    let kto = |rr: [f32; 2], params: &[(&str, f64)]| {
+        let d = Device::flex();
+        let mut s = stats(&d);
+        // pair 0 desirable, pair 1 undesirable; logratios pc - rc = [1, -2]
+        s.desirable = Some(tensor_from_slice(&[1.0, 0.0], &d));
+        s.reference_rejected = Some(tensor_from_slice(&rr, &d));
+        let p: BTreeMap<String, f64> = params.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let (f, _) = Registry::discover().build("kto", &p).unwrap();
+        let LossFn::Pairwise(o) = f else {
+            panic!("kto is pairwise")
+        };
+        assert!(o.unpaired() && o.needs_reference());
+        tensor_to_vec(o.loss(&s).0)
+    };
+    // rr = [-13, -17]: pKL - rKL = [-12 + 13, -15 + 17] = [1, 2], mean 1.5 = z
+    close(
+        &kto([-13.0, -17.0], &[]),
+        &[1.0 - sig(0.1 * (1.0 - 1.5)), 1.0 - sig(0.1 * (1.5 + 2.0))],
+    );
+    // a negative mean is clamped to 0: rr = [-11, -16] gives [-1, 1], mean 0; rr = [-5, -16]: [-7, 1] -> 0
+    close(
+        &kto([-5.0, -16.0], &[("beta", 0.5)]),
+        &[1.0 - sig(0.5), 1.0 - sig(1.0)],
+    );
+    // class weights
+    close(
+        &kto(
+            [-13.0, -17.0],
+            &[("desirable_weight", 2.0), ("undesirable_weight", 0.5)],
+        ),
+        &[
+            2.0 * (1.0 - sig(0.1 * (1.0 - 1.5))),
+            0.5 * (1.0 - sig(0.1 * (1.5 + 2.0))),
+        ],
+    );
 }
 
 #[test]

@@ -3,6 +3,12 @@
 //! likely tokens (renormalised), so `H_K / ln K` is in [0, 1]. A confident prediction (low entropy) that
 //! disagrees with the label — a "confident conflict", where forcing the label damages what the model already
 //! knows — gets a small weight; uncertain positions, where the model is still learning, keep their full loss.
+//!
+//! The peers differ in how they scale `H_K` before the power, which `divisor` selects: `0` (the default) divides
+//! by `ln K`, the entropy's maximum, so the weight is in [0, 1] for every K; `3` is LLaMA-Factory's
+//! `use_eaft_loss` (it divides the top-20 entropy by the constant 3, which is `ln 20 = 2.9957` rounded, so for
+//! K = 20 the two differ by a factor `(ln 20 / 3)^alpha = 0.9986^alpha`); `1` is axolotl's (no division: the
+//! weight is the raw entropy, up to `(ln K)^alpha`).
 
 use ytrainer_core::burn::prelude::*;
 use ytrainer_core::loss::{
@@ -23,6 +29,11 @@ const PARAMS: &[ParamSpec] = &[
         name: "alpha",
         default: 1.0,
         help: "exponent on the normalised entropy (0 = plain CE)",
+    },
+    ParamSpec {
+        name: "divisor",
+        default: 0.0,
+        help: "H_K is divided by this before the power: 0 = ln K (in [0, 1]), 3 = LLaMA-Factory, 1 = axolotl (raw)",
     },
 ];
 
@@ -50,9 +61,22 @@ pub fn weight(h: f64, alpha: f64) -> f64 {
     }
 }
 
+/// The weight from a normalised entropy `h = H_K / ln K` with `divisor` (0 = `ln K`): `(H_K / divisor)^alpha`.
+pub fn weight_with(h: f64, alpha: f64, k: usize, divisor: f64) -> f64 {
+    if divisor == 0.0 {
+        return weight(h, alpha);
+    }
+    if h.is_finite() {
+        (h.clamp(0.0, 1.0) * (k as f64).ln() / divisor).powf(alpha)
+    } else {
+        0.0
+    }
+}
+
 struct Eaft {
     k: usize,
     alpha: f64,
+    divisor: f64,
 }
 
 impl TokenReweighter for Eaft {
@@ -73,7 +97,11 @@ impl TokenReweighter for Eaft {
             return stats.loss.ones_like();
         };
         let bad = h.clone().is_nan();
-        let h = h.clamp(0.0, 1.0);
+        let mut h = h.clamp(0.0, 1.0);
+        if self.divisor > 0.0 {
+            // Back to H_K (the trainer hands H_K / ln K), then the peer's scaling.
+            h = h.mul_scalar((self.k as f64).ln() / self.divisor);
+        }
         let w = if self.alpha == 0.0 {
             h.ones_like()
         } else {
@@ -105,9 +133,18 @@ fn build(p: &Params) -> Result<LossFn, PluginError> {
             "must be >= 0 (0 is plain cross-entropy)",
         ));
     }
+    let divisor = p.get("divisor");
+    if !(divisor >= 0.0 && divisor.is_finite()) {
+        return Err(bad(
+            "divisor",
+            divisor,
+            "must be >= 0: 0 divides by ln K, 3 is LLaMA-Factory's constant, 1 is axolotl's raw entropy",
+        ));
+    }
     Ok(LossFn::Token(Box::new(Eaft {
         k: k as usize,
         alpha,
+        divisor,
     })))
 }
 
@@ -117,7 +154,7 @@ inventory::submit! {
         description: "EAFT: weight by normalised top-K predictive entropy; suppresses confident-but-contradicted tokens",
         kind: PluginKind::Token,
         params: PARAMS,
-        formula: "w = (H_K / ln K)^alpha,  H_K = entropy of the renormalised top-K next-token distribution",
+        formula: "w = (H_K / d)^alpha,  H_K = entropy of the renormalised top-K next-token distribution; d = ln K (divisor = 0), else d = divisor (3: LLaMA-Factory, 1: axolotl)",
         build,
     }
 }
@@ -166,6 +203,41 @@ mod tests {
         );
 
         p.insert("k".to_string(), 2.5);
+        assert!(Registry::discover().build(NAME, &p).is_err());
+    }
+
+    #[test]
+    fn peer_divisors() {
+        // K = 20, top-20 uniform over 10 tokens: H = ln 10 = 2.302585093, h = ln 10 / ln 20 = 0.768621786.
+        // ln K (default): 0.768621786; LLaMA-Factory (/3): 0.767528364; axolotl (raw): 2.302585093; alpha = 2
+        // squares each: 0.590779, 0.589099790, 5.301898110.
+        let h = 10f64.ln() / 20f64.ln();
+        assert!((weight_with(h, 1.0, 20, 0.0) - 0.768_621_786).abs() < 1e-9);
+        assert!((weight_with(h, 1.0, 20, 3.0) - 0.767_528_364).abs() < 1e-9);
+        assert!((weight_with(h, 1.0, 20, 1.0) - std::f64::consts::LN_10).abs() < 1e-9);
+        assert!((weight_with(h, 2.0, 20, 3.0) - 0.589_099_790).abs() < 1e-8);
+        assert!((weight_with(h, 2.0, 20, 1.0) - 5.301_898_110).abs() < 1e-8);
+
+        let d = Device::flex();
+        for (divisor, want) in [
+            (0.0, 0.768_621_786),
+            (3.0, 0.767_528_364),
+            (1.0, std::f64::consts::LN_10),
+        ] {
+            let mut p = BTreeMap::new();
+            p.insert("divisor".to_string(), divisor);
+            let (f, _) = Registry::discover().build(NAME, &p).unwrap();
+            let LossFn::Token(f) = f else { unreachable!() };
+            let mut stats = TokenStats::from_loss(tensor_from_slice(&[1.0, 1.0], &d));
+            stats.top_k_entropy = Some(tensor_from_slice(&[h as f32, f32::NAN], &d));
+            let w = tensor_to_vec(f.weights(&stats));
+            assert!(
+                (w[0] as f64 - want).abs() < 1e-5 && w[1] == 0.0,
+                "{divisor}: {w:?}"
+            );
+        }
+        let mut p = BTreeMap::new();
+        p.insert("divisor".to_string(), -1.0);
         assert!(Registry::discover().build(NAME, &p).is_err());
     }
 }
