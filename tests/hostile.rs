@@ -381,6 +381,7 @@ fn trainer_state(fingerprint: &str) -> ytrainer_core::checkpoint::TrainerState {
         tokens_trained: 0,
         seed: 1,
         config_fingerprint: fingerprint.to_string(),
+        ..Default::default()
     }
 }
 

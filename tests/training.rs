@@ -336,6 +336,7 @@ fn non_finite_loss_skips_the_update_and_never_reaches_a_checkpoint() {
             fingerprint: "x".into(),
             device: &device,
             dist: &ytrainer_core::dist::SINGLE,
+            best: Default::default(),
         },
         batch,
         train_examples: &examples,
@@ -619,6 +620,7 @@ fn a_step_split_over_ranks_equals_the_whole_step_and_a_per_rank_normaliser_would
             fingerprint: "x".into(),
             device: &device,
             dist: &ytrainer_core::dist::SINGLE,
+            best: Default::default(),
         },
         batch,
         train_examples: &examples,
@@ -724,5 +726,250 @@ fn a_step_split_over_ranks_equals_the_whole_step_and_a_per_rank_normaliser_would
     assert!(
         (mean_of_means - whole_loss).abs() > 1e-3,
         "{mean_of_means} vs {whole_loss}"
+    );
+}
+
+/// A token objective whose evaluations report scripted values (`eval_loss = script[step]`): training is real
+/// (the adapter changes every step), so the best step and what must be kept of it are known by construction.
+struct Scripted<'a> {
+    inner: sft::TokenObjective<'a>,
+    script: Vec<f64>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct ScriptedEval {
+    step: usize,
+    eval_loss: f64,
+    eval_token_accuracy: f64,
+}
+
+impl ytrainer_core::trainer::EvalLine for ScriptedEval {
+    fn step(&self) -> usize {
+        self.step
+    }
+    fn summary(&self) -> String {
+        format!("scripted {}", self.eval_loss)
+    }
+}
+
+impl ytrainer_core::trainer::Objective<Decoder> for Scripted<'_> {
+    type Unit = ytrainer_data::Step;
+    type Tally = sft::TokenTally;
+    type EvalTally = StepCounters;
+    type Metrics = sft::StepMetrics;
+    type Eval = ScriptedEval;
+    fn plan(&self) -> Result<Vec<(usize, Self::Unit)>, ytrainer_core::trainer::TrainError> {
+        <sft::TokenObjective as ytrainer_core::trainer::Objective<Decoder>>::plan(&self.inner)
+    }
+    fn accumulate(
+        &self,
+        model: &Decoder,
+        unit: &Self::Unit,
+        at: ytrainer_core::trainer::StepAt,
+        grads: &mut GradAccumulator,
+    ) -> Result<Self::Tally, ytrainer_core::trainer::TrainError> {
+        self.inner.accumulate(model, unit, at, grads)
+    }
+    fn conclude(&self, t: Self::Tally) -> ytrainer_core::trainer::Accumulated<Self::Tally> {
+        <sft::TokenObjective as ytrainer_core::trainer::Objective<Decoder>>::conclude(
+            &self.inner,
+            t,
+        )
+    }
+    fn metrics(
+        &self,
+        acc: &ytrainer_core::trainer::Accumulated<Self::Tally>,
+        o: &ytrainer_core::trainer::StepOutcome,
+    ) -> Self::Metrics {
+        <sft::TokenObjective as ytrainer_core::trainer::Objective<Decoder>>::metrics(
+            &self.inner,
+            acc,
+            o,
+        )
+    }
+    fn evaluate(
+        &self,
+        model: &Decoder,
+        step: usize,
+        shard: ytrainer_core::dist::Shard,
+    ) -> Result<Option<StepCounters>, ytrainer_core::trainer::TrainError> {
+        self.inner.evaluate(model, step, shard)
+    }
+    fn eval_line(&self, _: &StepCounters, step: usize) -> ScriptedEval {
+        ScriptedEval {
+            step,
+            eval_loss: self.script[step],
+            eval_token_accuracy: 1.0 - self.script[step] / 10.0,
+        }
+    }
+}
+
+/// Runs the scripted objective for up to 8 steps (one example a step, eval every step) in `dir`.
+fn scripted_run(
+    dir: &std::path::Path,
+    script: &[f64],
+    best: ytrainer_core::trainer::BestModel,
+    save_total_limit: usize,
+    resume: Option<std::path::PathBuf>,
+) -> Result<
+    (
+        Decoder,
+        ytrainer_core::trainer::LoopReport<sft::StepMetrics, ScriptedEval>,
+    ),
+    ytrainer_core::trainer::TrainError,
+> {
+    let examples: Vec<Example> = IDS
+        .iter()
+        .map(|ids| Example::single(ids.to_vec(), (0..16).map(|p| p > 0).collect(), None))
+        .collect();
+    let train = TrainSection {
+        epochs: 4,
+        learning_rate: 1e-2,
+        warmup_ratio: 0.0,
+        lr_scheduler: ytrainer_core::optim::Schedule::Constant,
+        ..TrainSection::default()
+    };
+    let plugin = nlirg();
+    let batch = BatchOptions {
+        tokens_per_step: 15,
+        max_micro_batch_size: 1,
+        ..BatchOptions::default()
+    };
+    let device = device();
+    let setup = TrainSetup {
+        run: LoopSetup {
+            train: &train,
+            seed: batch.seed,
+            output_dir: dir,
+            eval_every: 1,
+            save_every: 0,
+            save_total_limit,
+            resume,
+            fingerprint: "x".into(),
+            device: &device,
+            dist: &ytrainer_core::dist::SINGLE,
+            best,
+        },
+        batch,
+        train_examples: &examples,
+        eval_examples: &examples[..1],
+        plugin: plugin.as_ref(),
+        normalize: Normalize::Nonzero,
+        zone_borders: [1.45, 6.6, 15.0],
+    };
+    let objective = Scripted {
+        inner: sft::TokenObjective::new(&setup),
+        script: script.to_vec(),
+    };
+    ytrainer_core::trainer::train(model(&lora()), &objective, &setup.run, &mut Silent)
+}
+
+fn dir_names(d: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Early stopping with patience 2 ends the run two evaluations after the best one (step 2: 3.0, 2.0, then 2.1
+/// and 2.05 do not improve); with `load_best_model_at_end` every improving evaluation is checkpointed, the best
+/// checkpoint survives `save_total_limit = 1` beside the last one, and the model handed back holds the best
+/// step's weights (not the last step's), re-evaluated to the best value. Resuming the stopped run trains nothing.
+#[test]
+fn early_stopping_keeps_and_hands_back_the_best_checkpoint() {
+    use ytrainer_core::trainer::BestModel;
+    let d = TempDir::new("best");
+    // Index = step; step 0 is the evaluation before training, which never counts as the best.
+    let script = [0.5, 3.0, 2.0, 2.1, 2.05, 1.0, 1.0, 1.0, 1.0];
+    let best = BestModel {
+        patience: 2,
+        load_best_at_end: true,
+        ..BestModel::default()
+    };
+    let (m, r) = scripted_run(d.path(), &script, best.clone(), 1, None).unwrap();
+    assert_eq!(r.steps, 4, "stopped after step 4 of 8");
+    assert_eq!(r.stopped_early_at, Some(4));
+    let b = r.best.clone().unwrap();
+    assert_eq!((b.step, b.metric.as_str(), b.value), (2, "eval_loss", 2.0));
+    assert_eq!(
+        b.checkpoint.as_deref(),
+        Some(d.path().join("checkpoint-2").as_path())
+    );
+    assert!(r.loaded_best);
+    assert_eq!(r.eval_after.as_ref().unwrap().eval_loss, 2.0);
+    // checkpoint-1 (improving, then superseded) is pruned; the best and the newest stay.
+    assert_eq!(dir_names(d.path()), ["checkpoint-2", "checkpoint-4"]);
+    let read = |n: &str| {
+        ytrainer_core::checkpoint::read_safetensors(&d.path().join(n).join("trainable.safetensors"))
+            .unwrap()
+    };
+    let held = ytrainer_core::checkpoint::trainable_params(&m);
+    assert_eq!(held, read("checkpoint-2"), "the best step's weights");
+    assert_ne!(held, read("checkpoint-4"), "not the last step's");
+    let evals: Vec<u64> = jsonl(&d.path().join("eval.jsonl"))
+        .iter()
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, [0, 1, 2, 3, 4]);
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.path().join("checkpoint-4/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["trainer"]["best"]["step"], 2);
+    assert_eq!(state["trainer"]["evals_without_improvement"], 2);
+    // Resuming the stopped run: nothing left to train, and it still hands back the best.
+    let (m2, r2) = scripted_run(
+        d.path(),
+        &script,
+        best,
+        1,
+        Some(d.path().join("checkpoint-4")),
+    )
+    .unwrap();
+    assert_eq!((r2.steps, r2.stopped_early_at), (4, Some(4)));
+    assert_eq!(ytrainer_core::checkpoint::trainable_params(&m2), held);
+}
+
+/// Without early stopping the run goes to its end; the best evaluation is recorded but, without
+/// `load_best_model_at_end`, only the checkpoints written anyway exist and the last model is handed back.
+/// A larger-is-better metric picks the maximum, and a metric evaluations lack is named before training.
+#[test]
+fn the_best_metric_is_tracked_by_key_and_direction() {
+    use ytrainer_core::trainer::BestModel;
+    let d = TempDir::new("best-acc");
+    let script = [5.0, 3.0, 2.0, 2.1, 2.05, 1.0, 1.5, 4.0, 3.0];
+    // eval_token_accuracy = 1 - loss / 10: best at the lowest loss, step 5 (0.9).
+    let best = BestModel {
+        metric: "eval_token_accuracy".into(),
+        greater_is_better: true,
+        ..BestModel::default()
+    };
+    let (_, r) = scripted_run(d.path(), &script, best, 2, None).unwrap();
+    assert_eq!(
+        (r.steps, r.stopped_early_at, r.loaded_best),
+        (8, None, false)
+    );
+    let b = r.best.unwrap();
+    assert_eq!((b.step, b.value, b.checkpoint), (5, 0.9, None));
+    assert_eq!(dir_names(d.path()), ["checkpoint-8"]);
+
+    let d = TempDir::new("best-bad");
+    let bad = BestModel {
+        metric: "eval_bleu".into(),
+        ..BestModel::default()
+    };
+    let e = scripted_run(d.path(), &script, bad, 2, None).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "[eval] metric_for_best_model = \"eval_bleu\": the evaluations of this run have no numeric field \
+         `eval_bleu`; choose one of: eval_loss, eval_token_accuracy"
+    );
+    assert!(
+        !d.path().join("metrics.jsonl").exists()
+            || jsonl(&d.path().join("metrics.jsonl")).is_empty()
     );
 }

@@ -100,6 +100,11 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
+/// As [`is_zero`], for a float whose 0 means "off".
+fn is_zero_f64(x: &f64) -> bool {
+    *x == 0.0
+}
+
 /// `[adapter]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -305,6 +310,13 @@ pub struct TrainSection {
     /// Stop the run with an error after this many consecutive steps whose loss or gradient was non-finite
     /// (their updates are skipped); 0 = never stop.
     pub max_skipped_steps: usize,
+    /// Stop training when this many evaluations in a row have not improved `[eval] metric_for_best_model`
+    /// by more than `early_stopping_threshold` (transformers' `EarlyStoppingCallback`); 0 = never stop early.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub early_stopping_patience: usize,
+    /// The improvement an evaluation must make over the best so far to reset the patience count.
+    #[serde(skip_serializing_if = "is_zero_f64")]
+    pub early_stopping_threshold: f64,
 }
 
 /// Step modes.
@@ -346,6 +358,8 @@ impl Default for TrainSection {
             gradient_checkpointing: false,
             memory_budget: None,
             max_skipped_steps: 10,
+            early_stopping_patience: 0,
+            early_stopping_threshold: 0.0,
         }
     }
 }
@@ -358,6 +372,12 @@ pub struct EvalSection {
     pub every_steps: usize,
     /// Cap on evaluation samples (0 = all).
     pub max_samples: usize,
+    /// The `eval.jsonl` field that decides which evaluation is the best (`eval_loss`, `eval_token_accuracy`,
+    /// `eval_rewards/accuracy`...); a name without the `eval_` prefix gets it, as in transformers.
+    pub metric_for_best_model: String,
+    /// Whether a larger metric is better; unset: `false` for a metric whose name ends in `loss`, else `true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub greater_is_better: Option<bool>,
 }
 
 impl Default for EvalSection {
@@ -365,7 +385,27 @@ impl Default for EvalSection {
         EvalSection {
             every_steps: 0,
             max_samples: 256,
+            metric_for_best_model: "eval_loss".to_string(),
+            greater_is_better: None,
         }
+    }
+}
+
+impl EvalSection {
+    /// The `eval.jsonl` key of `metric_for_best_model` (`loss` -> `eval_loss`).
+    pub fn best_metric_key(&self) -> String {
+        let m = self.metric_for_best_model.trim();
+        if m.starts_with("eval_") {
+            m.to_string()
+        } else {
+            format!("eval_{m}")
+        }
+    }
+
+    /// Whether a larger `metric_for_best_model` is better (`greater_is_better`, or its default).
+    pub fn best_is_greater(&self) -> bool {
+        self.greater_is_better
+            .unwrap_or_else(|| !self.best_metric_key().ends_with("loss"))
     }
 }
 
@@ -377,8 +417,12 @@ pub struct OutputSection {
     pub dir: PathBuf,
     /// Write a resumable checkpoint every N optimizer steps (0 = only at the end).
     pub save_every_steps: usize,
-    /// Keep at most this many checkpoints (0 = all).
+    /// Keep at most this many checkpoints (0 = all); the best one is never removed.
     pub save_total_limit: usize,
+    /// Write a checkpoint at every evaluation that improves `[eval] metric_for_best_model` and export the best
+    /// model (not the last one) to `final` (transformers' `load_best_model_at_end`).
+    #[serde(skip_serializing_if = "is_false")]
+    pub load_best_model_at_end: bool,
 }
 
 impl Default for OutputSection {
@@ -387,6 +431,7 @@ impl Default for OutputSection {
             dir: PathBuf::from("runs/latest"),
             save_every_steps: 0,
             save_total_limit: 2,
+            load_best_model_at_end: false,
         }
     }
 }

@@ -73,8 +73,10 @@ pub fn fingerprint(cfg: &RunConfig) -> String {
     let mut train = serde_json::to_value(&cfg.train).unwrap_or_default();
     if let Some(t) = train.as_object_mut() {
         t.remove("device");
-        // When to give up on a diverged run does not change the trajectory.
+        // When to give up on a diverged run does not change the trajectory, nor does when to stop early.
         t.remove("max_skipped_steps");
+        t.remove("early_stopping_patience");
+        t.remove("early_stopping_threshold");
     }
     let mut model = serde_json::to_value(&cfg.model).unwrap_or_default();
     if let Some(m) = model.as_object_mut() {
@@ -178,6 +180,7 @@ pub(crate) fn loop_setup<'a>(
         fingerprint: fingerprint(cfg),
         device,
         dist: opts.group.get(),
+        best: ytrainer_core::trainer::BestModel::of(cfg),
     })
 }
 

@@ -91,10 +91,28 @@ pub const KEYS: &[(&str, &[&str])] = &[
             "gradient_checkpointing",
             "memory_budget",
             "max_skipped_steps",
+            "early_stopping_patience",
+            "early_stopping_threshold",
         ],
     ),
-    ("eval", &["every_steps", "max_samples"]),
-    ("output", &["dir", "save_every_steps", "save_total_limit"]),
+    (
+        "eval",
+        &[
+            "every_steps",
+            "max_samples",
+            "metric_for_best_model",
+            "greater_is_better",
+        ],
+    ),
+    (
+        "output",
+        &[
+            "dir",
+            "save_every_steps",
+            "save_total_limit",
+            "load_best_model_at_end",
+        ],
+    ),
     (
         "preference",
         &[
@@ -324,11 +342,46 @@ fn validate(cfg: &RunConfig) -> Result<()> {
     if cfg.adapter.kind == ytrainer_core::config::AdapterKind::Lora && cfg.adapter.r == 0 {
         bail!("[adapter] r = 0: the LoRA rank must be >= 1 (or use `type = \"full\"`)");
     }
+    check_best_model(cfg)?;
     if cfg.data.max_seq_len < 2 {
         bail!(
             "[data] max_seq_len = {}: must be >= 2",
             cfg.data.max_seq_len
         );
+    }
+    Ok(())
+}
+
+/// Early stopping and the best model compare evaluations made during training: they need periodic ones.
+fn check_best_model(cfg: &RunConfig) -> Result<()> {
+    let (t, e) = (&cfg.train, &cfg.eval);
+    let th = t.early_stopping_threshold;
+    if !(th >= 0.0 && th.is_finite()) {
+        bail!(
+            "[train] early_stopping_threshold = {}: must be >= 0 and finite",
+            fmt_num(th)
+        );
+    }
+    if e.metric_for_best_model.trim().is_empty() {
+        bail!(
+            "[eval] metric_for_best_model is empty: name an eval.jsonl field such as \"eval_loss\" (the default)"
+        );
+    }
+    if e.every_steps == 0 {
+        if t.early_stopping_patience > 0 {
+            bail!(
+                "[train] early_stopping_patience = {} needs evaluations during training: set [eval] every_steps \
+                 (`--eval-every N`) to a number of steps > 0",
+                t.early_stopping_patience
+            );
+        }
+        if cfg.output.load_best_model_at_end {
+            bail!(
+                "[output] load_best_model_at_end = true needs evaluations during training: set [eval] every_steps \
+                 (`--eval-every N`) to a number of steps > 0 (with only the final evaluation the best model is \
+                 the last one)"
+            );
+        }
     }
     Ok(())
 }
@@ -495,7 +548,7 @@ mod tests {
             "[model]\npreset = \"tiny\"\n[data]\ntrain = \"x.jsonl\"\n[train]\nlerning_rate = 1e-3\n",
         );
         let e = resolve(Some(&f.0), &[]).unwrap_err().to_string();
-        assert!(e.ends_with(":6: unknown key `lerning_rate` in [train] (did you mean `learning_rate`?); valid keys in [train]: mode, token_batch, epochs, max_steps, learning_rate, lr_scheduler, warmup_steps, warmup_ratio, min_lr_ratio, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm, tokens_per_step, micro_batch_tokens, max_micro_batch_size, batch_size, grad_accum, seed, shuffle, device, precision, gradient_checkpointing, memory_budget, max_skipped_steps"), "{e}");
+        assert!(e.ends_with(":6: unknown key `lerning_rate` in [train] (did you mean `learning_rate`?); valid keys in [train]: mode, token_batch, epochs, max_steps, learning_rate, lr_scheduler, warmup_steps, warmup_ratio, min_lr_ratio, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm, tokens_per_step, micro_batch_tokens, max_micro_batch_size, batch_size, grad_accum, seed, shuffle, device, precision, gradient_checkpointing, memory_budget, max_skipped_steps, early_stopping_patience, early_stopping_threshold"), "{e}");
     }
 
     #[test]
@@ -555,6 +608,10 @@ mod tests {
         c.model.quantize_base = Some("nf4".into());
         c.loss.plugins = vec!["p".into()];
         c.loss.reference_model = Some("r".into());
+        c.train.early_stopping_patience = 1;
+        c.train.early_stopping_threshold = 0.1;
+        c.eval.greater_is_better = Some(true);
+        c.output.load_best_model_at_end = true;
         let v = toml::Value::try_from(c).unwrap();
         for (section, keys) in KEYS {
             let t = v.get(section).and_then(|t| t.as_table()).unwrap();
@@ -574,5 +631,62 @@ mod tests {
             e.contains("invalid type: string \"two\", expected usize"),
             "{e}"
         );
+    }
+
+    /// Early stopping and the best model need evaluations during training; the metric's name and direction
+    /// follow transformers (`loss` = `eval_loss`, larger is better unless the name ends in `loss`).
+    #[test]
+    fn best_model_settings_are_checked_and_resolved() {
+        let base = [
+            Override::new("model.preset", parse_value("tiny")),
+            Override::new("data.train", parse_value("d.jsonl")),
+        ];
+        let with = |extra: &[(&str, &str)]| {
+            let mut o = base.to_vec();
+            o.extend(extra.iter().map(|(k, v)| Override::new(*k, parse_value(v))));
+            resolve(None, &o)
+        };
+        let e = with(&[("train.early_stopping_patience", "3")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "[train] early_stopping_patience = 3 needs evaluations during training: set [eval] every_steps \
+             (`--eval-every N`) to a number of steps > 0"
+        );
+        let e = with(&[("output.load_best_model_at_end", "true")]).unwrap_err();
+        assert!(
+            e.to_string().starts_with(
+                "[output] load_best_model_at_end = true needs evaluations during training"
+            ),
+            "{e}"
+        );
+        let e = with(&[
+            ("eval.every_steps", "5"),
+            ("train.early_stopping_threshold", "-0.5"),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "[train] early_stopping_threshold = -0.5: must be >= 0 and finite"
+        );
+        let c = with(&[
+            ("eval.every_steps", "5"),
+            ("train.early_stopping_patience", "2"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.eval.best_metric_key(), c.eval.best_is_greater()),
+            ("eval_loss".to_string(), false)
+        );
+        let c = with(&[("eval.metric_for_best_model", "token_accuracy")]).unwrap();
+        assert_eq!(
+            (c.eval.best_metric_key(), c.eval.best_is_greater()),
+            ("eval_token_accuracy".to_string(), true)
+        );
+        let c = with(&[
+            ("eval.metric_for_best_model", "eval_perplexity"),
+            ("eval.greater_is_better", "false"),
+        ])
+        .unwrap();
+        assert!(!c.eval.best_is_greater());
     }
 }
