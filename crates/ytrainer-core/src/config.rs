@@ -181,6 +181,49 @@ pub struct DataSection {
     pub train_on: TrainOn,
     /// Extra chat-template variables (e.g. `enable_thinking = false`).
     pub template_vars: BTreeMap<String, serde_json::Value>,
+    /// Column map of `train` and `eval` (each source has its own): the field ytrainer reads -> the name the file
+    /// uses (`{ instruction = "prompt", output = "target" }`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub columns: BTreeMap<String, String>,
+    /// Use at most the first N records of `train` (0 = all).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub max_samples: usize,
+    /// Mixing weight of `train`: how many times each record is used on average (0.5 = a seeded half).
+    #[serde(skip_serializing_if = "is_one")]
+    pub train_weight: f64,
+    /// More training files mixed with `train`, each with its own weight, cap and column map.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<DataSource>,
+}
+
+/// `[[data.sources]]`: one more training file of the mix.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSource {
+    /// The file (any format `train` takes).
+    pub path: PathBuf,
+    /// How many times each record is used on average: 2 = twice, 0.5 = a seeded half, 1.5 = all and a half.
+    pub weight: f64,
+    /// Use at most the first N records (before the weight; 0 = all).
+    pub max_samples: usize,
+    /// This file's column map (none by default; `[data] columns` is `train`'s and `eval`'s).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub columns: BTreeMap<String, String>,
+}
+
+impl Default for DataSource {
+    fn default() -> Self {
+        DataSource {
+            path: PathBuf::new(),
+            weight: 1.0,
+            max_samples: 0,
+            columns: BTreeMap::new(),
+        }
+    }
+}
+
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
 }
 
 /// SFT or continued pretraining.
@@ -207,6 +250,10 @@ impl Default for DataSection {
             overlong: Overlong::Truncate,
             train_on: TrainOn::AllAssistant,
             template_vars: BTreeMap::new(),
+            columns: BTreeMap::new(),
+            max_samples: 0,
+            train_weight: 1.0,
+            sources: Vec::new(),
         }
     }
 }

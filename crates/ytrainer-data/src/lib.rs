@@ -21,8 +21,8 @@ pub use batch::{
 pub use bpe::{CHATML_SPECIAL_TOKENS, CHATML_TEMPLATE, train_byte_level_bpe};
 pub use error::DataError;
 pub use formats::{
-    Container, DataWarning, Format, LoadedRecords, Message, Origin, Record, RecordKind,
-    load_records, parse_records,
+    ColumnMap, Container, DataWarning, Format, LoadedRecords, Message, Origin, RECORD_FIELDS,
+    Record, RecordKind, load_records, load_records_with, parse_records, parse_records_with,
 };
 pub use pairs::{LoadedPairs, PairExample, PairRecord, load_pairs, tokenize_pair};
 pub use template::ChatTemplate;

@@ -202,6 +202,11 @@ pub fn write_resolved_config(cfg: &RunConfig, out: &Path) -> Result<()> {
             *p = abs;
         }
     }
+    for s in &mut resolved.data.sources {
+        if let Ok(abs) = std::path::absolute(&s.path) {
+            s.path = abs;
+        }
+    }
     if let Ok(abs) = std::path::absolute(&resolved.output.dir) {
         resolved.output.dir = abs;
     }

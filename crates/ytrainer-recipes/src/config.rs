@@ -49,6 +49,10 @@ pub const KEYS: &[(&str, &[&str])] = &[
             "overlong",
             "train_on",
             "template_vars",
+            "columns",
+            "max_samples",
+            "train_weight",
+            "sources",
         ],
     ),
     (
@@ -343,11 +347,49 @@ fn validate(cfg: &RunConfig) -> Result<()> {
         bail!("[adapter] r = 0: the LoRA rank must be >= 1 (or use `type = \"full\"`)");
     }
     check_best_model(cfg)?;
+    check_mix(cfg)?;
     if cfg.data.max_seq_len < 2 {
         bail!(
             "[data] max_seq_len = {}: must be >= 2",
             cfg.data.max_seq_len
         );
+    }
+    Ok(())
+}
+
+/// The training mix: weights > 0, sources with a path, column maps naming fields ytrainer reads.
+fn check_mix(cfg: &RunConfig) -> Result<()> {
+    let d = &cfg.data;
+    let columns = |at: &str, map: &std::collections::BTreeMap<String, String>| -> Result<()> {
+        for (ours, theirs) in map {
+            if !ytrainer_data::RECORD_FIELDS.contains(&ours.as_str()) {
+                let hint = nearest(ours, ytrainer_data::RECORD_FIELDS)
+                    .map(|k| format!(" (did you mean `{k}`?)"))
+                    .unwrap_or_default();
+                bail!(
+                    "{at} columns: `{ours} = \"{theirs}\"`: `{ours}` is not a record field ytrainer reads{hint}; \
+                     the keys are ytrainer's names ({}) and the values the file's",
+                    ytrainer_data::RECORD_FIELDS.join(", ")
+                );
+            }
+        }
+        Ok(())
+    };
+    columns("[data]", &d.columns)?;
+    let weight = |at: &str, w: f64| -> Result<()> {
+        if !(w > 0.0 && w.is_finite()) {
+            bail!("{at} = {}: must be > 0 and finite", fmt_num(w));
+        }
+        Ok(())
+    };
+    weight("[data] train_weight", d.train_weight)?;
+    for (i, s) in d.sources.iter().enumerate() {
+        let at = format!("[[data.sources]] #{}", i + 1);
+        if s.path.as_os_str().is_empty() {
+            bail!("{at} has no `path`: name the training file it adds");
+        }
+        weight(&format!("{at} ({}) weight", s.path.display()), s.weight)?;
+        columns(&format!("{at} ({})", s.path.display()), &s.columns)?;
     }
     Ok(())
 }
@@ -688,5 +730,61 @@ mod tests {
         ])
         .unwrap();
         assert!(!c.eval.best_is_greater());
+    }
+
+    /// The mix's settings are checked where they are written: weights, a source without a path, a column map
+    /// key that is no record field (with the nearest one).
+    #[test]
+    fn mix_settings_are_checked() {
+        let f = TempFile::new(
+            "[model]\npreset = \"tiny\"\n[data]\ntrain = \"a.jsonl\"\ncolumns = { instruction = \"task\" }\n\
+             [[data.sources]]\npath = \"b.csv\"\nweight = 2.5\nmax_samples = 10\n\
+             [[data.sources]]\npath = \"c.json\"\ncolumns = { anwser = \"reply\" }\n",
+        );
+        let e = resolve(Some(&f.0), &[]).unwrap_err().to_string();
+        let dir = f.0.parent().unwrap();
+        assert_eq!(
+            e,
+            format!(
+                "[[data.sources]] #2 ({}) columns: `anwser = \"reply\"`: `anwser` is not a record field ytrainer \
+                 reads (did you mean `answer`?); the keys are ytrainer's names ({}) and the values the file's",
+                dir.join("c.json").display(),
+                ytrainer_data::RECORD_FIELDS.join(", ")
+            )
+        );
+        let c = resolve(
+            Some(&f.0),
+            &[Override::new(
+                "data.sources",
+                parse_value("[{ path = \"b.csv\", weight = 2.5, max_samples = 10 }]"),
+            )],
+        )
+        .unwrap();
+        // Paths in the file are relative to it; an override's stay as given.
+        assert_eq!(c.data.sources[0].path, std::path::PathBuf::from("b.csv"));
+        assert_eq!(
+            (c.data.sources[0].weight, c.data.sources[0].max_samples),
+            (2.5, 10)
+        );
+        let e = resolve(
+            Some(&f.0),
+            &[Override::new("data.train_weight", parse_value("0"))],
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "[data] train_weight = 0: must be > 0 and finite");
+        let e = resolve(
+            Some(&f.0),
+            &[Override::new(
+                "data.sources",
+                parse_value("[{ weight = 2.0 }]"),
+            )],
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "[[data.sources]] #1 has no `path`: name the training file it adds"
+        );
     }
 }

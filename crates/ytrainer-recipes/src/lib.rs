@@ -16,6 +16,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod memory;
+pub mod mix;
 pub mod outdir;
 pub mod plan;
 pub mod preference;

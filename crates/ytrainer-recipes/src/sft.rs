@@ -10,7 +10,7 @@ use ytrainer_core::model::CausalLm;
 use ytrainer_core::observe::Observer;
 use ytrainer_core::sft::{self, TrainSetup, TrainSummary};
 use ytrainer_data::{
-    BatchOptions, DataOptions, DataStats, Example, Mode, Record, load_records, prepare,
+    BatchOptions, DataOptions, DataStats, Example, Mode, Record, load_records_with, prepare,
 };
 use ytrainer_models::{AdapterSpec, load_pretrained};
 
@@ -110,17 +110,19 @@ pub fn run_sft(
     // Data.
     let tok_path = model_dir.join("tokenizer.json");
     let (tok, template) = tokenizer_and_template(&cfg, &model_dir)?;
-    let loaded = load_records(&train_file)?;
-    let mut warnings: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
+    let mixed = crate::mix::training_mix(&cfg, &train_file)?;
+    for u in &mixed.sources {
+        observer.notice(&u.describe());
+    }
+    let mut warnings: Vec<String> = mixed.warnings.clone();
     if cfg.data.eval.is_some() && cfg.data.eval_fraction > 0.0 {
         bail!(
             "[data] sets both `eval` and `eval_fraction`; choose one (an eval file, or a held-out fraction of the training data)"
         );
     }
-    let (train_records, mut eval_records): (Vec<Record>, Vec<Record>) =
-        crate::common::split_eval(loaded.records, cfg.data.eval_fraction);
+    let (train_records, mut eval_records): (Vec<Record>, Vec<Record>) = (mixed.train, mixed.eval);
     if let Some(e) = &cfg.data.eval {
-        let l = load_records(e)?;
+        let l = load_records_with(e, &cfg.data.columns)?;
         warnings.extend(l.warnings.iter().map(|w| w.to_string()));
         eval_records = l.records;
     }
@@ -272,14 +274,17 @@ fn dry_run_plan(cfg: &RunConfig, observer: &mut dyn Observer) -> Result<Option<R
             if existing.join("tokenizer.json").is_file() {
                 tokenizer_and_template(cfg, &existing)?
             } else {
-                let (tok, t) = crate::preset::tiny_tokenizer(train_file)?;
+                let (tok, t) = crate::preset::tiny_tokenizer_with(train_file, &cfg.data.columns)?;
                 (tok, Some(t))
             }
         }
         (None, None) => bail!("no model given"),
     };
-    let records = load_records(train_file)?.records;
-    let (train_records, _) = crate::common::split_eval(records, cfg.data.eval_fraction);
+    let mixed = crate::mix::training_mix(cfg, train_file)?;
+    for u in &mixed.sources {
+        observer.notice(&u.describe());
+    }
+    let train_records = mixed.train;
     let prepared = prepare(&train_records, &tok, template.as_ref(), &data_options(cfg))?;
     let plan = RunPlan::new(&prepared.examples, &batch_options(cfg, pad_id(&tok)), cfg)?;
     Ok(Some(plan))
