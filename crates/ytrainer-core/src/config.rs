@@ -191,6 +191,10 @@ pub struct DataSection {
     /// Mixing weight of `train`: how many times each record is used on average (0.5 = a seeded half).
     #[serde(skip_serializing_if = "is_one")]
     pub train_weight: f64,
+    /// Sample packing of SFT examples (several whole examples per row, attention kept within each): `true`,
+    /// `false`, or unset = on when it cuts the padded tokens of an epoch by at least 10%.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packing: Option<bool>,
     /// More training files mixed with `train`, each with its own weight, cap and column map.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sources: Vec<DataSource>,
@@ -253,6 +257,7 @@ impl Default for DataSection {
             columns: BTreeMap::new(),
             max_samples: 0,
             train_weight: 1.0,
+            packing: None,
             sources: Vec::new(),
         }
     }

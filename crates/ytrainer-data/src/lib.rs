@@ -8,6 +8,7 @@ pub mod batch;
 pub mod bpe;
 pub mod error;
 pub mod formats;
+pub mod packing;
 pub mod pairs;
 pub mod quality;
 pub mod stream;
@@ -24,6 +25,7 @@ pub use formats::{
     ColumnMap, Container, DataWarning, Format, LoadedRecords, Message, Origin, RECORD_FIELDS,
     Record, RecordKind, load_records, load_records_with, parse_records, parse_records_with,
 };
+pub use packing::pack_examples;
 pub use pairs::{LoadedPairs, PairExample, PairRecord, load_pairs, tokenize_pair};
 pub use template::ChatTemplate;
 pub use tokenize::{

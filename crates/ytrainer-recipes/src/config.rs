@@ -52,6 +52,7 @@ pub const KEYS: &[(&str, &[&str])] = &[
             "columns",
             "max_samples",
             "train_weight",
+            "packing",
             "sources",
         ],
     ),
@@ -654,6 +655,11 @@ mod tests {
         c.train.early_stopping_threshold = 0.1;
         c.eval.greater_is_better = Some(true);
         c.output.load_best_model_at_end = true;
+        c.data.packing = Some(true);
+        c.data.max_samples = 1;
+        c.data.train_weight = 2.0;
+        c.data.columns.insert("a".into(), "b".into());
+        c.data.sources.push(Default::default());
         let v = toml::Value::try_from(c).unwrap();
         for (section, keys) in KEYS {
             let t = v.get(section).and_then(|t| t.as_table()).unwrap();

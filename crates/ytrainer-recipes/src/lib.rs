@@ -18,6 +18,7 @@ pub mod generate;
 pub mod memory;
 pub mod mix;
 pub mod outdir;
+pub mod packing;
 pub mod plan;
 pub mod preference;
 pub mod preset;

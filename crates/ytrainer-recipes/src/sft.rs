@@ -127,7 +127,7 @@ pub fn run_sft(
         eval_records = l.records;
     }
     let dopts = data_options(&cfg);
-    let prepared = prepare(&train_records, &tok, template.as_ref(), &dopts)?;
+    let mut prepared = prepare(&train_records, &tok, template.as_ref(), &dopts)?;
     let mut eval_examples: Vec<Example> = if eval_records.is_empty() {
         // Without eval data, "loss before/after" is measured on (up to 64) training examples.
         observer.notice(
@@ -140,6 +140,12 @@ pub fn run_sft(
     if cfg.eval.max_samples > 0 {
         eval_examples.truncate(cfg.eval.max_samples);
     }
+    // After the eval examples are taken: without eval data they are the first training examples, unpacked.
+    let packing = crate::packing::apply(
+        &cfg,
+        &mut prepared.examples,
+        &batch_options(&cfg, pad_id(&tok)),
+    )?;
 
     // Model.
     let device = training_device(&cfg)?;
@@ -209,7 +215,8 @@ pub fn run_sft(
         crate::common::write_resolved_config(&cfg, &out)?;
     }
 
-    let plan = RunPlan::new(&prepared.examples, &batch, &cfg)?;
+    let mut plan = RunPlan::new(&prepared.examples, &batch, &cfg)?;
+    plan.packing = packing;
     let setup = TrainSetup {
         run: crate::common::loop_setup(&cfg, &out, opts, &device)?,
         batch,
@@ -285,8 +292,11 @@ fn dry_run_plan(cfg: &RunConfig, observer: &mut dyn Observer) -> Result<Option<R
         observer.notice(&u.describe());
     }
     let train_records = mixed.train;
-    let prepared = prepare(&train_records, &tok, template.as_ref(), &data_options(cfg))?;
-    let plan = RunPlan::new(&prepared.examples, &batch_options(cfg, pad_id(&tok)), cfg)?;
+    let mut prepared = prepare(&train_records, &tok, template.as_ref(), &data_options(cfg))?;
+    let batch = batch_options(cfg, pad_id(&tok));
+    let packing = crate::packing::apply(cfg, &mut prepared.examples, &batch)?;
+    let mut plan = RunPlan::new(&prepared.examples, &batch, cfg)?;
+    plan.packing = packing;
     Ok(Some(plan))
 }
 
