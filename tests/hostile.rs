@@ -699,3 +699,39 @@ fn kto_style_records_are_refused_not_trained_as_sft() {
     );
     assert!(!out.join("checkpoint-1").exists());
 }
+
+/// The best checkpoint survives pruning: it counts towards the limit, the newest stays beside an older best
+/// even with a limit of 1, and a best that is the newest needs nothing beside it.
+#[test]
+fn pruning_never_removes_the_best_checkpoint() {
+    use ytrainer_core::checkpoint::{WRITER, prune_keeping};
+    let t = TempDir::new("prune-best");
+    let d = t.path();
+    let make = |n: usize| {
+        write_state(
+            &d.join(format!("checkpoint-{n}")),
+            serde_json::json!({"writer": WRITER, "trainer": trainer_state("mine"), "optimizer_step": n}),
+        )
+    };
+    let names = || {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    for n in [2, 4, 6, 8] {
+        make(n);
+    }
+    let best = d.join("checkpoint-4");
+    prune_keeping(d, 1, "mine", Some(&best));
+    assert_eq!(names(), ["checkpoint-4", "checkpoint-8"]);
+    make(10);
+    prune_keeping(d, 2, "mine", Some(&best));
+    assert_eq!(names(), ["checkpoint-10", "checkpoint-4"]);
+    make(12);
+    prune_keeping(d, 1, "mine", Some(&d.join("checkpoint-12")));
+    assert_eq!(names(), ["checkpoint-12"]);
+}

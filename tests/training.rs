@@ -1075,3 +1075,64 @@ fn packed_rows_give_every_token_its_unpacked_loss_and_gradient() {
     let d = rel_diff(&flat_grads(&gb, &m), &flat_grads(&ga, &m));
     assert!(d < 1e-5, "gradient relative difference {d}");
 }
+
+/// NEFTune: the noise is uniform in `[-m, m]` with `m = alpha / sqrt(T * H)` (5 / sqrt(16 * 64) here: every
+/// draw inside, the extremes near m, mean near 0), changes the training forward pass's losses, and leaves the
+/// plain (evaluation) device and a forward pass with adapters off untouched.
+#[test]
+fn neftune_noise_has_trls_scale_and_only_touches_training() {
+    let device = device();
+    let x: Tensor<3> = Tensor::zeros([2, 16, 64], &device);
+    device.seed(3);
+    let noise =
+        tensor_to_vec(ytrainer_models::decoder::neftune(x.clone(), 5.0).reshape([2 * 16 * 64]));
+    let m = 5.0 / (16.0f32 * 64.0).sqrt();
+    let max = noise.iter().fold(0f32, |a, &v| a.max(v.abs()));
+    let mean = noise.iter().sum::<f32>() / noise.len() as f32;
+    assert!(max <= m && max > 0.99 * m, "max |noise| {max} vs m {m}");
+    assert!(mean.abs() < 0.05 * m, "mean {mean}");
+    let plain: Tensor<3> = Tensor::zeros([2, 16, 64], &device.clone().inner());
+    let same = tensor_to_vec(ytrainer_models::decoder::neftune(plain, 5.0).reshape([2 * 16 * 64]));
+    assert!(
+        same.iter().all(|&v| v == 0.0),
+        "no noise off the training device"
+    );
+    let off = ytrainer_models::lora::without_adapters(|| {
+        tensor_to_vec(ytrainer_models::decoder::neftune(x, 5.0).reshape([2 * 16 * 64]))
+    });
+    assert!(off.iter().all(|&v| v == 0.0), "no noise with adapters off");
+
+    let mb = micro_batch(&[0, 1], |_, _| true);
+    let ce = |m: &Decoder| {
+        use ytrainer_core::step::{target_log_probs, to_device, token_ce};
+        let b = to_device(&mb, &device);
+        tensor_to_vec(token_ce(target_log_probs(m, &b), b.targets.clone()))
+    };
+    let mut m = model(&lora());
+    let clean = ce(&m);
+    m.neftune_alpha = 5.0;
+    let noisy = ce(&m);
+    assert!(
+        clean.iter().zip(&noisy).any(|(a, b)| (a - b).abs() > 1e-4),
+        "the training forward pass sees the noise"
+    );
+    let examples: Vec<Example> = IDS
+        .iter()
+        .map(|ids| Example::single(ids.to_vec(), vec![true; 16], None))
+        .collect();
+    let eval = |m: &Decoder| {
+        sft::evaluate(
+            m,
+            &examples,
+            &BatchOptions::default(),
+            [1.45, 6.6, 15.0],
+            &device,
+            0,
+        )
+        .unwrap()
+        .eval_loss
+    };
+    let with = eval(&m);
+    m.neftune_alpha = 0.0;
+    assert_eq!(with, eval(&m), "evaluation is noise-free");
+}

@@ -410,7 +410,8 @@ pub fn prune(run_dir: &Path, keep: usize, fingerprint: &str) -> Vec<PathBuf> {
 }
 
 /// [`prune`] that never removes `best` (the best checkpoint): it counts towards `keep`, but the newest
-/// checkpoint is kept besides it even when `keep` is 1 (as transformers does), so a run stays resumable.
+/// checkpoint is kept besides an older best even when `keep` is 1 (as transformers does), so a run stays
+/// resumable.
 pub fn prune_keeping(
     run_dir: &Path,
     keep: usize,
@@ -427,11 +428,17 @@ pub fn prune_keeping(
         .map(|(_, p)| p)
         .collect();
     let has_best = best.is_some_and(|b| own.iter().any(|p| same(p, b)));
+    let best_is_newest = best.is_some_and(|b| own.last().is_some_and(|p| same(p, b)));
     let own: Vec<PathBuf> = own
         .into_iter()
         .filter(|p| !best.is_some_and(|b| same(p, b)))
         .collect();
-    let keep = if has_best { (keep - 1).max(1) } else { keep };
+    let keep = match (has_best, best_is_newest) {
+        // The best is the newest: it is the resumable one too.
+        (true, true) => keep - 1,
+        (true, false) => (keep - 1).max(1),
+        _ => keep,
+    };
     let mut removed = Vec::new();
     if own.len() > keep {
         for p in &own[..own.len() - keep] {

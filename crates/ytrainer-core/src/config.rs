@@ -366,6 +366,14 @@ pub struct TrainSection {
     /// by more than `early_stopping_threshold` (transformers' `EarlyStoppingCallback`); 0 = never stop early.
     #[serde(skip_serializing_if = "is_zero")]
     pub early_stopping_patience: usize,
+    /// LoRA+ (`loraplus_lr_ratio` of LLaMA-Factory / PEFT's `create_loraplus_optimizer`): the learning rate of
+    /// the LoRA `B` matrices is this times `learning_rate`; unset = the same.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loraplus_lr_ratio: Option<f64>,
+    /// NEFTune: uniform noise of scale `alpha / sqrt(seq_len * hidden)` on the input embeddings in training
+    /// (TRL's `neftune_noise_alpha`); 0 = off.
+    #[serde(skip_serializing_if = "is_zero_f64")]
+    pub neftune_noise_alpha: f64,
     /// The improvement an evaluation must make over the best so far to reset the patience count.
     #[serde(skip_serializing_if = "is_zero_f64")]
     pub early_stopping_threshold: f64,
@@ -412,6 +420,8 @@ impl Default for TrainSection {
             max_skipped_steps: 10,
             early_stopping_patience: 0,
             early_stopping_threshold: 0.0,
+            loraplus_lr_ratio: None,
+            neftune_noise_alpha: 0.0,
         }
     }
 }

@@ -501,7 +501,7 @@ pub fn train<M: CausalLm, O: Objective<M>>(
                          ([train] early_stopping_patience = {})",
                         index + 1,
                         best.metric,
-                        b.map(|b| crate::config::fmt_num(b.value)).unwrap_or_default(),
+                        b.map(|b| format!("{:.4}", b.value)).unwrap_or_default(),
                         b.map(|b| b.step).unwrap_or_default(),
                         state.evals_without_improvement,
                         best.patience
@@ -681,6 +681,7 @@ fn start<M: CausalLm>(
         beta2: tr.adam_beta2,
         eps: tr.adam_epsilon,
         weight_decay: tr.weight_decay,
+        lora_b_lr_ratio: tr.loraplus_lr_ratio.unwrap_or(1.0),
     });
     let mut state = TrainerState {
         step: 0,

@@ -118,6 +118,7 @@ pub(crate) fn load_policy(cfg: &RunConfig, model_dir: &Path, device: &Device) ->
     if let Some(id) = &cfg.model.base_model_id {
         model.base_model_name_or_path = id.clone();
     }
+    model.neftune_alpha = cfg.train.neftune_noise_alpha;
     Ok(model.with_gradient_checkpointing(cfg.train.gradient_checkpointing))
 }
 

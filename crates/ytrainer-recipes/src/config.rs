@@ -98,6 +98,8 @@ pub const KEYS: &[(&str, &[&str])] = &[
             "max_skipped_steps",
             "early_stopping_patience",
             "early_stopping_threshold",
+            "loraplus_lr_ratio",
+            "neftune_noise_alpha",
         ],
     ),
     (
@@ -349,6 +351,28 @@ fn validate(cfg: &RunConfig) -> Result<()> {
     }
     check_best_model(cfg)?;
     check_mix(cfg)?;
+    let a = cfg.train.neftune_noise_alpha;
+    if !(a >= 0.0 && a.is_finite()) {
+        bail!(
+            "[train] neftune_noise_alpha = {}: must be >= 0 and finite",
+            fmt_num(a)
+        );
+    }
+    if let Some(r) = cfg.train.loraplus_lr_ratio {
+        if !(r > 0.0 && r.is_finite()) {
+            bail!(
+                "[train] loraplus_lr_ratio = {}: must be > 0 and finite",
+                fmt_num(r)
+            );
+        }
+        if cfg.adapter.kind == ytrainer_core::config::AdapterKind::Full {
+            bail!(
+                "[train] loraplus_lr_ratio = {} sets the learning rate of LoRA's B matrices, but [adapter] type = \
+                 \"full\" has none: remove it or train a LoRA adapter",
+                fmt_num(r)
+            );
+        }
+    }
     if cfg.data.max_seq_len < 2 {
         bail!(
             "[data] max_seq_len = {}: must be >= 2",
@@ -591,7 +615,7 @@ mod tests {
             "[model]\npreset = \"tiny\"\n[data]\ntrain = \"x.jsonl\"\n[train]\nlerning_rate = 1e-3\n",
         );
         let e = resolve(Some(&f.0), &[]).unwrap_err().to_string();
-        assert!(e.ends_with(":6: unknown key `lerning_rate` in [train] (did you mean `learning_rate`?); valid keys in [train]: mode, token_batch, epochs, max_steps, learning_rate, lr_scheduler, warmup_steps, warmup_ratio, min_lr_ratio, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm, tokens_per_step, micro_batch_tokens, max_micro_batch_size, batch_size, grad_accum, seed, shuffle, device, precision, gradient_checkpointing, memory_budget, max_skipped_steps, early_stopping_patience, early_stopping_threshold"), "{e}");
+        assert!(e.ends_with(":6: unknown key `lerning_rate` in [train] (did you mean `learning_rate`?); valid keys in [train]: mode, token_batch, epochs, max_steps, learning_rate, lr_scheduler, warmup_steps, warmup_ratio, min_lr_ratio, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm, tokens_per_step, micro_batch_tokens, max_micro_batch_size, batch_size, grad_accum, seed, shuffle, device, precision, gradient_checkpointing, memory_budget, max_skipped_steps, early_stopping_patience, early_stopping_threshold, loraplus_lr_ratio, neftune_noise_alpha"), "{e}");
     }
 
     #[test]
@@ -653,6 +677,8 @@ mod tests {
         c.loss.reference_model = Some("r".into());
         c.train.early_stopping_patience = 1;
         c.train.early_stopping_threshold = 0.1;
+        c.train.loraplus_lr_ratio = Some(16.0);
+        c.train.neftune_noise_alpha = 5.0;
         c.eval.greater_is_better = Some(true);
         c.output.load_best_model_at_end = true;
         c.data.packing = Some(true);
@@ -791,6 +817,47 @@ mod tests {
         assert_eq!(
             e,
             "[[data.sources]] #1 has no `path`: name the training file it adds"
+        );
+    }
+
+    #[test]
+    fn lora_plus_and_neftune_are_checked() {
+        let base = [
+            Override::new("model.preset", parse_value("tiny")),
+            Override::new("data.train", parse_value("d.jsonl")),
+        ];
+        let with = |extra: &[(&str, &str)]| {
+            let mut o = base.to_vec();
+            o.extend(extra.iter().map(|(k, v)| Override::new(*k, parse_value(v))));
+            resolve(None, &o)
+        };
+        let c = with(&[
+            ("train.loraplus_lr_ratio", "16"),
+            ("train.neftune_noise_alpha", "5"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.train.loraplus_lr_ratio, c.train.neftune_noise_alpha),
+            (Some(16.0), 5.0)
+        );
+        assert_eq!(
+            with(&[("train.loraplus_lr_ratio", "0")])
+                .unwrap_err()
+                .to_string(),
+            "[train] loraplus_lr_ratio = 0: must be > 0 and finite"
+        );
+        assert_eq!(
+            with(&[("train.loraplus_lr_ratio", "16"), ("adapter.type", "full")])
+                .unwrap_err()
+                .to_string(),
+            "[train] loraplus_lr_ratio = 16 sets the learning rate of LoRA's B matrices, but [adapter] type = \
+             \"full\" has none: remove it or train a LoRA adapter"
+        );
+        assert_eq!(
+            with(&[("train.neftune_noise_alpha", "-1")])
+                .unwrap_err()
+                .to_string(),
+            "[train] neftune_noise_alpha = -1: must be >= 0 and finite"
         );
     }
 }
