@@ -1052,6 +1052,7 @@ fn packed_rows_give_every_token_its_unpacked_loss_and_gradient() {
         .zip(&b)
         .map(|(x, y)| (x.1 - y.1).abs())
         .fold(0f32, f32::max);
+    println!("packed vs unpacked: largest per-token CE difference {worst:e}");
     assert!(worst < 2e-5, "largest per-token CE difference {worst}");
     // Cross-segment attention would change the losses of the second segment of each row by far more.
     let mut leaky = packed.clone();
@@ -1073,6 +1074,9 @@ fn packed_rows_give_every_token_its_unpacked_loss_and_gradient() {
     train_micro_batch(&m, &plain, plugin.as_ref(), ctx(), &mut ga, &device()).unwrap();
     train_micro_batch(&m, &packed, plugin.as_ref(), ctx(), &mut gb, &device()).unwrap();
     let d = rel_diff(&flat_grads(&gb, &m), &flat_grads(&ga, &m));
+    println!(
+        "packed vs unpacked: LoRA gradient relative difference {d:e}; without segments CE moves by {leak}"
+    );
     assert!(d < 1e-5, "gradient relative difference {d}");
 }
 
