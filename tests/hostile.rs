@@ -381,6 +381,7 @@ fn trainer_state(fingerprint: &str) -> ytrainer_core::checkpoint::TrainerState {
         tokens_trained: 0,
         seed: 1,
         config_fingerprint: fingerprint.to_string(),
+        ..Default::default()
     }
 }
 
@@ -930,4 +931,40 @@ fn a_tampered_checkpoint_is_refused() {
         &tiny(&out, &["--save-every", "1", "--resume", &s(&ck)]),
         "the checkpoint is at step 1000 but this run's plan has 2 steps; resume from a checkpoint of this run",
     );
+}
+
+/// The best checkpoint survives pruning: it counts towards the limit, the newest stays beside an older best
+/// even with a limit of 1, and a best that is the newest needs nothing beside it.
+#[test]
+fn pruning_never_removes_the_best_checkpoint() {
+    use ytrainer_core::checkpoint::{WRITER, prune_keeping};
+    let t = TempDir::new("prune-best");
+    let d = t.path();
+    let make = |n: usize| {
+        write_state(
+            &d.join(format!("checkpoint-{n}")),
+            serde_json::json!({"writer": WRITER, "trainer": trainer_state("mine"), "optimizer_step": n}),
+        )
+    };
+    let names = || {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    for n in [2, 4, 6, 8] {
+        make(n);
+    }
+    let best = d.join("checkpoint-4");
+    prune_keeping(d, 1, "mine", Some(&best));
+    assert_eq!(names(), ["checkpoint-4", "checkpoint-8"]);
+    make(10);
+    prune_keeping(d, 2, "mine", Some(&best));
+    assert_eq!(names(), ["checkpoint-10", "checkpoint-4"]);
+    make(12);
+    prune_keeping(d, 1, "mine", Some(&d.join("checkpoint-12")));
+    assert_eq!(names(), ["checkpoint-12"]);
 }

@@ -423,6 +423,7 @@ fn non_finite_loss_skips_the_update_and_never_reaches_a_checkpoint() {
             fingerprint: "x".into(),
             device: &device,
             dist: &ytrainer_core::dist::SINGLE,
+            best: Default::default(),
         },
         batch,
         train_examples: &examples,
@@ -791,6 +792,7 @@ fn a_step_split_over_ranks_equals_the_whole_step_and_a_per_rank_normaliser_would
             fingerprint: "x".into(),
             device: &device,
             dist: &ytrainer_core::dist::SINGLE,
+            best: Default::default(),
         },
         batch,
         train_examples: &examples,
@@ -897,4 +899,416 @@ fn a_step_split_over_ranks_equals_the_whole_step_and_a_per_rank_normaliser_would
         (mean_of_means - whole_loss).abs() > 1e-3,
         "{mean_of_means} vs {whole_loss}"
     );
+}
+
+/// A token objective whose evaluations report scripted values (`eval_loss = script[step]`): training is real
+/// (the adapter changes every step), so the best step and what must be kept of it are known by construction.
+struct Scripted<'a> {
+    inner: sft::TokenObjective<'a>,
+    script: Vec<f64>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct ScriptedEval {
+    step: usize,
+    eval_loss: f64,
+    eval_token_accuracy: f64,
+}
+
+impl ytrainer_core::trainer::EvalLine for ScriptedEval {
+    fn step(&self) -> usize {
+        self.step
+    }
+    fn summary(&self) -> String {
+        format!("scripted {}", self.eval_loss)
+    }
+}
+
+impl ytrainer_core::trainer::Objective<Decoder> for Scripted<'_> {
+    type Unit = ytrainer_data::Step;
+    type Tally = sft::TokenTally;
+    type EvalTally = StepCounters;
+    type Metrics = sft::StepMetrics;
+    type Eval = ScriptedEval;
+    fn plan(&self) -> Result<Vec<(usize, Self::Unit)>, ytrainer_core::trainer::TrainError> {
+        <sft::TokenObjective as ytrainer_core::trainer::Objective<Decoder>>::plan(&self.inner)
+    }
+    fn accumulate(
+        &self,
+        model: &Decoder,
+        unit: &Self::Unit,
+        at: ytrainer_core::trainer::StepAt,
+        grads: &mut GradAccumulator,
+    ) -> Result<Self::Tally, ytrainer_core::trainer::TrainError> {
+        self.inner.accumulate(model, unit, at, grads)
+    }
+    fn conclude(&self, t: Self::Tally) -> ytrainer_core::trainer::Accumulated<Self::Tally> {
+        <sft::TokenObjective as ytrainer_core::trainer::Objective<Decoder>>::conclude(
+            &self.inner,
+            t,
+        )
+    }
+    fn metrics(
+        &self,
+        acc: &ytrainer_core::trainer::Accumulated<Self::Tally>,
+        o: &ytrainer_core::trainer::StepOutcome,
+    ) -> Self::Metrics {
+        <sft::TokenObjective as ytrainer_core::trainer::Objective<Decoder>>::metrics(
+            &self.inner,
+            acc,
+            o,
+        )
+    }
+    fn evaluate(
+        &self,
+        model: &Decoder,
+        step: usize,
+        shard: ytrainer_core::dist::Shard,
+    ) -> Result<Option<StepCounters>, ytrainer_core::trainer::TrainError> {
+        self.inner.evaluate(model, step, shard)
+    }
+    fn eval_line(&self, _: &StepCounters, step: usize) -> ScriptedEval {
+        ScriptedEval {
+            step,
+            eval_loss: self.script[step],
+            eval_token_accuracy: 1.0 - self.script[step] / 10.0,
+        }
+    }
+}
+
+/// Runs the scripted objective for up to 8 steps (one example a step, eval every step) in `dir`.
+fn scripted_run(
+    dir: &std::path::Path,
+    script: &[f64],
+    best: ytrainer_core::trainer::BestModel,
+    save_total_limit: usize,
+    resume: Option<std::path::PathBuf>,
+) -> Result<
+    (
+        Decoder,
+        ytrainer_core::trainer::LoopReport<sft::StepMetrics, ScriptedEval>,
+    ),
+    ytrainer_core::trainer::TrainError,
+> {
+    let examples: Vec<Example> = IDS
+        .iter()
+        .map(|ids| Example::single(ids.to_vec(), (0..16).map(|p| p > 0).collect(), None))
+        .collect();
+    let train = TrainSection {
+        epochs: 4,
+        learning_rate: 1e-2,
+        warmup_ratio: 0.0,
+        lr_scheduler: ytrainer_core::optim::Schedule::Constant,
+        ..TrainSection::default()
+    };
+    let plugin = nlirg();
+    let batch = BatchOptions {
+        tokens_per_step: 15,
+        max_micro_batch_size: 1,
+        ..BatchOptions::default()
+    };
+    let device = device();
+    let setup = TrainSetup {
+        run: LoopSetup {
+            train: &train,
+            seed: batch.seed,
+            output_dir: dir,
+            eval_every: 1,
+            save_every: 0,
+            save_total_limit,
+            resume,
+            fingerprint: "x".into(),
+            device: &device,
+            dist: &ytrainer_core::dist::SINGLE,
+            best,
+        },
+        batch,
+        train_examples: &examples,
+        eval_examples: &examples[..1],
+        plugin: plugin.as_ref(),
+        normalize: Normalize::Nonzero,
+        zone_borders: [1.45, 6.6, 15.0],
+    };
+    let objective = Scripted {
+        inner: sft::TokenObjective::new(&setup),
+        script: script.to_vec(),
+    };
+    ytrainer_core::trainer::train(model(&lora()), &objective, &setup.run, &mut Silent)
+}
+
+fn dir_names(d: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Early stopping with patience 2 ends the run two evaluations after the best one (step 2: 3.0, 2.0, then 2.1
+/// and 2.05 do not improve); with `load_best_model_at_end` every improving evaluation is checkpointed, the best
+/// checkpoint survives `save_total_limit = 1` beside the last one, and the model handed back holds the best
+/// step's weights (not the last step's), re-evaluated to the best value. Resuming the stopped run trains nothing.
+#[test]
+fn early_stopping_keeps_and_hands_back_the_best_checkpoint() {
+    use ytrainer_core::trainer::BestModel;
+    let d = TempDir::new("best");
+    // Index = step; step 0 is the evaluation before training, which never counts as the best.
+    let script = [0.5, 3.0, 2.0, 2.1, 2.05, 1.0, 1.0, 1.0, 1.0];
+    let best = BestModel {
+        patience: 2,
+        load_best_at_end: true,
+        ..BestModel::default()
+    };
+    let (m, r) = scripted_run(d.path(), &script, best.clone(), 1, None).unwrap();
+    assert_eq!(r.steps, 4, "stopped after step 4 of 8");
+    assert_eq!(r.stopped_early_at, Some(4));
+    let b = r.best.clone().unwrap();
+    assert_eq!((b.step, b.metric.as_str(), b.value), (2, "eval_loss", 2.0));
+    assert_eq!(
+        b.checkpoint.as_deref(),
+        Some(d.path().join("checkpoint-2").as_path())
+    );
+    assert!(r.loaded_best);
+    assert_eq!(r.eval_after.as_ref().unwrap().eval_loss, 2.0);
+    // checkpoint-1 (improving, then superseded) is pruned; the best and the newest stay.
+    assert_eq!(dir_names(d.path()), ["checkpoint-2", "checkpoint-4"]);
+    let read = |n: &str| {
+        ytrainer_core::checkpoint::read_safetensors(&d.path().join(n).join("trainable.safetensors"))
+            .unwrap()
+    };
+    let held = ytrainer_core::checkpoint::trainable_params(&m);
+    assert_eq!(held, read("checkpoint-2"), "the best step's weights");
+    assert_ne!(held, read("checkpoint-4"), "not the last step's");
+    let evals: Vec<u64> = jsonl(&d.path().join("eval.jsonl"))
+        .iter()
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, [0, 1, 2, 3, 4]);
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.path().join("checkpoint-4/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["trainer"]["best"]["step"], 2);
+    assert_eq!(state["trainer"]["evals_without_improvement"], 2);
+    // Resuming the stopped run: nothing left to train, and it still hands back the best.
+    let (m2, r2) = scripted_run(
+        d.path(),
+        &script,
+        best,
+        1,
+        Some(d.path().join("checkpoint-4")),
+    )
+    .unwrap();
+    assert_eq!((r2.steps, r2.stopped_early_at), (4, Some(4)));
+    assert_eq!(ytrainer_core::checkpoint::trainable_params(&m2), held);
+}
+
+/// Without early stopping the run goes to its end; the best evaluation is recorded but, without
+/// `load_best_model_at_end`, only the checkpoints written anyway exist and the last model is handed back.
+/// A larger-is-better metric picks the maximum, and a metric evaluations lack is named before training.
+#[test]
+fn the_best_metric_is_tracked_by_key_and_direction() {
+    use ytrainer_core::trainer::BestModel;
+    let d = TempDir::new("best-acc");
+    let script = [5.0, 3.0, 2.0, 2.1, 2.05, 1.0, 1.5, 4.0, 3.0];
+    // eval_token_accuracy = 1 - loss / 10: best at the lowest loss, step 5 (0.9).
+    let best = BestModel {
+        metric: "eval_token_accuracy".into(),
+        greater_is_better: true,
+        ..BestModel::default()
+    };
+    let (_, r) = scripted_run(d.path(), &script, best, 2, None).unwrap();
+    assert_eq!(
+        (r.steps, r.stopped_early_at, r.loaded_best),
+        (8, None, false)
+    );
+    let b = r.best.unwrap();
+    assert_eq!((b.step, b.value, b.checkpoint), (5, 0.9, None));
+    assert_eq!(dir_names(d.path()), ["checkpoint-8"]);
+
+    let d = TempDir::new("best-bad");
+    let bad = BestModel {
+        metric: "eval_bleu".into(),
+        ..BestModel::default()
+    };
+    let e = scripted_run(d.path(), &script, bad, 2, None).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "[eval] metric_for_best_model = \"eval_bleu\": the evaluations of this run have no numeric field \
+         `eval_bleu`; choose one of: eval_loss, eval_token_accuracy"
+    );
+    assert!(
+        !d.path().join("metrics.jsonl").exists()
+            || jsonl(&d.path().join("metrics.jsonl")).is_empty()
+    );
+}
+
+/// Per-token CE of every target of `mb`, keyed by (example, position in the example) through `members` (the
+/// examples each row holds, in order; one example per row when unpacked).
+fn keyed_token_ce(
+    m: &Decoder,
+    mb: &MicroBatch,
+    examples: &[Example],
+    members: &[Vec<usize>],
+) -> Vec<((usize, usize), f32)> {
+    use ytrainer_core::step::{target_log_probs, to_device, token_ce};
+    let b = to_device(mb, &device());
+    let ce = tensor_to_vec(token_ce(target_log_probs(m, &b), b.targets.clone()));
+    let mut keys = Vec::new();
+    for (r, &row) in mb.examples.iter().enumerate() {
+        let mut at = 0;
+        for &e in &members[row] {
+            for p in 0..examples[e].len() {
+                if mb.target_mask[r * mb.seq + at + p] {
+                    keys.push((e, p));
+                }
+            }
+            at += examples[e].len();
+        }
+    }
+    let mut v: Vec<((usize, usize), f32)> = keys.into_iter().zip(ce).collect();
+    v.sort_by_key(|x| x.0);
+    v
+}
+
+/// Sample packing changes no token's loss: five examples (lengths 16, 9, 7, 12, 4) packed into rows of 24
+/// (segments, restarting positions) give every supervised token the CE it has unpacked, and a LoRA step the same
+/// gradient; the packed micro-batch holds 3 rows x 23 instead of 5 x 16 padded tokens.
+#[test]
+fn packed_rows_give_every_token_its_unpacked_loss_and_gradient() {
+    let cut = |r: usize, from: usize, len: usize| {
+        let ids = IDS[r][from..from + len].to_vec();
+        Example::single(ids, (0..len).map(|p| p >= len / 3).collect(), None)
+    };
+    let examples = vec![
+        cut(0, 0, 16),
+        cut(1, 0, 9),
+        cut(1, 7, 7),
+        cut(0, 4, 12),
+        cut(1, 3, 4),
+    ];
+    let (rows, members) = ytrainer_data::pack_examples(&examples, 24);
+    // Best-fit decreasing: 16 + 7, 12 + 9, 4.
+    assert_eq!(members, [vec![0, 2], vec![3, 1], vec![4]]);
+    let opts = BatchOptions {
+        shuffle: false,
+        micro_batch_tokens: 1 << 20,
+        tokens_per_step: 1 << 20,
+        ..BatchOptions::default()
+    };
+    let one_mb = |ex: &[Example]| {
+        let s = ytrainer_data::plan_epoch(ex, &opts, 0).unwrap();
+        assert_eq!((s.len(), s[0].micro_batches.len()), (1, 1));
+        s[0].micro_batches[0].clone()
+    };
+    let (plain, packed) = (one_mb(&examples), one_mb(&rows));
+    assert_eq!((plain.batch, plain.seq), (5, 16));
+    assert_eq!((packed.batch, packed.seq), (3, 23));
+    let single: Vec<Vec<usize>> = (0..examples.len()).map(|i| vec![i]).collect();
+    let m = model(&lora());
+    let a = keyed_token_ce(&m, &plain, &examples, &single);
+    let b = keyed_token_ce(&m, &packed, &examples, &members);
+    assert_eq!(
+        a.len(),
+        examples.iter().map(Example::num_targets).sum::<usize>()
+    );
+    assert_eq!(
+        a.iter().map(|x| x.0).collect::<Vec<_>>(),
+        b.iter().map(|x| x.0).collect::<Vec<_>>()
+    );
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x.1 - y.1).abs())
+        .fold(0f32, f32::max);
+    println!("packed vs unpacked: largest per-token CE difference {worst:e}");
+    assert!(worst < 2e-5, "largest per-token CE difference {worst}");
+    // Cross-segment attention would change the losses of the second segment of each row by far more.
+    let mut leaky = packed.clone();
+    leaky.segment_ids.iter_mut().for_each(|s| *s = (*s).min(1));
+    leaky.position_ids = (0..leaky.batch).flat_map(|_| 0..leaky.seq as u32).collect();
+    let c = keyed_token_ce(&m, &leaky, &examples, &members);
+    let leak = a
+        .iter()
+        .zip(&c)
+        .map(|(x, y)| (x.1 - y.1).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        leak > 1e-2,
+        "a packed row without segments should differ: {leak}"
+    );
+    // The same gradient from a training step.
+    let plugin = nlirg();
+    let (mut ga, mut gb) = (GradAccumulator::default(), GradAccumulator::default());
+    train_micro_batch(&m, &plain, plugin.as_ref(), ctx(), &mut ga, &device()).unwrap();
+    train_micro_batch(&m, &packed, plugin.as_ref(), ctx(), &mut gb, &device()).unwrap();
+    let d = rel_diff(&flat_grads(&gb, &m), &flat_grads(&ga, &m));
+    println!(
+        "packed vs unpacked: LoRA gradient relative difference {d:e}; without segments CE moves by {leak}"
+    );
+    assert!(d < 1e-5, "gradient relative difference {d}");
+}
+
+/// NEFTune: the noise is uniform in `[-m, m]` with `m = alpha / sqrt(T * H)` (5 / sqrt(16 * 64) here: every
+/// draw inside, the extremes near m, mean near 0), changes the training forward pass's losses, and leaves the
+/// plain (evaluation) device and a forward pass with adapters off untouched.
+#[test]
+fn neftune_noise_has_trls_scale_and_only_touches_training() {
+    let device = device();
+    let x: Tensor<3> = Tensor::zeros([2, 16, 64], &device);
+    device.seed(3);
+    let noise =
+        tensor_to_vec(ytrainer_models::decoder::neftune(x.clone(), 5.0).reshape([2 * 16 * 64]));
+    let m = 5.0 / (16.0f32 * 64.0).sqrt();
+    let max = noise.iter().fold(0f32, |a, &v| a.max(v.abs()));
+    let mean = noise.iter().sum::<f32>() / noise.len() as f32;
+    assert!(max <= m && max > 0.99 * m, "max |noise| {max} vs m {m}");
+    assert!(mean.abs() < 0.05 * m, "mean {mean}");
+    let plain: Tensor<3> = Tensor::zeros([2, 16, 64], &device.clone().inner());
+    let same = tensor_to_vec(ytrainer_models::decoder::neftune(plain, 5.0).reshape([2 * 16 * 64]));
+    assert!(
+        same.iter().all(|&v| v == 0.0),
+        "no noise off the training device"
+    );
+    let off = ytrainer_models::lora::without_adapters(|| {
+        tensor_to_vec(ytrainer_models::decoder::neftune(x, 5.0).reshape([2 * 16 * 64]))
+    });
+    assert!(off.iter().all(|&v| v == 0.0), "no noise with adapters off");
+
+    let mb = micro_batch(&[0, 1], |_, _| true);
+    let ce = |m: &Decoder| {
+        use ytrainer_core::step::{target_log_probs, to_device, token_ce};
+        let b = to_device(&mb, &device);
+        tensor_to_vec(token_ce(target_log_probs(m, &b), b.targets.clone()))
+    };
+    let mut m = model(&lora());
+    let clean = ce(&m);
+    m.neftune_alpha = 5.0;
+    let noisy = ce(&m);
+    assert!(
+        clean.iter().zip(&noisy).any(|(a, b)| (a - b).abs() > 1e-4),
+        "the training forward pass sees the noise"
+    );
+    let examples: Vec<Example> = IDS
+        .iter()
+        .map(|ids| Example::single(ids.to_vec(), vec![true; 16], None))
+        .collect();
+    let eval = |m: &Decoder| {
+        sft::evaluate(
+            m,
+            &examples,
+            &BatchOptions::default(),
+            [1.45, 6.6, 15.0],
+            &device,
+            0,
+        )
+        .unwrap()
+        .eval_loss
+    };
+    let with = eval(&m);
+    m.neftune_alpha = 0.0;
+    assert_eq!(with, eval(&m), "evaluation is noise-free");
 }

@@ -76,6 +76,17 @@ pub struct RunArgs {
     /// Evaluation data file [data.eval].
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
+    /// Another training file mixed with --data, repeatable: `FILE[,weight=W][,max_samples=N]`; replaces
+    /// [[data.sources]].
+    #[arg(long = "source", value_name = "FILE[,weight=W][,max_samples=N]")]
+    pub sources: Vec<String>,
+    /// Column map of --data and --eval-data: `instruction=prompt_text,output=target` (ytrainer's field =
+    /// the file's) [data.columns].
+    #[arg(long, value_name = "FIELD=COLUMN,...")]
+    pub columns: Option<String>,
+    /// Use at most the first N records of --data (0 = all) [data.max_samples].
+    #[arg(long, value_name = "N")]
+    pub max_samples: Option<usize>,
     /// Loss plugin name, see `ytrainer plugins list` [loss.name].
     #[arg(long)]
     pub loss: Option<String>,

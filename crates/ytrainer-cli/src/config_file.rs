@@ -9,6 +9,50 @@ use ytrainer_recipes::config::{Override, parse_value, path_value};
 
 use crate::cli::RunArgs;
 
+/// `--columns instruction=prompt_text,output=target` as the `[data] columns` table.
+fn columns(spec: &str) -> Result<toml::Table> {
+    let mut t = toml::Table::new();
+    for kv in spec.split(',').filter(|s| !s.trim().is_empty()) {
+        let (k, v) = kv.split_once('=').ok_or_else(|| {
+            anyhow!(
+                "`--columns {spec}`: `{kv}` is not FIELD=COLUMN; e.g. `--columns instruction=prompt_text,output=target`"
+            )
+        })?;
+        t.insert(k.trim().to_string(), Value::String(v.trim().to_string()));
+    }
+    Ok(t)
+}
+
+/// `--source FILE[,weight=W][,max_samples=N]` as one `[[data.sources]]` table.
+fn source(spec: &str) -> Result<toml::Table> {
+    let mut parts = spec.split(',');
+    let file = parts.next().unwrap_or_default().trim();
+    if file.is_empty() {
+        return Err(anyhow!(
+            "`--source {spec}`: no file; expected FILE[,weight=W][,max_samples=N]"
+        ));
+    }
+    let mut t = toml::Table::new();
+    t.insert("path".into(), path_value(std::path::Path::new(file)));
+    for kv in parts {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let (k, v) = (k.trim(), v.trim());
+        let value = match k {
+            "weight" => v.parse::<f64>().ok().map(Value::Float),
+            "max_samples" => v.parse::<i64>().ok().map(Value::Integer),
+            _ => {
+                return Err(anyhow!(
+                    "`--source {spec}`: unknown setting `{k}`; expected FILE[,weight=W][,max_samples=N]"
+                ));
+            }
+        };
+        let value =
+            value.ok_or_else(|| anyhow!("`--source {spec}`: {k} = `{v}` is not a number"))?;
+        t.insert(k.to_string(), value);
+    }
+    Ok(t)
+}
+
 /// The overrides `args` ask for, in the order they apply (`--set` last).
 pub fn overrides(args: &RunArgs) -> Result<Vec<Override>> {
     let mut o = Vec::new();
@@ -24,6 +68,20 @@ pub fn overrides(args: &RunArgs) -> Result<Vec<Override>> {
     }
     if let Some(v) = &args.eval_data {
         set("data.eval", path_value(v));
+    }
+    if let Some(v) = &args.columns {
+        set("data.columns", Value::Table(columns(v)?));
+    }
+    if let Some(n) = args.max_samples {
+        set("data.max_samples", Value::Integer(n as i64));
+    }
+    if !args.sources.is_empty() {
+        let list = args
+            .sources
+            .iter()
+            .map(|s| source(s).map(Value::Table))
+            .collect::<Result<Vec<_>>>()?;
+        set("data.sources", Value::Array(list));
     }
     if let Some(v) = &args.loss {
         set("loss.name", Value::String(v.clone()));
@@ -166,6 +224,48 @@ mod tests {
         let c = resolve(&a).unwrap();
         assert_eq!(c.train.learning_rate, 5e-4);
         assert_eq!(c.data.train_on, ytrainer_core::config::TrainOn::Everything);
+    }
+
+    #[test]
+    fn mixing_and_column_flags_become_data_keys() {
+        let a = RunArgs {
+            model: Some("m".into()),
+            data: Some("d.jsonl".into()),
+            columns: Some("instruction=q, output=a".into()),
+            max_samples: Some(100),
+            sources: vec!["x.csv,weight=0.5".into(), "y.json,max_samples=7".into()],
+            ..Default::default()
+        };
+        let c = resolve(&a).unwrap();
+        assert_eq!(
+            c.data.columns.iter().collect::<Vec<_>>(),
+            [
+                (&"instruction".to_string(), &"q".to_string()),
+                (&"output".to_string(), &"a".to_string())
+            ]
+        );
+        assert_eq!(c.data.max_samples, 100);
+        assert_eq!(c.data.sources.len(), 2);
+        assert_eq!(
+            (
+                c.data.sources[0].path.to_str(),
+                c.data.sources[0].weight,
+                c.data.sources[0].max_samples
+            ),
+            (Some("x.csv"), 0.5, 0)
+        );
+        assert_eq!(
+            (c.data.sources[1].weight, c.data.sources[1].max_samples),
+            (1.0, 7)
+        );
+        let bad = RunArgs {
+            sources: vec!["x.csv,weigth=2".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            overrides(&bad).unwrap_err().to_string(),
+            "`--source x.csv,weigth=2`: unknown setting `weigth`; expected FILE[,weight=W][,max_samples=N]"
+        );
     }
 
     #[test]

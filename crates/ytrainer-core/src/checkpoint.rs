@@ -52,7 +52,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
 }
 
 /// Where training stood when the checkpoint was written.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct TrainerState {
     /// Optimizer steps completed (the next step to run).
     pub step: usize,
@@ -66,6 +66,30 @@ pub struct TrainerState {
     pub seed: u64,
     /// The resolved config's training-relevant part as canonical JSON (must match on resume).
     pub config_fingerprint: String,
+    /// The best evaluation during training so far (by `[eval] metric_for_best_model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<BestSoFar>,
+    /// Evaluations since the last one that improved the best metric by more than the early-stopping threshold.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub evals_without_improvement: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// The best evaluation of a run (transformers' `best_metric` / `best_model_checkpoint`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BestSoFar {
+    /// Optimizer steps done when it was measured.
+    pub step: usize,
+    /// The `eval.jsonl` key compared (`eval_loss`, ...).
+    pub metric: String,
+    /// Its value.
+    pub value: f64,
+    /// The checkpoint written at that step, if one was (never pruned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<PathBuf>,
 }
 
 /// Tensors by name: shape and f32 values.
@@ -446,14 +470,39 @@ pub fn list(run_dir: &Path) -> Vec<(usize, PathBuf)> {
 /// ytrainer wrote with this run's `fingerprint` count: another tool's checkpoint or another run's is never
 /// removed.
 pub fn prune(run_dir: &Path, keep: usize, fingerprint: &str) -> Vec<PathBuf> {
+    prune_keeping(run_dir, keep, fingerprint, None)
+}
+
+/// [`prune`] that never removes `best` (the best checkpoint): it counts towards `keep`, but the newest
+/// checkpoint is kept besides an older best even when `keep` is 1 (as transformers does), so a run stays
+/// resumable.
+pub fn prune_keeping(
+    run_dir: &Path,
+    keep: usize,
+    fingerprint: &str,
+    best: Option<&Path>,
+) -> Vec<PathBuf> {
     if keep == 0 {
         return Vec::new();
     }
+    let same = |a: &Path, b: &Path| a == b || a.file_name() == b.file_name();
     let own: Vec<PathBuf> = list(run_dir)
         .into_iter()
         .filter(|(_, p)| ytrainer_state(p).is_some_and(|s| s.config_fingerprint == fingerprint))
         .map(|(_, p)| p)
         .collect();
+    let has_best = best.is_some_and(|b| own.iter().any(|p| same(p, b)));
+    let best_is_newest = best.is_some_and(|b| own.last().is_some_and(|p| same(p, b)));
+    let own: Vec<PathBuf> = own
+        .into_iter()
+        .filter(|p| !best.is_some_and(|b| same(p, b)))
+        .collect();
+    let keep = match (has_best, best_is_newest) {
+        // The best is the newest: it is the resumable one too.
+        (true, true) => keep - 1,
+        (true, false) => (keep - 1).max(1),
+        _ => keep,
+    };
     let mut removed = Vec::new();
     if own.len() > keep {
         for p in &own[..own.len() - keep] {

@@ -100,6 +100,11 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
+/// As [`is_zero`], for a float whose 0 means "off".
+fn is_zero_f64(x: &f64) -> bool {
+    *x == 0.0
+}
+
 /// `[adapter]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -176,6 +181,53 @@ pub struct DataSection {
     pub train_on: TrainOn,
     /// Extra chat-template variables (e.g. `enable_thinking = false`).
     pub template_vars: BTreeMap<String, serde_json::Value>,
+    /// Column map of `train` and `eval` (each source has its own): the field ytrainer reads -> the name the file
+    /// uses (`{ instruction = "prompt", output = "target" }`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub columns: BTreeMap<String, String>,
+    /// Use at most the first N records of `train` (0 = all).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub max_samples: usize,
+    /// Mixing weight of `train`: how many times each record is used on average (0.5 = a seeded half).
+    #[serde(skip_serializing_if = "is_one")]
+    pub train_weight: f64,
+    /// Sample packing of SFT examples (several whole examples per row, attention kept within each): `true`,
+    /// `false`, or unset = on when it cuts the padded tokens of an epoch by at least 10%.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packing: Option<bool>,
+    /// More training files mixed with `train`, each with its own weight, cap and column map.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<DataSource>,
+}
+
+/// `[[data.sources]]`: one more training file of the mix.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSource {
+    /// The file (any format `train` takes).
+    pub path: PathBuf,
+    /// How many times each record is used on average: 2 = twice, 0.5 = a seeded half, 1.5 = all and a half.
+    pub weight: f64,
+    /// Use at most the first N records (before the weight; 0 = all).
+    pub max_samples: usize,
+    /// This file's column map (none by default; `[data] columns` is `train`'s and `eval`'s).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub columns: BTreeMap<String, String>,
+}
+
+impl Default for DataSource {
+    fn default() -> Self {
+        DataSource {
+            path: PathBuf::new(),
+            weight: 1.0,
+            max_samples: 0,
+            columns: BTreeMap::new(),
+        }
+    }
+}
+
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
 }
 
 /// SFT or continued pretraining.
@@ -202,6 +254,11 @@ impl Default for DataSection {
             overlong: Overlong::Truncate,
             train_on: TrainOn::AllAssistant,
             template_vars: BTreeMap::new(),
+            columns: BTreeMap::new(),
+            max_samples: 0,
+            train_weight: 1.0,
+            packing: None,
+            sources: Vec::new(),
         }
     }
 }
@@ -305,6 +362,21 @@ pub struct TrainSection {
     /// Stop the run with an error after this many consecutive steps whose loss or gradient was non-finite
     /// (their updates are skipped); 0 = never stop.
     pub max_skipped_steps: usize,
+    /// Stop training when this many evaluations in a row have not improved `[eval] metric_for_best_model`
+    /// by more than `early_stopping_threshold` (transformers' `EarlyStoppingCallback`); 0 = never stop early.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub early_stopping_patience: usize,
+    /// LoRA+ (`loraplus_lr_ratio` of LLaMA-Factory / PEFT's `create_loraplus_optimizer`): the learning rate of
+    /// the LoRA `B` matrices is this times `learning_rate`; unset = the same.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loraplus_lr_ratio: Option<f64>,
+    /// NEFTune: uniform noise of scale `alpha / sqrt(seq_len * hidden)` on the input embeddings in training
+    /// (TRL's `neftune_noise_alpha`); 0 = off.
+    #[serde(skip_serializing_if = "is_zero_f64")]
+    pub neftune_noise_alpha: f64,
+    /// The improvement an evaluation must make over the best so far to reset the patience count.
+    #[serde(skip_serializing_if = "is_zero_f64")]
+    pub early_stopping_threshold: f64,
 }
 
 /// Step modes.
@@ -346,6 +418,10 @@ impl Default for TrainSection {
             gradient_checkpointing: false,
             memory_budget: None,
             max_skipped_steps: 10,
+            early_stopping_patience: 0,
+            early_stopping_threshold: 0.0,
+            loraplus_lr_ratio: None,
+            neftune_noise_alpha: 0.0,
         }
     }
 }
@@ -358,6 +434,12 @@ pub struct EvalSection {
     pub every_steps: usize,
     /// Cap on evaluation samples (0 = all).
     pub max_samples: usize,
+    /// The `eval.jsonl` field that decides which evaluation is the best (`eval_loss`, `eval_token_accuracy`,
+    /// `eval_rewards/accuracy`...); a name without the `eval_` prefix gets it, as in transformers.
+    pub metric_for_best_model: String,
+    /// Whether a larger metric is better; unset: `false` for a metric whose name ends in `loss`, else `true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub greater_is_better: Option<bool>,
 }
 
 impl Default for EvalSection {
@@ -365,7 +447,27 @@ impl Default for EvalSection {
         EvalSection {
             every_steps: 0,
             max_samples: 256,
+            metric_for_best_model: "eval_loss".to_string(),
+            greater_is_better: None,
         }
+    }
+}
+
+impl EvalSection {
+    /// The `eval.jsonl` key of `metric_for_best_model` (`loss` -> `eval_loss`).
+    pub fn best_metric_key(&self) -> String {
+        let m = self.metric_for_best_model.trim();
+        if m.starts_with("eval_") {
+            m.to_string()
+        } else {
+            format!("eval_{m}")
+        }
+    }
+
+    /// Whether a larger `metric_for_best_model` is better (`greater_is_better`, or its default).
+    pub fn best_is_greater(&self) -> bool {
+        self.greater_is_better
+            .unwrap_or_else(|| !self.best_metric_key().ends_with("loss"))
     }
 }
 
@@ -377,8 +479,12 @@ pub struct OutputSection {
     pub dir: PathBuf,
     /// Write a resumable checkpoint every N optimizer steps (0 = only at the end).
     pub save_every_steps: usize,
-    /// Keep at most this many checkpoints (0 = all).
+    /// Keep at most this many checkpoints (0 = all); the best one is never removed.
     pub save_total_limit: usize,
+    /// Write a checkpoint at every evaluation that improves `[eval] metric_for_best_model` and export the best
+    /// model (not the last one) to `final` (transformers' `load_best_model_at_end`).
+    #[serde(skip_serializing_if = "is_false")]
+    pub load_best_model_at_end: bool,
 }
 
 impl Default for OutputSection {
@@ -387,6 +493,7 @@ impl Default for OutputSection {
             dir: PathBuf::from("runs/latest"),
             save_every_steps: 0,
             save_total_limit: 2,
+            load_best_model_at_end: false,
         }
     }
 }

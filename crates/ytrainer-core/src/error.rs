@@ -46,6 +46,9 @@ pub enum TrainError {
     /// Data-parallel communication failed or the ranks disagree.
     #[error(transparent)]
     Distributed(#[from] crate::dist::DistError),
+    /// A setting the run found unusable once running (e.g. a best-model metric evaluations lack).
+    #[error("{0}")]
+    Config(String),
     /// Nothing to train on.
     #[error(
         "the training data yields no optimizer step (no supervised tokens); check `[data] train_on` and the data file"

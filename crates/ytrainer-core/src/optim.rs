@@ -27,6 +27,14 @@ pub struct AdamWConfig {
     pub eps: f64,
     /// Decoupled weight decay, applied as `p *= 1 - lr * wd` (skipped for norms and biases).
     pub weight_decay: f64,
+    /// LoRA+ (Hayou et al. 2024): the learning rate of every `lora_b` matrix is this times the step's (its
+    /// decay too); 1 = plain LoRA.
+    #[serde(default = "one")]
+    pub lora_b_lr_ratio: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Default for AdamWConfig {
@@ -36,6 +44,7 @@ impl Default for AdamWConfig {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.0,
+            lora_b_lr_ratio: 1.0,
         }
     }
 }
@@ -305,10 +314,16 @@ impl ModuleMapper for Update<'_> {
         let c = self.config;
         let prev = self.moments.remove(&path);
         let decay = c.weight_decay != 0.0 && decays(&path);
+        // LoRA+: B's learning rate (and with it its decay) is the ratio times the step's.
+        let lr = self.lr;
+        if c.lora_b_lr_ratio != 1.0 && path.ends_with("lora_b") {
+            self.lr = lr * c.lora_b_lr_ratio;
+        }
         let (p, m, v) = match host_update(self, p, g, prev, decay) {
             Ok(done) => done,
             Err((p, g, prev)) => self.tensor_update(p, g, prev, decay),
         };
+        self.lr = lr;
         let p = p.reshape(shape);
         self.moments.insert(path, (m, v));
         let mut p = Tensor::from_inner(p);
@@ -528,6 +543,70 @@ mod tests {
         }
         assert_eq!(opt.state.step, 3);
         assert!(opt.state.moments.contains_key("proj") && opt.state.moments.contains_key("norm"));
+    }
+
+    #[derive(Module, Debug)]
+    struct Lora {
+        lora_a: Param<Tensor<1>>,
+        lora_b: Param<Tensor<1>>,
+    }
+
+    /// LoRA+: with ratio 16 the `lora_b` matrix moves as PyTorch's AdamW with 16 times the learning rate (decay
+    /// included), `lora_a` as with the step's own, over three steps on the same gradient.
+    #[test]
+    fn lora_plus_scales_the_learning_rate_of_b_only() {
+        let device = Device::flex().autodiff();
+        let p0 = [0.5f32, -0.25, 1.0];
+        let param = || {
+            Param::from_tensor(
+                Tensor::<1>::from_data(TensorData::new(p0.to_vec(), [3]), &device).require_grad(),
+            )
+        };
+        let mut toy = Lora {
+            lora_a: param(),
+            lora_b: param(),
+        };
+        let mut opt = AdamW::new(AdamWConfig {
+            weight_decay: 0.1,
+            lora_b_lr_ratio: 16.0,
+            ..AdamWConfig::default()
+        });
+        let lr = 1e-3;
+        let c = [0.3f64, -1.2, 0.05];
+        let host0: Vec<f64> = p0.iter().map(|&x| x as f64).collect();
+        let (mut ha, mut hb) = (host0.clone(), host0);
+        let (mut ma, mut va, mut mb, mut vb) =
+            (vec![0.0; 3], vec![0.0; 3], vec![0.0; 3], vec![0.0; 3]);
+        for t in 1..=3 {
+            let ct = || -> Tensor<1> {
+                Tensor::from_data(
+                    TensorData::new(c.iter().map(|&x| x as f32).collect::<Vec<_>>(), [3]),
+                    &device,
+                )
+            };
+            let loss = toy
+                .lora_a
+                .val()
+                .mul(ct())
+                .sum()
+                .add(toy.lora_b.val().mul(ct()).sum());
+            let mut grads = loss.backward();
+            let mut acc = GradAccumulator::default();
+            acc.accumulate(&toy, &mut grads);
+            toy = opt.step(toy, &mut acc, lr, 1.0);
+            torch_adamw(&mut ha, &c, &mut ma, &mut va, t, lr, 0.1);
+            torch_adamw(&mut hb, &c, &mut mb, &mut vb, t, lr * 16.0, 0.1);
+        }
+        let host = |p: &Param<Tensor<1>>| -> Vec<f32> {
+            p.val().into_data().convert::<f32>().try_into_vec().unwrap()
+        };
+        let (a, b) = (host(&toy.lora_a), host(&toy.lora_b));
+        for (g, w) in a.iter().zip(&ha).chain(b.iter().zip(&hb)) {
+            assert!((*g as f64 - w).abs() < 1e-6, "{a:?} {ha:?} / {b:?} {hb:?}");
+        }
+        // B moved about 16 times as far as A (Adam's first steps move each weight by about lr).
+        let moved = |v: &[f32]| (v[0] as f64 - 0.5).abs();
+        assert!((moved(&b) / moved(&a) - 16.0).abs() < 0.2, "{a:?} {b:?}");
     }
 
     #[test]

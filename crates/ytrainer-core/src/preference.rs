@@ -130,6 +130,14 @@ pub struct PrefSummary {
     pub last_checkpoint: Option<PathBuf>,
     /// Seconds.
     pub seconds: f64,
+    /// The best evaluation during training (`[eval] metric_for_best_model`) and its checkpoint, if written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best: Option<crate::checkpoint::BestSoFar>,
+    /// The step after which early stopping ended the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped_early_at: Option<usize>,
+    /// Whether the model handed back (and exported) is the best checkpoint's (`load_best_model_at_end`).
+    pub loaded_best: bool,
 }
 
 /// Rows `[chosen_0..chosen_P, rejected_0..rejected_P]`, right-padded.
@@ -745,6 +753,9 @@ pub fn train_pairs<M: CausalLm>(
             eval_before: r.eval_before,
             eval_after: r.eval_after,
             last_checkpoint: r.last_checkpoint,
+            best: r.best,
+            stopped_early_at: r.stopped_early_at,
+            loaded_best: r.loaded_best,
             seconds: r.seconds,
         },
     ))

@@ -134,6 +134,14 @@ pub struct TrainSummary {
     pub last_checkpoint: Option<PathBuf>,
     /// Wall-clock seconds of the loop.
     pub seconds: f64,
+    /// The best evaluation during training (`[eval] metric_for_best_model`) and its checkpoint, if written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best: Option<crate::checkpoint::BestSoFar>,
+    /// The step after which early stopping ended the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped_early_at: Option<usize>,
+    /// Whether the model handed back (and exported) is the best checkpoint's (`load_best_model_at_end`).
+    pub loaded_best: bool,
 }
 
 /// The full step plan over all epochs, capped at `max_steps`. A pure function of the data and options, which is
@@ -375,6 +383,9 @@ pub fn train<M: CausalLm>(
             eval_after: r.eval_after,
             final_train_ce: r.last_applied.map(|m| m.ce),
             last_checkpoint: r.last_checkpoint,
+            best: r.best,
+            stopped_early_at: r.stopped_early_at,
+            loaded_best: r.loaded_best,
             seconds: r.seconds,
         },
     ))

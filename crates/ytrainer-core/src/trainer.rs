@@ -17,8 +17,8 @@ use std::time::Instant;
 use burn::prelude::*;
 use serde::Serialize;
 
-use crate::checkpoint::{self, TrainerState};
-use crate::config::TrainSection;
+use crate::checkpoint::{self, BestSoFar, TrainerState};
+use crate::config::{RunConfig, TrainSection};
 use crate::dist::{Collective, CommStats, Shard, Tally, reduce_tally};
 use crate::model::CausalLm;
 use crate::observe::{JsonlSink, Observer, Progress, Sink, Stream, TensorboardSink};
@@ -94,6 +94,107 @@ pub trait EvalLine: Serialize {
     fn step(&self) -> usize;
     /// A one-line human summary (`loss 1.2345 (ppl 3.44), token accuracy 0.512 over 900 tokens`).
     fn summary(&self) -> String;
+    /// The numeric field `key` of the line as written to `eval.jsonl` (`eval_loss`, ...).
+    fn metric(&self, key: &str) -> Option<f64> {
+        serde_json::to_value(self).ok()?.get(key)?.as_f64()
+    }
+    /// The numeric fields of the line (for the message naming a metric it lacks).
+    fn metric_keys(&self) -> Vec<String> {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(m)) => m
+                .into_iter()
+                .filter(|(k, v)| v.is_number() && k != "step")
+                .map(|(k, _)| k)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Which evaluation is the best, what is kept of it and when to stop (transformers' `metric_for_best_model`,
+/// `greater_is_better`, `load_best_model_at_end` and `EarlyStoppingCallback`). Only evaluations during
+/// training count (every `eval_every` steps and after the last step), not the one before training.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BestModel {
+    /// The `eval.jsonl` key compared (`eval_loss`).
+    pub metric: String,
+    /// Whether larger is better.
+    pub greater_is_better: bool,
+    /// Stop after this many evaluations in a row without an improvement larger than `threshold` (0 = never).
+    pub patience: usize,
+    /// The improvement that resets the patience count.
+    pub threshold: f64,
+    /// Checkpoint every improving evaluation and hand back the best model, not the last one.
+    pub load_best_at_end: bool,
+}
+
+impl Default for BestModel {
+    fn default() -> Self {
+        BestModel {
+            metric: "eval_loss".to_string(),
+            greater_is_better: false,
+            patience: 0,
+            threshold: 0.0,
+            load_best_at_end: false,
+        }
+    }
+}
+
+impl BestModel {
+    /// The settings of a run config (`[eval]`, `[train] early_stopping_*`, `[output] load_best_model_at_end`).
+    pub fn of(cfg: &RunConfig) -> Self {
+        BestModel {
+            metric: cfg.eval.best_metric_key(),
+            greater_is_better: cfg.eval.best_is_greater(),
+            patience: cfg.train.early_stopping_patience,
+            threshold: cfg.train.early_stopping_threshold,
+            load_best_at_end: cfg.output.load_best_model_at_end,
+        }
+    }
+
+    /// Records an evaluation's `value` measured after `step` steps in `state`: a strictly better value becomes
+    /// the best (returns `true`); the patience count is reset only by an improvement larger than `threshold`.
+    pub fn judge(&self, state: &mut TrainerState, step: usize, value: f64) -> bool {
+        let prev = state.best.as_ref().map(|b| b.value);
+        let better = match prev {
+            None => !value.is_nan(),
+            Some(p) if self.greater_is_better => value > p,
+            Some(p) => value < p,
+        };
+        let significant = better && prev.is_none_or(|p| (value - p).abs() > self.threshold);
+        if significant {
+            state.evals_without_improvement = 0;
+        } else {
+            state.evals_without_improvement += 1;
+        }
+        if better {
+            state.best = Some(BestSoFar {
+                step,
+                metric: self.metric.clone(),
+                value,
+                checkpoint: None,
+            });
+        }
+        better
+    }
+
+    /// The compared metric of an evaluation; an error naming the fields there are when it has no such field.
+    pub fn value_of<E: EvalLine>(&self, e: &E) -> Result<f64, TrainError> {
+        e.metric(&self.metric).ok_or_else(|| {
+            TrainError::Config(format!(
+                "[eval] metric_for_best_model = {:?}: the evaluations of this run have no numeric field `{}`; \
+                 choose one of: {}",
+                self.metric,
+                self.metric,
+                e.metric_keys().join(", ")
+            ))
+        })
+    }
+
+    /// Whether `state` has run out of patience.
+    pub fn exhausted(&self, state: &TrainerState) -> bool {
+        self.patience > 0 && state.evals_without_improvement >= self.patience
+    }
 }
 
 /// What is trained: how the data becomes steps, how one step's gradient is made, how the model is evaluated.
@@ -166,6 +267,8 @@ pub struct LoopSetup<'a> {
     pub device: &'a Device,
     /// The data-parallel group ([`crate::dist::SINGLE`] for one process).
     pub dist: &'a dyn Collective,
+    /// The best model: metric, early stopping, whether the best is handed back.
+    pub best: BestModel,
 }
 
 /// What the loop reports of a finished run.
@@ -189,6 +292,12 @@ pub struct LoopReport<S, E> {
     pub seconds: f64,
     /// Communication of a data-parallel run (`None` in one process).
     pub comm: Option<CommStats>,
+    /// The best evaluation during training (with its checkpoint when one was written).
+    pub best: Option<BestSoFar>,
+    /// The step after which early stopping ended the run (`None`: it ran its planned steps).
+    pub stopped_early_at: Option<usize>,
+    /// Whether the model handed back is the best checkpoint's (`load_best_model_at_end`), not the last step's.
+    pub loaded_best: bool,
 }
 
 /// The trained model with the loop's report.
@@ -280,6 +389,10 @@ pub fn train<M: CausalLm, O: Objective<M>>(
     } else {
         eval_and_emit(objective, &model, 0, dist, &mut sinks, observer)?
     };
+    // A metric the evaluations lack is named before any step is trained.
+    if let Some(e) = &eval_before {
+        setup.best.value_of(e)?;
+    }
 
     observer.start(total, state.step);
     let mut grads = GradAccumulator::default();
@@ -287,7 +400,18 @@ pub fn train<M: CausalLm, O: Objective<M>>(
     let mut last_checkpoint: Option<PathBuf> = None;
     // First step of the current run of consecutive skipped steps.
     let mut skipping_since: Option<usize> = None;
+    let best = &setup.best;
+    // The evaluation after the last step, when the loop made it (it decides the best model too).
+    let mut eval_after: Option<Option<O::Eval>> = None;
+    let mut stopped_early_at = None;
+    if best.exhausted(&state) {
+        // Resuming a run that early stopping ended: nothing more to train.
+        stopped_early_at = Some(state.step);
+    }
     for (index, (epoch, unit)) in steps.iter().enumerate().skip(state.step) {
+        if stopped_early_at.is_some() {
+            break;
+        }
         let ts = Instant::now();
         // Reseeding per step makes any randomness inside the step (LoRA dropout) a function of (seed, step), so a
         // resumed run draws exactly what the uninterrupted run drew.
@@ -367,13 +491,45 @@ pub fn train<M: CausalLm, O: Objective<M>>(
             }
         }
 
-        let done = index + 1 == total;
-        if setup.eval_every > 0 && (index + 1) % setup.eval_every == 0 && !done {
-            eval_and_emit(objective, &model, index + 1, dist, &mut sinks, observer)?;
+        let last = index + 1 == total;
+        let mut improved = false;
+        if last || (setup.eval_every > 0 && (index + 1) % setup.eval_every == 0) {
+            let e = eval_and_emit(objective, &model, index + 1, dist, &mut sinks, observer)?;
+            if let Some(e) = &e {
+                let value = best.value_of(e)?;
+                improved = best.judge(&mut state, index + 1, value);
+                if !last && best.exhausted(&state) {
+                    stopped_early_at = Some(index + 1);
+                    let b = state.best.as_ref();
+                    observer.notice(&format!(
+                        "early stopping after step {}: {} has not improved on {} (step {}) for {} evaluations \
+                         ([train] early_stopping_patience = {})",
+                        index + 1,
+                        best.metric,
+                        b.map(|b| format!("{:.4}", b.value)).unwrap_or_default(),
+                        b.map(|b| b.step).unwrap_or_default(),
+                        state.evals_without_improvement,
+                        best.patience
+                    ));
+                }
+            }
+            if last || stopped_early_at.is_some() {
+                eval_after = Some(e);
+            }
         }
+        let done = last || stopped_early_at.is_some();
+        let keep_best = improved && best.load_best_at_end;
         // Every rank holds the same weights: rank 0's checkpoint is the run's, resumable with any number of ranks.
-        if writer && ((setup.save_every > 0 && (index + 1) % setup.save_every == 0) || done) {
-            let dir = setup.output_dir.join(format!("checkpoint-{}", index + 1));
+        let checkpointing =
+            (setup.save_every > 0 && (index + 1) % setup.save_every == 0) || done || keep_best;
+        let dir = setup.output_dir.join(format!("checkpoint-{}", index + 1));
+        if checkpointing
+            && improved
+            && let Some(b) = state.best.as_mut()
+        {
+            b.checkpoint = Some(dir.clone());
+        }
+        if writer && checkpointing {
             let saved = checkpoint::save(&dir, &model, &optim.state, &state, |tmp| {
                 model.export(&tmp.join("export")).map(|_| ())
             });
@@ -390,10 +546,51 @@ pub fn train<M: CausalLm, O: Objective<M>>(
             saved?;
             observer.notice(&format!("checkpoint written: {}", dir.display()));
             last_checkpoint = Some(dir);
-            checkpoint::prune(setup.output_dir, setup.save_total_limit, &setup.fingerprint);
+            let best_dir = state.best.as_ref().and_then(|b| b.checkpoint.as_deref());
+            checkpoint::prune_keeping(
+                setup.output_dir,
+                setup.save_total_limit,
+                &setup.fingerprint,
+                best_dir,
+            );
+        }
+        if stopped_early_at.is_some() {
+            break;
         }
     }
-    let eval_after = eval_and_emit(objective, &model, state.step, dist, &mut sinks, observer)?;
+    let mut loaded_best = false;
+    let best_ckpt = state
+        .best
+        .as_ref()
+        .filter(|b| best.load_best_at_end && b.step != state.step)
+        .and_then(|b| b.checkpoint.clone().map(|c| (b.step, c)));
+    if let Some((step, dir)) = best_ckpt {
+        // Every rank sees the run directory: all load the best weights, so the evaluation below agrees.
+        let file = dir.join("trainable.safetensors");
+        let params = checkpoint::read_safetensors(&file)?;
+        model = checkpoint::load_trainable(model, &params, &file)?;
+        loaded_best = true;
+        observer.notice(&format!(
+            "loaded the best model: {} of step {} ({}); it is what the run hands back and exports",
+            best.metric,
+            step,
+            dir.display()
+        ));
+        // Measured again, not copied: the evaluation of the model handed back.
+        eval_after = Some(match objective.evaluate(&model, step, Shard::of(dist))? {
+            Some(mut tally) => {
+                reduce_tally(dist, &mut tally)?;
+                let e = objective.eval_line(&tally, step);
+                observer.eval(step, &format!("best model: {}", e.summary()));
+                Some(e)
+            }
+            None => None,
+        });
+    }
+    let eval_after = match eval_after {
+        Some(e) => e,
+        None => eval_and_emit(objective, &model, state.step, dist, &mut sinks, observer)?,
+    };
     let comm = (comm.steps > 0).then_some(comm);
     if let Some(c) = &comm {
         observer.notice(&format!(
@@ -420,6 +617,9 @@ pub fn train<M: CausalLm, O: Objective<M>>(
             last_checkpoint,
             seconds: t0.elapsed().as_secs_f64(),
             comm,
+            best: state.best.clone(),
+            stopped_early_at,
+            loaded_best,
         },
     ))
 }
@@ -486,6 +686,7 @@ fn start<M: CausalLm>(
         beta2: tr.adam_beta2,
         eps: tr.adam_epsilon,
         weight_decay: tr.weight_decay,
+        lora_b_lr_ratio: tr.loraplus_lr_ratio.unwrap_or(1.0),
     });
     let mut state = TrainerState {
         step: 0,
@@ -494,6 +695,7 @@ fn start<M: CausalLm>(
         tokens_trained: 0,
         seed: setup.seed,
         config_fingerprint: setup.fingerprint.clone(),
+        ..TrainerState::default()
     };
     if let Some(dir) = setup.resume.as_deref() {
         let loaded = checkpoint::load(dir, setup.device)?;
@@ -590,4 +792,64 @@ fn diverged(cause: &str, tr: &TrainSection, last_checkpoint: Option<&Path>) -> T
         crate::config::fmt_num(tr.learning_rate),
         crate::config::fmt_num(tr.max_grad_norm)
     ))
+}
+
+#[cfg(test)]
+mod best_tests {
+    use super::*;
+
+    /// transformers' EarlyStoppingCallback: a strictly better value becomes the best; only an improvement larger
+    /// than the threshold resets the patience count.
+    #[test]
+    fn judging_follows_direction_and_threshold() {
+        let b = BestModel {
+            patience: 3,
+            threshold: 0.1,
+            ..BestModel::default()
+        };
+        let mut s = TrainerState::default();
+        let mut seen = Vec::new();
+        for (step, v) in [
+            (1, 2.0),
+            (2, 1.95),
+            (3, 1.8),
+            (4, 1.9),
+            (5, f64::NAN),
+            (6, 1.79),
+        ] {
+            let better = b.judge(&mut s, step, v);
+            seen.push((
+                better,
+                s.best.as_ref().unwrap().step,
+                s.evals_without_improvement,
+            ));
+        }
+        // 1.95 is better by 0.05 (< 0.1): best moves, count goes up; 1.8 improves 1.95 by 0.15: reset.
+        assert_eq!(
+            seen,
+            [
+                (true, 1, 0),
+                (true, 2, 1),
+                (true, 3, 0),
+                (false, 3, 1),
+                (false, 3, 2),
+                (true, 6, 3)
+            ]
+        );
+        assert!(b.exhausted(&s));
+        let g = BestModel {
+            greater_is_better: true,
+            metric: "eval_token_accuracy".into(),
+            ..BestModel::default()
+        };
+        let mut s = TrainerState::default();
+        assert!(g.judge(&mut s, 1, 0.5));
+        assert!(!g.judge(&mut s, 2, 0.4));
+        assert!(g.judge(&mut s, 3, 0.6));
+        assert_eq!(
+            (s.best.as_ref().unwrap().step, s.evals_without_improvement),
+            (3, 0)
+        );
+        assert!(!g.exhausted(&s), "patience 0 never stops");
+    }
 }

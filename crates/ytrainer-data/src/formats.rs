@@ -193,13 +193,118 @@ pub fn load_records(path: &Path) -> Result<LoadedRecords, DataError> {
 
 /// Parses file contents already in memory; `path` is used for the container guess and messages.
 pub fn parse_records(path: &Path, text: &str) -> Result<LoadedRecords, DataError> {
+    parse_records_with(path, text, &ColumnMap::new())
+}
+
+/// A column map: the field name ytrainer reads (`instruction`, `output`, `question`, ...) -> the name the
+/// file uses for it (LLaMA-Factory's `columns`, axolotl's `field_*`).
+pub type ColumnMap = std::collections::BTreeMap<String, String>;
+
+/// Every record field a column map may name: the fields of the layouts [`detect`] knows.
+pub const RECORD_FIELDS: &[&str] = &[
+    "messages",
+    "conversations",
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "history",
+    "prompt",
+    "completion",
+    "response",
+    "question",
+    "answer",
+    "text",
+];
+
+/// [`load_records`] with a column map applied to every record before its layout is detected: the file's field
+/// `columns[name]` is read as `name`. Every mapped field must be in the first record (a misspelt map is an
+/// error naming the file, the line, the map entry and the fields there are); a later record lacking a
+/// required mapped field is an error naming both names.
+pub fn load_records_with(path: &Path, columns: &ColumnMap) -> Result<LoadedRecords, DataError> {
+    if columns.is_empty() {
+        return load_records(path);
+    }
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        let offset = e.valid_up_to();
+        DataError::NotUtf8 {
+            file: path.to_path_buf(),
+            line: 1 + bytes[..offset].iter().filter(|&&b| b == b'\n').count(),
+            offset,
+        }
+    })?;
+    parse_records_with(path, text, columns)
+}
+
+/// Renames the mapped fields of one record (`columns`: ours -> the file's).
+fn map_columns(
+    path: &Path,
+    columns: &ColumnMap,
+    first: bool,
+    (line, obj): &mut Raw,
+) -> Result<(), DataError> {
+    // The file's own names, for the message about a missing one.
+    let keys = obj
+        .keys()
+        .map(|k| format!("\"{k}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    for (ours, theirs) in columns {
+        if !RECORD_FIELDS.contains(&ours.as_str()) {
+            return Err(DataError::Record {
+                origin: Origin {
+                    file: path.to_path_buf(),
+                    line: *line,
+                    index: 0,
+                },
+                message: format!(
+                    "column map entry {ours} = \"{theirs}\": `{ours}` is not a record field ytrainer reads; \
+                     map one of: {}",
+                    RECORD_FIELDS.join(", ")
+                ),
+            });
+        }
+        match obj.remove(theirs) {
+            Some(v) => {
+                obj.insert(ours.clone(), v);
+            }
+            None if first => {
+                return Err(DataError::Record {
+                    origin: Origin {
+                        file: path.to_path_buf(),
+                        line: *line,
+                        index: 0,
+                    },
+                    message: format!(
+                        "column map entry {ours} = \"{theirs}\": the first record has no field \"{theirs}\" \
+                         (its fields: {}); fix the map or the file",
+                        if keys.is_empty() { "none" } else { &keys }
+                    ),
+                });
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// [`parse_records`] with a column map (see [`load_records_with`]).
+pub fn parse_records_with(
+    path: &Path,
+    text: &str,
+    columns: &ColumnMap,
+) -> Result<LoadedRecords, DataError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
         .map(|e| e.to_ascii_lowercase())
         .unwrap_or_default();
-    let (container, raw) = match ext.as_str() {
+    let (container, mut raw) = match ext.as_str() {
         "csv" => (Container::Csv, split_csv(path, text)?),
         "txt" | "md" | "text" => (Container::Txt, split_txt(text)),
         _ => {
@@ -210,13 +315,16 @@ pub fn parse_records(path: &Path, text: &str) -> Result<LoadedRecords, DataError
             }
         }
     };
-    let Some(first) = raw.first() else {
+    if raw.is_empty() {
         return Err(DataError::EmptyDataset {
             file: path.to_path_buf(),
             message: "the file holds no records; add at least one record (or remove the file from the data list)".into(),
         });
-    };
-    let format = detect(path, first)?;
+    }
+    for (i, r) in raw.iter_mut().enumerate() {
+        map_columns(path, columns, i == 0, r)?;
+    }
+    let format = detect(path, &raw[0])?;
     let mut records = Vec::with_capacity(raw.len());
     let mut warnings = Vec::new();
     for (index, (line, obj)) in raw.into_iter().enumerate() {
@@ -225,7 +333,24 @@ pub fn parse_records(path: &Path, text: &str) -> Result<LoadedRecords, DataError
             line,
             index,
         };
-        match convert(format, &origin, &obj)? {
+        let converted = convert(format, &origin, &obj).map_err(|e| match e {
+            // A field the map renamed is named as the file spells it too.
+            DataError::Record { origin, message } => {
+                let note: Vec<String> = columns
+                    .iter()
+                    .filter(|(ours, _)| message.contains(&format!("\"{ours}\"")))
+                    .map(|(ours, theirs)| format!("\"{ours}\" is the file's \"{theirs}\""))
+                    .collect();
+                let message = if note.is_empty() {
+                    message
+                } else {
+                    format!("{message} (column map: {})", note.join(", "))
+                };
+                DataError::Record { origin, message }
+            }
+            e => e,
+        })?;
+        match converted {
             Ok(kind) => {
                 let weights = crate::weights::read_weights(
                     &origin,

@@ -9,6 +9,7 @@ pub mod bpe;
 pub mod error;
 pub mod formats;
 pub mod kto;
+pub mod packing;
 pub mod pairs;
 pub mod quality;
 pub mod stream;
@@ -23,10 +24,11 @@ pub use batch::{
 pub use bpe::{CHATML_SPECIAL_TOKENS, CHATML_TEMPLATE, train_byte_level_bpe};
 pub use error::DataError;
 pub use formats::{
-    Container, DataWarning, Format, LoadedRecords, Message, Origin, Record, RecordKind,
-    load_records, parse_records,
+    ColumnMap, Container, DataWarning, Format, LoadedRecords, Message, Origin, RECORD_FIELDS,
+    Record, RecordKind, load_records, load_records_with, parse_records, parse_records_with,
 };
 pub use kto::load_kto;
+pub use packing::pack_examples;
 pub use pairs::{LoadedPairs, PairExample, PairRecord, load_pairs, tokenize_pair};
 pub use template::ChatTemplate;
 pub use tokenize::{

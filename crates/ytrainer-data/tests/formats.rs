@@ -369,3 +369,90 @@ fn missing_content_and_bad_csv_are_named_for_what_they_are() {
         "{e}"
     );
 }
+
+fn map(pairs: &[(&str, &str)]) -> ytrainer_data::ColumnMap {
+    pairs
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+/// A column map renames the file's fields to the ones a layout reads, before the layout is detected: custom
+/// alpaca-style names, question/answer spelt otherwise, CSV headers.
+#[test]
+fn column_map_reads_differently_named_fields() {
+    let p = Path::new("d.jsonl");
+    let text = "{\"task\": \"Add\", \"numbers\": \"2 3\", \"result\": \"5\", \"id\": 1}\n\
+                {\"task\": \"Say hi\", \"result\": \"hi\"}\n";
+    let m = map(&[
+        ("instruction", "task"),
+        ("input", "numbers"),
+        ("output", "result"),
+    ]);
+    let l = ytrainer_data::parse_records_with(p, text, &m).unwrap();
+    assert_eq!(l.format, Format::Alpaca);
+    assert_eq!(
+        chat(&l.records[0].kind),
+        [
+            Message::new("user", "Add\n2 3"),
+            Message::new("assistant", "5")
+        ]
+    );
+    assert_eq!(
+        chat(&l.records[1].kind),
+        [
+            Message::new("user", "Say hi"),
+            Message::new("assistant", "hi")
+        ]
+    );
+    let qa = map(&[("question", "Q"), ("answer", "A")]);
+    let l =
+        ytrainer_data::parse_records_with(Path::new("d.csv"), "Q,A\nwhy?,because\n", &qa).unwrap();
+    assert_eq!(l.format, Format::QuestionAnswer);
+    assert_eq!(
+        chat(&l.records[0].kind),
+        [
+            Message::new("user", "why?"),
+            Message::new("assistant", "because")
+        ]
+    );
+    // Without the map the same file is an unknown layout.
+    assert!(err("d.jsonl", text).contains("unknown record format"));
+}
+
+/// A map entry the first record lacks, a later record lacking a mapped required field and a map key that is
+/// no record field are errors naming the file, the line and both names.
+#[test]
+fn column_map_errors_name_file_record_and_field() {
+    let p = Path::new("d.jsonl");
+    let m = map(&[("instruction", "task"), ("output", "reslt")]);
+    let e = ytrainer_data::parse_records_with(p, "{\"task\": \"a\", \"result\": \"b\"}\n", &m)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "d.jsonl:1: column map entry output = \"reslt\": the first record has no field \"reslt\" (its fields: \
+         \"task\", \"result\"); fix the map or the file"
+    );
+    let m = map(&[("instruction", "task"), ("output", "result")]);
+    let text = "{\"task\": \"a\", \"result\": \"b\"}\n{\"task\": \"c\"}\n";
+    let e = ytrainer_data::parse_records_with(p, text, &m)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "d.jsonl:2: field \"output\" is missing; every alpaca record needs \"output\" (the file's first record \
+         was detected as alpaca) (column map: \"output\" is the file's \"result\")"
+    );
+    let m = map(&[("anwser", "a")]);
+    let e = ytrainer_data::parse_records_with(p, "{\"question\": \"q\", \"a\": \"b\"}\n", &m)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(
+            "d.jsonl:1: column map entry anwser = \"a\": `anwser` is not a record field ytrainer reads; map one of: \
+             messages, conversations, instruction"
+        ),
+        "{e}"
+    );
+}

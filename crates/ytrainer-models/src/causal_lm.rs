@@ -11,7 +11,10 @@ use crate::lora::AdapterSpec;
 impl CausalLm for Decoder {
     fn hidden_states(&self, input: &ModelInput) -> Tensor<3> {
         let ctx = AttnContext::new(input, &self.inv_freq, self.spec.sliding_window, true);
-        let mut x = self.embed_tokens.forward(input.input_ids.clone());
+        let mut x = crate::decoder::neftune(
+            self.embed_tokens.forward(input.input_ids.clone()),
+            self.neftune_alpha,
+        );
         for layer in &self.layers {
             x = layer.forward(x, &ctx);
         }
@@ -25,7 +28,10 @@ impl CausalLm for Decoder {
         host_rows: &[usize],
     ) -> Tensor<2> {
         let ctx = AttnContext::new(input, &self.inv_freq, self.spec.sliding_window, true);
-        let mut x = self.embed_tokens.forward(input.input_ids.clone());
+        let mut x = crate::decoder::neftune(
+            self.embed_tokens.forward(input.input_ids.clone()),
+            self.neftune_alpha,
+        );
         let Some((last, body)) = self.layers.split_last() else {
             let [b, t, h] = x.dims();
             return self

@@ -378,6 +378,22 @@ pub struct Decoder {
     /// Activation recomputation in training (`train.gradient_checkpointing`).
     #[module(skip)]
     pub(crate) recompute: bool,
+    /// NEFTune (`train.neftune_noise_alpha`): uniform noise on the input embeddings in training; 0 = off.
+    #[module(skip)]
+    pub neftune_alpha: f64,
+}
+
+/// NEFTune (Jain et al. 2023, as TRL / transformers apply it): `x + U(-m, m)` with `m = alpha / sqrt(T * H)`
+/// for embeddings `[B, T, H]`, only where a backward pass is possible (the training device) and the adapters
+/// are on (a reference forward pass with adapters off gets none); `alpha <= 0` is off.
+pub fn neftune(x: Tensor<3>, alpha: f64) -> Tensor<3> {
+    if alpha <= 0.0 || !x.device().is_autodiff() || crate::lora::adapters_off() {
+        return x;
+    }
+    let [_, t, h] = x.dims();
+    let m = alpha / ((t * h) as f64).sqrt();
+    let noise = x.random_like(burn::tensor::Distribution::Uniform(-m, m));
+    x + noise
 }
 
 impl Decoder {
@@ -402,6 +418,7 @@ impl Decoder {
             inv_freq,
             reference: None,
             recompute: false,
+            neftune_alpha: 0.0,
         }
     }
 
@@ -466,6 +483,7 @@ impl Decoder {
             inv_freq,
             reference,
             recompute,
+            neftune_alpha,
         } = self;
         let layers = layers
             .into_iter()
@@ -486,6 +504,7 @@ impl Decoder {
             inv_freq,
             reference,
             recompute,
+            neftune_alpha,
         })
     }
 

@@ -36,6 +36,11 @@ pub fn without_adapters<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Whether [`without_adapters`] is in force on this thread.
+pub fn adapters_off() -> bool {
+    ADAPTERS_OFF.with(|c| c.get())
+}
+
 /// The projections LoRA adapts by default: all seven linear layers of a decoder block, as most recipes do.
 pub const DEFAULT_LORA_TARGETS: [&str; 7] = [
     "q_proj",

@@ -64,11 +64,13 @@ impl Decoder {
         let (last, body) = self.layers.split_last()?;
         // Below the top layer: no graph at all (frozen copies of the layers on an untracked input), keeping only
         // each layer's input.
-        let mut x = self
-            .embed_tokens
-            .clone()
-            .no_grad()
-            .forward(input.input_ids.clone());
+        let mut x = crate::decoder::neftune(
+            self.embed_tokens
+                .clone()
+                .no_grad()
+                .forward(input.input_ids.clone()),
+            self.neftune_alpha,
+        );
         let mut inputs = Vec::with_capacity(body.len());
         for (i, layer) in body.iter().enumerate() {
             inputs.push(x.clone());

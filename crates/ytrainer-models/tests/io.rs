@@ -526,3 +526,56 @@ fn bf16_and_f16_checkpoints_are_converted_to_f32() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// rsLoRA: the branch is scaled by `alpha / sqrt(r)` (8 / 2 = 4 at r = 4, not 8 / 4 = 2); the adapter says
+/// `use_rslora: true`, reloads to the same outputs, and merges to the same logits.
+#[test]
+fn rslora_adapter_round_trip_and_merge() {
+    let device = Device::flex();
+    let cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        use_rslora: true,
+        ..LoraConfig::default()
+    };
+    let (model, _) =
+        load_pretrained(&tiny_qwen2(), &AdapterSpec::Lora(cfg.clone()), &device).unwrap();
+    let model = nonzero_b(model, &device);
+    assert_eq!(model.layers[0].self_attn.q_proj.scaling, 4.0);
+    let dir = temp_dir("rslora");
+    save_peft_adapter(&model, &cfg, "base", &dir).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (&config["use_rslora"], &config["r"], &config["lora_alpha"]),
+        (
+            &serde_json::json!(true),
+            &serde_json::json!(4),
+            &serde_json::json!(8)
+        )
+    );
+    let (base, _) = load_pretrained(&tiny_qwen2(), &AdapterSpec::Full, &device).unwrap();
+    let reloaded = load_peft_adapter(base, &dir).unwrap();
+    assert_eq!(reloaded.layers[0].self_attn.q_proj.scaling, 4.0);
+    let ours = logits(&model, &device);
+    assert_eq!(max_abs_diff(&ours, &logits(&reloaded, &device)), 0.0);
+    // The same A and B at plain scaling give other outputs: the scaling is what the file's flag restores.
+    let plain = model
+        .clone()
+        .try_map_linears(|_, lin| {
+            let (a, b) = (
+                lin.lora_a.as_ref().unwrap().val(),
+                lin.lora_b.as_ref().unwrap().val(),
+            );
+            Ok::<_, ()>(lin.with_lora(a, b, 2.0, 0.0))
+        })
+        .unwrap();
+    assert!(max_abs_diff(&ours, &logits(&plain, &device)) > 1e-3);
+    let merged_dir = temp_dir("rslora-merged");
+    save_hf_checkpoint(&model, &model.config, &merged_dir).unwrap();
+    let (merged, _) = load_pretrained(&merged_dir, &AdapterSpec::Full, &device).unwrap();
+    assert!(max_abs_diff(&ours, &logits(&merged, &device)) <= 1e-4);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&merged_dir);
+}

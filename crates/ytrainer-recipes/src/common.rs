@@ -73,8 +73,10 @@ pub fn fingerprint(cfg: &RunConfig) -> String {
     let mut train = serde_json::to_value(&cfg.train).unwrap_or_default();
     if let Some(t) = train.as_object_mut() {
         t.remove("device");
-        // When to give up on a diverged run does not change the trajectory.
+        // When to give up on a diverged run does not change the trajectory, nor does when to stop early.
         t.remove("max_skipped_steps");
+        t.remove("early_stopping_patience");
+        t.remove("early_stopping_threshold");
     }
     let mut model = serde_json::to_value(&cfg.model).unwrap_or_default();
     if let Some(m) = model.as_object_mut() {
@@ -151,6 +153,7 @@ pub(crate) fn load_policy(cfg: &RunConfig, model_dir: &Path, device: &Device) ->
     if let Some(id) = &cfg.model.base_model_id {
         model.base_model_name_or_path = id.clone();
     }
+    model.neftune_alpha = cfg.train.neftune_noise_alpha;
     Ok(model.with_gradient_checkpointing(cfg.train.gradient_checkpointing))
 }
 
@@ -213,6 +216,7 @@ pub(crate) fn loop_setup<'a>(
         fingerprint: fingerprint(cfg),
         device,
         dist: opts.group.get(),
+        best: ytrainer_core::trainer::BestModel::of(cfg),
     })
 }
 
@@ -232,6 +236,11 @@ pub fn write_resolved_config(cfg: &RunConfig, out: &Path) -> Result<()> {
     {
         if let Ok(abs) = std::path::absolute(&*p) {
             *p = abs;
+        }
+    }
+    for s in &mut resolved.data.sources {
+        if let Ok(abs) = std::path::absolute(&s.path) {
+            s.path = abs;
         }
     }
     if let Ok(abs) = std::path::absolute(&resolved.output.dir) {

@@ -50,6 +50,11 @@ pub const KEYS: &[(&str, &[&str])] = &[
             "overlong",
             "train_on",
             "template_vars",
+            "columns",
+            "max_samples",
+            "train_weight",
+            "packing",
+            "sources",
         ],
     ),
     (
@@ -92,10 +97,30 @@ pub const KEYS: &[(&str, &[&str])] = &[
             "gradient_checkpointing",
             "memory_budget",
             "max_skipped_steps",
+            "early_stopping_patience",
+            "early_stopping_threshold",
+            "loraplus_lr_ratio",
+            "neftune_noise_alpha",
         ],
     ),
-    ("eval", &["every_steps", "max_samples"]),
-    ("output", &["dir", "save_every_steps", "save_total_limit"]),
+    (
+        "eval",
+        &[
+            "every_steps",
+            "max_samples",
+            "metric_for_best_model",
+            "greater_is_better",
+        ],
+    ),
+    (
+        "output",
+        &[
+            "dir",
+            "save_every_steps",
+            "save_total_limit",
+            "load_best_model_at_end",
+        ],
+    ),
     (
         "preference",
         &[
@@ -388,11 +413,106 @@ fn validate(cfg: &RunConfig) -> Result<()> {
     if cfg.adapter.kind == ytrainer_core::config::AdapterKind::Lora && cfg.adapter.r == 0 {
         bail!("[adapter] r = 0: the LoRA rank must be >= 1 (or use `type = \"full\"`)");
     }
+    check_best_model(cfg)?;
+    check_mix(cfg)?;
+    let a = cfg.train.neftune_noise_alpha;
+    if !(a >= 0.0 && a.is_finite()) {
+        bail!(
+            "[train] neftune_noise_alpha = {}: must be >= 0 and finite",
+            fmt_num(a)
+        );
+    }
+    if let Some(r) = cfg.train.loraplus_lr_ratio {
+        if !(r > 0.0 && r.is_finite()) {
+            bail!(
+                "[train] loraplus_lr_ratio = {}: must be > 0 and finite",
+                fmt_num(r)
+            );
+        }
+        if cfg.adapter.kind == ytrainer_core::config::AdapterKind::Full {
+            bail!(
+                "[train] loraplus_lr_ratio = {} sets the learning rate of LoRA's B matrices, but [adapter] type = \
+                 \"full\" has none: remove it or train a LoRA adapter",
+                fmt_num(r)
+            );
+        }
+    }
     if cfg.data.max_seq_len < 2 {
         bail!(
             "[data] max_seq_len = {}: must be >= 2",
             cfg.data.max_seq_len
         );
+    }
+    Ok(())
+}
+
+/// The training mix: weights > 0, sources with a path, column maps naming fields ytrainer reads.
+fn check_mix(cfg: &RunConfig) -> Result<()> {
+    let d = &cfg.data;
+    let columns = |at: &str, map: &std::collections::BTreeMap<String, String>| -> Result<()> {
+        for (ours, theirs) in map {
+            if !ytrainer_data::RECORD_FIELDS.contains(&ours.as_str()) {
+                let hint = nearest(ours, ytrainer_data::RECORD_FIELDS)
+                    .map(|k| format!(" (did you mean `{k}`?)"))
+                    .unwrap_or_default();
+                bail!(
+                    "{at} columns: `{ours} = \"{theirs}\"`: `{ours}` is not a record field ytrainer reads{hint}; \
+                     the keys are ytrainer's names ({}) and the values the file's",
+                    ytrainer_data::RECORD_FIELDS.join(", ")
+                );
+            }
+        }
+        Ok(())
+    };
+    columns("[data]", &d.columns)?;
+    let weight = |at: &str, w: f64| -> Result<()> {
+        if !(w > 0.0 && w.is_finite()) {
+            bail!("{at} = {}: must be > 0 and finite", fmt_num(w));
+        }
+        Ok(())
+    };
+    weight("[data] train_weight", d.train_weight)?;
+    for (i, s) in d.sources.iter().enumerate() {
+        let at = format!("[[data.sources]] #{}", i + 1);
+        if s.path.as_os_str().is_empty() {
+            bail!("{at} has no `path`: name the training file it adds");
+        }
+        weight(&format!("{at} ({}) weight", s.path.display()), s.weight)?;
+        columns(&format!("{at} ({})", s.path.display()), &s.columns)?;
+    }
+    Ok(())
+}
+
+/// Early stopping and the best model compare evaluations made during training: they need periodic ones.
+fn check_best_model(cfg: &RunConfig) -> Result<()> {
+    let (t, e) = (&cfg.train, &cfg.eval);
+    let th = t.early_stopping_threshold;
+    if !(th >= 0.0 && th.is_finite()) {
+        bail!(
+            "[train] early_stopping_threshold = {}: must be >= 0 and finite",
+            fmt_num(th)
+        );
+    }
+    if e.metric_for_best_model.trim().is_empty() {
+        bail!(
+            "[eval] metric_for_best_model is empty: name an eval.jsonl field such as \"eval_loss\" (the default)"
+        );
+    }
+    if e.every_steps == 0 {
+        if t.early_stopping_patience > 0 {
+            bail!(
+                "[train] early_stopping_patience = {} needs evaluations during training: set [eval] every_steps \
+                 (`--eval-every N`) to a number of steps > 0",
+                t.early_stopping_patience
+            );
+        }
+        if cfg.output.load_best_model_at_end {
+            bail!(
+                "[output] load_best_model_at_end = true needs evaluations during training: set [eval] every_steps \
+                 (`--eval-every N`) to a number of steps > 0 (with only the final evaluation the best model is \
+                 the last one)"
+            );
+        }
     }
     Ok(())
 }
@@ -559,7 +679,7 @@ mod tests {
             "[model]\npreset = \"tiny\"\n[data]\ntrain = \"x.jsonl\"\n[train]\nlerning_rate = 1e-3\n",
         );
         let e = resolve(Some(&f.0), &[]).unwrap_err().to_string();
-        assert!(e.ends_with(":6: unknown key `lerning_rate` in [train] (did you mean `learning_rate`?); valid keys in [train]: mode, token_batch, epochs, max_steps, learning_rate, lr_scheduler, warmup_steps, warmup_ratio, min_lr_ratio, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm, tokens_per_step, micro_batch_tokens, max_micro_batch_size, batch_size, grad_accum, seed, shuffle, device, precision, gradient_checkpointing, memory_budget, max_skipped_steps"), "{e}");
+        assert!(e.ends_with(":6: unknown key `lerning_rate` in [train] (did you mean `learning_rate`?); valid keys in [train]: mode, token_batch, epochs, max_steps, learning_rate, lr_scheduler, warmup_steps, warmup_ratio, min_lr_ratio, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm, tokens_per_step, micro_batch_tokens, max_micro_batch_size, batch_size, grad_accum, seed, shuffle, device, precision, gradient_checkpointing, memory_budget, max_skipped_steps, early_stopping_patience, early_stopping_threshold, loraplus_lr_ratio, neftune_noise_alpha"), "{e}");
     }
 
     #[test]
@@ -619,6 +739,17 @@ mod tests {
         c.model.quantize_base = Some("nf4".into());
         c.loss.plugins = vec!["p".into()];
         c.loss.reference_model = Some("r".into());
+        c.train.early_stopping_patience = 1;
+        c.train.early_stopping_threshold = 0.1;
+        c.train.loraplus_lr_ratio = Some(16.0);
+        c.train.neftune_noise_alpha = 5.0;
+        c.eval.greater_is_better = Some(true);
+        c.output.load_best_model_at_end = true;
+        c.data.packing = Some(true);
+        c.data.max_samples = 1;
+        c.data.train_weight = 2.0;
+        c.data.columns.insert("a".into(), "b".into());
+        c.data.sources.push(Default::default());
         let v = toml::Value::try_from(c).unwrap();
         for (section, keys) in KEYS {
             let t = v.get(section).and_then(|t| t.as_table()).unwrap();
@@ -637,6 +768,160 @@ mod tests {
         assert!(
             e.ends_with(":6: [train] epochs: invalid type: string \"two\", expected usize (a whole number >= 0)"),
             "{e}"
+        );
+    }
+
+    /// Early stopping and the best model need evaluations during training; the metric's name and direction
+    /// follow transformers (`loss` = `eval_loss`, larger is better unless the name ends in `loss`).
+    #[test]
+    fn best_model_settings_are_checked_and_resolved() {
+        let base = [
+            Override::new("model.preset", parse_value("tiny")),
+            Override::new("data.train", parse_value("d.jsonl")),
+        ];
+        let with = |extra: &[(&str, &str)]| {
+            let mut o = base.to_vec();
+            o.extend(extra.iter().map(|(k, v)| Override::new(*k, parse_value(v))));
+            resolve(None, &o)
+        };
+        let e = with(&[("train.early_stopping_patience", "3")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "[train] early_stopping_patience = 3 needs evaluations during training: set [eval] every_steps \
+             (`--eval-every N`) to a number of steps > 0"
+        );
+        let e = with(&[("output.load_best_model_at_end", "true")]).unwrap_err();
+        assert!(
+            e.to_string().starts_with(
+                "[output] load_best_model_at_end = true needs evaluations during training"
+            ),
+            "{e}"
+        );
+        let e = with(&[
+            ("eval.every_steps", "5"),
+            ("train.early_stopping_threshold", "-0.5"),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "[train] early_stopping_threshold = -0.5: must be >= 0 and finite"
+        );
+        let c = with(&[
+            ("eval.every_steps", "5"),
+            ("train.early_stopping_patience", "2"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.eval.best_metric_key(), c.eval.best_is_greater()),
+            ("eval_loss".to_string(), false)
+        );
+        let c = with(&[("eval.metric_for_best_model", "token_accuracy")]).unwrap();
+        assert_eq!(
+            (c.eval.best_metric_key(), c.eval.best_is_greater()),
+            ("eval_token_accuracy".to_string(), true)
+        );
+        let c = with(&[
+            ("eval.metric_for_best_model", "eval_perplexity"),
+            ("eval.greater_is_better", "false"),
+        ])
+        .unwrap();
+        assert!(!c.eval.best_is_greater());
+    }
+
+    /// The mix's settings are checked where they are written: weights, a source without a path, a column map
+    /// key that is no record field (with the nearest one).
+    #[test]
+    fn mix_settings_are_checked() {
+        let f = TempFile::new(
+            "[model]\npreset = \"tiny\"\n[data]\ntrain = \"a.jsonl\"\ncolumns = { instruction = \"task\" }\n\
+             [[data.sources]]\npath = \"b.csv\"\nweight = 2.5\nmax_samples = 10\n\
+             [[data.sources]]\npath = \"c.json\"\ncolumns = { anwser = \"reply\" }\n",
+        );
+        let e = resolve(Some(&f.0), &[]).unwrap_err().to_string();
+        let dir = f.0.parent().unwrap();
+        assert_eq!(
+            e,
+            format!(
+                "[[data.sources]] #2 ({}) columns: `anwser = \"reply\"`: `anwser` is not a record field ytrainer \
+                 reads (did you mean `answer`?); the keys are ytrainer's names ({}) and the values the file's",
+                dir.join("c.json").display(),
+                ytrainer_data::RECORD_FIELDS.join(", ")
+            )
+        );
+        let c = resolve(
+            Some(&f.0),
+            &[Override::new(
+                "data.sources",
+                parse_value("[{ path = \"b.csv\", weight = 2.5, max_samples = 10 }]"),
+            )],
+        )
+        .unwrap();
+        // Paths in the file are relative to it; an override's stay as given.
+        assert_eq!(c.data.sources[0].path, std::path::PathBuf::from("b.csv"));
+        assert_eq!(
+            (c.data.sources[0].weight, c.data.sources[0].max_samples),
+            (2.5, 10)
+        );
+        let e = resolve(
+            Some(&f.0),
+            &[Override::new("data.train_weight", parse_value("0"))],
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "[data] train_weight = 0: must be > 0 and finite");
+        let e = resolve(
+            Some(&f.0),
+            &[Override::new(
+                "data.sources",
+                parse_value("[{ weight = 2.0 }]"),
+            )],
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "[[data.sources]] #1 has no `path`: name the training file it adds"
+        );
+    }
+
+    #[test]
+    fn lora_plus_and_neftune_are_checked() {
+        let base = [
+            Override::new("model.preset", parse_value("tiny")),
+            Override::new("data.train", parse_value("d.jsonl")),
+        ];
+        let with = |extra: &[(&str, &str)]| {
+            let mut o = base.to_vec();
+            o.extend(extra.iter().map(|(k, v)| Override::new(*k, parse_value(v))));
+            resolve(None, &o)
+        };
+        let c = with(&[
+            ("train.loraplus_lr_ratio", "16"),
+            ("train.neftune_noise_alpha", "5"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.train.loraplus_lr_ratio, c.train.neftune_noise_alpha),
+            (Some(16.0), 5.0)
+        );
+        assert_eq!(
+            with(&[("train.loraplus_lr_ratio", "0")])
+                .unwrap_err()
+                .to_string(),
+            "[train] loraplus_lr_ratio = 0: must be > 0 and finite"
+        );
+        assert_eq!(
+            with(&[("train.loraplus_lr_ratio", "16"), ("adapter.type", "full")])
+                .unwrap_err()
+                .to_string(),
+            "[train] loraplus_lr_ratio = 16 sets the learning rate of LoRA's B matrices, but [adapter] type = \
+             \"full\" has none: remove it or train a LoRA adapter"
+        );
+        assert_eq!(
+            with(&[("train.neftune_noise_alpha", "-1")])
+                .unwrap_err()
+                .to_string(),
+            "[train] neftune_noise_alpha = -1: must be >= 0 and finite"
         );
     }
 }

@@ -60,6 +60,9 @@ pub struct RunPlan {
     pub largest_micro_batch_tokens: usize,
     /// Requested sizes the plan cannot honour, each with what to change.
     pub warnings: Vec<String>,
+    /// What sample packing does to the padded tokens (SFT in one-pass mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packing: Option<crate::packing::PackingReport>,
 }
 
 impl RunPlan {
@@ -103,6 +106,7 @@ impl RunPlan {
             tokens_per_micro_batch: Spread::of(&mb_tokens),
             largest_micro_batch_tokens: largest,
             warnings: Vec::new(),
+            packing: None,
         };
         plan.warnings = plan.check(cfg);
         Ok(plan)
@@ -175,6 +179,7 @@ impl RunPlan {
                 self.largest_micro_batch_tokens
             ),
         ];
+        v.extend(self.packing.iter().map(|p| p.line()));
         v.extend(self.warnings.iter().map(|w| format!("warning: {w}")));
         v
     }

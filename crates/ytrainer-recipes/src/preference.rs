@@ -139,6 +139,15 @@ pub fn run_preference(
     } else if t.grad_accum > 0 {
         cfg.preference.pairs_per_step = cfg.preference.micro_pairs.max(1) * t.grad_accum;
     }
+    let d = &cfg.data;
+    if !d.sources.is_empty() || !d.columns.is_empty() || d.max_samples > 0 || d.train_weight != 1.0
+    {
+        bail!(
+            "[data] sources, columns, max_samples and train_weight apply to SFT and continued pretraining; \
+             preference training (`--loss {}`) reads one `[data] train` file of pairs as it is: remove them",
+            cfg.loss.name
+        );
+    }
     if opts.dry_run {
         return Ok(Ran::DryRun(Box::new(cfg)));
     }

@@ -5,7 +5,7 @@ use std::fs;
 use std::path::Path;
 
 use ytrainer_core::device::Precision;
-use ytrainer_data::{ChatTemplate, Record, TokenizerWrapper, load_records};
+use ytrainer_data::{ChatTemplate, ColumnMap, Record, TokenizerWrapper, load_records_with};
 use ytrainer_models::{AdapterSpec, HfConfig, init_random};
 
 use crate::error::{Context, Result};
@@ -47,10 +47,22 @@ pub fn create_preset(
     out: &Path,
     precision: Precision,
 ) -> Result<()> {
+    create_preset_with(preset, data, &ColumnMap::new(), seed, out, precision)
+}
+
+/// [`create_preset`] reading `data` with a column map (`[data] columns`).
+pub fn create_preset_with(
+    preset: &str,
+    data: &Path,
+    columns: &ColumnMap,
+    seed: u64,
+    out: &Path,
+    precision: Precision,
+) -> Result<()> {
     if preset != "tiny" {
         bail!("unknown preset `{preset}`; the only preset is `tiny`");
     }
-    let tokenizer_json = tiny_tokenizer_json(data)?;
+    let tokenizer_json = tiny_tokenizer_json(data, columns)?;
     fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     fs::write(out.join("tokenizer.json"), &tokenizer_json)
         .with_context(|| format!("cannot write {}", out.join("tokenizer.json").display()))?;
@@ -80,8 +92,8 @@ pub fn create_preset(
 }
 
 /// The `tiny` preset's tokenizer (`tokenizer.json` text): a byte-level BPE trained on `data`.
-fn tiny_tokenizer_json(data: &Path) -> Result<String> {
-    let loaded = load_records(data)?;
+fn tiny_tokenizer_json(data: &Path, columns: &ColumnMap) -> Result<String> {
+    let loaded = load_records_with(data, columns)?;
     let texts: Vec<String> = loaded.records.iter().map(record_text).collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let specials = ytrainer_data::CHATML_SPECIAL_TOKENS;
@@ -93,7 +105,15 @@ fn tiny_tokenizer_json(data: &Path) -> Result<String> {
 /// The tokenizer and chat template the `tiny` preset would get from `data`, made in memory (nothing written):
 /// what `--dry-run` plans with before the preset exists.
 pub fn tiny_tokenizer(data: &Path) -> Result<(TokenizerWrapper, ChatTemplate)> {
-    let mut tok = TokenizerWrapper::from_json_str(&tiny_tokenizer_json(data)?)?;
+    tiny_tokenizer_with(data, &ColumnMap::new())
+}
+
+/// [`tiny_tokenizer`] reading `data` with a column map (`[data] columns`).
+pub fn tiny_tokenizer_with(
+    data: &Path,
+    columns: &ColumnMap,
+) -> Result<(TokenizerWrapper, ChatTemplate)> {
+    let mut tok = TokenizerWrapper::from_json_str(&tiny_tokenizer_json(data, columns)?)?;
     tok.set_eos_token("<|im_end|>")?;
     let template = ChatTemplate::new(
         ytrainer_data::CHATML_TEMPLATE,

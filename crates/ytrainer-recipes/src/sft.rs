@@ -10,7 +10,7 @@ use ytrainer_core::model::CausalLm;
 use ytrainer_core::observe::Observer;
 use ytrainer_core::sft::{self, TrainSetup, TrainSummary};
 use ytrainer_data::{
-    BatchOptions, DataOptions, DataStats, Example, Mode, Record, load_records, prepare,
+    BatchOptions, DataOptions, DataStats, Example, Mode, Record, load_records_with, prepare,
 };
 use ytrainer_models::{AdapterSpec, load_pretrained};
 
@@ -110,22 +110,24 @@ pub fn run_sft(
     // Data.
     let tok_path = model_dir.join("tokenizer.json");
     let (tok, template) = tokenizer_and_template(&cfg, &model_dir)?;
-    let loaded = load_records(&train_file)?;
-    let mut warnings: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
+    let mixed = crate::mix::training_mix(&cfg, &train_file)?;
+    for u in &mixed.sources {
+        observer.notice(&u.describe());
+    }
+    let mut warnings: Vec<String> = mixed.warnings.clone();
     if cfg.data.eval.is_some() && cfg.data.eval_fraction > 0.0 {
         bail!(
             "[data] sets both `eval` and `eval_fraction`; choose one (an eval file, or a held-out fraction of the training data)"
         );
     }
-    let (train_records, mut eval_records): (Vec<Record>, Vec<Record>) =
-        crate::common::split_eval(loaded.records, cfg.data.eval_fraction);
+    let (train_records, mut eval_records): (Vec<Record>, Vec<Record>) = (mixed.train, mixed.eval);
     if let Some(e) = &cfg.data.eval {
-        let l = load_records(e)?;
+        let l = load_records_with(e, &cfg.data.columns)?;
         warnings.extend(l.warnings.iter().map(|w| w.to_string()));
         eval_records = l.records;
     }
     let dopts = data_options(&cfg);
-    let prepared = prepare(&train_records, &tok, template.as_ref(), &dopts)?;
+    let mut prepared = prepare(&train_records, &tok, template.as_ref(), &dopts)?;
     let mut eval_examples: Vec<Example> = if eval_records.is_empty() {
         // Without eval data, "loss before/after" is measured on (up to 64) training examples.
         observer.notice(
@@ -138,6 +140,12 @@ pub fn run_sft(
     if cfg.eval.max_samples > 0 {
         eval_examples.truncate(cfg.eval.max_samples);
     }
+    // After the eval examples are taken: without eval data they are the first training examples, unpacked.
+    let packing = crate::packing::apply(
+        &cfg,
+        &mut prepared.examples,
+        &batch_options(&cfg, pad_id(&tok)),
+    )?;
 
     // Model.
     let device = training_device(&cfg)?;
@@ -207,7 +215,8 @@ pub fn run_sft(
         crate::common::write_resolved_config(&cfg, &out)?;
     }
 
-    let plan = RunPlan::new(&prepared.examples, &batch, &cfg)?;
+    let mut plan = RunPlan::new(&prepared.examples, &batch, &cfg)?;
+    plan.packing = packing;
     let setup = TrainSetup {
         run: crate::common::loop_setup(&cfg, &out, opts, &device)?,
         batch,
@@ -272,16 +281,22 @@ fn dry_run_plan(cfg: &RunConfig, observer: &mut dyn Observer) -> Result<Option<R
             if existing.join("tokenizer.json").is_file() {
                 tokenizer_and_template(cfg, &existing)?
             } else {
-                let (tok, t) = crate::preset::tiny_tokenizer(train_file)?;
+                let (tok, t) = crate::preset::tiny_tokenizer_with(train_file, &cfg.data.columns)?;
                 (tok, Some(t))
             }
         }
         (None, None) => bail!("no model given"),
     };
-    let records = load_records(train_file)?.records;
-    let (train_records, _) = crate::common::split_eval(records, cfg.data.eval_fraction);
-    let prepared = prepare(&train_records, &tok, template.as_ref(), &data_options(cfg))?;
-    let plan = RunPlan::new(&prepared.examples, &batch_options(cfg, pad_id(&tok)), cfg)?;
+    let mixed = crate::mix::training_mix(cfg, train_file)?;
+    for u in &mixed.sources {
+        observer.notice(&u.describe());
+    }
+    let train_records = mixed.train;
+    let mut prepared = prepare(&train_records, &tok, template.as_ref(), &data_options(cfg))?;
+    let batch = batch_options(cfg, pad_id(&tok));
+    let packing = crate::packing::apply(cfg, &mut prepared.examples, &batch)?;
+    let mut plan = RunPlan::new(&prepared.examples, &batch, cfg)?;
+    plan.packing = packing;
     Ok(Some(plan))
 }
 

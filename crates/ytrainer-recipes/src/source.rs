@@ -251,7 +251,14 @@ pub fn resolve_model_dir(
                 } else {
                     Precision::F32
                 };
-                crate::preset::create_preset(preset, train_file, cfg.model.seed, &d, precision)?;
+                crate::preset::create_preset_with(
+                    preset,
+                    train_file,
+                    &cfg.data.columns,
+                    cfg.model.seed,
+                    &d,
+                    precision,
+                )?;
             }
             d
         }

@@ -31,6 +31,7 @@ pub const PATH_KEYS: &[&str] = &[
     "model.path",
     "data.train",
     "data.eval",
+    "data.sources",
     "adapter.init_from",
     "preference.reference",
     "loss.reference_model",
@@ -38,14 +39,21 @@ pub const PATH_KEYS: &[&str] = &[
     "output.dir",
 ];
 
-/// Rewrites a path value with `f`: a string, or each string of a list (`loss.plugins`).
+/// Rewrites a path value with `f`: a string, or each string of a list (`loss.plugins`), or the `path` of each
+/// table of a list (`[[data.sources]]`).
 pub fn map_path_value(v: &mut Value, f: &dyn Fn(&str) -> String) {
     match v {
         Value::String(s) => *s = f(s),
         Value::Array(list) => {
             for item in list {
-                if let Value::String(s) = item {
-                    *s = f(s);
+                match item {
+                    Value::String(s) => *s = f(s),
+                    Value::Table(t) => {
+                        if let Some(Value::String(s)) = t.get_mut("path") {
+                            *s = f(s);
+                        }
+                    }
+                    _ => {}
                 }
             }
         }
