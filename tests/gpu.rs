@@ -338,6 +338,40 @@ fn nlirg_lora_run_and_score_on_wgpu_track_the_cpu() {
     assert_eq!(a["output_ids"], b["output_ids"]);
 }
 
+/// LoRA over a quantised base (QLoRA, q8_0 on load): the CPU's fused quantised linear and wgpu's dequantising
+/// path give the same per-step losses.
+#[test]
+fn qlora_on_wgpu_tracks_the_cpu() {
+    let d = TempDir::new("gpu-qlora");
+    let flags = [
+        "--data",
+        "examples/quickstart/train.jsonl",
+        "--quantize-base",
+        "q8_0",
+        "--lora-r",
+        "4",
+        "--max-steps",
+        "2",
+        "--tokens-per-step",
+        "96",
+        "--learning-rate",
+        "0.002",
+    ];
+    let (a, b) = (
+        losses(&run(d.path(), "cpu", &flags), "loss"),
+        losses(&run(d.path(), "wgpu", &flags), "loss"),
+    );
+    assert_eq!(a.len(), 2);
+    assert_eq!(a.len(), b.len());
+    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-3,
+            "step {}: cpu loss {x}, wgpu {y}",
+            step + 1
+        );
+    }
+}
+
 /// DPO's step-0 identity on wgpu: a fresh LoRA (B = 0) is its own reference, so every pair's loss is ln 2.
 #[test]
 fn dpo_step_zero_is_ln2_on_wgpu() {
