@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """The Python half of scripts/gpu-check.sh (run it through that script: it unpacks the CUDA binary first).
 
-Writes under --out: checkpoints' parity (parity.json), the side-by-side benchmark (bench.jsonl), results.json and
-results.md. Every step has its own time limit so a hang in one cannot eat the machine's budget.
+Writes under --out: checkpoints' parity, the training checks (train/), the side-by-side benchmark (bench.jsonl),
+results.json and results.md. Every step has its own time limit so a hang in one cannot eat the machine's budget.
+
+The training checks need no PyTorch: `--only training --device cpu` dry-runs them with any ytrainer binary.
 """
 
 import argparse
@@ -12,9 +14,7 @@ import subprocess
 import sys
 import time
 
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM
+import math
 
 YT = os.environ.get("YTRAINER", "/tmp/ytrainer")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,6 +51,10 @@ def run(cmd, timeout):
 
 def make_checkpoint(path, cfg, seed):
     """A random-initialised Llama in HF layout, with a word-level tokenizer (ytrainer loads one with every model)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
     model.save_pretrained(path, safe_serialization=True)
@@ -65,6 +69,8 @@ def make_checkpoint(path, cfg, seed):
 
 def parity(name, path, cfg, out_dir, device="cuda"):
     """Per-token CE of ytrainer on CUDA vs transformers (f32, same ids); bf16 reported for transformers only."""
+    import torch
+
     model = make_checkpoint(path, cfg, seed=0)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg["vocab_size"], (2, 64), generator=g)
@@ -90,6 +96,70 @@ def parity(name, path, cfg, out_dir, device="cuda"):
     else:
         result["stderr"] = r["stderr"][-1500:]
     return result
+
+
+# Preference pairs in the vocabulary of the quickstart data (the tiny preset's tokenizer is trained on it).
+PAIRS = [
+    {"prompt": "What is 1 + 41?", "chosen": "1 + 41 = 42.", "rejected": "1 + 41 = 24."},
+    {"prompt": "What is 15 + 48?", "chosen": "15 + 48 = 63.", "rejected": "15 + 48 = 36."},
+    {"prompt": "What is 34 + 8?", "chosen": "34 + 8 = 42.", "rejected": "34 + 8 = 48."},
+    {"prompt": "How many letters are in the word 'bridge'?", "chosen": "The word 'bridge' has 6 letters.",
+     "rejected": "The word 'bridge' has 5 letters."},
+]
+
+
+def training_checks(out_dir, device, steps=6):
+    """Training on `device` against a reference run, on the tiny preset (made here by `ytrainer init`; no download):
+    LoRA (NLIRG) vs the same run on the CPU; LoRA over a quantised GGUF base (q8_0, made by `ytrainer export`) vs
+    the CPU; gradient checkpointing vs the plain run on the device; bf16 vs f32 on the device; DPO's step-0 loss
+    (ln 2). Each check: the largest per-step loss difference, the tolerance it is held to, and whether it held."""
+    work = os.path.join(out_dir, "train")
+    os.makedirs(work, exist_ok=True)
+    data = os.path.join(ROOT, "examples", "quickstart", "train.jsonl")
+    base = os.path.join(work, "base")
+    gguf = os.path.join(work, "base-q8_0.gguf")
+    pairs = os.path.join(work, "pairs.jsonl")
+    with open(pairs, "w") as f:
+        f.write("\n".join(json.dumps(p) for p in PAIRS) + "\n")
+    for cmd in ([YT, "init", "--data", data, "--out", base],
+                [YT, "export", "--model", base, "--to", gguf, "--type", "q8_0"]):
+        r = run(cmd, 120)
+        if r["rc"] != 0:
+            return [{"check": "setup", "ok": False, "cmd": " ".join(cmd), "stderr": r["stderr"][-1500:]}]
+
+    def train(name, model, dev, *extra, data_file=data):
+        out = os.path.join(work, name)
+        r = run([YT, "run", "--model", model, "--data", data_file, "--device", dev, "--max-steps", str(steps),
+                 "--tokens-per-step", "128", "--output-dir", out, "--overwrite", *extra], 240)
+        if r["rc"] != 0:
+            return None, r["stderr"][-1500:]
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            return [json.loads(line)["loss"] for line in f], None
+
+    def compare(check, a, b, tol):
+        (x, ex), (y, ey) = a, b
+        if x is None or y is None:
+            return {"check": check, "ok": False, "stderr": ex or ey}
+        diff = max(abs(p - q) for p, q in zip(x, y)) if len(x) == len(y) else float("inf")
+        return {"check": check, "ok": diff <= tol, "max_abs_loss_diff": diff, "tolerance": tol,
+                "losses": [round(v, 6) for v in y], "reference_losses": [round(v, 6) for v in x]}
+
+    checks = []
+    lora = ("--loss", "nlirg", "--adapter", "lora", "--lora-r", "8")
+    on_dev = train("lora", base, device, *lora)
+    checks.append(compare(f"LoRA NLIRG f32, {device} vs cpu", train("lora-cpu", base, "cpu", *lora), on_dev, 1e-3))
+    checks.append(compare(f"LoRA over a q8_0 GGUF base, {device} vs cpu", train("qlora-cpu", gguf, "cpu", *lora),
+                          train("qlora", gguf, device, *lora), 1e-3))
+    checks.append(compare(f"gradient checkpointing vs plain, on {device}", on_dev,
+                          train("lora-recompute", base, device, *lora, "--gradient-checkpointing"), 1e-4))
+    checks.append(compare(f"bf16 vs f32, on {device}", on_dev,
+                          train("lora-bf16", base, device, *lora, "--precision", "bf16"), 0.15))
+    dpo, err = train("dpo", base, device, "--loss", "dpo", "--set", "preference.pairs_per_step=4", data_file=pairs)
+    checks.append({"check": f"DPO step-0 loss = ln 2, on {device}", "ok": dpo is not None and abs(dpo[0] - math.log(2)) < 1e-5,
+                   "step0_loss": dpo and dpo[0], "stderr": err})
+    with open(os.path.join(out_dir, "training.json"), "w") as f:
+        json.dump(checks, f, indent=1)
+    return checks
 
 
 def bench_rows(out_dir, batch, seq, steps):
@@ -145,8 +215,15 @@ def main():
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", default="cuda", help="cuda, or cpu to dry-run the parity part without a GPU")
+    ap.add_argument("--only", choices=["training"], help="run only the training checks (no PyTorch needed)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
+    if a.only == "training":
+        checks = training_checks(a.out, a.device)
+        log(json.dumps(checks, indent=1))
+        raise SystemExit(0 if all(c["ok"] for c in checks) else 1)
+    import torch
+
     name = torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu (dry run)"
     results = {"device": name, "torch": torch.__version__}
     log("device:", results["device"])
@@ -155,6 +232,8 @@ def main():
         parity("smollm2-shape", "/tmp/gpu-smollm2", SMOLLM2, a.out, a.device),
     ]
     log(json.dumps(results["parity"], indent=1)[:3000])
+    results["training"] = training_checks(a.out, a.device)
+    log(json.dumps(results["training"], indent=1)[:6000])
     if a.device != "cuda":
         return
     rows = bench_rows(a.out, a.batch, a.seq, a.steps)
@@ -174,6 +253,11 @@ def main():
     for p in results["parity"]:
         lines.append(f"| {p['model']} | {p.get('max_abs_diff_vs_transformers_f32', 'failed')} | "
                      f"{p.get('max_abs_diff_vs_transformers_bf16', 'failed')} |")
+    lines += ["", "## Training checks (tiny preset; per-step losses against a reference run)", "",
+              "| check | max abs loss diff | tolerance | ok |", "|---|---|---|---|"]
+    for c in results["training"]:
+        lines.append(f"| {c['check']} | {c.get('max_abs_loss_diff', c.get('step0_loss', 'failed'))} | "
+                     f"{c.get('tolerance', '1e-5 from ln 2' if 'step0_loss' in c else '')} | {c['ok']} |")
     lines += ["", f"## LoRA SFT, SmolLM2-135M shape, r 16 on 7 projections, batch {a.batch} x {a.seq}", "",
               "| impl | dtype | loss | tokens/s | peak GPU MiB | MFU |", "|---|---|---|---|---|---|"]
     for r in rows:

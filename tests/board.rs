@@ -210,6 +210,9 @@ impl Browser {
 
     /// Waits until `script` returns something truthy and returns it.
     fn wait(&self, what: &str, script: &str, secs: u64) -> Value {
+        // A loaded 2-core machine (CI, or builds beside the suite) can take far longer than an idle one; the
+        // wait only ends early on success, so a generous floor costs nothing when the page is right.
+        let secs = secs.max(90);
         let t = Instant::now();
         loop {
             let v = self.js(script);

@@ -237,8 +237,47 @@ fn cuda_device_without_cuda_build() {
     ]);
     assert_user_error(
         &o,
-        "invalid device `tpu`: expected `cpu`, `cuda` or `cuda:N`",
+        "invalid device `tpu`: expected `cpu`, `cuda`, `cuda:N`, `wgpu` or `wgpu:N`",
     );
+}
+
+#[test]
+fn wgpu_device_without_wgpu_build() {
+    if cfg!(feature = "wgpu") {
+        return;
+    }
+    let d = TempDir::new("wgpu");
+    for args in [
+        &[
+            "run",
+            "--preset",
+            "tiny",
+            "--data",
+            "examples/quickstart/train.jsonl",
+            "--device",
+            "wgpu",
+        ][..],
+        &[
+            "score",
+            "--model",
+            "examples",
+            "--ids-json",
+            "x.json",
+            "--device",
+            "wgpu:1",
+        ][..],
+    ] {
+        let mut args = args.to_vec();
+        let out = s(&d.path().join("out"));
+        if args[0] == "run" {
+            args.extend(["--output-dir", &out]);
+        }
+        let o = ytrainer(&args);
+        assert_user_error(
+            &o,
+            "this ytrainer binary was built without wgpu support; rebuild it with",
+        );
+    }
 }
 
 /// Runs the tiny preset on a data file written by the test and returns the output.

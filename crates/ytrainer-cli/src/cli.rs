@@ -108,7 +108,7 @@ pub struct RunArgs {
     /// Peak learning rate [train.learning_rate].
     #[arg(long, allow_negative_numbers = true)]
     pub learning_rate: Option<f64>,
-    /// `cpu`, `cuda` or `cuda:N` [train.device].
+    /// `cpu`, `cuda[:N]` or `wgpu[:N]` [train.device].
     #[arg(long)]
     pub device: Option<String>,
     /// Seed for shuffling and initialisation [train.seed].
@@ -321,7 +321,7 @@ pub struct BenchArgs {
     /// Tokens per row.
     #[arg(long, default_value_t = 256)]
     pub seq: usize,
-    /// `cpu` or `cuda[:N]`.
+    /// `cpu`, `cuda[:N]` or `wgpu[:N]`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// `f32` or `bf16` (every tensor of the model, its gradients and AdamW state).
@@ -384,7 +384,7 @@ pub struct EvalArgs {
     /// At most N windows / samples per data set (0 = all).
     #[arg(long, default_value_t = 0)]
     pub max_samples: usize,
-    /// `cpu` or `cuda[:N]`.
+    /// `cpu`, `cuda[:N]` or `wgpu[:N]`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Output format on stdout.

@@ -99,7 +99,7 @@ pub struct GenerateArgs {
     /// Print one JSON object per prompt (ids, text, timing) instead of streaming text.
     #[arg(long)]
     pub json: bool,
-    /// `cpu`, `cuda` or `cuda:N`.
+    /// `cpu`, `cuda[:N]` or `wgpu[:N]`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -121,7 +121,7 @@ pub struct ChatArgs {
     pub vars: Vec<String>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// `cpu`, `cuda` or `cuda:N`.
+    /// `cpu`, `cuda[:N]` or `wgpu[:N]`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }

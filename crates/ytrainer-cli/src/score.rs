@@ -44,7 +44,7 @@ pub struct ScoreArgs {
     /// Template variable, repeatable: `--var enable_thinking=false`.
     #[arg(long = "var", value_name = "NAME=VALUE")]
     pub vars: Vec<String>,
-    /// `cpu`, `cuda` or `cuda:N`.
+    /// `cpu`, `cuda[:N]` or `wgpu[:N]`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }

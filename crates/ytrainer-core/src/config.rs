@@ -348,7 +348,7 @@ pub struct TrainSection {
     pub seed: u64,
     /// Shuffle each epoch.
     pub shuffle: bool,
-    /// `cpu` or `cuda[:N]`.
+    /// `cpu`, `cuda[:N]` or `wgpu[:N]`.
     pub device: String,
     /// Float type of weights, activations, gradients and optimizer state.
     pub precision: crate::device::Precision,

@@ -51,8 +51,9 @@ impl std::str::FromStr for Precision {
     }
 }
 
-/// Parses `cpu`, `cuda` or `cuda:N` into a Burn device with autodiff enabled and the seed applied: f32, unless
-/// this process already chose the device's precision (`ytrainer sweep` evaluates a bf16 trial in bf16).
+/// Parses `cpu`, `cuda`, `cuda:N`, `wgpu` or `wgpu:N` into a Burn device with autodiff enabled and the seed
+/// applied: f32, unless this process already chose the device's precision (`ytrainer sweep` evaluates a bf16 trial
+/// in bf16).
 pub fn select(spec: &str, seed: u64) -> Result<Device, String> {
     open(spec, seed, None)
 }
@@ -66,21 +67,31 @@ pub fn select_with(spec: &str, seed: u64, precision: Precision) -> Result<Device
 
 fn open(spec: &str, seed: u64, precision: Option<Precision>) -> Result<Device, String> {
     let spec = spec.trim();
+    let index = |prefix: &str| -> Result<Option<usize>, String> {
+        match spec.strip_prefix(prefix).and_then(|rest| rest.strip_prefix(':')) {
+            None => Ok(None),
+            Some(n) => n.parse().map(Some).map_err(|_| {
+                format!(
+                    "invalid device `{spec}`: expected `{prefix}:N` with N a GPU index, e.g. `{prefix}:0`"
+                )
+            }),
+        }
+    };
     let device = if spec == "cpu" {
         Device::flex()
     } else if spec == "cuda" || spec.starts_with("cuda:") {
-        let index: usize = match spec.strip_prefix("cuda:") {
-            None => 0,
-            Some(n) => n.parse().map_err(|_| {
-                format!(
-                    "invalid device `{spec}`: expected `cuda:N` with N a GPU index, e.g. `cuda:0`"
-                )
-            })?,
-        };
-        cuda(index)?
+        cuda(index("cuda")?.unwrap_or(0))?
+    } else if spec == "wgpu" || spec.starts_with("wgpu:") {
+        if precision == Some(Precision::Bf16) {
+            return Err(format!(
+                "device `{spec}` cannot train in bf16: the wgpu backend has no bf16 type (WGSL has none); \
+                 use `--precision f32` (`[train] precision = \"f32\"`) on `{spec}`, or bf16 on `cpu` or `cuda`"
+            ));
+        }
+        wgpu(spec, index("wgpu")?)?
     } else {
         return Err(format!(
-            "invalid device `{spec}`: expected `cpu`, `cuda` or `cuda:N`"
+            "invalid device `{spec}`: expected `cpu`, `cuda`, `cuda:N`, `wgpu` or `wgpu:N`"
         ));
     };
     let mut device = device;
@@ -129,6 +140,55 @@ fn cuda(_index: usize) -> Result<Device, String> {
     Err(
         "this ytrainer binary was built without CUDA support; rebuild it with \
          `cargo build --release -p ytrainer-cli --features cuda` or use `--device cpu`"
+            .to_string(),
+    )
+}
+
+/// `wgpu` is wgpu's default adapter (a discrete GPU first; Mesa's lavapipe where it is the only one);
+/// `wgpu:N` the `N`th adapter wgpu lists, every kind counted. The adapter is acquired once per process (Burn keeps
+/// one runtime per adapter); failures are errors, not the runtime's panic on first use.
+#[cfg(feature = "wgpu")]
+fn wgpu(spec: &str, index: Option<usize>) -> Result<Device, String> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static OPENED: OnceLock<Mutex<HashMap<Option<usize>, Result<Device, String>>>> =
+        OnceLock::new();
+    let mut opened = OPENED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    opened
+        .entry(index)
+        .or_insert_with(|| {
+            let hint = "install a Vulkan (Linux, Windows) or Metal (macOS) driver; on Linux without a GPU, Mesa's \
+                        software Vulkan driver (Debian/Ubuntu: `apt-get install mesa-vulkan-drivers`); or use \
+                        `--device cpu`";
+            match index {
+                None => Device::wgpu_options()
+                    .init()
+                    .map_err(|e| format!("device `{spec}`: no wgpu adapter could be opened ({e}); {hint}")),
+                Some(n) => {
+                    let all: Vec<Device> = Device::enumerate(burn::tensor::DeviceType::Wgpu)
+                        .into_iter()
+                        .collect();
+                    all.get(n).cloned().ok_or_else(|| {
+                        format!(
+                            "device `{spec}`: this machine has {} wgpu adapter(s), numbered from 0; use one of \
+                             those or `wgpu` for the default adapter; {hint}",
+                            all.len()
+                        )
+                    })
+                }
+            }
+        })
+        .clone()
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu(_spec: &str, _index: Option<usize>) -> Result<Device, String> {
+    Err(
+        "this ytrainer binary was built without wgpu support; rebuild it with \
+         `cargo build --release -p ytrainer-cli --features wgpu` or use `--device cpu`"
             .to_string(),
     )
 }

@@ -57,7 +57,7 @@ pub struct BenchSettings {
     pub batch: usize,
     /// Tokens per row; in windowed mode the answer's tokens.
     pub seq: usize,
-    /// `cpu` or `cuda[:N]`.
+    /// `cpu`, `cuda[:N]` or `wgpu[:N]`.
     pub device: String,
     /// Precision of every tensor of the model, its gradients and AdamW state.
     pub precision: Precision,

@@ -26,7 +26,7 @@ pub struct EvalSettings {
     pub window: usize,
     /// At most this many windows / samples per data set (0 = all).
     pub max_samples: usize,
-    /// `cpu`, `cuda`, `cuda:N`.
+    /// `cpu`, `cuda[:N]` or `wgpu[:N]`.
     pub device: String,
 }
 

@@ -214,7 +214,7 @@ pub struct GenerateSettings {
     pub vars: serde_json::Map<String, serde_json::Value>,
     /// How tokens are chosen.
     pub sampling: SamplingSettings,
-    /// `cpu`, `cuda` or `cuda:N`.
+    /// `cpu`, `cuda[:N]` or `wgpu[:N]`.
     pub device: String,
 }
 
@@ -231,7 +231,7 @@ pub struct ChatSettings {
     pub vars: serde_json::Map<String, serde_json::Value>,
     /// How tokens are chosen.
     pub sampling: SamplingSettings,
-    /// `cpu`, `cuda` or `cuda:N`.
+    /// `cpu`, `cuda[:N]` or `wgpu[:N]`.
     pub device: String,
 }
 

@@ -45,7 +45,7 @@ pub struct ScoreSettings {
     pub input: ScoreInput,
     /// How many most likely tokens to list per position (0 = none).
     pub top_k: usize,
-    /// `cpu`, `cuda` or `cuda:N`.
+    /// `cpu`, `cuda[:N]` or `wgpu[:N]`.
     pub device: String,
 }
 

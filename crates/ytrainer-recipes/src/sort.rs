@@ -77,7 +77,7 @@ pub struct SortSettings {
     pub chunk: usize,
     /// Chat-template variables.
     pub template_vars: Map<String, Value>,
-    /// `cpu`, `cuda` or `cuda:N`.
+    /// `cpu`, `cuda[:N]` or `wgpu[:N]`.
     pub device: String,
 }
 

@@ -29,12 +29,14 @@ pub struct Loaded {
     pub template: Option<ChatTemplate>,
 }
 
-/// The device inference runs on: plain (no autodiff, so LoRA dropout is off) on the CPU.
+/// The device inference runs on: plain (no autodiff, so LoRA dropout is off), on every backend.
 pub fn inference_device(spec: &str) -> Result<Device> {
     if spec.trim() == "cpu" {
         return Ok(Device::flex());
     }
-    ytrainer_core::device::select(spec, 0).map_err(|e| invalid!("{e}"))
+    ytrainer_core::device::select(spec, 0)
+        .map(Device::without_autodiff)
+        .map_err(|e| invalid!("{e}"))
 }
 
 /// The training device of a run, in the run's precision.
