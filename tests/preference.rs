@@ -229,8 +229,7 @@ fn sequence_log_probs_equal_summed_token_log_probs() {
         .collect();
     let refs: Vec<_> = pairs.iter().collect();
     let mb = pair_batch(&refs, 8189);
-    let (sums, counts, _) = sequence_log_probs(&model, &mb, &device);
-    let sums = ytrainer_core::loss::tensor_to_vec(sums.inner());
+    let (sums, counts) = sequence_log_probs(&model, &mb, &device);
     for (row, ex) in [
         &pairs[0].chosen,
         &pairs[1].chosen,
@@ -507,4 +506,78 @@ fn the_logged_loss_includes_the_sft_term() {
     // + margin at step 0) is about the NLL, i.e. b.
     let orpo = run("orpo", "orpo", "0.0");
     assert!(orpo > b && orpo < b + 0.2, "{orpo} vs NLL {b}");
+}
+
+/// The preference step runs the policy through SFT's fused, chunked LM head (no `[tokens, vocab]` log-softmax)
+/// and feeds the objective's per-token gradient back as signed token weights. Its first step must equal the
+/// textbook form, autodiff through the whole log-softmax (the implementation before the change, whose step-1
+/// values on the first 8 pairs of the DPO demo file and 16 records of the KTO demo file are pinned here), for
+/// each objective family: sigmoid DPO with LoRA and full (precomputed reference), IPO, ORPO (its NLL term) and
+/// KTO.
+#[test]
+fn the_chunked_preference_head_gives_the_log_softmax_gradient() {
+    let d = TempDir::new("pref-head");
+    let cut = |name: &str, n: usize| {
+        let src = assets().join("corpora/preference").join(name);
+        let v: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
+        let f = d.path().join(name);
+        std::fs::write(&f, serde_json::to_string(&v[..n]).unwrap()).unwrap();
+        s(&f)
+    };
+    let (dpo, kto) = (cut("dpo_en_demo.json", 8), cut("kto_en_demo.json", 16));
+    // (name, extra args, data, step-1 loss, step-1 gradient norm)
+    let cases: [(&str, &[&str], &str, f64, f64); 5] = [
+        (
+            "dpo-lora",
+            &["--loss", "dpo"],
+            &dpo,
+            std::f64::consts::LN_2,
+            11.3791465,
+        ),
+        (
+            "dpo-full",
+            &["--loss", "dpo", "--adapter", "full"],
+            &dpo,
+            0.6931487,
+            46.2579844,
+        ),
+        ("ipo", &["--loss", "ipo"], &dpo, 25.0, 9.3577063),
+        ("orpo", &["--loss", "orpo"], &dpo, 9.1320151, 0.9191299),
+        ("kto", &["--loss", "kto"], &kto, 0.5, 4.2046134),
+    ];
+    for (name, extra, data, loss, norm) in cases {
+        let out = d.path().join(name);
+        let mut args = vec![
+            "run",
+            "--model",
+            Box::leak(s(&assets().join("tiny-qwen2")).into_boxed_str()),
+            "--data",
+            data,
+            "--max-steps",
+            "1",
+            "--max-seq-len",
+            "256",
+            "--set",
+            "preference.pairs_per_step=4",
+            "--output-dir",
+            Box::leak(s(&out).into_boxed_str()),
+        ];
+        args.extend_from_slice(extra);
+        let o = ytrainer(&args);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let m = &jsonl(&out.join("metrics.jsonl"))[0];
+        let (l, g) = (
+            m["loss"].as_f64().unwrap(),
+            m["grad_norm"].as_f64().unwrap(),
+        );
+        assert!(
+            (l - loss).abs() < 5e-6 * loss.max(1.0),
+            "{name}: loss {l} vs {loss}"
+        );
+        assert!(
+            (g - norm).abs() < 1e-5 * norm,
+            "{name}: grad norm {g} vs {norm}"
+        );
+    }
 }

@@ -422,3 +422,51 @@ fn sweep_resolves_every_path_against_the_sweep_file_and_dry_run_loads_plugins() 
         Some(s(&sub.join("no-such-reference")).as_str())
     );
 }
+
+/// A trial killed after a checkpoint continues from it on the next `ytrainer sweep` (a 350-step trial takes an
+/// hour on a CPU), and ends where the uninterrupted trial ended.
+#[test]
+fn an_interrupted_trial_continues_from_its_checkpoint() {
+    let tmp = TempDir::new("sweep-continue");
+    let f = tiny_sweep(tmp.path());
+    let text = fs::read_to_string(&f)
+        .unwrap()
+        .replace("seeds = [1, 2]", "seeds = [1]")
+        .replace("loss = [\"ce\", \"nlirg\"]", "loss = [\"nlirg\"]")
+        .replace(
+            "output = { save_every_steps = 0 }",
+            "output = { save_every_steps = 2, save_total_limit = 3 }",
+        );
+    fs::write(&f, text).unwrap();
+    let trial = tmp.path().join("out/trials/nlirg_seed1");
+    let o = ytrainer(&["sweep", &s(&f)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let whole = read(&trial.join("trial.json"));
+    let loss = |t: &serde_json::Value, k: &str| t["evals"][k][0]["loss"].as_f64().unwrap();
+
+    // "Kill" it after step 4: no result, no export, no checkpoint-6; a file of its own shows the folder is kept.
+    fs::remove_file(trial.join("trial.json")).unwrap();
+    fs::remove_dir_all(trial.join("final")).unwrap();
+    fs::remove_dir_all(trial.join("checkpoint-6")).unwrap();
+    assert!(trial.join("checkpoint-4").exists());
+    fs::write(trial.join("note.txt"), "kept").unwrap();
+    let o = ytrainer(&["sweep", &s(&f)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        trial.join("note.txt").exists(),
+        "the folder was cleared instead of resumed"
+    );
+    let again = read(&trial.join("trial.json"));
+    assert_eq!(again["evals"]["steps"], 6);
+    for k in ["learn_after", "retain_after"] {
+        let (a, b) = (loss(&whole, k), loss(&again, k));
+        assert!(
+            (a - b).abs() < 1e-6,
+            "{k}: {a} uninterrupted vs {b} resumed"
+        );
+    }
+    assert_eq!(jsonl(&trial.join("metrics.jsonl")).len(), 6);
+}

@@ -9,11 +9,12 @@ use serde::Serialize;
 use ytrainer_data::{Example, MicroBatch, PairExample};
 
 use crate::dist::{Shard, Tally};
+use crate::loss::TokenStats;
 use crate::loss::{PairStats, PairwiseObjective, tensor_to_vec};
 use crate::model::CausalLm;
 use crate::observe::{Observer, Progress};
 use crate::optim::GradAccumulator;
-use crate::step::{head_log_probs, target_log_probs, to_device, token_ce};
+use crate::step::{StepContext, StepError, Weighing, to_device, train_micro_batch_with};
 use crate::trainer::{
     Accumulated, EvalLine, LoopSetup, Objective, StepAt, StepLine, StepOutcome, TrainError,
 };
@@ -175,69 +176,47 @@ pub fn pair_batch(pairs: &[&PairExample], pad_id: u32) -> MicroBatch {
     mb
 }
 
-/// Per-row sums of target log-probabilities `[rows]` (with gradient when the model has it), the per-row target
-/// counts, and the per-target log-probs `[N]`.
+/// Per-row sums of target log-probabilities (host) and the per-row target counts, without a graph.
 pub fn sequence_log_probs<M: CausalLm>(
     model: &M,
     mb: &MicroBatch,
     device: &Device,
-) -> (Tensor<1>, Vec<usize>, Tensor<1>) {
-    let (sums, counts, lp, _) = sequence_log_probs_for_training(model, mb, device, false);
-    (sums, counts, lp)
+) -> (Vec<f32>, Vec<usize>) {
+    let counts = row_counts(mb);
+    let lp = token_log_probs(model, mb, device);
+    (row_sums(&lp, &counts), counts)
 }
 
-/// The policy's side of a training step: a model trained with gradient checkpointing runs its recomputing
-/// forward pass, and the log-probs' graph then starts from its hidden rows as a leaf ([`Checkpointed`]).
-fn sequence_log_probs_for_training<'m, M: CausalLm>(
-    model: &'m M,
-    mb: &MicroBatch,
-    device: &Device,
-    train: bool,
-) -> (Tensor<1>, Vec<usize>, Tensor<1>, Option<Checkpointed<'m>>) {
-    let batch = to_device(mb, device);
+/// Targets per row, in row order (`to_device` lists targets row-major, so row `r`'s come after row `r - 1`'s).
+fn row_counts(mb: &MicroBatch) -> Vec<usize> {
     let mut counts = vec![0usize; mb.batch];
-    let mut onehot = vec![0f32; mb.batch * batch.n];
-    let mut j = 0;
     for (p, &t) in mb.target_mask.iter().enumerate() {
         if t && p % mb.seq != 0 {
-            let row = p / mb.seq;
-            counts[row] += 1;
-            onehot[row * batch.n + j] = 1.0;
-            j += 1;
+            counts[p / mb.seq] += 1;
         }
     }
-    let recomputed = train
-        .then(|| model.hidden_states_at_recomputed(&batch.input, &batch.rows, &batch.row_ids))
-        .flatten();
-    let (log_probs, checkpointed) = match recomputed {
-        Some((rows, recompute)) => {
-            let leaf = rows.clone().detach().require_grad();
-            let lp = head_log_probs(model, leaf.clone());
-            (
-                lp,
-                Some(Checkpointed {
-                    leaf,
-                    rows,
-                    recompute,
-                }),
-            )
-        }
-        None => (target_log_probs(model, &batch), None),
-    };
-    let lp = token_ce(log_probs, batch.targets.clone()).neg();
-    let sel: Tensor<2> = Tensor::from_data(TensorData::new(onehot, [mb.batch, batch.n]), device);
-    let sums = sel
-        .matmul(lp.clone().reshape([batch.n, 1]))
-        .reshape([mb.batch]);
-    (sums, counts, lp, checkpointed)
+    counts
 }
 
-/// A policy forward pass run with gradient checkpointing: the objective's graph reaches down to `leaf` (the
-/// hidden rows, detached), and `recompute` carries the gradient at `rows` on through the model.
-struct Checkpointed<'m> {
-    leaf: Tensor<2>,
-    rows: Tensor<2>,
-    recompute: Box<dyn crate::model::Recompute + 'm>,
+/// Sums of consecutive runs of `lp` of lengths `counts` (f64 accumulation).
+fn row_sums(lp: &[f32], counts: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(counts.len());
+    let mut j = 0;
+    for &c in counts {
+        out.push(lp[j..j + c].iter().map(|&x| f64::from(x)).sum::<f64>() as f32);
+        j += c;
+    }
+    out
+}
+
+/// Every target's log-probability (host, target order) without a graph, through the training step's own head
+/// path (chunked: no `[tokens, vocab]` buffer).
+fn token_log_probs<M: CausalLm>(model: &M, mb: &MicroBatch, device: &Device) -> Vec<f32> {
+    let batch = to_device(mb, device);
+    crate::step::target_ce_no_graph(model, &batch)
+        .iter()
+        .map(|&c| -c)
+        .collect()
 }
 
 /// Reference log-probs of every pair from the model's base (its adapters switched off; the model itself when it
@@ -271,8 +250,7 @@ pub fn precompute_reference<M: CausalLm>(
     for chunk in pairs.chunks(micro_pairs.max(1)) {
         let refs: Vec<&PairExample> = chunk.iter().collect();
         let mb = pair_batch(&refs, pad_id);
-        let (sums, _, _) = sequence_log_probs(&model, &mb, &device);
-        let v = tensor_to_vec(sums.detach().inner());
+        let (v, _) = sequence_log_probs(&model, &mb, &device);
         let p = chunk.len();
         for i in 0..p {
             out.push((v[i], v[p + i]));
@@ -370,8 +348,12 @@ impl Tally for Acc {
     }
 }
 
-/// Forward (and, when `train`, backward) of one micro-batch of pairs. Returns the statistics; gradients of
-/// `sum(weight * loss) / step_pairs + sft_weight * chosen_nll / step_chosen_tokens` go into `grads`.
+/// One micro-batch of pairs: the policy's per-token log-probs from the fused, chunked LM head (SFT's path), the
+/// pairwise objective on their row sums as a small graph whose leaves are those log-probs, and, when training,
+/// its per-token gradient fed back through the head as signed token weights. The objective depends on the model
+/// only through the log-probs, so `d obj / d theta = sum_i (d obj / d lp_i) (d lp_i / d theta)`, which is the
+/// gradient of `sum_i w_i ce_i` with `w_i = -d obj / d lp_i`: no `[tokens, vocab]` buffer and no second copy of
+/// the head backward.
 #[allow(clippy::too_many_arguments)]
 fn pair_micro_batch<M: CausalLm>(
     model: &M,
@@ -389,34 +371,157 @@ fn pair_micro_batch<M: CausalLm>(
     let chunk: Vec<&PairExample> = idx.iter().map(|&i| &pairs[i]).collect();
     let p = chunk.len();
     let mb = pair_batch(&chunk, setup.pad_id);
-    let (sums, counts, token_lp, checkpointed) =
-        sequence_log_probs_for_training(model, &mb, device, grads.is_some());
-    let lens: Vec<f32> = counts.iter().map(|&c| c.max(1) as f32).collect();
-    let len_t = |r: std::ops::Range<usize>| -> Tensor<1> {
-        Tensor::from_data(TensorData::new(lens[r.clone()].to_vec(), [r.len()]), device)
-    };
-    let (mut pc, mut pr) = (sums.clone().slice(0..p), sums.clone().slice(p..2 * p));
-    let (ref_c, ref_r): (Option<Tensor<1>>, Option<Tensor<1>>) = match (&setup.reference, reference)
-    {
-        (Reference::None, _) => (None, None),
-        (_, Some(pre)) => {
-            let c: Vec<f32> = idx.iter().map(|&i| pre[i].0).collect();
-            let r: Vec<f32> = idx.iter().map(|&i| pre[i].1).collect();
-            (
-                Some(Tensor::from_data(TensorData::new(c, [p]), device)),
-                Some(Tensor::from_data(TensorData::new(r, [p]), device)),
-            )
-        }
+    let counts = row_counts(&mb);
+    let refs: Option<(Vec<f32>, Vec<f32>)> = match (&setup.reference, reference) {
+        (Reference::None, _) => None,
+        (_, Some(pre)) => Some((
+            idx.iter().map(|&i| pre[i].0).collect(),
+            idx.iter().map(|&i| pre[i].1).collect(),
+        )),
         (_, None) => {
             // The base model: the policy with its LoRA branches switched off (no second copy of the weights).
-            let (s, _, _) = model
-                .adapters_disabled(|base| sequence_log_probs(base, &mb, device))
-                .unwrap_or_else(|| sequence_log_probs(model, &mb, device));
-            let s = s.detach();
-            (Some(s.clone().slice(0..p)), Some(s.slice(p..2 * p)))
+            let lp = model
+                .adapters_disabled(|base| token_log_probs(base, &mb, device))
+                .unwrap_or_else(|| token_log_probs(model, &mb, device));
+            let s = row_sums(&lp, &counts);
+            Some((s[..p].to_vec(), s[p..].to_vec()))
         }
     };
-    let (mut rc, mut rr) = (ref_c, ref_r);
+    let objective = |lp: &[f32], grad: bool| {
+        let at = PairAt {
+            chunk: &chunk,
+            counts: &counts,
+            refs: refs.as_ref(),
+            step_pairs,
+            step_chosen_tokens,
+            step,
+            progress,
+        };
+        pair_objective(setup, &at, lp, grad, device)
+    };
+    let out = match grads {
+        None => objective(&token_log_probs(model, &mb, device), false)?,
+        Some(grads) => {
+            let mut out = None;
+            let mut weigh = |stats: &TokenStats| -> Result<Tensor<1>, StepError> {
+                let lp: Vec<f32> = tensor_to_vec(stats.loss.clone())
+                    .iter()
+                    .map(|&c| -c)
+                    .collect();
+                let o = objective(&lp, true).map_err(StepError::Plugin)?;
+                // A non-finite objective contributes nothing (the loop skips the step, as for SFT).
+                let w = if o.nonfinite {
+                    vec![0.0; lp.len()]
+                } else {
+                    o.token_weights.clone()
+                };
+                out = Some(o);
+                let n = w.len();
+                Ok(Tensor::from_data(TensorData::new(w, [n]), device))
+            };
+            let how = Weighing {
+                needs: Default::default(),
+                anchor: 0.0,
+                signed: true,
+            };
+            let ctx = StepContext {
+                step,
+                progress,
+                zone_borders: [0.0; 3],
+            };
+            let counters = train_micro_batch_with(model, &mb, how, &mut weigh, ctx, grads, device)
+                .map_err(|e| e.to_string())?;
+            match out {
+                Some(o) => o,
+                // Never weighed: no targets at all, or a non-finite token loss.
+                None => {
+                    let mut o = objective(&vec![0.0; counters.tokens], false)?;
+                    o.nonfinite |= counters.nonfinite > 0;
+                    o
+                }
+            }
+        }
+    };
+    for i in 0..p {
+        let (cr, rj) = (
+            setup.beta * (out.pc[i] - out.rc[i]) as f64,
+            setup.beta * (out.pr[i] - out.rr[i]) as f64,
+        );
+        acc.rc += cr;
+        acc.rr += rj;
+        acc.margin += cr - rj;
+        if cr > rj {
+            acc.correct += 1;
+        }
+        acc.lpc += out.pc[i] as f64;
+        acc.lpr += out.pr[i] as f64;
+        acc.loss += (out.weight[i] * out.loss[i]) as f64;
+        acc.weight += out.weight[i] as f64;
+    }
+    acc.nonfinite |= out.nonfinite;
+    acc.pairs += p;
+    acc.tokens += counts.iter().sum::<usize>();
+    acc.chosen_tokens += counts[..p].iter().sum::<usize>();
+    acc.nll += out.nll;
+    Ok(())
+}
+
+/// Where a micro-batch of pairs sits: its pairs, the row layout of its targets, the reference's sums and the
+/// step's normalisers.
+struct PairAt<'a> {
+    chunk: &'a [&'a PairExample],
+    counts: &'a [usize],
+    refs: Option<&'a (Vec<f32>, Vec<f32>)>,
+    step_pairs: usize,
+    step_chosen_tokens: usize,
+    step: usize,
+    progress: f64,
+}
+
+/// The pairwise objective of one micro-batch, on the host values of its policy log-probs.
+struct PairOut {
+    /// Per-pair loss and weight (data weight x plugin weight).
+    loss: Vec<f32>,
+    weight: Vec<f32>,
+    /// Policy and reference sequence log-probs (length-averaged when the objective asks), per pair.
+    pc: Vec<f32>,
+    pr: Vec<f32>,
+    rc: Vec<f32>,
+    rr: Vec<f32>,
+    /// The SFT term's NLL of the chosen completions (for the logged loss).
+    nll: f64,
+    nonfinite: bool,
+    /// `d obj / d ce_i` per target (empty unless asked for).
+    token_weights: Vec<f32>,
+}
+
+fn pair_objective(
+    setup: &PrefSetup<'_>,
+    at: &PairAt<'_>,
+    lp: &[f32],
+    grad: bool,
+    device: &Device,
+) -> Result<PairOut, String> {
+    let p = at.chunk.len();
+    let n = lp.len();
+    let vec1 = |v: Vec<f32>| -> Tensor<1> {
+        let k = v.len();
+        Tensor::from_data(TensorData::new(v, [k]), device)
+    };
+    // The objective depends on the tokens only through their rows' sums: those are the graph's leaves, and a
+    // token's gradient is its row's. The sums are the host's (f64 accumulation), the same arithmetic as the
+    // reference's, so policy = reference gives exactly equal values (DPO's step 0: ln 2).
+    let leaf = vec1(row_sums(lp, at.counts));
+    let sums = if grad {
+        leaf.clone().require_grad()
+    } else {
+        leaf
+    };
+    let lens: Vec<f32> = at.counts.iter().map(|&c| c.max(1) as f32).collect();
+    let len_t = |r: std::ops::Range<usize>| vec1(lens[r].to_vec());
+    let (mut pc, mut pr) = (sums.clone().slice(0..p), sums.clone().slice(p..2 * p));
+    let mut rc = at.refs.map(|r| vec1(r.0.clone()));
+    let mut rr = at.refs.map(|r| vec1(r.1.clone()));
     if setup.average_log_prob {
         pc = pc.div(len_t(0..p));
         pr = pr.div(len_t(p..2 * p));
@@ -430,92 +535,74 @@ fn pair_micro_batch<M: CausalLm>(
         reference_rejected: rr.clone(),
         chosen_len: len_t(0..p),
         rejected_len: len_t(p..2 * p),
-        step,
-        progress,
-        desirable: chunk.iter().any(|e| e.label.is_some()).then(|| {
-            let d: Vec<f32> = chunk
-                .iter()
-                .map(|e| f32::from(u8::from(e.label.unwrap_or(true))))
-                .collect();
-            Tensor::from_data(TensorData::new(d, [p]), device)
+        step: at.step,
+        progress: at.progress,
+        desirable: at.chunk.iter().any(|e| e.label.is_some()).then(|| {
+            vec1(
+                at.chunk
+                    .iter()
+                    .map(|e| f32::from(u8::from(e.label.unwrap_or(true))))
+                    .collect(),
+            )
         }),
     };
     let (loss, plugin_w) = setup.objective.try_loss(&stats)?;
-    let data_w: Vec<f32> = chunk.iter().map(|e| e.weight as f32).collect();
     let mut w = tensor_to_vec(
         plugin_w
             .map(|t| t.detach().inner())
             .unwrap_or_else(|| Tensor::<1>::ones([p], &device.clone().inner())),
     );
-    for (a, b) in w.iter_mut().zip(&data_w) {
-        *a *= b;
+    for (a, e) in w.iter_mut().zip(at.chunk) {
+        *a *= e.weight as f32;
     }
-    let loss_v = tensor_to_vec(loss.clone().detach().inner());
     let host = |t: &Tensor<1>| tensor_to_vec(t.clone().detach().inner());
-    let (pcv, prv) = (host(&pc), host(&pr));
+    let loss_v = host(&loss);
     let zero = vec![0f32; p];
-    let (rcv, rrv) = (
-        rc.as_ref().map(host).unwrap_or_else(|| zero.clone()),
-        rr.as_ref().map(host).unwrap_or(zero),
-    );
-    for i in 0..p {
-        let (cr, rj) = (
-            setup.beta * (pcv[i] - rcv[i]) as f64,
-            setup.beta * (prv[i] - rrv[i]) as f64,
-        );
-        acc.rc += cr;
-        acc.rr += rj;
-        acc.margin += cr - rj;
-        if cr > rj {
-            acc.correct += 1;
-        }
-        acc.lpc += pcv[i] as f64;
-        acc.lpr += prv[i] as f64;
-        acc.loss += (w[i] * loss_v[i]) as f64;
-        acc.weight += w[i] as f64;
-        if !loss_v[i].is_finite() || !w[i].is_finite() || w[i] < 0.0 {
-            acc.nonfinite = true;
-        }
+    let n_chosen: usize = at.counts[..p].iter().sum();
+    let mut out = PairOut {
+        nonfinite: loss_v
+            .iter()
+            .zip(&w)
+            .any(|(l, w)| !l.is_finite() || !w.is_finite() || *w < 0.0),
+        pc: host(&pc),
+        pr: host(&pr),
+        rc: rc.as_ref().map(host).unwrap_or_else(|| zero.clone()),
+        rr: rr.as_ref().map(host).unwrap_or(zero),
+        nll: if setup.sft_weight > 0.0 {
+            // The SFT term's value for the logged loss: the chosen rows' targets come first.
+            -lp[..n_chosen].iter().map(|&x| f64::from(x)).sum::<f64>()
+        } else {
+            0.0
+        },
+        loss: loss_v,
+        weight: w.clone(),
+        token_weights: Vec::new(),
+    };
+    if !grad || out.nonfinite || n == 0 {
+        return Ok(out);
     }
-    acc.pairs += p;
-    acc.tokens += counts.iter().sum::<usize>();
-    let n_chosen: usize = counts[..p].iter().sum();
-    acc.chosen_tokens += n_chosen;
-    if setup.sft_weight > 0.0 && n_chosen > 0 {
-        // The SFT term's value for the logged loss (its gradient is added below).
-        let lp = tensor_to_vec(token_lp.clone().slice(0..n_chosen).detach().inner());
-        acc.nll -= lp.iter().map(|&x| f64::from(x)).sum::<f64>();
+    let g = loss
+        .mul(vec1(w))
+        .sum()
+        .div_scalar(at.step_pairs.max(1) as f64)
+        .backward();
+    let per_row = sums
+        .grad(&g)
+        .map(tensor_to_vec)
+        .unwrap_or_else(|| vec![0.0; 2 * p]);
+    // The SFT term `-sft_weight * sum(lp of chosen tokens) / step_chosen_tokens` gives each chosen token the CE
+    // weight `sft_weight / step_chosen_tokens`.
+    let sft = (setup.sft_weight / at.step_chosen_tokens.max(1) as f64) as f32;
+    for (row, (&c, &d)) in at.counts.iter().zip(&per_row).enumerate() {
+        let w = -d
+            + if row < p && setup.sft_weight > 0.0 {
+                sft
+            } else {
+                0.0
+            };
+        out.token_weights.extend(std::iter::repeat_n(w, c));
     }
-    let Some(grads) = grads else { return Ok(()) };
-    if acc.nonfinite {
-        return Ok(());
-    }
-    let wt: Tensor<1> = Tensor::from_data(TensorData::new(w, [p]), device);
-    let mut objective = loss.mul(wt).sum().div_scalar(step_pairs.max(1) as f64);
-    if setup.sft_weight > 0.0 {
-        // NLL of the chosen completions: the targets of the first p rows come first in `token_lp`.
-        let n_chosen: usize = counts[..p].iter().sum();
-        let nll = token_lp.slice(0..n_chosen).sum().neg();
-        objective =
-            objective.add(nll.mul_scalar(setup.sft_weight / step_chosen_tokens.max(1) as f64));
-    }
-    let mut g = objective.backward();
-    match checkpointed {
-        Some(c) => {
-            let dh = c.leaf.grad_remove(&mut g);
-            grads.accumulate(model, &mut g);
-            drop(g);
-            if let Some(dh) = dh {
-                c.recompute.backward(
-                    c.rows,
-                    Tensor::from_inner(dh),
-                    &mut crate::step::AccumulatorSink { acc: grads, model },
-                );
-            }
-        }
-        None => grads.accumulate(model, &mut g),
-    }
-    Ok(())
+    Ok(out)
 }
 
 /// Evaluates the objective on pairs (no update).

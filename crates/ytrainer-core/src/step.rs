@@ -214,6 +214,26 @@ pub fn head_stats<M: CausalLm>(
     ))
 }
 
+/// Per-target CE (host, target order) without a graph, through exactly the head path a training step takes
+/// (fused and chunked on the CPU, `log_softmax` elsewhere), so that a reference computed with it equals the
+/// step's own values bit for bit when the weights are equal (DPO's step 0: policy = reference, loss = ln 2).
+pub fn target_ce_no_graph<M: CausalLm>(model: &M, batch: &DeviceBatch) -> Vec<f32> {
+    if batch.n == 0 {
+        return Vec::new();
+    }
+    let Some(head) = model.lm_head_weight() else {
+        let lp = target_log_probs(model, batch).detach().inner();
+        return tensor_to_vec(token_ce(lp, batch.targets.clone().inner()));
+    };
+    let rows = target_hidden(model, batch).detach().inner();
+    let w = head.weight.detach().inner();
+    match head_out_chunked(rows, &w, head.layout, &batch.target_ids, false, false, 0) {
+        HeadOut::Host(host) => host.stats.iter().map(|s| s.ce).collect(),
+        HeadOut::Chunked { stats, .. } => stats.iter().map(|s| s.ce).collect(),
+        HeadOut::Tensor(lp) => tensor_to_vec(token_ce(lp, batch.targets.clone().inner())),
+    }
+}
+
 /// Per-token cross-entropy `[N]` from log-probabilities.
 pub fn token_ce(log_probs: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
     let n = targets.dims()[0];
@@ -268,6 +288,37 @@ pub fn train_micro_batch<M: CausalLm>(
     acc: &mut GradAccumulator,
     device: &Device,
 ) -> Result<StepCounters, StepError> {
+    let weigh = &mut |s: &TokenStats| plugin.try_weights(s).map_err(StepError::Plugin);
+    let how = Weighing {
+        needs: plugin.needs(),
+        anchor: plugin.kl_anchor(),
+        signed: false,
+    };
+    train_micro_batch_with(model, mb, how, weigh, ctx, acc, device)
+}
+
+/// How [`train_micro_batch_with`] asks for its token weights.
+pub(crate) struct Weighing {
+    /// The statistics the weights read besides the loss.
+    pub needs: crate::loss::Needs,
+    /// The KL anchor's weight (0 = none).
+    pub anchor: f64,
+    /// Whether weights may be negative: a sequence objective's per-token gradient (DPO pushes the rejected
+    /// completion's tokens down) is a signed weight on the same fused head backward; a plugin's weight never is.
+    pub signed: bool,
+}
+
+/// [`train_micro_batch`] with the weights from any function of the token statistics: the one fused, chunked
+/// LM-head path serves token plugins and, through per-token gradients, the preference objectives.
+pub(crate) fn train_micro_batch_with<M: CausalLm>(
+    model: &M,
+    mb: &MicroBatch,
+    how: Weighing,
+    weigh: &mut dyn FnMut(&TokenStats) -> Result<Tensor<1>, StepError>,
+    ctx: StepContext,
+    acc: &mut GradAccumulator,
+    device: &Device,
+) -> Result<StepCounters, StepError> {
     let batch = to_device(mb, device);
     if batch.n == 0 {
         return Ok(StepCounters::default());
@@ -276,9 +327,9 @@ pub fn train_micro_batch<M: CausalLm>(
     // gradient, see `lm_loss`); otherwise autodiff differentiates through `log_softmax`.
     let t_start = std::time::Instant::now();
     let mut t_head = t_start;
-    let needs = plugin.needs();
+    let needs = how.needs;
     // ASFT's KL anchor: the reference's log-probabilities at the target rows (f32, no graph).
-    let anchor = plugin.kl_anchor();
+    let anchor = how.anchor;
     let ref_lp: Option<Tensor<2>> = if anchor > 0.0 {
         Some(
             model
@@ -431,7 +482,7 @@ pub fn train_micro_batch<M: CausalLm>(
         step: ctx.step,
         progress: ctx.progress,
     };
-    let w = plugin.try_weights(&stats).map_err(StepError::Plugin)?;
+    let w = weigh(&stats)?;
     let mut w_host = tensor_to_vec(w.clone());
     if w_host.len() != batch.n {
         return Err(StepError::BadWeight {
@@ -455,7 +506,7 @@ pub fn train_micro_batch<M: CausalLm>(
         None => w,
     };
     for (i, (&wi, &li)) in w_host.iter().zip(&ce_host).enumerate() {
-        if !wi.is_finite() || wi < 0.0 {
+        if !wi.is_finite() || (wi < 0.0 && !how.signed) {
             let what = if wi.is_nan() {
                 "NaN".to_string()
             } else {

@@ -91,9 +91,12 @@ impl LibraryRunner {
         fs::write(&path, toml::to_string_pretty(&config)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
         let cfg = crate::config::resolve(Some(&path), &[])?;
+        // An interrupted trial continues from its latest checkpoint (run_all kept the folder because
+        // `resumable` said so); the run itself refuses it if the config changed since (the fingerprint).
         let opts = RunOptions {
             plugin_dirs: self.plugin_dirs.clone(),
             own_files: vec![path.clone()],
+            resume: self.resumable(dir).then(|| dir.to_path_buf()),
             ..RunOptions::default()
         };
         let mut observer = (self.observer)();
@@ -145,5 +148,9 @@ impl TrialRunner for LibraryRunner {
         dir: &Path,
     ) -> anyhow::Result<TrialEvals> {
         Ok(self.run_trial(config, dir)?)
+    }
+
+    fn resumable(&self, dir: &Path) -> bool {
+        !ytrainer_core::checkpoint::list(dir).is_empty()
     }
 }

@@ -182,4 +182,54 @@ mod tests {
         );
         let _ = std::fs::remove_dir_all(&out);
     }
+
+    /// A runner that can continue an interrupted trial gets its folder back untouched (its checkpoint
+    /// survives), while one that cannot gets an empty folder.
+    #[test]
+    fn an_interrupted_trial_the_runner_can_resume_keeps_its_folder() {
+        struct Resuming {
+            inner: Fake,
+            found_partial: Vec<String>,
+        }
+        impl TrialRunner for Resuming {
+            fn run(
+                &mut self,
+                t: &Trial,
+                config: &toml::Table,
+                dir: &Path,
+            ) -> anyhow::Result<TrialEvals> {
+                if dir.join("partial").exists() {
+                    self.found_partial.push(t.id.clone());
+                }
+                self.inner.run(t, config, dir)
+            }
+            fn resumable(&self, dir: &Path) -> bool {
+                dir.join("partial").exists()
+            }
+        }
+        let out =
+            std::env::temp_dir().join(format!("ytrainer-sweep-continue-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let text = format!(
+            "base = {{ model = {{ preset = \"tiny\" }} }}\nseeds = [1]\noutput = \"{}\"\n[axes]\nloss = [\"ce\", \"nlirg\"]\n",
+            out.display()
+        );
+        let sweep = Sweep::parse(&text, Path::new("/"), "s").unwrap();
+        let trials = sweep.trials();
+        let mut r = Resuming {
+            inner: Fake {
+                ran: vec![],
+                fail_on: Some("nlirg_seed1".into()),
+            },
+            found_partial: vec![],
+        };
+        assert!(run_all(&sweep, &trials, &mut r, &mut NoProgress).is_err());
+        assert!(r.found_partial.is_empty());
+        r.inner.fail_on = None;
+        let results = run_all(&sweep, &trials, &mut r, &mut NoProgress).unwrap();
+        assert_eq!(results.len(), 2);
+        assert_eq!(r.inner.ran, ["ce_seed1", "nlirg_seed1"]);
+        assert_eq!(r.found_partial, ["nlirg_seed1"]);
+        let _ = std::fs::remove_dir_all(&out);
+    }
 }

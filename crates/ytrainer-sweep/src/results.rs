@@ -150,8 +150,15 @@ impl TrialResult {
 /// Runs one trial. The sweep crate knows nothing of models: the CLI implements this with the real trainer,
 /// tests with a fake.
 pub trait TrialRunner {
-    /// Trains and evaluates `trial` with run config `config` in `dir` (freshly created and empty).
+    /// Trains and evaluates `trial` with run config `config` in `dir`: freshly created and empty, or an
+    /// interrupted trial's folder that [`TrialRunner::resumable`] accepted, to be continued.
     fn run(&mut self, trial: &Trial, config: &toml::Table, dir: &Path) -> Result<TrialEvals>;
+
+    /// Whether an interrupted trial's folder holds a checkpoint `run` can continue from. Such a folder is kept,
+    /// so a long trial (hours on a CPU) loses only the steps since its last checkpoint, not the whole trial.
+    fn resumable(&self, _dir: &Path) -> bool {
+        false
+    }
 }
 
 /// Progress of a sweep.
@@ -187,8 +194,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Runs every trial not finished yet, in order; a trial folder without `trial.json` (an interrupted trial) is
-/// removed and the trial restarts. Returns the results of all trials.
+/// Runs every trial not finished yet, in order; a trial folder without `trial.json` (an interrupted trial)
+/// continues from its checkpoint when the runner can resume it, and is otherwise removed and the trial restarts.
+/// Returns the results of all trials.
 pub fn run_all(
     sweep: &Sweep,
     trials: &[Trial],
@@ -211,7 +219,7 @@ pub fn run_all(
             results.push(r);
             continue;
         }
-        if dir.exists() {
+        if dir.exists() && !runner.resumable(&dir) {
             fs::remove_dir_all(&dir)
                 .with_context(|| format!("cannot clear the interrupted trial {}", dir.display()))?;
         }
