@@ -897,6 +897,46 @@ fn resume_fingerprints_the_data_by_content_not_by_path() {
         &o,
         "holds a ytrainer run with other settings (data_content.train: ",
     );
+    // A mixed-in file (`--source`, `[[data.sources]]`) counts the same way.
+    let extra = d.path().join("extra.jsonl");
+    std::fs::copy(root().join("examples/quickstart/eval.jsonl"), &extra).unwrap();
+    let out2 = d.path().join("run2");
+    let (data_s, out2_s) = (s(&data), s(&out2));
+    let with_source = |extra: &str, resume: bool| {
+        let mut a = vec![
+            "run",
+            "--preset",
+            "tiny",
+            "--data",
+            &data_s,
+            "--source",
+            extra,
+            "--max-steps",
+            "2",
+            "--tokens-per-step",
+            "64",
+            "--save-every",
+            "1",
+            "--set",
+            "eval.max_samples=4",
+            "--output-dir",
+            &out2_s,
+        ];
+        if resume {
+            a.extend_from_slice(&["--resume", &out2_s]);
+        }
+        ytrainer(&a)
+    };
+    ok(&with_source(&s(&extra), false));
+    ok(&with_source(&s(&d.path().join("run/../extra.jsonl")), true));
+    let mut text = std::fs::read_to_string(&extra).unwrap();
+    text.push_str(text.clone().lines().next().unwrap());
+    text.push('\n');
+    std::fs::write(&extra, text).unwrap();
+    assert_user_error(
+        &with_source(&s(&extra), true),
+        "holds a ytrainer run with other settings (data_content.sources.0: ",
+    );
 }
 
 /// Issue 21 item 9: a tampered checkpoint is refused. Its tensor files carry digests in `trainer_state.json`

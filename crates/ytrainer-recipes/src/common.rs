@@ -103,6 +103,17 @@ pub fn fingerprint(cfg: &RunConfig) -> String {
             content.insert(name.to_string(), h.into());
         }
     }
+    // The mix's other files likewise: by canonical path and by content, in their listed order.
+    if let Some(serde_json::Value::Array(list)) = v["data"].get_mut("sources") {
+        for (i, (item, src)) in list.iter_mut().zip(&cfg.data.sources).enumerate() {
+            if let Ok(c) = std::fs::canonicalize(&src.path) {
+                item["path"] = c.to_string_lossy().to_string().into();
+            }
+            if let Some(h) = file_hash(&src.path) {
+                content.insert(format!("sources.{i}"), h.into());
+            }
+        }
+    }
     v["data_content"] = content.into();
     v.to_string()
 }
