@@ -977,3 +977,75 @@ fn render_shows_record_and_message_weights() {
     .collect();
     assert_eq!(sup, want);
 }
+
+/// `score --loss STRATEGY` gives each token the weight the strategy's curve gives its loss (what training would
+/// hand the plugin), the summary states their mean, and a strategy that cannot weigh tokens is refused with
+/// what to do.
+#[test]
+fn score_weighs_tokens_by_a_strategy() {
+    let d = TempDir::new("score-weights");
+    let model = s(&assets().join("tiny-qwen2"));
+    let data = s(&root().join("examples/quickstart/eval.jsonl"));
+    let out = d.path().join("scores.jsonl");
+    let o = ytrainer(&[
+        "score",
+        "--model",
+        &model,
+        "--data",
+        &data,
+        "--loss",
+        "nlirg",
+        "--out",
+        &s(&out),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = jsonl(&out);
+    let tokens: Vec<&serde_json::Value> = lines
+        .iter()
+        .flat_map(|l| l["tokens"].as_array().unwrap())
+        .collect();
+    assert!(tokens.len() > 100);
+    let losses: Vec<String> = tokens
+        .iter()
+        .map(|t| t["loss"].as_f64().unwrap().to_string())
+        .collect();
+    let c = ytrainer(&[
+        "curve",
+        "nlirg",
+        "--at",
+        &losses.join(","),
+        "--format",
+        "json",
+    ]);
+    assert!(c.status.success(), "{}", stderr(&c));
+    let curve: Vec<serde_json::Value> = serde_json::from_str(&stdout(&c)).unwrap();
+    let mut sum = 0.0;
+    for (t, p) in tokens.iter().zip(&curve) {
+        let (w, want) = (t["weight"].as_f64().unwrap(), p["weight"].as_f64().unwrap());
+        assert!((w - want).abs() < 1e-6, "{t} vs curve {p}");
+        sum += w;
+    }
+    let mean = sum / tokens.len() as f64;
+    assert!(
+        stderr(&o).contains(&format!(
+            "nlirg: mean token weight {mean:.5} over {} tokens",
+            tokens.len()
+        )),
+        "{}",
+        stderr(&o)
+    );
+    // Without --loss there is no weight; a pairwise objective and a reference-reading strategy without an
+    // adapter are refused.
+    let o = ytrainer(&["score", "--model", &model, "--data", &data]);
+    assert!(!stdout(&o).contains("\"weight\""));
+    assert_user_error(
+        &ytrainer(&["score", "--model", &model, "--data", &data, "--loss", "dpo"]),
+        "--loss dpo: a pairwise (preference) objective scores pairs of answers, not tokens",
+    );
+    assert_user_error(
+        &ytrainer(&[
+            "score", "--model", &model, "--data", &data, "--loss", "rho1",
+        ]),
+        "--loss rho1 weighs tokens by a reference model's loss: give the trained model as --model plus --adapter",
+    );
+}

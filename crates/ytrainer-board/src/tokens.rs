@@ -11,11 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
-use ytrainer_core::burn::prelude::*;
-use ytrainer_core::loss::{LossFn, Registry, TokenStats, tensor_from_slice, tensor_to_vec};
+use ytrainer_core::loss::{LossFn, Registry};
 use ytrainer_data::TrainOn;
 use ytrainer_recipes::render::{RecordRender, render_record};
-use ytrainer_recipes::score::{SampleScore, ScoreInput, ScoreSettings, Scorer};
+use ytrainer_recipes::score::{SampleScore, ScoreInput, ScoreSettings, Scorer, WeighError};
 
 use crate::paths::{Root, resolve, resolve_path};
 use crate::runs::toml_get;
@@ -389,7 +388,6 @@ pub fn plugin_weights(
     name: &str,
     params: &BTreeMap<String, f64>,
     s: &SampleScore,
-    positions: &[u32],
     reference: Option<&[f32]>,
 ) -> Result<(Vec<f32>, BTreeMap<String, f64>)> {
     let (f, resolved) = registry
@@ -401,50 +399,13 @@ pub fn plugin_weights(
              strategy such as ce or nlirg"
         )));
     };
-    let device = ytrainer_core::device::select("cpu", 0).map_err(BoardError::unusable)?;
-    let n = s.tokens.len();
-    let needs = p.needs();
-    let loss: Vec<f32> = s.tokens.iter().map(|t| t.loss).collect();
-    let mut stats = TokenStats::from_loss(tensor_from_slice(&loss, &device));
-    if needs.entropy {
-        let e: Vec<f32> = s.tokens.iter().map(|t| t.entropy).collect();
-        stats.entropy = Some(tensor_from_slice(&e, &device));
-    }
-    if needs.top_k_entropy > 0 {
-        let k = needs.top_k_entropy;
-        let mut lp = Vec::with_capacity(n * k);
-        for t in &s.tokens {
-            let top = t.top.as_ref().filter(|top| top.len() == k).ok_or_else(|| {
-                BoardError::unusable(format!(
-                    "strategy `{name}` needs the top-{k} log-probabilities, which were not scored"
-                ))
-            })?;
-            lp.extend(top.iter().map(|&(_, l)| l));
-        }
-        let lp: Tensor<2> = tensor_from_slice(&lp, &device).reshape([n, k]);
-        stats.top_k_entropy = Some(ytrainer_core::step::top_k_entropy(lp, k));
-    }
-    if needs.reference_loss {
-        let r = reference.ok_or_else(|| {
-            BoardError::unusable(format!(
-                "strategy `{name}` weighs tokens by a reference model's loss; this run has none (a LoRA run's \
-                 reference is its base model; a full fine-tune needs [loss] reference_model)"
-            ))
-        })?;
-        stats.reference_loss = Some(tensor_from_slice(r, &device));
-    }
-    stats.position = needs.position.then(|| positions.to_vec());
-    stats.sample = needs.sample.then(|| vec![s.index as u32; n]);
-    let w = p
-        .try_weights(&stats)
-        .map_err(|e| BoardError::unusable(format!("strategy `{name}`: {e}")))?;
-    let w = tensor_to_vec(w);
-    if w.len() != n {
-        return Err(BoardError::unusable(format!(
-            "strategy `{name}` returned {} weights for {n} tokens",
-            w.len()
-        )));
-    }
+    let w = ytrainer_recipes::score::token_weights(p.as_ref(), s, reference).map_err(|e| match e {
+        WeighError::NoReference => BoardError::unusable(format!(
+            "strategy `{name}` weighs tokens by a reference model's loss; this run has none (a LoRA run's \
+             reference is its base model; a full fine-tune needs [loss] reference_model)"
+        )),
+        e => BoardError::unusable(format!("strategy `{name}` {e}")),
+    })?;
     Ok((w, resolved.values().clone()))
 }
 
@@ -581,15 +542,8 @@ pub fn view(
         }
         _ => None,
     };
-    let positions: Vec<u32> = targets.iter().map(|&p| p as u32).collect();
-    let (weights, resolved) = plugin_weights(
-        registry,
-        &strategy,
-        &params,
-        &s,
-        &positions,
-        reference.as_deref(),
-    )?;
+    let (weights, resolved) =
+        plugin_weights(registry, &strategy, &params, &s, reference.as_deref())?;
     let mut tokens: Vec<Value> = rendered
         .pieces
         .iter()

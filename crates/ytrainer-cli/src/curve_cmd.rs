@@ -20,15 +20,17 @@ struct Series {
     weights: Vec<f64>,
 }
 
-fn parse_params(kvs: &[String]) -> Result<BTreeMap<String, f64>> {
+/// `NAME=VALUE` plugin parameters (`--param`, `--loss-param`).
+pub(crate) fn parse_params(kvs: &[String]) -> Result<BTreeMap<String, f64>> {
     let mut m = BTreeMap::new();
     for kv in kvs {
         let (k, v) = kv
             .split_once('=')
-            .ok_or_else(|| anyhow!("`--param {kv}`: expected NAME=VALUE, e.g. `cutoff=10`"))?;
-        let x: f64 = v.trim().parse().map_err(|_| {
-            anyhow!("`--param {kv}`: `{v}` is not a number; plugin parameters are numeric")
-        })?;
+            .ok_or_else(|| anyhow!("`{kv}`: expected NAME=VALUE, e.g. `cutoff=10`"))?;
+        let x: f64 = v
+            .trim()
+            .parse()
+            .map_err(|_| anyhow!("`{kv}`: `{v}` is not a number; plugin parameters are numeric"))?;
         m.insert(k.trim().to_string(), x);
     }
     Ok(m)

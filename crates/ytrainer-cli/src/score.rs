@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use ytrainer_recipes::score::{ScoreInput, ScoreSettings, Scorer};
+use ytrainer_recipes::score::{ScoreInput, ScoreSettings, Scorer, StrategyWeights};
 
 use crate::interop::{parse_train_on, parse_vars};
 
@@ -47,6 +47,13 @@ pub struct ScoreArgs {
     /// `cpu`, `cuda[:N]` or `wgpu[:N]`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Also give every token the weight this token strategy would give it in training (`weight` per token and
+    /// the mean in the summary), e.g. to compare a strategy's weight on two data files.
+    #[arg(long, value_name = "STRATEGY")]
+    pub loss: Option<String>,
+    /// Parameter of the `--loss` strategy, repeatable: `--loss-param x0=1.0`.
+    #[arg(long = "loss-param", value_name = "NAME=VALUE", requires = "loss")]
+    pub loss_params: Vec<String>,
 }
 
 /// `ytrainer score`
@@ -61,13 +68,24 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         },
         (None, None) => unreachable!("clap requires --data or --ids-json"),
     };
-    let scorer = Scorer::load(&ScoreSettings {
+    let mut settings = ScoreSettings {
         model: a.model.clone(),
         adapter: a.adapter.clone(),
         input,
         top_k: a.top_k,
         device: a.device.clone(),
-    })?;
+    };
+    let weights = match &a.loss {
+        Some(name) => {
+            let params = crate::curve_cmd::parse_params(&a.loss_params)?;
+            let registry = crate::plugins_cmd::registry(&[])?;
+            let (w, top_k) = StrategyWeights::load(&registry, name, &params, &settings)?;
+            settings.top_k = settings.top_k.max(top_k);
+            Some(w)
+        }
+        None => None,
+    };
+    let scorer = Scorer::load(&settings)?;
     // Opened only once the inputs are known to be good, so a mistake does not truncate an earlier output.
     let mut out: Box<dyn Write> = if a.out.as_os_str() == "-" {
         Box::new(std::io::stdout().lock())
@@ -77,7 +95,21 @@ pub fn score(a: ScoreArgs) -> Result<()> {
                 .with_context(|| format!("cannot create {}", a.out.display()))?,
         ))
     };
-    let summary = scorer.score_all(&mut |s| Ok(writeln!(out, "{}", s.to_json())?))?;
+    let summary = scorer.score_all_with(
+        &mut |s| {
+            if let Some(w) = &weights {
+                w.weigh(s)?;
+            }
+            // The top-k the strategy needed, not asked for: not written.
+            if a.top_k == 0 {
+                for t in &mut s.tokens {
+                    t.top = None;
+                }
+            }
+            Ok(())
+        },
+        &mut |s| Ok(writeln!(out, "{}", s.to_json())?),
+    )?;
     out.flush()?;
     if let Some(mean) = summary.mean_loss() {
         eprintln!(
@@ -86,6 +118,12 @@ pub fn score(a: ScoreArgs) -> Result<()> {
             summary.tokens,
             mean,
             mean.exp()
+        );
+    }
+    if let (Some(name), Some(w)) = (&a.loss, summary.mean_weight()) {
+        eprintln!(
+            "{name}: mean token weight {w:.5} over {} tokens",
+            summary.weighed
         );
     }
     Ok(())

@@ -3,11 +3,12 @@
 //! lists. The numbers come through the trainer's own code path (`ytrainer_core::step`), so a score here and a
 //! training step's loss on the same tokens are one measurement.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde_json::json;
 use ytrainer_core::burn::prelude::*;
-use ytrainer_core::loss::tensor_to_vec;
+use ytrainer_core::loss::{LossFn, Registry, TokenReweighter, tensor_from_slice, tensor_to_vec};
 use ytrainer_core::step::{DeviceBatch, entropy, target_log_probs, to_device, token_ce};
 use ytrainer_data::{DataOptions, Example, MicroBatch, Overlong, TrainOn, load_records, prepare};
 
@@ -66,6 +67,8 @@ pub struct TokenScore {
     pub prob: f32,
     /// The most likely `(id, log-probability)` pairs, best first, when they were asked for.
     pub top: Option<Vec<(usize, f32)>>,
+    /// The weight a token strategy gives this token ([`StrategyWeights`]), when one was asked for.
+    pub weight: Option<f32>,
 }
 
 /// The scores of one sample.
@@ -79,6 +82,8 @@ pub struct SampleScore {
     pub origin: Option<String>,
     /// One entry per target, in order.
     pub tokens: Vec<TokenScore>,
+    /// Each target's position in its sample (what a strategy reading positions sees in training).
+    pub positions: Vec<u32>,
 }
 
 impl SampleScore {
@@ -101,6 +106,9 @@ impl SampleScore {
                     "rank": s.rank,
                     "prob": s.prob,
                 });
+                if let Some(w) = s.weight {
+                    t["weight"] = json!(w);
+                }
                 if let Some(top) = &s.top {
                     t["top"] = json!(
                         top.iter()
@@ -134,6 +142,10 @@ pub struct ScoreSummary {
     pub tokens: usize,
     /// Sum of the counted targets' losses.
     pub total_loss: f64,
+    /// Weighed targets and the sum of their strategy weights (when a strategy was asked for).
+    pub weighed: usize,
+    /// Sum of the weights.
+    pub total_weight: f64,
 }
 
 impl ScoreSummary {
@@ -144,6 +156,15 @@ impl ScoreSummary {
             self.total_loss += m * s.tokens.len() as f64;
             self.tokens += s.tokens.len();
         }
+        for w in s.tokens.iter().filter_map(|t| t.weight) {
+            self.weighed += 1;
+            self.total_weight += f64::from(w);
+        }
+    }
+
+    /// Mean strategy weight per weighed target (`None` when no strategy was asked for or nothing was weighed).
+    pub fn mean_weight(&self) -> Option<f64> {
+        (self.weighed > 0).then(|| self.total_weight / self.weighed as f64)
     }
 
     /// Mean loss per counted target (`None` when nothing was counted).
@@ -239,16 +260,21 @@ impl Scorer {
                 mean_loss: None,
                 origin: None,
                 tokens: Vec::new(),
+                positions: Vec::new(),
             });
         }
         let n = batch.n;
         let s = token_stats(&self.loaded, &batch, self.top_k);
-        let targets: Vec<u32> = mb
+        let positions: Vec<u32> = mb
             .target_mask
             .iter()
             .enumerate()
             .filter(|&(p, &t)| t && p > 0)
-            .map(|(p, _)| mb.input_ids[p])
+            .map(|(p, _)| p as u32)
+            .collect();
+        let targets: Vec<u32> = positions
+            .iter()
+            .map(|&p| mb.input_ids[p as usize])
             .collect();
         let mut tokens = Vec::with_capacity(n);
         let mut sum = 0f64;
@@ -262,6 +288,7 @@ impl Scorer {
                 rank: s.rank[i] + 1,
                 prob: (-s.ce[i]).exp(),
                 top: s.top.as_ref().map(|t| t[i].clone()),
+                weight: None,
             });
             sum += s.ce[i] as f64;
         }
@@ -270,6 +297,7 @@ impl Scorer {
             mean_loss: Some(sum / n as f64),
             origin: ex.origin.as_ref().map(|o| o.to_string()),
             tokens,
+            positions,
         })
     }
 
@@ -279,9 +307,20 @@ impl Scorer {
         &self,
         on_sample: &mut dyn FnMut(&SampleScore) -> Result<()>,
     ) -> Result<ScoreSummary> {
+        self.score_all_with(&mut |_| Ok(()), on_sample)
+    }
+
+    /// [`Scorer::score_all`] with `amend` run on each sample before it is counted and handed on (e.g.
+    /// [`StrategyWeights::weigh`]).
+    pub fn score_all_with(
+        &self,
+        amend: &mut dyn FnMut(&mut SampleScore) -> Result<()>,
+        on_sample: &mut dyn FnMut(&SampleScore) -> Result<()>,
+    ) -> Result<ScoreSummary> {
         let mut summary = ScoreSummary::default();
         for i in 0..self.len() {
-            let s = self.score(i)?;
+            let mut s = self.score(i)?;
+            amend(&mut s)?;
             summary.add(&s);
             on_sample(&s)?;
         }
@@ -447,5 +486,150 @@ fn token_stats(l: &Loaded, batch: &DeviceBatch, top_k: usize) -> TokenStats {
         entropy: ent,
         rank,
         top,
+    }
+}
+
+/// Why a strategy could not weigh a scored sample.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WeighError {
+    /// The strategy reads the top-k entropy and the sample was scored without its top-k list.
+    #[error("needs the top-{0} log-probabilities, which were not scored")]
+    MissingTopK(usize),
+    /// The strategy reads a reference model's loss and none was given.
+    #[error("weighs tokens by a reference model's loss, and there is none")]
+    NoReference,
+    /// The plugin failed or returned the wrong number of weights.
+    #[error("{0}")]
+    Plugin(String),
+}
+
+/// The weights `plugin` gives a scored sample's tokens, from the statistics the training step would hand it
+/// (at step 0, progress 0: a strategy with a schedule shows its start). `reference` is the reference model's
+/// loss on the same tokens, for strategies that read it.
+pub fn token_weights(
+    plugin: &dyn TokenReweighter,
+    s: &SampleScore,
+    reference: Option<&[f32]>,
+) -> std::result::Result<Vec<f32>, WeighError> {
+    // The weights are a function of host statistics: the CPU is where the training step's plugins run too.
+    let device = ytrainer_core::device::select("cpu", 0).map_err(WeighError::Plugin)?;
+    let n = s.tokens.len();
+    let needs = plugin.needs();
+    let loss: Vec<f32> = s.tokens.iter().map(|t| t.loss).collect();
+    let mut stats = ytrainer_core::loss::TokenStats::from_loss(tensor_from_slice(&loss, &device));
+    if needs.entropy {
+        let e: Vec<f32> = s.tokens.iter().map(|t| t.entropy).collect();
+        stats.entropy = Some(tensor_from_slice(&e, &device));
+    }
+    if needs.top_k_entropy > 0 {
+        let k = needs.top_k_entropy;
+        let mut lp = Vec::with_capacity(n * k);
+        for t in &s.tokens {
+            let top = t
+                .top
+                .as_ref()
+                .filter(|top| top.len() >= k)
+                .ok_or(WeighError::MissingTopK(k))?;
+            lp.extend(top[..k].iter().map(|&(_, l)| l));
+        }
+        let lp: Tensor<2> = tensor_from_slice(&lp, &device).reshape([n, k]);
+        stats.top_k_entropy = Some(ytrainer_core::step::top_k_entropy(lp, k));
+    }
+    if needs.reference_loss {
+        stats.reference_loss = Some(tensor_from_slice(
+            reference.ok_or(WeighError::NoReference)?,
+            &device,
+        ));
+    }
+    stats.position = needs.position.then(|| s.positions.clone());
+    stats.sample = needs.sample.then(|| vec![s.index as u32; n]);
+    let w = tensor_to_vec(plugin.try_weights(&stats).map_err(WeighError::Plugin)?);
+    if w.len() != n {
+        return Err(WeighError::Plugin(format!(
+            "returned {} weights for {n} tokens",
+            w.len()
+        )));
+    }
+    Ok(w)
+}
+
+/// A token strategy applied to scored samples (`ytrainer score --loss`): each token's weight as the training
+/// step computes it from that token's loss (and entropy, reference loss... as the strategy asks), one sample at
+/// a time. This is how one measures what a strategy does to chosen tokens, e.g. the mean weight it puts on
+/// corrupted answers against clean ones.
+pub struct StrategyWeights {
+    name: String,
+    plugin: Box<dyn TokenReweighter>,
+    /// The reference model's scorer (the base of a LoRA adapter), when the strategy reads reference losses.
+    reference: Option<Scorer>,
+}
+
+impl StrategyWeights {
+    /// Builds strategy `name` with `params` from the registry; `settings` are the scorer's, whose model without
+    /// its adapter is the reference when the strategy needs one. Returns the top-k the scorer must list (the
+    /// strategy's top-k entropy), so the caller can load its scorer with it.
+    pub fn load(
+        registry: &Registry,
+        name: &str,
+        params: &BTreeMap<String, f64>,
+        settings: &ScoreSettings,
+    ) -> Result<(Self, usize)> {
+        let (f, _) = registry
+            .build(name, params)
+            .with_context(|| format!("--loss {name}"))?;
+        let LossFn::Token(plugin) = f else {
+            bail!(
+                "--loss {name}: a pairwise (preference) objective scores pairs of answers, not tokens; pick a \
+                 token strategy such as ce or nlirg (`ytrainer plugins list`)"
+            );
+        };
+        let needs = plugin.needs();
+        let reference = if needs.reference_loss {
+            if settings.adapter.is_none() {
+                bail!(
+                    "--loss {name} weighs tokens by a reference model's loss: give the trained model as \
+                     --model plus --adapter, and its base is the reference"
+                );
+            }
+            Some(Scorer::load(&ScoreSettings {
+                adapter: None,
+                top_k: 0,
+                ..settings.clone()
+            })?)
+        } else {
+            None
+        };
+        Ok((
+            StrategyWeights {
+                name: name.to_string(),
+                plugin,
+                reference,
+            },
+            needs.top_k_entropy,
+        ))
+    }
+
+    /// Fills in the weight of every token of `s` (scored by a scorer over the same input as the reference's).
+    pub fn weigh(&self, s: &mut SampleScore) -> Result<()> {
+        if s.tokens.is_empty() {
+            return Ok(());
+        }
+        let reference = match &self.reference {
+            Some(r) => Some(
+                r.score(s.index)?
+                    .tokens
+                    .iter()
+                    .map(|t| t.loss)
+                    .collect::<Vec<f32>>(),
+            ),
+            None => None,
+        };
+        let w = token_weights(self.plugin.as_ref(), s, reference.as_deref()).map_err(|e| {
+            crate::RecipeError::Invalid(format!("--loss {} on sample {}: {e}", self.name, s.index))
+        })?;
+        for (t, w) in s.tokens.iter_mut().zip(w) {
+            t.weight = Some(w);
+        }
+        Ok(())
     }
 }
