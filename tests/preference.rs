@@ -581,3 +581,60 @@ fn the_chunked_preference_head_gives_the_log_softmax_gradient() {
         );
     }
 }
+
+/// Preference runs are planned like SFT runs: a pair (both completions, padded alike) is the unit, the
+/// configured pairs per micro-batch are lowered and recomputation switched on when the budget needs it, and a
+/// budget too small for one pair is refused with what to do.
+#[test]
+fn preference_runs_follow_the_memory_plan() {
+    let d = TempDir::new("pref-plan");
+    let data = small_pairs(d.path(), 8);
+    let run = |budget: &str, out: &str| {
+        ytrainer(&[
+            "run",
+            "--model",
+            &s(&assets().join("tiny-qwen2")),
+            "--data",
+            &s(&data),
+            "--loss",
+            "dpo",
+            "--max-steps",
+            "1",
+            "--memory-budget",
+            budget,
+            "--output-dir",
+            &s(&d.path().join(out)),
+        ])
+    };
+    let o = run("4GB", "roomy");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("memory plan: 4 pairs per micro-batch, gradient checkpointing off"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run("1MB", "tiny");
+    assert_user_error(
+        &o,
+        "the memory budget 1 MB (--memory-budget) is too small: one pair (both completions, padded alike) of ",
+    );
+    // Between the two: the largest budget that cannot hold 4 pairs without recomputation (the estimate at
+    // 4 pairs with it off is the upper end), found from the roomy plan's own estimate.
+    let err = stderr(&run("4GB", "again"));
+    let peak_mb: f64 = err
+        .split("estimated peak ")
+        .nth(1)
+        .and_then(|t| t.split(" MB").next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    let o = run(&format!("{}MB", (peak_mb * 0.6) as u64), "tight");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("gradient checkpointing on")
+            && err.contains("gradient checkpointing switched on: the activations of a micro-batch would not fit the budget"),
+        "{err}"
+    );
+    let m = jsonl(&d.path().join("tight/metrics.jsonl"));
+    assert!((m[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6);
+}

@@ -165,13 +165,20 @@ pub struct MemoryPlan {
 impl MemoryPlan {
     /// One line for the run's log.
     pub fn describe(&self) -> String {
+        self.describe_as(&format!(
+            "micro-batches of up to {} padded tokens",
+            self.micro_batch_tokens
+        ))
+    }
+
+    /// [`MemoryPlan::describe`] with the micro-batch said in the run's own unit (`micro_batch` names it).
+    pub fn describe_as(&self, micro_batch: &str) -> String {
         let budget = match &self.budget {
             Some((b, why)) => format!(" of a {} budget ({why})", human(*b)),
             None => String::new(),
         };
         let mut s = format!(
-            "memory plan: micro-batches of up to {} padded tokens, gradient checkpointing {}, estimated peak {}{budget}",
-            self.micro_batch_tokens,
+            "memory plan: {micro_batch}, gradient checkpointing {}, estimated peak {}{budget}",
             if self.gradient_checkpointing {
                 "on"
             } else {
@@ -217,18 +224,27 @@ pub fn plan(
     examples: &[Example],
     budget: Option<(u64, String)>,
 ) -> Result<MemoryPlan> {
-    let longest = examples
+    let rows = examples
         .iter()
-        .map(|e| e.input_ids.len())
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let (tokens, targets) = examples.iter().fold((0usize, 0usize), |(a, b), e| {
-        (
-            a + e.input_ids.len(),
-            b + e.targets.iter().filter(|&&t| t).count(),
-        )
-    });
+        .map(|e| (e.input_ids.len(), e.targets.iter().filter(|&&t| t).count()));
+    plan_rows(cfg, fp, rows, budget, "sequence")
+}
+
+/// [`plan`] over `(tokens, supervised tokens)` per row: a row is what the batcher never splits (an example, or
+/// for preference training a pair's two completions padded alike).
+pub fn plan_rows(
+    cfg: &RunConfig,
+    fp: &ModelFootprint,
+    rows: impl Iterator<Item = (usize, usize)>,
+    budget: Option<(u64, String)>,
+    row: &str,
+) -> Result<MemoryPlan> {
+    let (mut longest, mut tokens, mut targets) = (1usize, 0usize, 0usize);
+    for (n, t) in rows {
+        longest = longest.max(n);
+        tokens += n;
+        targets += t;
+    }
     let target_share = if tokens == 0 {
         1.0
     } else {
@@ -284,7 +300,7 @@ pub fn plan(
                 (mb, true)
             }
             None => bail!(
-                "the memory budget {} ({why}) is too small: one sequence of {longest} tokens needs about {} even \
+                "the memory budget {} ({why}) is too small: one {row} of {longest} tokens needs about {} even \
                  with gradient checkpointing ({} of it the model's weights); raise --memory-budget or lower \
                  --max-seq-len{}",
                 human(limit),

@@ -215,7 +215,46 @@ pub fn run_preference(
     let model = crate::common::load_policy(&cfg, &model_dir, &device)?;
     let pad_id = pad_id(&tok);
     let pc = &cfg.preference;
-    let micro = pc.micro_pairs.max(1);
+    // The memory plan, as SFT's: a pair's two completions are padded alike, so a pair is one unsplittable row
+    // of twice its longer side. The configured `micro_pairs` is only ever lowered (`[train] batch_size`
+    // fixes it: then the plan only estimates).
+    let longest_pair = pairs
+        .iter()
+        .map(|p| 2 * p.chosen.input_ids.len().max(p.rejected.input_ids.len()))
+        .max()
+        .unwrap_or(2)
+        .max(2);
+    let mut plan_cfg = cfg.clone();
+    plan_cfg.train.micro_batch_tokens = pc.micro_pairs.max(1) * longest_pair;
+    plan_cfg.train.max_micro_batch_size = pc.micro_pairs.max(1);
+    let mut memory = crate::memory::plan_rows(
+        &plan_cfg,
+        &crate::memory::ModelFootprint::of(&model),
+        pairs.iter().map(|p| {
+            (
+                2 * p.chosen.input_ids.len().max(p.rejected.input_ids.len()),
+                p.chosen.num_targets() + p.rejected.num_targets(),
+            )
+        }),
+        if cfg.train.batch_size > 0 {
+            None
+        } else {
+            crate::memory::budget(&cfg)?
+        },
+        "pair (both completions, padded alike)",
+    )?;
+    let micro = (memory.micro_batch_tokens / longest_pair).clamp(1, pc.micro_pairs.max(1));
+    memory
+        .changes
+        .retain(|c| !c.starts_with("micro-batch lowered"));
+    if micro < pc.micro_pairs.max(1) {
+        memory.changes.push(format!(
+            "micro-batch lowered from {} to {micro} pairs to fit the budget",
+            pc.micro_pairs
+        ));
+    }
+    observer.notice(&memory.describe_as(&format!("{micro} pairs per micro-batch")));
+    let model = model.with_gradient_checkpointing(memory.gradient_checkpointing);
     let writer = opts.group.is_writer();
 
     // Reference log-probabilities.
