@@ -7,7 +7,7 @@ use anyhow::{Result, anyhow, bail};
 use clap::Args;
 use ytrainer_models::gguf::{GgufType, TokenizerSource, export_gguf, export_lora_gguf};
 use ytrainer_models::is_gguf;
-use ytrainer_recipes::source::{inference_device, load_for_inference};
+use ytrainer_recipes::source::{inference_device, load_for_inference_as};
 
 /// `ytrainer export`
 #[derive(Debug, Args)]
@@ -52,7 +52,13 @@ pub fn export(a: ExportArgs) -> Result<()> {
         }
     }
     let device = inference_device("cpu")?;
-    let l = load_for_inference(&a.model, a.adapter.as_deref(), &device)?;
+    // The export re-quantises from f32 (and merges the adapter into it).
+    let l = load_for_inference_as(
+        &a.model,
+        a.adapter.as_deref(),
+        &device,
+        ytrainer_models::BaseWeights::F32,
+    )?;
     if let Some(out) = &a.lora_gguf {
         let e = export_lora_gguf(&l.model, out)?;
         println!(

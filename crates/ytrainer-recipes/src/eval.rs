@@ -11,9 +11,7 @@ use ytrainer_data::{
     BatchOptions, ChatTemplate, DataOptions, Mode, RecordKind, TokenizerWrapper, TrainOn,
     load_records, prepare,
 };
-use ytrainer_models::{
-    AdapterSpec, Decoder, is_gguf, load_gguf, load_peft_adapter, load_pretrained,
-};
+use ytrainer_models::{Decoder, is_gguf, load_peft_adapter};
 use ytrainer_sweep::DatasetEval;
 
 use crate::error::{Context, Result};
@@ -55,11 +53,8 @@ impl Evaluator {
         }
         let device =
             ytrainer_core::device::select(&settings.device, 0).map_err(|e| invalid!("{e}"))?;
-        let (mut model, _) = if gguf {
-            load_gguf(model_dir, &AdapterSpec::Full, &device)?
-        } else {
-            load_pretrained(model_dir, &AdapterSpec::Full, &device)?
-        };
+        let (mut model, _) =
+            crate::source::inference_model(model_dir, &device, crate::source::inference_base())?;
         if let Some(a) = adapter {
             model = load_peft_adapter(model, a)
                 .with_context(|| format!("loading the adapter {}", a.display()))?;

@@ -10,8 +10,7 @@ use ytrainer_core::device::Precision;
 use ytrainer_data::{ChatTemplate, TokenizerWrapper};
 use ytrainer_models::gguf::{GgufFile, gguf_tokenizer};
 use ytrainer_models::{
-    AdapterSpec, BaseWeights, Decoder, HfConfig, is_gguf, load_gguf, load_peft_adapter,
-    load_pretrained,
+    AdapterSpec, BaseWeights, Decoder, HfConfig, is_gguf, load_peft_adapter, load_pretrained,
 };
 
 use crate::error::{Context, Result};
@@ -87,14 +86,44 @@ pub fn load_tokenizer(model: &Path) -> Result<(TokenizerWrapper, Option<ChatTemp
     Ok((tok, template))
 }
 
-/// Loads weights (HF directory or GGUF), the adapter if any, tokenizer and template.
-pub fn load_for_inference(model: &Path, adapter: Option<&Path>, device: &Device) -> Result<Loaded> {
-    let (tok, template) = load_tokenizer(model)?;
-    let (mut decoder, config) = if is_gguf(model) {
-        load_gguf(model, &AdapterSpec::Full, device)?
+/// How inference holds a quantised GGUF's linear weights: in their blocks, as QLoRA training does (the quantised
+/// matrix product gives the dequantised copy's numbers byte for byte at a fraction of the memory), unless
+/// `YTRAINER_DEQUANTIZE=1` asks for the f32 copy.
+pub fn inference_base() -> BaseWeights {
+    if std::env::var_os("YTRAINER_DEQUANTIZE").is_some_and(|v| v == "1") {
+        BaseWeights::F32
+    } else {
+        BaseWeights::Stored
+    }
+}
+
+/// The model of a Hugging Face directory or a GGUF file, for inference (nothing trainable).
+pub fn inference_model(
+    model: &Path,
+    device: &Device,
+    base: BaseWeights,
+) -> Result<(Decoder, HfConfig)> {
+    Ok(if is_gguf(model) {
+        ytrainer_models::load_gguf_frozen(model, device, base)?
     } else {
         load_pretrained(model, &AdapterSpec::Full, device)?
-    };
+    })
+}
+
+/// Loads weights (HF directory or GGUF), the adapter if any, tokenizer and template.
+pub fn load_for_inference(model: &Path, adapter: Option<&Path>, device: &Device) -> Result<Loaded> {
+    load_for_inference_as(model, adapter, device, inference_base())
+}
+
+/// [`load_for_inference`] with the GGUF's weights held as `base` says (an export needs them in f32).
+pub fn load_for_inference_as(
+    model: &Path,
+    adapter: Option<&Path>,
+    device: &Device,
+    base: BaseWeights,
+) -> Result<Loaded> {
+    let (tok, template) = load_tokenizer(model)?;
+    let (mut decoder, config) = inference_model(model, device, base)?;
     if let Some(a) = adapter {
         decoder = load_peft_adapter(decoder, a).with_context(|| {
             format!(

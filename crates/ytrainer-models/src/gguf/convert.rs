@@ -356,6 +356,24 @@ pub fn load_gguf_with(
     Ok((model.with_adapter(adapter)?, config))
 }
 
+/// A GGUF model for inference only: nothing trainable, so a quantised file's linear weights can stay in their
+/// blocks (`base`: [`BaseWeights::Stored`]) without the full-fine-tuning refusal of [`load_gguf_with`]. A PEFT
+/// adapter may still be attached on top (`load_peft_adapter`).
+pub fn load_gguf_frozen(
+    path: &Path,
+    device: &Device,
+    base: BaseWeights,
+) -> Result<(Decoder, HfConfig), ModelError> {
+    let gguf = GgufFile::open(path)?;
+    let config = hf_config(&gguf)?;
+    let spec = ArchSpec::from_config(&config)?;
+    let mut source = GgufSource::new(&gguf, &config)?;
+    source.keep_quantized = base == BaseWeights::Stored;
+    let mut model = build_with(spec, config.clone(), &mut source, device, None)?;
+    model.base_model_name_or_path = crate::load::absolute_display(path);
+    Ok((model.set_require_grad(false), config))
+}
+
 /// `(HF name, HF shape)` of every tensor the architecture reads, in the order `build` reads them.
 pub(crate) fn expected_tensors(spec: &ArchSpec) -> Vec<(String, Vec<usize>)> {
     let (h, hd, i) = (spec.hidden_size, spec.head_dim, spec.intermediate_size);

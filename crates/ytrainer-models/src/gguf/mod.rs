@@ -23,7 +23,7 @@ mod tokenizer;
 pub(crate) use convert::expected_tensors;
 pub use convert::{
     ConvertReport, convert_gguf, convert_gguf_with, gguf_name, hf_config, hf_name, load_gguf,
-    load_gguf_with, unpermute_order, unpermute_rows, write_gguf_tokenizer_files,
+    load_gguf_frozen, load_gguf_with, unpermute_order, unpermute_rows, write_gguf_tokenizer_files,
 };
 pub use dequant::{GgmlType, dequantize};
 pub use export::{GgufExport, GgufType, TokenizerSource, export_gguf, export_lora_gguf};
