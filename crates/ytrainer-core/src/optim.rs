@@ -27,8 +27,8 @@ pub struct AdamWConfig {
     pub eps: f64,
     /// Decoupled weight decay, applied as `p *= 1 - lr * wd` (skipped for norms and biases).
     pub weight_decay: f64,
-    /// LoRA+ (Hayou et al. 2024): the learning rate of every `lora_b` matrix is this times the step's (its
-    /// decay too); 1 = plain LoRA.
+    /// LoRA+ (Hayou et al. 2024): the learning rate of every `lora_b` matrix (and DoRA `lora_magnitude` vector,
+    /// as PEFT groups them) is this times the step's (its decay too); 1 = plain LoRA.
     #[serde(default = "one")]
     pub lora_b_lr_ratio: f64,
 }
@@ -314,9 +314,12 @@ impl ModuleMapper for Update<'_> {
         let c = self.config;
         let prev = self.moments.remove(&path);
         let decay = c.weight_decay != 0.0 && decays(&path);
-        // LoRA+: B's learning rate (and with it its decay) is the ratio times the step's.
+        // LoRA+: B's learning rate (and with it its decay) is the ratio times the step's; DoRA's magnitude
+        // vectors go with B, as in PEFT's `create_loraplus_optimizer` (its 1-d parameters join B's group).
         let lr = self.lr;
-        if c.lora_b_lr_ratio != 1.0 && path.ends_with("lora_b") {
+        if c.lora_b_lr_ratio != 1.0
+            && (path.ends_with("lora_b") || path.ends_with("lora_magnitude"))
+        {
             self.lr = lr * c.lora_b_lr_ratio;
         }
         let (p, m, v) = match host_update(self, p, g, prev, decay) {

@@ -36,6 +36,8 @@ pub const KEYS: &[(&str, &[&str])] = &[
             "dropout",
             "target_modules",
             "use_rslora",
+            "use_dora",
+            "modules_to_save",
             "init_from",
         ],
     ),
