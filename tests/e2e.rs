@@ -722,4 +722,27 @@ fn dora_with_modules_to_save_exports_resumes_and_continues() {
     let (x, y) = (ma["loss"].as_f64().unwrap(), mb["loss"].as_f64().unwrap());
     println!("resumed step-2 loss {y} vs uninterrupted {x}");
     assert!((x - y).abs() <= 1e-6, "{x} vs {y}");
+
+    // Gradient checkpointing (the embedding's gradient through the recomputing backward, the magnitudes through
+    // each recomputed layer) trains as the plain run does.
+    let g = d.path().join("recompute");
+    run(args(&g, "2", &["--gradient-checkpointing".into()]));
+    let (ja, jg) = (
+        jsonl(&a.join("metrics.jsonl")),
+        jsonl(&g.join("metrics.jsonl")),
+    );
+    assert_eq!(ja.len(), jg.len());
+    for (p, q) in ja.iter().zip(&jg) {
+        for key in ["loss", "grad_norm"] {
+            let (u, v) = (p[key].as_f64().unwrap(), q[key].as_f64().unwrap());
+            println!(
+                "step {}: {key} plain {u} vs gradient checkpointing {v}",
+                p["step"]
+            );
+            assert!(
+                (u - v).abs() <= 1e-4 * u.abs().max(1.0),
+                "{key}: {u} vs {v}"
+            );
+        }
+    }
 }
