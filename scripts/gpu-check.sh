@@ -7,6 +7,9 @@
 #   c. training checks on the tiny preset (made by `ytrainer init`), per-step losses against a reference run:
 #      LoRA NLIRG on cuda vs cpu; LoRA over a q8_0 GGUF base (made by `ytrainer export`) on cuda vs cpu; gradient
 #      checkpointing vs plain on cuda; bf16 vs f32 on cuda; DPO step-0 loss = ln 2 on cuda (training.json);
+#   c2. LoRA variants against PEFT (peft.json): DoRA, modules_to_save and both trained on the tiny preset, each
+#      adapter loaded with PeftModel.from_pretrained (per-token CE vs ytrainer score) and merged (merge_and_unload
+#      vs ytrainer merge); alone: python3 scripts/gpu_check.py --only peft --out DIR (CPU PyTorch is enough);
 #   d. LoRA SFT throughput side by side (r 16, all 7 projections, seq 1024): `ytrainer bench --device cuda
 #      --shape smollm2` vs benches/torch_baseline.py (PyTorch + PEFT, f32 and bf16), tokens/s, peak GPU memory, MFU;
 #      ytrainer CE vs NLIRG step time;

@@ -162,6 +162,101 @@ def training_checks(out_dir, device, steps=6):
     return checks
 
 
+def peft_checks(out_dir, device, steps=4):
+    """The LoRA variants against PEFT itself: a few training steps on the tiny preset with DoRA, with
+    modules_to_save (tied embeddings: one matrix saved as both `embed_tokens` and `lm_head`) and with both; each
+    exported adapter is loaded with `PeftModel.from_pretrained` and its per-token CE on random ids compared with
+    `ytrainer score --adapter`; then PEFT's `merge_and_unload()` against `ytrainer merge` loaded with transformers.
+    A learning rate of 1e-2 moves the magnitudes and embeddings far enough from the base that a format or
+    formula error shows (the base is reported too)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    work = os.path.join(out_dir, "peft")
+    os.makedirs(work, exist_ok=True)
+    data = os.path.join(ROOT, "examples", "quickstart", "train.jsonl")
+    base = os.path.join(out_dir, "train", "base")
+    if not os.path.exists(os.path.join(base, "config.json")):
+        r = run([YT, "init", "--data", data, "--out", base], 120)
+        if r["rc"] != 0:
+            return [{"check": "peft setup", "ok": False, "stderr": r["stderr"][-1500:]}]
+    with open(os.path.join(base, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, vocab, (2, 48), generator=g)
+    ids_path = os.path.join(work, "ids.json")
+    with open(ids_path, "w") as f:
+        json.dump(ids.tolist(), f)
+
+    def ce_of(model):
+        with torch.no_grad():
+            logits = model(ids.to(device)).logits.float()
+        lp = torch.log_softmax(logits[:, :-1], -1)
+        return (-lp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)).cpu().tolist()
+
+    def ours(adapter, name):
+        scores = os.path.join(work, f"scores-{name}.jsonl")
+        cmd = [YT, "score", "--model", base, "--ids-json", ids_path, "--device", "cpu", "--out", scores]
+        if adapter:
+            cmd += ["--adapter", adapter]
+        r = run(cmd, 180)
+        if r["rc"] != 0:
+            return None, r["stderr"][-1500:]
+        return [[t["loss"] for t in json.loads(line)["tokens"]] for line in open(scores)], None
+
+    def max_diff(a, b):
+        return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+
+    load = lambda path: AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(device).eval()
+    base_ce = ce_of(load(base))
+    variants = [
+        ("dora", ["--set", "adapter.use_dora=true"]),
+        ("modules_to_save", ["--set", 'adapter.modules_to_save=["embed_tokens","lm_head"]']),
+        ("dora+modules_to_save", ["--set", "adapter.use_dora=true",
+                                  "--set", 'adapter.modules_to_save=["embed_tokens","lm_head"]']),
+    ]
+    checks = []
+    for name, extra in variants:
+        out = os.path.join(work, name)
+        r = run([YT, "run", "--model", base, "--data", data, "--device", "cpu", "--max-steps", str(steps),
+                 "--tokens-per-step", "128", "--learning-rate", "1e-2", "--lora-r", "8", "--output-dir", out,
+                 "--overwrite", *extra], 240)
+        if r["rc"] != 0:
+            checks.append({"check": f"PEFT loads the {name} adapter", "ok": False, "stderr": r["stderr"][-1500:]})
+            continue
+        adapter = os.path.join(out, "final")
+        with open(os.path.join(adapter, "adapter_config.json")) as f:
+            acfg = json.load(f)
+        mine, err = ours(adapter, name)
+        if mine is None:
+            checks.append({"check": f"PEFT loads the {name} adapter", "ok": False, "stderr": err})
+            continue
+        try:
+            peft_model = PeftModel.from_pretrained(load(base), adapter).eval()
+            theirs = ce_of(peft_model)
+            merged_theirs = ce_of(peft_model.merge_and_unload())
+        except Exception as e:  # noqa: BLE001 - reported as a failed check
+            checks.append({"check": f"PEFT loads the {name} adapter", "ok": False, "stderr": repr(e)[-1500:]})
+            continue
+        d = max_diff(mine, theirs)
+        checks.append({"check": f"PEFT loads the {name} adapter: per-token CE vs ytrainer score", "ok": d <= 1e-4,
+                       "max_abs_loss_diff": d, "tolerance": 1e-4, "moved_from_base": max_diff(theirs, base_ce),
+                       "use_dora": acfg.get("use_dora"), "modules_to_save": acfg.get("modules_to_save")})
+        merged_dir = os.path.join(work, f"merged-{name}")
+        r = run([YT, "merge", "--model", base, "--adapter", adapter, "--out", merged_dir], 180)
+        if r["rc"] != 0:
+            checks.append({"check": f"ytrainer merge of {name} vs PEFT merge_and_unload", "ok": False,
+                           "stderr": r["stderr"][-1500:]})
+            continue
+        dm = max_diff(ce_of(load(merged_dir)), merged_theirs)
+        checks.append({"check": f"ytrainer merge of {name} vs PEFT merge_and_unload (per-token CE)",
+                       "ok": dm <= 1e-4, "max_abs_loss_diff": dm, "tolerance": 1e-4})
+    with open(os.path.join(out_dir, "peft.json"), "w") as f:
+        json.dump(checks, f, indent=1)
+    return checks
+
+
 def bench_rows(out_dir, batch, seq, steps):
     rows = []
     cmds = [
@@ -215,13 +310,18 @@ def main():
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", default="cuda", help="cuda, or cpu to dry-run the parity part without a GPU")
-    ap.add_argument("--only", choices=["training"], help="run only the training checks (no PyTorch needed)")
+    ap.add_argument("--only", choices=["training", "peft"],
+                    help="run only the training checks (no PyTorch needed) or only the PEFT variant checks")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     if a.only == "training":
         checks = training_checks(a.out, a.device)
         log(json.dumps(checks, indent=1))
         raise SystemExit(0 if all(c["ok"] for c in checks) else 1)
+    if a.only == "peft":
+        checks = peft_checks(a.out, a.device)
+        log(json.dumps(checks, indent=1))
+        raise SystemExit(0 if checks and all(c["ok"] for c in checks) else 1)
     import torch
 
     name = torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu (dry run)"
@@ -234,6 +334,8 @@ def main():
     log(json.dumps(results["parity"], indent=1)[:3000])
     results["training"] = training_checks(a.out, a.device)
     log(json.dumps(results["training"], indent=1)[:6000])
+    results["peft"] = peft_checks(a.out, a.device)
+    log(json.dumps(results["peft"], indent=1)[:4000])
     if a.device != "cuda":
         return
     rows = bench_rows(a.out, a.batch, a.seq, a.steps)
@@ -258,6 +360,10 @@ def main():
     for c in results["training"]:
         lines.append(f"| {c['check']} | {c.get('max_abs_loss_diff', c.get('step0_loss', 'failed'))} | "
                      f"{c.get('tolerance', '1e-5 from ln 2' if 'step0_loss' in c else '')} | {c['ok']} |")
+    lines += ["", "## LoRA variants loaded by PEFT (tiny preset; per-token CE on 2 x 48 random ids)", "",
+              "| check | max abs loss diff | tolerance | ok |", "|---|---|---|---|"]
+    for c in results["peft"]:
+        lines.append(f"| {c['check']} | {c.get('max_abs_loss_diff', 'failed')} | {c.get('tolerance', '')} | {c['ok']} |")
     lines += ["", f"## LoRA SFT, SmolLM2-135M shape, r 16 on 7 projections, batch {a.batch} x {a.seq}", "",
               "| impl | dtype | loss | tokens/s | peak GPU MiB | MFU |", "|---|---|---|---|---|---|"]
     for r in rows:

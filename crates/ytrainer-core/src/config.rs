@@ -122,6 +122,12 @@ pub struct AdapterSection {
     pub target_modules: Vec<String>,
     /// Rank-stabilised scaling.
     pub use_rslora: bool,
+    /// DoRA: a trainable magnitude per output feature of every adapted projection (PEFT's `use_dora`).
+    #[serde(skip_serializing_if = "is_false")]
+    pub use_dora: bool,
+    /// Modules trained fully beside LoRA (PEFT's `modules_to_save`): `embed_tokens` and / or `lm_head`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub modules_to_save: Vec<String>,
     /// Continue training an existing PEFT adapter directory.
     pub init_from: Option<PathBuf>,
 }
@@ -156,6 +162,8 @@ impl Default for AdapterSection {
             dropout: 0.0,
             target_modules: ALL_PROJECTIONS.iter().map(|s| s.to_string()).collect(),
             use_rslora: false,
+            use_dora: false,
+            modules_to_save: Vec::new(),
             init_from: None,
         }
     }

@@ -27,8 +27,8 @@ pub struct AdamWConfig {
     pub eps: f64,
     /// Decoupled weight decay, applied as `p *= 1 - lr * wd` (skipped for norms and biases).
     pub weight_decay: f64,
-    /// LoRA+ (Hayou et al. 2024): the learning rate of every `lora_b` matrix is this times the step's (its
-    /// decay too); 1 = plain LoRA.
+    /// LoRA+ (Hayou et al. 2024): the learning rate of every `lora_b` matrix (and DoRA `lora_magnitude` vector,
+    /// as PEFT groups them) is this times the step's (its decay too); 1 = plain LoRA.
     #[serde(default = "one")]
     pub lora_b_lr_ratio: f64,
 }
@@ -314,9 +314,12 @@ impl ModuleMapper for Update<'_> {
         let c = self.config;
         let prev = self.moments.remove(&path);
         let decay = c.weight_decay != 0.0 && decays(&path);
-        // LoRA+: B's learning rate (and with it its decay) is the ratio times the step's.
+        // LoRA+: B's learning rate (and with it its decay) is the ratio times the step's; DoRA's magnitude
+        // vectors go with B, as in PEFT's `create_loraplus_optimizer` (its 1-d parameters join B's group).
         let lr = self.lr;
-        if c.lora_b_lr_ratio != 1.0 && path.ends_with("lora_b") {
+        if c.lora_b_lr_ratio != 1.0
+            && (path.ends_with("lora_b") || path.ends_with("lora_magnitude"))
+        {
             self.lr = lr * c.lora_b_lr_ratio;
         }
         let (p, m, v) = match host_update(self, p, g, prev, decay) {
@@ -549,10 +552,12 @@ mod tests {
     struct Lora {
         lora_a: Param<Tensor<1>>,
         lora_b: Param<Tensor<1>>,
+        lora_magnitude: Param<Tensor<1>>,
     }
 
-    /// LoRA+: with ratio 16 the `lora_b` matrix moves as PyTorch's AdamW with 16 times the learning rate (decay
-    /// included), `lora_a` as with the step's own, over three steps on the same gradient.
+    /// LoRA+: with ratio 16 the `lora_b` matrix (and a DoRA magnitude, which PEFT groups with B) moves as
+    /// PyTorch's AdamW with 16 times the learning rate (decay included), `lora_a` as with the step's own, over
+    /// three steps on the same gradient.
     #[test]
     fn lora_plus_scales_the_learning_rate_of_b_only() {
         let device = Device::flex().autodiff();
@@ -565,6 +570,7 @@ mod tests {
         let mut toy = Lora {
             lora_a: param(),
             lora_b: param(),
+            lora_magnitude: param(),
         };
         let mut opt = AdamW::new(AdamWConfig {
             weight_decay: 0.1,
@@ -589,7 +595,8 @@ mod tests {
                 .val()
                 .mul(ct())
                 .sum()
-                .add(toy.lora_b.val().mul(ct()).sum());
+                .add(toy.lora_b.val().mul(ct()).sum())
+                .add(toy.lora_magnitude.val().mul(ct()).sum());
             let mut grads = loss.backward();
             let mut acc = GradAccumulator::default();
             acc.accumulate(&toy, &mut grads);
@@ -600,8 +607,17 @@ mod tests {
         let host = |p: &Param<Tensor<1>>| -> Vec<f32> {
             p.val().into_data().convert::<f32>().try_into_vec().unwrap()
         };
-        let (a, b) = (host(&toy.lora_a), host(&toy.lora_b));
-        for (g, w) in a.iter().zip(&ha).chain(b.iter().zip(&hb)) {
+        let (a, b, m) = (
+            host(&toy.lora_a),
+            host(&toy.lora_b),
+            host(&toy.lora_magnitude),
+        );
+        for (g, w) in a
+            .iter()
+            .zip(&ha)
+            .chain(b.iter().zip(&hb))
+            .chain(m.iter().zip(&hb))
+        {
             assert!((*g as f64 - w).abs() < 1e-6, "{a:?} {ha:?} / {b:?} {hb:?}");
         }
         // B moved about 16 times as far as A (Adam's first steps move each weight by about lr).

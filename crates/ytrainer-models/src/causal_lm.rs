@@ -65,9 +65,13 @@ impl CausalLm for Decoder {
 
     fn lm_head_weight(&self) -> Option<ytrainer_core::model::LmHeadWeight> {
         use ytrainer_core::lm_loss::HeadLayout;
+        // With the adapters off, the base's head when it is trained beside LoRA (`modules_to_save`).
         let (param, layout) = match &self.lm_head {
-            Some(head) => (&head.weight, HeadLayout::HiddenMajor),
-            None => (&self.embed_tokens.weight, HeadLayout::VocabMajor),
+            Some(head) => (head.param(), HeadLayout::HiddenMajor),
+            None => match &self.embed_tokens.original {
+                Some(o) if crate::lora::adapters_off() => (o, HeadLayout::VocabMajor),
+                _ => (&self.embed_tokens.weight, HeadLayout::VocabMajor),
+            },
         };
         let weight = param.val();
         Some(ytrainer_core::model::LmHeadWeight {

@@ -35,16 +35,37 @@ pub use crate::positions::{Rope, attention_bias};
 #[derive(Module, Debug)]
 pub struct Embedding {
     pub weight: Param<Tensor<2>>,
+    /// The base model's table, frozen, kept while `weight` is trained beside LoRA (`modules_to_save`): a
+    /// forward pass with the adapters off ([`crate::lora::without_adapters`], the reference model of DPO / rho1)
+    /// reads it instead, as PEFT's `disable_adapter` reads its `original_module`. Shares the buffer with `weight`
+    /// until the first update (copy on write).
+    pub original: Option<Param<Tensor<2>>>,
 }
 
 impl Embedding {
+    /// The table in force: the trained one, or the base's with the adapters off.
+    pub fn table(&self) -> Tensor<2> {
+        match &self.original {
+            Some(o) if crate::lora::adapters_off() => o.val(),
+            _ => self.weight.val(),
+        }
+    }
+
     pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         let [b, t] = ids.dims();
         let hidden = self.weight.lazy_shape().as_slice()[1];
-        self.weight
-            .val()
+        self.table()
             .select(0, ids.reshape([b * t]))
             .reshape([b, t, hidden])
+    }
+
+    /// Makes the table trainable, keeping a frozen copy of the base's for forward passes with adapters off.
+    pub(crate) fn trained_beside_adapters(self) -> Self {
+        let w = self.weight.val().detach();
+        Self {
+            original: Some(Param::from_tensor(w.clone()).set_require_grad(false)),
+            weight: Param::from_tensor(w).set_require_grad(true),
+        }
     }
 }
 
@@ -74,6 +95,49 @@ impl RmsNorm {
 #[derive(Module, Debug)]
 pub struct LmHead {
     pub weight: Param<Tensor<2>>,
+    /// The base's head, frozen, while `weight` is trained beside LoRA (as [`Embedding::original`]).
+    pub original: Option<Param<Tensor<2>>>,
+}
+
+impl LmHead {
+    /// The head in force: the trained one, or the base's with the adapters off.
+    pub fn param(&self) -> &Param<Tensor<2>> {
+        match &self.original {
+            Some(o) if crate::lora::adapters_off() => o,
+            _ => &self.weight,
+        }
+    }
+
+    pub(crate) fn trained_beside_adapters(self) -> Self {
+        let w = self.weight.val().detach();
+        Self {
+            original: Some(Param::from_tensor(w.clone()).set_require_grad(false)),
+            weight: Param::from_tensor(w).set_require_grad(true),
+        }
+    }
+}
+
+/// The module names `modules_to_save` accepts (PEFT's suffix rule: `model.embed_tokens` names the same).
+pub const MODULES_TO_SAVE: [&str; 2] = ["embed_tokens", "lm_head"];
+
+/// Which of the embeddings and the head `modules_to_save` names: `(embed_tokens, lm_head)`; an unknown name is
+/// an error that lists the accepted ones.
+pub fn modules_to_save_flags(names: &[String]) -> Result<(bool, bool), ModelError> {
+    let (mut embed, mut head) = (false, false);
+    for name in names {
+        let last = name.rsplit('.').next().unwrap_or(name);
+        match last {
+            "embed_tokens" => embed = true,
+            "lm_head" => head = true,
+            _ => {
+                return Err(ModelError::Invalid(format!(
+                    "`modules_to_save` entry {name:?} is not supported: only {MODULES_TO_SAVE:?} can be trained \
+                     fully beside LoRA (a projection is adapted through `target_modules` instead)"
+                )));
+            }
+        }
+    }
+    Ok((embed, head))
 }
 
 /// Multi-head attention with grouped KV heads.
@@ -447,9 +511,32 @@ impl Decoder {
     /// `[hidden, vocab]` otherwise.
     pub fn head_weight(&self) -> Tensor<2> {
         match &self.lm_head {
-            Some(head) => head.weight.val(),
-            None => self.embed_tokens.weight.val().transpose(),
+            Some(head) => head.param().val(),
+            None => self.embed_tokens.table().transpose(),
         }
+    }
+
+    /// Whether the embeddings / the untied head are trained beside LoRA (`modules_to_save`): `(embed, head)`.
+    /// With tied embeddings only the first can be true (the one matrix is both).
+    pub fn trained_beside_adapters(&self) -> (bool, bool) {
+        (
+            self.embed_tokens.original.is_some(),
+            self.lm_head.as_ref().is_some_and(|h| h.original.is_some()),
+        )
+    }
+
+    /// Trains the embeddings and / or the head fully beside the adapters (`modules_to_save`), the rest staying
+    /// as it is. With tied embeddings there is one matrix, and naming either module trains it: the model keeps its
+    /// architecture (PEFT's `ensure_weight_tying`), and the saved adapter holds it under both names.
+    pub fn with_modules_to_save(mut self, embed: bool, head: bool) -> Self {
+        let tied = self.lm_head.is_none();
+        if embed || (tied && head) {
+            self.embed_tokens = self.embed_tokens.trained_beside_adapters();
+        }
+        if head && !tied {
+            self.lm_head = self.lm_head.map(LmHead::trained_beside_adapters);
+        }
+        self
     }
 
     /// Every projection with its full HF module name (`model.layers.3.mlp.down_proj`).
@@ -530,6 +617,7 @@ impl Decoder {
             }
             AdapterSpec::Lora(cfg) => {
                 check_lora_config(cfg)?;
+                let (embed, head) = modules_to_save_flags(&cfg.modules_to_save)?;
                 let mut matched = false;
                 let model = self.set_require_grad(false).try_map_linears(|name, lin| {
                     Ok::<_, ModelError>(if cfg.targets(name) {
@@ -546,7 +634,7 @@ impl Decoder {
                         crate::lora::DEFAULT_LORA_TARGETS
                     )));
                 }
-                model
+                model.with_modules_to_save(embed, head)
             }
         };
         model.adapter = adapter.clone();
@@ -566,6 +654,7 @@ pub(crate) fn check_lora_config(cfg: &crate::LoraConfig) -> Result<(), ModelErro
             cfg.dropout
         )));
     }
+    modules_to_save_flags(&cfg.modules_to_save)?;
     Ok(())
 }
 

@@ -65,6 +65,14 @@ pub struct LoraConfig {
     pub target_modules: Vec<String>,
     /// rsLoRA scaling `alpha / sqrt(r)`.
     pub use_rslora: bool,
+    /// DoRA (Liu et al. 2024, PEFT's `use_dora`): a trainable magnitude per output feature on top of LoRA, see
+    /// [`LoraLinear::lora_magnitude`].
+    #[serde(default)]
+    pub use_dora: bool,
+    /// Modules trained fully beside the adapters (PEFT's `modules_to_save`): `embed_tokens` and / or `lm_head`.
+    /// On a model with tied embeddings either name trains the one shared matrix (see `Decoder::with_adapter`).
+    #[serde(default)]
+    pub modules_to_save: Vec<String>,
     /// Seed of the `A` initialisation.
     pub init_seed: u64,
 }
@@ -77,6 +85,8 @@ impl Default for LoraConfig {
             dropout: 0.0,
             target_modules: DEFAULT_LORA_TARGETS.iter().map(|s| s.to_string()).collect(),
             use_rslora: false,
+            use_dora: false,
+            modules_to_save: Vec::new(),
             init_seed: 42,
         }
     }
@@ -130,6 +140,11 @@ pub struct LoraLinear {
     /// `[r, out]`, initialised to zeros so that training starts from the base model.
     pub lora_b: Option<Param<Tensor<2>>>,
     pub lora_dropout: Option<Dropout>,
+    /// DoRA's magnitude `m` `[out]`: the layer computes `W' = m * (W + s·A·B) / ||W + s·A·B||`, the norm taken
+    /// per output feature (a column in Burn's `[in, out]` layout, a row of PyTorch's `[out, in]`: PEFT's
+    /// `dim=1`) and treated as a constant in the backward pass, as the paper (section 4.3) and PEFT do, so the
+    /// norm costs no activation memory. Initialised to that norm, so a fresh DoRA layer is the base layer.
+    pub lora_magnitude: Option<Param<Tensor<1>>>,
     /// `alpha / r` (or `alpha / sqrt(r)`); 0 without LoRA.
     pub scaling: f64,
 }
@@ -144,6 +159,7 @@ impl LoraLinear {
             lora_a: None,
             lora_b: None,
             lora_dropout: None,
+            lora_magnitude: None,
             scaling: 0.0,
         }
     }
@@ -157,6 +173,7 @@ impl LoraLinear {
             lora_a: None,
             lora_b: None,
             lora_dropout: None,
+            lora_magnitude: None,
             scaling: 0.0,
         }
     }
@@ -200,7 +217,51 @@ impl LoraLinear {
         let a = InitRng::for_tensor(config.init_seed, module_name).uniform(d_in * r, -bound, bound);
         let a = Tensor::from_data(TensorData::new(a, [d_in, r]), &device);
         let b = Tensor::zeros([r, d_out], &device);
-        self.with_lora(a, b, config.scaling(), config.dropout)
+        let lin = self.with_lora(a, b, config.scaling(), config.dropout);
+        if config.use_dora {
+            // PEFT's init: m = ||W + s·A·B|| with B = 0, so m / norm is exactly 1 and the layer starts as the base.
+            let m = lin.dora_norm();
+            lin.with_dora(m)
+        } else {
+            lin
+        }
+    }
+
+    /// Attaches DoRA's magnitude vector `m` `[out]` (trainable) to a layer that has a LoRA branch.
+    pub fn with_dora(self, magnitude: Tensor<1>) -> Self {
+        Self {
+            lora_magnitude: Some(Param::from_tensor(magnitude.detach())),
+            ..self
+        }
+    }
+
+    /// `||W + s·A·B||` per output feature, `[out]`, detached (DoRA's denominator). The dense sum is formed here,
+    /// dequantising a quantised base (as PEFT does for its quantised layers): it costs one `[in, out]` pass per
+    /// forward, `r / tokens` of the layer's own matmul. A zero norm (an all-zero weight column) is clamped to the
+    /// smallest normal float so that `m / norm` stays finite (PEFT would give NaN there).
+    pub fn dora_norm(&self) -> Tensor<1> {
+        let w = self.merged_lora_weight();
+        let d_out = w.dims()[1];
+        w.square()
+            .sum_dim(0)
+            .sqrt()
+            .clamp_min(f32::MIN_POSITIVE)
+            .reshape([d_out])
+    }
+
+    /// `W + s·A·B` in Burn layout `[in, out]`, detached, without DoRA's rescaling.
+    fn merged_lora_weight(&self) -> Tensor<2> {
+        let w = self.base_weight().detach();
+        match (&self.lora_a, &self.lora_b) {
+            (Some(a), Some(b)) => {
+                w + a
+                    .val()
+                    .detach()
+                    .matmul(b.val().detach())
+                    .mul_scalar(self.scaling)
+            }
+            _ => w,
+        }
     }
 
     /// Attaches a LoRA branch with the given `A [in, r]` and `B [r, out]` (trainable) and freezes the base.
@@ -212,13 +273,72 @@ impl LoraLinear {
             lora_a: Some(Param::from_tensor(a)),
             lora_b: Some(Param::from_tensor(b)),
             lora_dropout: (dropout > 0.0).then(|| DropoutConfig::new(dropout).init()),
+            lora_magnitude: None,
             scaling,
         }
     }
 
-    /// `x·W + b + s·(dropout(x)·A)·B` over the last dimension.
+    /// `x·W + b + s·(dropout(x)·A)·B` over the last dimension (with DoRA's rescaling when it is on).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let adapters_on = !ADAPTERS_OFF.with(|c| c.get());
+        match &self.lora_magnitude {
+            Some(m) if adapters_on && self.has_lora() => self.forward_dora(m, x),
+            _ => self.forward_lora(x, adapters_on),
+        }
+    }
+
+    /// DoRA as PEFT computes it, with `g = m / ||W + s·A·B||` (norm detached) per output feature:
+    /// `y = x·W + b + (g - 1)·(d·W) + g·s·(d·A)·B` where `d = dropout(x)`. Without dropout (`d = x`) this is
+    /// `y + (g - 1)·(y - b)` for the plain LoRA output `y`, one fused LoRA product plus elementwise work; and at
+    /// initialisation `g - 1` is exactly 0, so the output is the base layer's to the last bit.
+    fn forward_dora<const D: usize>(&self, m: &Param<Tensor<1>>, x: Tensor<D>) -> Tensor<D> {
+        let d_out = self.d_out();
+        let mut shape = [1usize; D];
+        shape[D - 1] = d_out;
+        let g = m.val().div(self.dora_norm()).reshape(shape);
+        let g_minus_1 = g.clone().sub_scalar(1.0);
+        let bias = self.bias.as_ref().map(|b| b.val().reshape(shape));
+        match (&self.lora_dropout, &self.lora_a, &self.lora_b) {
+            (Some(dropout), Some(a), Some(b)) => {
+                let d = dropout.forward(x.clone());
+                let y = self.forward_lora(x, false);
+                let base_d = self.base_product(d.clone());
+                let lora = linear(
+                    linear(d, a.val(), None),
+                    b.val().mul_scalar(self.scaling),
+                    None,
+                );
+                y + g_minus_1 * base_d + g * lora
+            }
+            _ => {
+                let y = self.forward_lora(x, true);
+                let without_bias = match bias {
+                    Some(b) => y.clone() - b,
+                    None => y.clone(),
+                };
+                y + g_minus_1 * without_bias
+            }
+        }
+    }
+
+    /// `x·W` without bias or adapter (fused or quantised kernel where one applies).
+    fn base_product<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        if let Some(q) = &self.quant {
+            if let Some(y) = ytrainer_kernels::quant_linear::quant_linear(&x, q, None, None) {
+                return y;
+            }
+            return linear(x, self.base_weight(), None);
+        }
+        let weight = self.weight.val();
+        let parts = crate::fused::LinearParts {
+            bias: None,
+            lora: None,
+        };
+        crate::fused::linear(&x, &weight, parts).unwrap_or_else(|| linear(x, weight, None))
+    }
+
+    /// The LoRA layer without DoRA: `x·W + b + s·(dropout(x)·A)·B`, or `x·W + b` when `adapters_on` is false.
+    fn forward_lora<const D: usize>(&self, x: Tensor<D>, adapters_on: bool) -> Tensor<D> {
         if let Some(q) = &self.quant {
             return self.forward_quantized(q, x, adapters_on);
         }
@@ -242,7 +362,7 @@ impl LoraLinear {
         }
         let base = |x: Tensor<D>| linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()));
         match (&self.lora_a, &self.lora_b) {
-            (Some(a), Some(b)) if !ADAPTERS_OFF.with(|c| c.get()) => {
+            (Some(a), Some(b)) if adapters_on => {
                 let update = self.lora_update(a, b, x.clone());
                 base(x) + update
             }
@@ -303,16 +423,15 @@ impl LoraLinear {
         }
     }
 
-    /// `W + s·A·B` in Burn layout `[in, out]`, detached (for export; never used in training).
+    /// `W + s·A·B` in Burn layout `[in, out]`, detached (for export; never used in training); with DoRA
+    /// `m * (W + s·A·B) / ||W + s·A·B||` per output feature, PEFT's merge.
     pub fn merged_weight(&self) -> Tensor<2> {
-        let w = self.base_weight().detach();
-        match (&self.lora_a, &self.lora_b) {
-            (Some(a), Some(b)) => {
-                w + a
-                    .val()
-                    .detach()
-                    .matmul(b.val().detach())
-                    .mul_scalar(self.scaling)
+        let w = self.merged_lora_weight();
+        match &self.lora_magnitude {
+            Some(m) if self.has_lora() => {
+                let d_out = w.dims()[1];
+                let g = m.val().detach().div(self.dora_norm()).reshape([1, d_out]);
+                w * g
             }
             _ => w,
         }

@@ -144,6 +144,8 @@ pub fn adapter_spec(cfg: &RunConfig) -> AdapterSpec {
             dropout: cfg.adapter.dropout,
             target_modules: cfg.adapter.target_modules.clone(),
             use_rslora: cfg.adapter.use_rslora,
+            use_dora: cfg.adapter.use_dora,
+            modules_to_save: cfg.adapter.modules_to_save.clone(),
             init_seed: cfg.train.seed,
         }),
     }

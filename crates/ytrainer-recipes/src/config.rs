@@ -36,6 +36,8 @@ pub const KEYS: &[(&str, &[&str])] = &[
             "dropout",
             "target_modules",
             "use_rslora",
+            "use_dora",
+            "modules_to_save",
             "init_from",
         ],
     ),
@@ -437,6 +439,7 @@ fn validate(cfg: &RunConfig) -> Result<()> {
             );
         }
     }
+    check_lora_variants(cfg)?;
     if cfg.data.max_seq_len < 2 {
         bail!(
             "[data] max_seq_len = {}: must be >= 2",
@@ -479,6 +482,36 @@ fn check_mix(cfg: &RunConfig) -> Result<()> {
         }
         weight(&format!("{at} ({}) weight", s.path.display()), s.weight)?;
         columns(&format!("{at} ({})", s.path.display()), &s.columns)?;
+    }
+    Ok(())
+}
+
+/// DoRA and `modules_to_save` belong to a LoRA adapter; `modules_to_save` names only the embeddings and the head
+/// (the model crate checks the same list again when it builds the adapter; here the mistake shows at `--dry-run`).
+fn check_lora_variants(cfg: &RunConfig) -> Result<()> {
+    let a = &cfg.adapter;
+    if a.kind == ytrainer_core::config::AdapterKind::Full {
+        if a.use_dora {
+            bail!(
+                "[adapter] use_dora = true is a LoRA variant, but [adapter] type = \"full\" trains every weight \
+                 directly: remove it or train a LoRA adapter"
+            );
+        }
+        if !a.modules_to_save.is_empty() {
+            bail!(
+                "[adapter] modules_to_save is a LoRA variant, but [adapter] type = \"full\" trains every weight \
+                 already: remove it or train a LoRA adapter"
+            );
+        }
+    }
+    for name in &a.modules_to_save {
+        let last = name.rsplit('.').next().unwrap_or(name);
+        if !ytrainer_models::decoder::MODULES_TO_SAVE.contains(&last) {
+            bail!(
+                "[adapter] modules_to_save: {name:?} cannot be trained beside LoRA; the accepted modules are \
+                 \"embed_tokens\" and \"lm_head\" (projections are adapted through `target_modules`)"
+            );
+        }
     }
     Ok(())
 }
@@ -881,6 +914,52 @@ mod tests {
         assert_eq!(
             e,
             "[[data.sources]] #1 has no `path`: name the training file it adds"
+        );
+    }
+
+    #[test]
+    fn dora_and_modules_to_save_are_checked() {
+        let base = [
+            Override::new("model.preset", parse_value("tiny")),
+            Override::new("data.train", parse_value("d.jsonl")),
+        ];
+        let with = |extra: &[(&str, &str)]| {
+            let mut o = base.to_vec();
+            o.extend(extra.iter().map(|(k, v)| Override::new(*k, parse_value(v))));
+            resolve(None, &o)
+        };
+        let c = with(&[
+            ("adapter.use_dora", "true"),
+            (
+                "adapter.modules_to_save",
+                r#"["embed_tokens", "model.lm_head"]"#,
+            ),
+        ])
+        .unwrap();
+        assert!(c.adapter.use_dora);
+        assert_eq!(c.adapter.modules_to_save, ["embed_tokens", "model.lm_head"]);
+        assert_eq!(
+            with(&[("adapter.modules_to_save", r#"["norm"]"#)])
+                .unwrap_err()
+                .to_string(),
+            "[adapter] modules_to_save: \"norm\" cannot be trained beside LoRA; the accepted modules are \
+             \"embed_tokens\" and \"lm_head\" (projections are adapted through `target_modules`)"
+        );
+        assert_eq!(
+            with(&[("adapter.use_dora", "true"), ("adapter.type", "full")])
+                .unwrap_err()
+                .to_string(),
+            "[adapter] use_dora = true is a LoRA variant, but [adapter] type = \"full\" trains every weight \
+             directly: remove it or train a LoRA adapter"
+        );
+        assert!(
+            with(&[
+                ("adapter.modules_to_save", r#"["lm_head"]"#),
+                ("adapter.type", "full")
+            ])
+            .unwrap_err()
+            .to_string()
+            .starts_with("[adapter] modules_to_save is a LoRA variant")
         );
     }
 

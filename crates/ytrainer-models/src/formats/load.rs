@@ -416,6 +416,7 @@ pub(crate) fn build_with(
     let (q_dim, kv_dim) = (spec.num_heads * hd, spec.num_kv_heads * hd);
     let embed_tokens = Embedding {
         weight: Param::from_tensor(b.matrix("model.embed_tokens.weight", spec.vocab_size, h)?),
+        original: None,
     };
     let mut layers = Vec::with_capacity(spec.num_layers);
     for i in 0..spec.num_layers {
@@ -457,6 +458,7 @@ pub(crate) fn build_with(
         true => None,
         false => Some(LmHead {
             weight: Param::from_tensor(b.linear_weight("lm_head.weight", h, spec.vocab_size)?),
+            original: None,
         }),
     };
     Ok(Decoder::from_parts(

@@ -3,17 +3,23 @@
 //!
 //! Formats are those of transformers 5 / peft 0.21 (see shared/assets/oracles/peft_adapter_format.md): weights
 //! in PyTorch layout `[out, in]`, F32, `{"format": "pt"}` metadata; adapter keys
-//! `base_model.model.<module>.lora_A.weight` `[r, in]` and `...lora_B.weight` `[out, r]`.
+//! `base_model.model.<module>.lora_A.weight` `[r, in]` and `...lora_B.weight` `[out, r]`; DoRA adds
+//! `base_model.model.<module>.lora_magnitude_vector` `[out]` (no `.weight`: PEFT strips it when saving and adds it
+//! back when loading, to keep the format of its first DoRA release), and `modules_to_save` adds the trained
+//! module's own weight under its base name, `base_model.model.model.embed_tokens.weight` `[vocab, hidden]` and
+//! `base_model.model.lm_head.weight` `[vocab, hidden]` (PEFT drops the `modules_to_save.default.` it holds them
+//! under in memory).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use burn::module::Param;
 use burn::prelude::*;
 use serde_json::{Value, json};
 
 use super::load::transpose;
 use super::st::{PendingTensor, SafetensorsReader, write_f32};
-use crate::decoder::{Decoder, RmsNorm};
+use crate::decoder::{Decoder, RmsNorm, modules_to_save_flags};
 use crate::lora::{AdapterSpec, LoraConfig};
 use crate::{HfConfig, ModelError};
 
@@ -181,7 +187,14 @@ pub fn adapter_config_json(cfg: &LoraConfig, base_model_name_or_path: &str) -> S
         ("lora_ga_config", Value::Null),
         ("megatron_config", Value::Null),
         ("megatron_core", json!("megatron.core")),
-        ("modules_to_save", Value::Null),
+        (
+            "modules_to_save",
+            if cfg.modules_to_save.is_empty() {
+                Value::Null
+            } else {
+                json!(cfg.modules_to_save)
+            },
+        ),
         ("monteclora_config", Value::Null),
         ("peft_type", json!("LORA")),
         ("peft_version", json!("0.21.2")),
@@ -194,7 +207,7 @@ pub fn adapter_config_json(cfg: &LoraConfig, base_model_name_or_path: &str) -> S
         ("task_type", json!("CAUSAL_LM")),
         ("trainable_token_indices", Value::Null),
         ("use_bdlora", Value::Null),
-        ("use_dora", json!(false)),
+        ("use_dora", json!(cfg.use_dora)),
         ("use_qalora", json!(false)),
         ("use_rslora", json!(cfg.use_rslora)),
         ("velora_config", Value::Null),
@@ -211,10 +224,27 @@ pub fn save_peft_adapter(
     dir: &Path,
 ) -> Result<Vec<PathBuf>, ModelError> {
     let mut tensors = Vec::new();
+    let use_dora = model
+        .named_linears()
+        .iter()
+        .any(|(_, l)| l.lora_magnitude.is_some());
     for (name, linear) in model.named_linears() {
         let (Some(a), Some(b)) = (&linear.lora_a, &linear.lora_b) else {
             continue;
         };
+        if let Some(m) = &linear.lora_magnitude {
+            let m = m.val();
+            tensors.push(PendingTensor::new(
+                format!("{PEFT_PREFIX}{name}.lora_magnitude_vector"),
+                vec![linear.d_out()],
+                move || host1(m.detach()),
+            ));
+        } else if use_dora {
+            return Err(ModelError::Invalid(format!(
+                "`{name}` has a LoRA branch without DoRA's magnitude while other projections have one; PEFT's \
+                 `use_dora` applies to every adapted projection"
+            )));
+        }
         let (a, b) = (a.val(), b.val());
         let (d_in, d_out, r) = (linear.d_in(), linear.d_out(), a.dims()[1]);
         tensors.push(PendingTensor::new(
@@ -233,6 +263,45 @@ pub fn save_peft_adapter(
             "the model has no LoRA adapter to save; use save_hf_checkpoint for a fully fine-tuned model".into(),
         ));
     }
+    // modules_to_save: what the model trains, in PEFT's saved names and PyTorch layout `[vocab, hidden]`. A tied
+    // model trains one matrix; it is written as both the embeddings and the head, and both are listed, so that
+    // PEFT (which gives each listed module its own copy unless `ensure_weight_tying`) computes the same model.
+    let (embed, head) = model.trained_beside_adapters();
+    let tied = model.lm_head.is_none();
+    let spec = &model.spec;
+    let mut saved_modules = Vec::new();
+    if embed {
+        let e = model.embed_tokens.weight.val();
+        saved_modules.push("embed_tokens".to_string());
+        let e2 = e.clone();
+        tensors.push(PendingTensor::new(
+            format!("{PEFT_PREFIX}model.embed_tokens.weight"),
+            vec![spec.vocab_size, spec.hidden_size],
+            move || host(e2.detach()),
+        ));
+        if tied {
+            saved_modules.push("lm_head".to_string());
+            tensors.push(PendingTensor::new(
+                format!("{PEFT_PREFIX}lm_head.weight"),
+                vec![spec.vocab_size, spec.hidden_size],
+                move || host(e.detach()),
+            ));
+        }
+    }
+    if head && let Some(h) = &model.lm_head {
+        let w = h.weight.val();
+        saved_modules.push("lm_head".to_string());
+        tensors.push(PendingTensor::new(
+            format!("{PEFT_PREFIX}lm_head.weight"),
+            vec![spec.vocab_size, spec.hidden_size],
+            move || to_torch_layout(w.detach()),
+        ));
+    }
+    let lora = &LoraConfig {
+        use_dora,
+        modules_to_save: saved_modules,
+        ..lora.clone()
+    };
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let config_path = dir.join(ADAPTER_CONFIG_FILE);
     write_text(
@@ -276,7 +345,7 @@ pub fn read_adapter_config(path: &Path) -> Result<LoraConfig, ModelError> {
             "field `peft_type`: {t} is not supported; only \"LORA\" is"
         )));
     }
-    let unsupported_true = ["use_dora", "fan_in_fan_out", "use_qalora"];
+    let unsupported_true = ["fan_in_fan_out", "use_qalora"];
     for k in unsupported_true {
         if get(k) == Some(&Value::Bool(true)) {
             return Err(bad(format!("field `{k}`: true is not supported")));
@@ -318,26 +387,95 @@ pub fn read_adapter_config(path: &Path) -> Result<LoraConfig, ModelError> {
         }
         _ => return Err(bad("field `target_modules`: missing".into())),
     };
+    let modules_to_save = match get("modules_to_save") {
+        None => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|x| x.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("field `modules_to_save`: entries must be strings".into()))?,
+        Some(other) => {
+            return Err(bad(format!(
+                "field `modules_to_save`: {other} is not a list of module names"
+            )));
+        }
+    };
+    modules_to_save_flags(&modules_to_save)
+        .map_err(|e| bad(format!("field `modules_to_save`: {e}")))?;
     Ok(LoraConfig {
         r,
         alpha,
         dropout: get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
         target_modules,
         use_rslora: get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+        use_dora: get("use_dora").and_then(Value::as_bool).unwrap_or(false),
+        modules_to_save,
         init_seed: LoraConfig::default().init_seed,
     })
 }
 
+/// One adapter tensor by its saved name, or by the in-memory name PEFT also loads (`in_memory`), checked for
+/// shape and finiteness and marked used.
+struct AdapterReader {
+    reader: SafetensorsReader,
+    path: PathBuf,
+    unused: BTreeSet<String>,
+}
+
+impl AdapterReader {
+    fn has(&self, saved: &str, in_memory: &str) -> bool {
+        self.reader.contains(saved) || self.reader.contains(in_memory)
+    }
+
+    fn read(
+        &mut self,
+        saved: &str,
+        in_memory: &str,
+        shape: &[usize],
+    ) -> Result<Vec<f32>, ModelError> {
+        let key = if self.reader.contains(saved) || !self.reader.contains(in_memory) {
+            saved
+        } else {
+            in_memory
+        };
+        let values = self.reader.read_f32(key, shape)?;
+        let bad = values.iter().filter(|x| !x.is_finite()).count();
+        if bad > 0 {
+            return Err(ModelError::Adapter {
+                path: self.path.clone(),
+                message: format!(
+                    "tensor `{key}` holds {bad} NaN or infinite values (of {}); the adapter is corrupt or comes \
+                     from a diverged run, so it is not applied",
+                    values.len()
+                ),
+            });
+        }
+        self.unused.remove(key);
+        Ok(values)
+    }
+}
+
 /// Loads a PEFT LoRA adapter onto `model` (replacing any LoRA it has) to continue training: base weights are
-/// frozen, the adapter's A/B become the trainable parameters. Keys may be in saved form or still carry
-/// `.default.`. Every adapter tensor must be used: an unknown key (for example a LoRA on `lm_head`) is an error.
+/// frozen, the adapter's A/B (and DoRA magnitudes, and `modules_to_save` weights) become the trainable
+/// parameters. Keys may be in saved form or still carry `.default.`. Every adapter tensor must be used: an
+/// unknown key (for example a LoRA on `lm_head`) is an error.
+///
+/// `modules_to_save` on a model with tied embeddings: an adapter that holds the same matrix for both (what
+/// ytrainer writes) keeps the model tied; one that trains only one of them, or two different ones (PEFT without
+/// `ensure_weight_tying` gives each listed module its own copy), unties the head so the model computes what PEFT
+/// computes.
 pub fn load_peft_adapter(model: Decoder, dir: &Path) -> Result<Decoder, ModelError> {
     let lora = read_adapter_config(&dir.join(ADAPTER_CONFIG_FILE))?;
     crate::decoder::check_lora_config(&lora)?;
     let weights_path = dir.join(ADAPTER_WEIGHTS_FILE);
-    let mut reader = SafetensorsReader::open(&weights_path)?;
+    let reader = SafetensorsReader::open(&weights_path)?;
+    let unused: BTreeSet<String> = reader.names().map(str::to_string).collect();
+    let mut file = AdapterReader {
+        reader,
+        path: weights_path.clone(),
+        unused,
+    };
     let device = model.embed_tokens.weight.lazy_device();
-    let mut unused: BTreeSet<String> = reader.names().map(str::to_string).collect();
     let scaling = lora.scaling();
     let r = lora.r;
     let mut model = model
@@ -349,26 +487,11 @@ pub fn load_peft_adapter(model: Decoder, dir: &Path) -> Result<Decoder, ModelErr
             let (d_in, d_out) = (linear.d_in(), linear.d_out());
             let mut read =
                 |part: &str, rows: usize, cols: usize| -> Result<Tensor<2>, ModelError> {
-                    let saved = format!("{PEFT_PREFIX}{name}.{part}.weight");
-                    let in_memory = format!("{PEFT_PREFIX}{name}.{part}.default.weight");
-                    let key = if reader.contains(&saved) || !reader.contains(&in_memory) {
-                        saved
-                    } else {
-                        in_memory
-                    };
-                    let values = reader.read_f32(&key, &[rows, cols])?;
-                    let bad = values.iter().filter(|x| !x.is_finite()).count();
-                    if bad > 0 {
-                        return Err(ModelError::Adapter {
-                            path: weights_path.clone(),
-                            message: format!(
-                                "tensor `{key}` holds {bad} NaN or infinite values (of {}); the adapter is \
-                                 corrupt or comes from a diverged run, so it is not applied",
-                                values.len()
-                            ),
-                        });
-                    }
-                    unused.remove(&key);
+                    let values = file.read(
+                        &format!("{PEFT_PREFIX}{name}.{part}.weight"),
+                        &format!("{PEFT_PREFIX}{name}.{part}.default.weight"),
+                        &[rows, cols],
+                    )?;
                     Ok(Tensor::from_data(
                         TensorData::new(transpose(&values, rows, cols), [cols, rows]),
                         &device,
@@ -376,14 +499,81 @@ pub fn load_peft_adapter(model: Decoder, dir: &Path) -> Result<Decoder, ModelErr
                 };
             let a = read("lora_A", r, d_in)?;
             let b = read("lora_B", d_out, r)?;
-            Ok::<_, ModelError>(linear.with_lora(a, b, scaling, lora.dropout))
+            let linear = linear.with_lora(a, b, scaling, lora.dropout);
+            if !lora.use_dora {
+                return Ok::<_, ModelError>(linear);
+            }
+            let m = file.read(
+                &format!("{PEFT_PREFIX}{name}.lora_magnitude_vector"),
+                &format!("{PEFT_PREFIX}{name}.lora_magnitude_vector.default.weight"),
+                &[d_out],
+            )?;
+            Ok(linear.with_dora(Tensor::from_data(TensorData::new(m, [d_out]), &device)))
         })?;
-    if !unused.is_empty() {
+    let (embed, head) = modules_to_save_flags(&lora.modules_to_save)?;
+    let (vocab, hidden) = (model.spec.vocab_size, model.spec.hidden_size);
+    let missing = |module: &str| ModelError::Adapter {
+        path: weights_path.clone(),
+        message: format!(
+            "`modules_to_save` lists `{module}` but the file holds no `{PEFT_PREFIX}{}{module}.weight`",
+            if module == "embed_tokens" {
+                "model."
+            } else {
+                ""
+            }
+        ),
+    };
+    let e_key = format!("{PEFT_PREFIX}model.embed_tokens.weight");
+    let e_mem = format!("{PEFT_PREFIX}model.embed_tokens.modules_to_save.default.weight");
+    let h_key = format!("{PEFT_PREFIX}lm_head.weight");
+    let h_mem = format!("{PEFT_PREFIX}lm_head.modules_to_save.default.weight");
+    let e_new = if embed {
+        if !file.has(&e_key, &e_mem) {
+            return Err(missing("embed_tokens"));
+        }
+        Some(file.read(&e_key, &e_mem, &[vocab, hidden])?)
+    } else {
+        None
+    };
+    let h_new = if head {
+        if !file.has(&h_key, &h_mem) {
+            return Err(missing("lm_head"));
+        }
+        Some(file.read(&h_key, &h_mem, &[vocab, hidden])?)
+    } else {
+        None
+    };
+    let tied = model.lm_head.is_none();
+    let matrix = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [vocab, hidden]), &device);
+    let trained = |v: Tensor<2>| Param::from_tensor(v).set_require_grad(true);
+    let frozen = |v: Tensor<2>| Param::from_tensor(v).set_require_grad(false);
+    let base_e = model.embed_tokens.weight.val();
+    // The tied case in which the file's head is the embedding matrix: still one matrix, trained.
+    let one_matrix = tied && e_new.is_some() && h_new == e_new;
+    if tied && !one_matrix && (e_new.is_some() || h_new.is_some()) {
+        // Untie: the head becomes its own matrix (the file's, or the base's), as PEFT computes it.
+        model.lm_head = Some(crate::decoder::LmHead {
+            weight: frozen(base_e.clone().transpose()),
+            original: None,
+        });
+    }
+    if let Some(e) = e_new {
+        model.embed_tokens.weight = trained(matrix(e));
+        model.embed_tokens.original = Some(frozen(base_e));
+    }
+    if let (Some(h), Some(lm)) = (h_new, model.lm_head.as_mut())
+        && !one_matrix
+    {
+        let base_h = lm.weight.val();
+        lm.weight = trained(matrix(h).transpose());
+        lm.original = Some(frozen(base_h));
+    }
+    if !file.unused.is_empty() {
         return Err(ModelError::Adapter {
             path: weights_path,
             message: format!(
                 "tensors not matching any adapted projection of this model: {}",
-                unused.into_iter().collect::<Vec<_>>().join(", ")
+                file.unused.into_iter().collect::<Vec<_>>().join(", ")
             ),
         });
     }

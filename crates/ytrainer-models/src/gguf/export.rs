@@ -404,6 +404,27 @@ pub fn export_lora_gguf(model: &Decoder, out: &Path) -> Result<GgufExport, Model
             "--lora-gguf needs a LoRA adapter (--adapter DIR with a PEFT LoRA)".into(),
         ));
     };
+    // llama.cpp's LoRA GGUF holds A and B per projection only: neither DoRA's magnitudes nor fully trained
+    // embeddings / head have a place in it, and dropping them would give another model.
+    if model
+        .named_linears()
+        .iter()
+        .any(|(_, l)| l.lora_magnitude.is_some())
+    {
+        return Err(ModelError::Invalid(
+            "--lora-gguf cannot hold a DoRA adapter (llama.cpp's LoRA GGUF has no magnitude vector); export the \
+             merged model instead (`ytrainer export` without --lora-gguf, or `ytrainer merge`)"
+                .into(),
+        ));
+    }
+    if model.trained_beside_adapters() != (false, false) {
+        return Err(ModelError::Invalid(
+            "--lora-gguf cannot hold an adapter with `modules_to_save` (llama.cpp's LoRA GGUF holds LoRA matrices \
+             only, not a trained embedding or head); export the merged model instead (`ytrainer export` without \
+             --lora-gguf, or `ytrainer merge`)"
+                .into(),
+        ));
+    }
     let name = out
         .file_stem()
         .map(|s| s.to_string_lossy().to_string())
