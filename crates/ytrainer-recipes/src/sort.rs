@@ -847,7 +847,8 @@ pub fn sort(s: &SortSettings, observer: &mut dyn SortObserver) -> Result<SortRep
             let reason = q.get("reason").and_then(|r| r.as_str()).map(str::to_string);
             // The score as written (rounded), so that ranking agrees with the file and with a resumed sort.
             let score = q.get("score").and_then(Value::as_f64);
-            let item = report_item(&analysis, score.unwrap_or(f64::NAN), &ids, &l, &p, reason);
+            // An unscored record's report entry shows no score (0 keeps the line valid JSON, where NaN is not).
+            let item = report_item(&analysis, score.unwrap_or(0.0), &ids, &l, &p, reason);
             p.item.object.insert("quality".into(), q);
             let line = serde_json::to_string(&ScoredLine {
                 i: p.item.origin.index,
