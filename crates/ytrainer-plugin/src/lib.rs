@@ -854,4 +854,25 @@ mod tests {
         unsafe { e.write("abcé") }; // 'é' is 2 bytes: only "abc" fits
         assert_eq!(&buf[..e.len], b"abc");
     }
+
+    /// The crate stays publishable on its own (`cargo package -p ytrainer-plugin`): no path dependency (a
+    /// registry rejects them), nothing inherited that says `publish = false`, and the README and licence the
+    /// package carries are there.
+    #[test]
+    fn the_sdk_stays_publishable_on_its_own() {
+        let manifest = include_str!("../Cargo.toml");
+        for line in manifest.lines().map(str::trim) {
+            assert!(!line.contains("path ="), "a path dependency: {line}");
+            assert!(!line.starts_with("publish"), "publish setting: {line}");
+            assert!(
+                !line.starts_with("version.workspace"),
+                "the version follows the ABI, not the workspace"
+            );
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        for f in ["README.md", "LICENSE"] {
+            assert!(dir.join(f).is_file(), "{f} missing");
+        }
+        assert_eq!(env!("CARGO_PKG_VERSION_MAJOR"), ABI_VERSION.to_string());
+    }
 }
