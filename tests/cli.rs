@@ -628,7 +628,11 @@ fn every_schema_key_is_a_valid_key() {
 
 /// The fenced blocks of README.md and docs/*.md, as `(file, line, info string, text)`.
 fn doc_blocks() -> Vec<(String, usize, String, String)> {
-    let mut files = vec![root().join("README.md")];
+    // The SDK's README is its page on a registry: its snippets are checked like the docs'.
+    let mut files = vec![
+        root().join("README.md"),
+        root().join("crates/ytrainer-plugin/README.md"),
+    ];
     let mut docs: Vec<_> = std::fs::read_dir(root().join("docs"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -784,7 +788,7 @@ fn every_shell_command_in_the_docs_uses_real_flags() {
                         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
                         .filter(|t| t.starts_with("--") && t.len() > 2)
                     {
-                        let global = ["--plugin-dir", "--verbose", "--help"].contains(&flag);
+                        let global = ["--verbose", "--help"].contains(&flag);
                         assert!(
                             global
                                 || h.contains(&format!("{flag} "))
@@ -798,6 +802,61 @@ fn every_shell_command_in_the_docs_uses_real_flags() {
         }
     }
     assert!(checked >= 20, "only {checked} commands checked");
+}
+
+/// `--plugin-dir` is in the help of the commands that load loss plugins, after their name as before it, and
+/// nowhere else: a flag in every command's help suggested that `sort` or `merge` could use a plugin.
+#[test]
+fn plugin_dir_is_listed_only_by_the_commands_that_load_plugins() {
+    let help = |sub: &[&str]| {
+        let mut args = sub.to_vec();
+        args.push("--help");
+        let o = ytrainer(&args);
+        assert!(o.status.success(), "{sub:?}: {}", stderr(&o));
+        stdout(&o)
+    };
+    let top = help(&[]);
+    assert!(top.contains("--plugin-dir"), "{top}");
+    assert!(
+        top.contains("run, sweep, bench, curve, plugins, board"),
+        "{top}"
+    );
+    for sub in [
+        &["run"][..],
+        &["sweep"],
+        &["bench"],
+        &["curve"],
+        &["plugins"],
+        &["plugins", "list"],
+        &["plugins", "describe"],
+        &["board"],
+    ] {
+        assert!(help(sub).contains("--plugin-dir <DIR>"), "{sub:?} lacks it");
+    }
+    for sub in [
+        "sort", "score", "eval", "convert", "merge", "export", "generate", "chat", "render",
+        "init", "plot",
+    ] {
+        let h = help(&[sub]);
+        assert!(!h.contains("--plugin-dir"), "`{sub} --help` lists it:\n{h}");
+    }
+    // After the command name it loads the plugins as before it does; a command without plugins refuses it there
+    // and ignores it (with a warning) before its name.
+    let bogus = TempDir::new("plugin-dir-bogus");
+    let lib = bogus.path().join("libnot-a-plugin.so");
+    std::fs::write(&lib, b"not a shared library").unwrap();
+    for args in [
+        vec!["plugins", "list", "--plugin-dir", lib.to_str().unwrap()],
+        vec!["--plugin-dir", lib.to_str().unwrap(), "plugins", "list"],
+    ] {
+        let o = ytrainer(&args);
+        assert!(!o.status.success(), "{args:?} loaded nothing");
+        assert!(stderr(&o).contains("libnot-a-plugin.so"), "{}", stderr(&o));
+    }
+    let o = ytrainer(&["sort", "--plugin-dir", "x", "--help"]);
+    assert!(!o.status.success());
+    let o = ytrainer(&["--plugin-dir", "x", "render", "--help"]);
+    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 /// `--batch-size` (examples per micro-batch) and `--grad-accum` (micro-batches per step) plan steps the way a

@@ -514,3 +514,127 @@ fn sort_bad_input_is_a_user_error() {
         "plain-text",
     );
 }
+
+/// A `sort` killed part-way keeps what it scored (`.OUT.scored`, flushed after every chunk) and the same command
+/// resumes after those records: the ranked file and the report are byte for byte an uninterrupted sort's. A line
+/// cut off by the kill is dropped and rescored; a scored file of other settings is not resumed.
+#[test]
+fn a_killed_sort_resumes_and_writes_what_an_uninterrupted_one_does() {
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+    let tmp = TempDir::new("sort-resume");
+    let input = tmp.path().join("data.jsonl");
+    std::fs::write(
+        &input,
+        records(24)
+            .iter()
+            .map(|r| r.to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    // One record per forward pass, so that where a resumed run's chunks start cannot change a score.
+    let args = |tag: &str| -> Vec<String> {
+        let out = tmp.path().join(format!("ranked-{tag}.jsonl"));
+        let report = tmp.path().join(format!("report-{tag}.md"));
+        [
+            "sort",
+            "--model",
+            &s(&gguf()),
+            "--data",
+            &s(&input),
+            "--out",
+            &s(&out),
+            "--report",
+            &s(&report),
+            "--max-seq-len",
+            "64",
+            "--batch-size",
+            "1",
+            "--chunk",
+            "2",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let run = |tag: &str| -> String {
+        let a = args(tag);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        stderr(&ok(&a))
+    };
+    let read = |tag: &str| {
+        (
+            std::fs::read_to_string(tmp.path().join(format!("ranked-{tag}.jsonl"))).unwrap(),
+            std::fs::read_to_string(tmp.path().join(format!("report-{tag}.md"))).unwrap(),
+        )
+    };
+    run("a");
+    let (ranked_a, report_a) = read("a");
+    assert_eq!(ranked_a.lines().count(), 24);
+    assert!(
+        !tmp.path().join(".ranked-a.jsonl.scored").exists(),
+        "a finished sort removes its scored file"
+    );
+
+    // B: killed (SIGKILL) once a few chunks are scored.
+    let scored = tmp.path().join(".ranked-b.jsonl.scored");
+    let mut child = Command::new(bin())
+        .args(args("b"))
+        .current_dir(root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let lines = || {
+        std::fs::read_to_string(&scored)
+            .map(|t| t.matches('\n').count())
+            .unwrap_or(0)
+    };
+    // the header line and at least 6 records
+    while lines() < 7 && t0.elapsed() < Duration::from_secs(300) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the sort ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let done = lines() - 1;
+    assert!((6..24).contains(&done), "{done} records scored when killed");
+    assert!(!tmp.path().join("ranked-b.jsonl").exists());
+    // as if the kill had come in the middle of a line
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&scored)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"{\"i\":23,\"s\":0.5,\"n\":3,\"r\":{\"sco").unwrap();
+    drop(f);
+
+    let err = run("b");
+    assert!(
+        err.contains(&format!(
+            "resuming an interrupted sort of the same settings: {done} records already scored"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{done} of them by the interrupted run")),
+        "{err}"
+    );
+    let (ranked_b, report_b) = read("b");
+    assert_eq!(ranked_b, ranked_a, "the resumed ranking differs");
+    assert_eq!(report_b, report_a, "the resumed report differs");
+    assert!(!scored.exists());
+
+    // A scored file left by other settings (here: another ytrainer, a bogus record) is started afresh.
+    let other = tmp.path().join(".ranked-c.jsonl.scored");
+    std::fs::write(
+        &other,
+        "{\"ytrainer_sort\":\"0.0.0\"}\n{\"i\":0,\"s\":99.0,\"n\":1}\n",
+    )
+    .unwrap();
+    let err = run("c");
+    assert!(!err.contains("resuming"), "{err}");
+    assert_eq!(read("c").0, ranked_a);
+}

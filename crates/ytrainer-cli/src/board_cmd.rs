@@ -25,6 +25,8 @@ pub struct BoardArgs {
     /// Device the tokens view scores on: `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    #[command(flatten)]
+    pub plugins: crate::cli::PluginDirArgs,
 }
 
 /// `ytrainer board`

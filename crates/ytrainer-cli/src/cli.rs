@@ -11,12 +11,39 @@ pub struct Cli {
     /// Log progress details to stderr (or set YTRAINER_LOG=info|debug).
     #[arg(long, short, global = true)]
     pub verbose: bool,
-    /// Load external loss plugins from this directory (or shared-library file); repeatable. Also read:
-    /// YTRAINER_PLUGIN_PATH (paths separated by `:`) and `[loss] plugins` of a run config.
-    #[arg(long = "plugin-dir", value_name = "DIR", global = true)]
+    /// Load external loss plugins from this directory (or shared-library file); repeatable. Only for the
+    /// commands that load plugins (run, sweep, bench, curve, plugins, board), which also take it after their
+    /// name; also read: YTRAINER_PLUGIN_PATH (paths separated by `:`) and `[loss] plugins` of a run config.
+    // Not `global`: a global flag is listed in every command's help, also where no plugin is ever loaded.
+    #[arg(long = "plugin-dir", value_name = "DIR")]
     pub plugin_dirs: Vec<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--plugin-dir` of the commands that load loss plugins (flattened into their flags, so that only their help
+/// lists it).
+#[derive(Debug, Args, Default, Clone)]
+pub struct PluginDirArgs {
+    /// Load external loss plugins from this directory (or shared-library file); repeatable. Also read:
+    /// YTRAINER_PLUGIN_PATH (paths separated by `:`) and `[loss] plugins` of a run config.
+    #[arg(long = "plugin-dir", value_name = "DIR")]
+    pub plugin_dirs: Vec<PathBuf>,
+}
+
+impl Command {
+    /// The command's own `--plugin-dir` flags; `None` for a command that never loads a loss plugin.
+    pub fn plugin_dirs(&self) -> Option<&[PathBuf]> {
+        Some(match self {
+            Command::Run(a) => a.plugins.plugin_dirs.as_slice(),
+            Command::Plugins(a) => a.plugin_dirs.as_slice(),
+            Command::Bench(a) => a.plugins.plugin_dirs.as_slice(),
+            Command::Curve(a) => a.plugins.plugin_dirs.as_slice(),
+            Command::Sweep(a) => a.plugins.plugin_dirs.as_slice(),
+            Command::Board(a) => a.plugins.plugin_dirs.as_slice(),
+            _ => return None,
+        })
+    }
 }
 
 /// Subcommands.
@@ -187,6 +214,8 @@ pub struct RunArgs {
     /// a directory is refused and left untouched).
     #[arg(long)]
     pub overwrite: bool,
+    #[command(flatten)]
+    pub plugins: PluginDirArgs,
 }
 
 /// `ytrainer plugins`
@@ -194,6 +223,10 @@ pub struct RunArgs {
 pub struct PluginsArgs {
     #[command(subcommand)]
     pub command: PluginsCommand,
+    /// Load external loss plugins from this directory (or shared-library file); repeatable. Also read:
+    /// YTRAINER_PLUGIN_PATH (paths separated by `:`).
+    #[arg(long = "plugin-dir", value_name = "DIR", global = true)]
+    pub plugin_dirs: Vec<PathBuf>,
 }
 
 pub use crate::format::Format;
@@ -233,6 +266,8 @@ pub enum CurveFormat {
 pub struct CurveArgs {
     /// Plugin name (built-in or external); omit with --compare.
     pub name: Option<String>,
+    #[command(flatten)]
+    pub plugins: PluginDirArgs,
     /// Plugin parameter, repeatable: `--param cutoff=10`.
     #[arg(long = "param", value_name = "NAME=VALUE")]
     pub params: Vec<String>,
@@ -303,6 +338,8 @@ pub enum BenchMode {
 /// `ytrainer bench`
 #[derive(Debug, Args)]
 pub struct BenchArgs {
+    #[command(flatten)]
+    pub plugins: PluginDirArgs,
     /// Model shape.
     #[arg(long, value_enum, default_value_t = BenchShape::Tiny)]
     pub shape: BenchShape,
@@ -413,6 +450,8 @@ pub struct SweepArgs {
     /// Internal: run only the trials of shard `K/N` (set by `--devices` for its worker processes).
     #[arg(long, hide = true)]
     pub shard: Option<String>,
+    #[command(flatten)]
+    pub plugins: PluginDirArgs,
 }
 
 /// `ytrainer plot`

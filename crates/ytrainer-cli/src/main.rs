@@ -106,7 +106,17 @@ fn main() -> ExitCode {
         .with_ansi(progress::stderr_is_terminal())
         .without_time()
         .init();
-    plugins_cmd::set_cli_plugin_dirs(args.plugin_dirs.clone());
+    // `--plugin-dir` before the command name and after it count alike; a command that loads no plugin has no
+    // use for it.
+    let mut plugin_dirs = args.plugin_dirs.clone();
+    match args.command.plugin_dirs() {
+        Some(own) => plugin_dirs.extend(own.iter().cloned()),
+        None if !plugin_dirs.is_empty() => eprintln!(
+            "warning: --plugin-dir is ignored here: only run, sweep, bench, curve, plugins and board load loss plugins"
+        ),
+        None => {}
+    }
+    plugins_cmd::set_cli_plugin_dirs(plugin_dirs);
     // Under mpirun / srun the process joins its data-parallel group (MPI lives until `membership` drops).
     let membership = match ytrainer_dist::join() {
         Ok(m) => m,

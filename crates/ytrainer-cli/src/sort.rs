@@ -91,9 +91,20 @@ fn train_on(s: &str) -> Result<TrainOn> {
 struct Bar {
     bar: Option<ProgressBar>,
     plain: Option<(crate::progress::Plain, u64)>,
+    /// Records and bytes an interrupted sort had scored: rates and the ETA count only what this run scores.
+    resumed: (usize, u64),
 }
 
 impl SortObserver for Bar {
+    fn resumed(&mut self, records: usize, bytes: u64, path: &std::path::Path) {
+        self.resumed = (records, bytes);
+        eprintln!(
+            "sort: resuming an interrupted sort of the same settings: {records} records already scored (kept in {}; \
+             delete it to start afresh)",
+            path.display()
+        );
+    }
+
     fn start(&mut self, total_bytes: u64) {
         if !crate::progress::stderr_is_terminal() {
             self.plain = Some((crate::progress::Plain::new(), total_bytes.max(1)));
@@ -110,26 +121,25 @@ impl SortObserver for Bar {
     }
 
     fn chunk(&mut self, bytes_read: u64, records: usize, seconds: f64) {
+        let rate = records.saturating_sub(self.resumed.0) as f64 / seconds.max(1e-9);
         if let Some(bar) = &self.bar {
             bar.set_position(bytes_read);
-            bar.set_message(format!(
-                "{records} records, {:.1} records/s",
-                records as f64 / seconds.max(1e-9)
-            ));
+            bar.set_message(format!("{records} records, {rate:.1} records/s"));
         }
         if let Some((when, total)) = &mut self.plain
             && when.due(bytes_read >= *total)
         {
             let frac = (bytes_read as f64 / *total as f64).clamp(0.0, 1.0);
-            let eta = if frac > 0.0 {
-                seconds / frac * (1.0 - frac)
+            // This run's share of the file so far sets the pace of what is left.
+            let done = frac - (self.resumed.1 as f64 / *total as f64).clamp(0.0, frac);
+            let eta = if done > 0.0 {
+                seconds / done * (1.0 - frac)
             } else {
                 0.0
             };
             eprintln!(
-                "sort: {:.0}% of the file, {records} records scored, {:.1} records/s, elapsed {} eta {}",
+                "sort: {:.0}% of the file, {records} records scored, {rate:.1} records/s, elapsed {} eta {}",
                 100.0 * frac,
-                records as f64 / seconds.max(1e-9),
                 crate::progress::clock(seconds),
                 crate::progress::clock(eta)
             );
@@ -180,13 +190,23 @@ pub fn sort(a: SortArgs) -> Result<()> {
     bar.scored();
     let r = r?;
     let secs = r.seconds;
+    let resumed = if r.resumed > 0 {
+        format!(", {} of them by the interrupted run", r.resumed)
+    } else {
+        String::new()
+    };
     eprintln!(
-        "scored {} records ({} answer tokens, {} unscored) in {secs:.1}s: {:.2} records/s, {:.0} tokens/s; wrote {} records to {}{}",
+        "scored {} records ({} answer tokens, {} unscored{resumed}) in {secs:.1}s: {:.2} records/s{}; wrote {} records to {}{}",
         r.records,
         r.answer_tokens,
         r.unscored,
-        r.records as f64 / secs.max(1e-9),
-        r.answer_tokens as f64 / secs.max(1e-9),
+        (r.records - r.resumed) as f64 / secs.max(1e-9),
+        // The answer tokens of the records this run scored are not known apart from the interrupted run's.
+        if r.resumed == 0 {
+            format!(", {:.0} tokens/s", r.answer_tokens as f64 / secs.max(1e-9))
+        } else {
+            String::new()
+        },
         r.written,
         settings.out.display(),
         settings

@@ -68,6 +68,29 @@ pub const ABI_VERSION: u32 = 3;
 /// The oldest ABI version a host of this SDK still loads ([`v2`]: its plugins keep working unchanged).
 pub const MIN_ABI_VERSION: u32 = 2;
 
+/// `major` of a `major.minor.patch` version string, at compile time.
+const fn major_version(v: &str) -> u32 {
+    let b = v.as_bytes();
+    let (mut i, mut n) = (0, 0u32);
+    while i < b.len() && b[i] != b'.' {
+        assert!(
+            b[i].is_ascii_digit(),
+            "the crate version must start with its major number"
+        );
+        n = n * 10 + (b[i] - b'0') as u32;
+        i += 1;
+    }
+    n
+}
+
+// The version policy (README.md): this crate's major version is the ABI version its plugins export, so that
+// `ytrainer-plugin = "3"` in a plugin's Cargo.toml says which ytrainer releases load it. Bumping the ABI without
+// the major version (or the other way round) fails to compile here.
+const _: () = assert!(
+    major_version(env!("CARGO_PKG_VERSION")) == ABI_VERSION,
+    "the major version of ytrainer-plugin (Cargo.toml) must equal ABI_VERSION"
+);
+
 /// Values of [`RawVTable::kind`].
 pub mod kind {
     /// Token reweighting: [`super::RawVTable::weights`] is the entry point.
@@ -830,5 +853,26 @@ mod tests {
         };
         unsafe { e.write("abcé") }; // 'é' is 2 bytes: only "abc" fits
         assert_eq!(&buf[..e.len], b"abc");
+    }
+
+    /// The crate stays publishable on its own (`cargo package -p ytrainer-plugin`): no path dependency (a
+    /// registry rejects them), nothing inherited that says `publish = false`, and the README and licence the
+    /// package carries are there.
+    #[test]
+    fn the_sdk_stays_publishable_on_its_own() {
+        let manifest = include_str!("../Cargo.toml");
+        for line in manifest.lines().map(str::trim) {
+            assert!(!line.contains("path ="), "a path dependency: {line}");
+            assert!(!line.starts_with("publish"), "publish setting: {line}");
+            assert!(
+                !line.starts_with("version.workspace"),
+                "the version follows the ABI, not the workspace"
+            );
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        for f in ["README.md", "LICENSE"] {
+            assert!(dir.join(f).is_file(), "{f} missing");
+        }
+        assert_eq!(env!("CARGO_PKG_VERSION_MAJOR"), ABI_VERSION.to_string());
     }
 }

@@ -4,14 +4,20 @@
 //! records and writes the ranked file and the report of the most suspicious ones.
 //!
 //! Memory stays bounded in the number of records: records are read a chunk at a time; each scored record goes to
-//! a temporary file next to the output and only `(score, offset, length)` stays in memory; the ranked output is
-//! then copied from that file in order.
+//! a file next to the output (`.OUT.scored`) and only `(score, offset, length)` stays in memory; the ranked output
+//! and the report are then copied from that file in order.
+//!
+//! Scoring a large corpus takes hours, so that file is also what makes `sort` resumable: it starts with the
+//! settings that decide every score (model, adapter, data file, mode, supervision, longest sample, template
+//! variables) and is flushed after every chunk. A rerun with the same settings keeps its complete lines and
+//! scores only the records after them; other settings start it afresh. It is removed once the output is written.
 
-use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use ytrainer_core::burn::prelude::Device;
 use ytrainer_core::loss::tensor_to_vec;
@@ -98,6 +104,8 @@ pub struct SortReport {
     pub seconds: f64,
     /// Records written to the output after the selection.
     pub written: usize,
+    /// Records an interrupted run of the same settings had already scored (taken over, not scored again).
+    pub resumed: usize,
 }
 
 /// Progress of [`sort`]. Scoring dominates its time and advances through the file, so progress is counted in
@@ -109,11 +117,15 @@ pub trait SortObserver {
     fn chunk(&mut self, _bytes_read: u64, _records: usize, _seconds: f64) {}
     /// Every record is scored; ranking and writing follow.
     fn scored(&mut self) {}
+    /// An interrupted run with the same settings left `records` scored records (the first `bytes` of the data
+    /// file) in `path`: they are kept and scoring goes on after them (called before [`SortObserver::start`]; the
+    /// seconds of [`SortObserver::chunk`] count from then, its records and bytes from the file's start).
+    fn resumed(&mut self, _records: usize, _bytes: u64, _path: &Path) {}
 }
 
 impl SortObserver for Silent {}
 
-/// Where a scored record sits in the temporary file.
+/// Where a scored record sits in the scored file.
 struct Entry {
     score: f64,
     /// Nothing (or nothing meaningful) to score: kept out of the ranking.
@@ -123,18 +135,45 @@ struct Entry {
     len: u32,
 }
 
-/// What the report shows of one record.
+/// What the report shows of one record. Kept with the record in the scored file, so that the report of a
+/// resumed sort is the one an uninterrupted sort writes.
+#[derive(Serialize, Deserialize)]
 struct ReportItem {
     score: f64,
     index: usize,
     origin: String,
     prompt: String,
     /// Answer text pieces; `Some(class)` marks an error span.
-    answer: Vec<(String, Option<&'static str>)>,
+    answer: Vec<(String, Option<String>)>,
     summary: String,
 }
 
-/// Removes the temporary file on every exit path.
+/// One line of the scored file: the record as written out (`o`, without its rank) and what ranking and the
+/// report need of it.
+#[derive(Serialize, Deserialize)]
+struct ScoredLine {
+    /// Record index in the data file.
+    i: usize,
+    /// The ranking score as written in `quality.score` (rounded: a resumed sort ranks exactly like an
+    /// uninterrupted one); `None` when unscored.
+    s: Option<f64>,
+    /// Answer tokens scored.
+    n: usize,
+    /// Its report entry.
+    r: ReportItem,
+    /// The record with its `quality` object.
+    o: Map<String, Value>,
+}
+
+/// Only what ranking needs, when reading the scored file back.
+#[derive(Deserialize)]
+struct LineHead {
+    i: usize,
+    s: Option<f64>,
+    n: usize,
+}
+
+/// Removes a temporary file on every exit path.
 struct TempFile(PathBuf);
 
 impl Drop for TempFile {
@@ -463,7 +502,7 @@ fn report_item(
         if s0 > at {
             answer.push((dec(at, s0), None));
         }
-        answer.push((dec(s0, s1), Some(s.class.name())));
+        answer.push((dec(s0, s1), Some(s.class.name().to_string())));
         at = s1;
     }
     if at < ids.len() {
@@ -541,7 +580,7 @@ fn write_report(
     let answer_html = |it: &ReportItem| -> String {
         it.answer
             .iter()
-            .map(|(t, c)| match c {
+            .map(|(t, c)| match c.as_deref() {
                 Some(c) => format!("<mark title=\"{c}\">{}</mark>", escape(t)),
                 None => escape(t),
             })
@@ -610,10 +649,100 @@ fn write_report(
     std::fs::write(path, o).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// The settings every score depends on, with the data file's size and modification time: a scored file
+/// written under other settings (or for another version of the data) is not resumed. Batching (`--chunk`,
+/// `--batch-size`, `--batch-tokens`), the order, the selection and the report do not change a score.
+fn fingerprint(s: &SortSettings) -> Value {
+    let canonical = |p: &Path| {
+        std::fs::canonicalize(p)
+            .unwrap_or_else(|_| p.to_path_buf())
+            .to_string_lossy()
+            .to_string()
+    };
+    let meta = std::fs::metadata(&s.data).ok();
+    let modified = meta
+        .as_ref()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos().to_string());
+    json!({
+        "ytrainer_sort": env!("CARGO_PKG_VERSION"),
+        "model": canonical(&s.model),
+        "adapter": s.adapter.as_deref().map(canonical),
+        "data": canonical(&s.data),
+        "data_bytes": meta.map(|m| m.len()),
+        "data_modified": modified,
+        "mode": s.mode.name(),
+        "train_on": format!("{:?}", s.train_on),
+        "max_seq_len": s.max_seq_len,
+        "template_vars": s.template_vars,
+    })
+}
+
+/// The scored file: opened afresh (its first line the settings' fingerprint), or, when an interrupted sort with
+/// the same fingerprint left one, cut after its last complete line and reopened for appending. Returns the
+/// writer, the entries already scored, their answer tokens, and the offset where the next line goes.
+fn open_scored(path: &Path, fp: &Value) -> Result<(BufWriter<File>, Vec<Entry>, usize, u64)> {
+    let cannot = |what: &str| format!("cannot {what} {}", path.display());
+    if let Ok(f) = File::open(path) {
+        let mut r = BufReader::new(f);
+        let mut line = Vec::new();
+        let header_ok = r.read_until(b'\n', &mut line).is_ok()
+            && line.ends_with(b"\n")
+            && serde_json::from_slice::<Value>(&line).ok().as_ref() == Some(fp);
+        if header_ok {
+            let (mut entries, mut tokens, mut offset) = (Vec::new(), 0usize, line.len() as u64);
+            loop {
+                line.clear();
+                match r.read_until(b'\n', &mut line) {
+                    Ok(n) if n > 0 && line.ends_with(b"\n") => {}
+                    // the end, or a line cut off by the interruption
+                    _ => break,
+                }
+                let Ok(h) = serde_json::from_slice::<LineHead>(&line) else {
+                    break;
+                };
+                tokens += h.n;
+                entries.push(Entry {
+                    score: h.s.unwrap_or(f64::NAN),
+                    unscored: h.s.is_none(),
+                    index: h.i,
+                    offset,
+                    len: (line.len() - 1) as u32,
+                });
+                offset += line.len() as u64;
+            }
+            drop(r);
+            let f = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .with_context(|| cannot("reopen"))?;
+            f.set_len(offset).with_context(|| cannot("truncate"))?;
+            let mut w = BufWriter::new(f);
+            w.seek(SeekFrom::Start(offset))?;
+            return Ok((w, entries, tokens, offset));
+        }
+    }
+    let mut w = BufWriter::new(File::create(path).with_context(|| cannot("create"))?);
+    let header = serde_json::to_string(fp)?;
+    w.write_all(header.as_bytes())?;
+    w.write_all(b"\n")?;
+    w.flush()?;
+    Ok((w, Vec::new(), 0, header.len() as u64 + 1))
+}
+
+/// The line of the scored file an entry points at.
+fn read_line(src: &mut File, e: &Entry, buf: &mut Vec<u8>) -> Result<ScoredLine> {
+    buf.resize(e.len as usize, 0);
+    src.seek(SeekFrom::Start(e.offset))?;
+    src.read_exact(buf)?;
+    Ok(serde_json::from_slice(buf)?)
+}
+
 /// Scores every record of `s.data`, writes the selected part of the ranking to `s.out` (replacing it only once
 /// complete) and, when asked, the report. Every record is written with a `quality` object (its scores, rank,
 /// error spans and, when it could not be scored, the reason), so the output can be filtered again without
-/// rescoring.
+/// rescoring. An interrupted sort rerun with the same settings resumes after the records it had scored.
 pub fn sort(s: &SortSettings, observer: &mut dyn SortObserver) -> Result<SortReport> {
     check(s)?;
     let opts = DataOptions {
@@ -655,18 +784,29 @@ pub fn sort(s: &SortSettings, observer: &mut dyn SortObserver) -> Result<SortRep
         .ok_or_else(|| invalid!("--out {}: not a file name", s.out.display()))?
         .to_string_lossy()
         .to_string();
-    let tmp = TempFile(out_dir.join(format!(".{file_name}.scored-{}", std::process::id())));
-    let mut scored = BufWriter::new(
-        File::create(&tmp.0).with_context(|| format!("cannot create {}", tmp.0.display()))?,
-    );
-
-    observer.start(stream.total_bytes());
-    let start = Instant::now();
-    let mut entries: Vec<Entry> = Vec::new();
-    let mut report: Vec<ReportItem> = Vec::new();
-    let mut unscored_report: Vec<ReportItem> = Vec::new();
-    let (mut offset, mut tokens, mut degenerate) = (0u64, 0usize, 0usize);
+    let scored_path = out_dir.join(format!(".{file_name}.scored"));
+    let (mut scored, mut entries, mut tokens, mut offset) =
+        open_scored(&scored_path, &fingerprint(s))?;
+    let resumed = entries.len();
+    let total_bytes = stream.total_bytes();
     let mut stream = stream.peekable();
+    let mut bytes = 0;
+    if resumed > 0 {
+        for _ in 0..resumed {
+            match stream.next() {
+                Some(item) => bytes = item?.bytes_read,
+                None => bail!(
+                    "{}: holds {resumed} scored records but {} has fewer; delete it to sort afresh",
+                    scored_path.display(),
+                    s.data.display()
+                ),
+            }
+        }
+        observer.resumed(resumed, bytes, &scored_path);
+    }
+
+    observer.start(total_bytes);
+    let start = Instant::now();
     while stream.peek().is_some() {
         let mut chunk = Vec::with_capacity(s.chunk);
         for item in stream.by_ref().take(s.chunk) {
@@ -703,47 +843,40 @@ pub fn sort(s: &SortSettings, observer: &mut dyn SortObserver) -> Result<SortRep
                 None => (Vec::new(), analyze(&[], &[])),
             };
             tokens += analysis.n;
-            let score = analysis.score(s.mode);
             let q = quality_json(&analysis, s.mode, &ids, &l, &p);
-            let unscored = q.get("reason").is_some();
-            if unscored {
-                degenerate += 1;
-            }
-            if s.report.is_some() {
-                let reason = q.get("reason").and_then(|r| r.as_str()).map(str::to_string);
-                let item = report_item(&analysis, score, &ids, &l, &p, reason);
-                if unscored {
-                    if unscored_report.len() < s.report_top {
-                        unscored_report.push(item);
-                    }
-                } else {
-                    report.push(item);
-                }
-                // Keeps the report's candidates bounded like the rest of the memory.
-                if report.len() > 2 * s.report_top.max(1) {
-                    report.sort_by(|x, y| y.score.total_cmp(&x.score).then(x.index.cmp(&y.index)));
-                    report.truncate(s.report_top);
-                }
-            }
+            let reason = q.get("reason").and_then(|r| r.as_str()).map(str::to_string);
+            // The score as written (rounded), so that ranking agrees with the file and with a resumed sort.
+            let score = q.get("score").and_then(Value::as_f64);
+            // An unscored record's report entry shows no score (0 keeps the line valid JSON, where NaN is not).
+            let item = report_item(&analysis, score.unwrap_or(0.0), &ids, &l, &p, reason);
             p.item.object.insert("quality".into(), q);
-            let line = serde_json::to_string(&p.item.object)?;
+            let line = serde_json::to_string(&ScoredLine {
+                i: p.item.origin.index,
+                s: score,
+                n: analysis.n,
+                r: item,
+                o: std::mem::take(&mut p.item.object),
+            })?;
             scored.write_all(line.as_bytes())?;
             scored.write_all(b"\n")?;
             entries.push(Entry {
-                score,
-                unscored,
+                score: score.unwrap_or(f64::NAN),
+                unscored: score.is_none(),
                 index: p.item.origin.index,
                 offset,
                 len: line.len() as u32,
             });
             offset += line.len() as u64 + 1;
         }
+        // What is flushed survives a kill: a rerun resumes after it.
+        scored.flush()?;
         observer.chunk(bytes, entries.len(), start.elapsed().as_secs_f64());
     }
     observer.scored();
     scored.flush()?;
     drop(scored);
     let seconds = start.elapsed().as_secs_f64();
+    let degenerate = entries.iter().filter(|e| e.unscored).count();
 
     // Most suspicious first; ties keep the file order. Unscored records take no part in the ranking.
     let (mut ranked, unscored): (Vec<Entry>, Vec<Entry>) =
@@ -776,21 +909,18 @@ pub fn sort(s: &SortSettings, observer: &mut dyn SortObserver) -> Result<SortRep
         .is_some_and(|e| e.eq_ignore_ascii_case("json"));
     let part = out_dir.join(format!(".{file_name}.part-{}", std::process::id()));
     let part_guard = TempFile(part.clone());
+    let mut src = File::open(&scored_path)
+        .with_context(|| format!("cannot read {}", scored_path.display()))?;
+    let mut buf = Vec::new();
     {
-        let mut src =
-            File::open(&tmp.0).with_context(|| format!("cannot read {}", tmp.0.display()))?;
         let mut w = BufWriter::new(
             File::create(&part).with_context(|| format!("cannot create {}", part.display()))?,
         );
         if json_array {
             w.write_all(b"[\n")?;
         }
-        let mut buf = Vec::new();
         for (k, (rank, e)) in selected.iter().enumerate() {
-            buf.resize(e.len as usize, 0);
-            src.seek(SeekFrom::Start(e.offset))?;
-            src.read_exact(&mut buf)?;
-            let mut obj: Map<String, Value> = serde_json::from_slice(&buf)?;
+            let mut obj = read_line(&mut src, e, &mut buf)?.o;
             if let Some(q) = obj.get_mut("quality").and_then(|q| q.as_object_mut()) {
                 q.insert("rank".into(), json!(rank));
             }
@@ -811,10 +941,18 @@ pub fn sort(s: &SortSettings, observer: &mut dyn SortObserver) -> Result<SortRep
     drop(part_guard);
 
     if let Some(r) = &s.report {
-        report.sort_by(|x, y| y.score.total_cmp(&x.score).then(x.index.cmp(&y.index)));
-        report.truncate(s.report_top);
-        write_report(r, &report, &unscored_report, s.mode, &s.data, n)?;
+        let mut items = |es: &[Entry]| -> Result<Vec<ReportItem>> {
+            es.iter()
+                .take(s.report_top)
+                .map(|e| Ok(read_line(&mut src, e, &mut buf)?.r))
+                .collect()
+        };
+        let top = items(&ranked[..])?;
+        let unscored_items = items(&unscored[..])?;
+        write_report(r, &top, &unscored_items, s.mode, &s.data, n)?;
     }
+    drop(src);
+    let _ = std::fs::remove_file(&scored_path);
     Ok(SortReport {
         records: n,
         answer_tokens: tokens,
@@ -822,5 +960,6 @@ pub fn sort(s: &SortSettings, observer: &mut dyn SortObserver) -> Result<SortRep
         unscored: unscored.len(),
         seconds,
         written: selected.len(),
+        resumed,
     })
 }

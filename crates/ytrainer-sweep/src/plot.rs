@@ -94,6 +94,8 @@ pub struct Panel {
     pub lines: Vec<Line>,
     /// Draw points instead of lines.
     pub scatter: bool,
+    /// The x axis counts something whole (optimizer steps): ticks only at integers.
+    pub integer_x: bool,
 }
 
 fn color(i: usize) -> RGBColor {
@@ -127,14 +129,60 @@ fn range(vals: impl Iterator<Item = f64>, include_zero: bool) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
+/// An integer axis over `lo..=hi`: at least half a unit of room on each side, and at most as many labels as
+/// there are whole numbers in the range, so that plotters' tick step (1, 2, 5 x 10^k) is never below 1 and
+/// every tick is a whole number (no step 2.5). Returns the range and the label count.
+fn integer_axis(lo: f64, hi: f64) -> (f64, f64, usize) {
+    let (lo, hi) = if lo.is_finite() && hi.is_finite() {
+        (lo, hi)
+    } else {
+        (0.0, 1.0)
+    };
+    let pad = ((hi - lo) * 0.05).max(0.5);
+    let (x0, x1) = (lo - pad, hi + pad);
+    let whole = (x1.floor() - x0.ceil()) as usize + 1;
+    (x0, x1, whole.clamp(1, 10))
+}
+
+/// Pixels one legend row takes (13 px text plus spacing) and the legend box's own border and padding.
+const LEGEND_ROW_PX: f64 = 20.0;
+const LEGEND_PAD_PX: f64 = 14.0;
+
+/// How far to raise the top of the y range, as a fraction of the data's span, so that a legend of `rows` rows in
+/// the upper right corner of a plot `plot_px` pixels high lies above every point and covers none.
+fn legend_headroom(plot_px: f64, rows: usize) -> f64 {
+    if rows == 0 {
+        return 0.0;
+    }
+    let legend = LEGEND_PAD_PX + LEGEND_ROW_PX * rows as f64;
+    // The legend's share of the plot height, kept below 60% so the data keep most of the panel.
+    let share = (legend / plot_px.max(1.0)).min(0.6);
+    share / (1.0 - share)
+}
+
 fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing `{}`: {e:?}", p.title);
     let pts = || p.lines.iter().flat_map(|l| l.points.iter());
-    let (x0, x1) = range(pts().map(|p| p.0), p.scatter);
-    let (y0, y1) = range(pts().map(|p| p.1), p.scatter);
+    let (mut x0, mut x1) = range(pts().map(|p| p.0), p.scatter);
+    let mut x_labels = 10;
+    if p.integer_x {
+        let lo = pts().map(|p| p.0).fold(f64::INFINITY, f64::min);
+        let hi = pts().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
+        (x0, x1, x_labels) = integer_axis(lo, hi);
+    }
+    let (y0, mut y1) = range(pts().map(|p| p.1), p.scatter);
+    let mut labels: Vec<&str> = Vec::new();
+    for l in &p.lines {
+        if !l.label.is_empty() && !labels.contains(&l.label.as_str()) {
+            labels.push(&l.label);
+        }
+    }
+    // Room above the data for the legend: margins, caption and the x label area are not plot height.
+    let plot_px = area.dim_in_pixel().1 as f64 - 2.0 * 12.0 - 40.0 - 30.0;
+    y1 += (y1 - y0) * legend_headroom(plot_px, labels.len());
     let mut chart = ChartBuilder::on(area)
         .caption(&p.title, (FONT, 20))
         .margin(12)
@@ -142,14 +190,17 @@ where
         .y_label_area_size(60)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc(&p.x)
+    let whole = |x: &f64| format!("{x:.0}");
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc(&p.x)
         .y_desc(&p.y)
+        .x_labels(x_labels)
         .label_style((FONT, 13))
-        .axis_desc_style((FONT, 14))
-        .draw()
-        .map_err(err)?;
+        .axis_desc_style((FONT, 14));
+    if p.integer_x {
+        mesh.x_label_formatter(&whole);
+    }
+    mesh.draw().map_err(err)?;
     let mut labelled: Vec<String> = Vec::new();
     for l in &p.lines {
         let c = color(l.color);
@@ -254,6 +305,7 @@ pub fn run_plots(run_dir: &Path) -> Result<Vec<PathBuf>> {
         y: y.into(),
         lines,
         scatter: false,
+        integer_x: true,
     };
     let panels = vec![
         panel(
@@ -357,6 +409,7 @@ pub fn sweep_plots(out: &Path, results: &[TrialResult]) -> Result<Vec<PathBuf>> 
                 y: "raw CE of the step's tokens".into(),
                 lines: lines("ce", false),
                 scatter: false,
+                integer_x: true,
             },
             Panel {
                 title: "eval loss (the run's eval set)".into(),
@@ -364,6 +417,7 @@ pub fn sweep_plots(out: &Path, results: &[TrialResult]) -> Result<Vec<PathBuf>> 
                 y: "mean token CE".into(),
                 lines: lines("eval_loss", true),
                 scatter: false,
+                integer_x: true,
             },
         ],
         2,
@@ -383,6 +437,7 @@ pub fn sweep_plots(out: &Path, results: &[TrialResult]) -> Result<Vec<PathBuf>> 
                 })
                 .collect(),
             scatter: true,
+            integer_x: false,
         }],
         1,
         &dir.join("forgetting"),
@@ -410,10 +465,109 @@ pub fn sweep_plots(out: &Path, results: &[TrialResult]) -> Result<Vec<PathBuf>> 
                 })
                 .collect(),
             scatter: false,
+            integer_x: true,
         })
         .collect();
     if !zone_panels.is_empty() {
         files.extend(draw(&zone_panels, 2, &dir.join("zones"))?);
     }
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plotters::coord::ranged1d::Ranged;
+    use plotters::coord::types::RangedCoordf64;
+
+    /// Step axes of 1, 2, 3, 6, 12, 40 and 400 steps get whole-number ticks only (plotters' own tick choice on
+    /// the range and label count `integer_axis` gives), and always at least one.
+    #[test]
+    fn step_axes_tick_at_whole_numbers() {
+        for (lo, hi) in [
+            (1.0, 1.0),
+            (1.0, 2.0),
+            (1.0, 3.0),
+            (0.0, 6.0),
+            (1.0, 12.0),
+            (3.0, 40.0),
+            (1.0, 400.0),
+        ] {
+            let (x0, x1, n) = integer_axis(lo, hi);
+            assert!(x0 < lo && x1 > hi);
+            let ticks = RangedCoordf64::from(x0..x1).key_points(n);
+            assert!(!ticks.is_empty(), "{lo}..{hi}");
+            for t in &ticks {
+                assert_eq!(t.fract(), 0.0, "{lo}..{hi}: tick {t} in {ticks:?}");
+            }
+        }
+        // the old axis of a 3-step run: 0.9..3.1 with 10 labels ticks every half step or less
+        let old = RangedCoordf64::from(0.9..3.1).key_points(10);
+        assert!(old.iter().any(|t| t.fract() != 0.0), "{old:?}");
+    }
+
+    /// The legend's rows fit in the band added above the data: the band is at least the legend's height.
+    #[test]
+    fn the_legend_gets_a_band_above_the_data() {
+        assert_eq!(legend_headroom(300.0, 0), 0.0);
+        for rows in 1..=6 {
+            let h = legend_headroom(300.0, rows);
+            // the band's share of the raised range, in pixels
+            let band_px = 300.0 * h / (1.0 + h);
+            assert!(
+                band_px + 1e-9 >= (LEGEND_PAD_PX + LEGEND_ROW_PX * rows as f64).min(180.0),
+                "{rows} rows: {band_px} px"
+            );
+        }
+    }
+
+    /// A run's curves draw with integer step ticks and named legends (`token zones`: learned, learning, ...).
+    #[test]
+    fn run_plots_label_steps_with_whole_numbers() {
+        if ensure_font().is_err() {
+            eprintln!("no TrueType font on this machine: plot text not checked");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("ytrainer-plot-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let mut m = String::new();
+        for step in 1..=3 {
+            m.push_str(&format!(
+                "{{\"step\":{step},\"loss\":{},\"ce\":{},\"zone_learned\":0.1,\"zone_learning\":0.5,\
+                 \"zone_hard\":0.3,\"zone_noise\":0.1,\"lr\":0.001,\"grad_norm\":1.0,\"token_accuracy\":0.5}}\n",
+                // far from the step numbers, so that no y tick reads like a half step
+                300 - 10 * step,
+                350 - 10 * step
+            ));
+        }
+        fs::write(dir.join("metrics.jsonl"), m).unwrap();
+        let files = run_plots(&dir).unwrap();
+        let svg = fs::read_to_string(
+            files
+                .iter()
+                .find(|f| f.extension().unwrap() == "svg")
+                .unwrap(),
+        )
+        .unwrap();
+        // plotters writes each text on a line of its own
+        let text = |t: &str| format!(">\n{t}\n</text>");
+        for name in [
+            "optimised loss",
+            "raw CE",
+            "learned",
+            "learning",
+            "hard",
+            "noise",
+        ] {
+            assert!(svg.contains(&text(name)), "legend lacks {name}");
+        }
+        for step in ["1", "2", "3"] {
+            assert!(svg.contains(&text(step)), "no tick at step {step}");
+        }
+        for half in ["1.5", "2.5"] {
+            assert!(!svg.contains(&text(half)), "a step tick at {half}");
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
 }

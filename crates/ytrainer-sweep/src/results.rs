@@ -295,8 +295,21 @@ pub struct StrategyRow {
     pub general_after: Stat,
     /// General loss increase (after - before).
     pub general_increase: Stat,
-    /// Mean gain / mean increase; `None` when the mean increase is not positive (no forgetting measured).
+    /// Mean gain / mean increase: domain loss gained per unit of general loss lost. Defined only when both are
+    /// positive (`None` otherwise): with no gain, or with no forgetting, the quotient's sign and size say nothing
+    /// (a domain loss that rose over a small increase would read as a large negative "ratio").
     pub gain_per_forgetting: Option<f64>,
+}
+
+impl StrategyRow {
+    /// The `gain / forgetting` cell of `results.md`: the ratio, or why there is none.
+    pub fn gain_per_forgetting_cell(&self) -> String {
+        match self.gain_per_forgetting {
+            Some(x) => format!("{x:.2}"),
+            None if self.domain_gain.mean <= 0.0 => "n/a (no gain)".into(),
+            None => "n/a (no forgetting)".into(),
+        }
+    }
 }
 
 /// Groups results by strategy (in order of first appearance) and aggregates over seeds.
@@ -324,7 +337,8 @@ pub fn aggregate(results: &[TrialResult]) -> Vec<StrategyRow> {
                 general_before: col(TrialResult::general_before),
                 general_after: col(TrialResult::general_after),
                 general_increase: inc,
-                gain_per_forgetting: (inc.mean > 0.0).then(|| gain.mean / inc.mean),
+                gain_per_forgetting: (gain.mean > 0.0 && inc.mean > 0.0)
+                    .then(|| gain.mean / inc.mean),
             }
         })
         .collect()
@@ -389,7 +403,8 @@ pub fn results_md(
          instruction data). General loss: on the retain sets ({}). Values are mean ± sample std over seeds (n/a for \
          one seed); \
          gain = before - after on the domain, increase = after - before on general text; gain / forgetting is \
-         mean gain divided by mean increase (n/a when general loss did not rise).\n\n",
+         mean gain divided by mean increase, shown only when both are positive (n/a (no gain) when the domain \
+         loss did not fall, n/a (no forgetting) when the general loss did not rise).\n\n",
         names(learn),
         names(retain)
     );
@@ -408,9 +423,7 @@ pub fn results_md(
             r.general_before.show(r.n),
             r.general_after.show(r.n),
             r.general_increase.show(r.n),
-            r.gain_per_forgetting
-                .map(|x| format!("{x:.2}"))
-                .unwrap_or_else(|| "n/a".into()),
+            r.gain_per_forgetting_cell(),
         ));
     }
     s
@@ -496,12 +509,51 @@ mod tests {
             md.contains("| noop | 1 | 3.0000 ± n/a | 3.0000 ± n/a | 0.0000 ± n/a |"),
             "one seed has no spread: {md}"
         );
-        assert!(md.contains("| n/a |"), "{md}");
+        // noop: no domain gain (and no forgetting either)
+        assert!(md.contains("| n/a (no gain) |"), "{md}");
         assert!(md.contains("`learn.jsonl`"));
         let csv = results_csv(&rs);
         assert_eq!(csv.lines().count(), 6);
         assert!(csv.lines().nth(1).unwrap().starts_with(
             "ce_seed1,ce,1,3.000000,2.000000,1.000000,4.000000,4.500000,0.500000,10,"
         ));
+    }
+
+    /// A domain loss that rose is no gain: no ratio, whatever the forgetting (the old table showed -2.00 for a
+    /// gain of -0.1 over an increase of 0.05, ranking it above a strategy that gained nothing and forgot a lot);
+    /// never a negative ratio.
+    #[test]
+    fn the_ratio_is_never_negative_or_divided_by_nothing() {
+        let rs = vec![
+            trial("worse", 1, (3.0, 3.1), (4.0, 4.05)),
+            trial("worse-and-no-forgetting", 1, (3.0, 3.1), (4.0, 3.9)),
+            trial("free", 1, (3.0, 2.0), (4.0, 4.0)),
+            trial("good", 1, (3.0, 2.0), (4.0, 4.5)),
+        ];
+        let rows = aggregate(&rs);
+        let cells: Vec<String> = rows.iter().map(|r| r.gain_per_forgetting_cell()).collect();
+        assert_eq!(
+            cells,
+            [
+                "n/a (no gain)",
+                "n/a (no gain)",
+                "n/a (no forgetting)",
+                "2.00"
+            ]
+        );
+        assert!(
+            rows.iter()
+                .all(|r| r.gain_per_forgetting.is_none_or(|x| x > 0.0))
+        );
+        let md = results_md("t", &rows, &[], &[]);
+        assert!(md.contains("| worse | 1 |"), "{md}");
+        assert!(md.contains("| n/a (no gain) |\n"), "{md}");
+        for row in md
+            .lines()
+            .filter(|l| l.starts_with("| worse") || l.starts_with("| free"))
+        {
+            let last = row.trim_end_matches(" |").rsplit("| ").next().unwrap();
+            assert!(last.starts_with("n/a"), "{row}");
+        }
     }
 }
