@@ -818,7 +818,7 @@ fn plugin_dir_is_listed_only_by_the_commands_that_load_plugins() {
     let top = help(&[]);
     assert!(top.contains("--plugin-dir"), "{top}");
     assert!(
-        top.contains("run, sweep, bench, curve, plugins, board"),
+        top.contains("run, sweep, bench, curve, plugins, board, score"),
         "{top}"
     );
     for sub in [
@@ -830,12 +830,12 @@ fn plugin_dir_is_listed_only_by_the_commands_that_load_plugins() {
         &["plugins", "list"],
         &["plugins", "describe"],
         &["board"],
+        &["score"],
     ] {
         assert!(help(sub).contains("--plugin-dir <DIR>"), "{sub:?} lacks it");
     }
     for sub in [
-        "sort", "score", "eval", "convert", "merge", "export", "generate", "chat", "render",
-        "init", "plot",
+        "sort", "eval", "convert", "merge", "export", "generate", "chat", "render", "init", "plot",
     ] {
         let h = help(&[sub]);
         assert!(!h.contains("--plugin-dir"), "`{sub} --help` lists it:\n{h}");

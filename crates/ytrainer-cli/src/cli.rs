@@ -12,7 +12,7 @@ pub struct Cli {
     #[arg(long, short, global = true)]
     pub verbose: bool,
     /// Load external loss plugins from this directory (or shared-library file); repeatable. Only for the
-    /// commands that load plugins (run, sweep, bench, curve, plugins, board), which also take it after their
+    /// commands that load plugins (run, sweep, bench, curve, plugins, board, score), which also take it after their
     /// name; also read: YTRAINER_PLUGIN_PATH (paths separated by `:`) and `[loss] plugins` of a run config.
     // Not `global`: a global flag is listed in every command's help, also where no plugin is ever loaded.
     #[arg(long = "plugin-dir", value_name = "DIR")]
@@ -41,6 +41,7 @@ impl Command {
             Command::Curve(a) => a.plugins.plugin_dirs.as_slice(),
             Command::Sweep(a) => a.plugins.plugin_dirs.as_slice(),
             Command::Board(a) => a.plugins.plugin_dirs.as_slice(),
+            Command::Score(a) => a.plugins.plugin_dirs.as_slice(),
             _ => return None,
         })
     }

@@ -54,6 +54,9 @@ pub struct ScoreArgs {
     /// Parameter of the `--loss` strategy, repeatable: `--loss-param x0=1.0`.
     #[arg(long = "loss-param", value_name = "NAME=VALUE", requires = "loss")]
     pub loss_params: Vec<String>,
+    /// For an external `--loss` strategy.
+    #[command(flatten)]
+    pub plugins: crate::cli::PluginDirArgs,
 }
 
 /// `ytrainer score`
