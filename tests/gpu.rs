@@ -56,6 +56,7 @@ fn reference_batch(ids: &[i64]) -> MicroBatch {
         segment_ids: vec![1; 2 * t],
         target_mask: (0..2).flat_map(|_| (0..t).map(|p| p > 0)).collect(),
         examples: vec![0, 1],
+        weights: Default::default(),
     }
 }
 
