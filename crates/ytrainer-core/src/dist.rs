@@ -156,6 +156,27 @@ impl Shard {
     pub fn owns(&self, i: usize) -> bool {
         i % self.world == self.rank
     }
+
+    /// Which of a step's micro-batches are this rank's, balanced by `costs` (padded tokens: what a micro-batch's
+    /// forward and backward cost): longest first, each to the rank with the least work so far (ties to the lower
+    /// rank). Round robin gives one rank the long micro-batches whenever lengths vary, and every rank waits for
+    /// the slowest at the all-reduce; this is a pure function of the global plan, so the ranks agree without
+    /// talking, and the sum of gradients is the same whoever computes each term.
+    pub fn deal(&self, costs: &[usize]) -> Vec<bool> {
+        if self.world <= 1 {
+            return vec![true; costs.len()];
+        }
+        let mut order: Vec<usize> = (0..costs.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(costs[i]));
+        let mut load = vec![0usize; self.world];
+        let mut mine = vec![false; costs.len()];
+        for i in order {
+            let r = (0..self.world).min_by_key(|&r| (load[r], r)).unwrap_or(0);
+            load[r] += costs[i].max(1);
+            mine[i] = r == self.rank;
+        }
+        mine
+    }
 }
 
 /// Per-step (or per-evaluation) tallies that add up across ranks: counts, sums of losses and weights. The loop
@@ -271,6 +292,39 @@ pub fn check_same_plan(dist: &dyn Collective, steps: usize) -> Result<(), DistEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dealt_shards_cover_every_micro_batch_once_and_balance_the_tokens() {
+        // One long micro-batch among short ones: round robin also gives its rank half of the short ones.
+        let costs = [4096, 512, 512, 512, 512, 512, 512, 512, 512];
+        for world in 1..5 {
+            let shards: Vec<Vec<bool>> = (0..world)
+                .map(|rank| Shard { rank, world }.deal(&costs))
+                .collect();
+            for i in 0..costs.len() {
+                assert_eq!(
+                    shards.iter().filter(|s| s[i]).count(),
+                    1,
+                    "world {world}, mb {i}"
+                );
+            }
+            let load = |mine: &dyn Fn(usize) -> bool| -> usize {
+                (0..costs.len())
+                    .filter(|&i| mine(i))
+                    .map(|i| costs[i])
+                    .sum()
+            };
+            let dealt = (0..world).map(|r| load(&|i| shards[r][i])).max().unwrap();
+            let robin = (0..world)
+                .map(|r| load(&|i| Shard { rank: r, world }.owns(i)))
+                .max()
+                .unwrap();
+            assert!(dealt <= robin, "world {world}: {dealt} > {robin}");
+            if world == 2 {
+                assert_eq!((dealt, robin), (4096, 6144));
+            }
+        }
+    }
 
     #[test]
     fn round_robin_shards_cover_every_micro_batch_once() {

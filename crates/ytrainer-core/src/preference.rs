@@ -747,8 +747,24 @@ impl<M: CausalLm> Objective<M> for PairObjective<'_> {
             .map(|&i| setup.pairs[i].chosen.num_targets())
             .sum();
         let mut acc = Acc::default();
+        // Padded tokens of each micro-batch: both sides of every pair padded to the longest row.
+        let costs: Vec<usize> = idx
+            .chunks(setup.micro_pairs.max(1))
+            .map(|c| {
+                let longest = c
+                    .iter()
+                    .map(|&i| {
+                        let p = &setup.pairs[i];
+                        p.chosen.input_ids.len().max(p.rejected.input_ids.len())
+                    })
+                    .max()
+                    .unwrap_or(0);
+                2 * c.len() * longest
+            })
+            .collect();
+        let mine = at.shard.deal(&costs);
         for (i, chunk) in idx.chunks(setup.micro_pairs.max(1)).enumerate() {
-            if !at.shard.owns(i) {
+            if !mine[i] {
                 continue;
             }
             at.seed_micro_batch(setup.run.device, i);

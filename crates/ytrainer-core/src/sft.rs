@@ -279,8 +279,14 @@ impl<M: CausalLm> Objective<M> for TokenObjective<'_> {
             zone_borders: s.zone_borders,
         };
         let mut c = StepCounters::default();
+        let costs: Vec<usize> = step
+            .micro_batches
+            .iter()
+            .map(|mb| mb.batch * mb.seq)
+            .collect();
+        let mine = at.shard.deal(&costs);
         for (i, mb) in step.micro_batches.iter().enumerate() {
-            if !at.shard.owns(i) {
+            if !mine[i] {
                 continue;
             }
             at.seed_micro_batch(s.run.device, i);
