@@ -469,4 +469,25 @@ fn an_interrupted_trial_continues_from_its_checkpoint() {
         );
     }
     assert_eq!(jsonl(&trial.join("metrics.jsonl")).len(), 6);
+
+    // Interrupted again, but the sweep's settings changed meanwhile: the checkpoint is not this trial's any
+    // more, so the folder is cleared and the trial reruns from step 0 with the new settings.
+    fs::remove_file(trial.join("trial.json")).unwrap();
+    fs::remove_dir_all(trial.join("final")).unwrap();
+    let text = fs::read_to_string(&f)
+        .unwrap()
+        .replace("learning_rate = 3e-3", "learning_rate = 2e-3");
+    fs::write(&f, text).unwrap();
+    let o = ytrainer(&["sweep", &s(&f)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        !trial.join("note.txt").exists(),
+        "a stale folder was resumed"
+    );
+    let rerun = read(&trial.join("trial.json"));
+    assert_eq!(rerun["evals"]["steps"], 6);
+    assert!(
+        (loss(&rerun, "learn_after") - loss(&whole, "learn_after")).abs() > 1e-6,
+        "the new learning rate changed nothing?"
+    );
 }

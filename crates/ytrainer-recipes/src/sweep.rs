@@ -80,23 +80,29 @@ impl LibraryRunner {
         ))
     }
 
-    fn run_trial(&mut self, config: &toml::Table, dir: &Path) -> Result<TrialEvals> {
-        let t0 = Instant::now();
+    /// The trial's config as this runner runs it (`--devices` sets the device).
+    fn with_device(&self, config: &toml::Table) -> Result<toml::Table> {
         let mut config = config.clone();
         if let Some(d) = &self.device {
             crate::config::set_path(&mut config, "train.device", toml::Value::String(d.clone()))?;
         }
+        Ok(config)
+    }
+
+    fn run_trial(&mut self, config: &toml::Table, dir: &Path) -> Result<TrialEvals> {
+        let t0 = Instant::now();
+        let config = self.with_device(config)?;
         // The trial's config is kept in its folder, so a trial can be rerun alone with `ytrainer run --config`.
         let path = dir.join("config.toml");
         fs::write(&path, toml::to_string_pretty(&config)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
         let cfg = crate::config::resolve(Some(&path), &[])?;
-        // An interrupted trial continues from its latest checkpoint (run_all kept the folder because
-        // `resumable` said so); the run itself refuses it if the config changed since (the fingerprint).
+        // An interrupted trial continues from its latest checkpoint: run_all kept the folder only because
+        // `resumable` found one written with these settings (otherwise the folder is new and empty).
         let opts = RunOptions {
             plugin_dirs: self.plugin_dirs.clone(),
             own_files: vec![path.clone()],
-            resume: self.resumable(dir).then(|| dir.to_path_buf()),
+            resume: (!ytrainer_core::checkpoint::list(dir).is_empty()).then(|| dir.to_path_buf()),
             ..RunOptions::default()
         };
         let mut observer = (self.observer)();
@@ -150,7 +156,19 @@ impl TrialRunner for LibraryRunner {
         Ok(self.run_trial(config, dir)?)
     }
 
-    fn resumable(&self, dir: &Path) -> bool {
-        !ytrainer_core::checkpoint::list(dir).is_empty()
+    fn resumable(&self, config: &toml::Table, dir: &Path) -> bool {
+        if ytrainer_core::checkpoint::list(dir).is_empty() {
+            return false;
+        }
+        // Same settings as the interrupted attempt: the config it kept in its folder (the run's own fingerprint,
+        // which `--resume` checks, also covers the data files' content).
+        let Some(now) = self
+            .with_device(config)
+            .ok()
+            .and_then(|c| toml::to_string_pretty(&c).ok())
+        else {
+            return false;
+        };
+        fs::read_to_string(dir.join("config.toml")).is_ok_and(|then| then == now)
     }
 }

@@ -203,7 +203,7 @@ mod tests {
                 }
                 self.inner.run(t, config, dir)
             }
-            fn resumable(&self, dir: &Path) -> bool {
+            fn resumable(&self, _config: &toml::Table, dir: &Path) -> bool {
                 dir.join("partial").exists()
             }
         }

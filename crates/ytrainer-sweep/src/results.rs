@@ -154,9 +154,10 @@ pub trait TrialRunner {
     /// interrupted trial's folder that [`TrialRunner::resumable`] accepted, to be continued.
     fn run(&mut self, trial: &Trial, config: &toml::Table, dir: &Path) -> Result<TrialEvals>;
 
-    /// Whether an interrupted trial's folder holds a checkpoint `run` can continue from. Such a folder is kept,
-    /// so a long trial (hours on a CPU) loses only the steps since its last checkpoint, not the whole trial.
-    fn resumable(&self, _dir: &Path) -> bool {
+    /// Whether an interrupted trial's folder holds a checkpoint `run` can continue from with run config
+    /// `config` (the same settings). Such a folder is kept, so a long trial (hours on a CPU) loses only the steps
+    /// since its last checkpoint, not the whole trial; one whose settings changed since is cleared and rerun.
+    fn resumable(&self, _config: &toml::Table, _dir: &Path) -> bool {
         false
     }
 }
@@ -219,13 +220,13 @@ pub fn run_all(
             results.push(r);
             continue;
         }
-        if dir.exists() && !runner.resumable(&dir) {
+        let config = sweep.trial_config(t, &dir)?;
+        if dir.exists() && !runner.resumable(&config, &dir) {
             fs::remove_dir_all(&dir)
                 .with_context(|| format!("cannot clear the interrupted trial {}", dir.display()))?;
         }
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         progress.trial_start(i, t);
-        let config = sweep.trial_config(t, &dir)?;
         let evals = runner
             .run(t, &config, &dir)
             .with_context(|| format!("trial `{}` ({})", t.id, dir.display()))?;
