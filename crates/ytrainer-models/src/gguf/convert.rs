@@ -342,17 +342,7 @@ pub fn load_gguf_with(
     device: &Device,
     base: BaseWeights,
 ) -> Result<(Decoder, HfConfig), ModelError> {
-    let gguf = GgufFile::open(path)?;
-    let config = hf_config(&gguf)?;
-    let spec = ArchSpec::from_config(&config)?;
-    let mut source = GgufSource::new(&gguf, &config)?;
-    source.keep_quantized = base == BaseWeights::Stored;
-    let quantize = match base {
-        BaseWeights::Quantize(kind) => Some(kind),
-        _ => None,
-    };
-    let mut model = build_with(spec, config.clone(), &mut source, device, quantize)?;
-    model.base_model_name_or_path = crate::load::absolute_display(path);
+    let (model, config) = build_gguf(path, device, base)?;
     Ok((model.with_adapter(adapter)?, config))
 }
 
@@ -364,14 +354,28 @@ pub fn load_gguf_frozen(
     device: &Device,
     base: BaseWeights,
 ) -> Result<(Decoder, HfConfig), ModelError> {
+    let (model, config) = build_gguf(path, device, base)?;
+    Ok((model.set_require_grad(false), config))
+}
+
+/// The decoder of a GGUF file with its linear weights held as `base` says, before any adapter.
+fn build_gguf(
+    path: &Path,
+    device: &Device,
+    base: BaseWeights,
+) -> Result<(Decoder, HfConfig), ModelError> {
     let gguf = GgufFile::open(path)?;
     let config = hf_config(&gguf)?;
     let spec = ArchSpec::from_config(&config)?;
     let mut source = GgufSource::new(&gguf, &config)?;
     source.keep_quantized = base == BaseWeights::Stored;
-    let mut model = build_with(spec, config.clone(), &mut source, device, None)?;
+    let quantize = match base {
+        BaseWeights::Quantize(kind) => Some(kind),
+        _ => None,
+    };
+    let mut model = build_with(spec, config.clone(), &mut source, device, quantize)?;
     model.base_model_name_or_path = crate::load::absolute_display(path);
-    Ok((model.set_require_grad(false), config))
+    Ok((model, config))
 }
 
 /// `(HF name, HF shape)` of every tensor the architecture reads, in the order `build` reads them.
