@@ -861,7 +861,7 @@ fn resume_fingerprints_the_data_by_content_not_by_path() {
     let data = d.path().join("train.jsonl");
     std::fs::copy(root().join("examples/quickstart/train.jsonl"), &data).unwrap();
     let out = d.path().join("run");
-    let run = |data: &str, extra: &[&str]| {
+    let run = |out: &Path, data: &str, extra: &[&str]| {
         let mut a = vec![
             "run",
             "--preset",
@@ -878,21 +878,25 @@ fn resume_fingerprints_the_data_by_content_not_by_path() {
             "eval.max_samples=4",
             "--output-dir",
         ];
-        let o = s(&out);
+        let o = s(out);
         a.push(&o);
         a.extend_from_slice(extra);
         ytrainer(&a)
     };
-    ok(&run(&s(&data), &[]));
+    // Edits a file in place: its first line once more at the end.
+    let grow = |f: &Path| {
+        let mut text = std::fs::read_to_string(f).unwrap();
+        text.push_str(text.clone().lines().next().unwrap());
+        text.push('\n');
+        std::fs::write(f, text).unwrap();
+    };
+    ok(&run(&out, &s(&data), &[]));
     // the same file through another path (a `..` detour) is the same run
     let detour = d.path().join("run/../train.jsonl");
-    ok(&run(&s(&detour), &["--resume", &s(&out)]));
+    ok(&run(&out, &s(&detour), &["--resume", &s(&out)]));
     // edited in place: refused, naming the file's content
-    let mut text = std::fs::read_to_string(&data).unwrap();
-    text.push_str(text.clone().lines().next().unwrap());
-    text.push('\n');
-    std::fs::write(&data, text).unwrap();
-    let o = run(&s(&data), &["--resume", &s(&out)]);
+    grow(&data);
+    let o = run(&out, &s(&data), &["--resume", &s(&out)]);
     assert_user_error(
         &o,
         "holds a ytrainer run with other settings (data_content.train: ",
@@ -902,39 +906,20 @@ fn resume_fingerprints_the_data_by_content_not_by_path() {
     std::fs::copy(root().join("examples/quickstart/eval.jsonl"), &extra).unwrap();
     let out2 = d.path().join("run2");
     let (data_s, out2_s) = (s(&data), s(&out2));
-    let with_source = |extra: &str, resume: bool| {
-        let mut a = vec![
-            "run",
-            "--preset",
-            "tiny",
-            "--data",
-            &data_s,
-            "--source",
-            extra,
-            "--max-steps",
-            "2",
-            "--tokens-per-step",
-            "64",
-            "--save-every",
-            "1",
-            "--set",
-            "eval.max_samples=4",
-            "--output-dir",
-            &out2_s,
-        ];
-        if resume {
-            a.extend_from_slice(&["--resume", &out2_s]);
-        }
-        ytrainer(&a)
-    };
-    ok(&with_source(&s(&extra), false));
-    ok(&with_source(&s(&d.path().join("run/../extra.jsonl")), true));
-    let mut text = std::fs::read_to_string(&extra).unwrap();
-    text.push_str(text.clone().lines().next().unwrap());
-    text.push('\n');
-    std::fs::write(&extra, text).unwrap();
+    ok(&run(&out2, &data_s, &["--source", &s(&extra)]));
+    let detour = s(&d.path().join("run/../extra.jsonl"));
+    ok(&run(
+        &out2,
+        &data_s,
+        &["--source", &detour, "--resume", &out2_s],
+    ));
+    grow(&extra);
     assert_user_error(
-        &with_source(&s(&extra), true),
+        &run(
+            &out2,
+            &data_s,
+            &["--source", &s(&extra), "--resume", &out2_s],
+        ),
         "holds a ytrainer run with other settings (data_content.sources.0: ",
     );
 }
