@@ -753,10 +753,7 @@ impl<M: CausalLm> Objective<M> for PairObjective<'_> {
             .map(|c| {
                 let longest = c
                     .iter()
-                    .map(|&i| {
-                        let p = &setup.pairs[i];
-                        p.chosen.input_ids.len().max(p.rejected.input_ids.len())
-                    })
+                    .map(|&i| setup.pairs[i].row_len())
                     .max()
                     .unwrap_or(0);
                 2 * c.len() * longest

@@ -270,6 +270,17 @@ pub struct PairExample {
     pub label: Option<bool>,
 }
 
+impl PairExample {
+    /// Tokens of the longer side: a pair micro-batch pads both rows of every pair to its longest, so this is
+    /// what one pair costs per row (memory plan, dealing micro-batches to ranks).
+    pub fn row_len(&self) -> usize {
+        self.chosen
+            .input_ids
+            .len()
+            .max(self.rejected.input_ids.len())
+    }
+}
+
 /// Tokenizes a pair with the chat template.
 pub fn tokenize_pair(
     tok: &TokenizerWrapper,

@@ -220,7 +220,7 @@ pub fn run_preference(
     // fixes it: then the plan only estimates).
     let longest_pair = pairs
         .iter()
-        .map(|p| 2 * p.chosen.input_ids.len().max(p.rejected.input_ids.len()))
+        .map(|p| 2 * p.row_len())
         .max()
         .unwrap_or(2)
         .max(2);
@@ -232,7 +232,7 @@ pub fn run_preference(
         &crate::memory::ModelFootprint::of(&model),
         pairs.iter().map(|p| {
             (
-                2 * p.chosen.input_ids.len().max(p.rejected.input_ids.len()),
+                2 * p.row_len(),
                 p.chosen.num_targets() + p.rejected.num_targets(),
             )
         }),
