@@ -2,7 +2,7 @@
 //! 2 and 3 ranks on loopback against the single-process run of the same config. Per-step loss and gradient norm
 //! and the final weights must agree within 1e-5 relative, with gradient accumulation on (several micro-batches
 //! per step, spread unevenly over the ranks); mismatched configs stop every rank before step 1; a 2-rank
-//! checkpoint resumes on 3 ranks; a killed rank ends the run.
+//! checkpoint resumes on 3 ranks; a killed rank ends the run, and so does a hung one (collective-call timeout).
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -389,23 +389,31 @@ fn a_two_rank_checkpoint_resumes_on_three_ranks() {
     assert_same_weights(&single.join("final"), &out.join("final"));
 }
 
-/// One rank killed mid-run: the launcher ends the others and the run fails within 60 s, naming the rank.
-#[test]
-fn a_killed_rank_ends_the_run_naming_it() {
-    let d = TempDir::new("dp-kill");
+/// Starts a long 2-rank run, waits until rank 0 has logged a step, and returns the launcher with rank 1's pid.
+fn two_ranks_training(
+    d: &TempDir,
+    extra_env: &[(&str, &str)],
+) -> (std::process::Child, String, PathBuf) {
     let base = base_model(d.path());
     let cfg = config(d.path(), &base, "full", "ce", 100_000);
     let out = d.path().join("run");
-    let mut child = mpirun_cmd(2)
+    let mut cmd = mpirun_cmd(2);
+    for (k, v) in extra_env {
+        // mpirun passes its own environment to the ranks.
+        cmd.env(k, v);
+    }
+    let child = cmd
         .args(run_args(&s(&cfg), &s(&out), &[]))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until training runs (rank 0 has written a step), then kill rank 1.
     let t = Instant::now();
-    while !out.join("metrics.jsonl").exists() {
-        assert!(t.elapsed() < Duration::from_secs(120), "no step started");
+    while !out.join("checkpoint-2").exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(180),
+            "no checkpoint written"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let pids = String::from_utf8(
@@ -429,20 +437,103 @@ fn a_killed_rank_ends_the_run_naming_it() {
         })
         .unwrap_or_else(|| panic!("no rank 1 among mpirun's children {pids}"))
         .to_string();
-    Command::new("kill").args(["-9", &rank1]).status().unwrap();
-    let killed = Instant::now();
+    (child, rank1, out)
+}
+
+/// Waits for the launcher to end (at most 60 s after `since`), non-zero, and returns everything it printed.
+fn ends_within_60_s(mut child: std::process::Child, since: Instant, what: &str) -> String {
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             assert!(!status.success());
             break;
         }
         assert!(
-            killed.elapsed() < Duration::from_secs(60),
-            "the run did not end within 60 s of rank 1's death"
+            since.elapsed() < Duration::from_secs(60),
+            "the run did not end within 60 s of {what}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
     let o = child.wait_with_output().unwrap();
-    let text = format!("{}{}", stdout(&o), stderr(&o));
+    format!("{}{}", stdout(&o), stderr(&o))
+}
+
+/// One rank killed mid-run: the launcher ends the others and the run fails within 60 s, naming the rank.
+#[test]
+fn a_killed_rank_ends_the_run_naming_it() {
+    let d = TempDir::new("dp-kill");
+    let (child, rank1, _) = two_ranks_training(&d, &[]);
+    Command::new("kill").args(["-9", &rank1]).status().unwrap();
+    let text = ends_within_60_s(child, Instant::now(), "rank 1's death");
     assert!(text.contains("rank 1"), "{text}");
+}
+
+/// One rank hung (stopped, alive): MPI never notices, the other rank's collective-call watchdog gives up after
+/// `YTRAINER_COLLECTIVE_TIMEOUT` and the launcher ends the group; the last checkpoint resumes.
+#[test]
+fn a_hung_rank_ends_the_run_after_the_collective_timeout() {
+    let d = TempDir::new("dp-hang");
+    let (child, rank1, out) = two_ranks_training(&d, &[("YTRAINER_COLLECTIVE_TIMEOUT", "5")]);
+    Command::new("kill")
+        .args(["-STOP", &rank1])
+        .status()
+        .unwrap();
+    let text = ends_within_60_s(child, Instant::now(), "rank 1's hang");
+    assert!(
+        text.contains("error: rank 0 of 2 waited ")
+            && text.contains("for the other ranks (YTRAINER_COLLECTIVE_TIMEOUT = 5 s)"),
+        "{text}"
+    );
+    // The launcher ended the stopped rank too (no process left behind), and the last checkpoint is whole.
+    let gone = Instant::now();
+    while std::fs::read_to_string(format!("/proc/{rank1}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    }) {
+        assert!(
+            gone.elapsed() < Duration::from_secs(30),
+            "rank 1 ({rank1}) is still alive"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let last = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.strip_prefix("checkpoint-")?.parse::<usize>().ok()
+        })
+        .max()
+        .expect("a checkpoint");
+    // One process resumes from it (its tensors' digests are checked on load), then is stopped.
+    let log = d.path().join("resume.log");
+    let cfg = d.path().join("full-ce.toml");
+    let mut resumed = Command::new(bin())
+        .args(run_args(&s(&cfg), &s(&out), &["--resume", &s(&out)]))
+        .current_dir(root())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(d.path().join("resume.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let want = format!(
+        "resumed from {} at step {last}",
+        s(&out.join(format!("checkpoint-{last}")))
+    );
+    let t = Instant::now();
+    let found = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default()
+            + &std::fs::read_to_string(d.path().join("resume.err")).unwrap_or_default();
+        if text.contains(&want)
+            || resumed.try_wait().unwrap().is_some()
+            || t.elapsed() > Duration::from_secs(120)
+        {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = resumed.kill();
+    let _ = resumed.wait();
+    assert!(found.contains(&want), "{want:?} not in:\n{found}");
 }

@@ -6,6 +6,9 @@
 //! Sums are a reduce to rank 0 followed by a broadcast, not `MPI_Allreduce`: the standard does not promise that an
 //! all-reduce hands every rank the same bits, and replicas that differ by one rounding would drift apart.
 //! MPI's default error handler is fatal, so a failed or lost peer ends every rank (mpirun names the rank).
+//! A peer that hangs without dying fails nothing in MPI: every other rank would wait in its next collective call
+//! forever. A watchdog thread therefore ends a rank whose collective call has waited longer than
+//! `YTRAINER_COLLECTIVE_TIMEOUT` seconds ([`collective_timeout`]), and the launcher then ends the rest.
 
 use std::sync::Arc;
 
@@ -31,9 +34,33 @@ pub fn launcher_world_size() -> Option<usize> {
     .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
 }
 
+/// How long one collective call may wait for the other ranks before this rank gives up, the whole group with
+/// it: `YTRAINER_COLLECTIVE_TIMEOUT` in seconds, default 600 (PyTorch's NCCL default is the same ten minutes);
+/// `0` waits forever. It bounds how long a rank may run ahead of the slowest, so raise it when rank 0 alone does
+/// something long while the others wait (exporting a very large merged model at the end of a run).
+pub fn collective_timeout() -> Result<Option<std::time::Duration>, JoinError> {
+    const VAR: &str = "YTRAINER_COLLECTIVE_TIMEOUT";
+    let Ok(text) = std::env::var(VAR) else {
+        return Ok(Some(std::time::Duration::from_secs(600)));
+    };
+    match text.trim().parse::<f64>() {
+        Ok(s) if s == 0.0 => Ok(None),
+        Ok(s) if s.is_finite() && s > 0.0 && s <= 1e7 => {
+            Ok(Some(std::time::Duration::from_secs_f64(s)))
+        }
+        _ => Err(JoinError::Timeout(text)),
+    }
+}
+
 /// Why a process could not join its group.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
+    /// `YTRAINER_COLLECTIVE_TIMEOUT` is not a number of seconds.
+    #[error(
+        "environment variable YTRAINER_COLLECTIVE_TIMEOUT = {0:?} is not a number of seconds: give how long one \
+         collective call may wait for the other ranks (e.g. 600), or 0 to wait forever"
+    )]
+    Timeout(String),
     /// Started by a launcher with several processes, but built without MPI.
     #[error(
         "this process was started by an MPI launcher with {0} processes, but this ytrainer was built without MPI \
@@ -91,13 +118,15 @@ pub fn join() -> Result<Membership, JoinError> {
     let Some(n) = launcher_world_size() else {
         return Ok(Membership::single());
     };
+    let timeout = collective_timeout()?;
     #[cfg(feature = "mpi")]
     {
         let _ = n;
-        mpi_impl::init()
+        mpi_impl::init(timeout)
     }
     #[cfg(not(feature = "mpi"))]
     {
+        let _ = timeout;
         if n > 1 {
             Err(JoinError::NoMpi(n))
         } else {
@@ -113,7 +142,9 @@ pub fn collective(m: &Membership) -> Arc<dyn Collective> {
 
 #[cfg(feature = "mpi")]
 mod mpi_impl {
+    use std::io::Write;
     use std::sync::{Arc, Mutex, MutexGuard};
+    use std::time::{Duration, Instant};
 
     use mpi::collective::SystemOperation;
     use mpi::environment::Threading;
@@ -132,6 +163,73 @@ mod mpi_impl {
         rank: usize,
         size: usize,
         library: String,
+        watch: Arc<Watch>,
+    }
+
+    /// The collective call this rank is in, if any, for the watchdog: what, since when, and its number.
+    #[derive(Default)]
+    struct Watch {
+        current: Mutex<Option<(&'static str, Instant, u64)>>,
+        calls: std::sync::atomic::AtomicU64,
+    }
+
+    /// Clears the watch when the collective call returns.
+    struct InCall<'a>(&'a Watch);
+
+    impl Watch {
+        fn enter(&self, what: &'static str) -> InCall<'_> {
+            let n = self
+                .calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            *self.current.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((what, Instant::now(), n));
+            InCall(self)
+        }
+    }
+
+    impl Drop for InCall<'_> {
+        fn drop(&mut self) {
+            *self.0.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+    }
+
+    /// Ends this rank when one collective call has waited longer than `timeout`: the other ranks' calls never
+    /// arrive when one of them hangs (stopped, deadlocked, stuck in I/O), and MPI itself never times out. The
+    /// rank leaves with `_exit` (no exit handlers: its main thread is inside the MPI library), the launcher sees a
+    /// rank end without finalising MPI and ends every other rank. Checkpoints are written atomically, so the last
+    /// one stays intact.
+    fn spawn_watchdog(watch: Arc<Watch>, timeout: Duration, rank: usize, size: usize) {
+        let tick = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let spawned = std::thread::Builder::new()
+            .name("collective-watchdog".into())
+            .spawn(move || loop {
+                std::thread::sleep(tick);
+                let current = *watch.current.lock().unwrap_or_else(|e| e.into_inner());
+                let Some((what, since, n)) = current else {
+                    continue;
+                };
+                let waited = since.elapsed();
+                if waited < timeout {
+                    continue;
+                }
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "error: rank {rank} of {size} waited {:.0} s in collective call #{n} ({what}) for the other ranks \
+                     (YTRAINER_COLLECTIVE_TIMEOUT = {} s): a rank that did not report this is hung or far behind; \
+                     ending every rank (the last checkpoint is intact; resume from it)",
+                    waited.as_secs_f64(),
+                    timeout.as_secs_f64(),
+                );
+                let _ = std::io::stderr().flush();
+                // SAFETY: `_exit` ends the process at once; nothing after it runs.
+                unsafe { libc::_exit(1) }
+            });
+        if let Err(e) = spawned {
+            eprintln!(
+                "warning: no collective-call watchdog ({e}): a hung rank will not be detected"
+            );
+        }
     }
 
     // SAFETY: MPI was initialised with MPI_THREAD_SERIALIZED (checked in `init`): any thread may call MPI as long
@@ -140,7 +238,7 @@ mod mpi_impl {
     // SAFETY: as above; every use of the communicator goes through the mutex.
     unsafe impl Sync for Mpi {}
 
-    pub(super) fn init() -> Result<Membership, JoinError> {
+    pub(super) fn init(timeout: Option<Duration>) -> Result<Membership, JoinError> {
         let (universe, threading) = mpi::initialize_with_threading(Threading::Serialized)
             .ok_or_else(|| JoinError::Init("MPI was already initialised".into()))?;
         if threading < Threading::Serialized {
@@ -152,11 +250,17 @@ mod mpi_impl {
         let library = mpi::environment::library_version()
             .map(|v| v.split([',', '\n']).next().unwrap_or("").trim().to_string())
             .unwrap_or_else(|_| "MPI".into());
+        let watch = Arc::new(Watch::default());
+        let (rank, size) = (world.rank() as usize, world.size() as usize);
+        if let Some(timeout) = timeout {
+            spawn_watchdog(watch.clone(), timeout, rank, size);
+        }
         let m = Arc::new(Mpi {
-            rank: world.rank() as usize,
-            size: world.size() as usize,
+            rank,
+            size,
             world: Mutex::new(world),
             library,
+            watch,
         });
         Ok(Membership {
             group: Group(m.clone()),
@@ -175,6 +279,7 @@ mod mpi_impl {
         }
 
         fn sum<T: Equivalence + Copy>(&self, buf: &mut [T]) {
+            let _in_call = self.watch.enter("sum of gradients or counters");
             let w = self.world();
             let root = w.process_at_rank(0);
             for chunk in buf.chunks_mut(CHUNK) {
@@ -211,6 +316,7 @@ mod mpi_impl {
                     self.size
                 )));
             }
+            let _in_call = self.watch.enter("broadcast");
             let w = self.world();
             let r = w.process_at_rank(root as i32);
             let mut len = buf.len() as u64;
@@ -222,6 +328,7 @@ mod mpi_impl {
             Ok(())
         }
         fn barrier(&self) -> Result<(), DistError> {
+            let _in_call = self.watch.enter("barrier");
             self.world().barrier();
             Ok(())
         }
