@@ -9,7 +9,7 @@ Run manually (CI has no torch), alternating with `ytrainer bench` on an otherwis
 What a step is (identical to `ytrainer bench`): one batch of B x T random token ids from a seeded stream, every
 position except the first of each row supervised (transformers shifts labels itself), fp32, forward + mean CE +
 backward + AdamW (lr 1e-4, no clipping). The model is a randomly initialised Qwen2 of the bench shape with tied
-embeddings; LoRA is r = 8, alpha = 16, dropout 0 on the seven projections (PEFT). Two untimed warm-up steps, then
+embeddings; LoRA is r = 8, alpha = 16, dropout 0 on the seven projections (PEFT). `--warmup` (2) untimed steps, then
 `--steps` timed ones. Prints one line (or one JSON object with --format json) in `ytrainer bench`'s vocabulary:
 tokens_per_s = B * T * steps / time of the timed steps, peak_rss_mb = the process's peak RSS.
 
@@ -35,6 +35,8 @@ SHAPES = {
     "tiny": ("qwen2", 8192, 256, 704, 4, 4, 2),
     "small": ("qwen2", 16384, 512, 1408, 8, 8, 4),
     "smollm2": ("llama", 49152, 576, 1536, 30, 9, 3),
+    # Qwen2.5-1.5B's shape (benches/synthetic_gguf.py --shape qwen2.5-1.5b): the QLoRA memory comparison.
+    "qwen2.5-1.5b": ("qwen2", 151936, 1536, 8960, 28, 12, 2),
 }
 
 
@@ -43,6 +45,7 @@ def main():
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--mode", choices=["lora", "full"], default="lora")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--attn", default="sdpa", help="transformers attn_implementation (sdpa or eager)")
@@ -74,9 +77,12 @@ def main():
         tie_word_embeddings=True,
     )
     config._attn_implementation = a.attn
-    model = model_cls(config)
     if a.dtype == "bf16":
-        model = model.to(torch.bfloat16)
+        # Built in bf16 directly, as from_pretrained(dtype=bfloat16) loads a checkpoint: an f32 model converted
+        # afterwards would put a transient f32 copy into the peak RSS.
+        torch.set_default_dtype(torch.bfloat16)
+    model = model_cls(config)
+    torch.set_default_dtype(torch.float32)
     model = model.to(a.device)
     if a.mode == "lora":
         from peft import LoraConfig, get_peft_model
@@ -102,7 +108,7 @@ def main():
         optim.zero_grad(set_to_none=True)
         return loss.item()
 
-    for _ in range(2):
+    for _ in range(a.warmup):
         step()
     if a.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

@@ -1108,3 +1108,39 @@ fn score_weighs_tokens_by_a_strategy() {
         "--loss rho1 weighs tokens by a reference model's loss: give the trained model as --model plus --adapter",
     );
 }
+
+/// `YTRAINER_TRANSPORT` (how data-parallel sums travel) is checked before training: a typo, and NCCL asked of a
+/// build without it; `mpi` in one process trains as usual.
+#[test]
+fn the_transport_variable_is_checked_before_training() {
+    let d = TempDir::new("transport");
+    let run = |value: &str, out: &str| {
+        std::process::Command::new(bin())
+            .args([
+                "run",
+                "--preset",
+                "tiny",
+                "--data",
+                "examples/quickstart/train.jsonl",
+                "--max-steps",
+                "1",
+                "--output-dir",
+                &s(&d.path().join(out)),
+            ])
+            .env("YTRAINER_TRANSPORT", value)
+            .current_dir(root())
+            .output()
+            .unwrap()
+    };
+    assert_user_error(
+        &run("nvlink", "a"),
+        "error: environment variable YTRAINER_TRANSPORT = \"nvlink\": expected `auto`, `mpi` or `nccl`",
+    );
+    assert_user_error(
+        &run("nccl", "b"),
+        "error: environment variable YTRAINER_TRANSPORT = \"nccl\": this ytrainer was built without NCCL; build \
+         it with `--features nccl` (implies cuda and mpi), or unset it",
+    );
+    let o = run("mpi", "c");
+    assert!(o.status.success(), "{}", stderr(&o));
+}

@@ -26,6 +26,11 @@ fn settings(a: &BenchArgs) -> BenchSettings {
         device: a.device.clone(),
         precision: a.precision,
         gradient_checkpointing: a.gradient_checkpointing,
+        base: a
+            .quantize_base
+            .as_deref()
+            .and_then(ytrainer_models::BaseWeights::parse_quantize)
+            .unwrap_or_default(),
         plugin_dirs: crate::plugins_cmd::cli_plugin_dirs(),
     }
 }
@@ -60,7 +65,7 @@ fn print_bench(a: &BenchArgs, r: &BenchReport) {
                 "steps": a.steps, "tokens_per_s": r.tokens_per_s, "median_step_s": r.median_step_s,
                 "peak_rss_mb": r.peak_rss_mb, "final_ce": r.final_ce, "device": a.device,
                 "precision": a.precision.name(), "gradient_checkpointing": a.gradient_checkpointing,
-                "plugin_weights_us": r.plugin_weights_us,
+                "quantize_base": a.quantize_base, "plugin_weights_us": r.plugin_weights_us,
                 "phases_ms": {
                     "body_forward": p.body_forward, "head_ce_weights": p.head_ce_weights,
                     "backward": p.backward, "other": p.other, "optimizer": p.optimizer,
@@ -71,7 +76,7 @@ fn print_bench(a: &BenchArgs, r: &BenchReport) {
         ),
         Format::Text => {
             println!(
-                "bench {shape}/{mode} loss={} batch {}x{} {}{}: {:.0} tokens/s (median step {:.3}s over {} steps), peak RSS {} MiB, last CE {:.4}",
+                "bench {shape}/{mode} loss={} batch {}x{} {}{}{}: {:.0} tokens/s (median step {:.3}s over {} steps), peak RSS {} MiB, last CE {:.4}",
                 a.loss,
                 a.batch,
                 a.seq,
@@ -81,6 +86,10 @@ fn print_bench(a: &BenchArgs, r: &BenchReport) {
                 } else {
                     ""
                 },
+                a.quantize_base
+                    .as_deref()
+                    .map(|q| format!(" base {q}"))
+                    .unwrap_or_default(),
                 r.tokens_per_s,
                 r.median_step_s,
                 a.steps,

@@ -381,6 +381,9 @@ pub struct BenchArgs {
     /// Train with activation recomputation (`train.gradient_checkpointing`).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// LoRA over the same random base quantised on load (QLoRA): `q8_0`, `q4_0` or `nf4` (`--mode lora` only).
+    #[arg(long, value_parser = ["q8_0", "q4_0", "nf4"])]
+    pub quantize_base: Option<String>,
     /// `--windowed`: timed rounds, each one epoch of the sample both ways, alternating (the ratio is taken per
     /// round, then the median: the VM's speed drifts between rounds).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]

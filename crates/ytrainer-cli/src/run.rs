@@ -29,8 +29,17 @@ pub fn set_group(group: Group) {
 
 /// `ytrainer run`
 pub fn run(args: RunArgs) -> Result<()> {
-    let cfg = config_file::resolve(&args)?;
-    let group = GROUP.get().cloned().unwrap_or_default();
+    let mut cfg = config_file::resolve(&args)?;
+    let mut group = GROUP.get().cloned().unwrap_or_default();
+    if group.get().world_size() > 1 {
+        // `cuda` under a launcher is this rank's GPU on its node (the device is not part of the config
+        // fingerprint the ranks compare).
+        cfg.train.device =
+            ytrainer_dist::rank_device(&cfg.train.device, ytrainer_dist::launcher_local_rank());
+    }
+    if !args.dry_run {
+        group = ytrainer_dist::transport_for(group, &cfg.train.device)?;
+    }
     let writer = group.is_writer();
     let opts = RunOptions {
         resume: args.resume.clone(),

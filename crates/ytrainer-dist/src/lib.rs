@@ -14,6 +14,11 @@ use std::sync::Arc;
 
 use ytrainer_core::dist::{Collective, Group};
 
+#[cfg(feature = "nccl")]
+mod nccl;
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+mod watchdog;
+
 /// The number of processes the launcher started, when this process was started by one (`mpirun` of Open MPI,
 /// MPICH's Hydra, Slurm's `srun` with PMI / PMIx).
 pub fn launcher_world_size() -> Option<usize> {
@@ -72,6 +77,12 @@ pub enum JoinError {
     /// MPI could not be initialised.
     #[error("cannot initialise MPI: {0}")]
     Init(String),
+    /// `YTRAINER_TRANSPORT` names no transport, or one this build or device cannot use.
+    #[error("environment variable YTRAINER_TRANSPORT = {0:?}: {1}")]
+    Transport(String, String),
+    /// The NCCL communicator could not be set up.
+    #[error("cannot set up NCCL: {0}")]
+    Nccl(String),
 }
 
 /// The group a process belongs to, and what must live until the process ends (MPI is finalised when it drops).
@@ -135,6 +146,79 @@ pub fn join() -> Result<Membership, JoinError> {
     }
 }
 
+/// This process's index among the ranks on its node, when a launcher says (Open MPI, MPICH / Hydra, Slurm).
+pub fn launcher_local_rank() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "PMI_LOCAL_RANK",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+}
+
+/// The device a rank of a data-parallel group trains on: a GPU kind without an index (`cuda`, `wgpu`) means the
+/// rank's own GPU on its node, `cuda:<local rank>`; anything else (`cpu`, `cuda:3`) is taken as written.
+pub fn rank_device(spec: &str, local_rank: Option<usize>) -> String {
+    let s = spec.trim();
+    match (s, local_rank) {
+        ("cuda" | "wgpu", Some(l)) => format!("{s}:{l}"),
+        _ => s.to_string(),
+    }
+}
+
+/// The CUDA device index of a device string (`cuda` is 0), if it names a CUDA device.
+fn cuda_index(device: &str) -> Option<usize> {
+    match device.trim() {
+        "cuda" => Some(0),
+        d => d.strip_prefix("cuda:")?.parse().ok(),
+    }
+}
+
+/// The group whose sums a run on `device` uses, as `YTRAINER_TRANSPORT` says: `auto` (unset: NCCL when this build
+/// has the `nccl` feature, the device is CUDA and there are several ranks; otherwise the group as joined), `mpi`
+/// (the group as joined: host buffers over MPI), or `nccl` (NCCL even for one rank, e.g. to check it on a
+/// machine with one GPU). Every rank must call it at the same point: NCCL's set-up is collective.
+pub fn transport_for(group: Group, device: &str) -> Result<Group, JoinError> {
+    let choice = std::env::var("YTRAINER_TRANSPORT").unwrap_or_else(|_| "auto".into());
+    let bad = |why: String| JoinError::Transport(choice.clone(), why);
+    let want_nccl = match choice.trim() {
+        "mpi" => false,
+        "auto" => {
+            cfg!(feature = "nccl") && cuda_index(device).is_some() && group.get().world_size() > 1
+        }
+        "nccl" => {
+            if !cfg!(feature = "nccl") {
+                return Err(bad(
+                    "this ytrainer was built without NCCL; build it with `--features nccl` (implies cuda and mpi), or unset it"
+                        .into(),
+                ));
+            }
+            if cuda_index(device).is_none() {
+                return Err(bad(format!(
+                    "NCCL sums on CUDA GPUs, but the run's device is `{device}`; train with `--device cuda` or unset it"
+                )));
+            }
+            true
+        }
+        _ => return Err(bad("expected `auto`, `mpi` or `nccl`".into())),
+    };
+    if !want_nccl {
+        return Ok(group);
+    }
+    #[cfg(feature = "nccl")]
+    {
+        let index = cuda_index(device).unwrap_or(0);
+        let n = nccl::Nccl::new(group, index, collective_timeout()?)?;
+        Ok(Group(Arc::new(n)))
+    }
+    #[cfg(not(feature = "nccl"))]
+    {
+        Err(bad("this ytrainer was built without NCCL".into()))
+    }
+}
+
 /// The group of a membership as a shareable collective (for tests and benchmarks).
 pub fn collective(m: &Membership) -> Arc<dyn Collective> {
     m.group.0.clone()
@@ -142,9 +226,8 @@ pub fn collective(m: &Membership) -> Arc<dyn Collective> {
 
 #[cfg(feature = "mpi")]
 mod mpi_impl {
-    use std::io::Write;
     use std::sync::{Arc, Mutex, MutexGuard};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use mpi::collective::SystemOperation;
     use mpi::environment::Threading;
@@ -153,6 +236,7 @@ mod mpi_impl {
     use ytrainer_core::dist::{Collective, DistError, Group};
 
     use super::{JoinError, Membership};
+    use crate::watchdog::{Watch, spawn_watchdog};
 
     /// Counts per MPI call: element counts are C `int`s.
     const CHUNK: usize = 1 << 28;
@@ -165,78 +249,6 @@ mod mpi_impl {
         library: String,
         watch: Arc<Watch>,
     }
-
-    /// The collective call this rank is in, if any, for the watchdog: what, since when, and its number.
-    #[derive(Default)]
-    struct Watch {
-        current: Mutex<Option<(&'static str, Instant, u64)>>,
-        calls: std::sync::atomic::AtomicU64,
-    }
-
-    /// Clears the watch when the collective call returns.
-    struct InCall<'a>(&'a Watch);
-
-    impl Watch {
-        fn enter(&self, what: &'static str) -> InCall<'_> {
-            let n = self
-                .calls
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                + 1;
-            *self.current.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some((what, Instant::now(), n));
-            InCall(self)
-        }
-    }
-
-    impl Drop for InCall<'_> {
-        fn drop(&mut self) {
-            *self.0.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        }
-    }
-
-    /// Ends this rank when one collective call has waited longer than `timeout`: the other ranks' calls never
-    /// arrive when one of them hangs (stopped, deadlocked, stuck in I/O), and MPI itself never times out. The
-    /// rank leaves with `_exit` (no exit handlers: its main thread is inside the MPI library), the launcher sees a
-    /// rank end without finalising MPI and ends every other rank. Checkpoints are written atomically, so the last
-    /// one stays intact.
-    fn spawn_watchdog(watch: Arc<Watch>, timeout: Duration, rank: usize, size: usize) {
-        let tick = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-        let spawned = std::thread::Builder::new()
-            .name("collective-watchdog".into())
-            .spawn(move || loop {
-                std::thread::sleep(tick);
-                let current = *watch.current.lock().unwrap_or_else(|e| e.into_inner());
-                let Some((what, since, n)) = current else {
-                    continue;
-                };
-                let waited = since.elapsed();
-                if waited < timeout {
-                    continue;
-                }
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "error: rank {rank} of {size} waited {:.0} s in collective call #{n} ({what}) for the other ranks \
-                     (YTRAINER_COLLECTIVE_TIMEOUT = {} s): a rank that did not report this is hung or far behind; \
-                     ending every rank (the last checkpoint is intact; resume from it)",
-                    waited.as_secs_f64(),
-                    timeout.as_secs_f64(),
-                );
-                let _ = std::io::stderr().flush();
-                // SAFETY: `_exit` ends the process at once; nothing after it runs.
-                unsafe { libc::_exit(1) }
-            });
-        if let Err(e) = spawned {
-            eprintln!(
-                "warning: no collective-call watchdog ({e}): a hung rank will not be detected"
-            );
-        }
-    }
-
-    // SAFETY: MPI was initialised with MPI_THREAD_SERIALIZED (checked in `init`): any thread may call MPI as long
-    // as no two do so at once, which the mutex around the communicator guarantees.
-    unsafe impl Send for Mpi {}
-    // SAFETY: as above; every use of the communicator goes through the mutex.
-    unsafe impl Sync for Mpi {}
 
     pub(super) fn init(timeout: Option<Duration>) -> Result<Membership, JoinError> {
         let (universe, threading) = mpi::initialize_with_threading(Threading::Serialized)
@@ -335,5 +347,24 @@ mod mpi_impl {
         fn describe(&self) -> String {
             format!("MPI, {}", self.library)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gpu_kind_without_index_is_the_ranks_own_gpu() {
+        assert_eq!(rank_device("cuda", Some(3)), "cuda:3");
+        assert_eq!(rank_device(" wgpu ", Some(1)), "wgpu:1");
+        assert_eq!(rank_device("cuda:0", Some(3)), "cuda:0");
+        assert_eq!(rank_device("cpu", Some(3)), "cpu");
+        assert_eq!(rank_device("cuda", None), "cuda");
+        assert_eq!(cuda_index("cuda"), Some(0));
+        assert_eq!(cuda_index("cuda:7"), Some(7));
+        assert_eq!(cuda_index("cuda:x"), None);
+        assert_eq!(cuda_index("wgpu:1"), None);
+        assert_eq!(cuda_index("cpu"), None);
     }
 }

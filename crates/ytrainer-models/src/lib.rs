@@ -46,7 +46,7 @@ pub use decoder::Decoder;
 pub use error::ModelError;
 pub use export::{ExportDtype, save_hf_checkpoint_as};
 pub use gguf::{convert_gguf, is_gguf, load_gguf, load_gguf_frozen, load_gguf_with};
-pub use load::{BaseWeights, init_random, load_pretrained, load_pretrained_with};
+pub use load::{BaseWeights, init_random, init_random_with, load_pretrained, load_pretrained_with};
 pub use lora::{AdapterSpec, DEFAULT_LORA_TARGETS, LoraConfig, LoraLinear};
 pub use save::{load_peft_adapter, save_hf_checkpoint, save_peft_adapter};
 pub use ytrainer_core::model::{CausalLm, ModelInput};

@@ -14,7 +14,7 @@ use ytrainer_core::step::{StepContext, StepCounters, train_micro_batch};
 use ytrainer_data::MicroBatch;
 use ytrainer_data::batch::{BatchOptions, Mode, plan_epoch};
 use ytrainer_data::tokenize::Example;
-use ytrainer_models::{AdapterSpec, Decoder, HfConfig, LoraConfig, init_random};
+use ytrainer_models::{AdapterSpec, BaseWeights, Decoder, HfConfig, LoraConfig, init_random_with};
 
 use crate::error::Result;
 use crate::{RecipeError, bail, invalid};
@@ -63,6 +63,8 @@ pub struct BenchSettings {
     pub precision: Precision,
     /// Train with activation recomputation.
     pub gradient_checkpointing: bool,
+    /// The base's linear weights: f32, or quantised (`--quantize-base`) for LoRA over a quantised base.
+    pub base: BaseWeights,
     /// External plugin directories named outside any config (`--plugin-dir`).
     pub plugin_dirs: Vec<PathBuf>,
 }
@@ -205,7 +207,12 @@ fn setup(s: &BenchSettings) -> Result<(Decoder, Box<dyn TokenReweighter>, Device
             ..LoraConfig::default()
         }),
     };
-    let model = init_random(&config, 0, &adapter, &device)?
+    if s.base != BaseWeights::F32 && matches!(s.adapter, BenchAdapter::Full) {
+        bail!(
+            "--quantize-base needs --mode lora: full fine-tuning trains the base weights, which stay f32"
+        );
+    }
+    let model = init_random_with(&config, 0, &adapter, &device, s.base)?
         .with_gradient_checkpointing(s.gradient_checkpointing);
     let registry = crate::run::registry(&s.plugin_dirs, &[])?;
     let (loss, _) = registry.build(&s.loss, &Default::default())?;

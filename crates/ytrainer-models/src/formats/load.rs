@@ -126,12 +126,28 @@ pub fn init_random(
     adapter: &AdapterSpec,
     device: &Device,
 ) -> Result<Decoder, ModelError> {
+    init_random_with(config, seed, adapter, device, BaseWeights::F32)
+}
+
+/// [`init_random`] with the linear weights held as `base` says (`Quantize`: the same random weights quantised,
+/// for benchmarks of LoRA over a quantised base; `Stored` is f32 here, there being no file).
+pub fn init_random_with(
+    config: &HfConfig,
+    seed: u64,
+    adapter: &AdapterSpec,
+    device: &Device,
+    base: BaseWeights,
+) -> Result<Decoder, ModelError> {
     let spec = ArchSpec::from_config(config)?;
     let mut source = RandomSource {
         seed,
         std: config.initializer_range.unwrap_or(0.02),
     };
-    build(spec, config.clone(), &mut source, device)?.with_adapter(adapter)
+    let quantize = match base {
+        BaseWeights::Quantize(kind) => Some(kind),
+        _ => None,
+    };
+    build_with(spec, config.clone(), &mut source, device, quantize)?.with_adapter(adapter)
 }
 
 /// The tensors of a checkpoint directory: one file, or shards through the index.
@@ -389,15 +405,6 @@ impl Builder<'_> {
             eps,
         })
     }
-}
-
-pub(crate) fn build(
-    spec: ArchSpec,
-    config: HfConfig,
-    source: &mut dyn WeightSource,
-    device: &Device,
-) -> Result<Decoder, ModelError> {
-    build_with(spec, config, source, device, None)
 }
 
 pub(crate) fn build_with(
