@@ -40,7 +40,9 @@ SHIM
 chmod +x "$PREFIX/bin/llvm-config"
 touch "$PREFIX/.tracel-llvm-installed"
 
-cargo build --release -p ytrainer-cli --features cuda --target-dir target/cuda
+# `nccl` too (one process needs no MPI library: the GPU check runs a 1-rank NCCL group; clusters build with
+# `--features nccl,mpi`).
+cargo build --release -p ytrainer-cli --features cuda,nccl --target-dir target/cuda
 mkdir -p dist/cuda
 cp target/cuda/release/ytrainer dist/cuda/ytrainer
 strip dist/cuda/ytrainer
@@ -50,3 +52,8 @@ ls -l dist/cuda/
 echo "dry run (no GPU here: expect a clean error, not a panic):"
 xz -dc dist/cuda/ytrainer.xz > /tmp/ytrainer-cuda && chmod +x /tmp/ytrainer-cuda
 /tmp/ytrainer-cuda bench --device cuda --steps 1 || true
+echo "dry run of the NCCL transport (expect a clean error naming the missing CUDA driver):"
+rm -rf /tmp/ytrainer-cuda-tiny
+/tmp/ytrainer-cuda init --data examples/quickstart/train.jsonl --out /tmp/ytrainer-cuda-tiny >/dev/null
+YTRAINER_TRANSPORT=nccl /tmp/ytrainer-cuda run --model /tmp/ytrainer-cuda-tiny --data examples/quickstart/train.jsonl \
+    --device cuda --max-steps 1 --output-dir /tmp/ytrainer-cuda-nccl --overwrite || true

@@ -1139,7 +1139,7 @@ fn the_transport_variable_is_checked_before_training() {
     assert_user_error(
         &run("nccl", "b"),
         "error: environment variable YTRAINER_TRANSPORT = \"nccl\": this ytrainer was built without NCCL; build \
-         it with `--features nccl` (implies cuda and mpi), or unset it",
+         it with `--features nccl` (with `mpi` for several processes), or unset it",
     );
     let o = run("mpi", "c");
     assert!(o.status.success(), "{}", stderr(&o));

@@ -191,7 +191,7 @@ pub fn transport_for(group: Group, device: &str) -> Result<Group, JoinError> {
         "nccl" => {
             if !cfg!(feature = "nccl") {
                 return Err(bad(
-                    "this ytrainer was built without NCCL; build it with `--features nccl` (implies cuda and mpi), or unset it"
+                    "this ytrainer was built without NCCL; build it with `--features nccl` (with `mpi` for several processes), or unset it"
                         .into(),
                 ));
             }
