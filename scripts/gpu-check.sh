@@ -6,7 +6,8 @@
 #   b. parity: per-token losses of `ytrainer score --device cuda` vs transformers on the same ids (f32);
 #   c. training checks on the tiny preset (made by `ytrainer init`), per-step losses against a reference run:
 #      LoRA NLIRG on cuda vs cpu; LoRA over a q8_0 GGUF base (made by `ytrainer export`) on cuda vs cpu; gradient
-#      checkpointing vs plain on cuda; bf16 vs f32 on cuda; DPO step-0 loss = ln 2 on cuda (training.json);
+#      checkpointing vs plain on cuda; bf16 vs f32 on cuda; a 1-rank NCCL group (YTRAINER_TRANSPORT=nccl, PyTorch's
+#      libnccl) vs the plain run on cuda; DPO step-0 loss = ln 2 on cuda (training.json);
 #   c2. LoRA variants against PEFT (peft.json): DoRA, modules_to_save and both trained on the tiny preset, each
 #      adapter loaded with PeftModel.from_pretrained (per-token CE vs ytrainer score) and merged (merge_and_unload
 #      vs ytrainer merge); alone: python3 scripts/gpu_check.py --only peft --out DIR (CPU PyTorch is enough);
@@ -14,7 +15,7 @@
 #      --shape smollm2` vs benches/torch_baseline.py (PyTorch + PEFT, f32 and bf16), tokens/s, peak GPU memory, MFU;
 #      ytrainer CE vs NLIRG step time;
 #   e. writes results.json and results.md under $OUT (and every raw log).
-# Not covered: data-parallel training (MPI, docs/distributed.md; the CUDA binary is built without `mpi`).
+# Not covered: several ranks (MPI, docs/distributed.md; the CUDA binary is built without `mpi`, the machine has one GPU).
 # The training checks alone, without PyTorch or a GPU: python3 scripts/gpu_check.py --only training --device cpu
 # Usage (device tool): bash scripts/gpu-check.sh      ($OUT defaults to ./gpu-out)
 set -uo pipefail

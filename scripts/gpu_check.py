@@ -37,11 +37,12 @@ def log(*a):
     print(*a, flush=True)
 
 
-def run(cmd, timeout):
+def run(cmd, timeout, env=None):
     log("$", " ".join(cmd))
     t0 = time.time()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                           env=None if env is None else {**os.environ, **env})
     except subprocess.TimeoutExpired:
         return {"cmd": cmd, "rc": "timeout", "stdout": "", "stderr": "", "s": time.time() - t0}
     if p.returncode != 0:
@@ -108,6 +109,26 @@ PAIRS = [
 ]
 
 
+def nccl_env(work):
+    """YTRAINER_TRANSPORT=nccl, and LD_LIBRARY_PATH with a `libnccl.so` link to PyTorch's NCCL (cudarc looks for
+    that name; the wheel ships only NCCL's soname libnccl.so.2)."""
+    env = {"YTRAINER_TRANSPORT": "nccl"}
+    try:
+        import nvidia.nccl  # PyTorch's dependency wheel
+        lib = os.path.join(list(nvidia.nccl.__path__)[0], "lib")
+        so = [f for f in os.listdir(lib) if f.startswith("libnccl.so")]
+        if so:
+            links = os.path.join(work, "nccl-lib")
+            os.makedirs(links, exist_ok=True)
+            link = os.path.join(links, "libnccl.so")
+            if not os.path.exists(link):
+                os.symlink(os.path.join(lib, sorted(so)[0]), link)
+            env["LD_LIBRARY_PATH"] = links + os.pathsep + os.environ.get("LD_LIBRARY_PATH", "")
+    except Exception as e:  # noqa: BLE001 - then the system's NCCL, if any, is used
+        log("no NCCL from PyTorch's wheels:", e)
+    return env
+
+
 def training_checks(out_dir, device, steps=6):
     """Training on `device` against a reference run, on the tiny preset (made here by `ytrainer init`; no download):
     LoRA (NLIRG) vs the same run on the CPU; LoRA over a quantised GGUF base (q8_0, made by `ytrainer export`) vs
@@ -127,12 +148,14 @@ def training_checks(out_dir, device, steps=6):
         if r["rc"] != 0:
             return [{"check": "setup", "ok": False, "cmd": " ".join(cmd), "stderr": r["stderr"][-1500:]}]
 
-    def train(name, model, dev, *extra, data_file=data):
+    def train(name, model, dev, *extra, data_file=data, env=None):
         out = os.path.join(work, name)
         r = run([YT, "run", "--model", model, "--data", data_file, "--device", dev, "--max-steps", str(steps),
-                 "--tokens-per-step", "128", "--output-dir", out, "--overwrite", *extra], 240)
+                 "--tokens-per-step", "128", "--output-dir", out, "--overwrite", *extra], 240, env)
         if r["rc"] != 0:
             return None, r["stderr"][-1500:]
+        if env and env.get("YTRAINER_TRANSPORT") == "nccl" and "sums over NCCL" not in r["stderr"]:
+            return None, "the run did not report the NCCL transport:\n" + r["stderr"][-1500:]
         with open(os.path.join(out, "metrics.jsonl")) as f:
             return [json.loads(line)["loss"] for line in f], None
 
@@ -154,6 +177,11 @@ def training_checks(out_dir, device, steps=6):
                           train("lora-recompute", base, device, *lora, "--gradient-checkpointing"), 1e-4))
     checks.append(compare(f"bf16 vs f32, on {device}", on_dev,
                           train("lora-bf16", base, device, *lora, "--precision", "bf16"), 0.15))
+    if device.startswith("cuda"):
+        # A 1-rank NCCL group (the machine has one GPU): set-up, the check sum and every step's gradient and
+        # counter sums go through NCCL (host-staged); one rank sums to itself, so the losses equal the plain run's.
+        checks.append(compare(f"1-rank NCCL transport vs none, on {device}", on_dev,
+                              train("lora-nccl", base, device, *lora, env=nccl_env(work)), 1e-6))
     dpo, err = train("dpo", base, device, "--loss", "dpo", "--set", "preference.pairs_per_step=4", data_file=pairs)
     checks.append({"check": f"DPO step-0 loss = ln 2, on {device}", "ok": dpo is not None and abs(dpo[0] - math.log(2)) < 1e-5,
                    "step0_loss": dpo and dpo[0], "stderr": err})

@@ -39,6 +39,13 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     if !args.dry_run {
         group = ytrainer_dist::transport_for(group, &cfg.train.device)?;
+        let transport = group.get().describe();
+        if group.is_writer() && transport.starts_with("NCCL") {
+            eprintln!(
+                "sums over {transport} ({} rank(s); its set-up check sum was right)",
+                group.get().world_size()
+            );
+        }
     }
     let writer = group.is_writer();
     let opts = RunOptions {

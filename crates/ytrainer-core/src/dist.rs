@@ -63,6 +63,11 @@ pub trait Collective: Send + Sync {
     fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<(), DistError>;
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<(), DistError>;
+    /// Whether the loop sums over this group: several ranks, or a transport exercised with one rank (a 1-rank
+    /// NCCL group checks NCCL on a machine with one GPU; its sums change nothing).
+    fn sums_needed(&self) -> bool {
+        self.world_size() > 1
+    }
     /// A short description for logs (`"MPI (Open MPI 4.1.4)"`).
     fn describe(&self) -> String {
         "single process".to_string()
@@ -190,7 +195,7 @@ pub trait Tally {
 
 /// Sums a tally over all ranks in place (nothing to do in one process).
 pub fn reduce_tally<T: Tally>(dist: &dyn Collective, t: &mut T) -> Result<(), DistError> {
-    if dist.world_size() <= 1 {
+    if !dist.sums_needed() {
         return Ok(());
     }
     let mut v = t.to_sums();

@@ -636,7 +636,7 @@ fn reduce_step<M: CausalLm, O: Objective<M>>(
     dist: &dyn Collective,
     comm: &mut CommStats,
 ) -> Result<(Accumulated<O::Tally>, Option<f64>), TrainError> {
-    if dist.world_size() <= 1 {
+    if !dist.sums_needed() {
         return Ok((objective.conclude(tally), None));
     }
     // Waiting for the slowest rank is timed apart from the transfer.

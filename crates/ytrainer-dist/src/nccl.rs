@@ -164,6 +164,10 @@ impl Collective for Nccl {
     fn barrier(&self) -> Result<(), DistError> {
         self.control.get().barrier()
     }
+    fn sums_needed(&self) -> bool {
+        // Even one rank sums through NCCL, so a machine with one GPU exercises the transport.
+        true
+    }
     fn describe(&self) -> String {
         format!(
             "NCCL {} on cuda:{}, host-staged; control: {}",
