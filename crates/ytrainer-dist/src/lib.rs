@@ -250,6 +250,12 @@ mod mpi_impl {
         watch: Arc<Watch>,
     }
 
+    // SAFETY: MPI was initialised with MPI_THREAD_SERIALIZED (checked in `init`): any thread may call MPI as long
+    // as no two do so at once, which the mutex around the communicator guarantees.
+    unsafe impl Send for Mpi {}
+    // SAFETY: as above; every use of the communicator goes through the mutex.
+    unsafe impl Sync for Mpi {}
+
     pub(super) fn init(timeout: Option<Duration>) -> Result<Membership, JoinError> {
         let (universe, threading) = mpi::initialize_with_threading(Threading::Serialized)
             .ok_or_else(|| JoinError::Init("MPI was already initialised".into()))?;

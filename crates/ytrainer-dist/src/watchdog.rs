@@ -67,9 +67,3 @@ pub(crate) fn spawn_watchdog(watch: Arc<Watch>, timeout: Duration, rank: usize, 
         eprintln!("warning: no collective-call watchdog ({e}): a hung rank will not be detected");
     }
 }
-
-// SAFETY: MPI was initialised with MPI_THREAD_SERIALIZED (checked in `init`): any thread may call MPI as long
-// as no two do so at once, which the mutex around the communicator guarantees.
-unsafe impl Send for Mpi {}
-// SAFETY: as above; every use of the communicator goes through the mutex.
-unsafe impl Sync for Mpi {}
