@@ -638,3 +638,59 @@ fn preference_runs_follow_the_memory_plan() {
     let m = jsonl(&d.path().join("tight/metrics.jsonl"));
     assert!((m[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6);
 }
+
+/// Several files of pairs mix like SFT's sources: a cap on the first file (`--max-samples`), a weight on the
+/// second (`--source FILE,weight=2`: each pair twice); the plan names each file's share. Column maps stay SFT's.
+#[test]
+fn preference_files_mix_with_caps_and_weights() {
+    let d = TempDir::new("dpo-mix");
+    let a = small_pairs(d.path(), 8);
+    let b_dir = d.path().join("b");
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let b = small_pairs(&b_dir, 4);
+    let out = d.path().join("run");
+    let source = format!("{},weight=2", s(&b));
+    let run = |extra: &[&str], out: &std::path::Path| {
+        let mut args = vec![
+            "run".to_string(),
+            "--model".into(),
+            s(&assets().join("tiny-qwen2")),
+            "--data".into(),
+            s(&a),
+            "--loss".into(),
+            "dpo".into(),
+            "--max-steps".into(),
+            "1".into(),
+            "--set".into(),
+            "preference.pairs_per_step=2".into(),
+            "--output-dir".into(),
+            s(out),
+        ];
+        args.extend(extra.iter().map(|x| x.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ytrainer(&args)
+    };
+    let o = run(&["--max-samples", "6", "--source", &source], &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    for line in [
+        format!(
+            "data: {} (pairs): 8 records, first 6 (max_samples) -> 6 training records",
+            s(&a)
+        ),
+        format!(
+            "data: {} (pairs): 4 records, weight 2 -> 8 training records",
+            s(&b)
+        ),
+    ] {
+        assert!(err.contains(&line), "{line:?} not in:\n{err}");
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["data"]["pairs"], 14, "{summary}");
+    assert_user_error(
+        &run(&["--columns", "prompt=question"], &d.path().join("cols")),
+        "[data] columns apply to SFT and continued pretraining; preference training (`--loss dpo`) reads pairs by \
+         their own field names",
+    );
+}

@@ -2,13 +2,14 @@
 //! first `max_samples` records, split for evaluation (`eval_fraction`, per file, before any record is
 //! repeated so no eval record is also trained on), then weighted: a weight `w` uses each record `floor(w)`
 //! times plus a seeded random `w - floor(w)` share of the records once more (0.5 = a half, 2 = twice,
-//! 1.5 = all and a half). The order is file by file; the batch planner shuffles.
+//! 1.5 = all and a half). The order is file by file; the batch planner shuffles. Preference runs mix files of
+//! pairs (or KTO's labelled completions) the same way ([`mix_files`]), without column maps.
 
 use std::path::{Path, PathBuf};
 
 use ytrainer_core::config::{DataSource, RunConfig};
 use ytrainer_core::rng::SplitMix64;
-use ytrainer_data::{Format, Record, load_records_with};
+use ytrainer_data::{Record, load_records_with};
 
 use crate::error::Result;
 
@@ -17,8 +18,8 @@ use crate::error::Result;
 pub struct SourceUse {
     /// The file.
     pub path: PathBuf,
-    /// Its detected record layout.
-    pub format: Format,
+    /// Its detected record layout (`alpaca`, `messages`, ..., or `pairs` / `kto` for preference files).
+    pub format: String,
     /// Records read (after dropped ones).
     pub records: usize,
     /// Records kept by `max_samples`.
@@ -54,13 +55,13 @@ impl SourceUse {
     }
 }
 
-/// The training mix of a config.
+/// The training mix of a config: records (SFT, continued pretraining) or pairs (preference training).
 #[derive(Debug, Clone)]
-pub struct Mixed {
+pub struct Mixed<T = Record> {
     /// Training records, file by file.
-    pub train: Vec<Record>,
+    pub train: Vec<T>,
     /// Records held out by `eval_fraction`.
-    pub eval: Vec<Record>,
+    pub eval: Vec<T>,
     /// Dropped-record warnings of every file.
     pub warnings: Vec<String>,
     /// Per-file figures.
@@ -105,6 +106,22 @@ pub fn weighted<T: Clone>(records: Vec<T>, weight: f64, seed: u64) -> Vec<T> {
 
 /// Reads, caps, splits and weights every training file of `cfg` (see the module docs).
 pub fn training_mix(cfg: &RunConfig, train_file: &Path) -> Result<Mixed> {
+    mix_files(cfg, train_file, |s| {
+        let loaded = load_records_with(&s.path, &s.columns)?;
+        Ok((
+            loaded.records,
+            loaded.warnings.iter().map(|w| w.to_string()).collect(),
+            loaded.format.to_string(),
+        ))
+    })
+}
+
+/// [`training_mix`] over any record type: `load` reads one file as (records, dropped-record warnings, layout).
+pub fn mix_files<T: Clone>(
+    cfg: &RunConfig,
+    train_file: &Path,
+    load: impl Fn(&DataSource) -> Result<(Vec<T>, Vec<String>, String)>,
+) -> Result<Mixed<T>> {
     let mut mixed = Mixed {
         train: Vec::new(),
         eval: Vec::new(),
@@ -112,12 +129,10 @@ pub fn training_mix(cfg: &RunConfig, train_file: &Path) -> Result<Mixed> {
         sources: Vec::new(),
     };
     for (i, s) in sources_of(cfg, train_file).iter().enumerate() {
-        let loaded = load_records_with(&s.path, &s.columns)?;
-        mixed
-            .warnings
-            .extend(loaded.warnings.iter().map(|w| w.to_string()));
-        let records = loaded.records.len();
-        let mut kept = loaded.records;
+        let (loaded, warnings, format) = load(s)?;
+        mixed.warnings.extend(warnings);
+        let records = loaded.len();
+        let mut kept = loaded;
         if s.max_samples > 0 {
             kept.truncate(s.max_samples);
         }
@@ -127,7 +142,7 @@ pub fn training_mix(cfg: &RunConfig, train_file: &Path) -> Result<Mixed> {
         let train = weighted(train, s.weight, seed);
         mixed.sources.push(SourceUse {
             path: s.path.clone(),
-            format: loaded.format,
+            format,
             records,
             capped,
             eval: eval.len(),

@@ -140,11 +140,11 @@ pub fn run_preference(
         cfg.preference.pairs_per_step = cfg.preference.micro_pairs.max(1) * t.grad_accum;
     }
     let d = &cfg.data;
-    if !d.sources.is_empty() || !d.columns.is_empty() || d.max_samples > 0 || d.train_weight != 1.0
-    {
+    if !d.columns.is_empty() || d.sources.iter().any(|s| !s.columns.is_empty()) {
         bail!(
-            "[data] sources, columns, max_samples and train_weight apply to SFT and continued pretraining; \
-             preference training (`--loss {}`) reads one `[data] train` file of pairs as it is: remove them",
+            "[data] columns apply to SFT and continued pretraining; preference training (`--loss {}`) reads \
+             pairs by their own field names (prompt / chosen / rejected, or conversations with chosen and \
+             rejected answers; docs/preference.md): remove the column map",
             cfg.loss.name
         );
     }
@@ -184,13 +184,28 @@ pub fn run_preference(
             load_pairs(path)
         }
     };
-    let loaded = load(&train_file)?;
-    let mut warnings: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
-    let (train_records, mut eval_records) = if cfg.data.eval.is_some() {
-        (loaded.pairs, Vec::new())
-    } else {
-        crate::common::split_eval(loaded.pairs, cfg.data.eval_fraction)
-    };
+    // Several files of pairs mix as SFT's do (`[[data.sources]]`: weights, per-file caps); an eval file
+    // replaces the held-out fraction.
+    let mut mix_cfg = cfg.clone();
+    if cfg.data.eval.is_some() {
+        mix_cfg.data.eval_fraction = 0.0;
+    }
+    let layout = if objective.unpaired() { "kto" } else { "pairs" };
+    let mixed = crate::mix::mix_files(&mix_cfg, &train_file, |s| {
+        let l = load(&s.path)?;
+        Ok((
+            l.pairs,
+            l.warnings.iter().map(|w| w.to_string()).collect(),
+            layout.to_string(),
+        ))
+    })?;
+    if mixed.sources.len() > 1 || mixed.sources.iter().any(|u| u.train != u.records) {
+        for u in &mixed.sources {
+            observer.notice(&u.describe());
+        }
+    }
+    let mut warnings = mixed.warnings;
+    let (train_records, mut eval_records) = (mixed.train, mixed.eval);
     if let Some(e) = &cfg.data.eval {
         let l = load(e)?;
         warnings.extend(l.warnings.iter().map(|w| w.to_string()));
