@@ -335,6 +335,76 @@ fn dora_adapter_round_trip_format_and_merge() {
     let _ = std::fs::remove_dir_all(&merged_dir);
 }
 
+/// Loading an adapter onto a model built with another adapter (what `[adapter] init_from` does: the run's model
+/// is built from the config's `[adapter]` first) leaves only the file's adapter: the model's own LoRA branches on
+/// projections the file does not target are removed and its `modules_to_save` copies go back to the base's, so
+/// that it computes, trains and saves exactly the file's adapter (here DoRA on q_proj and v_proj over a model
+/// built with LoRA r=16 on all seven projections plus trained embeddings).
+#[test]
+fn loading_an_adapter_replaces_the_models_own_adapter() {
+    let device = Device::flex().autodiff();
+    let file_cfg = LoraConfig {
+        r: 4,
+        alpha: 6.0,
+        target_modules: vec!["q_proj".into(), "v_proj".into()],
+        use_dora: true,
+        ..LoraConfig::default()
+    };
+    let (source, _) =
+        load_pretrained(&tiny_qwen2(), &AdapterSpec::Lora(file_cfg.clone()), &device).unwrap();
+    let source = perturbed(source, &device);
+    let dir = temp_dir("replace");
+    save_peft_adapter(&source, &file_cfg, "base", &dir).unwrap();
+    let saved_names = |dir: &std::path::Path| {
+        let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+        let mut names: Vec<String> = SafeTensors::deserialize(&bytes)
+            .unwrap()
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        names.sort();
+        names
+    };
+    let source_names = saved_names(&dir);
+    assert_eq!(source_names.len(), 4 * 2 * 3);
+
+    let own = LoraConfig {
+        modules_to_save: vec!["embed_tokens".into()],
+        ..LoraConfig::default()
+    };
+    let (model, _) = load_pretrained(&tiny_qwen2(), &AdapterSpec::Lora(own), &device).unwrap();
+    assert_eq!(model.trained_beside_adapters(), (true, false));
+    let loaded = load_peft_adapter(model, &dir).unwrap();
+    for (name, lin) in loaded.named_linears() {
+        let targeted = name.ends_with("q_proj") || name.ends_with("v_proj");
+        assert_eq!(lin.has_lora(), targeted, "{name}");
+        assert_eq!(lin.lora_magnitude.is_some(), targeted, "{name}");
+    }
+    assert_eq!(loaded.trained_beside_adapters(), (false, false));
+    assert_eq!(
+        ytrainer_models::trainable_param_count(&loaded),
+        ytrainer_models::trainable_param_count(&source)
+    );
+    for (path, _, requires_grad) in ytrainer_models::named_params(&loaded) {
+        let adapter = path.contains("lora_");
+        assert_eq!(requires_grad, adapter, "{path}");
+    }
+    assert_eq!(
+        max_abs_diff(&logits(&source, &device), &logits(&loaded, &device)),
+        0.0
+    );
+    // Saved again: the file's tensors and nothing else.
+    let again = temp_dir("replace-again");
+    let ytrainer_models::AdapterSpec::Lora(cfg) = loaded.adapter.clone() else {
+        panic!("not a LoRA adapter")
+    };
+    save_peft_adapter(&loaded, &cfg, "base", &again).unwrap();
+    assert_eq!(saved_names(&again), source_names);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&again);
+}
+
 /// DoRA over a base kept quantised (q8_0 on load) computes what DoRA over the same weights dequantised to f32
 /// computes: logits, loss and the gradients of A, B and the magnitudes (relative 1e-5).
 #[test]

@@ -455,10 +455,11 @@ impl AdapterReader {
     }
 }
 
-/// Loads a PEFT LoRA adapter onto `model` (replacing any LoRA it has) to continue training: base weights are
-/// frozen, the adapter's A/B (and DoRA magnitudes, and `modules_to_save` weights) become the trainable
-/// parameters. Keys may be in saved form or still carry `.default.`. Every adapter tensor must be used: an
-/// unknown key (for example a LoRA on `lm_head`) is an error.
+/// Loads a PEFT LoRA adapter onto `model` (replacing any adapter it has: LoRA branches on projections the file
+/// does not target are removed, embeddings / head trained beside them go back to the base's) to continue
+/// training: base weights are frozen, the adapter's A/B (and DoRA magnitudes, and `modules_to_save` weights)
+/// become the trainable parameters. Keys may be in saved form or still carry `.default.`. Every adapter tensor
+/// must be used: an unknown key (for example a LoRA on `lm_head`) is an error.
 ///
 /// `modules_to_save` on a model with tied embeddings: an adapter that holds the same matrix for both (what
 /// ytrainer writes) keeps the model tied; one that trains only one of them, or two different ones (PEFT without
@@ -482,7 +483,9 @@ pub fn load_peft_adapter(model: Decoder, dir: &Path) -> Result<Decoder, ModelErr
         .set_require_grad(false)
         .try_map_linears(|name, linear| {
             if !lora.targets(name) {
-                return Ok(linear);
+                // A branch the model was built with (the run config's `[adapter]`, which `init_from` replaces)
+                // is not the adapter's: it would be trained and saved beside it.
+                return Ok(linear.without_lora());
             }
             let (d_in, d_out) = (linear.d_in(), linear.d_out());
             let mut read =
@@ -510,6 +513,10 @@ pub fn load_peft_adapter(model: Decoder, dir: &Path) -> Result<Decoder, ModelErr
             )?;
             Ok(linear.with_dora(Tensor::from_data(TensorData::new(m, [d_out]), &device)))
         })?;
+    // Likewise the embeddings / head the model trains beside its own adapter: only the file's `modules_to_save`
+    // are trained.
+    model.embed_tokens = model.embed_tokens.base_only();
+    model.lm_head = model.lm_head.map(crate::decoder::LmHead::base_only);
     let (embed, head) = modules_to_save_flags(&lora.modules_to_save)?;
     let (vocab, hidden) = (model.spec.vocab_size, model.spec.hidden_size);
     let missing = |module: &str| ModelError::Adapter {
