@@ -405,6 +405,69 @@ fn loading_an_adapter_replaces_the_models_own_adapter() {
     let _ = std::fs::remove_dir_all(&again);
 }
 
+/// PEFT's `ensure_weight_tying` form of `modules_to_save` on a tied model: the config lists only the embeddings
+/// (`["embed_tokens", "model.embed_tokens"]`) and the file holds the one matrix under both names. It loads tied,
+/// to the logits of the model it came from; a file whose two matrices differ is refused (the head would be the
+/// embeddings, not the file's head).
+#[test]
+fn ensure_weight_tying_adapter_loads_tied() {
+    use ytrainer_models::st::{PendingTensor, SafetensorsReader, write_f32};
+    let device = Device::flex();
+    let cfg = LoraConfig {
+        r: 2,
+        alpha: 4.0,
+        target_modules: vec!["o_proj".into()],
+        modules_to_save: vec!["embed_tokens".into()],
+        ..LoraConfig::default()
+    };
+    let (model, _) =
+        load_pretrained(&tiny_qwen2(), &AdapterSpec::Lora(cfg.clone()), &device).unwrap();
+    let mut model = perturbed(model, &device);
+    let e = model.embed_tokens.weight.val();
+    model.embed_tokens.weight =
+        burn::module::Param::from_tensor(e.clone() + e.mul_scalar(0.7).cos().mul_scalar(0.02));
+    let dir = temp_dir("tying");
+    save_peft_adapter(&model, &cfg, "base", &dir).unwrap();
+    // Rewrite the config as PEFT writes it with `ensure_weight_tying`.
+    let config_path = dir.join("adapter_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["modules_to_save"] = serde_json::json!(["embed_tokens", "model.embed_tokens"]);
+    config["ensure_weight_tying"] = true.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let (base, _) = load_pretrained(&tiny_qwen2(), &AdapterSpec::Full, &device).unwrap();
+    let loaded = load_peft_adapter(base, &dir).unwrap();
+    assert!(loaded.lm_head.is_none(), "stays tied");
+    assert_eq!(loaded.trained_beside_adapters(), (true, false));
+    assert_eq!(
+        max_abs_diff(&logits(&model, &device), &logits(&loaded, &device)),
+        0.0
+    );
+
+    // The head changed in the file: refused, naming the tensor.
+    let weights = dir.join("adapter_model.safetensors");
+    let mut r = SafetensorsReader::open(&weights).unwrap();
+    let names: Vec<String> = r.names().map(str::to_string).collect();
+    let mut tensors = Vec::new();
+    for name in names {
+        let shape = r.shape(&name).unwrap().to_vec();
+        let mut v = r.read_f32(&name, &shape).unwrap();
+        if name == "base_model.model.lm_head.weight" {
+            v[7] += 0.5;
+        }
+        tensors.push(PendingTensor::new(name, shape, move || v));
+    }
+    drop(r);
+    write_f32(&weights, tensors).unwrap();
+    let (base, _) = load_pretrained(&tiny_qwen2(), &AdapterSpec::Full, &device).unwrap();
+    let err = load_peft_adapter(base, &dir).unwrap_err().to_string();
+    assert!(
+        err.contains("base_model.model.lm_head.weight") && err.contains("ensure_weight_tying"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// DoRA over a base kept quantised (q8_0 on load) computes what DoRA over the same weights dequantised to f32
 /// computes: logits, loss and the gradients of A, B and the magnitudes (relative 1e-5).
 #[test]

@@ -464,7 +464,8 @@ impl AdapterReader {
 /// `modules_to_save` on a model with tied embeddings: an adapter that holds the same matrix for both (what
 /// ytrainer writes) keeps the model tied; one that trains only one of them, or two different ones (PEFT without
 /// `ensure_weight_tying` gives each listed module its own copy), unties the head so the model computes what PEFT
-/// computes.
+/// computes. PEFT's `ensure_weight_tying` adapter lists only the embeddings and holds the one matrix under both
+/// names: the model stays tied.
 pub fn load_peft_adapter(model: Decoder, dir: &Path) -> Result<Decoder, ModelError> {
     let lora = read_adapter_config(&dir.join(ADAPTER_CONFIG_FILE))?;
     crate::decoder::check_lora_config(&lora)?;
@@ -551,6 +552,25 @@ pub fn load_peft_adapter(model: Decoder, dir: &Path) -> Result<Decoder, ModelErr
         None
     };
     let tied = model.lm_head.is_none();
+    // PEFT's `ensure_weight_tying` on a tied model lists only the embeddings (`["embed_tokens",
+    // "model.embed_tokens"]`) and saves its one trained matrix under both names: the head is that matrix.
+    let h_new = match h_new {
+        None if tied && e_new.is_some() && file.has(&h_key, &h_mem) => {
+            let h = file.read(&h_key, &h_mem, &[vocab, hidden])?;
+            if Some(&h) != e_new.as_ref() {
+                return Err(ModelError::Adapter {
+                    path: weights_path.clone(),
+                    message: format!(
+                        "`{h_key}` differs from the embeddings, but `modules_to_save` lists only the embeddings \
+                         of this model with tied embeddings (PEFT's `ensure_weight_tying`), which makes the head \
+                         the embedding matrix; list `lm_head` too to train a separate head"
+                    ),
+                });
+            }
+            Some(h)
+        }
+        other => other,
+    };
     let matrix = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [vocab, hidden]), &device);
     let trained = |v: Tensor<2>| Param::from_tensor(v).set_require_grad(true);
     let frozen = |v: Tensor<2>| Param::from_tensor(v).set_require_grad(false);
