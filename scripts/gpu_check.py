@@ -191,8 +191,8 @@ def training_checks(out_dir, device, steps=6):
 
 
 def peft_checks(out_dir, device, steps=4):
-    """The LoRA variants against PEFT itself: a few training steps on the tiny preset with DoRA, with
-    modules_to_save (tied embeddings: one matrix saved as both `embed_tokens` and `lm_head`) and with both; each
+    """The LoRA variants against PEFT itself: a few training steps on the tiny preset with plain LoRA, rsLoRA, DoRA,
+    with modules_to_save (tied embeddings: one matrix saved as both `embed_tokens` and `lm_head`) and with both; each
     exported adapter is loaded with `PeftModel.from_pretrained` and its per-token CE on random ids compared with
     `ytrainer score --adapter`; then PEFT's `merge_and_unload()` against `ytrainer merge` loaded with transformers.
     A learning rate of 1e-2 moves the magnitudes and embeddings far enough from the base that a format or
@@ -239,6 +239,8 @@ def peft_checks(out_dir, device, steps=4):
     load = lambda path: AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(device).eval()
     base_ce = ce_of(load(base))
     variants = [
+        ("lora", []),
+        ("rslora", ["--set", "adapter.use_rslora=true"]),
         ("dora", ["--set", "adapter.use_dora=true"]),
         ("modules_to_save", ["--set", 'adapter.modules_to_save=["embed_tokens","lm_head"]']),
         ("dora+modules_to_save", ["--set", "adapter.use_dora=true",
@@ -270,7 +272,8 @@ def peft_checks(out_dir, device, steps=4):
         d = max_diff(mine, theirs)
         checks.append({"check": f"PEFT loads the {name} adapter: per-token CE vs ytrainer score", "ok": d <= 1e-4,
                        "max_abs_loss_diff": d, "tolerance": 1e-4, "moved_from_base": max_diff(theirs, base_ce),
-                       "use_dora": acfg.get("use_dora"), "modules_to_save": acfg.get("modules_to_save")})
+                       "use_rslora": acfg.get("use_rslora"), "use_dora": acfg.get("use_dora"),
+                       "modules_to_save": acfg.get("modules_to_save")})
         merged_dir = os.path.join(work, f"merged-{name}")
         r = run([YT, "merge", "--model", base, "--adapter", adapter, "--out", merged_dir], 180)
         if r["rc"] != 0:

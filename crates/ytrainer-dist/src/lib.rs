@@ -49,7 +49,7 @@ pub fn collective_timeout() -> Result<Option<std::time::Duration>, JoinError> {
         return Ok(Some(std::time::Duration::from_secs(600)));
     };
     match text.trim().parse::<f64>() {
-        Ok(s) if s == 0.0 => Ok(None),
+        Ok(0.0) => Ok(None),
         Ok(s) if s.is_finite() && s > 0.0 && s <= 1e7 => {
             Ok(Some(std::time::Duration::from_secs_f64(s)))
         }

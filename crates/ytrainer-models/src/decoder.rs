@@ -67,6 +67,17 @@ impl Embedding {
             weight: Param::from_tensor(w).set_require_grad(true),
         }
     }
+
+    /// Back to the base's table alone (frozen), dropping a copy trained beside the adapters.
+    pub(crate) fn base_only(self) -> Self {
+        match self.original {
+            Some(original) => Self {
+                weight: original,
+                original: None,
+            },
+            None => self,
+        }
+    }
 }
 
 /// RMSNorm as in transformers: `w * x / sqrt(mean(x^2) + eps)` over the last dimension.
@@ -113,6 +124,17 @@ impl LmHead {
         Self {
             original: Some(Param::from_tensor(w.clone()).set_require_grad(false)),
             weight: Param::from_tensor(w).set_require_grad(true),
+        }
+    }
+
+    /// Back to the base's head alone (frozen), dropping a copy trained beside the adapters.
+    pub(crate) fn base_only(self) -> Self {
+        match self.original {
+            Some(original) => Self {
+                weight: original,
+                original: None,
+            },
+            None => self,
         }
     }
 }

@@ -264,6 +264,20 @@ impl LoraLinear {
         }
     }
 
+    /// Drops the LoRA branch (and DoRA's magnitude): the base layer alone, frozen.
+    pub fn without_lora(self) -> Self {
+        Self {
+            weight: self.weight.set_require_grad(false),
+            quant: self.quant,
+            bias: self.bias.map(|b| b.set_require_grad(false)),
+            lora_a: None,
+            lora_b: None,
+            lora_dropout: None,
+            lora_magnitude: None,
+            scaling: 0.0,
+        }
+    }
+
     /// Attaches a LoRA branch with the given `A [in, r]` and `B [r, out]` (trainable) and freezes the base.
     pub fn with_lora(self, a: Tensor<2>, b: Tensor<2>, scaling: f64, dropout: f64) -> Self {
         Self {

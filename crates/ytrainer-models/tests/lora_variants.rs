@@ -335,6 +335,139 @@ fn dora_adapter_round_trip_format_and_merge() {
     let _ = std::fs::remove_dir_all(&merged_dir);
 }
 
+/// Loading an adapter onto a model built with another adapter (what `[adapter] init_from` does: the run's model
+/// is built from the config's `[adapter]` first) leaves only the file's adapter: the model's own LoRA branches on
+/// projections the file does not target are removed and its `modules_to_save` copies go back to the base's, so
+/// that it computes, trains and saves exactly the file's adapter (here DoRA on q_proj and v_proj over a model
+/// built with LoRA r=16 on all seven projections plus trained embeddings).
+#[test]
+fn loading_an_adapter_replaces_the_models_own_adapter() {
+    let device = Device::flex().autodiff();
+    let file_cfg = LoraConfig {
+        r: 4,
+        alpha: 6.0,
+        target_modules: vec!["q_proj".into(), "v_proj".into()],
+        use_dora: true,
+        ..LoraConfig::default()
+    };
+    let (source, _) =
+        load_pretrained(&tiny_qwen2(), &AdapterSpec::Lora(file_cfg.clone()), &device).unwrap();
+    let source = perturbed(source, &device);
+    let dir = temp_dir("replace");
+    save_peft_adapter(&source, &file_cfg, "base", &dir).unwrap();
+    let saved_names = |dir: &std::path::Path| {
+        let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+        let mut names: Vec<String> = SafeTensors::deserialize(&bytes)
+            .unwrap()
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        names.sort();
+        names
+    };
+    let source_names = saved_names(&dir);
+    assert_eq!(source_names.len(), 4 * 2 * 3);
+
+    let own = LoraConfig {
+        modules_to_save: vec!["embed_tokens".into()],
+        ..LoraConfig::default()
+    };
+    let (model, _) = load_pretrained(&tiny_qwen2(), &AdapterSpec::Lora(own), &device).unwrap();
+    assert_eq!(model.trained_beside_adapters(), (true, false));
+    let loaded = load_peft_adapter(model, &dir).unwrap();
+    for (name, lin) in loaded.named_linears() {
+        let targeted = name.ends_with("q_proj") || name.ends_with("v_proj");
+        assert_eq!(lin.has_lora(), targeted, "{name}");
+        assert_eq!(lin.lora_magnitude.is_some(), targeted, "{name}");
+    }
+    assert_eq!(loaded.trained_beside_adapters(), (false, false));
+    assert_eq!(
+        ytrainer_models::trainable_param_count(&loaded),
+        ytrainer_models::trainable_param_count(&source)
+    );
+    for (path, _, requires_grad) in ytrainer_models::named_params(&loaded) {
+        let adapter = path.contains("lora_");
+        assert_eq!(requires_grad, adapter, "{path}");
+    }
+    assert_eq!(
+        max_abs_diff(&logits(&source, &device), &logits(&loaded, &device)),
+        0.0
+    );
+    // Saved again: the file's tensors and nothing else.
+    let again = temp_dir("replace-again");
+    let ytrainer_models::AdapterSpec::Lora(cfg) = loaded.adapter.clone() else {
+        panic!("not a LoRA adapter")
+    };
+    save_peft_adapter(&loaded, &cfg, "base", &again).unwrap();
+    assert_eq!(saved_names(&again), source_names);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&again);
+}
+
+/// PEFT's `ensure_weight_tying` form of `modules_to_save` on a tied model: the config lists only the embeddings
+/// (`["embed_tokens", "model.embed_tokens"]`) and the file holds the one matrix under both names. It loads tied,
+/// to the logits of the model it came from; a file whose two matrices differ is refused (the head would be the
+/// embeddings, not the file's head).
+#[test]
+fn ensure_weight_tying_adapter_loads_tied() {
+    use ytrainer_models::st::{PendingTensor, SafetensorsReader, write_f32};
+    let device = Device::flex();
+    let cfg = LoraConfig {
+        r: 2,
+        alpha: 4.0,
+        target_modules: vec!["o_proj".into()],
+        modules_to_save: vec!["embed_tokens".into()],
+        ..LoraConfig::default()
+    };
+    let (model, _) =
+        load_pretrained(&tiny_qwen2(), &AdapterSpec::Lora(cfg.clone()), &device).unwrap();
+    let mut model = perturbed(model, &device);
+    let e = model.embed_tokens.weight.val();
+    model.embed_tokens.weight =
+        burn::module::Param::from_tensor(e.clone() + e.mul_scalar(0.7).cos().mul_scalar(0.02));
+    let dir = temp_dir("tying");
+    save_peft_adapter(&model, &cfg, "base", &dir).unwrap();
+    // Rewrite the config as PEFT writes it with `ensure_weight_tying`.
+    let config_path = dir.join("adapter_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["modules_to_save"] = serde_json::json!(["embed_tokens", "model.embed_tokens"]);
+    config["ensure_weight_tying"] = true.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let (base, _) = load_pretrained(&tiny_qwen2(), &AdapterSpec::Full, &device).unwrap();
+    let loaded = load_peft_adapter(base, &dir).unwrap();
+    assert!(loaded.lm_head.is_none(), "stays tied");
+    assert_eq!(loaded.trained_beside_adapters(), (true, false));
+    assert_eq!(
+        max_abs_diff(&logits(&model, &device), &logits(&loaded, &device)),
+        0.0
+    );
+
+    // The head changed in the file: refused, naming the tensor.
+    let weights = dir.join("adapter_model.safetensors");
+    let mut r = SafetensorsReader::open(&weights).unwrap();
+    let names: Vec<String> = r.names().map(str::to_string).collect();
+    let mut tensors = Vec::new();
+    for name in names {
+        let shape = r.shape(&name).unwrap().to_vec();
+        let mut v = r.read_f32(&name, &shape).unwrap();
+        if name == "base_model.model.lm_head.weight" {
+            v[7] += 0.5;
+        }
+        tensors.push(PendingTensor::new(name, shape, move || v));
+    }
+    drop(r);
+    write_f32(&weights, tensors).unwrap();
+    let (base, _) = load_pretrained(&tiny_qwen2(), &AdapterSpec::Full, &device).unwrap();
+    let err = load_peft_adapter(base, &dir).unwrap_err().to_string();
+    assert!(
+        err.contains("base_model.model.lm_head.weight") && err.contains("ensure_weight_tying"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// DoRA over a base kept quantised (q8_0 on load) computes what DoRA over the same weights dequantised to f32
 /// computes: logits, loss and the gradients of A, B and the magnitudes (relative 1e-5).
 #[test]

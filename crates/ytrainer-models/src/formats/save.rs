@@ -455,15 +455,17 @@ impl AdapterReader {
     }
 }
 
-/// Loads a PEFT LoRA adapter onto `model` (replacing any LoRA it has) to continue training: base weights are
-/// frozen, the adapter's A/B (and DoRA magnitudes, and `modules_to_save` weights) become the trainable
-/// parameters. Keys may be in saved form or still carry `.default.`. Every adapter tensor must be used: an
-/// unknown key (for example a LoRA on `lm_head`) is an error.
+/// Loads a PEFT LoRA adapter onto `model` (replacing any adapter it has: LoRA branches on projections the file
+/// does not target are removed, embeddings / head trained beside them go back to the base's) to continue
+/// training: base weights are frozen, the adapter's A/B (and DoRA magnitudes, and `modules_to_save` weights)
+/// become the trainable parameters. Keys may be in saved form or still carry `.default.`. Every adapter tensor
+/// must be used: an unknown key (for example a LoRA on `lm_head`) is an error.
 ///
 /// `modules_to_save` on a model with tied embeddings: an adapter that holds the same matrix for both (what
 /// ytrainer writes) keeps the model tied; one that trains only one of them, or two different ones (PEFT without
 /// `ensure_weight_tying` gives each listed module its own copy), unties the head so the model computes what PEFT
-/// computes.
+/// computes. PEFT's `ensure_weight_tying` adapter lists only the embeddings and holds the one matrix under both
+/// names: the model stays tied.
 pub fn load_peft_adapter(model: Decoder, dir: &Path) -> Result<Decoder, ModelError> {
     let lora = read_adapter_config(&dir.join(ADAPTER_CONFIG_FILE))?;
     crate::decoder::check_lora_config(&lora)?;
@@ -482,7 +484,9 @@ pub fn load_peft_adapter(model: Decoder, dir: &Path) -> Result<Decoder, ModelErr
         .set_require_grad(false)
         .try_map_linears(|name, linear| {
             if !lora.targets(name) {
-                return Ok(linear);
+                // A branch the model was built with (the run config's `[adapter]`, which `init_from` replaces)
+                // is not the adapter's: it would be trained and saved beside it.
+                return Ok(linear.without_lora());
             }
             let (d_in, d_out) = (linear.d_in(), linear.d_out());
             let mut read =
@@ -510,6 +514,10 @@ pub fn load_peft_adapter(model: Decoder, dir: &Path) -> Result<Decoder, ModelErr
             )?;
             Ok(linear.with_dora(Tensor::from_data(TensorData::new(m, [d_out]), &device)))
         })?;
+    // Likewise the embeddings / head the model trains beside its own adapter: only the file's `modules_to_save`
+    // are trained.
+    model.embed_tokens = model.embed_tokens.base_only();
+    model.lm_head = model.lm_head.map(crate::decoder::LmHead::base_only);
     let (embed, head) = modules_to_save_flags(&lora.modules_to_save)?;
     let (vocab, hidden) = (model.spec.vocab_size, model.spec.hidden_size);
     let missing = |module: &str| ModelError::Adapter {
@@ -544,6 +552,25 @@ pub fn load_peft_adapter(model: Decoder, dir: &Path) -> Result<Decoder, ModelErr
         None
     };
     let tied = model.lm_head.is_none();
+    // PEFT's `ensure_weight_tying` on a tied model lists only the embeddings (`["embed_tokens",
+    // "model.embed_tokens"]`) and saves its one trained matrix under both names: the head is that matrix.
+    let h_new = match h_new {
+        None if tied && e_new.is_some() && file.has(&h_key, &h_mem) => {
+            let h = file.read(&h_key, &h_mem, &[vocab, hidden])?;
+            if Some(&h) != e_new.as_ref() {
+                return Err(ModelError::Adapter {
+                    path: weights_path.clone(),
+                    message: format!(
+                        "`{h_key}` differs from the embeddings, but `modules_to_save` lists only the embeddings \
+                         of this model with tied embeddings (PEFT's `ensure_weight_tying`), which makes the head \
+                         the embedding matrix; list `lm_head` too to train a separate head"
+                    ),
+                });
+            }
+            Some(h)
+        }
+        other => other,
+    };
     let matrix = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [vocab, hidden]), &device);
     let trained = |v: Tensor<2>| Param::from_tensor(v).set_require_grad(true);
     let frozen = |v: Tensor<2>| Param::from_tensor(v).set_require_grad(false);
