@@ -508,6 +508,45 @@ fn bench_reports_throughput_phases_and_kernels() {
     }
 }
 
+/// `bench --quantize-base` trains LoRA over the same random base quantised on load: the quantised kernels run
+/// (the CE moves by the quantisation error only), and full fine-tuning over a quantised base is refused.
+#[test]
+fn bench_trains_over_a_base_quantised_on_load() {
+    let args = [
+        "--shape", "tiny", "--mode", "lora", "--steps", "1", "--batch", "2", "--seq", "64",
+    ];
+    let f32 = bench_json(&args);
+    for q in ["q8_0", "q4_0", "nf4"] {
+        let mut a = args.to_vec();
+        a.extend_from_slice(&["--quantize-base", q]);
+        let v = bench_json(&a);
+        assert_eq!(v["quantize_base"], q, "{v}");
+        let (x, y) = (
+            v["final_ce"].as_f64().unwrap(),
+            f32["final_ce"].as_f64().unwrap(),
+        );
+        // Random weights of std 0.02 quantised: the CE moves, but by far less than its ~9 nats.
+        assert!(x != y && (x - y).abs() < 0.05, "{q}: {x} vs f32 {y}");
+        assert!(
+            v["kernels_ms"]["linear_forward"].as_f64().unwrap() > 0.0,
+            "{v}"
+        );
+    }
+    let o = ytrainer(&[
+        "bench",
+        "--mode",
+        "full",
+        "--quantize-base",
+        "q4_0",
+        "--steps",
+        "1",
+    ]);
+    assert_user_error(
+        &o,
+        "--quantize-base needs --mode lora: full fine-tuning trains the base weights, which stay f32",
+    );
+}
+
 #[test]
 fn bench_windowed_alternates_rounds_and_times_our_windows() {
     // 8 prompt + 12 answer tokens in windows of 4 targets: 3 windows.
