@@ -259,6 +259,27 @@ pub fn plan_rows(
     let peak =
         |mb: usize, gc: bool| fp.peak(mb, ((mb as f64 * target_share).ceil() as usize).max(1), gc);
     let configured_gc = cfg.train.gradient_checkpointing;
+    // An unset budget on a quantised base (QLoRA) plans lean: whoever quantises the base trades speed for memory,
+    // as QLoRA recipes do (axolotl's and unsloth's turn recomputation on), so the budget is what two of the
+    // longest rows need with recomputation; `--memory-budget auto` plans for speed within half of what is
+    // available, as for an f32 base.
+    let budget = match budget {
+        Some((auto, _)) if fp.quantized && cfg.train.memory_budget.is_none() => {
+            let lean = peak(wanted.min(2 * longest), true);
+            if lean < auto {
+                Some((
+                    lean,
+                    format!(
+                        "the lean default of a quantised base: two {row}s of {longest} tokens with \
+                         recomputation; --memory-budget auto plans for speed"
+                    ),
+                ))
+            } else {
+                Some((auto, "half of the memory available".to_string()))
+            }
+        }
+        other => other,
+    };
     let Some((limit, why)) = budget.clone() else {
         return Ok(MemoryPlan {
             micro_batch_tokens: cfg.train.micro_batch_tokens,
@@ -378,6 +399,8 @@ mod tests {
         let ex = examples(64, 512, 100);
         let mut cfg = RunConfig::default();
         cfg.train.micro_batch_tokens = 4096;
+        // A budget given (the lean default of a quantised base applies only to an unset one).
+        cfg.train.memory_budget = Some("given".into());
         let roomy = plan(&cfg, &fp, &ex, Some((64_000_000_000, "test".into()))).unwrap();
         assert_eq!(roomy.micro_batch_tokens, 4096);
         assert_eq!(roomy.estimated_peak, fp.peak(4096, 800, false));
@@ -406,6 +429,39 @@ mod tests {
             e.starts_with("the memory budget 200 MB (test) is too small: one sequence of 512 tokens needs about"),
             "{e}"
         );
+    }
+
+    /// An unset budget on a quantised base plans lean: recomputation on, two of the longest sequences per
+    /// micro-batch, the budget being their estimate; `auto` (or an f32 base) plans for speed in the same room.
+    #[test]
+    fn a_quantised_base_plans_lean_by_default() {
+        let fp = smollm();
+        let ex = examples(64, 512, 100);
+        let mut cfg = RunConfig::default();
+        cfg.train.micro_batch_tokens = 4096;
+        let room = Some((11_000_000_000, "half of the memory available".to_string()));
+        let lean = plan(&cfg, &fp, &ex, room.clone()).unwrap();
+        assert!(lean.gradient_checkpointing, "{lean:?}");
+        assert_eq!(lean.micro_batch_tokens, 1024);
+        assert_eq!(lean.estimated_peak, fp.peak(1024, 200, true));
+        assert!(
+            lean.describe().contains(
+                "budget (the lean default of a quantised base: two sequences of 512 tokens with recomputation; \
+                 --memory-budget auto plans for speed)"
+            ),
+            "{}",
+            lean.describe()
+        );
+        cfg.train.memory_budget = Some("auto".into());
+        let fast = plan(&cfg, &fp, &ex, room.clone()).unwrap();
+        assert!(!fast.gradient_checkpointing && fast.micro_batch_tokens == 4096, "{fast:?}");
+        cfg.train.memory_budget = None;
+        let f32_base = ModelFootprint {
+            quantized: false,
+            ..smollm()
+        };
+        let fast = plan(&cfg, &f32_base, &ex, room).unwrap();
+        assert!(!fast.gradient_checkpointing && fast.micro_batch_tokens == 4096, "{fast:?}");
     }
 
     /// Without a budget (no /proc/meminfo) the configured sizes stand.
