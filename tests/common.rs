@@ -63,6 +63,17 @@ pub fn ytrainer(args: &[&str]) -> Output {
         .expect("failed to start ytrainer")
 }
 
+/// Runs ytrainer from the repository root and asserts that it succeeded (its stderr in the failure message).
+pub fn ytrainer_ok(args: &[&str]) -> Output {
+    let o = ytrainer(args);
+    assert!(
+        o.status.success(),
+        "ytrainer {args:?} failed:\n{}",
+        stderr(&o)
+    );
+    o
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
 }

@@ -9,16 +9,6 @@ fn summary(dir: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
 }
 
-fn ok(args: &[&str]) -> std::process::Output {
-    let o = ytrainer(args);
-    assert!(
-        o.status.success(),
-        "ytrainer {args:?} failed:\n{}",
-        stderr(&o)
-    );
-    o
-}
-
 /// `examples/preference/dpo.toml` trains DPO with a LoRA adapter on the model the quick start exports (here a
 /// shortened quick start): the first step is the fresh adapter's ln 2, the pairs get ordered right, a PEFT
 /// adapter comes out.
@@ -26,7 +16,7 @@ fn ok(args: &[&str]) -> std::process::Output {
 fn preference_example_trains_dpo_on_the_quickstart_model() {
     let d = TempDir::new("ex-dpo");
     let qs = d.path().join("qs");
-    ok(&[
+    ytrainer_ok(&[
         "run",
         "--config",
         "examples/quickstart/sft-nlirg.toml",
@@ -37,7 +27,7 @@ fn preference_example_trains_dpo_on_the_quickstart_model() {
     ]);
     let out = d.path().join("dpo");
     // As the file says, with the quick start's output where it is: the model path is the only change.
-    ok(&[
+    ytrainer_ok(&[
         "run",
         "--config",
         "examples/preference/dpo.toml",
@@ -73,7 +63,7 @@ fn preference_example_trains_dpo_on_the_quickstart_model() {
 #[test]
 fn cpt_example_packs_text_and_lowers_held_out_loss() {
     let d = TempDir::new("ex-cpt");
-    let o = ok(&[
+    let o = ytrainer_ok(&[
         "run",
         "--config",
         "examples/cpt/cpt.toml",
@@ -110,7 +100,7 @@ fn smollm2_example_trains_a_lora_step_on_the_real_model() {
     let gguf = assets().join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
     let d = TempDir::new("ex-smollm2");
     // The plan of the file as written, with the model swapped in: no weights loaded.
-    let o = ok(&[
+    let o = ytrainer_ok(&[
         "run",
         "--config",
         "examples/smollm2/lora-nlirg.toml",
@@ -122,7 +112,7 @@ fn smollm2_example_trains_a_lora_step_on_the_real_model() {
     ]);
     let plan = format!("{}{}", stdout(&o), stderr(&o));
     assert!(plan.contains("steps"), "{plan}");
-    ok(&[
+    ytrainer_ok(&[
         "run",
         "--config",
         "examples/smollm2/lora-nlirg.toml",

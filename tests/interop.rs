@@ -22,16 +22,6 @@ fn reference() -> Value {
         .unwrap()
 }
 
-fn ok(args: &[&str]) -> std::process::Output {
-    let o = ytrainer(args);
-    assert!(
-        o.status.success(),
-        "ytrainer {args:?} failed:\n{}",
-        stderr(&o)
-    );
-    o
-}
-
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
@@ -65,7 +55,7 @@ fn corpus_chunks(len: usize) -> Vec<(PathBuf, String)> {
 fn gguf_convert_writes_hf_dir_and_identical_tokenizer() {
     let tmp = TempDir::new("convert");
     let out = tmp.path().join("hf");
-    let o = ok(&["convert", "--from", &s(&gguf()), "--to", &s(&out)]);
+    let o = ytrainer_ok(&["convert", "--from", &s(&gguf()), "--to", &s(&out)]);
     assert!(stdout(&o).contains("converted"));
     for f in [
         "config.json",
@@ -135,7 +125,7 @@ fn gguf_convert_writes_hf_dir_and_identical_tokenizer() {
     .unwrap();
     let a = tmp.path().join("a.jsonl");
     let b = tmp.path().join("b.jsonl");
-    ok(&[
+    ytrainer_ok(&[
         "score",
         "--model",
         &s(&gguf()),
@@ -144,7 +134,7 @@ fn gguf_convert_writes_hf_dir_and_identical_tokenizer() {
         "--out",
         &s(&a),
     ]);
-    ok(&[
+    ytrainer_ok(&[
         "score",
         "--model",
         &s(&out),
@@ -157,7 +147,7 @@ fn gguf_convert_writes_hf_dir_and_identical_tokenizer() {
 
     // `eval` takes the GGUF as run / score do, and measures what it measures on the converted directory.
     let eval = |model: &Path| -> Value {
-        let o = ok(&[
+        let o = ytrainer_ok(&[
             "eval",
             "--model",
             &s(model),
@@ -182,7 +172,7 @@ fn score_and_greedy_generation_match_transformers() {
     let idsf = tmp.path().join("ids.json");
     std::fs::write(&idsf, r["input_ids"].to_string()).unwrap();
     let out = tmp.path().join("scores.jsonl");
-    ok(&[
+    ytrainer_ok(&[
         "score",
         "--model",
         &s(&gguf()),
@@ -242,7 +232,7 @@ fn score_and_greedy_generation_match_transformers() {
         .collect::<Vec<_>>()
         .join(",");
     let n_new = (want.len() - prompt.len()).to_string();
-    let o = ok(&[
+    let o = ytrainer_ok(&[
         "generate",
         "--model",
         &s(&gguf()),
@@ -269,7 +259,7 @@ fn render_shows_template_output_and_supervised_tokens() {
     .unwrap();
     let msgs = tmp.path().join("m.json");
     std::fs::write(&msgs, r#"[{"role": "user", "content": "Hi"}]"#).unwrap();
-    let o = ok(&[
+    let o = ytrainer_ok(&[
         "render",
         "--template",
         &s(&tpl),
@@ -294,7 +284,7 @@ fn render_shows_template_output_and_supervised_tokens() {
         "{\"messages\": [{\"role\": \"user\", \"content\": \"Say hi\"}, {\"role\": \"assistant\", \"content\": \"Hi there\"}]}\n",
     )
     .unwrap();
-    let o = ok(&[
+    let o = ytrainer_ok(&[
         "render",
         "--model",
         &s(&smollm()),
@@ -321,7 +311,7 @@ fn render_shows_template_output_and_supervised_tokens() {
         .collect();
     assert_eq!(sup, "Hi there<|im_end|>");
     // Text form marks the supervised tokens; a missing record is a clear error.
-    let o = ok(&["render", "--model", &s(&smollm()), "--data", &s(&data)]);
+    let o = ytrainer_ok(&["render", "--model", &s(&smollm()), "--data", &s(&data)]);
     assert!(
         stdout(&o).contains("\u{ab}Hi there<|im_end|>\u{bb}"),
         "{}",
@@ -402,7 +392,7 @@ fn merge_equals_base_plus_adapter_in_f32_and_shards_bf16() {
     let idsf = tmp.path().join("ids.json");
     std::fs::write(&idsf, "[[1, 50, 300, 7000, 12, 99, 4000, 8191, 5, 6]]").unwrap();
     let with_adapter = tmp.path().join("a.jsonl");
-    ok(&[
+    ytrainer_ok(&[
         "score",
         "--model",
         &s(&base),
@@ -414,7 +404,7 @@ fn merge_equals_base_plus_adapter_in_f32_and_shards_bf16() {
         &s(&with_adapter),
     ]);
     let plain = tmp.path().join("p.jsonl");
-    ok(&[
+    ytrainer_ok(&[
         "score",
         "--model",
         &s(&base),
@@ -430,7 +420,7 @@ fn merge_equals_base_plus_adapter_in_f32_and_shards_bf16() {
     );
 
     let merged = tmp.path().join("merged");
-    ok(&[
+    ytrainer_ok(&[
         "merge",
         "--model",
         &s(&base),
@@ -441,7 +431,7 @@ fn merge_equals_base_plus_adapter_in_f32_and_shards_bf16() {
     ]);
     assert!(merged.join("model.safetensors").is_file() && merged.join("tokenizer.json").is_file());
     let m = tmp.path().join("m.jsonl");
-    ok(&[
+    ytrainer_ok(&[
         "score",
         "--model",
         &s(&merged),
@@ -456,7 +446,7 @@ fn merge_equals_base_plus_adapter_in_f32_and_shards_bf16() {
 
     // bf16, sharded at 4 MB: index + shards, loadable, close to f32.
     let half = tmp.path().join("merged-bf16");
-    ok(&[
+    ytrainer_ok(&[
         "merge",
         "--model",
         &s(&base),
@@ -482,7 +472,7 @@ fn merge_equals_base_plus_adapter_in_f32_and_shards_bf16() {
     assert_eq!(cfg["rope_parameters"]["rope_theta"], 1e6);
     assert_eq!(cfg["rope_theta"], 1e6);
     let h = tmp.path().join("h.jsonl");
-    ok(&[
+    ytrainer_ok(&[
         "score",
         "--model",
         &s(&half),
@@ -840,7 +830,7 @@ fn sentencepiece_gguf_converts_and_scores_like_the_shipped_tokenizer() {
     std::fs::write(&gguf, gguf_file(&meta, &tensors)).unwrap();
 
     let hf = tmp.path().join("hf");
-    let o = ok(&["convert", "--from", &s(&gguf), "--to", &s(&hf)]);
+    let o = ytrainer_ok(&["convert", "--from", &s(&gguf), "--to", &s(&hf)]);
     assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
     let tc: Value =
         serde_json::from_str(&std::fs::read_to_string(hf.join("tokenizer_config.json")).unwrap())
@@ -851,7 +841,7 @@ fn sentencepiece_gguf_converts_and_scores_like_the_shipped_tokenizer() {
     );
     // `merge` from the GGUF (no adapter) writes what `convert` writes, and lists every file it wrote.
     let merged = tmp.path().join("merged");
-    let o = ok(&["merge", "--model", &s(&gguf), "--out", &s(&merged)]);
+    let o = ytrainer_ok(&["merge", "--model", &s(&gguf), "--out", &s(&merged)]);
     let listed: Vec<String> = stdout(&o)
         .lines()
         .skip(1)
@@ -921,7 +911,7 @@ fn sentencepiece_gguf_converts_and_scores_like_the_shipped_tokenizer() {
     .unwrap();
     let score = |model: &Path, name: &str| -> Vec<Value> {
         let out = tmp.path().join(name);
-        ok(&[
+        ytrainer_ok(&[
             "score",
             "--model",
             &s(model),
@@ -1234,7 +1224,7 @@ fn generation_reads_generation_config_defaults_and_flags_override_them() {
             "--json",
         ];
         args.extend_from_slice(extra);
-        let o = ok(&args);
+        let o = ytrainer_ok(&args);
         (serde_json::from_str(stdout(&o).trim()).unwrap(), stderr(&o))
     };
     let (out, err) = generate(&model, &[]);
@@ -1275,7 +1265,7 @@ fn token_losses(model: &Path, tmp: &Path, tag: &str) -> Vec<f64> {
     let idsf = tmp.join("ids.json");
     std::fs::write(&idsf, reference()["input_ids"].to_string()).unwrap();
     let out = tmp.join(format!("{tag}.jsonl"));
-    ok(&[
+    ytrainer_ok(&[
         "score",
         "--model",
         &s(model),
@@ -1304,7 +1294,7 @@ fn token_losses(model: &Path, tmp: &Path, tag: &str) -> Vec<f64> {
 fn gguf_export_round_trips() {
     let tmp = TempDir::new("gguf-export");
     let out = tmp.path().join("smol-f32.gguf");
-    let o = ok(&[
+    let o = ytrainer_ok(&[
         "export",
         "--model",
         &s(&gguf()),
@@ -1333,7 +1323,7 @@ fn gguf_export_round_trips() {
     std::fs::write(&idsf, "[[1, 5, 9, 200, 17, 42, 7, 300, 11, 3, 99, 64]]").unwrap();
     let mean = |m: &Path| -> f64 {
         let o = tmp.path().join("tiny.jsonl");
-        ok(&[
+        ytrainer_ok(&[
             "score",
             "--model",
             &s(m),
@@ -1347,7 +1337,7 @@ fn gguf_export_round_trips() {
     let base = mean(&tiny);
     for (ty, tol) in [("f16", 1e-4), ("q8_0", 1e-2)] {
         let p = tmp.path().join(format!("tiny-{ty}.gguf"));
-        ok(&["export", "--model", &s(&tiny), "--to", &s(&p), "--type", ty]);
+        ytrainer_ok(&["export", "--model", &s(&tiny), "--to", &s(&p), "--type", ty]);
         let m = mean(&p);
         assert!(((m - base) / base).abs() < tol, "{ty}: {m} vs {base}");
         assert!(ty == "f16" || m != base, "q8_0 should round something");
@@ -1361,7 +1351,7 @@ fn lora_gguf_export_and_errors() {
     let tmp = TempDir::new("lora-gguf");
     let tiny = assets().join("tiny-qwen2");
     let run = tmp.path().join("run");
-    ok(&[
+    ytrainer_ok(&[
         "run",
         "--model",
         &s(&tiny),
@@ -1375,7 +1365,7 @@ fn lora_gguf_export_and_errors() {
         &s(&run),
     ]);
     let out = tmp.path().join("adapter.gguf");
-    ok(&[
+    ytrainer_ok(&[
         "export",
         "--model",
         &s(&tiny),
@@ -1410,7 +1400,7 @@ fn lora_gguf_export_and_errors() {
 
     // The merged model as a GGUF scores like base + adapter.
     let merged = tmp.path().join("merged.gguf");
-    ok(&[
+    ytrainer_ok(&[
         "export",
         "--model",
         &s(&tiny),
@@ -1432,7 +1422,7 @@ fn lora_gguf_export_and_errors() {
         ];
         args.extend_from_slice(extra);
         args.extend_from_slice(&["--out", &*Box::leak(s(&o).into_boxed_str())]);
-        ok(&args);
+        ytrainer_ok(&args);
         jsonl(&o)[0]["mean_loss"].as_f64().unwrap()
     };
     let with_adapter = mean(&[

@@ -50,16 +50,6 @@ fn rows(v: &Value) -> Vec<Vec<f64>> {
         .collect()
 }
 
-fn ok(args: &[&str]) -> std::process::Output {
-    let o = ytrainer(args);
-    assert!(
-        o.status.success(),
-        "ytrainer {args:?} failed:\n{}",
-        stderr(&o)
-    );
-    o
-}
-
 /// `ytrainer score` of the fixture ids, per row and token.
 fn score(model: &Path, adapter: Option<&Path>, out: &Path) -> Vec<Vec<f64>> {
     let (model, ids, out_s) = (s(model), s(&ids_json()), s(out));
@@ -76,7 +66,7 @@ fn score(model: &Path, adapter: Option<&Path>, out: &Path) -> Vec<Vec<f64>> {
     if let Some(a) = &adapter {
         args.extend(["--adapter", a]);
     }
-    ok(&args);
+    ytrainer_ok(&args);
     jsonl(out)
         .iter()
         .map(|l| {
@@ -208,7 +198,7 @@ fn check(variant: &str) {
     assert!(d <= TOL, "{variant}: {d} > {TOL}");
 
     let merged = tmp.path().join("merged");
-    ok(&[
+    ytrainer_ok(&[
         "merge",
         "--model",
         &s(&base()),
@@ -228,7 +218,7 @@ fn check(variant: &str) {
     // PEFT's, tensor for tensor, with the same configuration. AdamW's first step moves a value by at most the
     // learning rate, below the resolution of every value but exact zeros (tiny-qwen2's padding row).
     let run = tmp.path().join("run");
-    ok(&[
+    ytrainer_ok(&[
         "run",
         "--model",
         &s(&base()),

@@ -19,16 +19,6 @@ fn alpaca() -> Vec<Value> {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
-fn ok(args: &[&str]) -> std::process::Output {
-    let o = ytrainer(args);
-    assert!(
-        o.status.success(),
-        "ytrainer {args:?} failed:\n{}",
-        stderr(&o)
-    );
-    o
-}
-
 /// The first `n` alpaca records, each tagged with `"id"`.
 fn records(n: usize) -> Vec<Value> {
     alpaca()
@@ -97,7 +87,7 @@ fn corrupted_answers_rank_high_on_smollm2() {
     write_json(&input, &data);
     let out = tmp.path().join("ranked.jsonl");
     let t = Instant::now();
-    ok(&[
+    ytrainer_ok(&[
         "sort",
         "--model",
         &s(&gguf()),
@@ -201,7 +191,7 @@ fn sort_keeps_records_and_attaches_the_right_scores() {
         let mut a = common_args(mode, out);
         a.extend(extra.iter().map(|x| x.to_string()));
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        let o = ok(&a);
+        let o = ytrainer_ok(&a);
         // Off a terminal, progress comes as plain lines (the first and last at least), never escape codes.
         let err = stderr(&o);
         assert!(err.contains("sort: 100% of the file, "), "{err}");
@@ -270,7 +260,7 @@ fn sort_keeps_records_and_attaches_the_right_scores() {
     // The same per-record loss and entropy as the unbatched `score` path (which is parity-tested against
     // transformers): proves alignment and that each score sits on its own record.
     let scores_out = tmp.path().join("scores.jsonl");
-    ok(&[
+    ytrainer_ok(&[
         "score",
         "--model",
         &s(&gguf()),
@@ -403,7 +393,7 @@ fn sort_keeps_records_and_attaches_the_right_scores() {
     )
     .unwrap();
     let out_chat = tmp.path().join("chat-ranked.jsonl");
-    ok(&[
+    ytrainer_ok(&[
         "sort",
         "--model",
         &s(&gguf()),
@@ -559,7 +549,7 @@ fn a_killed_sort_resumes_and_writes_what_an_uninterrupted_one_does() {
     let run = |tag: &str| -> String {
         let a = args(tag);
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        stderr(&ok(&a))
+        stderr(&ytrainer_ok(&a))
     };
     let read = |tag: &str| {
         (

@@ -454,14 +454,20 @@ mod tests {
         );
         cfg.train.memory_budget = Some("auto".into());
         let fast = plan(&cfg, &fp, &ex, room.clone()).unwrap();
-        assert!(!fast.gradient_checkpointing && fast.micro_batch_tokens == 4096, "{fast:?}");
+        assert!(
+            !fast.gradient_checkpointing && fast.micro_batch_tokens == 4096,
+            "{fast:?}"
+        );
         cfg.train.memory_budget = None;
         let f32_base = ModelFootprint {
             quantized: false,
             ..smollm()
         };
         let fast = plan(&cfg, &f32_base, &ex, room).unwrap();
-        assert!(!fast.gradient_checkpointing && fast.micro_batch_tokens == 4096, "{fast:?}");
+        assert!(
+            !fast.gradient_checkpointing && fast.micro_batch_tokens == 4096,
+            "{fast:?}"
+        );
     }
 
     /// Without a budget (no /proc/meminfo) the configured sizes stand.
