@@ -270,8 +270,8 @@ pub fn plan_rows(
                 Some((
                     lean,
                     format!(
-                        "the lean default of a quantised base: two {row}s of {longest} tokens with \
-                         recomputation; --memory-budget auto plans for speed"
+                        "the lean default of a quantised base: room for two of the longest rows ({row}, \
+                         {longest} tokens) with recomputation; --memory-budget auto plans for speed"
                     ),
                 ))
             } else {
@@ -446,8 +446,8 @@ mod tests {
         assert_eq!(lean.estimated_peak, fp.peak(1024, 200, true));
         assert!(
             lean.describe().contains(
-                "budget (the lean default of a quantised base: two sequences of 512 tokens with recomputation; \
-                 --memory-budget auto plans for speed)"
+                "budget (the lean default of a quantised base: room for two of the longest rows (sequence, 512 \
+                 tokens) with recomputation; --memory-budget auto plans for speed)"
             ),
             "{}",
             lean.describe()
