@@ -151,8 +151,9 @@ fn cuda(_index: usize) -> Result<Device, String> {
 fn wgpu(spec: &str, index: Option<usize>) -> Result<Device, String> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
-    static OPENED: OnceLock<Mutex<HashMap<Option<usize>, Result<Device, String>>>> =
-        OnceLock::new();
+    /// Each adapter index asked for, and what opening it gave.
+    type Opened = HashMap<Option<usize>, Result<Device, String>>;
+    static OPENED: OnceLock<Mutex<Opened>> = OnceLock::new();
     let mut opened = OPENED
         .get_or_init(Default::default)
         .lock()
