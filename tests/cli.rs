@@ -1144,3 +1144,45 @@ fn the_transport_variable_is_checked_before_training() {
     let o = run("mpi", "c");
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// The commit a binary was built from is in `--version` and in every run's `summary.json`, so numbers that span
+/// sessions stay traceable to code (a checkout builds it from `git rev-parse HEAD`).
+#[test]
+fn the_build_commit_is_in_version_and_summary() {
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let version = stdout(&ytrainer_ok(&["--version"]));
+    let commit = version
+        .trim()
+        .strip_suffix(')')
+        .and_then(|v| v.split_once(" (commit "))
+        .map(|(_, c)| c.to_string())
+        .unwrap_or_else(|| panic!("{version:?}"));
+    if let Some(head) = head {
+        assert_eq!(
+            commit, head,
+            "the binary was built from another commit than HEAD"
+        );
+    }
+    let d = TempDir::new("commit");
+    let out = d.path().join("run");
+    ytrainer_ok(&[
+        "run",
+        "--preset",
+        "tiny",
+        "--data",
+        "examples/quickstart/train.jsonl",
+        "--max-steps",
+        "1",
+        "--output-dir",
+        &s(&out),
+    ]);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["ytrainer"]["commit"], commit.as_str(), "{summary}");
+}

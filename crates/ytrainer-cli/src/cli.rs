@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Fine-tune Llama / Qwen2 / Qwen3 models with pluggable token-level loss reweighting (NLIRG, CE, ...).
 #[derive(Debug, Parser)]
-#[command(name = "ytrainer", version)]
+#[command(name = "ytrainer", version = ytrainer_recipes::VERSION)]
 pub struct Cli {
     /// Log progress details to stderr (or set YTRAINER_LOG=info|debug).
     #[arg(long, short, global = true)]

@@ -30,5 +30,15 @@ pub mod sort;
 pub mod source;
 pub mod sweep;
 
+/// The commit this build was made from (`git rev-parse HEAD` at build time; `unknown` outside a checkout).
+pub const COMMIT: &str = env!("YTRAINER_COMMIT");
+/// `ytrainer --version`: the release and the commit.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("YTRAINER_COMMIT"),
+    ")"
+);
+
 pub use error::{Context, RecipeError, Result};
 pub use run::{RunOptions, RunReport, run};
