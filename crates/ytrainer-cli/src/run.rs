@@ -38,11 +38,13 @@ pub fn run(args: RunArgs) -> Result<()> {
             ytrainer_dist::rank_device(&cfg.train.device, ytrainer_dist::launcher_local_rank());
     }
     if !args.dry_run {
+        let joined = group.clone();
         group = ytrainer_dist::transport_for(group, &cfg.train.device)?;
-        let transport = group.get().describe();
-        if group.is_writer() && transport.starts_with("NCCL") {
+        // A transport of its own was set up (NCCL): say so once it has passed its check sum.
+        if group.is_writer() && !std::sync::Arc::ptr_eq(&joined.0, &group.0) {
             eprintln!(
-                "sums over {transport} ({} rank(s); its set-up check sum was right)",
+                "sums over {} ({} rank(s); its set-up check sum was right)",
+                group.get().describe(),
                 group.get().world_size()
             );
         }

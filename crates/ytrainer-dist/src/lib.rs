@@ -19,24 +19,30 @@ mod nccl;
 #[cfg(any(feature = "mpi", feature = "nccl"))]
 mod watchdog;
 
+/// The first of the launcher's variables `keys` that holds a number.
+fn launcher_number(keys: &[&str]) -> Option<usize> {
+    keys.iter()
+        .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+}
+
 /// The number of processes the launcher started, when this process was started by one (`mpirun` of Open MPI,
 /// MPICH's Hydra, Slurm's `srun` with PMI / PMIx).
 pub fn launcher_world_size() -> Option<usize> {
-    [
-        "OMPI_COMM_WORLD_SIZE",
-        "PMI_SIZE",
-        "PMIX_SIZE",
-        "SLURM_NTASKS",
-    ]
-    .iter()
-    .filter(|k| {
-        // Slurm sets SLURM_NTASKS in every job step's environment; only a task started by srun with MPI
-        // support (PMI / PMIx) is part of a group.
-        **k != "SLURM_NTASKS"
-            || std::env::var_os("PMIX_RANK").is_some()
-            || std::env::var_os("PMI_RANK").is_some()
-    })
-    .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+    // Slurm sets SLURM_NTASKS in every job step's environment; only a task started by srun with MPI support
+    // (PMI / PMIx) is part of a group.
+    let under_pmi =
+        std::env::var_os("PMIX_RANK").is_some() || std::env::var_os("PMI_RANK").is_some();
+    let keys: &[&str] = if under_pmi {
+        &[
+            "OMPI_COMM_WORLD_SIZE",
+            "PMI_SIZE",
+            "PMIX_SIZE",
+            "SLURM_NTASKS",
+        ]
+    } else {
+        &["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"]
+    };
+    launcher_number(keys)
 }
 
 /// How long one collective call may wait for the other ranks before this rank gives up, the whole group with
@@ -148,14 +154,12 @@ pub fn join() -> Result<Membership, JoinError> {
 
 /// This process's index among the ranks on its node, when a launcher says (Open MPI, MPICH / Hydra, Slurm).
 pub fn launcher_local_rank() -> Option<usize> {
-    [
+    launcher_number(&[
         "OMPI_COMM_WORLD_LOCAL_RANK",
         "MPI_LOCALRANKID",
         "PMI_LOCAL_RANK",
         "SLURM_LOCALID",
-    ]
-    .iter()
-    .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+    ])
 }
 
 /// The device a rank of a data-parallel group trains on: a GPU kind without an index (`cuda`, `wgpu`) means the

@@ -40,5 +40,10 @@ pub const VERSION: &str = concat!(
     ")"
 );
 
+/// Which code wrote a run's files (`summary.json`'s `ytrainer`; for a resumed run, the code that finished it).
+pub fn build_info() -> serde_json::Value {
+    serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "commit": COMMIT })
+}
+
 pub use error::{Context, RecipeError, Result};
 pub use run::{RunOptions, RunReport, run};

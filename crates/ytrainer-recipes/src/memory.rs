@@ -263,20 +263,16 @@ pub fn plan_rows(
     // as QLoRA recipes do (axolotl's and unsloth's turn recomputation on), so the budget is what two of the
     // longest rows need with recomputation; `--memory-budget auto` plans for speed within half of what is
     // available, as for an f32 base.
+    let lean = peak(wanted.min(2 * longest), true);
     let budget = match budget {
-        Some((auto, _)) if fp.quantized && cfg.train.memory_budget.is_none() => {
-            let lean = peak(wanted.min(2 * longest), true);
-            if lean < auto {
-                Some((
-                    lean,
-                    format!(
-                        "the lean default of a quantised base: room for two of the longest rows ({row}, \
-                         {longest} tokens) with recomputation; --memory-budget auto plans for speed"
-                    ),
-                ))
-            } else {
-                Some((auto, "half of the memory available".to_string()))
-            }
+        Some((auto, _)) if fp.quantized && cfg.train.memory_budget.is_none() && lean < auto => {
+            Some((
+                lean,
+                format!(
+                    "the lean default of a quantised base: room for two of the longest rows ({row}, {longest} \
+                 tokens) with recomputation; --memory-budget auto plans for speed"
+                ),
+            ))
         }
         other => other,
     };

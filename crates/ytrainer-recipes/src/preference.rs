@@ -357,7 +357,7 @@ pub fn run_preference(
             "data": { "pairs": pairs.len(), "eval_pairs": eval_pairs.len(), "truncated": truncated, "warnings": warnings },
             "exported": files,
             "peak_rss_mb": crate::bench::peak_rss_mb(),
-            "ytrainer": { "version": env!("CARGO_PKG_VERSION"), "commit": crate::COMMIT },
+            "ytrainer": crate::build_info(),
         }))?,
     )?;
     Ok(Ran::Trained(Box::new(PrefReport {

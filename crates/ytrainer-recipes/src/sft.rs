@@ -319,8 +319,7 @@ fn write_summary(
         "exported": files,
         // The process's peak resident memory so far (Linux), to compare with the plan's estimate.
         "peak_rss_mb": crate::bench::peak_rss_mb(),
-        // Which code wrote this (a resumed run: the code that finished it).
-        "ytrainer": { "version": env!("CARGO_PKG_VERSION"), "commit": crate::COMMIT },
+        "ytrainer": crate::build_info(),
     });
     fs::write(
         out.join("summary.json"),
