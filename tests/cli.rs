@@ -917,19 +917,10 @@ fn batch_size_and_grad_accum_make_steps_of_examples() {
 fn memory_budget_plans_or_refuses() {
     let d = TempDir::new("budget");
     let run = |budget: &str, out: &str| {
-        ytrainer(&[
-            "run",
-            "--preset",
-            "tiny",
-            "--data",
-            "examples/quickstart/train.jsonl",
-            "--max-steps",
-            "1",
-            "--memory-budget",
-            budget,
-            "--output-dir",
-            &s(&d.path().join(out)),
-        ])
+        tiny_step(&d.path().join(out))
+            .args(["--memory-budget", budget])
+            .output()
+            .unwrap()
     };
     let o = run("1MB", "a");
     assert_user_error(
@@ -1115,20 +1106,8 @@ fn score_weighs_tokens_by_a_strategy() {
 fn the_transport_variable_is_checked_before_training() {
     let d = TempDir::new("transport");
     let run = |value: &str, out: &str| {
-        std::process::Command::new(bin())
-            .args([
-                "run",
-                "--preset",
-                "tiny",
-                "--data",
-                "examples/quickstart/train.jsonl",
-                "--max-steps",
-                "1",
-                "--output-dir",
-                &s(&d.path().join(out)),
-            ])
+        tiny_step(&d.path().join(out))
             .env("YTRAINER_TRANSPORT", value)
-            .current_dir(root())
             .output()
             .unwrap()
     };
@@ -1171,17 +1150,8 @@ fn the_build_commit_is_in_version_and_summary() {
     }
     let d = TempDir::new("commit");
     let out = d.path().join("run");
-    ytrainer_ok(&[
-        "run",
-        "--preset",
-        "tiny",
-        "--data",
-        "examples/quickstart/train.jsonl",
-        "--max-steps",
-        "1",
-        "--output-dir",
-        &s(&out),
-    ]);
+    let o = tiny_step(&out).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["ytrainer"]["commit"], commit.as_str(), "{summary}");

@@ -63,6 +63,25 @@ pub fn ytrainer(args: &[&str]) -> Output {
         .expect("failed to start ytrainer")
 }
 
+/// `ytrainer run` of one optimizer step of the tiny preset on the quick-start data into `out`, from the
+/// repository root: the cheapest real run (more flags with `.args`, variables with `.env`).
+pub fn tiny_step(out: &Path) -> Command {
+    let mut c = Command::new(bin());
+    c.args([
+        "run",
+        "--preset",
+        "tiny",
+        "--data",
+        "examples/quickstart/train.jsonl",
+        "--max-steps",
+        "1",
+        "--output-dir",
+    ])
+    .arg(out)
+    .current_dir(root());
+    c
+}
+
 /// Runs ytrainer from the repository root and asserts that it succeeded (its stderr in the failure message).
 pub fn ytrainer_ok(args: &[&str]) -> Output {
     let o = ytrainer(args);
